@@ -1,0 +1,336 @@
+"""Build a 2D or 3D U-Net from a frozen `UNetConfig`.
+
+The network is a composition, as in nnU-Net's dynamic-network-architectures: an encoder of
+resolution stages that returns its skips, a decoder that consumes them, and a 1x1 head. 2D and
+3D share every line; the convolution, normalisation, dropout and interpolation ops are chosen
+once from `spatial_dims`. This module knows nothing of Optuna, YAML or data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict, model_validator
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+Norm = Literal["batch", "instance", "group", "none"]
+Activation = Literal["relu", "leaky_relu", "gelu"]
+Upsampling = Literal["transposed", "interpolate"]
+SkipMode = Literal["concat", "add"]
+
+# Fields that may hold one value per stage, and how many stages each has for a given depth:
+# every resolution stage has a kernel size; every stage but the deepest has a skip.
+PER_STAGE_FIELDS = {"kernel_size": 0, "skips": -1}
+
+
+def per_stage_length(field: str, depth: int) -> int:
+    """How many per-stage values `field` takes in a network of `depth` resolution stages."""
+    return depth + PER_STAGE_FIELDS[field]
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class UNetConfig:
+    """Everything that defines a U-Net; JSON-serialisable through `to_dict`/`from_dict`.
+
+    depth: number of resolution stages (1 means no downsampling at all).
+    base_channels: feature maps of the first stage; stage i has
+        round(base_channels * channel_growth**i), capped at max_channels.
+    kernel_size: odd convolution size, one for all stages or one per stage.
+    skips: encoder-to-decoder connections, one flag for all or one per stage above the
+        bottleneck (highest resolution first); all False gives a plain encoder-decoder.
+    skip_mode: how a skip joins the upsampled features: concatenated or added.
+    anisotropic_stages: 3D only; the first downsamplings that keep the last (slice) axis,
+        as nnU-Net does for thick-slice scans.
+    """
+
+    spatial_dims: Literal[2, 3] = 2
+    in_channels: int = 1
+    out_channels: int = 1
+    depth: int = 4
+    base_channels: int = 16
+    channel_growth: float = 2.0
+    max_channels: int = 320
+    kernel_size: int | tuple[int, ...] = 3
+    convs_per_stage: int = 2
+    norm: Norm = "instance"
+    activation: Activation = "leaky_relu"
+    upsampling: Upsampling = "transposed"
+    dropout: float = 0.0
+    residual: bool = False
+    skip_mode: SkipMode = "concat"
+    skips: bool | tuple[bool, ...] = True
+    anisotropic_stages: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> UNetConfig:
+        positive = ("in_channels", "out_channels", "depth", "base_channels", "max_channels")
+        for name in (*positive, "convs_per_stage"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.channel_growth < 1.0:
+            raise ValueError(f"channel_growth must be at least 1.0, got {self.channel_growth}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for k in self.kernel_sizes:
+            if k < 1 or k % 2 == 0:
+                raise ValueError(f"kernel_size must be odd and positive, got {k}")
+        for field in PER_STAGE_FIELDS:
+            value = getattr(self, field)
+            expected = per_stage_length(field, self.depth)
+            if isinstance(value, tuple) and len(value) != expected:
+                raise ValueError(
+                    f"{field} has {len(value)} values; depth {self.depth} needs {expected}"
+                )
+        if self.spatial_dims == 2 and self.anisotropic_stages:
+            raise ValueError("anisotropic_stages applies to 3D networks only")
+        if not 0 <= self.anisotropic_stages <= self.depth - 1:
+            raise ValueError(
+                f"anisotropic_stages must be in [0, depth - 1 = {self.depth - 1}], "
+                f"got {self.anisotropic_stages}"
+            )
+        return self
+
+    @property
+    def features_per_stage(self) -> tuple[int, ...]:
+        return tuple(
+            min(self.max_channels, max(1, round(self.base_channels * self.channel_growth**i)))
+            for i in range(self.depth)
+        )
+
+    @property
+    def kernel_sizes(self) -> tuple[int, ...]:
+        if isinstance(self.kernel_size, tuple):
+            return self.kernel_size
+        return (self.kernel_size,) * self.depth
+
+    @property
+    def skips_per_stage(self) -> tuple[bool, ...]:
+        if isinstance(self.skips, tuple):
+            return self.skips
+        return (self.skips,) * (self.depth - 1)
+
+    @property
+    def strides(self) -> tuple[tuple[int, ...], ...]:
+        """Downsampling factor per axis entering each stage; stage 0 keeps full resolution."""
+        strides = [(1,) * self.spatial_dims]
+        for stage in range(1, self.depth):
+            keep_last_axis = stage <= self.anisotropic_stages
+            strides.append((2,) * (self.spatial_dims - 1) + ((1,) if keep_last_axis else (2,)))
+        return tuple(strides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> UNetConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _ops(spatial_dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """Convolution, transposed convolution and channel dropout for 2D or 3D."""
+    if spatial_dims == 2:
+        return nn.Conv2d, nn.ConvTranspose2d, nn.Dropout2d
+    return nn.Conv3d, nn.ConvTranspose3d, nn.Dropout3d
+
+
+def _norm(kind: str, spatial_dims: int, channels: int) -> nn.Module:
+    if kind == "batch":
+        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
+    if kind == "instance":
+        instance_norm = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
+        return instance_norm(channels, affine=True)
+    if kind == "group":
+        # The largest group count up to 8 that divides the channels.
+        groups = max(g for g in range(1, 9) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    return nn.Identity()
+
+
+def _activation(kind: str) -> nn.Module:
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    return nn.GELU()
+
+
+class ConvBlock(nn.Module):
+    """`convs_per_stage` conv-norm-activation layers; the first applies the stage's stride.
+
+    With `residual`, the input (projected by a strided 1x1 conv where shape changes) is added
+    before the last activation, as in a ResNet basic block.
+    """
+
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        conv, _, dropout = _ops(cfg.spatial_dims)
+        bias = cfg.norm == "none"
+        layers: list[nn.Module] = []
+        for i in range(cfg.convs_per_stage):
+            layers.append(
+                conv(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    kernel_size,
+                    stride=stride if i == 0 else 1,
+                    padding=kernel_size // 2,
+                    bias=bias,
+                )
+            )
+            layers.append(_norm(cfg.norm, cfg.spatial_dims, out_channels))
+            if cfg.dropout > 0:
+                layers.append(dropout(cfg.dropout))
+            if i < cfg.convs_per_stage - 1 or not cfg.residual:
+                layers.append(_activation(cfg.activation))
+        self.body = nn.Sequential(*layers)
+        self.shortcut: nn.Module | None = None
+        if cfg.residual:
+            needs_projection = in_channels != out_channels or any(s != 1 for s in stride)
+            self.shortcut = (
+                nn.Sequential(
+                    conv(in_channels, out_channels, 1, stride=stride, bias=bias),
+                    _norm(cfg.norm, cfg.spatial_dims, out_channels),
+                )
+                if needs_projection
+                else nn.Identity()
+            )
+            self.out_activation = _activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None:
+            return self.body(x)
+        return self.out_activation(self.body(x) + self.shortcut(x))
+
+
+class Encoder(nn.Module):
+    """Resolution stages from full to lowest; returns every stage's output (the skips)."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        channels = (cfg.in_channels, *cfg.features_per_stage)
+        self.stages = nn.ModuleList(
+            ConvBlock(cfg, channels[i], channels[i + 1], cfg.kernel_sizes[i], cfg.strides[i])
+            for i in range(cfg.depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+
+class Upsample(nn.Module):
+    """Double the resolution (per the stage's stride) and map to the target channels."""
+
+    def __init__(self, cfg: UNetConfig, in_channels: int, out_channels: int, stride) -> None:
+        super().__init__()
+        conv, transposed_conv, _ = _ops(cfg.spatial_dims)
+        self.stride = tuple(stride)
+        self.transposed = cfg.upsampling == "transposed"
+        if self.transposed:
+            self.op = transposed_conv(in_channels, out_channels, self.stride, stride=self.stride)
+        else:
+            self.op = conv(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return self.op(x)
+        mode = "bilinear" if x.dim() == 4 else "trilinear"
+        x = F.interpolate(x, scale_factor=self.stride, mode=mode, align_corners=False)
+        return self.op(x)
+
+
+class Decoder(nn.Module):
+    """From the bottleneck up: upsample, join the stage's skip (if any), convolve."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        features = cfg.features_per_stage
+        self.skip_mode = cfg.skip_mode
+        self.skips = cfg.skips_per_stage
+        self.upsamples = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        for stage in reversed(range(cfg.depth - 1)):
+            self.upsamples.append(
+                Upsample(cfg, features[stage + 1], features[stage], cfg.strides[stage + 1])
+            )
+            joined = features[stage]
+            if self.skips[stage] and cfg.skip_mode == "concat":
+                joined *= 2
+            block_stride = (1,) * cfg.spatial_dims
+            self.blocks.append(
+                ConvBlock(cfg, joined, features[stage], cfg.kernel_sizes[stage], block_stride)
+            )
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = skips[-1]
+        stages = reversed(range(len(skips) - 1))
+        for stage, upsample, block in zip(stages, self.upsamples, self.blocks, strict=True):
+            x = upsample(x)
+            if self.skips[stage]:
+                x = (
+                    torch.cat((x, skips[stage]), 1)
+                    if self.skip_mode == "concat"
+                    else x + skips[stage]
+                )
+            x = block(x)
+        return x
+
+
+class UNet(nn.Module):
+    """Encoder, decoder and a 1x1 head; pads any input to the total stride and crops back."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        conv, _, _ = _ops(cfg.spatial_dims)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.head = conv(cfg.features_per_stage[0], cfg.out_channels, 1)
+        # Spatial sizes must be a multiple of this per axis for the skips to line up.
+        self.size_multiple = tuple(math.prod(axis) for axis in zip(*cfg.strides, strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial) -> (B, K, *spatial)
+        spatial = x.shape[2:]
+        padded = [-(-size // m) * m for size, m in zip(spatial, self.size_multiple, strict=True)]
+        if list(spatial) != padded:
+            # F.pad takes (low, high) pairs starting from the last axis; pad at the high end only.
+            pad_spec = [
+                p
+                for size, target in zip(spatial[::-1], padded[::-1], strict=True)
+                for p in (0, target - size)
+            ]
+            x = F.pad(x, pad_spec)
+        out = self.head(self.decoder(self.encoder(x)))
+        return out[(..., *(slice(0, size) for size in spatial))]
+
+
+def build_unet(cfg: UNetConfig | None = None, /, **overrides: Any) -> UNet:
+    """Build a U-Net from a config, or from keyword arguments in one line.
+
+    `build_unet(spatial_dims=3, in_channels=1, out_channels=2, depth=4, base_channels=16)`
+    """
+    if cfg is None:
+        cfg = UNetConfig.from_dict(overrides)
+    elif overrides:
+        cfg = UNetConfig.from_dict({**cfg.to_dict(), **overrides})
+    return UNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The exact number of parameters of the built module (the search's size objective)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,18 @@
+"""The one exception type for user mistakes: a bad file, a bad value, a bad request.
+
+The command-line entry points print it in one line and exit with code 2; anything else that
+escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NasError(Exception):
+    """A user-facing error about `source` (a file, a URL or a command-line option)."""
+
+    def __init__(self, source: str | Path, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
