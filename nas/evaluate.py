@@ -1,0 +1,78 @@
+"""Validation on whole cases: predict every voxel, then pool IoU and Dice over the cases.
+
+2D networks predict each slice along the slice axis, 3D networks the volume; both through
+MONAI's sliding-window inference with the training patch size and Gaussian blending, so the
+network sees at test time the field of view it was trained on (as nnU-Net does). Counts are
+pooled over all validation cases before the ratio is taken, per foreground class; the
+objective is the mean over classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from nas.data import Case
+
+
+@dataclass(frozen=True)
+class Scores:
+    iou: float  # foreground Jaccard, mean over classes
+    dice: float
+    iou_per_class: tuple[float, ...]
+
+
+@torch.no_grad()
+def predict_case(
+    model: nn.Module,
+    case: Case,
+    patch_size: Sequence[int],
+    device: torch.device,
+    windows_per_batch: int = 16,
+) -> np.ndarray:
+    """Class-index map (X, Y, Z) for one case; probability 0.5 with a single sigmoid output.
+
+    patch_size: (X, Y) for a 2D network, (X, Y, Z) for a 3D one.
+    """
+    image = torch.from_numpy(case.image).to(device)  # (C, X, Y, Z)
+    # 2D: the slices are the batch, (Z, C, X, Y); 3D: one volume, (1, C, X, Y, Z).
+    inputs = image.permute(3, 0, 1, 2) if len(patch_size) == 2 else image.unsqueeze(0)
+    logits = sliding_window_inference(
+        inputs, tuple(patch_size), windows_per_batch, model, overlap=0.25, mode="gaussian"
+    )
+    logits = logits.permute(1, 2, 3, 0) if len(patch_size) == 2 else logits[0]  # (K, X, Y, Z)
+    if logits.shape[0] == 1:
+        return (logits[0] > 0).to(torch.uint8).cpu().numpy()  # sigmoid(x) > 0.5 <=> x > 0
+    return logits.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def evaluate(
+    model: nn.Module,
+    cases: Sequence[Case],
+    n_classes: int,
+    patch_size: Sequence[int],
+    device: torch.device,
+) -> Scores:
+    was_training = model.training
+    model.eval()
+    intersection = np.zeros(n_classes)
+    predicted = np.zeros(n_classes)
+    truth = np.zeros(n_classes)
+    for case in cases:
+        prediction = predict_case(model, case, patch_size, device)
+        for k in range(n_classes):
+            p, t = prediction == k + 1, case.label == k + 1
+            intersection[k] += np.logical_and(p, t).sum()
+            predicted[k] += p.sum()
+            truth[k] += t.sum()
+    model.train(was_training)
+    union = predicted + truth - intersection
+    # A class absent from both prediction and truth everywhere is perfectly segmented.
+    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+    dice = np.where(predicted + truth > 0, 2 * intersection / np.maximum(predicted + truth, 1), 1.0)
+    return Scores(float(iou.mean()), float(dice.mean()), tuple(float(v) for v in iou))

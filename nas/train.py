@@ -1,0 +1,228 @@
+"""Train one candidate network and report validation scores after every epoch.
+
+A plain loop: sample a batch, forward, Dice+CE loss, backward, step. The device is chosen once
+(cuda, then mps, then cpu); AMP and channels-last are used only on CUDA. The learning rate
+decays polynomially over the trial's budget, whichever of epochs or seconds runs out first.
+A candidate that runs out of memory or diverges raises `CandidateFailed`. Knows nothing of
+Optuna: the caller sees each epoch through `on_epoch`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as config_dataclass
+from torch import nn
+
+from nas.data import Case, PatchSampler
+from nas.evaluate import Scores, evaluate
+from nas.losses import DiceCELoss
+
+
+@config_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class TrainConfig:
+    """How one candidate is trained.
+
+    batches_per_epoch: training batches between two validations.
+    batch_size_2d / patch_size_2d: slices per batch and in-plane slice crop, for 2D networks.
+    batch_size_3d / patch_size_3d: patches per batch and patch size (X, Y, Z), for 3D networks.
+    foreground_fraction: share of samples centred on a foreground voxel.
+    max_seconds: the trial's training budget in wall-clock seconds (None: epochs only).
+    """
+
+    epochs: int = Field(8, ge=1)
+    batches_per_epoch: int = Field(25, ge=1)
+    batch_size_2d: int = Field(16, ge=1)
+    batch_size_3d: int = Field(2, ge=1)
+    patch_size_2d: tuple[int, int] = (64, 64)
+    patch_size_3d: tuple[int, int, int] = (48, 48, 32)
+    foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
+    augment: bool = True
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    max_seconds: float | None = Field(None, gt=0.0)
+    seed: int = 0
+
+
+class CandidateFailed(Exception):
+    """The candidate cannot be trained (out of memory, non-finite loss); `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    scores: Scores
+    train_seconds: float  # in this epoch's training steps, data sampling included
+    seconds: float  # since training started, validation included
+
+
+@dataclass(frozen=True)
+class FitResult:
+    scores: Scores  # after the last epoch
+    history: tuple[EpochResult, ...]
+    seconds: float
+    stopped_by_time: bool
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu for "auto"; an explicit choice must be available."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None
+        and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available.get(requested, False):
+        raise ValueError(f"device {requested!r} is not available on this machine")
+    return torch.device(requested)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.learning_rate,
+            momentum=0.99,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+        )
+    optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def prepare_model(model: nn.Module, spatial_dims: int, device: torch.device) -> nn.Module:
+    """Move to `device`; channels-last memory format on CUDA, where it speeds up convolutions."""
+    model = model.to(device)
+    if device.type == "cuda":
+        fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+        model = model.to(memory_format=fmt)
+    return model
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """One optimisation step; returns the detached loss (no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # CUDA: mixed precision
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = loss_fn(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError)
+        and ("out of memory" in str(err) or "can't allocate memory" in str(err))
+    )
+
+
+def fit(
+    model: nn.Module,
+    train_cases: Sequence[Case],
+    val_cases: Sequence[Case],
+    n_classes: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> FitResult:
+    """Train `model` in place and validate on whole cases after every epoch."""
+    spatial_dims = model.config.spatial_dims
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(model, spatial_dims, device)
+    patch_size = cfg.patch_size_2d if spatial_dims == 2 else cfg.patch_size_3d
+    sampler = PatchSampler(
+        train_cases,
+        patch_size,
+        cfg.batch_size_2d if spatial_dims == 2 else cfg.batch_size_3d,
+        cfg.foreground_fraction,
+        cfg.augment,
+        cfg.seed,
+    )
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = DiceCELoss()
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    memory_format = (
+        (torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+        if device.type == "cuda"
+        else torch.contiguous_format
+    )
+    total_steps = cfg.epochs * cfg.batches_per_epoch
+    history: list[EpochResult] = []
+    start = time.perf_counter()
+    stopped_by_time = False
+    try:
+        model.train()
+        for epoch in range(1, cfg.epochs + 1):
+            loss_sum = torch.zeros((), device=device)
+            steps = 0
+            epoch_start = time.perf_counter()
+            for _ in range(cfg.batches_per_epoch):
+                elapsed = time.perf_counter() - start
+                progress = (epoch - 1) * cfg.batches_per_epoch + steps
+                fraction = progress / total_steps
+                if cfg.max_seconds is not None:
+                    if elapsed >= cfg.max_seconds:
+                        stopped_by_time = True
+                        break
+                    fraction = max(fraction, elapsed / cfg.max_seconds)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.learning_rate * (1 - fraction) ** 0.9
+                images, labels = sampler.sample()
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                loss_sum += train_step(model, optimizer, loss_fn, images, labels, scaler)
+                steps += 1
+            if steps == 0:
+                break
+            train_loss = float(loss_sum) / steps  # waits for the device: timing is complete
+            train_seconds = time.perf_counter() - epoch_start
+            if not math.isfinite(train_loss):
+                raise CandidateFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
+            scores = evaluate(model, val_cases, n_classes, patch_size, device)
+            result = EpochResult(
+                epoch, train_loss, scores, train_seconds, time.perf_counter() - start
+            )
+            history.append(result)
+            if on_epoch is not None:
+                on_epoch(result)
+            if stopped_by_time:
+                break
+    except Exception as err:
+        if _is_out_of_memory(err):
+            raise CandidateFailed(f"out of memory: {str(err).splitlines()[0]}") from err
+        raise
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not history:
+        raise CandidateFailed("the time budget ended before the first training step")
+    return FitResult(
+        history[-1].scores, tuple(history), time.perf_counter() - start, stopped_by_time
+    )
