@@ -1,0 +1,331 @@
+"""Read and validate a search-space YAML file, and sample candidates from it.
+
+The only module that reads YAML. A file has four sections:
+
+- data:   where the data is (`nas.data.DataConfig`); default: the embedded synthetic dataset.
+- search: builder parameters (`nas.builder.UNetConfig` fields), each a fixed value or a spec
+          {type: int|float|categorical, low/high/step/log or choices, when, default, per_stage}.
+- train:  training settings (`nas.train.TrainConfig` fields), fixed values or specs alike.
+- study:  name, sampler, n_trials, timeout, seed.
+
+A spec with `when: {param: value-or-list}` is sampled only when the named, earlier parameter
+took one of those values; otherwise the field keeps its `default` (or the config's default).
+`per_stage: true` samples one value per stage (kernel_size, skips). A field may also take a
+list of specs, each with its own `when` (e.g. smaller kernels for 3D). Every mistake becomes a
+`NasError` naming the file and the key path, before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import optuna
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from nas.builder import PER_STAGE_FIELDS, UNetConfig, per_stage_length
+from nas.data import DataConfig
+from nas.errors import NasError
+from nas.train import TrainConfig
+
+Scalar = bool | int | float | str | None
+# Filled from the data, never searched.
+DATA_DEFINED_FIELDS = ("in_channels", "out_channels")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    when: dict[str, Scalar | list[Scalar]] | None = None
+    default: Any = None
+    per_stage: bool = False
+
+
+class IntSpec(_Spec):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> IntSpec:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is greater than high ({self.high})")
+        if self.log and (self.step != 1 or self.low < 1):
+            raise ValueError("log needs step 1 and low >= 1")
+        return self
+
+
+class FloatSpec(_Spec):
+    type: Literal["float"]
+    low: float
+    high: float
+    step: float | None = Field(None, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatSpec:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is greater than high ({self.high})")
+        if self.log and (self.step is not None or self.low <= 0):
+            raise ValueError("log needs no step and low > 0")
+        return self
+
+
+class CategoricalSpec(_Spec):
+    type: Literal["categorical"]
+    choices: list[Scalar] = Field(min_length=1)
+
+
+ParamSpec = Annotated[IntSpec | FloatSpec | CategoricalSpec, Field(discriminator="type")]
+_PARAM_SPEC = TypeAdapter(ParamSpec)
+
+
+class StudySection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field("unet", pattern=r"^[A-Za-z0-9_.-]+$")
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    population_size: int | None = Field(None, ge=2)  # NSGA-II generation size
+    n_trials: int = Field(10, ge=1)  # the study's total, counting earlier runs
+    timeout: float | None = Field(None, gt=0)  # seconds for this run
+    seed: int = 0
+
+
+class SearchSpace(BaseModel):
+    """A validated search space; `search` and `train` map a field to a spec or a fixed value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    data: DataConfig = Field(default_factory=DataConfig)
+    search: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    study: StudySection = Field(default_factory=StudySection)
+
+    @field_validator("search", "train", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One sampled architecture and how to train it."""
+
+    unet: UNetConfig
+    train: TrainConfig
+
+
+def _fields(config_type: type) -> dict[str, Any]:
+    return {f.name: f.type for f in dataclasses.fields(config_type)}
+
+
+def _field_adapter(config_type: type, field: str) -> TypeAdapter:
+    return TypeAdapter(config_type.__pydantic_fields__[field].annotation)
+
+
+def _parse_entries(
+    section: str, entries: dict[str, Any], config_type: type, known: list[str]
+) -> dict[str, Any]:
+    """Validate one section's entries into specs or fixed values; `known` collects names."""
+    allowed = [f for f in _fields(config_type) if f not in DATA_DEFINED_FIELDS and f != "seed"]
+    parsed: dict[str, Any] = {}
+    for name, raw in entries.items():
+        where = f"{section}.{name}"
+        if name not in allowed:
+            raise _SpaceError(where, f"unknown parameter; expected one of {', '.join(allowed)}")
+        adapter = _field_adapter(config_type, name)
+        if _is_spec(raw):
+            parsed[name] = _parse_spec(where, name, raw, adapter, known)
+        elif isinstance(raw, list) and raw and all(_is_spec(item) for item in raw):
+            variants = tuple(
+                _parse_spec(f"{where}[{i}]", name, item, adapter, known)
+                for i, item in enumerate(raw)
+            )
+            for i, variant in enumerate(variants):
+                if variant.when is None:
+                    raise _SpaceError(
+                        f"{where}[{i}]", "each of several specs for one parameter needs a when"
+                    )
+            parsed[name] = variants
+        else:
+            parsed[name] = _check_value(where, adapter, raw)
+        known.append(name)
+    return parsed
+
+
+def _is_spec(raw: Any) -> bool:
+    return isinstance(raw, dict) and "type" in raw
+
+
+def _is_variants(entry: Any) -> bool:
+    """A parsed entry holding several specs, each with its own `when`."""
+    return isinstance(entry, tuple) and bool(entry) and isinstance(entry[0], _Spec)
+
+
+def _parse_spec(where: str, name: str, raw: dict, adapter: TypeAdapter, known: list[str]) -> _Spec:
+    try:
+        spec = _PARAM_SPEC.validate_python(raw)
+    except ValidationError as err:
+        raise _SpaceError.from_validation(where, err) from None
+    if spec.per_stage and name not in PER_STAGE_FIELDS:
+        raise _SpaceError(
+            f"{where}.per_stage", f"only {', '.join(PER_STAGE_FIELDS)} can take one value per stage"
+        )
+    values = spec.choices if isinstance(spec, CategoricalSpec) else [spec.low, spec.high]
+    for value in values + ([spec.default] if spec.default is not None else []):
+        _check_value(where, adapter, value)
+    for other in spec.when or {}:
+        if other not in known:
+            raise _SpaceError(
+                f"{where}.when.{other}",
+                "names no parameter declared before this one in search or train",
+            )
+    return spec
+
+
+def _check_value(where: str, adapter: TypeAdapter, value: Any) -> Any:
+    try:
+        return adapter.validate_python(tuple(value) if isinstance(value, list) else value)
+    except ValidationError as err:
+        raise _SpaceError(where, f"invalid value {value!r}: {_first_message(err)}") from None
+
+
+def _first_message(err: ValidationError) -> str:
+    return err.errors()[0]["msg"]
+
+
+class _SpaceError(Exception):
+    """A mistake at a key path, turned into a NasError with the file name by `load_space`."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where, self.reason = where, reason
+
+    @classmethod
+    def from_validation(cls, prefix: str, err: ValidationError) -> _SpaceError:
+        first = err.errors()[0]
+        # Drop pydantic's union-member tags (e.g. "int") from the location.
+        loc = [str(p) for p in first["loc"] if str(p) not in ("int", "float", "categorical")]
+        where = ".".join([prefix, *loc]) if prefix else ".".join(loc)
+        reason = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            reason = "unknown key"
+        return cls(where or "(top level)", reason)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate `path`; any problem raises NasError naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise NasError(path, "file not found") from None
+    except OSError as err:
+        raise NasError(path, f"cannot be read ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise NasError(path, f"not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise NasError(path, "must be a mapping with sections data, search, train, study")
+    try:
+        space = SearchSpace.model_validate(raw)
+        known: list[str] = []
+        search = _parse_entries("search", space.search, UNetConfig, known)
+        train = _parse_entries("train", space.train, TrainConfig, known)
+        space = space.model_copy(update={"search": search, "train": train})
+        _check_defaults_build(space)
+    except ValidationError as err:
+        failure = _SpaceError.from_validation("", err)
+        raise NasError(path, f"{failure.where}: {failure.reason}") from None
+    except _SpaceError as err:
+        raise NasError(path, f"{err.where}: {err.reason}") from None
+    return space
+
+
+def _check_defaults_build(space: SearchSpace) -> None:
+    """The fixed values together must make a valid config (e.g. depth vs per-stage lists)."""
+    for section, config_type in (("search", UNetConfig), ("train", TrainConfig)):
+        fixed = {
+            k: v
+            for k, v in getattr(space, section).items()
+            if not isinstance(v, _Spec) and not _is_variants(v)
+        }
+        try:
+            config_type(**fixed)
+        except ValidationError as err:
+            raise _SpaceError(section, _first_message(err).removeprefix("Value error, ")) from None
+
+
+def _condition_holds(when: dict[str, Any] | None, values: dict[str, Any]) -> bool:
+    for name, expected in (when or {}).items():
+        allowed = expected if isinstance(expected, list) else [expected]
+        if values.get(name) not in allowed:
+            return False
+    return True
+
+
+def _suggest(trial: optuna.Trial, name: str, spec: _Spec) -> Any:
+    if isinstance(spec, IntSpec):
+        return trial.suggest_int(name, spec.low, spec.high, step=spec.step, log=spec.log)
+    if isinstance(spec, FloatSpec):
+        return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+    return trial.suggest_categorical(name, spec.choices)
+
+
+def _draw(
+    trial: optuna.Trial, param: str, field: str, spec: _Spec, chosen: dict, depth_of: Any
+) -> Any:
+    if spec.per_stage:
+        count = per_stage_length(field, depth_of(chosen))
+        return tuple(_suggest(trial, f"{param}_{i}", spec) for i in range(count))
+    return _suggest(trial, param, spec)
+
+
+def _sample_section(
+    entries: dict[str, Any], trial: optuna.Trial, values: dict[str, Any], depth_of: Any
+) -> dict[str, Any]:
+    chosen: dict[str, Any] = {}
+    for name, entry in entries.items():
+        if _is_variants(entry):
+            # Several specs for one field: the first whose condition holds is sampled, under a
+            # name of its own, since Optuna keeps one distribution per parameter name.
+            active = [(i, v) for i, v in enumerate(entry) if _condition_holds(v.when, values)]
+            if active:
+                i, spec = active[0]
+                chosen[name] = _draw(trial, f"{name}#{i + 1}", name, spec, chosen, depth_of)
+        elif not isinstance(entry, _Spec):
+            chosen[name] = entry
+        elif _condition_holds(entry.when, values):
+            chosen[name] = _draw(trial, name, name, entry, chosen, depth_of)
+        elif entry.default is not None:
+            chosen[name] = entry.default
+        if name in chosen:
+            values[name] = chosen[name]
+    return chosen
+
+
+def sample(
+    space: SearchSpace, trial: optuna.Trial, in_channels: int, out_channels: int, seed: int
+) -> Candidate:
+    """Draw one candidate; data-defined channel counts and the trial's seed are filled in."""
+    values: dict[str, Any] = {}
+    default_depth = UNetConfig().depth
+    unet = _sample_section(
+        space.search, trial, values, lambda chosen: chosen.get("depth", default_depth)
+    )
+    train = _sample_section(space.train, trial, values, lambda chosen: default_depth)
+    unet_config = UNetConfig.from_dict(
+        {**unet, "in_channels": in_channels, "out_channels": out_channels}
+    )
+    return Candidate(unet_config, TrainConfig(**train, seed=seed))
