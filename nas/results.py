@@ -1,0 +1,139 @@
+"""Views of a study written to results/<study>/: trials.csv, pareto.csv, pareto.png, checkpoints.
+
+Everything here is derived from the Optuna storage (the one source of truth) and can be
+rewritten at any time. Each file is written to a temporary name and renamed over the old one,
+so a crash mid-write never leaves a truncated table. Knows nothing of training.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+
+METRIC_COLUMNS = ["number", "state", "val_iou", "val_dice", "n_params", "seconds", "spatial_dims"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
+    return study_dir / "checkpoints" / f"trial_{trial_number:04d}.pt"
+
+
+def save_checkpoint(study_dir: Path, trial_number: int, state_dict: dict) -> Path:
+    path = checkpoint_path(study_dir, trial_number)
+    atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+    return path
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The non-dominated completed trials (max IoU, min params), sorted by parameter count."""
+    return sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
+
+
+def _row(trial: FrozenTrial) -> dict:
+    attrs = trial.user_attrs
+    unet = attrs.get("unet_config", {})
+    row = {
+        "number": trial.number,
+        "state": trial.state.name,
+        "val_iou": trial.values[0] if trial.values else attrs.get("val_iou"),
+        "val_dice": attrs.get("val_dice"),
+        "n_params": attrs.get("n_params"),
+        "seconds": attrs.get("seconds"),
+        "spatial_dims": unet.get("spatial_dims"),
+        "epochs_run": attrs.get("epochs_run"),
+        "device": attrs.get("device"),
+        "fail_reason": attrs.get("fail_reason"),
+    }
+    for name, value in unet.items():
+        if name not in row:
+            row[name] = str(value) if isinstance(value, list) else value
+    for name, value in trial.params.items():
+        if name not in row and name not in unet:
+            row[name] = value
+    return row
+
+
+def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
+    rows = [_row(t) for t in trials]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys(k for r in rows for k in r)) or None)
+
+
+def _plot_front(study: optuna.Study, front: list[FrozenTrial], path: Path) -> None:
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for dims, marker in ((2, "o"), (3, "s")):
+        group = [
+            t for t in completed if t.user_attrs.get("unet_config", {}).get("spatial_dims") == dims
+        ]
+        ax.scatter(
+            [t.values[1] for t in group],
+            [t.values[0] for t in group],
+            marker=marker,
+            color="0.6",
+            label=f"{dims}D trials",
+        )
+    if front:
+        ax.step(
+            [t.values[1] for t in front],
+            [t.values[0] for t in front],
+            where="post",
+            color="tab:red",
+            marker="*",
+            markersize=12,
+            label="Pareto front",
+        )
+        for t in front:
+            ax.annotate(
+                f"#{t.number}",
+                (t.values[1], t.values[0]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("validation IoU")
+    ax.set_title(f"{study.study_name}: {len(completed)} completed trials")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_results(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
+    """Rewrite every view of `study` under `study_dir`; drop weights of trials off the front."""
+    front = pareto_front(study)
+    trials = study.trials
+    atomic_write(study_dir / "trials.csv", lambda p: trials_table(trials).to_csv(p, index=False))
+    atomic_write(study_dir / "pareto.csv", lambda p: trials_table(front).to_csv(p, index=False))
+    atomic_write(study_dir / "pareto.png", lambda p: _plot_front(study, front, p))
+    # Only finished trials: a running trial (another worker's) may have just saved its weights.
+    on_front = {t.number for t in front}
+    for trial in trials:
+        if trial.state.is_finished() and trial.number not in on_front:
+            checkpoint_path(study_dir, trial.number).unlink(missing_ok=True)
+    return front

@@ -1,0 +1,129 @@
+"""The Optuna study: open or resume it, and the objective that turns a trial into (IoU, params).
+
+Directions are [maximize validation IoU, minimize parameter count]. Each trial stores its full
+builder and training configs, its parameter count and its scores as user attrs, and its
+per-epoch validation IoU as intermediate values, so optuna-dashboard can show everything
+from the storage alone. A candidate that cannot be trained ends as a FAIL trial with its
+reason, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from pydantic import ValidationError
+
+from nas.builder import build_unet, count_parameters
+from nas.data import Case
+from nas.errors import NasError
+from nas.results import save_checkpoint
+from nas.space import SearchSpace, StudySection, sample
+from nas.train import CandidateFailed, EpochResult, fit
+
+DIRECTIONS = ("maximize", "minimize")  # validation IoU, parameter count
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def default_storage(study_dir: Path) -> str:
+    return f"sqlite:///{study_dir / 'study.db'}"
+
+
+def make_sampler(cfg: StudySection, n_existing_trials: int) -> optuna.samplers.BaseSampler:
+    # Offset the seed by the trials already run, so a resumed study does not replay the
+    # random draws of its first run.
+    seed = cfg.seed + n_existing_trials
+    if cfg.sampler == "nsga2":
+        kwargs = {"population_size": cfg.population_size} if cfg.population_size else {}
+        return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def open_study(cfg: StudySection, storage: str) -> optuna.Study:
+    """Create the study, or load it with the same name from `storage` to continue it."""
+    try:
+        storage_obj = optuna.storages.get_storage(storage)
+        existing = [s for s in storage_obj.get_all_studies() if s.study_name == cfg.name]
+        if existing and [d.name.lower() for d in existing[0].directions] != list(DIRECTIONS):
+            raise NasError(storage, f"study {cfg.name!r} exists with other directions")
+        n_existing = storage_obj.get_n_trials(existing[0]._study_id) if existing else 0
+        return optuna.create_study(
+            storage=storage_obj,
+            study_name=cfg.name,
+            directions=list(DIRECTIONS),
+            sampler=make_sampler(cfg, n_existing),
+            load_if_exists=True,
+        )
+    except NasError:
+        raise
+    except Exception as err:  # SQLAlchemy and Optuna raise many types for a bad URL
+        raise NasError(storage, f"cannot open the study storage ({err})") from None
+
+
+def n_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def make_objective(
+    space: SearchSpace,
+    train_cases: Sequence[Case],
+    val_cases: Sequence[Case],
+    in_channels: int,
+    n_classes: int,
+    device: torch.device,
+    study_dir: Path,
+) -> Callable[[optuna.Trial], tuple[float, int]]:
+    """The function Optuna calls per trial: sample, build, count, train, save weights."""
+    out_channels = 1 if n_classes == 1 else n_classes + 1
+
+    def objective(trial: optuna.Trial) -> tuple[float, int]:
+        start = time.perf_counter()
+        trial.set_user_attr("device", str(device))
+        try:
+            candidate = sample(
+                space, trial, in_channels, out_channels, space.study.seed + trial.number
+            )
+        except ValidationError as err:
+            reason = f"invalid combination: {err.errors()[0]['msg'].removeprefix('Value error, ')}"
+            trial.set_user_attr("fail_reason", reason)
+            raise CandidateFailed(reason) from None
+        model = build_unet(candidate.unet)
+        n_params = count_parameters(model)
+        trial.set_user_attr("unet_config", candidate.unet.to_dict())
+        trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
+        trial.set_user_attr("n_params", n_params)
+        train_losses: list[float] = []
+
+        def on_epoch(result: EpochResult) -> None:
+            train_losses.append(result.train_loss)
+            # Trial.report refuses multi-objective studies; the storage still keeps the curve,
+            # which is what optuna-dashboard draws.
+            trial.storage.set_trial_intermediate_value(
+                trial._trial_id, result.epoch, result.scores.iou
+            )
+
+        try:
+            result = fit(
+                model, train_cases, val_cases, n_classes, candidate.train, device, on_epoch
+            )
+        except CandidateFailed as err:
+            trial.set_user_attr("fail_reason", err.reason)
+            trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+            raise
+        save_checkpoint(study_dir, trial.number, model.state_dict())
+        trial.set_user_attr("val_dice", result.scores.dice)
+        trial.set_user_attr("val_iou_per_class", list(result.scores.iou_per_class))
+        trial.set_user_attr("train_loss", train_losses)
+        trial.set_user_attr("epochs_run", len(result.history))
+        trial.set_user_attr("stopped_by_time", result.stopped_by_time)
+        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+        return result.scores.iou, n_params
+
+    return objective
