@@ -44,8 +44,8 @@ class UNetConfig:
     skips: encoder-to-decoder connections, one flag for all or one per stage above the
         bottleneck (highest resolution first); all False gives a plain encoder-decoder.
     skip_mode: how a skip joins the upsampled features: concatenated or added.
-    anisotropic_stages: 3D only; the first downsamplings that keep the last (slice) axis,
-        as nnU-Net does for thick-slice scans.
+    anisotropic_stages: 3D only; how many of the first downsamplings keep the last (slice)
+        axis, as nnU-Net does for thick-slice scans (all of them when depth is smaller).
     """
 
     spatial_dims: Literal[2, 3] = 2
@@ -88,10 +88,9 @@ class UNetConfig:
                 )
         if self.spatial_dims == 2 and self.anisotropic_stages:
             raise ValueError("anisotropic_stages applies to 3D networks only")
-        if not 0 <= self.anisotropic_stages <= self.depth - 1:
+        if self.anisotropic_stages < 0:
             raise ValueError(
-                f"anisotropic_stages must be in [0, depth - 1 = {self.depth - 1}], "
-                f"got {self.anisotropic_stages}"
+                f"anisotropic_stages must be at least 0, got {self.anisotropic_stages}"
             )
         return self
 
@@ -307,6 +306,9 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial) -> (B, K, *spatial)
         spatial = x.shape[2:]
         padded = [-(-size // m) * m for size, m in zip(spatial, self.size_multiple, strict=True)]
+        if all(p == m for p, m in zip(padded, self.size_multiple, strict=True)):
+            # A single bottleneck voxel breaks instance (and batch-of-one) normalisation.
+            padded[0] *= 2
         if list(spatial) != padded:
             # F.pad takes (low, high) pairs starting from the last axis; pad at the high end only.
             pad_spec = [

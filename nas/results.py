@@ -21,7 +21,19 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-METRIC_COLUMNS = ["number", "state", "val_iou", "val_dice", "n_params", "seconds", "spatial_dims"]
+# Always present, so an empty table still has its header.
+METRIC_COLUMNS = [
+    "number",
+    "state",
+    "val_iou",
+    "val_dice",
+    "n_params",
+    "seconds",
+    "spatial_dims",
+    "epochs_run",
+    "device",
+    "fail_reason",
+]
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -78,7 +90,9 @@ def _row(trial: FrozenTrial) -> dict:
 
 def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
     rows = [_row(t) for t in trials]
-    return pd.DataFrame(rows, columns=list(dict.fromkeys(k for r in rows for k in r)) or None)
+    return pd.DataFrame(
+        rows, columns=list(dict.fromkeys([*METRIC_COLUMNS, *(k for r in rows for k in r)]))
+    )
 
 
 def _plot_front(study: optuna.Study, front: list[FrozenTrial], path: Path) -> None:
@@ -113,12 +127,15 @@ def _plot_front(study: optuna.Study, front: list[FrozenTrial], path: Path) -> No
                 xytext=(4, 4),
                 fontsize=8,
             )
-    ax.set_xscale("log")
+    if completed:
+        ax.set_xscale("log")
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no completed trial yet", ha="center", transform=ax.transAxes)
     ax.set_xlabel("parameters")
     ax.set_ylabel("validation IoU")
     ax.set_title(f"{study.study_name}: {len(completed)} completed trials")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

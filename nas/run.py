@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Each finished trial gets its own line (with a failure's reason); Optuna's log would
+    # repeat it with a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         return run(args)
     except NasError as err:

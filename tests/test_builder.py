@@ -152,6 +152,11 @@ def test_anisotropic_stages_keep_the_slice_axis():
     assert _output(model, 16, 16, 6).shape == (2, 1, 16, 16, 6)
 
 
+def test_anisotropic_stages_beyond_depth_keep_the_slice_axis_everywhere():
+    cfg = UNetConfig(spatial_dims=3, depth=2, anisotropic_stages=3)
+    assert cfg.strides == ((1, 1, 1), (2, 2, 1))
+
+
 def test_per_stage_kernel_sizes():
     model = build_unet(spatial_dims=2, depth=3, kernel_size=(3, 5, 7), base_channels=4)
     kernels = [stage.body[0].kernel_size for stage in model.encoder.stages]
@@ -172,7 +177,7 @@ def test_config_round_trips_through_a_dict():
         dict(depth=0),
         dict(depth=3, skips=(True,)),
         dict(spatial_dims=2, anisotropic_stages=1),
-        dict(spatial_dims=3, depth=2, anisotropic_stages=2),
+        dict(spatial_dims=3, anisotropic_stages=-1),
         dict(norm="layer"),
         dict(spatial_dims=4),
         dict(dropout=1.0),

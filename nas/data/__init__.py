@@ -51,6 +51,7 @@ __all__ = [
     "Dataset",
     "PatchSampler",
     "SyntheticSpec",
+    "ensure_synthetic_dataset",
     "load_dataset",
     "split_by_case",
 ]

@@ -101,9 +101,7 @@ def read_nnunet_raw(root: Path) -> Dataset:
         for channel in channels:
             image_path = root / "imagesTr" / f"{name}_{int(channel):04d}{ending}"
             image, _, image_affine = _load_nifti(image_path)
-            if image.shape != label.shape or not np.allclose(
-                image_affine, label_affine, atol=1e-3
-            ):
+            if image.shape != label.shape or not np.allclose(image_affine, label_affine, atol=1e-3):
                 raise NasError(
                     image_path, f"shape or affine differs from its label {label_path.name}"
                 )
@@ -114,9 +112,7 @@ def read_nnunet_raw(root: Path) -> Dataset:
         class_index = np.zeros(int(max(value_to_class)) + 1, np.uint8)
         for value, index in value_to_class.items():
             class_index[int(value)] = index
-        cases.append(
-            Case(name, np.stack(images), class_index[label.astype(np.int64)], spacing)
-        )
+        cases.append(Case(name, np.stack(images), class_index[label.astype(np.int64)], spacing))
     return Dataset(
         root=root,
         channel_names=tuple(meta["channel_names"][c] for c in channels),

@@ -35,8 +35,10 @@ def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.nd
     lead = array.ndim - len(size)
     shape = array.shape[lead:]
     out = np.zeros(array.shape[:lead] + tuple(size), array.dtype)
-    src = tuple(slice(max(s, 0), min(s + n, dim)) for s, n, dim in zip(start, size, shape))
-    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    src = tuple(
+        slice(max(s, 0), min(s + n, dim)) for s, n, dim in zip(start, size, shape, strict=True)
+    )
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start, strict=True))
     out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
     return out
 
@@ -79,7 +81,10 @@ class PatchSampler:
             start = centre - size // 2 + jitter
             return np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
         return np.array(
-            [self.rng.integers(min(0, d - n), max(0, d - n) + 1) for d, n in zip(shape, size)]
+            [
+                self.rng.integers(min(0, d - n), max(0, d - n) + 1)
+                for d, n in zip(shape, size, strict=True)
+            ]
         )
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:

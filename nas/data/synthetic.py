@@ -82,7 +82,9 @@ def _make_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[n
         distance = _ellipsoid(grid, centre, radii) + 0.25 * _smooth_noise(rng, shape, 1.5)
         lesion = (distance < 1.0) & brain & ~csf
         contrast = rng.uniform(1.5, 2.2)
-        profile = np.clip((1.3 - distance) / 0.6, 0.0, 1.0)  # soft edge, half contrast at the border
+        profile = np.clip(
+            (1.3 - distance) / 0.6, 0.0, 1.0
+        )  # soft edge, half contrast at the border
         image = image * (1 + (contrast - 1) * profile * (brain & ~csf))
         label[lesion] = 1
 
@@ -90,7 +92,9 @@ def _make_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[n
     sigma = rng.uniform(0.025, 0.05)
     signal = image * bias
     # Rician noise, as magnitude MR images have.
-    image = np.hypot(signal + sigma * rng.standard_normal(shape), sigma * rng.standard_normal(shape))
+    image = np.hypot(
+        signal + sigma * rng.standard_normal(shape), sigma * rng.standard_normal(shape)
+    )
     return image.astype(np.float32), label
 
 

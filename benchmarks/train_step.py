@@ -1,0 +1,141 @@
+"""Training-step time of nas against a bare PyTorch loop, for one 2D and one 3D candidate.
+
+The project's side is `nas.train.fit` (batch sampling, learning-rate schedule, loss tracking,
+AMP and channels-last on CUDA), timed over its training steps only. The bare side is the
+plainest loop over the same model (same initial weights), the same pre-drawn batches and the
+same loss. The arms alternate in fresh processes, so each reports its own peak memory and
+drift on the machine hits both alike; the median per-step time over rounds is compared.
+
+    python benchmarks/train_step.py [--steps 30] [--rounds 3] [--device auto]
+
+Target: ratio (nas / bare) <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nas import UNetConfig, build_unet
+from nas.data import PatchSampler, SyntheticSpec, ensure_synthetic_dataset
+from nas.data.nnunet import read_nnunet_raw
+from nas.losses import DiceCELoss
+from nas.train import TrainConfig, fit, make_optimizer, pick_device
+
+CANDIDATES = {
+    "2D": (
+        UNetConfig(spatial_dims=2, depth=4, base_channels=16),
+        TrainConfig(
+            batch_size_2d=16, patch_size_2d=(64, 64), learning_rate=3e-3, foreground_fraction=0.5
+        ),
+    ),
+    "3D": (
+        UNetConfig(spatial_dims=3, depth=3, base_channels=8),
+        TrainConfig(
+            batch_size_3d=2, patch_size_3d=(32, 32, 32), learning_rate=3e-3, foreground_fraction=0.5
+        ),
+    ),
+}
+WARMUP_STEPS = 3
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _run_arm(arm: str, name: str, data_root: str, steps: int, device_name: str, queue) -> None:
+    torch.manual_seed(0)
+    device = pick_device(device_name)
+    unet_cfg, train_cfg = CANDIDATES[name]
+    cases = read_nnunet_raw(Path(data_root)).cases
+    model = build_unet(unet_cfg)
+    if arm == "nas":
+        cfg = dataclasses.replace(train_cfg, epochs=2, batches_per_epoch=steps, seed=0)
+        # Epoch 1 warms up (allocator, kernels); epoch 2 is timed. Validation is not timed.
+        history = fit(model, cases, cases[:1], 1, cfg, device).history
+        seconds = history[1].train_seconds
+    else:
+        patch = train_cfg.patch_size_2d if unet_cfg.spatial_dims == 2 else train_cfg.patch_size_3d
+        batch = train_cfg.batch_size_2d if unet_cfg.spatial_dims == 2 else train_cfg.batch_size_3d
+        sampler = PatchSampler(cases, patch, batch, train_cfg.foreground_fraction, True, seed=0)
+        batches = [sampler.sample() for _ in range(steps)]
+        model = model.to(device)
+        optimizer = make_optimizer(model, train_cfg)
+        loss_fn = DiceCELoss()
+        use_amp = device.type == "cuda"
+        for i in range(WARMUP_STEPS + steps):
+            if i == WARMUP_STEPS:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            images, labels = batches[i % steps]
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    queue.put((seconds / steps, _peak_memory_mb(device)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per arm and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = ensure_synthetic_dataset(Path(tmp) / "bench", SyntheticSpec(n_cases=6))
+        print(
+            f"device: {device}, torch threads: {torch.get_num_threads()}, "
+            f"{args.steps} steps x {args.rounds} rounds per arm"
+        )
+        print(
+            f"{'candidate':<10}{'nas ms/step':>12}{'bare ms/step':>14}{'ratio':>8}"
+            f"{'nas peak MB':>13}{'bare peak MB':>14}"
+        )
+        for name in CANDIDATES:
+            times: dict[str, list[float]] = {"nas": [], "bare": []}
+            peaks: dict[str, float] = {"nas": 0.0, "bare": 0.0}
+            for round_index in range(args.rounds):
+                # Alternate which arm goes first, so neither always runs on a warmer machine.
+                order = ("nas", "bare") if round_index % 2 == 0 else ("bare", "nas")
+                for arm in order:
+                    queue = context.Queue()
+                    process = context.Process(
+                        target=_run_arm,
+                        args=(arm, name, str(data_root), args.steps, args.device, queue),
+                    )
+                    process.start()
+                    step_seconds, peak_mb = queue.get()
+                    process.join()
+                    times[arm].append(step_seconds)
+                    peaks[arm] = max(peaks[arm], peak_mb)
+            nas_ms = statistics.median(times["nas"]) * 1000
+            bare_ms = statistics.median(times["bare"]) * 1000
+            print(
+                f"{name:<10}{nas_ms:>12.1f}{bare_ms:>14.1f}{nas_ms / bare_ms:>8.3f}"
+                f"{peaks['nas']:>13.0f}{peaks['bare']:>14.0f}"
+            )
+    print(
+        "target: ratio <= 1.05 (peak memory: CUDA allocator peak on GPU, process peak RSS on CPU)"
+    )
+
+
+if __name__ == "__main__":
+    main()

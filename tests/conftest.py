@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny search spaces and a tiny generated dataset on real NIfTI files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nas.data import SyntheticSpec, ensure_synthetic_dataset
+
+TINY_SPEC = SyntheticSpec(n_cases=6, shape=(32, 32, 16), spacing_mm=(1.5, 1.5, 3.0), seed=3)
+
+
+def tiny_space_yaml(data_path: Path, name: str = "tiny", n_trials: int = 3, extra: str = "") -> str:
+    """A search space that trains in about a second per trial."""
+    return (
+        textwrap.dedent(
+            f"""\
+        data:
+          path: {data_path}
+          synthetic: {{n_cases: 6, shape: [32, 32, 16], spacing_mm: [1.5, 1.5, 3.0], seed: 3}}
+          val_fraction: 0.34
+        search:
+          spatial_dims: {{type: categorical, choices: [2, 3]}}
+          depth: {{type: int, low: 1, high: 3}}
+          base_channels: 4
+          skips: {{type: categorical, choices: [true, false], per_stage: true}}
+          anisotropic_stages: {{type: int, low: 0, high: 1, when: {{spatial_dims: 3}}}}
+        train:
+          epochs: 2
+          batches_per_epoch: 3
+          batch_size_2d: 4
+          patch_size_2d: [32, 32]
+          batch_size_3d: 1
+          patch_size_3d: [32, 32, 16]
+          learning_rate: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
+        study:
+          name: {name}
+          sampler: random
+          n_trials: {n_trials}
+          seed: 0
+        """
+        )
+        + extra
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", TINY_SPEC)
+
+
+def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `python -m module args` as a user would, in `cwd`."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -1,0 +1,132 @@
+"""The embedded dataset: real NIfTI files in nnU-Net v2 layout, read back through nibabel."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from nas.data import (
+    DataConfig,
+    PatchSampler,
+    SyntheticSpec,
+    ensure_synthetic_dataset,
+    load_dataset,
+    split_by_case,
+)
+from nas.data.nnunet import read_nnunet_raw
+from nas.errors import NasError
+
+from .conftest import TINY_SPEC
+
+
+def test_layout_is_nnunet_v2_raw(tiny_dataset):
+    meta = json.loads((tiny_dataset / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "MRI"}
+    assert meta["labels"] == {"background": 0, "lesion": 1}
+    assert meta["numTraining"] == TINY_SPEC.n_cases
+    assert meta["file_ending"] == ".nii.gz"
+    images = sorted(p.name for p in (tiny_dataset / "imagesTr").iterdir())
+    labels = sorted(p.name for p in (tiny_dataset / "labelsTr").iterdir())
+    assert images == [f"lesion_{i:03d}_0000.nii.gz" for i in range(TINY_SPEC.n_cases)]
+    assert labels == [f"lesion_{i:03d}.nii.gz" for i in range(TINY_SPEC.n_cases)]
+    image = nib.load(tiny_dataset / "imagesTr" / images[0])
+    assert image.shape == TINY_SPEC.shape
+    assert np.allclose(image.header.get_zooms(), TINY_SPEC.spacing_mm)
+    assert nib.aff2axcodes(image.affine) == ("L", "A", "S")
+
+
+def test_generation_is_deterministic_and_seeded(tmp_path):
+    spec = SyntheticSpec(n_cases=2, shape=(24, 24, 12), seed=5)
+    a = ensure_synthetic_dataset(tmp_path / "a", spec)
+    b = ensure_synthetic_dataset(tmp_path / "b", spec)
+    c = ensure_synthetic_dataset(
+        tmp_path / "c", SyntheticSpec(n_cases=2, shape=(24, 24, 12), seed=6)
+    )
+    for name in ("imagesTr/lesion_001_0000.nii.gz", "labelsTr/lesion_001.nii.gz"):
+        data_a = np.asarray(nib.load(a / name).dataobj)
+        assert np.array_equal(data_a, np.asarray(nib.load(b / name).dataobj))
+    image = "imagesTr/lesion_000_0000.nii.gz"
+    assert not np.array_equal(
+        np.asarray(nib.load(a / image).dataobj), np.asarray(nib.load(c / image).dataobj)
+    )
+
+
+def test_default_dataset_has_small_varied_lesions_and_some_empty_cases(tmp_path):
+    root = ensure_synthetic_dataset(tmp_path / "default", SyntheticSpec())
+    lesion_counts, fractions = [], []
+    for path in sorted((root / "labelsTr").iterdir()):
+        label = np.asarray(nib.load(path).dataobj)
+        lesion_counts.append(ndimage.label(label)[1])
+        fractions.append(label.mean())
+    assert len(lesion_counts) == 24
+    assert 1 <= lesion_counts.count(0) <= 6  # a few cases without lesions
+    assert max(lesion_counts) >= 3  # some with several
+    assert max(fractions) < 0.02  # foreground stays tiny, as stroke lesions are
+
+
+def test_existing_dataset_is_reused_not_regenerated(tiny_dataset):
+    before = (tiny_dataset / "imagesTr" / "lesion_000_0000.nii.gz").stat().st_mtime_ns
+    ensure_synthetic_dataset(tiny_dataset, TINY_SPEC)
+    after = (tiny_dataset / "imagesTr" / "lesion_000_0000.nii.gz").stat().st_mtime_ns
+    assert before == after
+
+
+def test_a_different_dataset_in_the_folder_is_refused(tiny_dataset):
+    with pytest.raises(NasError, match="holds a different dataset"):
+        ensure_synthetic_dataset(tiny_dataset, SyntheticSpec(n_cases=7, shape=(32, 32, 16)))
+
+
+def test_reader_reorients_to_ras_and_normalises(tiny_dataset):
+    dataset = read_nnunet_raw(tiny_dataset)
+    assert dataset.in_channels == 1 and dataset.n_classes == 1
+    case = dataset.cases[0]
+    raw = nib.load(tiny_dataset / "labelsTr" / f"{case.name}.nii.gz")
+    # Stored LAS: RAS flips the first axis.
+    assert np.array_equal(case.label, np.asarray(raw.dataobj)[::-1])
+    assert case.image.shape == (1, *TINY_SPEC.shape) and case.image.dtype == np.float32
+    assert abs(float(case.image.mean())) < 1e-3 and abs(float(case.image.std()) - 1) < 1e-3
+    assert case.spacing_mm == TINY_SPEC.spacing_mm
+
+
+def test_data_section_defaults_to_the_embedded_dataset():
+    assert DataConfig().synthetic == SyntheticSpec()
+    assert DataConfig(path="elsewhere").synthetic is None
+
+
+def test_mismatched_label_is_one_clear_error(tmp_path):
+    root = ensure_synthetic_dataset(tmp_path / "d", SyntheticSpec(n_cases=2, shape=(16, 16, 8)))
+    label = root / "labelsTr" / "lesion_001.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 9), np.uint8), np.eye(4)), label)
+    with pytest.raises(NasError, match="shape or affine differs"):
+        load_dataset(DataConfig(path=root))
+
+
+def test_split_is_by_case_disjoint_and_seeded(tiny_dataset):
+    cases = read_nnunet_raw(tiny_dataset).cases
+    train, val = split_by_case(cases, 0.34, seed=0)
+    train_names, val_names = {c.name for c in train}, {c.name for c in val}
+    assert not train_names & val_names
+    assert train_names | val_names == {c.name for c in cases}
+    assert len(val) == 2
+    again = split_by_case(cases, 0.34, seed=0)[1]
+    assert [c.name for c in again] == [c.name for c in val]
+
+
+@pytest.mark.parametrize("patch", [(32, 32), (24, 24, 8), (40, 40, 20)])
+def test_sampler_shapes_and_foreground_oversampling(tiny_dataset, patch):
+    cases = [c for c in read_nnunet_raw(tiny_dataset).cases if c.label.any()]
+    sampler = PatchSampler(
+        cases, patch, batch_size=6, foreground_fraction=1.0, augment=True, seed=0
+    )
+    for _ in range(5):
+        images, labels = sampler.sample()
+        assert images.shape == (6, 1, *patch) and labels.shape == (6, *patch)
+        assert all(label.any() for label in labels)  # every sample centred on a lesion
+    if len(patch) == 3 and patch[0] > TINY_SPEC.shape[0]:
+        return  # a patch larger than the volume always holds the whole lesion
+    rare = PatchSampler(cases, patch, batch_size=64, foreground_fraction=0.0, augment=False, seed=0)
+    assert rare.sample()[1].flatten(1).any(1).float().mean() < 1.0

@@ -1,0 +1,175 @@
+"""The search-space YAML: every mistake is one message naming the file and key, exit code 2."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from nas.space import load_space, sample
+
+from .conftest import run_cli, tiny_space_yaml
+
+BAD_SPACES = {
+    "unknown_key": ("search:\n  depthh: 3\n", "search.depthh: unknown parameter"),
+    "unknown_section": ("serach:\n  depth: 3\n", "serach: unknown key"),
+    "unknown_spec_key": (
+        "search:\n  depth: {type: int, low: 1, high: 3, lwo: 2}\n",
+        "search.depth.lwo: unknown key",
+    ),
+    "wrong_type": ("search:\n  depth: deep\n", "search.depth: invalid value 'deep'"),
+    "wrong_type_in_train": ("train:\n  epochs: [1, 2]\n", "train.epochs: invalid value"),
+    "wrong_study_type": ("study:\n  n_trials: ten\n", "study.n_trials"),
+    "low_above_high": (
+        "search:\n  depth: {type: int, low: 5, high: 2}\n",
+        "search.depth: low (5) is greater than high (2)",
+    ),
+    "float_low_above_high": (
+        "train:\n  learning_rate: {type: float, low: 0.1, high: 0.01}\n",
+        "train.learning_rate: low (0.1) is greater than high (0.01)",
+    ),
+    "empty_choices": (
+        "search:\n  norm: {type: categorical, choices: []}\n",
+        "search.norm.choices",
+    ),
+    "invalid_choice": (
+        "search:\n  norm: {type: categorical, choices: [batch, layer]}\n",
+        "search.norm: invalid value 'layer'",
+    ),
+    "unknown_spec_type": (
+        "search:\n  depth: {type: integer, low: 1, high: 3}\n",
+        "search.depth",
+    ),
+    "when_unknown_parameter": (
+        "search:\n  dropout: {type: float, low: 0, high: 0.3, when: {spatial_dim: 3}}\n",
+        "search.dropout.when.spatial_dim: names no parameter",
+    ),
+    "when_later_parameter": (
+        "search:\n  dropout: {type: float, low: 0, high: 0.3, when: {depth: 3}}\n  depth: 3\n",
+        "search.dropout.when.depth: names no parameter declared before",
+    ),
+    "per_stage_on_scalar_field": (
+        "search:\n  norm: {type: categorical, choices: [batch], per_stage: true}\n",
+        "search.norm.per_stage",
+    ),
+    "variants_without_when": (
+        "search:\n  spatial_dims: 2\n  kernel_size:\n"
+        "    - {type: categorical, choices: [3], when: {spatial_dims: 2}}\n"
+        "    - {type: categorical, choices: [5]}\n",
+        "search.kernel_size[1]: each of several specs",
+    ),
+    "inconsistent_fixed_values": (
+        "search:\n  spatial_dims: 2\n  anisotropic_stages: 1\n",
+        "search: anisotropic_stages applies to 3D networks only",
+    ),
+    "bad_data_section": ("data:\n  val_fraction: 2\n", "data.val_fraction"),
+    "bad_sampler": ("study:\n  sampler: cmaes\n", "study.sampler"),
+    "not_a_mapping": ("- search\n- train\n", "must be a mapping"),
+    "malformed_yaml": ("search: [depth\n", "not valid YAML"),
+    "python_tag_refused": ("search: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_bad_space_is_reported_by_load_space(case, tmp_path):
+    text, expected = BAD_SPACES[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    with pytest.raises(Exception) as info:
+        load_space(path)
+    assert type(info.value).__name__ == "NasError"
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "low_above_high", "when_unknown_parameter"])
+def test_bad_space_exits_2_with_one_line_and_trains_nothing(case, tmp_path):
+    text, expected = BAD_SPACES[case]
+    (tmp_path / "space.yaml").write_text(text)
+    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: space.yaml: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_file_exits_2(tmp_path):
+    result = run_cli("nas.run", "nowhere.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: nowhere.yaml: file not found"
+
+
+def test_default_space_is_valid_and_covers_the_builder():
+    space = load_space("search_spaces/unet.yaml")
+    for name in (
+        "spatial_dims",
+        "depth",
+        "base_channels",
+        "channel_growth",
+        "kernel_size",
+        "convs_per_stage",
+        "norm",
+        "activation",
+        "upsampling",
+        "dropout",
+        "residual",
+        "skip_mode",
+        "skips",
+        "anisotropic_stages",
+    ):
+        assert name in space.search, name
+    assert space.study.sampler == "nsga2"
+
+
+def _sample_many(space, n=40):
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((trial, sample(space, trial, in_channels=1, out_channels=1, seed=0)))
+        study.tell(trial, (0.0, 1.0))
+    return out
+
+
+def test_conditional_parameter_is_sampled_only_when_its_condition_holds(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(tiny_space_yaml(tmp_path / "data"))
+    drawn = _sample_many(load_space(path))
+    for trial, candidate in drawn:
+        assert ("anisotropic_stages" in trial.params) == (candidate.unet.spatial_dims == 3)
+        if candidate.unet.spatial_dims == 2:
+            assert candidate.unet.anisotropic_stages == 0
+    assert {c.unet.spatial_dims for _, c in drawn} == {2, 3}
+
+
+def test_per_stage_skips_follow_the_sampled_depth(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(tiny_space_yaml(tmp_path / "data"))
+    drawn = _sample_many(load_space(path))
+    for trial, candidate in drawn:
+        depth = candidate.unet.depth
+        assert len(candidate.unet.skips_per_stage) == depth - 1
+        assert sorted(k for k in trial.params if k.startswith("skips_")) == [
+            f"skips_{i}" for i in range(depth - 1)
+        ]
+    assert any(not any(c.unet.skips_per_stage) and c.unet.depth > 1 for _, c in drawn)
+
+
+def test_variants_give_one_field_different_ranges(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "search:\n  spatial_dims: {type: categorical, choices: [2, 3]}\n  kernel_size:\n"
+        "    - {type: categorical, choices: [7], when: {spatial_dims: 2}}\n"
+        "    - {type: categorical, choices: [3, 5], when: {spatial_dims: 3}}\n"
+        "train:\n  learning_rate: {type: float, low: 0.001, high: 0.01, log: true}\n"
+    )
+    for trial, candidate in _sample_many(load_space(path), n=20):
+        if candidate.unet.spatial_dims == 2:
+            assert candidate.unet.kernel_size == 7 and "kernel_size#1" in trial.params
+        else:
+            assert candidate.unet.kernel_size in (3, 5) and "kernel_size#2" in trial.params
+        assert 0.001 <= candidate.train.learning_rate <= 0.01

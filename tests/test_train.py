@@ -1,0 +1,89 @@
+"""Training one candidate: scores, time budget, failures, device choice, loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nas import build_unet
+from nas.data import Case
+from nas.data.nnunet import read_nnunet_raw
+from nas.evaluate import evaluate
+from nas.losses import DiceCELoss
+from nas.train import CandidateFailed, TrainConfig, fit, pick_device
+
+CPU = torch.device("cpu")
+TINY_TRAIN = dict(epochs=2, batches_per_epoch=3, batch_size_2d=4, patch_size_2d=(32, 32))
+
+
+def _case_from_label(label: np.ndarray) -> Case:
+    # The image is +1 on foreground and -1 elsewhere: identity "logits" segment it perfectly.
+    return Case("c", (label[None] * 2.0 - 1.0).astype(np.float32), label, (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("patch", [(16, 16), (16, 16, 8)])
+def test_evaluate_pools_iou_over_whole_cases(patch):
+    rng = np.random.default_rng(0)
+    cases = [_case_from_label((rng.random((20, 18, 9)) > 0.9).astype(np.uint8)) for _ in range(2)]
+    perfect = evaluate(nn.Identity(), cases, 1, patch, CPU)
+    assert perfect.iou == pytest.approx(1.0) and perfect.dice == pytest.approx(1.0)
+    inverted = evaluate(_Negate(), cases, 1, patch, CPU)
+    assert inverted.iou == pytest.approx(0.0)
+
+
+class _Negate(nn.Module):
+    def forward(self, x):
+        return -x
+
+
+def test_fit_reports_every_epoch_and_trains(tiny_dataset):
+    cases = read_nnunet_raw(tiny_dataset).cases
+    model = build_unet(spatial_dims=2, depth=2, base_channels=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    result = fit(model, cases[:4], cases[4:], 1, TrainConfig(**TINY_TRAIN), CPU, seen.append)
+    assert [e.epoch for e in seen] == [1, 2] and result.history == tuple(seen)
+    assert all(0.0 <= e.scores.iou <= 1.0 and e.train_seconds > 0 for e in seen)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_time_budget_stops_training_and_still_validates(tiny_dataset):
+    cases = read_nnunet_raw(tiny_dataset).cases
+    model = build_unet(spatial_dims=3, depth=2, base_channels=4)
+    cfg = TrainConfig(epochs=50, batches_per_epoch=2, patch_size_3d=(16, 16, 16), max_seconds=0.5)
+    result = fit(model, cases[:4], cases[4:], 1, cfg, CPU)
+    assert result.stopped_by_time
+    assert 1 <= len(result.history) < 50
+
+
+def test_divergence_raises_candidate_failed(tiny_dataset):
+    cases = read_nnunet_raw(tiny_dataset).cases
+    model = build_unet(spatial_dims=2, depth=2, base_channels=4, norm="none")
+    cfg = TrainConfig(**TINY_TRAIN, learning_rate=1e30, optimizer="sgd")
+    with pytest.raises(CandidateFailed, match="non-finite"):
+        fit(model, cases[:4], cases[4:], 1, cfg, CPU)
+
+
+def test_device_choice():
+    expected = "cuda" if torch.cuda.is_available() else None
+    assert pick_device("cpu") == CPU
+    if expected is None:
+        with pytest.raises(ValueError, match="not available"):
+            pick_device("cuda")
+    assert pick_device("auto").type in ("cuda", "mps", "cpu")
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_loss_is_low_for_confident_correct_logits_and_high_otherwise(classes):
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 2:5, 2:5] = classes if classes > 1 else 1
+    channels = 1 if classes == 1 else classes + 1
+    if channels == 1:
+        good = (target.float() * 20 - 10).unsqueeze(1)
+    else:
+        good = torch.nn.functional.one_hot(target, channels).movedim(-1, 1).float() * 20 - 10
+    loss = DiceCELoss()
+    assert loss(good, target) < 0.05  # absent classes cost a little through the smoothing
+    assert loss(-good, target) > 1.0
