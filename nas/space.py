@@ -104,7 +104,7 @@ class StudySection(BaseModel):
 class SearchSpace(BaseModel):
     """A validated search space; `search` and `train` map a field to a spec or a fixed value."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
     data: DataConfig = Field(default_factory=DataConfig)
     search: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -124,8 +124,8 @@ class Candidate:
     train: TrainConfig
 
 
-def _fields(config_type: type) -> dict[str, Any]:
-    return {f.name: f.type for f in dataclasses.fields(config_type)}
+def _fields(config_type: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_type)]
 
 
 def _field_adapter(config_type: type, field: str) -> TypeAdapter:
@@ -144,7 +144,7 @@ def _parse_entries(
             raise _SpaceError(where, f"unknown parameter; expected one of {', '.join(allowed)}")
         adapter = _field_adapter(config_type, name)
         if _is_spec(raw):
-            parsed[name] = _parse_spec(where, name, raw, adapter, known)
+            parsed[name] = (_parse_spec(where, name, raw, adapter, known),)
         elif isinstance(raw, list) and raw and all(_is_spec(item) for item in raw):
             variants = tuple(
                 _parse_spec(f"{where}[{i}]", name, item, adapter, known)
@@ -166,8 +166,8 @@ def _is_spec(raw: Any) -> bool:
     return isinstance(raw, dict) and "type" in raw
 
 
-def _is_variants(entry: Any) -> bool:
-    """A parsed entry holding several specs, each with its own `when`."""
+def _is_searched(entry: Any) -> bool:
+    """A parsed entry to sample: a tuple of specs (several only when each has a `when`)."""
     return isinstance(entry, tuple) and bool(entry) and isinstance(entry[0], _Spec)
 
 
@@ -256,11 +256,7 @@ def load_space(path: str | Path) -> SearchSpace:
 def _check_defaults_build(space: SearchSpace) -> None:
     """The fixed values together must make a valid config (e.g. depth vs per-stage lists)."""
     for section, config_type in (("search", UNetConfig), ("train", TrainConfig)):
-        fixed = {
-            k: v
-            for k, v in getattr(space, section).items()
-            if not isinstance(v, _Spec) and not _is_variants(v)
-        }
+        fixed = {k: v for k, v in getattr(space, section).items() if not _is_searched(v)}
         try:
             config_type(**fixed)
         except ValidationError as err:
@@ -283,33 +279,31 @@ def _suggest(trial: optuna.Trial, name: str, spec: _Spec) -> Any:
     return trial.suggest_categorical(name, spec.choices)
 
 
-def _draw(
-    trial: optuna.Trial, param: str, field: str, spec: _Spec, chosen: dict, depth_of: Any
-) -> Any:
-    if spec.per_stage:
-        count = per_stage_length(field, depth_of(chosen))
-        return tuple(_suggest(trial, f"{param}_{i}", spec) for i in range(count))
-    return _suggest(trial, param, spec)
-
-
-def _sample_section(
-    entries: dict[str, Any], trial: optuna.Trial, values: dict[str, Any], depth_of: Any
-) -> dict[str, Any]:
+def _sample_section(entries: dict[str, Any], trial: optuna.Trial, values: dict[str, Any]) -> dict:
+    """Sample one section in file order; `values` holds every parameter chosen so far."""
     chosen: dict[str, Any] = {}
     for name, entry in entries.items():
-        if _is_variants(entry):
-            # Several specs for one field: the first whose condition holds is sampled, under a
-            # name of its own, since Optuna keeps one distribution per parameter name.
+        if not _is_searched(entry):
+            chosen[name] = entry
+        else:
             active = [(i, v) for i, v in enumerate(entry) if _condition_holds(v.when, values)]
             if active:
                 i, spec = active[0]
-                chosen[name] = _draw(trial, f"{name}#{i + 1}", name, spec, chosen, depth_of)
-        elif not isinstance(entry, _Spec):
-            chosen[name] = entry
-        elif _condition_holds(entry.when, values):
-            chosen[name] = _draw(trial, name, name, entry, chosen, depth_of)
-        elif entry.default is not None:
-            chosen[name] = entry.default
+                # Each of several specs gets its own parameter name: Optuna keeps one
+                # distribution per name.
+                param = name if len(entry) == 1 else f"{name}#{i + 1}"
+                if spec.per_stage:
+                    depth = chosen.get("depth", UNetConfig().depth)
+                    count = per_stage_length(name, depth)
+                    chosen[name] = tuple(
+                        _suggest(trial, f"{param}_{j}", spec) for j in range(count)
+                    )
+                else:
+                    chosen[name] = _suggest(trial, param, spec)
+            else:
+                default = next((v.default for v in entry if v.default is not None), None)
+                if default is not None:
+                    chosen[name] = default
         if name in chosen:
             values[name] = chosen[name]
     return chosen
@@ -320,11 +314,8 @@ def sample(
 ) -> Candidate:
     """Draw one candidate; data-defined channel counts and the trial's seed are filled in."""
     values: dict[str, Any] = {}
-    default_depth = UNetConfig().depth
-    unet = _sample_section(
-        space.search, trial, values, lambda chosen: chosen.get("depth", default_depth)
-    )
-    train = _sample_section(space.train, trial, values, lambda chosen: default_depth)
+    unet = _sample_section(space.search, trial, values)
+    train = _sample_section(space.train, trial, values)
     unet_config = UNetConfig.from_dict(
         {**unet, "in_channels": in_channels, "out_channels": out_channels}
     )
