@@ -50,10 +50,16 @@ def open_study(cfg: StudySection, storage: str) -> optuna.Study:
     """Create the study, or load it with the same name from `storage` to continue it."""
     try:
         storage_obj = optuna.storages.get_storage(storage)
-        existing = [s for s in storage_obj.get_all_studies() if s.study_name == cfg.name]
-        if existing and [d.name.lower() for d in existing[0].directions] != list(DIRECTIONS):
-            raise NasError(storage, f"study {cfg.name!r} exists with other directions")
-        n_existing = storage_obj.get_n_trials(existing[0]._study_id) if existing else 0
+        try:
+            study_id = storage_obj.get_study_id_from_name(cfg.name)
+        except KeyError:  # a new study
+            study_id = None
+        n_existing = 0
+        if study_id is not None:
+            directions = [d.name.lower() for d in storage_obj.get_study_directions(study_id)]
+            if directions != list(DIRECTIONS):
+                raise NasError(storage, f"study {cfg.name!r} exists with directions {directions}")
+            n_existing = storage_obj.get_n_trials(study_id)
         return optuna.create_study(
             storage=storage_obj,
             study_name=cfg.name,

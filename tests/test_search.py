@@ -184,3 +184,17 @@ def test_results_are_written_when_no_trial_completed(tmp_path, tiny_dataset):
     assert pd.read_csv(out / "pareto.csv").empty
     assert (out / "pareto.png").stat().st_size > 0
     assert "0 completed trials; Pareto front of 0" in result.stdout
+
+
+def test_a_bad_storage_or_a_foreign_study_exits_2_and_is_left_alone(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
+    bad = run_cli("nas.run", "space.yaml", "--storage", "nosuchdb://x", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: nosuchdb://x: cannot open the study storage")
+
+    storage = f"sqlite:///{tmp_path / 'other.db'}"
+    foreign = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    foreign.enqueue_trial({"x": 1.0})
+    result = run_cli("nas.run", "space.yaml", "--storage", storage, cwd=tmp_path)
+    assert result.returncode == 2 and "exists with directions ['maximize']" in result.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 1
