@@ -87,3 +87,44 @@ def test_loss_is_low_for_confident_correct_logits_and_high_otherwise(classes):
     loss = DiceCELoss()
     assert loss(good, target) < 0.05  # absent classes cost a little through the smoothing
     assert loss(-good, target) > 1.0
+
+
+class _OutOfMemory(nn.Module):
+    """A network whose forward fails the way the allocator does when memory runs out."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.inner = build_unet(spatial_dims=2, depth=2, base_channels=4)
+        self.config = self.inner.config
+        self.error = error
+
+    def forward(self, x):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        ),
+    ],
+)
+def test_out_of_memory_becomes_candidate_failed(tiny_dataset, error):
+    cases = read_nnunet_raw(tiny_dataset).cases
+    with pytest.raises(CandidateFailed, match="out of memory"):
+        fit(_OutOfMemory(error), cases[:4], cases[4:], 1, TrainConfig(**TINY_TRAIN), CPU)
+
+
+def test_other_errors_are_not_hidden(tiny_dataset):
+    cases = read_nnunet_raw(tiny_dataset).cases
+    with pytest.raises(RuntimeError, match="a bug"):
+        fit(
+            _OutOfMemory(RuntimeError("a bug")),
+            cases[:4],
+            cases[4:],
+            1,
+            TrainConfig(**TINY_TRAIN),
+            CPU,
+        )
