@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from nas import UNetConfig, build_unet
-from nas.data import PatchSampler, SyntheticSpec, ensure_synthetic_dataset
-from nas.data.nnunet import read_nnunet_raw
+from nas.data import DataConfig, PatchSampler, SyntheticSpec, load_dataset
 from nas.losses import DiceCELoss
 from nas.train import TrainConfig, fit, make_optimizer, pick_device
 
@@ -60,7 +59,9 @@ def _run_arm(arm: str, name: str, data_root: str, steps: int, device_name: str, 
     torch.set_flush_denormal(True)
     device = pick_device(device_name)
     unet_cfg, train_cfg = CANDIDATES[name]
-    cases = read_nnunet_raw(Path(data_root)).cases
+    cases = load_dataset(
+        DataConfig(path=Path(data_root), cache_dir=Path(data_root).parent / "cache")
+    ).cases
     model = build_unet(unet_cfg)
     if arm == "nas":
         cfg = dataclasses.replace(train_cfg, epochs=2, batches_per_epoch=steps, seed=0)
@@ -105,7 +106,12 @@ def main() -> None:
     device = pick_device(args.device)
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        data_root = ensure_synthetic_dataset(Path(tmp) / "bench", SyntheticSpec(n_cases=6))
+        data_root = Path(tmp) / "bench"
+        load_dataset(
+            DataConfig(
+                path=data_root, synthetic=SyntheticSpec(n_cases=6), cache_dir=Path(tmp) / "cache"
+            )
+        )
         print(
             f"device: {device}, torch threads: {torch.get_num_threads()}, "
             f"{args.steps} steps x {args.rounds} rounds per arm"

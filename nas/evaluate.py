@@ -33,19 +33,23 @@ def predict_case(
     case: Case,
     patch_size: Sequence[int],
     device: torch.device,
+    slice_axis: int = 2,
     windows_per_batch: int = 16,
 ) -> np.ndarray:
     """Class-index map (X, Y, Z) for one case; probability 0.5 with a single sigmoid output.
 
-    patch_size: (X, Y) for a 2D network, (X, Y, Z) for a 3D one.
+    patch_size: in-plane size for a 2D network (which sees slices along `slice_axis`),
+    (X, Y, Z) for a 3D one.
     """
-    image = torch.from_numpy(case.image).to(device)  # (C, X, Y, Z)
-    # 2D: the slices are the batch, (Z, C, X, Y); 3D: one volume, (1, C, X, Y, Z).
-    inputs = image.permute(3, 0, 1, 2) if len(patch_size) == 2 else image.unsqueeze(0)
+    # A copy: the cached arrays are read-only memory maps.
+    image = torch.from_numpy(np.array(case.image, dtype=np.float32)).to(device)  # (C, X, Y, Z)
+    two_d = len(patch_size) == 2
+    # 2D: the slices are the batch, (S, C, a, b); 3D: one volume, (1, C, X, Y, Z).
+    inputs = image.movedim(slice_axis + 1, 0) if two_d else image.unsqueeze(0)
     logits = sliding_window_inference(
         inputs, tuple(patch_size), windows_per_batch, model, overlap=0.25, mode="gaussian"
     )
-    logits = logits.permute(1, 2, 3, 0) if len(patch_size) == 2 else logits[0]  # (K, X, Y, Z)
+    logits = logits.movedim(0, slice_axis + 1) if two_d else logits[0]  # (K, X, Y, Z)
     if logits.shape[0] == 1:
         return (logits[0] > 0).to(torch.uint8).cpu().numpy()  # sigmoid(x) > 0.5 <=> x > 0
     return logits.argmax(0).to(torch.uint8).cpu().numpy()
@@ -57,6 +61,7 @@ def evaluate(
     n_classes: int,
     patch_size: Sequence[int],
     device: torch.device,
+    slice_axis: int = 2,
 ) -> Scores:
     was_training = model.training
     model.eval()
@@ -64,9 +69,9 @@ def evaluate(
     predicted = np.zeros(n_classes)
     truth = np.zeros(n_classes)
     for case in cases:
-        prediction = predict_case(model, case, patch_size, device)
+        prediction = predict_case(model, case, patch_size, device, slice_axis)
         for k in range(n_classes):
-            p, t = prediction == k + 1, case.label == k + 1
+            p, t = prediction == k + 1, np.asarray(case.label) == k + 1
             intersection[k] += np.logical_and(p, t).sum()
             predicted[k] += p.sum()
             truth[k] += t.sum()

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from nas.data import load_dataset, split_by_case
+from nas.data import load_dataset, split_dataset
 from nas.errors import NasError
 from nas.results import write_results
 from nas.space import load_space
@@ -91,12 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise NasError("--device", str(err)) from None
 
     dataset = load_dataset(space.data)
-    try:
-        train_cases, val_cases = split_by_case(
-            dataset.cases, space.data.val_fraction, space.data.split_seed
-        )
-    except ValueError as err:
-        raise NasError(dataset.root, str(err)) from None
+    train_cases, val_cases = split_dataset(dataset, space.data)
     study_dir = args.results_dir / study_cfg.name
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage or default_storage(study_dir)

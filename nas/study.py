@@ -117,7 +117,14 @@ def make_objective(
 
         try:
             result = fit(
-                model, train_cases, val_cases, n_classes, candidate.train, device, on_epoch
+                model,
+                train_cases,
+                val_cases,
+                n_classes,
+                candidate.train,
+                device,
+                on_epoch,
+                space.data.slicing,
             )
         except CandidateFailed as err:
             trial.set_user_attr("fail_reason", err.reason)

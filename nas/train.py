@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from torch import nn
 
-from nas.data import Case, PatchSampler
+from nas.data import Case, PatchSampler, Slicing
 from nas.evaluate import Scores, evaluate
 from nas.losses import DiceCELoss
 
@@ -33,6 +33,8 @@ class TrainConfig:
     batch_size_2d / patch_size_2d: slices per batch and in-plane slice crop, for 2D networks.
     batch_size_3d / patch_size_3d: patches per batch and patch size (X, Y, Z), for 3D networks.
     foreground_fraction: share of samples centred on a foreground voxel.
+    augment: flips, intensity scaling by up to +-intensity_scale and in-plane rotations by up
+        to +-rotation_deg.
     max_seconds: the trial's training budget in wall-clock seconds (None: epochs only).
     """
 
@@ -44,6 +46,8 @@ class TrainConfig:
     patch_size_3d: tuple[int, int, int] = (48, 48, 32)
     foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
     augment: bool = True
+    rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
+    intensity_scale: float = Field(0.1, ge=0.0, lt=1.0)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -151,8 +155,13 @@ def fit(
     cfg: TrainConfig,
     device: torch.device,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    slicing: Slicing | None = None,
 ) -> FitResult:
-    """Train `model` in place and validate on whole cases after every epoch."""
+    """Train `model` in place and validate on whole cases after every epoch.
+
+    slicing: the slice axis (and slice budget) 2D networks train and predict with.
+    """
+    slicing = slicing or Slicing()
     spatial_dims = model.config.spatial_dims
     torch.manual_seed(cfg.seed)
     model = prepare_model(model, spatial_dims, device)
@@ -164,6 +173,9 @@ def fit(
         cfg.foreground_fraction,
         cfg.augment,
         cfg.seed,
+        slicing,
+        cfg.rotation_deg,
+        cfg.intensity_scale,
     )
     optimizer = make_optimizer(model, cfg)
     loss_fn = DiceCELoss()
@@ -205,7 +217,7 @@ def fit(
             train_seconds = time.perf_counter() - epoch_start
             if not math.isfinite(train_loss):
                 raise CandidateFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
-            scores = evaluate(model, val_cases, n_classes, patch_size, device)
+            scores = evaluate(model, val_cases, n_classes, patch_size, device, slicing.axis)
             result = EpochResult(
                 epoch, train_loss, scores, train_seconds, time.perf_counter() - start
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nas.data import SyntheticSpec, ensure_synthetic_dataset
+from nas.data import Case, DataConfig, SyntheticSpec, ensure_synthetic_dataset, load_dataset
 
 TINY_SPEC = SyntheticSpec(n_cases=6, shape=(32, 32, 16), spacing_mm=(1.5, 1.5, 3.0), seed=3)
 
@@ -23,7 +23,7 @@ def tiny_space_yaml(data_path: Path, name: str = "tiny", n_trials: int = 3, extr
         data:
           path: {data_path}
           synthetic: {{n_cases: 6, shape: [32, 32, 16], spacing_mm: [1.5, 1.5, 3.0], seed: 3}}
-          val_fraction: 0.34
+          n_folds: 3
         search:
           spatial_dims: {{type: categorical, choices: [2, 3]}}
           depth: {{type: int, low: 1, high: 3}}
@@ -49,9 +49,24 @@ def tiny_space_yaml(data_path: Path, name: str = "tiny", n_trials: int = 3, extr
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def preprocessing_cache(tmp_path_factory):
+    """Keep every test's preprocessed arrays (and the CLI's, via the environment) in tmp."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("cache")
+        patch.setenv("NAS_CACHE_DIR", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def tiny_cases(tiny_dataset) -> tuple[Case, ...]:
+    """The tiny dataset's cases, preprocessed through the cache."""
+    return load_dataset(DataConfig(path=tiny_dataset)).cases
 
 
 def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

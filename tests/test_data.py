@@ -12,12 +12,12 @@ from scipy import ndimage
 from nas.data import (
     DataConfig,
     PatchSampler,
+    Slicing,
     SyntheticSpec,
     ensure_synthetic_dataset,
     load_dataset,
-    split_by_case,
+    split_cases,
 )
-from nas.data.nnunet import read_nnunet_raw
 from nas.errors import NasError
 
 from .conftest import TINY_SPEC
@@ -81,11 +81,11 @@ def test_a_different_dataset_in_the_folder_is_refused(tiny_dataset):
 
 
 def test_reader_reorients_to_ras_and_normalises(tiny_dataset):
-    dataset = read_nnunet_raw(tiny_dataset)
+    dataset = load_dataset(DataConfig(path=tiny_dataset))
     assert dataset.in_channels == 1 and dataset.n_classes == 1
     case = dataset.cases[0]
     raw = nib.load(tiny_dataset / "labelsTr" / f"{case.name}.nii.gz")
-    # Stored LAS: RAS flips the first axis.
+    # Stored LAS: RAS flips the first axis (no crop: the background is noisy, never zero).
     assert np.array_equal(case.label, np.asarray(raw.dataobj)[::-1])
     assert case.image.shape == (1, *TINY_SPEC.shape) and case.image.dtype == np.float32
     assert abs(float(case.image.mean())) < 1e-3 and abs(float(case.image.std()) - 1) < 1e-3
@@ -95,30 +95,38 @@ def test_reader_reorients_to_ras_and_normalises(tiny_dataset):
 def test_data_section_defaults_to_the_embedded_dataset():
     assert DataConfig().synthetic == SyntheticSpec()
     assert DataConfig(path="elsewhere").synthetic is None
+    with pytest.raises(ValueError, match="fold 5 does not exist"):
+        DataConfig(n_folds=5, fold=5)
 
 
 def test_mismatched_label_is_one_clear_error(tmp_path):
     root = ensure_synthetic_dataset(tmp_path / "d", SyntheticSpec(n_cases=2, shape=(16, 16, 8)))
     label = root / "labelsTr" / "lesion_001.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 9), np.uint8), np.eye(4)), label)
-    with pytest.raises(NasError, match="shape or affine differs"):
+    with pytest.raises(NasError, match="shape .* or affine differs") as info:
         load_dataset(DataConfig(path=root))
+    assert str(label) in str(info.value)
 
 
-def test_split_is_by_case_disjoint_and_seeded(tiny_dataset):
-    cases = read_nnunet_raw(tiny_dataset).cases
-    train, val = split_by_case(cases, 0.34, seed=0)
-    train_names, val_names = {c.name for c in train}, {c.name for c in val}
-    assert not train_names & val_names
-    assert train_names | val_names == {c.name for c in cases}
-    assert len(val) == 2
-    again = split_by_case(cases, 0.34, seed=0)[1]
-    assert [c.name for c in again] == [c.name for c in val]
+def test_folds_split_by_case_disjoint_seeded_and_covering(tiny_cases):
+    seen_val = []
+    for fold in range(3):
+        train, val = split_cases(tiny_cases, n_folds=3, fold=fold, seed=0)
+        train_names, val_names = {c.name for c in train}, {c.name for c in val}
+        assert not train_names & val_names
+        assert train_names | val_names == {c.name for c in tiny_cases}
+        assert len(val) == 2
+        seen_val += sorted(val_names)
+        again = split_cases(tiny_cases, n_folds=3, fold=fold, seed=0)[1]
+        assert [c.name for c in again] == [c.name for c in val]
+    assert sorted(seen_val) == sorted(c.name for c in tiny_cases)  # each case validated once
+    with pytest.raises(ValueError, match="fewer than the 7 folds"):
+        split_cases(tiny_cases, n_folds=7, fold=0, seed=0)
 
 
 @pytest.mark.parametrize("patch", [(32, 32), (24, 24, 8), (40, 40, 20)])
-def test_sampler_shapes_and_foreground_oversampling(tiny_dataset, patch):
-    cases = [c for c in read_nnunet_raw(tiny_dataset).cases if c.label.any()]
+def test_sampler_shapes_and_foreground_oversampling(tiny_cases, patch):
+    cases = [c for c in tiny_cases if c.label.any()]
     sampler = PatchSampler(
         cases, patch, batch_size=6, foreground_fraction=1.0, augment=True, seed=0
     )
@@ -130,3 +138,30 @@ def test_sampler_shapes_and_foreground_oversampling(tiny_dataset, patch):
         return  # a patch larger than the volume always holds the whole lesion
     rare = PatchSampler(cases, patch, batch_size=64, foreground_fraction=0.0, augment=False, seed=0)
     assert rare.sample()[1].flatten(1).any(1).float().mean() < 1.0
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slices_along_any_axis(tiny_cases, axis):
+    in_plane = [n for a, n in enumerate(TINY_SPEC.shape) if a != axis]
+    sampler = PatchSampler(tiny_cases, in_plane, 4, 0.5, False, seed=0, slicing=Slicing(axis))
+    images, labels = sampler.sample()
+    assert images.shape == (4, 1, *in_plane) and labels.shape == (4, *in_plane)
+    # Without augmentation a slice is exactly a slice of some case along that axis.
+    slices = [np.moveaxis(np.asarray(c.image[0]), axis, 0) for c in tiny_cases]
+    assert any(np.array_equal(images[0, 0].numpy(), s[i]) for s in slices for i in range(len(s)))
+
+
+def test_slices_per_case_limits_training_slices(tiny_cases):
+    slicing = Slicing(axis=2, per_case=3, seed=0)
+    sampler = PatchSampler(tiny_cases, (32, 32), 64, 0.5, False, seed=0, slicing=slicing)
+    assert all(len(s) == 3 for s in sampler.slices)
+    for case, slices in zip(sampler.cases, sampler.slices, strict=True):
+        with_fg = set(np.flatnonzero(np.asarray(case.label).any(axis=(0, 1))))
+        assert len(set(slices) & with_fg) >= min(2, len(with_fg))  # half from lesion slices
+    drawn = {tuple(np.asarray(img[0]).ravel()[:8]) for img in sampler.sample()[0]}
+    allowed = {
+        tuple(np.asarray(c.image[0, :, :, z]).ravel()[:8])
+        for c, s in zip(sampler.cases, sampler.slices, strict=True)
+        for z in s
+    }
+    assert drawn <= allowed

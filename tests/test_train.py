@@ -9,7 +9,6 @@ from torch import nn
 
 from nas import build_unet
 from nas.data import Case
-from nas.data.nnunet import read_nnunet_raw
 from nas.evaluate import evaluate
 from nas.losses import DiceCELoss
 from nas.train import CandidateFailed, TrainConfig, fit, pick_device
@@ -38,8 +37,8 @@ class _Negate(nn.Module):
         return -x
 
 
-def test_fit_reports_every_epoch_and_trains(tiny_dataset):
-    cases = read_nnunet_raw(tiny_dataset).cases
+def test_fit_reports_every_epoch_and_trains(tiny_cases):
+    cases = tiny_cases
     model = build_unet(spatial_dims=2, depth=2, base_channels=4)
     before = [p.detach().clone() for p in model.parameters()]
     seen = []
@@ -49,8 +48,8 @@ def test_fit_reports_every_epoch_and_trains(tiny_dataset):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_time_budget_stops_training_and_still_validates(tiny_dataset):
-    cases = read_nnunet_raw(tiny_dataset).cases
+def test_time_budget_stops_training_and_still_validates(tiny_cases):
+    cases = tiny_cases
     model = build_unet(spatial_dims=3, depth=2, base_channels=4)
     cfg = TrainConfig(epochs=50, batches_per_epoch=2, patch_size_3d=(16, 16, 16), max_seconds=0.5)
     result = fit(model, cases[:4], cases[4:], 1, cfg, CPU)
@@ -58,8 +57,8 @@ def test_time_budget_stops_training_and_still_validates(tiny_dataset):
     assert 1 <= len(result.history) < 50
 
 
-def test_divergence_raises_candidate_failed(tiny_dataset):
-    cases = read_nnunet_raw(tiny_dataset).cases
+def test_divergence_raises_candidate_failed(tiny_cases):
+    cases = tiny_cases
     model = build_unet(spatial_dims=2, depth=2, base_channels=4, norm="none")
     cfg = TrainConfig(**TINY_TRAIN, learning_rate=1e30, optimizer="sgd")
     with pytest.raises(CandidateFailed, match="non-finite"):
@@ -111,14 +110,14 @@ class _OutOfMemory(nn.Module):
         ),
     ],
 )
-def test_out_of_memory_becomes_candidate_failed(tiny_dataset, error):
-    cases = read_nnunet_raw(tiny_dataset).cases
+def test_out_of_memory_becomes_candidate_failed(tiny_cases, error):
+    cases = tiny_cases
     with pytest.raises(CandidateFailed, match="out of memory"):
         fit(_OutOfMemory(error), cases[:4], cases[4:], 1, TrainConfig(**TINY_TRAIN), CPU)
 
 
-def test_other_errors_are_not_hidden(tiny_dataset):
-    cases = read_nnunet_raw(tiny_dataset).cases
+def test_other_errors_are_not_hidden(tiny_cases):
+    cases = tiny_cases
     with pytest.raises(RuntimeError, match="a bug"):
         fit(
             _OutOfMemory(RuntimeError("a bug")),

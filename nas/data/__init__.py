@@ -1,33 +1,58 @@
-"""Datasets: where the data is (`DataConfig`), loading it, and serving training samples."""
+"""Datasets: where the data is and how to prepare it (`DataConfig`), loading it through the
+preprocessing cache, and serving training samples."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
-from nas.data.nnunet import Case, Dataset, read_nnunet_raw
-from nas.data.sampling import PatchSampler, split_by_case
+from nas.data.cache import Case, Dataset, cached_dataset
+from nas.data.layouts import discover
+from nas.data.sampling import PatchSampler, Slicing, split_cases
 from nas.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from nas.errors import NasError
 
 DEFAULT_SYNTHETIC_PATH = Path("data/Dataset001_SyntheticLesions")
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class DataConfig:
-    """path: an nnU-Net v2 raw dataset folder (relative paths are from the working directory).
+    """Where the data is and how it is prepared; relative paths are from the working directory.
+
+    path: the dataset folder (nnU-Net v2 raw, MSD, or images/ + masks/ pairs).
+    format: its layout; auto-detected by default.
     synthetic: generate the embedded dataset at `path` on first use; with no `path` at all,
-    the embedded dataset is used.
-    val_fraction, split_seed: the train/validation split, by case.
+        the embedded dataset is used.
+    channels: input channels by number or name (default: all).
+    foreground: class name -> label values merged into it (default: each declared label is
+        its own class); values not listed count as background.
+    target_spacing_mm: resampling target (default: the dataset's median spacing).
+    normalization: auto (CT channels clip + z-score, others z-score per case), zscore or ct.
+    slice_axis: the axis 2D candidates slice along (0, 1, 2 in RAS; 2 is axial).
+    slices_per_case: train 2D candidates on this many slices of each case (default: all).
+    n_folds, fold, split_seed: seeded k-fold split by case; or splits_file: an nnU-Net
+        splits_final.json, whose entry `fold` is used.
+    cache_dir: where preprocessed arrays are kept (default: $NAS_CACHE_DIR or ~/.cache/nas).
     """
 
     path: Path = DEFAULT_SYNTHETIC_PATH
+    format: Literal["auto", "nnunet", "msd", "pairs"] = "auto"
     synthetic: SyntheticSpec | None = None
-    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    channels: tuple[int | str, ...] | None = None
+    foreground: dict[str, tuple[int, ...]] | None = None
+    target_spacing_mm: tuple[float, float, float] | None = None
+    normalization: Literal["auto", "zscore", "ct"] = "auto"
+    slice_axis: Literal[0, 1, 2] = 2
+    slices_per_case: int | None = Field(None, ge=1)
+    n_folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
     split_seed: int = 0
+    splits_file: Path | None = None
+    cache_dir: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -37,12 +62,37 @@ class DataConfig:
             return {**kwargs, "synthetic": SyntheticSpec()}
         return values
 
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataConfig:
+        if self.splits_file is None and self.fold >= self.n_folds:
+            raise ValueError(f"fold {self.fold} does not exist with n_folds {self.n_folds}")
+        return self
+
+    @property
+    def slicing(self) -> Slicing:
+        return Slicing(self.slice_axis, self.slices_per_case, self.split_seed)
+
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Generate the embedded dataset if asked to, then read the dataset from disk."""
+    """Generate the embedded dataset if asked to, then open it through the preprocessing cache."""
     if cfg.synthetic is not None:
         ensure_synthetic_dataset(cfg.path, cfg.synthetic)
-    return read_nnunet_raw(cfg.path)
+    index = discover(cfg.path, cfg.format)
+    settings = {
+        "channels": cfg.channels,
+        "foreground": cfg.foreground,
+        "target_spacing_mm": cfg.target_spacing_mm,
+        "normalization": cfg.normalization,
+    }
+    return cached_dataset(index, settings, cfg.cache_dir)
+
+
+def split_dataset(dataset: Dataset, cfg: DataConfig) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases of the configured fold; never one case on both sides."""
+    try:
+        return split_cases(dataset.cases, cfg.n_folds, cfg.fold, cfg.split_seed, cfg.splits_file)
+    except ValueError as err:
+        raise NasError(dataset.root, str(err)) from None
 
 
 __all__ = [
@@ -50,8 +100,10 @@ __all__ = [
     "DataConfig",
     "Dataset",
     "PatchSampler",
+    "Slicing",
     "SyntheticSpec",
     "ensure_synthetic_dataset",
     "load_dataset",
-    "split_by_case",
+    "split_cases",
+    "split_dataset",
 ]

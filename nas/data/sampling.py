@@ -1,33 +1,78 @@
 """Training batches of 2D slices or 3D patches, and the train/validation split by case.
 
-2D samples are axial slices (the last, slice axis), 3D samples are patches; one crop routine
-serves both by treating a 2D sample as a patch one voxel thick. A fixed fraction of samples is
-centred on a foreground voxel, because lesions are tiny and random crops would rarely see one.
+2D samples are slices along `Slicing.axis`, 3D samples are patches; one crop routine serves
+both by treating a slice as a patch one voxel thick. A fixed fraction of samples is centred
+on a foreground voxel, because lesions are tiny and random crops would rarely see one.
+Augmentation: flips, intensity scaling and small in-plane rotations.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from nas.data.nnunet import Case
+from nas.data.cache import Case
+from nas.errors import NasError
 
 
-def split_by_case(
-    cases: Sequence[Case], val_fraction: float, seed: int
+@dataclass(frozen=True)
+class Slicing:
+    """How 2D candidates see the volumes.
+
+    axis: the slice axis (0, 1, 2 in RAS order; 2 is axial).
+    per_case: train on this many fixed slices of each case, drawn once with `seed`: up to
+        half among the slices showing foreground, the rest among the others (None: all).
+    """
+
+    axis: int = 2
+    per_case: int | None = None
+    seed: int = 0
+
+
+def split_cases(
+    cases: Sequence[Case], n_folds: int, fold: int, seed: int, splits_file: Path | None = None
 ) -> tuple[list[Case], list[Case]]:
-    """Shuffle cases with `seed` and hold out `val_fraction` of them (at least one each side)."""
-    if len(cases) < 2:
-        raise ValueError("need at least two cases to split into training and validation")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
-    val = {int(i) for i in order[:n_val]}
+    """A seeded k-fold split by case, or the `fold` entry of an nnU-Net splits_final.json."""
+    by_name = {case.name: case for case in cases}
+    if splits_file is not None:
+        val_names = _read_split(splits_file, fold, by_name)
+    else:
+        if len(cases) < n_folds:
+            raise ValueError(f"has {len(cases)} cases, fewer than the {n_folds} folds asked for")
+        order = np.random.default_rng(seed).permutation(len(cases))
+        val_names = {cases[i].name for i in np.array_split(order, n_folds)[fold]}
     return (
-        [c for i, c in enumerate(cases) if i not in val],
-        [c for i, c in enumerate(cases) if i in val],
+        [c for c in cases if c.name not in val_names],
+        [c for c in cases if c.name in val_names],
     )
+
+
+def _read_split(path: Path, fold: int, by_name: dict[str, Case]) -> set[str]:
+    try:
+        splits = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NasError(path, "not found") from None
+    except json.JSONDecodeError as err:
+        raise NasError(path, f"not valid JSON ({err})") from None
+    if not isinstance(splits, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("val"), list) for s in splits
+    ):
+        raise NasError(path, "must be a list of {'train': [...], 'val': [...]} (nnU-Net format)")
+    if fold >= len(splits):
+        raise NasError(path, f"has {len(splits)} folds; fold {fold} does not exist")
+    val = set(splits[fold]["val"])
+    unknown = sorted(val - set(by_name))
+    if unknown:
+        raise NasError(path, f"names cases not in the dataset: {unknown[:5]}")
+    if not val or val == set(by_name):
+        raise NasError(path, f"fold {fold} must leave cases on both sides")
+    return val
 
 
 def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -43,11 +88,30 @@ def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.nd
     return out
 
 
-class PatchSampler:
-    """Draws random (image, label) batches from in-memory cases.
+def _training_slices(label: np.ndarray, slicing: Slicing, rng: np.random.Generator) -> np.ndarray:
+    axis, count = slicing.axis, slicing.per_case
+    n_slices = label.shape[axis]
+    if count is None or count >= n_slices:
+        return np.arange(n_slices)
+    other = tuple(a for a in range(3) if a != axis)
+    has_foreground = np.asarray(label).any(axis=other)
+    with_fg, without = np.flatnonzero(has_foreground), np.flatnonzero(~has_foreground)
+    n_fg = min(len(with_fg), (count + 1) // 2)
+    n_rest = min(len(without), count - n_fg)
+    n_fg = count - n_rest  # top up from foreground slices where few are empty
+    chosen = [
+        *rng.choice(with_fg, n_fg, replace=False),
+        *rng.choice(without, n_rest, replace=False),
+    ]
+    return np.sort(np.array(chosen, dtype=np.int64))
 
-    patch_size: (X, Y) for 2D slices, (X, Y, Z) for 3D patches.
+
+class PatchSampler:
+    """Draws random (image, label) batches from cases (in memory or memory-mapped).
+
+    patch_size: (X, Y) in-plane for 2D slices, (X, Y, Z) for 3D patches.
     foreground_fraction: share of samples centred on a foreground voxel (where a case has one).
+    rotation_deg, intensity_scale: augmentation ranges, applied when `augment`.
     """
 
     def __init__(
@@ -58,20 +122,38 @@ class PatchSampler:
         foreground_fraction: float,
         augment: bool,
         seed: int,
+        slicing: Slicing = Slicing(),
+        rotation_deg: float = 15.0,
+        intensity_scale: float = 0.1,
     ) -> None:
         self.cases = list(cases)
         self.spatial_dims = len(patch_size)
-        # A 2D slice is a patch of thickness 1 along the slice axis.
-        self.crop_size = tuple(patch_size) + (1,) * (3 - self.spatial_dims)
+        self.slice_axis = slicing.axis
+        size = list(patch_size)
+        if self.spatial_dims == 2:  # a slice is a patch one voxel thick along the slice axis
+            size.insert(slicing.axis, 1)
+        self.crop_size = tuple(size)
         self.batch_size = batch_size
         self.foreground_fraction = foreground_fraction
         self.augment = augment
+        self.rotation_deg = rotation_deg
+        self.intensity_scale = intensity_scale
         self.rng = np.random.default_rng(seed)
-        self.foreground = [np.argwhere(case.label > 0) for case in self.cases]
+        # Training slices per case (2D); every voxel of them is a candidate patch centre.
+        split_rng = np.random.default_rng(slicing.seed)
+        self.slices = [
+            _training_slices(case.label, slicing, split_rng) if self.spatial_dims == 2 else None
+            for case in self.cases
+        ]
+        self.foreground = []
+        for case, slices in zip(self.cases, self.slices, strict=True):
+            voxels = np.argwhere(np.asarray(case.label) > 0)
+            if slices is not None:
+                voxels = voxels[np.isin(voxels[:, slicing.axis], slices)]
+            self.foreground.append(voxels)
 
     def _start(self, case_index: int) -> np.ndarray:
-        case = self.cases[case_index]
-        shape = np.array(case.label.shape)
+        shape = np.array(self.cases[case_index].label.shape)
         size = np.array(self.crop_size)
         voxels = self.foreground[case_index]
         if len(voxels) and self.rng.random() < self.foreground_fraction:
@@ -79,13 +161,36 @@ class PatchSampler:
             # Jitter so the lesion is not always in the middle of the patch.
             jitter = self.rng.integers(-(size // 4), size // 4 + 1)
             start = centre - size // 2 + jitter
-            return np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
-        return np.array(
-            [
-                self.rng.integers(min(0, d - n), max(0, d - n) + 1)
-                for d, n in zip(shape, size, strict=True)
-            ]
-        )
+            start = np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
+        else:
+            start = np.array(
+                [
+                    self.rng.integers(min(0, d - n), max(0, d - n) + 1)
+                    for d, n in zip(shape, size, strict=True)
+                ]
+            )
+        if self.spatial_dims == 2:
+            slices = self.slices[case_index]
+            if len(voxels) == 0 or start[self.slice_axis] not in slices:
+                start[self.slice_axis] = self.rng.choice(slices)
+        return start
+
+    def _augment(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """image (C, *spatial), label (*spatial)."""
+        for axis in range(self.spatial_dims):
+            if self.rng.random() < 0.5:
+                image, label = np.flip(image, axis + 1), np.flip(label, axis)
+        if self.rotation_deg > 0 and self.rng.random() < 0.5:
+            angle = self.rng.uniform(-self.rotation_deg, self.rotation_deg)
+            # In the first two spatial axes: the slice plane in 2D, axial in 3D.
+            image = ndimage.rotate(
+                image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest"
+            )
+            label = ndimage.rotate(
+                label, angle, axes=(0, 1), reshape=False, order=0, mode="nearest"
+            )
+        scale = self.rng.uniform(1 - self.intensity_scale, 1 + self.intensity_scale)
+        return image * np.float32(scale), label
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, *patch) float32, labels (B, *patch) int64."""
@@ -96,12 +201,10 @@ class PatchSampler:
             image = _crop(self.cases[index].image, start, self.crop_size)
             label = _crop(self.cases[index].label, start, self.crop_size)
             if self.spatial_dims == 2:
-                image, label = image[..., 0], label[..., 0]
+                image = np.take(image, 0, axis=self.slice_axis + 1)
+                label = np.take(label, 0, axis=self.slice_axis)
             if self.augment:
-                for axis in range(self.spatial_dims):
-                    if self.rng.random() < 0.5:
-                        image, label = np.flip(image, axis + 1), np.flip(label, axis)
-                image = image * self.rng.uniform(0.9, 1.1)
-            images.append(np.ascontiguousarray(image))
+                image, label = self._augment(image, label)
+            images.append(np.ascontiguousarray(image, dtype=np.float32))
             labels.append(np.ascontiguousarray(label))
         return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)).long()

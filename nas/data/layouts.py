@@ -1,0 +1,218 @@
+"""Find the cases of a dataset folder: which files hold each case's channels and its label.
+
+Three layouts, detected automatically unless named:
+- nnU-Net v2 raw: imagesTr/{case}_{XXXX}{file_ending}, labelsTr/{case}{file_ending} and a
+  dataset.json with channel_names, labels (name -> value), numTraining, file_ending;
+- Medical Segmentation Decathlon (MSD): dataset.json with modality, labels (value -> name)
+  and a training list of image/label paths; multi-modal images are 4D (channels last);
+- plain pairs: images/ and masks/ holding files of the same names.
+Only file names and dataset.json are read here; voxels are the preprocessing's business.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from nas.errors import NasError
+
+Layout = Literal["auto", "nnunet", "msd", "pairs"]
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    name: str
+    images: tuple[Path, ...]  # one 3D file per channel, or a single 4D file (channels last)
+    label: Path
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    root: Path
+    layout: str
+    channel_names: tuple[str, ...]
+    # Declared label values by name, background (0) included; None where only the masks can
+    # tell (plain pairs).
+    labels: dict[str, int] | None
+    cases: tuple[CaseFiles, ...]
+
+
+def _read_dataset_json(root: Path) -> dict:
+    path = root / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NasError(path, "not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NasError(path, f"not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise NasError(path, "must hold a JSON object")
+    return meta
+
+
+def _require(meta: dict, key: str, kind: type, path: Path):
+    if key not in meta:
+        raise NasError(path, f"missing required key {key!r}")
+    if not isinstance(meta[key], kind):
+        raise NasError(path, f"{key!r} must be a {kind.__name__}")
+    return meta[key]
+
+
+def _strip_ending(name: str, ending: str) -> str | None:
+    return name[: -len(ending)] if name.endswith(ending) else None
+
+
+def _inside(root: Path, relative: str, source: Path) -> Path:
+    """`relative` resolved against root; refused if it leaves the dataset folder."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise NasError(source, f"path {relative!r} leaves the dataset folder {root}")
+    return path
+
+
+def _nnunet(root: Path) -> DatasetIndex:
+    meta_path = root / "dataset.json"
+    meta = _read_dataset_json(root)
+    channels = _require(meta, "channel_names", dict, meta_path)
+    labels = _require(meta, "labels", dict, meta_path)
+    ending = _require(meta, "file_ending", str, meta_path)
+    try:
+        channel_ids = sorted(int(key) for key in channels)
+    except ValueError:
+        raise NasError(meta_path, "channel_names keys must be channel numbers") from None
+    if not channel_ids or channel_ids != list(range(len(channel_ids))):
+        raise NasError(meta_path, "channel_names must number channels 0, 1, ... without gaps")
+    for name, value in labels.items():
+        if isinstance(value, list):
+            raise NasError(
+                meta_path,
+                f"label {name!r} is region-based ({value}); nas supports one value per label",
+            )
+        if not isinstance(value, int) or value < 0:
+            raise NasError(meta_path, f"label {name!r} must be a non-negative integer")
+    if 0 not in labels.values():
+        raise NasError(meta_path, "labels must declare background with value 0")
+
+    label_names = {
+        case: path
+        for path in sorted((root / "labelsTr").glob(f"*{ending}"))
+        if (case := _strip_ending(path.name, ending))
+    }
+    image_cases: dict[str, set[int]] = {}
+    for path in sorted((root / "imagesTr").glob(f"*{ending}")):
+        stem = _strip_ending(path.name, ending)
+        case, _, channel = stem.rpartition("_")
+        if not case or len(channel) != 4 or not channel.isdigit():
+            raise NasError(path, "image names must end in _XXXX (the channel number)")
+        image_cases.setdefault(case, set()).add(int(channel))
+    for case in sorted(set(image_cases) - set(label_names)):
+        raise NasError(root / "imagesTr" / f"{case}_0000{ending}", "image without a label")
+    cases = []
+    for case, label in label_names.items():
+        if case not in image_cases:
+            raise NasError(label, "label without an image in imagesTr")
+        for channel in channel_ids:
+            if channel not in image_cases[case]:
+                missing = root / "imagesTr" / f"{case}_{channel:04d}{ending}"
+                raise NasError(missing, f"missing: channel {channel} of case {case!r}")
+        images = tuple(root / "imagesTr" / f"{case}_{c:04d}{ending}" for c in channel_ids)
+        cases.append(CaseFiles(case, images, label))
+    if not cases:
+        raise NasError(root / "labelsTr", f"holds no label files ending in {ending}")
+    declared = meta.get("numTraining")
+    if declared is not None and declared != len(cases):
+        raise NasError(meta_path, f"numTraining is {declared} but labelsTr holds {len(cases)}")
+    return DatasetIndex(
+        root,
+        "nnunet",
+        tuple(str(channels[str(c)]) for c in channel_ids),
+        {str(name): int(value) for name, value in labels.items()},
+        tuple(cases),
+    )
+
+
+def _msd(root: Path) -> DatasetIndex:
+    meta_path = root / "dataset.json"
+    meta = _read_dataset_json(root)
+    modality = _require(meta, "modality", dict, meta_path)
+    labels = _require(meta, "labels", dict, meta_path)
+    training = _require(meta, "training", list, meta_path)
+    try:
+        modality_ids = sorted(int(key) for key in modality)
+        label_values = {str(name): int(value) for value, name in labels.items()}
+    except ValueError:
+        raise NasError(meta_path, "modality and labels keys must be numbers") from None
+    if 0 not in label_values.values():
+        raise NasError(meta_path, "labels must declare background with value 0")
+    cases = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+            raise NasError(meta_path, f"training[{i}] must have 'image' and 'label' paths")
+        image = _inside(root, entry["image"], meta_path)
+        label = _inside(root, entry["label"], meta_path)
+        for path, what in ((image, "image"), (label, "label")):
+            if not path.exists():
+                raise NasError(path, f"listed as training[{i}].{what} in dataset.json but missing")
+        name = next((n for e in NIFTI_ENDINGS if (n := _strip_ending(image.name, e))), image.name)
+        cases.append(CaseFiles(name, (image,), label))
+    if not cases:
+        raise NasError(meta_path, "the training list is empty")
+    return DatasetIndex(
+        root,
+        "msd",
+        tuple(str(modality[str(m)]) for m in modality_ids),
+        label_values,
+        tuple(cases),
+    )
+
+
+def _pairs(root: Path) -> DatasetIndex:
+    def nifti_files(folder: Path) -> dict[str, Path]:
+        files = {}
+        for path in sorted(folder.iterdir()):
+            name = next((n for e in NIFTI_ENDINGS if (n := _strip_ending(path.name, e))), None)
+            if name is not None:
+                files[name] = path
+        return files
+
+    images, masks = nifti_files(root / "images"), nifti_files(root / "masks")
+    for name in sorted(set(images) - set(masks)):
+        raise NasError(images[name], "image without a mask of the same name in masks/")
+    for name in sorted(set(masks) - set(images)):
+        raise NasError(masks[name], "mask without an image of the same name in images/")
+    if not images:
+        raise NasError(root / "images", "holds no NIfTI files")
+    cases = tuple(CaseFiles(name, (images[name],), masks[name]) for name in images)
+    return DatasetIndex(root, "pairs", ("image",), None, cases)
+
+
+def detect_layout(root: Path) -> str:
+    if not root.is_dir():
+        raise NasError(root, "dataset folder not found")
+    if (root / "dataset.json").exists():
+        meta = _read_dataset_json(root)
+        if "channel_names" in meta or "file_ending" in meta:
+            return "nnunet"
+        if "modality" in meta or "training" in meta:
+            return "msd"
+        raise NasError(
+            root / "dataset.json",
+            "neither nnU-Net v2 (channel_names, file_ending) nor MSD (modality, training)",
+        )
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "pairs"
+    raise NasError(
+        root,
+        "no dataset found: expected dataset.json (nnU-Net v2 or MSD) or images/ and masks/",
+    )
+
+
+def discover(root: Path, layout: Layout = "auto") -> DatasetIndex:
+    """Index the cases under `root` in the given (or detected) layout."""
+    if not root.is_dir():
+        raise NasError(root, "dataset folder not found")
+    layout = detect_layout(root) if layout == "auto" else layout
+    return {"nnunet": _nnunet, "msd": _msd, "pairs": _pairs}[layout](root)

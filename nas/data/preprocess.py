@@ -1,0 +1,179 @@
+"""Turn one case's NIfTI files into training arrays, checking them on the way.
+
+Per case, as nnU-Net does: load every channel and the label with nibabel, check that they
+agree (3D, same shape and affine, finite voxels, declared label values), reorient to RAS,
+crop to the region where any channel is nonzero, resample to the target spacing (linear for
+images, nearest neighbour for labels) and normalise each channel: z-score for MRI and other
+modalities, clip to the dataset's foreground percentiles then z-score for CT. Every problem
+is a NasError naming the file. Knows nothing of caching, sampling or training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from nas.data.layouts import CaseFiles
+from nas.errors import NasError
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """z-score: (x - mean) / std after clipping to [low, high]; None means per-case stats."""
+
+    clip: tuple[float, float] | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class CasePlan:
+    channels: tuple[int, ...]  # indices into the dataset's channels, in network order
+    norms: tuple[ChannelNorm, ...]  # one per entry of `channels`
+    class_of_value: dict[int, int]  # label value -> class index (0 = background)
+    target_spacing_mm: tuple[float, float, float]
+
+
+def load_volume(path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels in RAS order and the RAS affine; a 4D file keeps its last (channel) axis."""
+    try:
+        image = nib.load(path)
+    except FileNotFoundError:
+        raise NasError(path, "not found") from None
+    except Exception as err:  # nibabel raises many types for files that are not NIfTI
+        raise NasError(path, f"cannot be read as NIfTI ({err})") from None
+    try:
+        canonical = nib.as_closest_canonical(image)
+        data = np.asarray(canonical.dataobj)
+    except Exception as err:  # truncated or corrupt compressed data shows up here
+        raise NasError(path, f"cannot be read as NIfTI ({err})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:  # 3D saved with a trailing time axis of 1
+        data = data[..., 0]
+    return data, canonical.affine
+
+
+def spacing_of(path) -> tuple[float, float, float]:
+    """RAS voxel spacing from the header alone (no voxels read)."""
+    try:
+        image = nib.load(path)
+    except Exception as err:
+        raise NasError(path, f"cannot be read as NIfTI ({err})") from None
+    zooms = image.header.get_zooms()[:3]
+    ornt = nib.io_orientation(image.affine)
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (ras_axis, _) in enumerate(ornt[:3]):
+        spacing[int(ras_axis)] = float(zooms[axis])
+    return (spacing[0], spacing[1], spacing[2])
+
+
+def _check_3d(data: np.ndarray, path, expected_channels: int | None = None) -> None:
+    if expected_channels is not None and expected_channels > 1:
+        if data.ndim != 4 or data.shape[3] != expected_channels:
+            raise NasError(
+                path, f"expected a 4D image with {expected_channels} channels, found {data.shape}"
+            )
+        return
+    if data.ndim != 3:
+        raise NasError(path, f"expected a 3D volume, found shape {data.shape}")
+
+
+def read_channels(
+    case: CaseFiles, n_channels: int
+) -> tuple[list[np.ndarray], list[object], np.ndarray]:
+    """A case's channels (3D, RAS), the file each came from, and their common affine."""
+    if len(case.images) == 1:  # MSD or plain pairs: one file, 4D when multi-modal
+        path = case.images[0]
+        data, affine = load_volume(path)
+        _check_3d(data, path, n_channels)
+        channels = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
+        return channels, [path] * len(channels), affine
+    channels, affine = [], None
+    for path in case.images:
+        data, this_affine = load_volume(path)
+        _check_3d(data, path)
+        if channels and (data.shape != channels[0].shape or not _same(this_affine, affine)):
+            raise NasError(path, f"shape or affine differs from {case.images[0].name}")
+        channels.append(data)
+        affine = this_affine
+    return channels, list(case.images), affine
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a, b, rtol=1e-4, atol=1e-3))
+
+
+def read_label(case: CaseFiles, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    label, label_affine = load_volume(case.label)
+    _check_3d(label, case.label)
+    if label.shape != shape or not _same(label_affine, affine):
+        raise NasError(
+            case.label,
+            f"shape {label.shape} or affine differs from its image {case.images[0].name} "
+            f"(shape {shape})",
+        )
+    if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+        raise NasError(case.label, "label values must be whole numbers")
+    return label.astype(np.int64)
+
+
+def nonzero_box(channels: list[np.ndarray]) -> tuple[slice, ...]:
+    """Bounding box of the voxels where any channel is nonzero (the whole volume if none)."""
+    nonzero = np.zeros(channels[0].shape, bool)
+    for channel in channels:
+        nonzero |= channel != 0
+    if not nonzero.any():
+        return tuple(slice(0, n) for n in nonzero.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(nonzero.any(axis=other))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def _resample(volume: np.ndarray, factors: np.ndarray, order: int) -> np.ndarray:
+    if np.allclose(factors, 1.0):
+        return volume
+    return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
+
+
+def _normalise(channel: np.ndarray, norm: ChannelNorm) -> np.ndarray:
+    channel = channel.astype(np.float32)
+    if norm.clip is not None:
+        channel = np.clip(channel, *norm.clip)
+    mean = channel.mean() if norm.mean is None else norm.mean
+    std = channel.std() if norm.std is None else norm.std
+    return (channel - np.float32(mean)) / np.float32(max(std, 1e-8))
+
+
+def preprocess_case(
+    case: CaseFiles, n_channels: int, plan: CasePlan
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(image (C, X, Y, Z) float32, label (X, Y, Z) uint8 class indices, source spacing)."""
+    channels, paths, affine = read_channels(case, n_channels)
+    for channel, path in zip(channels, paths, strict=True):
+        if not np.all(np.isfinite(channel)):
+            raise NasError(path, "holds NaN or infinite voxels")
+    label = read_label(case, channels[0].shape, affine)
+    values = np.unique(label)
+    undeclared = sorted(set(values.tolist()) - set(plan.class_of_value))
+    if undeclared:
+        raise NasError(case.label, f"label values {undeclared} are not declared")
+    spacing = spacing_of(paths[0])
+    chosen = [channels[c] for c in plan.channels]
+    box = nonzero_box(chosen)
+    factors = np.array(spacing) / np.array(plan.target_spacing_mm)
+    lookup = np.zeros(int(values.max()) + 1, np.uint8)
+    for value in values:
+        lookup[value] = plan.class_of_value[int(value)]
+    label = _resample(lookup[label[box]], factors, order=0)
+    image = np.stack(
+        [
+            _normalise(_resample(channel[box].astype(np.float32), factors, order=1), norm)
+            for channel, norm in zip(chosen, plan.norms, strict=True)
+        ]
+    )
+    return image, label.astype(np.uint8), spacing
