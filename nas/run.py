@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"study {study_cfg.name!r} in {storage}: {already} finished trials, "
         f"{max(remaining, 0)} to run on {device} "
-        f"({len(train_cases)} training / {len(val_cases)} validation cases)"
+        f"({len(train_cases)} training / {len(val_cases)} validation cases, "
+        f"preprocessed in {dataset.cache})"
     )
     if remaining > 0:
         objective = make_objective(

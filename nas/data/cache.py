@@ -92,7 +92,10 @@ def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         cases = []
-        progress = tqdm(index.cases, desc=f"preprocessing {index.root.name}", unit="case")
+        # leave=False: on an error, the one-line message is what stays on the screen.
+        progress = tqdm(
+            index.cases, desc=f"preprocessing {index.root.name}", unit="case", leave=False
+        )
         for case in progress:
             image, label, source_spacing = preprocess_case(case, len(index.channel_names), plan)
             np.save(staging / f"{case.name}_image.npy", image)

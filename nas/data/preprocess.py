@@ -61,6 +61,8 @@ def spacing_of(path) -> tuple[float, float, float]:
         image = nib.load(path)
     except Exception as err:
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None
+    if len(image.shape) < 3:
+        raise NasError(path, f"expected a 3D volume, found shape {image.shape}")
     zooms = image.header.get_zooms()[:3]
     ornt = nib.io_orientation(image.affine)
     spacing = [0.0, 0.0, 0.0]
