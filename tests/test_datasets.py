@@ -338,8 +338,12 @@ def test_bad_data_exits_2_and_writes_no_study(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_search_on_a_two_channel_three_label_dataset(tmp_path):
-    root = datasets.write_nnunet(tmp_path / "ds")
+@pytest.mark.parametrize(
+    ("writer", "in_channels"),
+    [(datasets.write_nnunet, 2), (datasets.write_msd, 2), (datasets.write_pairs, 1)],
+)
+def test_search_on_a_three_label_dataset_in_each_layout(tmp_path, writer, in_channels):
+    root = writer(tmp_path / "ds")
     (tmp_path / "space.yaml").write_text(
         f"data:\n  path: {root}\n  n_folds: 2\n"
         "search:\n  spatial_dims: {type: categorical, choices: [2, 3]}\n  base_channels: 4\n"
@@ -356,6 +360,6 @@ def test_search_on_a_two_channel_three_label_dataset(tmp_path):
     assert len(study.trials) == 2
     for trial in study.trials:
         assert trial.state == optuna.trial.TrialState.COMPLETE
-        assert trial.user_attrs["unet_config"]["in_channels"] == 2
+        assert trial.user_attrs["unet_config"]["in_channels"] == in_channels
         assert trial.user_attrs["unet_config"]["out_channels"] == 3  # softmax over 0, 1, 2
         assert len(trial.user_attrs["val_iou_per_class"]) == 2
