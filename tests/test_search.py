@@ -21,6 +21,11 @@ def _load(tmp_path, name="tiny"):
     )
 
 
+def _search(tmp_path, space: str, *args: str):
+    (tmp_path / "space.yaml").write_text(space)
+    return run_cli("nas.run", "space.yaml", *args, cwd=tmp_path)
+
+
 def _non_dominated(rows: pd.DataFrame) -> set[int]:
     front = set()
     for _, a in rows.iterrows():
@@ -124,8 +129,7 @@ def test_a_failing_candidate_fails_its_trial_and_the_study_goes_on(tmp_path, tin
         "learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}",
         "learning_rate: {type: categorical, choices: [1.0e+30, 1.0e-3]}\n  optimizer: sgd",
     )
-    (tmp_path / "space.yaml").write_text(space)
-    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    result = _search(tmp_path, space)
     assert result.returncode == 0, result.stderr
     study = _load(tmp_path)
     assert len(study.trials) == 3
@@ -158,8 +162,7 @@ def test_an_invalid_sampled_combination_fails_only_its_trial(tmp_path, tiny_data
         .replace("spatial_dims: {type: categorical, choices: [2, 3]}", "spatial_dims: 2")
         .replace(", when: {spatial_dims: 3}}", "}")
     )
-    (tmp_path / "space.yaml").write_text(space)
-    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    result = _search(tmp_path, space)
     assert result.returncode == 0, result.stderr
     trials = _load(tmp_path).trials
     assert len(trials) == 4
@@ -176,8 +179,7 @@ def test_results_are_written_when_no_trial_completed(tmp_path, tiny_dataset):
         "learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}",
         "learning_rate: 1.0e+30\n  optimizer: sgd",
     )
-    (tmp_path / "space.yaml").write_text(space)
-    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    result = _search(tmp_path, space)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "results" / "tiny"
     assert list(pd.read_csv(out / "trials.csv").state) == ["FAIL", "FAIL"]

@@ -108,8 +108,9 @@ def _nnunet(root: Path) -> DatasetIndex:
         if not case or len(channel) != 4 or not channel.isdigit():
             raise NasError(path, "image names must end in _XXXX (the channel number)")
         image_cases.setdefault(case, set()).add(int(channel))
-    for case in sorted(set(image_cases) - set(label_names)):
-        raise NasError(root / "imagesTr" / f"{case}_0000{ending}", "image without a label")
+    unlabelled = sorted(set(image_cases) - set(label_names))
+    if unlabelled:
+        raise NasError(root / "imagesTr" / f"{unlabelled[0]}_0000{ending}", "image without a label")
     cases = []
     for case, label in label_names.items():
         if case not in image_cases:
@@ -179,10 +180,10 @@ def _pairs(root: Path) -> DatasetIndex:
         return files
 
     images, masks = nifti_files(root / "images"), nifti_files(root / "masks")
-    for name in sorted(set(images) - set(masks)):
-        raise NasError(images[name], "image without a mask of the same name in masks/")
-    for name in sorted(set(masks) - set(images)):
-        raise NasError(masks[name], "mask without an image of the same name in images/")
+    if unmatched := sorted(set(images) - set(masks)):
+        raise NasError(images[unmatched[0]], "image without a mask of the same name in masks/")
+    if unmatched := sorted(set(masks) - set(images)):
+        raise NasError(masks[unmatched[0]], "mask without an image of the same name in images/")
     if not images:
         raise NasError(root / "images", "holds no NIfTI files")
     cases = tuple(CaseFiles(name, (images[name],), masks[name]) for name in images)
