@@ -37,8 +37,12 @@ class CasePlan:
     target_spacing_mm: tuple[float, float, float]
 
 
-def load_volume(path) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels in RAS order and the RAS affine; a 4D file keeps its last (channel) axis."""
+def load_volume(path, as_float32: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels in RAS order and the RAS affine; a 4D file keeps its last (channel) axis.
+
+    as_float32: read intensities straight into float32 (scaled int16 files would otherwise
+    become float64, twice the memory); labels keep their stored integer type.
+    """
     try:
         image = nib.load(path)
     except FileNotFoundError:
@@ -47,7 +51,9 @@ def load_volume(path) -> tuple[np.ndarray, np.ndarray]:
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None
     try:
         canonical = nib.as_closest_canonical(image)
-        data = np.asarray(canonical.dataobj)
+        data = (
+            canonical.get_fdata(dtype=np.float32) if as_float32 else np.asarray(canonical.dataobj)
+        )
     except Exception as err:  # truncated or corrupt compressed data shows up here
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None
     while data.ndim > 3 and data.shape[-1] == 1:  # 3D saved with a trailing time axis of 1
@@ -88,13 +94,13 @@ def read_channels(
     """A case's channels (3D, RAS), the file each came from, and their common affine."""
     if len(case.images) == 1:  # MSD or plain pairs: one file, 4D when multi-modal
         path = case.images[0]
-        data, affine = load_volume(path)
+        data, affine = load_volume(path, as_float32=True)
         _check_3d(data, path, n_channels)
         channels = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
         return channels, [path] * len(channels), affine
     channels, affine = [], None
     for path in case.images:
-        data, this_affine = load_volume(path)
+        data, this_affine = load_volume(path, as_float32=True)
         _check_3d(data, path)
         if channels and (data.shape != channels[0].shape or not _same(this_affine, affine)):
             raise NasError(path, f"shape or affine differs from {case.images[0].name}")
@@ -116,9 +122,13 @@ def read_label(case: CaseFiles, shape: tuple[int, ...], affine: np.ndarray) -> n
             f"shape {label.shape} or affine differs from its image {case.images[0].name} "
             f"(shape {shape})",
         )
-    if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+    is_integer = np.issubdtype(label.dtype, np.integer)
+    if not is_integer and not (np.all(np.isfinite(label)) and np.all(label == np.round(label))):
         raise NasError(case.label, "label values must be whole numbers")
-    return label.astype(np.int64)
+    if label.min() < 0:
+        raise NasError(case.label, f"label values must not be negative (found {label.min()})")
+    # The smallest type that holds the values: a uint8 label is not copied at all.
+    return label.astype(np.uint8 if label.max() < 256 else np.int32, copy=False)
 
 
 def nonzero_box(channels: list[np.ndarray]) -> tuple[slice, ...]:
@@ -142,13 +152,18 @@ def _resample(volume: np.ndarray, factors: np.ndarray, order: int) -> np.ndarray
     return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
 
 
-def _normalise(channel: np.ndarray, norm: ChannelNorm) -> np.ndarray:
-    channel = channel.astype(np.float32)
+def _normalise_in_place(channel: np.ndarray, norm: ChannelNorm) -> None:
+    """channel: float32, overwritten (no full-size copies: cases can be large)."""
     if norm.clip is not None:
-        channel = np.clip(channel, *norm.clip)
-    mean = channel.mean() if norm.mean is None else norm.mean
-    std = channel.std() if norm.std is None else norm.std
-    return (channel - np.float32(mean)) / np.float32(max(std, 1e-8))
+        np.clip(channel, *norm.clip, out=channel)
+    mean = float(channel.mean(dtype=np.float64)) if norm.mean is None else norm.mean
+    channel -= np.float32(mean)
+    if norm.std is None:  # centred now: the std is a dot product, with no temporary array
+        flat = channel.reshape(-1)
+        std = float(np.sqrt(np.dot(flat, flat) / max(flat.size, 1)))
+    else:
+        std = norm.std
+    channel /= np.float32(max(std, 1e-8))
 
 
 def preprocess_case(
@@ -172,10 +187,8 @@ def preprocess_case(
     for value in values:
         lookup[value] = plan.class_of_value[int(value)]
     label = _resample(lookup[label[box]], factors, order=0)
-    image = np.stack(
-        [
-            _normalise(_resample(channel[box].astype(np.float32), factors, order=1), norm)
-            for channel, norm in zip(chosen, plan.norms, strict=True)
-        ]
-    )
-    return image, label.astype(np.uint8), spacing
+    image = np.empty((len(chosen), *label.shape), np.float32)
+    for out, channel, norm in zip(image, chosen, plan.norms, strict=True):
+        out[...] = _resample(channel[box], factors, order=1)
+        _normalise_in_place(out, norm)
+    return image, label, spacing
