@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nas.data import load_dataset, split_dataset
 from nas.errors import NasError
 from nas.results import write_results
-from nas.space import load_space
+from nas.space import load_space, warm_start_params
 from nas.study import default_storage, make_objective, n_finished, open_study
 from nas.train import CandidateFailed, pick_device
 
@@ -65,7 +65,8 @@ def _trial_line(trial: FrozenTrial) -> str:
     attrs = trial.user_attrs
     dims = attrs.get("unet_config", {}).get("spatial_dims", "?")
     params = f"{attrs['n_params']:>10,}" if "n_params" in attrs else " " * 10
-    iou = f"{trial.values[0]:.3f}" if trial.values else "  -  "
+    last_iou = trial.values[0] if trial.values else attrs.get("val_iou")
+    iou = f"{last_iou:.3f}" if last_iou is not None else "  -  "
     line = (
         f"trial {trial.number:3d}  {dims}D  params {params}  IoU {iou}  "
         f"{attrs.get('seconds', 0.0):6.1f}s  {trial.state.name}"
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     study_dir = args.results_dir / study_cfg.name
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage or default_storage(study_dir)
-    study = open_study(study_cfg, storage)
+    warm_start = [warm_start_params(space, fields) for fields in study_cfg.enqueue]
+    study = open_study(study_cfg, storage, warm_start)
 
     already = n_finished(study)
     remaining = study_cfg.n_trials - already

@@ -18,6 +18,7 @@ list of specs, each with its own `when` (e.g. smaller kernels for 3D). Every mis
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,7 @@ from pydantic import (
 from nas.builder import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.data import DataConfig
 from nas.errors import NasError
+from nas.pruning import PrunerConfig
 from nas.train import TrainConfig
 
 Scalar = bool | int | float | str | None
@@ -99,6 +101,9 @@ class StudySection(BaseModel):
     n_trials: int = Field(10, ge=1)  # the study's total, counting earlier runs
     timeout: float | None = Field(None, gt=0)  # seconds for this run
     seed: int = 0
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    # Architectures (builder and training fields) that run first in a new study.
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class SearchSpace(BaseModel):
@@ -245,6 +250,11 @@ def load_space(path: str | Path) -> SearchSpace:
         train = _parse_entries("train", space.train, TrainConfig, known)
         space = space.model_copy(update={"search": search, "train": train})
         _check_defaults_build(space)
+        for i, entry in enumerate(space.study.enqueue):
+            try:
+                warm_start_params(space, entry)
+            except ValueError as err:
+                raise _SpaceError(f"study.enqueue[{i}]", str(err)) from None
     except ValidationError as err:
         failure = _SpaceError.from_validation("", err)
         raise NasError(path, f"{failure.where}: {failure.reason}") from None
@@ -271,15 +281,23 @@ def _condition_holds(when: dict[str, Any] | None, values: dict[str, Any]) -> boo
     return True
 
 
-def _suggest(trial: optuna.Trial, name: str, spec: _Spec) -> Any:
-    if isinstance(spec, IntSpec):
-        return trial.suggest_int(name, spec.low, spec.high, step=spec.step, log=spec.log)
-    if isinstance(spec, FloatSpec):
-        return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
-    return trial.suggest_categorical(name, spec.choices)
+# Draws one value: suggest(optuna_param_name, field, stage_index_or_None, spec).
+Suggest = Callable[[str, str, "int | None", _Spec], Any]
+_UNSET = object()  # a warm-start entry that leaves a parameter to the sampler
 
 
-def _sample_section(entries: dict[str, Any], trial: optuna.Trial, values: dict[str, Any]) -> dict:
+def _optuna_suggest(trial: optuna.Trial) -> Suggest:
+    def suggest(param: str, field: str, stage: int | None, spec: _Spec) -> Any:
+        if isinstance(spec, IntSpec):
+            return trial.suggest_int(param, spec.low, spec.high, step=spec.step, log=spec.log)
+        if isinstance(spec, FloatSpec):
+            return trial.suggest_float(param, spec.low, spec.high, step=spec.step, log=spec.log)
+        return trial.suggest_categorical(param, spec.choices)
+
+    return suggest
+
+
+def _sample_section(entries: dict[str, Any], suggest: Suggest, values: dict[str, Any]) -> dict:
     """Sample one section in file order; `values` holds every parameter chosen so far."""
     chosen: dict[str, Any] = {}
     for name, entry in entries.items():
@@ -293,13 +311,13 @@ def _sample_section(entries: dict[str, Any], trial: optuna.Trial, values: dict[s
                 # distribution per name.
                 param = name if len(entry) == 1 else f"{name}#{i + 1}"
                 if spec.per_stage:
-                    depth = chosen.get("depth", UNetConfig().depth)
-                    count = per_stage_length(name, depth)
-                    chosen[name] = tuple(
-                        _suggest(trial, f"{param}_{j}", spec) for j in range(count)
-                    )
+                    count = per_stage_length(name, chosen.get("depth", UNetConfig().depth))
+                    drawn = tuple(suggest(f"{param}_{j}", name, j, spec) for j in range(count))
+                    value = _UNSET if _UNSET in drawn else drawn
                 else:
-                    chosen[name] = _suggest(trial, param, spec)
+                    value = suggest(param, name, None, spec)
+                if value is not _UNSET:
+                    chosen[name] = value
             else:
                 default = next((v.default for v in entry if v.default is not None), None)
                 if default is not None:
@@ -309,13 +327,49 @@ def _sample_section(entries: dict[str, Any], trial: optuna.Trial, values: dict[s
     return chosen
 
 
+def warm_start_params(space: SearchSpace, fields: dict[str, Any]) -> dict[str, Any]:
+    """Optuna parameter values that make `sample` draw the given builder/training fields.
+
+    Fields not given (or not active under the given ones) are left to the sampler. A value
+    outside its spec's range or choices is refused.
+    """
+    params: dict[str, Any] = {}
+
+    def record(param: str, field: str, stage: int | None, spec: _Spec) -> Any:
+        if field not in fields:
+            return _UNSET
+        value = fields[field]
+        if stage is not None and isinstance(value, list | tuple):
+            value = value[stage] if stage < len(value) else _UNSET
+        if value is not _UNSET:
+            if not _in_spec(value, spec):
+                raise ValueError(f"{field}: {value!r} is outside the search space of {param}")
+            params[param] = value
+        return value
+
+    unknown = sorted(set(fields) - set(space.search) - set(space.train))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not searched or set in this space")
+    values: dict[str, Any] = {}
+    _sample_section(space.search, record, values)
+    _sample_section(space.train, record, values)
+    return params
+
+
+def _in_spec(value: Any, spec: _Spec) -> bool:
+    if isinstance(spec, CategoricalSpec):
+        return value in spec.choices
+    return isinstance(value, int | float) and spec.low <= value <= spec.high
+
+
 def sample(
     space: SearchSpace, trial: optuna.Trial, in_channels: int, out_channels: int, seed: int
 ) -> Candidate:
     """Draw one candidate; data-defined channel counts and the trial's seed are filled in."""
     values: dict[str, Any] = {}
-    unet = _sample_section(space.search, trial, values)
-    train = _sample_section(space.train, trial, values)
+    suggest = _optuna_suggest(trial)
+    unet = _sample_section(space.search, suggest, values)
+    train = _sample_section(space.train, suggest, values)
     unet_config = UNetConfig.from_dict(
         {**unet, "in_channels": in_channels, "out_channels": out_channels}
     )

@@ -22,6 +22,8 @@ from pydantic import ValidationError
 from nas.builder import build_unet, count_parameters
 from nas.data import Case
 from nas.errors import NasError
+from nas.evaluate import Scores
+from nas.pruning import dominated_at_epoch
 from nas.results import save_checkpoint
 from nas.space import SearchSpace, StudySection, sample
 from nas.train import CandidateFailed, EpochResult, fit
@@ -46,8 +48,11 @@ def make_sampler(cfg: StudySection, n_existing_trials: int) -> optuna.samplers.B
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(cfg: StudySection, storage: str) -> optuna.Study:
-    """Create the study, or load it with the same name from `storage` to continue it."""
+def open_study(cfg: StudySection, storage: str, warm_start: Sequence[dict] = ()) -> optuna.Study:
+    """Create the study, or load it with the same name from `storage` to continue it.
+
+    warm_start: Optuna parameters of architectures a new study runs first.
+    """
     try:
         storage_obj = optuna.storages.get_storage(storage)
         try:
@@ -60,7 +65,7 @@ def open_study(cfg: StudySection, storage: str) -> optuna.Study:
             if directions != list(DIRECTIONS):
                 raise NasError(storage, f"study {cfg.name!r} exists with directions {directions}")
             n_existing = storage_obj.get_n_trials(study_id)
-        return optuna.create_study(
+        study = optuna.create_study(
             storage=storage_obj,
             study_name=cfg.name,
             directions=list(DIRECTIONS),
@@ -71,10 +76,23 @@ def open_study(cfg: StudySection, storage: str) -> optuna.Study:
         raise
     except Exception as err:  # SQLAlchemy and Optuna raise many types for a bad URL
         raise NasError(storage, f"cannot open the study storage ({err})") from None
+    if study_id is None:
+        for params in warm_start:
+            study.enqueue_trial(params, user_attrs={"warm_start": True})
+    return study
 
 
 def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: float) -> None:
+    """The last validation scores, kept as user attrs (a pruned trial has no values)."""
+    trial.set_user_attr("val_iou", scores.iou)
+    trial.set_user_attr("val_dice", scores.dice)
+    trial.set_user_attr("val_iou_per_class", list(scores.iou_per_class))
+    trial.set_user_attr("epochs_run", epochs)
+    trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
 
 
 def make_objective(
@@ -106,14 +124,24 @@ def make_objective(
         trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
         trial.set_user_attr("n_params", n_params)
         train_losses: list[float] = []
+        epoch_seconds: list[float] = []
 
         def on_epoch(result: EpochResult) -> None:
             train_losses.append(result.train_loss)
+            epoch_seconds.append(round(result.train_seconds, 3))
+            trial.set_user_attr("train_loss", train_losses)
+            trial.set_user_attr("epoch_seconds", epoch_seconds)
             # Trial.report refuses multi-objective studies; the storage still keeps the curve,
-            # which is what optuna-dashboard draws.
+            # which is what optuna-dashboard draws and the pruner compares.
             trial.storage.set_trial_intermediate_value(
                 trial._trial_id, result.epoch, result.scores.iou
             )
+            peers = trial.study.get_trials(deepcopy=False)
+            if dominated_at_epoch(
+                space.study.pruner, peers, trial.number, n_params, result.epoch, result.scores.iou
+            ):
+                _record_scores(trial, result.scores, result.epoch, start)
+                raise optuna.TrialPruned(f"dominated at epoch {result.epoch}")
 
         try:
             result = fit(
@@ -131,12 +159,8 @@ def make_objective(
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
             raise
         save_checkpoint(study_dir, trial.number, model.state_dict())
-        trial.set_user_attr("val_dice", result.scores.dice)
-        trial.set_user_attr("val_iou_per_class", list(result.scores.iou_per_class))
-        trial.set_user_attr("train_loss", train_losses)
-        trial.set_user_attr("epochs_run", len(result.history))
+        _record_scores(trial, result.scores, len(result.history), start)
         trial.set_user_attr("stopped_by_time", result.stopped_by_time)
-        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         return result.scores.iou, n_params
 
     return objective

@@ -3,8 +3,8 @@
 The cache folder is keyed by a hash of the inputs (paths, sizes, modification times) and the
 settings, so a second run reads no NIfTI file unless one of them changed. It is built case by
 case (peak memory a few cases, never the dataset) into a temporary folder that is renamed
-into place when complete, under a file lock: two processes building at once never see half a cache, and the
-second one simply opens what the first built.
+into place when complete, under a file lock: two processes building at once never see half
+a cache, and the second one simply opens what the first built.
 """
 
 from __future__ import annotations

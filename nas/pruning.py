@@ -1,0 +1,54 @@
+"""Stop candidates that are dominated at equal fidelity, without harming the Pareto front.
+
+Optuna refuses `Trial.report`/`should_prune` in multi-objective studies, and its median rule
+would be wrong here anyway: a small network with a modest IoU may be exactly the point a user
+wants. The parameter count is known before training starts, so after each epoch the question
+is IoU *given size*: a candidate is stopped when at least `k` other trials with no more
+parameters had a higher validation IoU at the same epoch. A candidate that is the best seen
+at its size is never stopped, however low its IoU. Learning curves are read from the trials'
+intermediate values, which the objective stores through the study's storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from optuna.trial import FrozenTrial
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PrunerConfig(BaseModel):
+    """type: pareto, or none to train every candidate to the end.
+    warmup_epochs: epochs every candidate trains before it can be stopped.
+    k: how many smaller-or-equal, better trials it takes to stop a candidate.
+    min_trials: trials that must have reached an epoch before anyone is stopped there.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["pareto", "none"] = "pareto"
+    warmup_epochs: int = Field(2, ge=0)
+    k: int = Field(2, ge=1)
+    min_trials: int = Field(4, ge=1)
+
+
+def dominated_at_epoch(
+    cfg: PrunerConfig,
+    trials: Iterable[FrozenTrial],
+    number: int,
+    n_params: int,
+    epoch: int,
+    iou: float,
+) -> bool:
+    """Whether trial `number` (n_params, validation IoU `iou` at `epoch`) should stop now."""
+    if cfg.type == "none" or epoch <= cfg.warmup_epochs:
+        return False
+    peers = [
+        (t.user_attrs["n_params"], t.intermediate_values[epoch])
+        for t in trials
+        if t.number != number and epoch in t.intermediate_values and "n_params" in t.user_attrs
+    ]
+    if len(peers) < cfg.min_trials:
+        return False
+    better = sum(1 for size, value in peers if size <= n_params and value > iou)
+    return better >= cfg.k
