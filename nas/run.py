@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     storage = args.storage or default_storage(study_dir)
     warm_start = [warm_start_params(space, fields) for fields in study_cfg.enqueue]
     study = open_study(study_cfg, storage, warm_start)
+    # What a later step (nas.retrain, another worker) needs to find and prepare the data.
+    study.set_user_attr("data_config", space.data.to_dict())
 
     already = n_finished(study)
     remaining = study_cfg.n_trials - already

@@ -3,6 +3,8 @@ preprocessing cache, and serving training samples."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +69,14 @@ class DataConfig:
         if self.splits_file is None and self.fold >= self.n_folds:
             raise ValueError(f"fold {self.fold} does not exist with n_folds {self.n_folds}")
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable, with absolute paths (so it can be used from any directory)."""
+        values = dataclasses.asdict(self)
+        for key in ("path", "splits_file", "cache_dir"):
+            if values[key] is not None:
+                values[key] = str(Path(values[key]).resolve())
+        return json.loads(json.dumps(values))
 
     @property
     def slicing(self) -> Slicing:

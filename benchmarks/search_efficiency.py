@@ -1,0 +1,148 @@
+"""Search efficiency: hypervolume of the front over time for three ways to search.
+
+Arms, on the default space and data, each under the same wall-clock budget on this machine
+and the same seeds:
+  (a) the default: NSGA-II with the Pareto pruner;
+  (b) NSGA-II without pruning;
+  (c) random search without pruning.
+Each run is the real command (`python -m nas.run`) on a copy of search_spaces/unet.yaml with
+the sampler and pruner set, one run after another, so no two share the CPU. Hypervolume:
+IoU in [0, 1] (maximised) against log10(params) normalised to [0, 1] between the smallest and
+largest networks of the space (from 300 sampled candidates), reference point (IoU 0, size 1).
+The median over seeds is printed at tenths of the budget, and for each arm the budget
+fraction at which its median curve first reaches (b)'s final median hypervolume.
+
+    python benchmarks/search_efficiency.py [--budget 240] [--seeds 0 1 2]
+
+Target: (a) reaches (b)'s final hypervolume within 50% of the budget and ends higher than
+(b) and (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from nas import build_unet, count_parameters
+from nas.space import load_space, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {
+    "a: nsga2 + pareto pruner": ("nsga2", "pareto"),
+    "b: nsga2, no pruning": ("nsga2", "none"),
+    "c: random, no pruning": ("random", "none"),
+}
+FRACTIONS = [i / 10 for i in range(1, 11)]
+
+
+def size_bounds(space_path: Path, n: int = 300) -> tuple[float, float]:
+    """log10 of the fewest and most parameters among `n` candidates of the space."""
+    space = load_space(space_path)
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    counts = []
+    for _ in range(n):
+        trial = study.ask()
+        candidate = sample(space, trial, in_channels=1, out_channels=1, seed=0)
+        counts.append(count_parameters(build_unet(candidate.unet)))
+        study.tell(trial, state=TrialState.FAIL)
+    return math.log10(min(counts)), math.log10(max(counts))
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by (iou, size) points, maximising iou, minimising size, ref (0, 1)."""
+    front: list[tuple[float, float]] = []
+    for size, iou in sorted((s, i) for i, s in points if i > 0 and s < 1):
+        if not front or iou > front[-1][1]:
+            front.append((size, iou))
+    edges = [s for s, _ in front[1:]] + [1.0]
+    return sum((end - size) * iou for (size, iou), end in zip(front, edges, strict=True))
+
+
+def curve(db: Path, name: str, budget: float, bounds: tuple[float, float]) -> list[float]:
+    """Hypervolume of the trials completed by each fraction of the budget."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    start = min(t.datetime_start for t in study.trials)
+    low, high = bounds
+    done = [
+        (
+            (t.datetime_complete - start).total_seconds(),
+            t.values[0],
+            min(1.0, max(0.0, (math.log10(t.values[1]) - low) / (high - low))),
+        )
+        for t in study.get_trials(states=(TrialState.COMPLETE,))
+    ]
+    return [
+        hypervolume([(iou, size) for seconds, iou, size in done if seconds <= f * budget])
+        for f in FRACTIONS
+    ]
+
+
+def run_arm(workdir: Path, space: dict, sampler: str, pruner: str, seed: int, budget: float):
+    space = {**space, "study": {**space["study"], "sampler": sampler}}
+    space["study"]["pruner"] = {**space["study"].get("pruner", {}), "type": pruner}
+    name = f"{sampler}-{pruner}-{seed}"
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    command = [
+        sys.executable, "-m", "nas.run", str(path), "--study-name", name, "--seed", str(seed),
+        "--timeout", str(budget), "--n-trials", "100000", "--results-dir", "runs",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=workdir, check=True, capture_output=True, text=True)
+    return workdir / "runs" / name / "study.db", name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    space_path = ROOT / "search_spaces" / "unet.yaml"
+    space = yaml.safe_load(space_path.read_text())
+    bounds = size_bounds(space_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        os.environ["NAS_CACHE_DIR"] = str(workdir / "cache")
+        # Generate and preprocess the data once, outside every arm's budget.
+        warm = {**space, "study": {**space["study"], "n_trials": 1, "enqueue": []}}
+        warm["train"] = {**space["train"], "epochs": 1, "batches_per_epoch": 1}
+        (workdir / "warm.yaml").write_text(yaml.safe_dump(warm, sort_keys=False))
+        subprocess.run(
+            [sys.executable, "-m", "nas.run", "warm.yaml", "--results-dir", "warm"],
+            cwd=workdir, check=True, capture_output=True,
+        )  # fmt: skip
+        curves: dict[str, list[list[float]]] = {arm: [] for arm in ARMS}
+        for seed in args.seeds:
+            for arm, (sampler, pruner) in ARMS.items():
+                db, name = run_arm(workdir, space, sampler, pruner, seed, args.budget)
+                curves[arm].append(curve(db, name, args.budget, bounds))
+                print(f"seed {seed} {arm}: final hypervolume {curves[arm][-1][-1]:.4f}", flush=True)
+    medians = {arm: [statistics.median(c[i] for c in runs) for i in range(len(FRACTIONS))]
+               for arm, runs in curves.items()}  # fmt: skip
+    target = medians["b: nsga2, no pruning"][-1]
+    print(
+        f"\nbudget {args.budget:.0f} s per run, seeds {args.seeds}; size bounds log10 params "
+        f"[{bounds[0]:.2f}, {bounds[1]:.2f}]; reference point (IoU 0, size 1)"
+    )
+    print("median hypervolume at budget fraction:")
+    print(f"{'arm':<28}" + "".join(f"{f:>7.1f}" for f in FRACTIONS) + "  reaches (b) final at")
+    for arm, values in medians.items():
+        reached = next((f for f, v in zip(FRACTIONS, values, strict=True) if v >= target), None)
+        reached_text = f"{reached:.1f}" if reached is not None else "never"
+        print(f"{arm:<28}" + "".join(f"{v:>7.3f}" for v in values) + f"  {reached_text:>10}")
+    print("target: (a) reaches (b)'s final hypervolume by 0.5 and ends above (b) and (c)")
+
+
+if __name__ == "__main__":
+    main()

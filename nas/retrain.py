@@ -1,0 +1,151 @@
+"""`python -m nas.retrain results/<study>`: retrain chosen front members at the full budget.
+
+The search trains each candidate briefly (a few epochs, a wall-clock budget, perhaps a few
+slices per case). This command takes members of the Pareto front, trains them again with
+more epochs, no time limit and every training slice, and records each result as a trial of
+its own study, `<study>-retrain`, in the same storage, labelled with the trial it came from.
+The search's own values are never touched. Weights go to results/<study>/retrained/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from nas.builder import UNetConfig, build_unet, count_parameters
+from nas.data import DataConfig, load_dataset, split_dataset
+from nas.errors import NasError
+from nas.results import atomic_write, pareto_front, save_checkpoint
+from nas.study import DIRECTIONS, default_storage
+from nas.train import TrainConfig, fit, pick_device
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nas.retrain", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--top", type=int, default=3, help="the K front members of highest IoU")
+    choice.add_argument("--trials", help="comma-separated trial numbers, e.g. 3,15")
+    parser.add_argument("--epochs", type=int, help="epochs (default: 3x the search's)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    return parser.parse_args(argv)
+
+
+def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[FrozenTrial]:
+    if numbers is None:
+        front = pareto_front(study)
+        if not front:
+            raise NasError(study.study_name, "has no completed trial to retrain")
+        return sorted(front, key=lambda t: -t.values[0])[:top]
+    by_number = {t.number: t for t in study.trials}
+    chosen = []
+    for text in numbers.split(","):
+        try:
+            trial = by_number[int(text)]
+        except (ValueError, KeyError):
+            raise NasError(
+                "--trials", f"study {study.study_name!r} has no trial {text!r}"
+            ) from None
+        if trial.state != TrialState.COMPLETE:
+            raise NasError("--trials", f"trial {trial.number} is {trial.state.name}, not COMPLETE")
+        chosen.append(trial)
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    name = args.results.name
+    storage = args.storage or default_storage(args.results)
+    if args.storage is None and not (args.results / "study.db").exists():
+        raise NasError(args.results, "holds no study.db: not a results folder of nas.run")
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise NasError(storage, f"has no study named {name!r}") from None
+    if "data_config" not in study.user_attrs:
+        raise NasError(storage, f"study {name!r} does not record its data settings")
+    data_cfg = DataConfig(**study.user_attrs["data_config"])
+    chosen = choose_trials(study, args.top, args.trials)
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        raise NasError("--device", str(err)) from None
+
+    dataset = load_dataset(data_cfg)
+    train_cases, val_cases = split_dataset(dataset, data_cfg)
+    # Every training slice: the search may have used a few per case.
+    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
+    retrain_study = optuna.create_study(
+        storage=storage,
+        study_name=f"{name}-retrain",
+        directions=list(DIRECTIONS),
+        load_if_exists=True,
+    )
+    rows = []
+    for trial in chosen:
+        unet = UNetConfig.from_dict(trial.user_attrs["unet_config"])
+        search_train = TrainConfig(**trial.user_attrs["train_config"])
+        epochs = args.epochs or 3 * search_train.epochs
+        train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
+        model = build_unet(unet)
+        n_params = count_parameters(model)
+        print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
+        result = fit(model, train_cases, val_cases, dataset.n_classes, train, device, None, slicing)
+        save_checkpoint(args.results / "retrained", trial.number, model.state_dict())
+        retrain_study.add_trial(
+            create_trial(
+                values=[result.scores.iou, n_params],
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={
+                    "source_trial": trial.number,
+                    "search_val_iou": trial.values[0],
+                    "val_dice": result.scores.dice,
+                    "epochs_run": len(result.history),
+                    "seconds": round(result.seconds, 2),
+                    "unet_config": unet.to_dict(),
+                    "train_config": dataclasses.asdict(train),
+                    "device": str(device),
+                },
+                intermediate_values={e.epoch: e.scores.iou for e in result.history},
+            )
+        )
+        rows.append(
+            {
+                "trial": trial.number,
+                "n_params": n_params,
+                "search_val_iou": trial.values[0],
+                "retrained_val_iou": result.scores.iou,
+                "retrained_val_dice": result.scores.dice,
+                "epochs": len(result.history),
+                "seconds": round(result.seconds, 1),
+            }
+        )
+        print(f"  trial {trial.number}: IoU {trial.values[0]:.3f} -> {result.scores.iou:.3f}")
+    table = pd.DataFrame(rows)
+    atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
+    print(f"recorded in study {name + '-retrain'!r} of {storage} and {args.results}/retrained.csv")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        return run(args)
+    except NasError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

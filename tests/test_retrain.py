@@ -1,0 +1,49 @@
+"""Multi-fidelity: retraining front members at the full budget, recorded apart from the search."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import pytest
+
+from .conftest import run_cli, tiny_space_yaml
+
+pytestmark = pytest.mark.slow
+
+
+def _storage(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'results/tiny/study.db'}"
+
+
+def test_retrain_records_a_labelled_study_and_leaves_the_search_alone(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=3))
+    assert run_cli("nas.run", "space.yaml", cwd=tmp_path).returncode == 0
+    search = optuna.load_study(study_name="tiny", storage=_storage(tmp_path))
+    before = {t.number: t.values for t in search.trials}
+    best = max(search.best_trials, key=lambda t: t.values[0])
+
+    result = run_cli("nas.retrain", "results/tiny", "--top", "1", "--epochs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    retrained = optuna.load_study(study_name="tiny-retrain", storage=_storage(tmp_path)).trials
+    assert len(retrained) == 1
+    entry = retrained[0]
+    assert entry.user_attrs["source_trial"] == best.number
+    assert entry.user_attrs["epochs_run"] == 3 and sorted(entry.intermediate_values) == [1, 2, 3]
+    assert entry.values[1] == best.values[1]  # the same architecture
+    assert entry.params == best.params
+    after = optuna.load_study(study_name="tiny", storage=_storage(tmp_path))
+    assert {t.number: t.values for t in after.trials} == before
+    table = pd.read_csv(tmp_path / "results/tiny/retrained.csv")
+    assert list(table.trial) == [best.number]
+    assert (tmp_path / f"results/tiny/retrained/checkpoints/trial_{best.number:04d}.pt").exists()
+
+
+def test_retrain_refuses_unknown_trials_and_folders(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=1))
+    assert run_cli("nas.run", "space.yaml", cwd=tmp_path).returncode == 0
+    unknown = run_cli("nas.retrain", "results/tiny", "--trials", "7", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "error: --trials: study 'tiny' has no trial '7'"
+    missing = run_cli("nas.retrain", "results/nothing", cwd=tmp_path)
+    assert missing.returncode == 2 and "holds no study.db" in missing.stderr
