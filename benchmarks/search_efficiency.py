@@ -66,6 +66,8 @@ def hypervolume(points: list[tuple[float, float]]) -> float:
     for size, iou in sorted((s, i) for i, s in points if i > 0 and s < 1):
         if not front or iou > front[-1][1]:
             front.append((size, iou))
+    if not front:
+        return 0.0
     edges = [s for s, _ in front[1:]] + [1.0]
     return sum((end - size) * iou for (size, iou), end in zip(front, edges, strict=True))
 
