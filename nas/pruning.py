@@ -7,6 +7,14 @@ is IoU *given size*: a candidate is stopped when at least `k` other trials with 
 parameters had a higher validation IoU at the same epoch. A candidate that is the best seen
 at its size is never stopped, however low its IoU. Learning curves are read from the trials'
 intermediate values, which the objective stores through the study's storage.
+
+Why this rule rather than successive halving within size strata: it needs no strata
+boundaries or rung schedule, and it can only stop a candidate that k smaller-or-equal
+networks already beat, so the front it could lose is bounded by what is already known.
+Evidence so far (benchmarks/search_efficiency.py, 120 s per run, 3 seeds, 2 CPU cores):
+median final hypervolume 0.419 with this pruner, 0.577 for NSGA-II without it, 0.393 for
+random search, with seeds spread over 0.32-0.67 within each arm. That is too short a budget
+and too few seeds to show a benefit or a harm; longer runs are needed before tuning k.
 """
 
 from __future__ import annotations
