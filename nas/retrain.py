@@ -20,11 +20,12 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.builder import UNetConfig, build_unet, count_parameters
+from nas.cli import device_option, exit_code
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
 from nas.results import atomic_write, pareto_front, save_checkpoint
 from nas.study import DIRECTIONS, default_storage
-from nas.train import TrainConfig, fit, pick_device
+from nas.train import TrainConfig, fit
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -75,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise NasError(storage, f"study {name!r} does not record its data settings")
     data_cfg = DataConfig(**study.user_attrs["data_config"])
     chosen = choose_trials(study, args.top, args.trials)
-    try:
-        device = pick_device(args.device)
-    except ValueError as err:
-        raise NasError("--device", str(err)) from None
+    device = device_option(args.device)
 
     dataset = load_dataset(data_cfg)
     train_cases, val_cases = split_dataset(dataset, data_cfg)
@@ -138,13 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        return run(args)
-    except NasError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_code(run, parse_args(argv))
 
 
 if __name__ == "__main__":

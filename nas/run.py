@@ -16,12 +16,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from nas.cli import device_option, exit_code
 from nas.data import load_dataset, split_dataset
-from nas.errors import NasError
 from nas.results import write_results
 from nas.space import load_space, warm_start_params
 from nas.study import default_storage, make_objective, n_finished, open_study
-from nas.train import CandidateFailed, pick_device
+from nas.train import CandidateFailed
 
 
 def _positive_int(text: str) -> int:
@@ -86,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
     }
     study_cfg = space.study.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     space = space.model_copy(update={"study": study_cfg})
-    try:
-        device = pick_device(args.device)
-    except ValueError as err:
-        raise NasError("--device", str(err)) from None
+    device = device_option(args.device)
 
     dataset = load_dataset(space.data)
     train_cases, val_cases = split_dataset(dataset, space.data)
@@ -144,15 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Each finished trial gets its own line (with a failure's reason); Optuna's log would
-    # repeat it with a traceback.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        return run(args)
-    except NasError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_code(run, parse_args(argv))
 
 
 if __name__ == "__main__":

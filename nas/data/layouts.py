@@ -191,8 +191,7 @@ def _pairs(root: Path) -> DatasetIndex:
 
 
 def detect_layout(root: Path) -> str:
-    if not root.is_dir():
-        raise NasError(root, "dataset folder not found")
+    """The layout of an existing dataset folder, from dataset.json or its subfolders."""
     if (root / "dataset.json").exists():
         meta = _read_dataset_json(root)
         if "channel_names" in meta or "file_ending" in meta:

@@ -1,0 +1,36 @@
+"""What every `python -m nas.*` command shares: user mistakes as one line and exit code 2.
+
+Anything other than a NasError is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import optuna
+import torch
+
+from nas.errors import NasError
+from nas.train import pick_device
+
+
+def device_option(name: str) -> torch.device:
+    """The device a `--device` option asks for, or a NasError saying it is not here."""
+    try:
+        return pick_device(name)
+    except ValueError as err:
+        raise NasError("--device", str(err)) from None
+
+
+def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """run(args), with a NasError printed as `error: SOURCE: REASON` and exit code 2."""
+    # The commands print their own lines (a failed trial's with its reason); Optuna's log
+    # would repeat them with tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        return run(args)
+    except NasError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
