@@ -12,7 +12,11 @@ largest networks of the space (from 300 sampled candidates), reference point (Io
 The median over seeds is printed at tenths of the budget, and for each arm the budget
 fraction at which its median curve first reaches (b)'s final median hypervolume.
 
-    python benchmarks/search_efficiency.py [--budget 240] [--seeds 0 1 2]
+    python benchmarks/search_efficiency.py [--budget 240] [--seeds 0 1 2] [--arms a b c]
+        [--pruner k=2 warmup_epochs=2 min_trials=4] [--workdir DIR]
+
+--pruner overrides the default space's pruner settings for arm (a); --workdir keeps every
+run's study (otherwise a temporary folder is used and removed).
 
 Target: (a) reaches (b)'s final hypervolume within 50% of the budget and ends higher than
 (b) and (c).
@@ -27,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -38,9 +43,9 @@ from nas.space import load_space, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
-    "a: nsga2 + pareto pruner": ("nsga2", "pareto"),
-    "b: nsga2, no pruning": ("nsga2", "none"),
-    "c: random, no pruning": ("random", "none"),
+    "a": ("a: nsga2 + pareto pruner", "nsga2", "pareto"),
+    "b": ("b: nsga2, no pruning", "nsga2", "none"),
+    "c": ("c: random, no pruning", "random", "none"),
 }
 FRACTIONS = [i / 10 for i in range(1, 11)]
 
@@ -72,9 +77,8 @@ def hypervolume(points: list[tuple[float, float]]) -> float:
     return sum((end - size) * iou for (size, iou), end in zip(front, edges, strict=True))
 
 
-def curve(db: Path, name: str, budget: float, bounds: tuple[float, float]) -> list[float]:
+def curve(study: optuna.Study, budget: float, bounds: tuple[float, float]) -> list[float]:
     """Hypervolume of the trials completed by each fraction of the budget."""
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     start = min(t.datetime_start for t in study.trials)
     low, high = bounds
     done = [
@@ -91,10 +95,13 @@ def curve(db: Path, name: str, budget: float, bounds: tuple[float, float]) -> li
     ]
 
 
-def run_arm(workdir: Path, space: dict, sampler: str, pruner: str, seed: int, budget: float):
+def run_arm(
+    workdir: Path, space: dict, sampler: str, pruner: dict, seed: int, budget: float
+) -> optuna.Study:
     space = {**space, "study": {**space["study"], "sampler": sampler}}
-    space["study"]["pruner"] = {**space["study"].get("pruner", {}), "type": pruner}
-    name = f"{sampler}-{pruner}-{seed}"
+    space["study"]["pruner"] = {**space["study"].get("pruner", {}), **pruner}
+    pruner_name = "-".join(f"{v}" if k == "type" else f"{k}{v}" for k, v in pruner.items())
+    name = f"{sampler}-{pruner_name}-{seed}"
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     command = [
@@ -102,19 +109,32 @@ def run_arm(workdir: Path, space: dict, sampler: str, pruner: str, seed: int, bu
         "--timeout", str(budget), "--n-trials", "100000", "--results-dir", "runs",
     ]  # fmt: skip
     subprocess.run(command, cwd=workdir, check=True, capture_output=True, text=True)
-    return workdir / "runs" / name / "study.db", name
+    db = workdir / "runs" / name / "study.db"
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+def pruner_overrides(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        overrides[key] = int(value)
+    return overrides
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=240.0, help="seconds per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS))
+    parser.add_argument("--pruner", nargs="*", default=[], help="KEY=INT for arm (a)")
+    parser.add_argument("--workdir", type=Path, help="keep the runs here")
     args = parser.parse_args()
     space_path = ROOT / "search_spaces" / "unet.yaml"
     space = yaml.safe_load(space_path.read_text())
     bounds = size_bounds(space_path)
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
+        workdir = args.workdir.resolve() if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         os.environ["NAS_CACHE_DIR"] = str(workdir / "cache")
         # Generate and preprocess the data once, outside every arm's budget.
         warm = {**space, "study": {**space["study"], "n_trials": 1, "enqueue": []}}
@@ -124,17 +144,26 @@ def main() -> None:
             [sys.executable, "-m", "nas.run", "warm.yaml", "--results-dir", "warm"],
             cwd=workdir, check=True, capture_output=True,
         )  # fmt: skip
-        curves: dict[str, list[list[float]]] = {arm: [] for arm in ARMS}
+        curves: dict[str, list[list[float]]] = {ARMS[arm][0]: [] for arm in args.arms}
         for seed in args.seeds:
-            for arm, (sampler, pruner) in ARMS.items():
-                db, name = run_arm(workdir, space, sampler, pruner, seed, args.budget)
-                curves[arm].append(curve(db, name, args.budget, bounds))
-                print(f"seed {seed} {arm}: final hypervolume {curves[arm][-1][-1]:.4f}", flush=True)
+            for arm in args.arms:
+                label, sampler, pruner = ARMS[arm]
+                settings = {"type": pruner, **(pruner_overrides(args.pruner) if arm == "a" else {})}
+                study = run_arm(workdir, space, sampler, settings, seed, args.budget)
+                curves[label].append(curve(study, args.budget, bounds))
+                states = Counter(t.state.name for t in study.trials)
+                print(
+                    f"seed {seed} {label}: final hypervolume {curves[label][-1][-1]:.4f}; "
+                    f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+                    f"{states['FAIL']} failed",
+                    flush=True,
+                )
     medians = {arm: [statistics.median(c[i] for c in runs) for i in range(len(FRACTIONS))]
                for arm, runs in curves.items()}  # fmt: skip
-    target = medians["b: nsga2, no pruning"][-1]
+    target = medians.get(ARMS["b"][0], [math.nan])[-1]
     print(
-        f"\nbudget {args.budget:.0f} s per run, seeds {args.seeds}; size bounds log10 params "
+        f"\nbudget {args.budget:.0f} s per run, seeds {args.seeds}, "
+        f"pruner {args.pruner or 'default'}; size bounds log10 params "
         f"[{bounds[0]:.2f}, {bounds[1]:.2f}]; reference point (IoU 0, size 1)"
     )
     print("median hypervolume at budget fraction:")

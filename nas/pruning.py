@@ -4,9 +4,11 @@ Optuna refuses `Trial.report`/`should_prune` in multi-objective studies, and its
 would be wrong here anyway: a small network with a modest IoU may be exactly the point a user
 wants. The parameter count is known before training starts, so after each epoch the question
 is IoU *given size*: a candidate is stopped when at least `k` other trials with no more
-parameters had a higher validation IoU at the same epoch. A candidate that is the best seen
+parameters had a higher validation IoU by the same epoch. A candidate that is the best seen
 at its size is never stopped, however low its IoU. Learning curves are read from the trials'
-intermediate values, which the objective stores through the study's storage.
+intermediate values, which the objective stores through the study's storage. Both sides are
+compared on their best IoU up to that epoch: the curves of small networks trained for a few
+epochs jump by 0.2 from one epoch to the next, and one bad epoch should not end a candidate.
 
 Why this rule rather than successive halving within size strata: it needs no strata
 boundaries or rung schedule, and it can only stop a candidate that k smaller-or-equal
@@ -19,7 +21,7 @@ and too few seeds to show a benefit or a harm; longer runs are needed before tun
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from optuna.trial import FrozenTrial
@@ -48,11 +50,14 @@ def dominated_at_epoch(
     epoch: int,
     iou: float,
 ) -> bool:
-    """Whether trial `number` (n_params, validation IoU `iou` at `epoch`) should stop now."""
+    """Whether trial `number` should stop now.
+
+    n_params: its parameter count; iou: its best validation IoU up to and including `epoch`.
+    """
     if cfg.type == "none" or epoch <= cfg.warmup_epochs:
         return False
     peers = [
-        (t.user_attrs["n_params"], t.intermediate_values[epoch])
+        (t.user_attrs["n_params"], best_up_to(t.intermediate_values, epoch))
         for t in trials
         if t.number != number and epoch in t.intermediate_values and "n_params" in t.user_attrs
     ]
@@ -60,3 +65,8 @@ def dominated_at_epoch(
         return False
     better = sum(1 for size, value in peers if size <= n_params and value > iou)
     return better >= cfg.k
+
+
+def best_up_to(curve: Mapping[int, float], epoch: int) -> float:
+    """The best value of a learning curve {epoch: IoU} up to and including `epoch`."""
+    return max(value for step, value in curve.items() if step <= epoch)

@@ -24,7 +24,7 @@ from nas.cli import device_option, exit_code
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
 from nas.results import atomic_write, pareto_front, save_checkpoint
-from nas.study import DIRECTIONS, default_storage
+from nas.study import DIRECTIONS, default_storage, load_results_study
 from nas.train import TrainConfig, fit
 
 
@@ -66,12 +66,7 @@ def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[Fr
 def run(args: argparse.Namespace) -> int:
     name = args.results.name
     storage = args.storage or default_storage(args.results)
-    if args.storage is None and not (args.results / "study.db").exists():
-        raise NasError(args.results, "holds no study.db: not a results folder of nas.run")
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        raise NasError(storage, f"has no study named {name!r}") from None
+    study = load_results_study(args.results, args.storage)
     if "data_config" not in study.user_attrs:
         raise NasError(storage, f"study {name!r} does not record its data settings")
     data_cfg = DataConfig(**study.user_attrs["data_config"])

@@ -23,7 +23,7 @@ from nas.builder import build_unet, count_parameters
 from nas.data import Case
 from nas.errors import NasError
 from nas.evaluate import Scores
-from nas.pruning import dominated_at_epoch
+from nas.pruning import best_up_to, dominated_at_epoch
 from nas.results import save_checkpoint
 from nas.space import SearchSpace, StudySection, sample
 from nas.train import CandidateFailed, EpochResult, fit
@@ -82,6 +82,21 @@ def open_study(cfg: StudySection, storage: str, warm_start: Sequence[dict] = ())
     return study
 
 
+def load_results_study(results: Path, storage: str | None = None) -> optuna.Study:
+    """The study behind a results folder of nas.run (named after the folder)."""
+    name = results.name
+    if storage is None:
+        if not (results / "study.db").exists():
+            raise NasError(results, "holds no study.db: not a results folder of nas.run")
+        storage = default_storage(results)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise NasError(storage, f"has no study named {name!r}") from None
+    except Exception as err:  # SQLAlchemy and Optuna raise many types for a bad URL
+        raise NasError(storage, f"cannot open the study storage ({err})") from None
+
+
 def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
@@ -125,6 +140,7 @@ def make_objective(
         trial.set_user_attr("n_params", n_params)
         train_losses: list[float] = []
         epoch_seconds: list[float] = []
+        curve: dict[int, float] = {}
 
         def on_epoch(result: EpochResult) -> None:
             train_losses.append(result.train_loss)
@@ -136,9 +152,11 @@ def make_objective(
             trial.storage.set_trial_intermediate_value(
                 trial._trial_id, result.epoch, result.scores.iou
             )
+            curve[result.epoch] = result.scores.iou
             peers = trial.study.get_trials(deepcopy=False)
+            best = best_up_to(curve, result.epoch)
             if dominated_at_epoch(
-                space.study.pruner, peers, trial.number, n_params, result.epoch, result.scores.iou
+                space.study.pruner, peers, trial.number, n_params, result.epoch, best
             ):
                 _record_scores(trial, result.scores, result.epoch, start)
                 raise optuna.TrialPruned(f"dominated at epoch {result.epoch}")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from nas.pruning import PrunerConfig, dominated_at_epoch
+from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -76,6 +76,17 @@ def test_a_trial_is_not_compared_with_itself_and_none_disables_pruning():
     )
     off = PrunerConfig(type="none")
     assert not dominated_at_epoch(off, PEERS, number=99, n_params=10**9, epoch=4, iou=0.0)
+
+
+def test_peers_are_compared_on_their_best_iou_so_far():
+    # Two smaller peers reached 0.7 at epoch 2 and dipped to 0.1 at epoch 3: by epoch 3 they
+    # have still shown 0.7, so a larger candidate at 0.5 is dominated.
+    dipping = _numbered([_history(1_000, [0.2, 0.7, 0.1]), _history(2_000, [0.3, 0.7, 0.1])])
+    lenient = PrunerConfig(warmup_epochs=1, k=2, min_trials=2)
+    assert dominated_at_epoch(lenient, dipping, 99, n_params=3_000, epoch=3, iou=0.5)
+    assert not dominated_at_epoch(lenient, dipping, 99, n_params=3_000, epoch=3, iou=0.7)
+    # A later epoch does not leak into an earlier comparison.
+    assert best_up_to({1: 0.2, 2: 0.7, 3: 0.1}, 1) == 0.2
 
 
 def test_histories_from_a_single_direction_study_work_too(tmp_path):
