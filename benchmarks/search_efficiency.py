@@ -39,6 +39,7 @@ import yaml
 from optuna.trial import TrialState
 
 from nas import build_unet, count_parameters
+from nas.report import hypervolume, normalised_size
 from nas.space import load_space, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,27 +66,14 @@ def size_bounds(space_path: Path, n: int = 300) -> tuple[float, float]:
     return math.log10(min(counts)), math.log10(max(counts))
 
 
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """Area dominated by (iou, size) points, maximising iou, minimising size, ref (0, 1)."""
-    front: list[tuple[float, float]] = []
-    for size, iou in sorted((s, i) for i, s in points if i > 0 and s < 1):
-        if not front or iou > front[-1][1]:
-            front.append((size, iou))
-    if not front:
-        return 0.0
-    edges = [s for s, _ in front[1:]] + [1.0]
-    return sum((end - size) * iou for (size, iou), end in zip(front, edges, strict=True))
-
-
 def curve(study: optuna.Study, budget: float, bounds: tuple[float, float]) -> list[float]:
     """Hypervolume of the trials completed by each fraction of the budget."""
     start = min(t.datetime_start for t in study.trials)
-    low, high = bounds
     done = [
         (
             (t.datetime_complete - start).total_seconds(),
             t.values[0],
-            min(1.0, max(0.0, (math.log10(t.values[1]) - low) / (high - low))),
+            normalised_size(t.values[1], bounds),
         )
         for t in study.get_trials(states=(TrialState.COMPLETE,))
     ]

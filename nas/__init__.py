@@ -2,5 +2,6 @@
 
 from nas.builder import UNet, UNetConfig, build_unet, count_parameters
 from nas.errors import NasError
+from nas.exported import load
 
-__all__ = ["NasError", "UNet", "UNetConfig", "build_unet", "count_parameters"]
+__all__ = ["NasError", "UNet", "UNetConfig", "build_unet", "count_parameters", "load"]

@@ -28,31 +28,47 @@ class Scores:
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    device: torch.device,
+    slice_axis: int = 2,
+    windows_per_batch: int = 16,
+) -> torch.Tensor:
+    """Logits (K, X, Y, Z) on `device` for one preprocessed image (C, X, Y, Z).
+
+    patch_size: in-plane size for a 2D network (which sees slices along `slice_axis`),
+    (X, Y, Z) for a 3D one.
+    """
+    # A copy: cached arrays are read-only memory maps.
+    inputs = torch.from_numpy(np.array(image, dtype=np.float32)).to(device)
+    two_d = len(patch_size) == 2
+    # 2D: the slices are the batch, (S, C, a, b); 3D: one volume, (1, C, X, Y, Z).
+    inputs = inputs.movedim(slice_axis + 1, 0) if two_d else inputs.unsqueeze(0)
+    logits = sliding_window_inference(
+        inputs, tuple(patch_size), windows_per_batch, model, overlap=0.25, mode="gaussian"
+    )
+    return logits.movedim(0, slice_axis + 1) if two_d else logits[0]
+
+
+def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Class indices (uint8) from logits (K, ...): sigmoid > 0.5 for one output, else argmax."""
+    if logits.shape[0] == 1:
+        return (logits[0] > 0).to(torch.uint8)  # sigmoid(x) > 0.5 <=> x > 0
+    return logits.argmax(0).to(torch.uint8)
+
+
 def predict_case(
     model: nn.Module,
     case: Case,
     patch_size: Sequence[int],
     device: torch.device,
     slice_axis: int = 2,
-    windows_per_batch: int = 16,
 ) -> np.ndarray:
-    """Class-index map (X, Y, Z) for one case; probability 0.5 with a single sigmoid output.
-
-    patch_size: in-plane size for a 2D network (which sees slices along `slice_axis`),
-    (X, Y, Z) for a 3D one.
-    """
-    # A copy: the cached arrays are read-only memory maps.
-    image = torch.from_numpy(np.array(case.image, dtype=np.float32)).to(device)  # (C, X, Y, Z)
-    two_d = len(patch_size) == 2
-    # 2D: the slices are the batch, (S, C, a, b); 3D: one volume, (1, C, X, Y, Z).
-    inputs = image.movedim(slice_axis + 1, 0) if two_d else image.unsqueeze(0)
-    logits = sliding_window_inference(
-        inputs, tuple(patch_size), windows_per_batch, model, overlap=0.25, mode="gaussian"
-    )
-    logits = logits.movedim(0, slice_axis + 1) if two_d else logits[0]  # (K, X, Y, Z)
-    if logits.shape[0] == 1:
-        return (logits[0] > 0).to(torch.uint8).cpu().numpy()  # sigmoid(x) > 0.5 <=> x > 0
-    return logits.argmax(0).to(torch.uint8).cpu().numpy()
+    """Class-index map (X, Y, Z) for one preprocessed case."""
+    logits = predict_logits(model, case.image, patch_size, device, slice_axis)
+    return labels_from_logits(logits).cpu().numpy()
 
 
 def evaluate(

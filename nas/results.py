@@ -33,6 +33,8 @@ METRIC_COLUMNS = [
     "epochs_run",
     "device",
     "fail_reason",
+    "macs",
+    "summary",
 ]
 
 
@@ -78,6 +80,8 @@ def _row(trial: FrozenTrial) -> dict:
         "epochs_run": attrs.get("epochs_run"),
         "device": attrs.get("device"),
         "fail_reason": attrs.get("fail_reason"),
+        "macs": attrs.get("macs"),
+        "summary": attrs.get("summary"),
     }
     for name, value in unet.items():
         if name not in row:

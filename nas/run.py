@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from nas.cli import device_option, exit_code
 from nas.data import load_dataset, split_dataset
+from nas.exported import describe_data
+from nas.report import write_report
 from nas.results import write_results
 from nas.space import load_space, warm_start_params
 from nas.study import default_storage, make_objective, n_finished, open_study
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     study = open_study(study_cfg, storage, warm_start)
     # What a later step (nas.retrain, another worker) needs to find and prepare the data.
     study.set_user_attr("data_config", space.data.to_dict())
+    study.set_user_attr("data_description", describe_data(dataset))
 
     already = n_finished(study)
     remaining = study_cfg.n_trials - already
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
             def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
                 write_results(study, study_dir)
+                write_report(study, study_dir)
                 progress.write(_trial_line(trial))
                 progress.update(1)
 
@@ -127,16 +131,22 @@ def run(args: argparse.Namespace) -> int:
                 )
             except KeyboardInterrupt:
                 write_results(study, study_dir)
+                write_report(study, study_dir)
                 print("interrupted: finished trials are kept; run the same command to continue")
                 return 130
 
     front = write_results(study, study_dir)
+    write_report(study, study_dir)
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     print(f"{len(completed)} completed trials; Pareto front of {len(front)}:")
     for trial in front:
         print("  " + _trial_line(trial))
-    print(f"results in {study_dir}/ (trials.csv, pareto.csv, pareto.png, checkpoints/)")
-    print(f"inspect with: optuna-dashboard {storage}")
+    print(
+        f"results in {study_dir}/ (report.html, trials.csv, pareto.csv, pareto.png, "
+        "checkpoints/, artifacts/)"
+    )
+    custom = f" --storage {storage}" if args.storage else ""
+    print(f"inspect with: python -m nas.dashboard {study_dir}{custom}")
     return 0
 
 

@@ -17,10 +17,13 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.trial import TrialState
+from optuna_dashboard import save_note
 from pydantic import ValidationError
 
+from nas.artifacts import example_case, overlay_path, upload, write_overlay
 from nas.builder import build_unet, count_parameters
 from nas.data import Case
+from nas.describe import count_macs, summary, trial_note
 from nas.errors import NasError
 from nas.evaluate import Scores
 from nas.pruning import best_up_to, dominated_at_epoch
@@ -101,6 +104,15 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
 
+def _dominated(study: optuna.Study, iou: float, n_params: int) -> bool:
+    """Whether a completed trial is at least as good on both objectives and better on one."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        better_iou, fewer = other.values[0] >= iou, other.values[1] <= n_params
+        if better_iou and fewer and (other.values[0] > iou or other.values[1] < n_params):
+            return True
+    return False
+
+
 def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: float) -> None:
     """The last validation scores, kept as user attrs (a pruned trial has no values)."""
     trial.set_user_attr("val_iou", scores.iou)
@@ -121,6 +133,8 @@ def make_objective(
 ) -> Callable[[optuna.Trial], tuple[float, int]]:
     """The function Optuna calls per trial: sample, build, count, train, save weights."""
     out_channels = 1 if n_classes == 1 else n_classes + 1
+    slicing = space.data.slicing
+    shown_case = example_case(val_cases)
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
@@ -135,9 +149,21 @@ def make_objective(
             raise CandidateFailed(reason) from None
         model = build_unet(candidate.unet)
         n_params = count_parameters(model)
+        two_d = candidate.unet.spatial_dims == 2
+        patch = candidate.train.patch_size_2d if two_d else candidate.train.patch_size_3d
+        macs = count_macs(model, in_channels, patch)
         trial.set_user_attr("unet_config", candidate.unet.to_dict())
         trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
         trial.set_user_attr("n_params", n_params)
+        trial.set_user_attr("macs", macs)
+        trial.set_user_attr("summary", summary(candidate.unet, n_params))
+
+        def note(state: str, **outcome) -> None:
+            outcome |= {"state": state, "device": str(device)}
+            outcome.setdefault("seconds", time.perf_counter() - start)
+            text = trial_note(trial.number, candidate.unet, n_params, macs, patch, outcome)
+            save_note(trial, text)
+
         train_losses: list[float] = []
         epoch_seconds: list[float] = []
         curve: dict[int, float] = {}
@@ -159,6 +185,9 @@ def make_objective(
                 space.study.pruner, peers, trial.number, n_params, result.epoch, best
             ):
                 _record_scores(trial, result.scores, result.epoch, start)
+                reason = f"stopped at epoch {result.epoch}: dominated by smaller networks"
+                note("PRUNED", val_iou=result.scores.iou, val_dice=result.scores.dice,
+                     epochs_run=result.epoch, reason=reason)  # fmt: skip
                 raise optuna.TrialPruned(f"dominated at epoch {result.epoch}")
 
         try:
@@ -170,15 +199,26 @@ def make_objective(
                 candidate.train,
                 device,
                 on_epoch,
-                space.data.slicing,
+                slicing,
             )
         except CandidateFailed as err:
             trial.set_user_attr("fail_reason", err.reason)
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+            note("FAIL", reason=err.reason)
             raise
-        save_checkpoint(study_dir, trial.number, model.state_dict())
+        weights = save_checkpoint(study_dir, trial.number, model.state_dict())
         _record_scores(trial, result.scores, len(result.history), start)
         trial.set_user_attr("stopped_by_time", result.stopped_by_time)
+        title = f"trial {trial.number}, IoU {result.scores.iou:.3f}"
+        overlay = overlay_path(study_dir, trial.number)
+        write_overlay(model, shown_case, patch, device, slicing.axis, overlay, title)
+        upload(trial, study_dir, overlay)
+        if not _dominated(trial.study, result.scores.iou, n_params):
+            # On the front now: the only moment its weights can still join the trial (a
+            # finished trial is read-only), and every final front member passes here.
+            upload(trial, study_dir, weights)
+        note("COMPLETE", val_iou=result.scores.iou, val_dice=result.scores.dice,
+             epochs_run=len(result.history))  # fmt: skip
         return result.scores.iou, n_params
 
     return objective

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from nas.data.layouts import DatasetIndex
 from nas.data.plan import make_plan
-from nas.data.preprocess import preprocess_case
+from nas.data.preprocess import CasePlan, ChannelNorm, preprocess_case
 
 # Bump when preprocessing changes what it writes, so older caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class Dataset:
     class_names: tuple[str, ...]  # foreground classes, class index 1..K
     cases: tuple[Case, ...]
     cache: Path
+    plan: CasePlan  # how every case was prepared: what a new scan must go through too
+    source_channel_names: tuple[str, ...]  # every channel a case provides, in file order
 
     @property
     def in_channels(self) -> int:
@@ -107,6 +109,7 @@ def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
             "root": str(index.root),
             "layout": index.layout,
             "channel_names": [index.channel_names[c] for c in plan.channels],
+            "source_channel_names": list(index.channel_names),
             "class_names": list(class_names),
             "plan": dataclasses.asdict(plan)
             | {"class_of_value": {str(k): v for k, v in plan.class_of_value.items()}},
@@ -132,8 +135,23 @@ def _open(folder: Path, root: Path) -> Dataset:
         )
         for entry in manifest["cases"]
     )
+    plan = manifest["plan"]
     return Dataset(
-        root, tuple(manifest["channel_names"]), tuple(manifest["class_names"]), cases, folder
+        root,
+        tuple(manifest["channel_names"]),
+        tuple(manifest["class_names"]),
+        cases,
+        folder,
+        CasePlan(
+            tuple(plan["channels"]),
+            tuple(
+                ChannelNorm(norm["clip"] and tuple(norm["clip"]), norm["mean"], norm["std"])
+                for norm in plan["norms"]
+            ),
+            {int(value): k for value, k in plan["class_of_value"].items()},
+            tuple(plan["target_spacing_mm"]),
+        ),
+        tuple(manifest["source_channel_names"]),
     )
 
 

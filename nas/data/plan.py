@@ -52,7 +52,7 @@ def _label_values(index: DatasetIndex) -> dict[str, int]:
         return index.labels
     found: set[int] = set()
     for case in index.cases:
-        channels, _, affine = read_channels(case, 1)
+        channels, _, affine = read_channels(case.images, 1)
         found |= set(np.unique(read_label(case, channels[0].shape, affine)).tolist())
     return {"background": 0} | {f"label_{v}": v for v in sorted(found - {0})}
 
@@ -83,7 +83,7 @@ def _ct_norm(index: DatasetIndex, channel: int) -> ChannelNorm:
     rng = np.random.default_rng(0)
     samples = []
     for case in index.cases:
-        channels, _, affine = read_channels(case, len(index.channel_names))
+        channels, _, affine = read_channels(case.images, len(index.channel_names))
         label = read_label(case, channels[0].shape, affine)
         voxels = channels[channel][label > 0]
         if len(voxels) > CT_SAMPLES_PER_CASE:

@@ -10,7 +10,9 @@ is a NasError naming the file. Knows nothing of caching, sampling or training.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -89,24 +91,31 @@ def _check_3d(data: np.ndarray, path, expected_channels: int | None = None) -> N
 
 
 def read_channels(
-    case: CaseFiles, n_channels: int
-) -> tuple[list[np.ndarray], list[object], np.ndarray]:
-    """A case's channels (3D, RAS), the file each came from, and their common affine."""
-    if len(case.images) == 1:  # MSD or plain pairs: one file, 4D when multi-modal
-        path = case.images[0]
+    images: Sequence[Path], n_channels: int
+) -> tuple[list[np.ndarray], list[Path], np.ndarray]:
+    """A case's channels (3D, RAS), the file each came from, and their common affine.
+
+    images: one 3D file per channel, or a single file (4D when there are several channels).
+    """
+    if len(images) == 1:  # MSD or plain pairs: one file, 4D when multi-modal
+        path = images[0]
         data, affine = load_volume(path, as_float32=True)
         _check_3d(data, path, n_channels)
         channels = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
         return channels, [path] * len(channels), affine
     channels, affine = [], None
-    for path in case.images:
+    if len(images) != n_channels:
+        raise NasError(
+            images[0].parent, f"expected {n_channels} channel files, found {len(images)}"
+        )
+    for path in images:
         data, this_affine = load_volume(path, as_float32=True)
         _check_3d(data, path)
         if channels and (data.shape != channels[0].shape or not _same(this_affine, affine)):
-            raise NasError(path, f"shape or affine differs from {case.images[0].name}")
+            raise NasError(path, f"shape or affine differs from {images[0].name}")
         channels.append(data)
         affine = this_affine
-    return channels, list(case.images), affine
+    return channels, list(images), affine
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -166,29 +175,52 @@ def _normalise_in_place(channel: np.ndarray, norm: ChannelNorm) -> None:
     channel /= np.float32(max(std, 1e-8))
 
 
+def prepare_image(
+    channels: list[np.ndarray], spacing: tuple[float, float, float], plan: CasePlan
+) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The network's input (C, X, Y, Z) float32 from a case's RAS channels (all of them, in
+    the dataset's order), and the nonzero box it was cropped to, in the source voxels."""
+    chosen = [channels[c] for c in plan.channels]
+    box = nonzero_box(chosen)
+    factors = np.array(spacing) / np.array(plan.target_spacing_mm)
+    shape = _resampled_shape(chosen[0][box].shape, factors)
+    image = np.empty((len(chosen), *shape), np.float32)
+    for out, channel, norm in zip(image, chosen, plan.norms, strict=True):
+        out[...] = _resample(channel[box], factors, order=1)
+        _normalise_in_place(out, norm)
+    return image, box
+
+
+def _resampled_shape(shape: tuple[int, ...], factors: np.ndarray) -> tuple[int, ...]:
+    if np.allclose(factors, 1.0):
+        return tuple(shape)
+    return tuple(int(round(n * f)) for n, f in zip(shape, factors, strict=True))
+
+
 def preprocess_case(
     case: CaseFiles, n_channels: int, plan: CasePlan
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(image (C, X, Y, Z) float32, label (X, Y, Z) uint8 class indices, source spacing)."""
-    channels, paths, affine = read_channels(case, n_channels)
-    for channel, path in zip(channels, paths, strict=True):
-        if not np.all(np.isfinite(channel)):
-            raise NasError(path, "holds NaN or infinite voxels")
+    channels, paths, affine = read_channels(case.images, n_channels)
+    check_finite(channels, paths)
     label = read_label(case, channels[0].shape, affine)
     values = np.unique(label)
     undeclared = sorted(set(values.tolist()) - set(plan.class_of_value))
     if undeclared:
         raise NasError(case.label, f"label values {undeclared} are not declared")
     spacing = spacing_of(paths[0])
-    chosen = [channels[c] for c in plan.channels]
-    box = nonzero_box(chosen)
+    image, box = prepare_image(channels, spacing, plan)
     factors = np.array(spacing) / np.array(plan.target_spacing_mm)
     lookup = np.zeros(int(values.max()) + 1, np.uint8)
     for value in values:
         lookup[value] = plan.class_of_value[int(value)]
     label = _resample(lookup[label[box]], factors, order=0)
-    image = np.empty((len(chosen), *label.shape), np.float32)
-    for out, channel, norm in zip(image, chosen, plan.norms, strict=True):
-        out[...] = _resample(channel[box], factors, order=1)
-        _normalise_in_place(out, norm)
+    if label.shape != image.shape[1:]:
+        raise AssertionError(f"label {label.shape} and image {image.shape} disagree")
     return image, label, spacing
+
+
+def check_finite(channels: list[np.ndarray], paths: list) -> None:
+    for channel, path in zip(channels, paths, strict=True):
+        if not np.all(np.isfinite(channel)):
+            raise NasError(path, "holds NaN or infinite voxels")

@@ -1,0 +1,93 @@
+"""What a trial leaves for people to look at: an overlay PNG of a validation case, and its
+weights, uploaded through `optuna.artifacts` to a file-system store in results/<study>/
+artifacts so that optuna-dashboard shows and serves them beside the trial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import torch  # noqa: E402
+from optuna.artifacts import FileSystemArtifactStore  # noqa: E402
+from torch import nn  # noqa: E402
+
+from nas.data import Case  # noqa: E402
+from nas.evaluate import predict_case  # noqa: E402
+
+ARTIFACTS_DIR = "artifacts"
+OVERLAYS_DIR = "overlays"
+
+
+def artifact_store(study_dir: Path) -> FileSystemArtifactStore:
+    folder = study_dir / ARTIFACTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
+
+
+def overlay_path(study_dir: Path, trial_number: int) -> Path:
+    return study_dir / OVERLAYS_DIR / f"trial_{trial_number:04d}.png"
+
+
+def example_case(cases: Sequence[Case]) -> Case:
+    """The validation case every trial's overlay shows: the one with most foreground."""
+    return max(cases, key=lambda case: (int(np.count_nonzero(case.label)), case.name))
+
+
+def write_overlay(
+    model: nn.Module,
+    case: Case,
+    patch_size: Sequence[int],
+    device: torch.device,
+    slice_axis: int,
+    path: Path,
+    title: str,
+) -> Path:
+    """Image, ground truth and prediction on the slice with most ground-truth foreground."""
+    was_training = model.training
+    model.eval()
+    prediction = predict_case(model, case, patch_size, device, slice_axis)
+    model.train(was_training)
+    label = np.asarray(case.label)
+    other = tuple(a for a in range(3) if a != slice_axis)
+    index = int(np.argmax((label > 0).sum(axis=other)))
+
+    def cut(volume: np.ndarray) -> np.ndarray:
+        return np.take(volume, index, axis=slice_axis).T  # rows: second in-plane axis
+
+    image, truth, predicted = cut(np.asarray(case.image[0])), cut(label), cut(prediction)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+    for ax, (name, mask, colour) in zip(
+        axes,
+        (("image", None, None), ("ground truth", truth, "lime"), ("prediction", predicted, "red")),
+        strict=True,
+    ):
+        ax.imshow(image, cmap="gray", origin="lower")
+        if mask is not None:
+            ax.imshow(np.ma.masked_where(mask == 0, mask), cmap=_solid(colour), alpha=0.6,
+                      origin="lower", interpolation="nearest")  # fmt: skip
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{title} — {case.name}, slice {index} of axis {slice_axis}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the title above the panel titles
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _solid(colour: str) -> matplotlib.colors.Colormap:
+    return matplotlib.colors.ListedColormap([colour])
+
+
+def upload(trial: optuna.Trial, study_dir: Path, path: Path) -> str:
+    """Attach `path` to the running trial; optuna-dashboard lists and serves it."""
+    return optuna.artifacts.upload_artifact(
+        artifact_store=artifact_store(study_dir), file_path=str(path), study_or_trial=trial
+    )

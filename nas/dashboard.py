@@ -1,0 +1,49 @@
+"""`python -m nas.dashboard results/<study>`: optuna-dashboard on the study, with its artifacts.
+
+The same as `optuna-dashboard sqlite:///results/<study>/study.db --artifact-dir
+results/<study>/artifacts`, served on the loopback interface: the trials with their notes
+(the architecture in words and numbers), learning curves, the Pareto front, and each trial's
+overlay and weights to view or download. Stop it with Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna_dashboard
+
+from nas.artifacts import artifact_store
+from nas.cli import exit_code
+from nas.study import default_storage, load_results_study
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nas.dashboard", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    load_results_study(args.results, args.storage)  # a clear error before the server starts
+    storage = args.storage or default_storage(args.results)
+    print(f"optuna-dashboard for {args.results} on http://{args.host}:{args.port}/", flush=True)
+    optuna_dashboard.run_server(
+        storage, host=args.host, port=args.port, artifact_store=artifact_store(args.results)
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return exit_code(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""`python -m nas.export results/<study>`: write one architecture of the front as a model folder.
+
+Pick the trial with --best (highest IoU on the front, the default), --max-params P (highest
+IoU among front members with at most P parameters) or --trial N. The folder (default
+results/<study>/export/trial_NNNN) gets architecture.yaml, weights.pt, README.md, and the
+formats asked for with --format: pt2 (torch.export, the default) and onnx. Each exported
+program is run on a random input and compared with the eager model before the folder is
+written; the largest difference is recorded. The folder is built beside its destination and
+renamed into place, and a folder holding a different model is only replaced with --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.builder import UNet, UNetConfig, build_unet, count_parameters
+from nas.cli import exit_code
+from nas.data import DataConfig, load_dataset
+from nas.errors import NasError
+from nas.exported import (
+    CARD_FILE,
+    ONNX_FILE,
+    PT2_FILE,
+    WEIGHTS_FILE,
+    Inference,
+    ModelCard,
+    describe_data,
+    load_weights,
+    read_card,
+    write_card,
+)
+from nas.results import checkpoint_path, pareto_front
+from nas.study import load_results_study
+from nas.train import TrainConfig
+
+FORMATS = ("pt2", "onnx")
+# An exported program must give the eager model's logits within this (float32 round-off).
+RTOL, ATOL = 1e-3, 1e-4
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nas.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--best", action="store_true", help="highest IoU on the front (default)")
+    choice.add_argument("--max-params", type=int, metavar="P", help="best with at most P params")
+    choice.add_argument("--trial", type=int, metavar="N", help="this trial")
+    parser.add_argument("--out", type=Path, help="default: results/<study>/export/trial_NNNN")
+    parser.add_argument("--format", default="pt2", help="comma-separated: pt2, onnx (or none)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
+    parser.add_argument("--force", action="store_true", help="replace a different model's folder")
+    return parser.parse_args(argv)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in text.split(",") if f.strip() and f.strip() != "none")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise NasError("--format", f"unknown format {unknown[0]!r} (choose from pt2, onnx)")
+    return formats
+
+
+def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None) -> FrozenTrial:
+    if trial is not None:
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        if trial not in by_number:
+            raise NasError("--trial", f"study {study.study_name!r} has no trial {trial}")
+        chosen = by_number[trial]
+        if chosen.state != TrialState.COMPLETE:
+            raise NasError("--trial", f"trial {trial} is {chosen.state.name}, not COMPLETE")
+        return chosen
+    front = pareto_front(study)
+    if not front:
+        raise NasError(study.study_name, "has no completed trial to export")
+    if max_params is not None:
+        front = [t for t in front if t.values[1] <= max_params]
+        if not front:
+            smallest = min(t.values[1] for t in pareto_front(study))
+            raise NasError(
+                "--max-params",
+                f"no front member has at most {max_params:,} parameters "
+                f"(the smallest has {int(smallest):,})",
+            )
+    return max(front, key=lambda t: (t.values[0], -t.values[1]))
+
+
+def _data_description(study: optuna.Study) -> dict:
+    if "data_description" in study.user_attrs:
+        return study.user_attrs["data_description"]
+    if "data_config" not in study.user_attrs:  # a study from before nas.run recorded either
+        raise NasError(study.study_name, "does not record its data settings")
+    return describe_data(load_dataset(DataConfig(**study.user_attrs["data_config"])))
+
+
+def _example_input(model: UNet, inference: Inference, in_channels: int) -> torch.Tensor:
+    """A batch of two, each spatial size the patch rounded up to a multiple (at least 2x)."""
+    sizes = [
+        max(2 * m, -(-p // m) * m)
+        for p, m in zip(inference.patch_size, model.size_multiple, strict=True)
+    ]
+    return torch.randn(2, in_channels, *sizes, generator=torch.Generator().manual_seed(0))
+
+
+def _dynamic_shapes(model: UNet) -> dict:
+    """Batch and every spatial size free; spatial sizes multiples of the total stride, >= 2x."""
+    dims = {0: torch.export.Dim("batch", min=1, max=4096)}
+    for axis, m in enumerate(model.size_multiple):
+        dims[axis + 2] = m * torch.export.Dim(f"k{axis}", min=2, max=8192 // m)
+    return {"x": dims}
+
+
+def _max_difference(expected: torch.Tensor, actual: np.ndarray, what: str) -> float:
+    reference = expected.numpy()
+    if actual.shape != reference.shape or not np.allclose(actual, reference, RTOL, ATOL):
+        raise RuntimeError(f"the {what} export differs from the eager model")
+    return float(np.abs(actual - reference).max())
+
+
+def export_pt2(model: UNet, example: torch.Tensor, path: Path) -> float:
+    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(model))
+    torch.export.save(program, path)
+    check = torch.randn(1, *example.shape[1:-1], example.shape[-1] * 2)  # other batch and size
+    with torch.no_grad():
+        loaded = torch.export.load(path).module()
+        return _max_difference(model(check), loaded(check).numpy(), "pt2")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The ONNX exporter prints its progress, and warns and logs about operators it skips."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def export_onnx(model: UNet, example: torch.Tensor, path: Path) -> float:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise NasError("--format", "onnx needs onnx, onnxscript and onnxruntime: "
+                       'pip install "nas[onnx]"') from None  # fmt: skip
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(model),
+            input_names=["image"],
+            output_names=["logits"],
+            verbose=False,
+        )
+        program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = torch.randn(1, *example.shape[1:-1], example.shape[-1] * 2)
+    with torch.no_grad():
+        expected = model(check)
+    return _max_difference(expected, session.run(None, {"image": check.numpy()})[0], "onnx")
+
+
+def _readme(card: ModelCard, formats: Sequence[str]) -> str:
+    source, prep, inf = card.source, card.preprocessing, card.inference
+    files = [
+        f"- `{CARD_FILE}`: the builder config, preprocessing, inference settings and labels",
+        f"- `{WEIGHTS_FILE}`: the state_dict (`torch.load(path, weights_only=True)`)",
+    ]
+    if "pt2" in formats:
+        files.append(f"- `{PT2_FILE}`: a `torch.export` program; needs only torch")
+    if "onnx" in formats:
+        files.append(f"- `{ONNX_FILE}`: ONNX, checked with onnxruntime")
+    labels = ", ".join(f"{name} = {value}" for name, value in card.labels.items())
+    used = ", ".join(prep.input_channels[c] for c in prep.channels)
+    unit = f"Slices along RAS axis {inf.slice_axis}" if inf.spatial_dims == 2 else "Volumes"
+    output = (
+        "one logit (sigmoid > 0.5 is foreground)"
+        if inf.output == "sigmoid"
+        else "one logit per class (argmax)"
+    )
+    multiple = " x ".join(str(m) for m in inf.size_multiple)
+    return f"""# {source["study"]} trial {source["trial"]}: a {inf.spatial_dims}D U-Net
+
+- Parameters: {source["n_params"]:,}
+- Validation IoU {source["val_iou"]:.4f}, Dice {source["val_dice"]:.4f} \
+(fold {source["fold"]} of {source["dataset"]})
+- Labels (mask voxel values): {labels}
+- Exported {source["exported_at"]} from {source["storage"]}
+
+## Files
+{chr(10).join(files)}
+
+## Input
+Channels {", ".join(prep.input_channels)} (files `_0000`, `_0001`, ... or one 4D image); the
+network reads {used}. Each scan is reoriented to RAS, cropped to its nonzero box, resampled
+to {list(prep.target_spacing_mm)} mm (linear) and z-scored per channel as `{CARD_FILE}`
+records. {unit} are predicted with sliding windows of {list(inf.patch_size)}; the output is
+{output}.
+
+## Use
+```bash
+python -m nas.predict THIS_FOLDER scan.nii.gz mask.nii.gz   # with the preprocessing
+```
+```python
+import nas
+model = nas.load("THIS_FOLDER")  # the nn.Module in eval mode, with its weights
+
+import torch  # no nas needed
+program = torch.export.load("THIS_FOLDER/{PT2_FILE}").module()
+```
+The exported programs take a batch `(B, {len(prep.channels)}, ...)` of preprocessed images
+whose spatial sizes are multiples of {multiple}, at least twice that.
+"""
+
+
+def _check_destination(out: Path, source: dict, force: bool) -> None:
+    if not out.exists() or force:
+        return
+    if not out.is_dir():
+        raise NasError(out, "exists and is not a folder (use --force to replace it)")
+    if not any(out.iterdir()):
+        return
+    try:
+        previous = read_card(out).source
+    except NasError:
+        raise NasError(
+            out, "exists and is not an exported model (use --force to replace it)"
+        ) from None
+    same = ("storage", "study", "trial")
+    if any(previous.get(key) != source[key] for key in same):
+        raise NasError(
+            out,
+            f"holds trial {previous.get('trial')} of study {previous.get('study')!r}, "
+            "a different model (use --force to replace it)",
+        )
+
+
+def export(
+    study: optuna.Study,
+    trial: FrozenTrial,
+    weights: Path,
+    out: Path,
+    formats: Sequence[str],
+    storage: str,
+    force: bool = False,
+) -> ModelCard:
+    unet = UNetConfig.from_dict(trial.user_attrs["unet_config"])
+    train = TrainConfig(**trial.user_attrs["train_config"])
+    data = _data_description(study)
+    model = build_unet(unet)
+    load_weights(model, weights)
+    model.eval()
+    data_config = study.user_attrs.get("data_config", {})
+    two_d = unet.spatial_dims == 2
+    inference = Inference(
+        spatial_dims=unet.spatial_dims,
+        slice_axis=data_config.get("slice_axis", 2),
+        patch_size=train.patch_size_2d if two_d else train.patch_size_3d,
+        size_multiple=model.size_multiple,
+        output="sigmoid" if unet.out_channels == 1 else "softmax",
+    )
+    source = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "storage": storage,
+        "n_params": count_parameters(model),
+        "val_iou": trial.values[0],
+        "val_dice": trial.user_attrs.get("val_dice"),
+        "dataset": data_config.get("path"),
+        "fold": data_config.get("fold"),
+        "epochs_run": trial.user_attrs.get("epochs_run"),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+    _check_destination(out, source, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        torch.save(model.state_dict(), staging / WEIGHTS_FILE)
+        example = _example_input(model, inference, unet.in_channels)
+        checks = {}
+        if "pt2" in formats:
+            checks[PT2_FILE] = export_pt2(model, example, staging / PT2_FILE)
+        if "onnx" in formats:
+            checks[ONNX_FILE] = export_onnx(model, example, staging / ONNX_FILE)
+        source["max_abs_difference_from_eager"] = checks
+        card = ModelCard(
+            architecture=unet.to_dict(),
+            preprocessing=data["preprocessing"],
+            inference=inference,
+            labels=data["labels"],
+            source=source,
+        )
+        write_card(staging, card)
+        (staging / "README.md").write_text(_readme(card, formats))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return card
+
+
+def run(args: argparse.Namespace) -> int:
+    formats = parse_formats(args.format)
+    study = load_results_study(args.results, args.storage)
+    trial = choose_trial(study, args.trial, args.max_params)
+    weights = checkpoint_path(args.results, trial.number)
+    if not weights.exists():
+        raise NasError(
+            weights,
+            f"not found: weights are kept for Pareto-front trials only (trial {trial.number} "
+            f"is not on it); retrain it with python -m nas.retrain {args.results} "
+            f"--trials {trial.number}",
+        )
+    out = args.out or args.results / "export" / f"trial_{trial.number:04d}"
+    storage = args.storage or f"sqlite:///{(args.results / 'study.db').resolve()}"
+    card = export(study, trial, weights, out, formats, storage, args.force)
+    print(
+        f"exported trial {trial.number} ({card.source['n_params']:,} params, "
+        f"IoU {card.source['val_iou']:.4f}) to {out}/: "
+        + ", ".join([CARD_FILE, WEIGHTS_FILE, *(f"model.{f}" for f in formats), "README.md"])
+    )
+    for name, difference in card.source["max_abs_difference_from_eager"].items():
+        print(f"  {name}: max |difference| from the eager model {difference:.2e}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return exit_code(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""An exported model's folder: what it holds, writing its description, and loading it back.
+
+    architecture.yaml  the builder config, the preprocessing a scan must go through, the
+                       inference settings, the label values, and where the model came from
+    weights.pt         the state_dict: torch.load(path, weights_only=True)
+    model.pt2          a torch.export program: torch.export.load(path).module()
+    model.onnx         on request, checked against the eager model with onnxruntime
+    README.md          the same facts for a person
+
+`load(folder)` rebuilds the network with `build_unet(**card.architecture)` and loads the
+weights; nothing in the folder is executed, and the weights load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from nas.builder import UNetConfig, build_unet
+from nas.data import Dataset
+from nas.data.preprocess import CasePlan, ChannelNorm
+from nas.errors import NasError
+
+CARD_FILE = "architecture.yaml"
+WEIGHTS_FILE = "weights.pt"
+PT2_FILE = "model.pt2"
+ONNX_FILE = "model.onnx"
+FORMAT_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Strict):
+    """z-score after clipping to `clip`; a None mean or std is computed per scan."""
+
+    clip: tuple[float, float] | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+class Preprocessing(_Strict):
+    """What a scan goes through before the network, in this order (as in training)."""
+
+    orientation: Literal["RAS"] = "RAS"  # reoriented with nibabel's as_closest_canonical
+    crop: Literal["nonzero"] = "nonzero"  # to the box where any used channel is nonzero
+    input_channels: tuple[str, ...]  # the channels a scan provides: files _0000, _0001, ...
+    channels: tuple[int, ...]  # which of them the network reads, in its input order
+    target_spacing_mm: tuple[float, float, float]  # linear for images, nearest for labels
+    normalization: tuple[Normalization, ...]  # one per network input channel
+
+    def plan(self, labels: dict[str, int]) -> CasePlan:
+        norms = tuple(ChannelNorm(n.clip, n.mean, n.std) for n in self.normalization)
+        classes = {value: k for k, value in enumerate(labels.values())}
+        return CasePlan(self.channels, norms, classes, self.target_spacing_mm)
+
+
+class Inference(_Strict):
+    """How the network is applied: slice by slice (2D) or by sliding windows (3D)."""
+
+    spatial_dims: Literal[2, 3]
+    slice_axis: Literal[0, 1, 2]  # 2D networks see slices along this RAS axis
+    patch_size: tuple[int, ...]  # the sliding window: in-plane for 2D, (X, Y, Z) for 3D
+    # The exported programs take spatial sizes that are multiples of this (at least twice it).
+    size_multiple: tuple[int, ...]
+    output: Literal["sigmoid", "softmax"]  # one foreground logit, or one per class
+
+
+class ModelCard(_Strict):
+    """architecture.yaml: everything needed to rebuild the model and use it on a new scan."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    architecture: dict[str, Any]  # keyword arguments of nas.build_unet
+    preprocessing: Preprocessing
+    inference: Inference
+    labels: dict[str, int]  # class name -> voxel value in the masks, background first
+    source: dict[str, Any]  # study, trial, storage, scores, dataset, date
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig.from_dict(self.architecture)
+
+
+def describe_data(dataset: Dataset) -> dict[str, Any]:
+    """The preprocessing and label values of a dataset, as the card records them (JSON)."""
+    plan = dataset.plan
+    preprocessing = Preprocessing(
+        input_channels=dataset.source_channel_names,
+        channels=plan.channels,
+        target_spacing_mm=plan.target_spacing_mm,
+        normalization=tuple(Normalization(clip=n.clip, mean=n.mean, std=n.std) for n in plan.norms),
+    )
+    labels = {"background": 0}
+    for k, name in enumerate(dataset.class_names, start=1):
+        # Values merged into one class are written back as the first (smallest) of them.
+        labels[name] = min(v for v, c in plan.class_of_value.items() if c == k)
+    return {"preprocessing": preprocessing.model_dump(mode="json"), "labels": labels}
+
+
+def write_card(folder: Path, card: ModelCard) -> None:
+    text = yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False)
+    (folder / CARD_FILE).write_text(text)
+
+
+def read_card(folder: Path) -> ModelCard:
+    path = Path(folder) / CARD_FILE
+    if not Path(folder).is_dir():
+        raise NasError(folder, "not found: expected a folder written by nas.export")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise NasError(path, "not found: not a folder written by nas.export") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise NasError(path, f"not valid YAML ({err})") from None
+    try:
+        card = ModelCard.model_validate(values)
+        card.unet_config()
+    except (ValidationError, TypeError, ValueError) as err:
+        raise NasError(path, f"not a valid model description ({_first_error(err)})") from None
+    return card
+
+
+def _first_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(err)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a state_dict saved by nas into `model`, or a NasError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise NasError(path, "not found") from None
+    except Exception as err:  # pickle and zip errors of a corrupt or foreign file
+        raise NasError(path, f"cannot be read as PyTorch weights ({err})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise NasError(path, f"does not match the architecture ({reason})") from None
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The exported network in eval mode, with its weights, on `device`."""
+    folder = Path(folder)
+    card = read_card(folder)
+    model = build_unet(card.unet_config())
+    load_weights(model, folder / WEIGHTS_FILE)
+    return model.to(device).eval()

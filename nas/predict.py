@@ -1,0 +1,181 @@
+"""`python -m nas.predict MODEL INPUT OUTPUT`: segment NIfTI scans with an exported model.
+
+INPUT is a .nii/.nii.gz file or a folder of them: nnU-Net style channel files
+(`case_0000.nii.gz`, `case_0001.nii.gz`, ...) or one file per case (4D when the model takes
+several channels). Each scan goes through the preprocessing the model was trained with
+(RAS, nonzero crop, resampling, normalisation, all recorded in architecture.yaml), then 2D
+slice-wise or 3D sliding-window inference; the logits are resampled back to the cropped box
+(linear, as nnU-Net does), turned into labels, placed in the full volume and reoriented to
+the scan's own orientation. Each mask is a uint8 NIfTI with exactly the scan's shape and
+affine, holding the dataset's label values. OUTPUT is a file for a single-file INPUT (or a
+folder to write `<case>.nii.gz` into); for a folder INPUT, a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nas.cli import device_option, exit_code
+from nas.data.layouts import NIFTI_ENDINGS
+from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
+from nas.errors import NasError
+from nas.evaluate import labels_from_logits, predict_logits
+from nas.exported import ModelCard, load, read_card
+
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Scan:
+    name: str
+    images: tuple[Path, ...]  # one file per channel, or a single (4D) file
+
+
+def _stem(path: Path) -> str | None:
+    for ending in NIFTI_ENDINGS:
+        if path.name.endswith(ending):
+            return path.name[: -len(ending)]
+    return None
+
+
+def find_scans(source: Path, n_channels: int) -> list[Scan]:
+    """The scans in a file or folder, channel files grouped by case."""
+    if source.is_file():
+        stem = _stem(source)
+        if stem is None:
+            raise NasError(source, "not a NIfTI file (.nii or .nii.gz)")
+        match = CHANNEL_FILE.match(stem)
+        name = match["case"] if match and match["channel"] == "0000" else stem
+        return [Scan(name, (source,))]
+    if not source.is_dir():
+        raise NasError(source, "not found")
+    groups: dict[str, dict[int, Path]] = {}
+    singles = []
+    for path in sorted(source.iterdir()):
+        stem = _stem(path)
+        if stem is None or not path.is_file():
+            continue
+        match = CHANNEL_FILE.match(stem)
+        if match:
+            groups.setdefault(match["case"], {})[int(match["channel"])] = path
+        else:
+            singles.append(Scan(stem, (path,)))
+    scans = list(singles)
+    for case, channels in groups.items():
+        if n_channels == 1 and len(channels) == 1 and 0 not in channels:
+            channel, path = next(iter(channels.items()))  # a lone `name_1234`: a plain name
+            scans.append(Scan(f"{case}_{channel:04d}", (path,)))
+            continue
+        expected = list(range(n_channels))
+        if sorted(channels) != expected:
+            first = next(iter(channels.values()))
+            raise NasError(
+                first,
+                f"case {case!r} has channel files {sorted(channels)}; the model takes "
+                f"{n_channels} ({', '.join(f'_{c:04d}' for c in expected)})",
+            )
+        scans.append(Scan(case, tuple(channels[c] for c in expected)))
+    if not scans:
+        raise NasError(source, "holds no .nii or .nii.gz file")
+    return sorted(scans, key=lambda s: s.name)
+
+
+def _from_ras(mask: np.ndarray, image: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """A RAS-ordered array back in the voxel order of `image` (undoing as_closest_canonical)."""
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    own = nib.io_orientation(image.affine)
+    return nib.orientations.apply_orientation(mask, nib.orientations.ornt_transform(ras, own))
+
+
+@torch.no_grad()
+def segment(
+    model: nn.Module, card: ModelCard, scan: Scan, device: torch.device
+) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    """The label mask of one scan in its own voxel order, and the scan's first image."""
+    prep, inference = card.preprocessing, card.inference
+    channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
+    check_finite(channels, paths)
+    image, box = prepare_image(channels, spacing_of(paths[0]), prep.plan(card.labels))
+    logits = predict_logits(
+        model, image, inference.patch_size, device, inference.slice_axis, windows_per_batch=8
+    )
+    box_shape = tuple(s.stop - s.start for s in box)
+    if tuple(logits.shape[1:]) != box_shape:
+        logits = F.interpolate(logits[None], size=box_shape, mode="trilinear")[0]
+    classes = labels_from_logits(logits).cpu().numpy()
+    values = np.array(list(card.labels.values()), np.uint8)
+    mask = np.zeros(channels[0].shape, np.uint8)
+    mask[box] = values[classes]
+    first = nib.load(paths[0])
+    return _from_ras(mask, first), first
+
+
+def write_mask(mask: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:
+    header = like.header.copy()
+    header.set_data_dtype(np.uint8)
+    image = type(like)(mask, like.affine, header)
+    image.header.set_slope_inter(1, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+
+
+def output_paths(source: Path, output: Path, scans: Sequence[Scan]) -> list[Path]:
+    single_file = source.is_file() and _stem(output) is not None
+    if single_file:
+        paths = [output]
+    else:
+        if output.exists() and not output.is_dir():
+            raise NasError(output, "exists and is not a folder")
+        paths = [output / f"{scan.name}.nii.gz" for scan in scans]
+    inputs = {p.resolve() for scan in scans for p in scan.images}
+    for path in paths:
+        if path.resolve() in inputs:
+            raise NasError(path, "is an input scan; choose another OUTPUT")
+    return paths
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nas.predict", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("model", type=Path, help="a folder written by nas.export")
+    parser.add_argument("input", type=Path, help="a .nii/.nii.gz file or a folder of them")
+    parser.add_argument("output", type=Path, help="mask file, or folder for <case>.nii.gz")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    card = read_card(args.model)
+    device = device_option(args.device)
+    model = load(args.model, device)
+    scans = find_scans(args.input, len(card.preprocessing.input_channels))
+    outputs = output_paths(args.input, args.output, scans)
+    # disable=None: a progress bar on a terminal, nothing in a log file.
+    progress = tqdm(list(zip(scans, outputs, strict=True)), unit="scan", leave=False, disable=None)
+    for scan, path in progress:
+        progress.set_postfix_str(scan.name)
+        mask, like = segment(model, card, scan, device)
+        write_mask(mask, like, path)
+    print(f"wrote {len(outputs)} mask{'s' if len(outputs) != 1 else ''} to {args.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return exit_code(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

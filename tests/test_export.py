@@ -1,0 +1,339 @@
+"""Export, load and predict: a 2D model (one channel, sigmoid) and a 3D model (two channels,
+three label values), from real finished studies, through the command line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from monai.inferers import sliding_window_inference
+from optuna.trial import TrialState, create_trial
+
+import nas
+from nas.export import choose_trial
+from nas.exported import read_card
+
+from .conftest import run_cli, tiny_space_yaml
+from .datasets import write_nnunet
+
+pytestmark = pytest.mark.slow
+
+TWO_D = "  enqueue:\n    - {spatial_dims: 2, depth: 3}\n"
+THREE_D = "  enqueue:\n    - {spatial_dims: 3, depth: 2, anisotropic_stages: 1}\n"
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, tiny_dataset) -> Path:
+    """results/two_d (synthetic, 1 channel) and results/three_d (nnU-Net layout, T2 + ADC,
+    labels core = 1 and penumbra = 2), one completed trial each."""
+    root = tmp_path_factory.mktemp("studies")
+    nnunet = write_nnunet(root / "Dataset002_TwoChannels")
+    (root / "two_d.yaml").write_text(tiny_space_yaml(tiny_dataset, "two_d", 1, TWO_D))
+    three_d = tiny_space_yaml(nnunet, "three_d", 1, THREE_D)
+    three_d = "\n".join(line for line in three_d.splitlines() if "synthetic" not in line)
+    (root / "three_d.yaml").write_text(three_d.replace("n_folds: 3", "n_folds: 2") + "\n")
+    for name in ("two_d", "three_d"):
+        result = run_cli("nas.run", f"{name}.yaml", cwd=root)
+        assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def datasets(studies, tiny_dataset) -> dict[str, Path]:
+    return {"two_d": tiny_dataset, "three_d": studies / "Dataset002_TwoChannels"}
+
+
+@pytest.fixture(scope="module")
+def exported(studies) -> dict[str, Path]:
+    folders = {}
+    for name in ("two_d", "three_d"):
+        result = run_cli("nas.export", f"results/{name}", "--format", "pt2,onnx", cwd=studies)
+        assert result.returncode == 0, result.stderr
+        folders[name] = studies / "results" / name / "export" / "trial_0000"
+    return folders
+
+
+def _error(result: subprocess.CompletedProcess) -> str:
+    """The one line a user mistake prints, after checking it is one (exit 2, no traceback)."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["two_d", "three_d"])
+def test_export_writes_a_described_self_contained_folder(exported, studies, name):
+    folder = exported[name]
+    assert {p.name for p in folder.iterdir()} == {
+        "architecture.yaml", "weights.pt", "model.pt2", "model.onnx", "README.md"
+    }  # fmt: skip
+    card = yaml.safe_load((folder / "architecture.yaml").read_text())
+    assert card["architecture"]["spatial_dims"] == (2 if name == "two_d" else 3)
+    assert card["source"]["trial"] == 0 and card["source"]["study"] == name
+    if name == "three_d":
+        assert card["preprocessing"]["input_channels"] == ["T2", "ADC"]
+        assert card["labels"] == {"background": 0, "core": 1, "penumbra": 2}
+        assert card["inference"]["output"] == "softmax"
+    else:
+        assert card["labels"] == {"background": 0, "lesion": 1}
+        assert card["inference"]["output"] == "sigmoid"
+    assert card["preprocessing"]["orientation"] == "RAS"
+    assert len(card["preprocessing"]["target_spacing_mm"]) == 3
+    readme = (folder / "README.md").read_text()
+    assert f"{card['source']['n_params']:,}" in readme and "nas.predict" in readme
+
+    model = nas.load(folder)
+    assert not model.training
+    rebuilt = nas.build_unet(**card["architecture"])
+    assert nas.count_parameters(rebuilt) == card["source"]["n_params"]
+    checkpoint = studies / "results" / name / "checkpoints" / "trial_0000.pt"
+    for key, value in torch.load(checkpoint, weights_only=True).items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    folder, inputs = sys.argv[1], np.load(sys.argv[2])
+    program = torch.export.load(f"{folder}/model.pt2").module()
+    with torch.no_grad():
+        np.save(sys.argv[3], program(torch.from_numpy(inputs)).numpy())
+    session = onnxruntime.InferenceSession(f"{folder}/model.onnx")
+    np.save(sys.argv[4], session.run(None, {session.get_inputs()[0].name: inputs})[0])
+    assert not any(name == "nas" or name.startswith("nas.") for name in sys.modules)
+    """
+)
+
+
+@pytest.mark.parametrize("name", ["two_d", "three_d"])
+def test_pt2_and_onnx_run_without_nas_and_match_the_eager_model(exported, tmp_path, name):
+    folder = exported[name]
+    card = read_card(folder)
+    multiple = card.inference.size_multiple
+    # A batch size and spatial sizes other than those the export was traced with.
+    sizes = [m * k for m, k in zip(multiple, (5, 3, 2), strict=False)]
+    channels = len(card.preprocessing.channels)
+    inputs = np.random.default_rng(0).standard_normal((3, channels, *sizes)).astype(np.float32)
+    np.save(tmp_path / "inputs.npy", inputs)
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_PROCESS)
+    outputs = [tmp_path / "pt2.npy", tmp_path / "onnx.npy"]
+    # -I: isolated mode, so neither the working directory nor PYTHONPATH can supply nas.
+    result = subprocess.run(
+        [sys.executable, "-I", script, folder, tmp_path / "inputs.npy", *outputs],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        eager = nas.load(folder)(torch.from_numpy(inputs)).numpy()
+    for path in outputs:
+        np.testing.assert_allclose(np.load(path), eager, rtol=1e-3, atol=1e-4)
+
+
+def _ras_scan(dataset: Path) -> list[np.ndarray]:
+    """A case's channels in RAS voxel order, shifted so that no voxel is zero (no crop)."""
+    files = sorted((dataset / "imagesTr").glob("*.nii.gz"))
+    case = files[0].name[: -len("_0000.nii.gz")]
+    files = [f for f in files if f.name.startswith(case + "_")]
+    return [
+        nib.as_closest_canonical(nib.load(f)).get_fdata().astype(np.float32) + 10 for f in files
+    ]
+
+
+def _write_scan(channels: list[np.ndarray], affine: np.ndarray, folder: Path) -> list[Path]:
+    paths = []
+    for c, data in enumerate(channels):
+        paths.append(folder / f"scan_{c:04d}.nii.gz")
+        folder.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, affine), paths[-1])
+    return paths
+
+
+def _reoriented(channels, spacing):
+    """The same voxels with axes stored as (S, L, P) instead of RAS, and the affine that puts
+    them at the same world positions as the RAS array with `spacing`."""
+    moved = [np.ascontiguousarray(np.flip(np.flip(c.transpose(2, 0, 1), 1), 2)) for c in channels]
+    shape = channels[0].shape
+    affine = np.zeros((4, 4))
+    affine[2, 0] = spacing[2]  # stored axis 0 runs along S
+    affine[0, 1] = -spacing[0]  # stored axis 1 runs along L (flipped R)
+    affine[1, 2] = -spacing[1]  # stored axis 2 runs along P (flipped A)
+    affine[:3, 3] = [spacing[0] * (shape[0] - 1), spacing[1] * (shape[1] - 1), 0.0]
+    affine[3, 3] = 1
+    return moved, affine
+
+
+def _eager_mask(folder: Path, channels: list[np.ndarray]) -> np.ndarray:
+    """The masks the eager model gives on a RAS scan at the model's spacing, computed here from
+    the card: z-score, slices (2D) or volume (3D) through MONAI's sliding window, labels."""
+    card = read_card(folder)
+    model = nas.load(folder)
+    chosen = np.stack([channels[c] for c in card.preprocessing.channels])
+    mean = chosen.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
+    std = chosen.std(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
+    image = torch.from_numpy(((chosen - mean) / std).astype(np.float32))
+    patch = card.inference.patch_size
+    with torch.no_grad():
+        if card.inference.spatial_dims == 2:
+            axis = card.inference.slice_axis + 1
+            slices = image.movedim(axis, 0)
+            logits = sliding_window_inference(slices, patch, 8, model, 0.25, "gaussian")
+            logits = logits.movedim(0, axis)
+        else:
+            logits = sliding_window_inference(image[None], patch, 8, model, 0.25, "gaussian")[0]
+    classes = (logits[0] > 0).long() if logits.shape[0] == 1 else logits.argmax(0)
+    return np.array(list(card.labels.values()), np.uint8)[classes.numpy()]
+
+
+@pytest.mark.parametrize("name", ["two_d", "three_d"])
+def test_predict_keeps_shape_and_affine_and_matches_the_eager_model(
+    exported, datasets, tmp_path, name
+):
+    folder = exported[name]
+    spacing = read_card(folder).preprocessing.target_spacing_mm
+    channels = _ras_scan(datasets[name])
+    ras_affine = np.diag([*spacing, 1.0])
+    expected = _eager_mask(folder, channels)
+    assert 0 < (expected > 0).mean() < 1, "an all-background or all-foreground model proves little"
+
+    _write_scan(channels, ras_affine, tmp_path / "ras")
+    moved, moved_affine = _reoriented(channels, spacing)
+    (moved_input,) = {p.parent for p in _write_scan(moved, moved_affine, tmp_path / "moved")}
+    # The same image sampled twice as finely: resampled to the model's spacing and back.
+    fine = [np.repeat(np.repeat(np.repeat(c, 2, 0), 2, 1), 2, 2) for c in channels]
+    fine_affine = np.diag([*(np.array(spacing) / 2), 1.0])
+    fine_affine[:3, 3] = -np.array(spacing) / 4  # fine voxels 2i, 2i+1 straddle voxel i
+    _write_scan(fine, fine_affine, tmp_path / "fine")
+
+    for scan in ("ras", "moved", "fine"):
+        result = run_cli("nas.predict", str(folder), scan, f"masks_{scan}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        out = nib.load(tmp_path / f"masks_{scan}" / "scan.nii.gz")
+        source = nib.load(next((tmp_path / scan).glob("scan_0000.nii.gz")))
+        assert out.shape == source.shape[:3]
+        np.testing.assert_allclose(out.affine, source.affine, atol=1e-5)
+        assert out.get_data_dtype() == np.uint8
+        mask = np.asarray(out.dataobj)
+        assert set(np.unique(mask)) <= set(read_card(folder).labels.values())
+        if scan == "ras":
+            np.testing.assert_array_equal(mask, expected)
+        if scan == "moved":  # back in RAS order it is the same mask, voxel for voxel
+            np.testing.assert_array_equal(
+                np.asarray(nib.as_closest_canonical(out).dataobj), expected
+            )
+        if scan == "fine":  # the same anatomy: most voxels agree after resampling twice
+            assert (mask[::2, ::2, ::2] == expected).mean() > 0.8
+
+
+def test_predict_reads_a_single_file_and_writes_a_single_file(exported, datasets, tmp_path):
+    channels = _ras_scan(datasets["two_d"])
+    (path,) = _write_scan(channels, np.diag([1.5, 1.5, 3.0, 1.0]), tmp_path)
+    result = run_cli("nas.predict", str(exported["two_d"]), str(path), "out.nii", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert nib.load(tmp_path / "out.nii").shape == channels[0].shape
+
+
+def test_best_and_a_size_budget_pick_from_the_front(studies):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for iou, n_params in ((0.5, 1_000), (0.7, 5_000), (0.8, 20_000), (0.6, 30_000)):
+        study.add_trial(create_trial(values=[iou, n_params]))
+    assert choose_trial(study, None, None).values == [0.8, 20_000]
+    assert choose_trial(study, None, 6_000).values == [0.7, 5_000]
+    assert choose_trial(study, None, 1_000).values == [0.5, 1_000]
+    assert choose_trial(study, 3, None).values == [0.6, 30_000]  # off the front, if asked
+    result = run_cli("nas.export", "results/two_d", "--max-params", "10", cwd=studies)
+    assert "no front member has at most 10 parameters" in _error(result)
+
+
+def test_export_refuses_to_overwrite_another_model_without_force(exported, studies):
+    other = str(exported["two_d"].relative_to(studies))
+    result = run_cli(
+        "nas.export", "results/three_d", "--out", other, "--format", "none", cwd=studies
+    )
+    assert "a different model" in _error(result)
+    assert read_card(exported["two_d"]).source["study"] == "two_d"  # untouched
+    # The same model again is fine; another with --force replaces it.
+    again = run_cli("nas.export", "results/two_d", "--format", "pt2,onnx", cwd=studies)
+    assert again.returncode == 0, again.stderr
+    copy = studies / "copy"
+    shutil.copytree(exported["two_d"], copy)
+    forced = run_cli("nas.export", "results/three_d", "--out", "copy", "--force", cwd=studies)
+    assert forced.returncode == 0, forced.stderr
+    assert read_card(copy).source["study"] == "three_d"
+    assert not (copy / "model.onnx").exists()
+
+
+def test_bad_export_requests_are_one_line_errors(studies, tmp_path):
+    assert "has no trial 99" in _error(
+        run_cli("nas.export", "results/two_d", "--trial", "99", cwd=studies)
+    )
+    assert "not a results folder" in _error(run_cli("nas.export", str(tmp_path), cwd=studies))
+    assert "unknown format 'tflite'" in _error(
+        run_cli("nas.export", "results/two_d", "--format", "tflite", cwd=studies)
+    )
+    # A study with no completed trial, then a pruned one and one whose weights were not kept.
+    results = tmp_path / "results" / "empty"
+    results.mkdir(parents=True)
+    storage = f"sqlite:///{results / 'study.db'}"
+    study = optuna.create_study(
+        study_name="empty", storage=storage, directions=["maximize", "minimize"]
+    )
+    assert "has no completed trial" in _error(run_cli("nas.export", str(results), cwd=tmp_path))
+    study.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.1}))
+    study.add_trial(create_trial(values=[0.5, 1000], user_attrs={"n_params": 1000}))
+    assert "is PRUNED, not COMPLETE" in _error(
+        run_cli("nas.export", str(results), "--trial", "0", cwd=tmp_path)
+    )
+    assert "weights are kept for Pareto-front trials only" in _error(
+        run_cli("nas.export", str(results), "--trial", "1", cwd=tmp_path)
+    )
+
+
+def test_bad_predict_inputs_are_one_line_errors(exported, datasets, tmp_path):
+    two_d, three_d = str(exported["two_d"]), str(exported["three_d"])
+    channels = _ras_scan(datasets["three_d"])
+    (t2, _) = _write_scan(channels, np.diag([0.8, 0.8, 2.4, 1.0]), tmp_path / "scans")
+    # Only one of the model's two channel files.
+    (tmp_path / "scans" / "scan_0001.nii.gz").unlink()
+    assert "the model takes 2 (_0000, _0001)" in _error(
+        run_cli("nas.predict", three_d, "scans", "out", cwd=tmp_path)
+    )
+    # A 3D file for a model that takes two channels in one (4D) image.
+    assert "expected a 4D image with 2 channels" in _error(
+        run_cli("nas.predict", three_d, str(t2), "out.nii.gz", cwd=tmp_path)
+    )
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    assert "cannot be read as NIfTI" in _error(
+        run_cli("nas.predict", two_d, str(broken), "out.nii.gz", cwd=tmp_path)
+    )
+    assert "not found" in _error(
+        run_cli("nas.predict", str(tmp_path / "nope"), str(t2), "o", cwd=tmp_path)
+    )
+    # Weights of another architecture in the model's folder.
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(exported["two_d"], mismatched)
+    shutil.copy(exported["three_d"] / "weights.pt", mismatched / "weights.pt")
+    message = _error(run_cli("nas.predict", str(mismatched), str(t2), "out.nii.gz", cwd=tmp_path))
+    assert "weights.pt" in message and "does not match the architecture" in message
+    with pytest.raises(nas.NasError, match="does not match the architecture"):
+        nas.load(mismatched)
+    (mismatched / "weights.pt").unlink()
+    assert "weights.pt: not found" in _error(
+        run_cli("nas.predict", str(mismatched), str(t2), "out.nii.gz", cwd=tmp_path)
+    )
+    assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "out").exists()

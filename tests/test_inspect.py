@@ -1,0 +1,155 @@
+"""Inspecting a finished search as a person would: optuna-dashboard over HTTP, and report.html
+and the dashboard in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+from .conftest import run_cli, tiny_space_yaml
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# What headless Chromium needs on a machine with a closed network (see .ci/run).
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_dataset) -> Path:
+    root = tmp_path_factory.mktemp("inspect")
+    (root / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=4))
+    result = run_cli("nas.run", "space.yaml", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root / "results" / "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+@pytest.fixture(scope="module")
+def dashboard(finished):
+    """`python -m nas.dashboard` on a free loopback port; yields its base URL."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nas.dashboard", str(finished), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                _get(url + "/api/meta")
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()
+                time.sleep(0.5)
+        else:
+            pytest.fail("optuna-dashboard did not answer within 60 s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_every_trial_has_a_note_curve_and_overlay_and_the_front_its_weights(finished):
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{finished / 'study.db'}")
+    front = {t.number for t in study.best_trials}
+    assert front
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert trial.user_attrs["macs"] > 0 and trial.user_attrs["summary"]
+        assert (finished / "overlays" / f"trial_{trial.number:04d}.png").exists()
+    report = (finished / "report.html").read_text()
+    assert "Pareto front" in report and "data:image/png;base64," in report
+    # Self-contained: plotly.js is embedded, nothing is fetched from elsewhere.
+    assert "<script src=" not in report and 'src="http' not in report and "Plotly" in report
+
+
+def test_dashboard_serves_the_study_notes_curves_and_artifacts(finished, dashboard):
+    studies = json.loads(_get(dashboard + "/api/studies"))["study_summaries"]
+    (entry,) = [s for s in studies if s["study_name"] == "tiny"]
+    detail = json.loads(_get(f"{dashboard}/api/studies/{entry['study_id']}"))
+    assert len(detail["trials"]) == 4
+    front = {t["number"] for t in detail["best_trials"]}
+    for trial in detail["trials"]:
+        if trial["state"] != "Complete":
+            continue
+        assert f"## Trial {trial['number']}:" in trial["note"]["body"]
+        assert "parameters" in trial["note"]["body"] and "| stage |" in trial["note"]["body"]
+        assert trial["intermediate_values"], "the learning curve"
+        names = {a["filename"]: a for a in trial["artifacts"]}
+        overlay = names[f"trial_{trial['number']:04d}.png"]
+        served = _get(
+            f"{dashboard}/artifacts/{entry['study_id']}/{trial['trial_id']}/{overlay['artifact_id']}"
+        )
+        assert served.startswith(b"\x89PNG")
+        if trial["number"] in front:
+            weights = names[f"trial_{trial['number']:04d}.pt"]
+            served = _get(
+                f"{dashboard}/artifacts/{entry['study_id']}/{trial['trial_id']}/"
+                f"{weights['artifact_id']}"
+            )
+            checkpoint = finished / "checkpoints" / f"trial_{trial['number']:04d}.pt"
+            assert served == checkpoint.read_bytes()
+
+
+def test_report_command_rewrites_the_report(finished):
+    report = finished / "report.html"
+    report.unlink()
+    result = run_cli("nas.report", str(finished), cwd=finished)
+    assert result.returncode == 0, result.stderr
+    assert report.exists()
+    error = run_cli("nas.report", str(finished / "nope"), cwd=finished)
+    assert error.returncode == 2 and "Traceback" not in error.stderr
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian package chromium; .ci/run installs it)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_report_renders_the_front_in_chromium(finished, browser):
+    page = browser.new_page()
+    page.goto((finished / "report.html").as_uri())
+    # Plotly draws each point as an SVG path of class "point"; the front is the first plot.
+    page.wait_for_selector(".js-plotly-plot .scatterlayer path.point", timeout=30_000)
+    first_plot = page.locator(".js-plotly-plot").first
+    assert "Pareto front" in first_plot.inner_text()
+    assert first_plot.locator("path.point").count() >= 1
+    page.close()
+
+
+def test_dashboard_draws_the_pareto_front_in_chromium(finished, dashboard, browser):
+    studies = json.loads(_get(dashboard + "/api/studies"))["study_summaries"]
+    (entry,) = [s for s in studies if s["study_name"] == "tiny"]
+    page = browser.new_page()
+    page.goto(f"{dashboard}/dashboard/studies/{entry['study_id']}")
+    page.wait_for_selector("#graph-pareto-front path.point", timeout=60_000)
+    assert page.locator("#graph-pareto-front path.point").count() >= 1
+    page.close()
