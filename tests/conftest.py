@@ -15,8 +15,15 @@ from nas.data import Case, DataConfig, SyntheticSpec, ensure_synthetic_dataset, 
 TINY_SPEC = SyntheticSpec(n_cases=6, shape=(32, 32, 16), spacing_mm=(1.5, 1.5, 3.0), seed=3)
 
 
-def tiny_space_yaml(data_path: Path, name: str = "tiny", n_trials: int = 3, extra: str = "") -> str:
-    """A search space that trains in about a second per trial."""
+def tiny_space_yaml(
+    data_path: Path,
+    name: str = "tiny",
+    n_trials: int = 3,
+    extra: str = "",
+    pruner: str = "{type: none}",
+) -> str:
+    """A search space that trains in about a second per trial; `extra` extends its study
+    section. No pruning unless asked: tests count completed trials."""
     return (
         textwrap.dedent(
             f"""\
@@ -43,6 +50,7 @@ def tiny_space_yaml(data_path: Path, name: str = "tiny", n_trials: int = 3, extr
           sampler: random
           n_trials: {n_trials}
           seed: 0
+          pruner: {pruner}
         """
         )
         + extra

@@ -106,9 +106,9 @@ def test_histories_from_a_single_direction_study_work_too(tmp_path):
 
 @pytest.mark.slow
 def test_search_prunes_dominated_trials_and_keeps_their_curves(tmp_path, tiny_dataset):
-    space = tiny_space_yaml(tiny_dataset, n_trials=8).replace("epochs: 2", "epochs: 4") + (
-        "  pruner: {type: pareto, warmup_epochs: 1, k: 1, min_trials: 1}\n"
-    )
+    space = tiny_space_yaml(
+        tiny_dataset, n_trials=8, pruner="{type: pareto, warmup_epochs: 1, k: 1, min_trials: 1}"
+    ).replace("epochs: 2", "epochs: 4")
     (tmp_path / "space.yaml").write_text(space)
     result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
