@@ -8,21 +8,28 @@ one line per finished trial, and map user mistakes to one message and exit code 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import socket
+import subprocess
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from nas.cli import device_option, exit_code
 from nas.data import load_dataset, split_dataset
 from nas.exported import describe_data
+from nas.locking import file_lock
 from nas.report import write_report
 from nas.results import write_results
 from nas.space import load_space, warm_start_params
-from nas.study import default_storage, make_objective, n_finished, open_study
+from nas.study import StopAtTotal, default_storage, make_objective, n_settled, open_study
 from nas.train import CandidateFailed
 
 
@@ -60,6 +67,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--seed", type=int, help="sampler and training seed")
+    parser.add_argument(
+        "--workers", type=_positive_int, default=1,
+        help="worker processes on this machine sharing the study (one per GPU when present)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=_positive_int, help="torch CPU threads per worker (default: split)"
+    )
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     return parser.parse_args(argv)
 
 
@@ -78,7 +93,97 @@ def _trial_line(trial: FrozenTrial) -> str:
     return line
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: abandon the trial, write results/, exit."""
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise Interrupted()
+
+
+def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
+    """Rewrite results/ from the study; one worker at a time, each file renamed into place."""
+    with file_lock(study_dir / ".results.lock"):
+        front = write_results(study, study_dir)
+        write_report(study, study_dir)
+    return front
+
+
+def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[str]:
+    command = [sys.executable, "-m", "nas.run", str(args.space), "--workers", "1",
+               "--threads", str(threads), "--worker-index", str(index),
+               "--results-dir", str(args.results_dir), "--device", args.device]  # fmt: skip
+    for option in ("n_trials", "timeout", "study_name", "storage", "seed"):
+        value = getattr(args, option)
+        if value is not None:
+            command += [f"--{option.replace('_', '-')}", str(value)]
+    return command
+
+
+def _run_workers(args: argparse.Namespace, study: optuna.Study, study_dir: Path) -> int:
+    """Start `--workers` processes on the study and wait for them; results/ at the end."""
+    gpus = torch.cuda.device_count()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    workers = []
+    for index in range(args.workers):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        workers.append(subprocess.Popen(_worker_command(args, index, threads), env=env))
+    where = f"GPU {', '.join(str(i % gpus) for i in range(args.workers))}" if gpus else "CPU"
+    print(f"{args.workers} workers on {where}, {threads} torch thread(s) each", flush=True)
+    interrupted = 0
+    try:
+        codes = [worker.wait() for worker in workers]
+    except KeyboardInterrupt as err:  # Ctrl-C reaches the workers too; SIGTERM is passed on
+        interrupted = 143 if isinstance(err, Interrupted) else 130
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM if interrupted == 143 else signal.SIGINT)
+        codes = [worker.wait() for worker in workers]
+    front = _refresh(study, study_dir)
+    lost = [f"worker {i} exited with {code}" for i, code in enumerate(codes) if code]
+    if interrupted:
+        print("interrupted: finished trials are kept; run the same command to continue")
+        return interrupted
+    _summary(study, study_dir, front, args)
+    if lost:
+        print("; ".join(lost) + ": its trial is retried by a live worker or on the next run")
+        return 1
+    return 0
+
+
+def _summary(
+    study: optuna.Study, study_dir: Path, front: list[FrozenTrial], args: argparse.Namespace
+) -> None:
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    print(f"{len(completed)} completed trials; Pareto front of {len(front)}:")
+    for trial in front:
+        print("  " + _trial_line(trial))
+    print(
+        f"results in {study_dir}/ (report.html, trials.csv, pareto.csv, pareto.png, "
+        "checkpoints/, artifacts/)"
+    )
+    custom = f" --storage {args.storage}" if args.storage else ""
+    print(f"inspect with: python -m nas.dashboard {study_dir}{custom}")
+
+
+def _worker_salt(args: argparse.Namespace, storage: str) -> int:
+    """0 for the usual single process (reproducible draws); the worker's index + 1 for
+    --workers; for a shared server or journal, where other hosts may start at the same
+    moment with the same seed, a number from this host and process."""
+    if args.worker_index is not None:
+        return args.worker_index + 1
+    if storage.startswith("sqlite:"):
+        return 0
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+
+
 def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    is_worker = args.worker_index is not None
     space = load_space(args.space)
     overrides = {
         "n_trials": args.n_trials,
@@ -96,57 +201,53 @@ def run(args: argparse.Namespace) -> int:
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage or default_storage(study_dir)
     warm_start = [warm_start_params(space, fields) for fields in study_cfg.enqueue]
-    study = open_study(study_cfg, storage, warm_start)
-    # What a later step (nas.retrain, another worker) needs to find and prepare the data.
-    study.set_user_attr("data_config", space.data.to_dict())
-    study.set_user_attr("data_description", describe_data(dataset))
+    # Workers started by --workers find the study their parent opened (and re-enqueued).
+    study = open_study(study_cfg, storage, warm_start, not is_worker, _worker_salt(args, storage))
+    if not is_worker:
+        # What a later step (nas.retrain, another worker) needs to find and prepare the data.
+        study.set_user_attr("data_config", space.data.to_dict())
+        study.set_user_attr("data_description", describe_data(dataset))
 
-    already = n_finished(study)
+    already = n_settled(study)
     remaining = study_cfg.n_trials - already
-    print(
-        f"study {study_cfg.name!r} in {storage}: {already} finished trials, "
-        f"{max(remaining, 0)} to run on {device} "
-        f"({len(train_cases)} training / {len(val_cases)} validation cases, "
-        f"preprocessed in {dataset.cache})"
-    )
+    if not is_worker:
+        print(
+            f"study {study_cfg.name!r} in {storage}: {already} finished trials, "
+            f"{max(remaining, 0)} to run on {device} "
+            f"({len(train_cases)} training / {len(val_cases)} validation cases, "
+            f"preprocessed in {dataset.cache})",
+            flush=True,
+        )
+    if remaining > 0 and args.workers > 1:
+        return _run_workers(args, study, study_dir)
     if remaining > 0:
         objective = make_objective(
             space, train_cases, val_cases, dataset.in_channels, dataset.n_classes, device, study_dir
         )
-        with tqdm(total=remaining, unit="trial", dynamic_ncols=True) as progress:
+        prefix = f"[worker {args.worker_index}] " if is_worker else ""
+        with tqdm(total=remaining, unit="trial", dynamic_ncols=True, disable=is_worker) as bar:
 
             def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-                write_results(study, study_dir)
-                write_report(study, study_dir)
-                progress.write(_trial_line(trial))
-                progress.update(1)
+                _refresh(study, study_dir)
+                bar.write(prefix + _trial_line(trial))
+                bar.update(1)
 
             try:
                 study.optimize(
                     objective,
-                    n_trials=remaining,
                     timeout=study_cfg.timeout,
                     catch=(CandidateFailed,),
-                    callbacks=[after_trial],
+                    callbacks=[after_trial, StopAtTotal(study_cfg.n_trials)],
                 )
-            except KeyboardInterrupt:
-                write_results(study, study_dir)
-                write_report(study, study_dir)
-                print("interrupted: finished trials are kept; run the same command to continue")
-                return 130
-
-    front = write_results(study, study_dir)
-    write_report(study, study_dir)
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    print(f"{len(completed)} completed trials; Pareto front of {len(front)}:")
-    for trial in front:
-        print("  " + _trial_line(trial))
-    print(
-        f"results in {study_dir}/ (report.html, trials.csv, pareto.csv, pareto.png, "
-        "checkpoints/, artifacts/)"
-    )
-    custom = f" --storage {storage}" if args.storage else ""
-    print(f"inspect with: python -m nas.dashboard {study_dir}{custom}")
+            except KeyboardInterrupt as err:
+                _refresh(study, study_dir)
+                print(prefix + "interrupted: finished trials are kept; run the same command "
+                      "to continue")  # fmt: skip
+                return 143 if isinstance(err, Interrupted) else 130
+    if is_worker:
+        return 0
+    front = _refresh(study, study_dir)
+    _summary(study, study_dir, front, args)
     return 0
 
 

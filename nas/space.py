@@ -38,6 +38,7 @@ from nas.builder import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.data import DataConfig
 from nas.errors import NasError
 from nas.pruning import PrunerConfig
+from nas.storage import HeartbeatConfig
 from nas.train import TrainConfig
 
 Scalar = bool | int | float | str | None
@@ -104,6 +105,8 @@ class StudySection(BaseModel):
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     # Architectures (builder and training fields) that run first in a new study.
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    # How a trial whose worker died is noticed (FAIL after grace_period) and retried.
+    heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
 
 
 class SearchSpace(BaseModel):

@@ -10,13 +10,15 @@ reason, and the study goes on.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_note
 from pydantic import ValidationError
 
@@ -29,20 +31,25 @@ from nas.evaluate import Scores
 from nas.pruning import best_up_to, dominated_at_epoch
 from nas.results import save_checkpoint
 from nas.space import SearchSpace, StudySection, sample
+from nas.storage import load_study, open_storage
 from nas.train import CandidateFailed, EpochResult, fit
 
 DIRECTIONS = ("maximize", "minimize")  # validation IoU, parameter count
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 
 
 def default_storage(study_dir: Path) -> str:
     return f"sqlite:///{study_dir / 'study.db'}"
 
 
-def make_sampler(cfg: StudySection, n_existing_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    cfg: StudySection, n_existing_trials: int, worker_salt: int = 0
+) -> optuna.samplers.BaseSampler:
     # Offset the seed by the trials already run, so a resumed study does not replay the
-    # random draws of its first run.
-    seed = cfg.seed + n_existing_trials
+    # random draws of its first run, and by the worker, so that workers started together
+    # do not draw the same candidates.
+    seed = (cfg.seed + n_existing_trials + 1_000_003 * worker_salt) % 2**32
     if cfg.sampler == "nsga2":
         kwargs = {"population_size": cfg.population_size} if cfg.population_size else {}
         return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
@@ -51,13 +58,21 @@ def make_sampler(cfg: StudySection, n_existing_trials: int) -> optuna.samplers.B
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(cfg: StudySection, storage: str, warm_start: Sequence[dict] = ()) -> optuna.Study:
+def open_study(
+    cfg: StudySection,
+    storage: str,
+    warm_start: Sequence[dict] = (),
+    requeue_interrupted: bool = True,
+    worker_salt: int = 0,
+) -> optuna.Study:
     """Create the study, or load it with the same name from `storage` to continue it.
 
-    warm_start: Optuna parameters of architectures a new study runs first.
+    warm_start: Optuna parameters of architectures a new study runs first. Trials a Ctrl-C
+    or SIGTERM abandoned in an earlier run are enqueued again (once).
+    worker_salt: different for each worker that may start at the same time as another.
     """
+    storage_obj = open_storage(storage, cfg.heartbeat)
     try:
-        storage_obj = optuna.storages.get_storage(storage)
         try:
             study_id = storage_obj.get_study_id_from_name(cfg.name)
         except KeyError:  # a new study
@@ -72,7 +87,7 @@ def open_study(cfg: StudySection, storage: str, warm_start: Sequence[dict] = ())
             storage=storage_obj,
             study_name=cfg.name,
             directions=list(DIRECTIONS),
-            sampler=make_sampler(cfg, n_existing),
+            sampler=make_sampler(cfg, n_existing, worker_salt),
             load_if_exists=True,
         )
     except NasError:
@@ -82,26 +97,59 @@ def open_study(cfg: StudySection, storage: str, warm_start: Sequence[dict] = ())
     if study_id is None:
         for params in warm_start:
             study.enqueue_trial(params, user_attrs={"warm_start": True})
+    elif requeue_interrupted:
+        _retry_interrupted(study)
     return study
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of FAIL trials that another trial reruns (a lost worker's, or interrupted)."""
+    retried = set()
+    for trial in trials:
+        source = trial.system_attrs.get("failed_trial", trial.user_attrs.get("retry_of"))
+        if source is not None:
+            retried.add(int(source))
+    return retried
+
+
+def _retry_interrupted(study: optuna.Study) -> None:
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    for trial in trials:
+        interrupted = trial.user_attrs.get("fail_reason") == INTERRUPTED
+        if trial.state == TrialState.FAIL and interrupted and trial.number not in retried:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def load_results_study(results: Path, storage: str | None = None) -> optuna.Study:
     """The study behind a results folder of nas.run (named after the folder)."""
-    name = results.name
     if storage is None:
         if not (results / "study.db").exists():
             raise NasError(results, "holds no study.db: not a results folder of nas.run")
         storage = default_storage(results)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        raise NasError(storage, f"has no study named {name!r}") from None
-    except Exception as err:  # SQLAlchemy and Optuna raise many types for a bad URL
-        raise NasError(storage, f"cannot open the study storage ({err})") from None
+    return load_study(storage, results.name)
 
 
-def n_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+def n_settled(study: optuna.Study) -> int:
+    """Finished trials, a failed trial that is rerun counting once (through its rerun)."""
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in FINISHED_STATES]
+    retried = retried_numbers(trials)
+    return sum(1 for t in finished if not (t.state == TrialState.FAIL and t.number in retried))
+
+
+class StopAtTotal:
+    """Optuna callback: stop this worker once the study (all workers) has `n_trials` settled
+    trials, counting those running now, and none is waiting to be (re)run."""
+
+    def __init__(self, n_trials: int) -> None:
+        self.n_trials = n_trials
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not waiting and n_settled(study) + len(running) >= self.n_trials:
+            study.stop()
 
 
 def _dominated(study: optuna.Study, iou: float, n_params: int) -> bool:
@@ -139,6 +187,7 @@ def make_objective(
     def objective(trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
         trial.set_user_attr("device", str(device))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             candidate = sample(
                 space, trial, in_channels, out_channels, space.study.seed + trial.number
@@ -205,6 +254,9 @@ def make_objective(
             trial.set_user_attr("fail_reason", err.reason)
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
             note("FAIL", reason=err.reason)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
+            trial.set_user_attr("fail_reason", INTERRUPTED)
             raise
         weights = save_checkpoint(study_dir, trial.number, model.state_dict())
         _record_scores(trial, result.scores, len(result.history), start)

@@ -10,13 +10,11 @@ a cache, and the second one simply opens what the first built.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from tqdm import tqdm
 from nas.data.layouts import DatasetIndex
 from nas.data.plan import make_plan
 from nas.data.preprocess import CasePlan, ChannelNorm, preprocess_case
+from nas.locking import file_lock
 
 # Bump when preprocessing changes what it writes, so older caches are not reused.
 CACHE_VERSION = 2
@@ -76,17 +75,6 @@ def cache_key(index: DatasetIndex, settings: dict) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
@@ -160,7 +148,7 @@ def cached_dataset(index: DatasetIndex, settings: dict, cache_root: Path | None 
     cache_root = cache_root or default_cache_root()
     folder = cache_root / f"{index.root.name}-{cache_key(index, settings)[:16]}"
     if not (folder / "manifest.json").exists():
-        with _locked(cache_root / f"{folder.name}.lock"):
+        with file_lock(cache_root / f"{folder.name}.lock"):
             if not (folder / "manifest.json").exists():  # another process may have built it
                 _build(index, settings, folder)
     return _open(folder, index.root)

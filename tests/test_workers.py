@@ -1,0 +1,200 @@
+"""Many workers, one study: a real PostgreSQL server, SQLite with several local workers, a
+journal file; a worker killed with SIGKILL mid-trial, and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from nas.results import pareto_front
+
+from .conftest import run_cli, tiny_space_yaml
+
+pytestmark = pytest.mark.slow
+
+# Trials of a few seconds, so a worker can be killed in the middle of one; heartbeats every
+# second, a silent worker's trial failed after 3 s and retried once.
+STUDY_EXTRAS = "  heartbeat: {heartbeat_interval: 1, grace_period: 3, retries: 1}\n"
+
+
+def _space(tiny_dataset, n_trials: int) -> str:
+    space = tiny_space_yaml(tiny_dataset, "many", n_trials, STUDY_EXTRAS)
+    return space.replace("epochs: 2", "epochs: 8").replace(
+        "batches_per_epoch: 3", "batches_per_epoch: 8"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server from Debian's package, on a free loopback port."""
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdb:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+    pytest.importorskip("psycopg")
+    bin_dir = initdb[-1].parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="nas-pg-"))  # outside pytest's root-only tmp
+    if as_postgres:
+        shutil.chown(data, "postgres", "postgres")
+    port = _free_port()
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_postgres, *command], check=True, capture_output=True, timeout=120)
+
+    run(str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "nas", "--auth=trust")
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-o", options, "-l", str(data / "log"),
+        "-w", "start")  # fmt: skip
+    try:
+        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "nas", "nas")
+        yield f"postgresql+psycopg://nas@127.0.0.1:{port}/nas"
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _wait_for(condition, timeout: float, what: str, process: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {process.communicate()[0]}")
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _check_accounted_for(study: optuna.Study, n_trials: int, results: Path) -> None:
+    trials = study.trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    retried = {t.system_attrs.get("failed_trial", t.user_attrs.get("retry_of")) for t in trials}
+    settled = [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
+    assert len(settled) >= n_trials  # every requested trial ran to an end
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # No trial ran twice: every finished trial has its own sampled learning rate.
+    rates = [t.params["learning_rate"] for t in done]
+    assert len(rates) == len(set(rates))
+    table = pd.read_csv(results / "pareto.csv")
+    assert sorted(table.number) == sorted(t.number for t in pareto_front(study))
+
+
+def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_dataset, postgres_url):
+    (tmp_path / "space.yaml").write_text(_space(tiny_dataset, n_trials=9))
+    command = [sys.executable, "-m", "nas.run", "space.yaml", "--storage", postgres_url,
+               "--workers", "3"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    parent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        storage = postgres_url
+
+        def running_trial():
+            try:
+                study = optuna.load_study(study_name="many", storage=storage)
+            except KeyError:
+                return None
+            running = [
+                t
+                for t in study.trials
+                if t.state == TrialState.RUNNING and "n_params" in t.user_attrs
+            ]
+            return running[0] if running else None
+
+        victim = _wait_for(running_trial, 240, "a running trial", parent)
+        pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        output, _ = parent.communicate(timeout=400)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 1, output
+    assert "exited with -9" in output
+
+    # Resume: the same command again (one worker), as a user would after losing a node.
+    result = run_cli("nas.run", "space.yaml", "--storage", postgres_url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="many", storage=postgres_url)
+    killed = study.trials[victim.number]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed.params
+    assert len({t.user_attrs.get("worker") for t in study.trials}) >= 3
+    _check_accounted_for(study, 9, tmp_path / "results" / "many")
+
+
+def test_two_workers_share_sqlite_without_locking_errors(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, "many", 6))
+    result = run_cli("nas.run", "space.yaml", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "database is locked" not in result.stdout + result.stderr
+    study = optuna.load_study(
+        study_name="many", storage=f"sqlite:///{tmp_path / 'results/many/study.db'}"
+    )
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    _check_accounted_for(study, 6, tmp_path / "results" / "many")
+
+
+def test_ctrl_c_abandons_the_trial_writes_results_and_the_rerun_retries_it(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(_space(tiny_dataset, n_trials=4))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.Popen([sys.executable, "-m", "nas.run", "space.yaml"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    storage = f"sqlite:///{tmp_path / 'results/many/study.db'}"
+
+    def second_trial_running():
+        if not (tmp_path / "results/many/study.db").exists():
+            return False
+        try:
+            trials = optuna.load_study(study_name="many", storage=storage).trials
+        except KeyError:
+            return False
+        return len(trials) >= 2 and trials[-1].state == TrialState.RUNNING
+
+    _wait_for(second_trial_running, 240, "the second trial", run)
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, output
+    assert "interrupted" in output
+    study = optuna.load_study(study_name="many", storage=storage)
+    abandoned = study.trials[-1]
+    assert abandoned.state == TrialState.FAIL
+    assert abandoned.user_attrs["fail_reason"].startswith("interrupted")
+    table = pd.read_csv(tmp_path / "results/many/trials.csv")
+    assert len(table) == len(study.trials)  # results/ written on the way out
+
+    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="many", storage=storage)
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == abandoned.number]
+    assert retry.params == abandoned.params and retry.state == TrialState.COMPLETE
+    _check_accounted_for(study, 4, tmp_path / "results" / "many")
+
+
+def test_a_journal_file_holds_a_study_too(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, "many", 2))
+    journal = f"journal:///{tmp_path / 'shared' / 'many.log'}"
+    result = run_cli("nas.run", "space.yaml", "--storage", journal, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "shared" / "many.log").stat().st_size > 0
+    report = run_cli("nas.report", "results/many", "--storage", journal, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
