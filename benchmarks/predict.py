@@ -37,7 +37,12 @@ ENGINES = ("eager", "pt2", "onnx")
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory. VmHWM starts afresh at exec, where ru_maxrss
+    would carry over the parent's peak into a spawned child."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB
 
 
 def _measure(engine: str, folder: str, shape: tuple[int, ...], rounds: int, queue) -> None:

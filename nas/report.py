@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
+from optuna_dashboard import save_plotly_graph_object
 
 from nas.artifacts import overlay_path
 from nas.cli import exit_code
@@ -262,6 +263,17 @@ def render(study: optuna.Study, study_dir: Path) -> str:
 {_overlays(study_dir, front)}
 </body></html>
 """
+
+
+CURVES_GRAPH_ID = "learning-curves"
+
+
+def publish_curves(study: optuna.Study) -> None:
+    """Show the learning curves on the study's page in optuna-dashboard, which plots
+    intermediate values for single-objective studies only."""
+    save_plotly_graph_object(
+        study, _curves_figure(study, pareto_front(study)), graph_object_id=CURVES_GRAPH_ID
+    )
 
 
 def write_report(study: optuna.Study, study_dir: Path) -> Path:

@@ -26,7 +26,7 @@ from nas.cli import device_option, exit_code
 from nas.data import load_dataset, split_dataset
 from nas.exported import describe_data
 from nas.locking import file_lock
-from nas.report import write_report
+from nas.report import publish_curves, write_report
 from nas.results import write_results
 from nas.space import load_space, warm_start_params
 from nas.study import StopAtTotal, default_storage, make_objective, n_settled, open_study
@@ -106,6 +106,7 @@ def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
     with file_lock(study_dir / ".results.lock"):
         front = write_results(study, study_dir)
         write_report(study, study_dir)
+        publish_curves(study)
     return front
 
 

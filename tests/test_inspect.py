@@ -152,4 +152,16 @@ def test_dashboard_draws_the_pareto_front_in_chromium(finished, dashboard, brows
     page.goto(f"{dashboard}/dashboard/studies/{entry['study_id']}")
     page.wait_for_selector("#graph-pareto-front path.point", timeout=60_000)
     assert page.locator("#graph-pareto-front path.point").count() >= 1
+    # The learning curves, published as a plot of the study (one line per trial).
+    curves = '[id="user-defined-plot:learning-curves"]'
+    page.wait_for_selector(f"{curves} path.js-line", timeout=30_000)
+    assert page.locator(f"{curves} .scatterlayer .trace").count() == 4
+    # A completed trial's page: its note, its per-epoch values and its overlay image.
+    detail = json.loads(_get(f"{dashboard}/api/studies/{entry['study_id']}"))
+    number = next(t["number"] for t in detail["trials"] if t["state"] == "Complete")
+    page.goto(f"{dashboard}/dashboard/studies/{entry['study_id']}/trials?numbers={number}")
+    page.get_by_text(f"Trial {number}:").first.wait_for(timeout=30_000)
+    page.wait_for_selector('img[src^="/artifacts/"]', timeout=30_000)
+    assert page.get_by_text("multiply-accumulates").count() >= 1
+    assert page.get_by_text("Intermediate Values").count() >= 1
     page.close()
