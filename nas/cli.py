@@ -16,6 +16,13 @@ from nas.errors import NasError
 from nas.train import pick_device
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+        help="default: cuda, then mps, then cpu",
+    )  # fmt: skip
+
+
 def device_option(name: str) -> torch.device:
     """The device a `--device` option asks for, or a NasError saying it is not here."""
     try:

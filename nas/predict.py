@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas.cli import device_option, exit_code
+from nas.cli import add_device_option, device_option, exit_code
 from nas.data.layouts import NIFTI_ENDINGS
 from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
 from nas.errors import NasError
@@ -153,7 +153,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("model", type=Path, help="a folder written by nas.export")
     parser.add_argument("input", type=Path, help="a .nii/.nii.gz file or a folder of them")
     parser.add_argument("output", type=Path, help="mask file, or folder for <case>.nii.gz")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    add_device_option(parser)
     return parser.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.builder import UNetConfig, build_unet, count_parameters
-from nas.cli import device_option, exit_code
+from nas.cli import add_device_option, device_option, exit_code
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
 from nas.results import atomic_write, pareto_front, save_checkpoint
@@ -38,7 +38,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     choice.add_argument("--trials", help="comma-separated trial numbers, e.g. 3,15")
     parser.add_argument("--epochs", type=int, help="epochs (default: 3x the search's)")
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    add_device_option(parser)
     return parser.parse_args(argv)
 
 

@@ -22,7 +22,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from nas.cli import device_option, exit_code
+from nas.cli import add_device_option, device_option, exit_code
 from nas.data import load_dataset, split_dataset
 from nas.exported import describe_data
 from nas.locking import file_lock
@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--storage", help="Optuna storage URL (default: sqlite:///RESULTS_DIR/NAME/study.db)"
     )
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    add_device_option(parser)
     parser.add_argument("--seed", type=int, help="sampler and training seed")
     parser.add_argument(
         "--workers", type=_positive_int, default=1,

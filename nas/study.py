@@ -132,7 +132,10 @@ def load_results_study(results: Path, storage: str | None = None) -> optuna.Stud
 
 def n_settled(study: optuna.Study) -> int:
     """Finished trials, a failed trial that is rerun counting once (through its rerun)."""
-    trials = study.get_trials(deepcopy=False)
+    return _n_settled(study.get_trials(deepcopy=False))
+
+
+def _n_settled(trials: Sequence[FrozenTrial]) -> int:
     finished = [t for t in trials if t.state in FINISHED_STATES]
     retried = retried_numbers(trials)
     return sum(1 for t in finished if not (t.state == TrialState.FAIL and t.number in retried))
@@ -146,9 +149,10 @@ class StopAtTotal:
         self.n_trials = n_trials
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not waiting and n_settled(study) + len(running) >= self.n_trials:
+        trials = study.get_trials(deepcopy=False)  # one read of the storage per check
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        if not waiting and _n_settled(trials) + running >= self.n_trials:
             study.stop()
 
 
