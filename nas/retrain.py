@@ -19,13 +19,13 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from nas.builder import UNetConfig, build_unet, count_parameters
+from nas.builder import UNetConfig, count_parameters
 from nas.cli import add_device_option, device_option, exit_code
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
 from nas.results import atomic_write, pareto_front, save_checkpoint
 from nas.study import DIRECTIONS, default_storage, load_results_study
-from nas.train import TrainConfig, fit
+from nas.train import TrainConfig, fit, init_model
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         search_train = TrainConfig(**trial.user_attrs["train_config"])
         epochs = args.epochs or 3 * search_train.epochs
         train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
-        model = build_unet(unet)
+        model = init_model(unet, train.seed)
         n_params = count_parameters(model)
         print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
         result = fit(model, train_cases, val_cases, dataset.n_classes, train, device, None, slicing)

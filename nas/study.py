@@ -23,7 +23,7 @@ from optuna_dashboard import save_note
 from pydantic import ValidationError
 
 from nas.artifacts import example_case, overlay_path, upload, write_overlay
-from nas.builder import build_unet, count_parameters
+from nas.builder import count_parameters
 from nas.data import Case
 from nas.describe import count_macs, summary, trial_note
 from nas.errors import NasError
@@ -32,7 +32,7 @@ from nas.pruning import best_up_to, dominated_at_epoch
 from nas.results import save_checkpoint
 from nas.space import SearchSpace, StudySection, sample
 from nas.storage import load_study, open_storage
-from nas.train import CandidateFailed, EpochResult, fit
+from nas.train import CandidateFailed, EpochResult, fit, init_model
 
 DIRECTIONS = ("maximize", "minimize")  # validation IoU, parameter count
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -200,7 +200,7 @@ def make_objective(
             reason = f"invalid combination: {err.errors()[0]['msg'].removeprefix('Value error, ')}"
             trial.set_user_attr("fail_reason", reason)
             raise CandidateFailed(reason) from None
-        model = build_unet(candidate.unet)
+        model = init_model(candidate.unet, candidate.train.seed)
         n_params = count_parameters(model)
         two_d = candidate.unet.spatial_dims == 2
         patch = candidate.train.patch_size_2d if two_d else candidate.train.patch_size_3d

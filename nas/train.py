@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as config_dataclass
 from torch import nn
 
+from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
 from nas.evaluate import Scores, evaluate
 from nas.losses import DiceCELoss
@@ -106,6 +107,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         )
     optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return optimizer(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def init_model(unet: UNetConfig, seed: int) -> UNet:
+    """The network with initial weights drawn from `seed` alone, so that a trial trains the
+    same way whatever ran before it in the process (the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_unet(unet)
 
 
 def prepare_model(model: nn.Module, spatial_dims: int, device: torch.device) -> nn.Module:

@@ -11,7 +11,7 @@ from nas import build_unet
 from nas.data import Case
 from nas.evaluate import evaluate
 from nas.losses import DiceCELoss
-from nas.train import CandidateFailed, TrainConfig, fit, pick_device
+from nas.train import CandidateFailed, TrainConfig, fit, init_model, pick_device
 
 CPU = torch.device("cpu")
 TINY_TRAIN = dict(epochs=2, batches_per_epoch=3, batch_size_2d=4, patch_size_2d=(32, 32))
@@ -35,6 +35,19 @@ def test_evaluate_pools_iou_over_whole_cases(patch):
 class _Negate(nn.Module):
     def forward(self, x):
         return -x
+
+
+def test_initial_weights_depend_on_the_seed_alone():
+    config = build_unet(spatial_dims=2, depth=2, base_channels=4).config
+    first = init_model(config, 7).state_dict()
+    torch.rand(100)  # whatever ran before in the process
+    state = torch.get_rng_state()
+    second = init_model(config, 7).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
+    other = init_model(config, 8).state_dict()
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+    assert any(not torch.equal(value, other[key]) for key, value in first.items())
 
 
 def test_fit_reports_every_epoch_and_trains(tiny_cases):
