@@ -222,9 +222,9 @@ def _with_split_output(folder: Path, channels: list[np.ndarray], dest: Path) -> 
     state = torch.load(dest / "weights.pt", weights_only=True)
     if logits.shape[0] == 1:  # sigmoid: half the voxels on each side of zero
         state["head.bias"][0] -= _widest_gap_threshold(logits[0], 0.5)
-    else:  # softmax: each label beats background on a third of the voxels
+    else:  # softmax with K outputs: each label beats background on 1/K of the voxels
+        share = 1 - 1 / logits.shape[0]
         for c in range(1, logits.shape[0]):
-            share = 1 - 1 / logits.shape[0]
             state["head.bias"][c] -= _widest_gap_threshold(logits[c] - logits[0], share)
     torch.save(state, dest / "weights.pt")
     return dest
