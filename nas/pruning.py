@@ -22,10 +22,9 @@ budget), with warm-up 1 and min_trials 2 0.576 / 0.657 (at 50%). Measured again 
 trial's initial weights came from its seed: 0.608 / 0.627 without pruning, random 0.613 /
 0.635, the defaults 0.609 / 0.662 (at 60%). Seeds differ more than arms do (final hypervolume
 0.44-0.67 per arm): the defaults end highest in the median of both measurements, by a
-small margin. The early
-candidates are where time goes: the reference network and NSGA-II's first generation run
-before anything can be compared, so the pruner must act from the second epoch and the third
-trial.
+small margin. The early candidates are where time goes: the reference network and NSGA-II's
+first generation run before anything can be compared, so the pruner must act from the second
+epoch and the third trial.
 """
 
 from __future__ import annotations
