@@ -25,6 +25,7 @@ from nas.builder import UNetConfig, build_unet
 from nas.data import Dataset
 from nas.data.preprocess import CasePlan, ChannelNorm
 from nas.errors import NasError
+from nas.yaml_file import read_yaml
 
 CARD_FILE = "architecture.yaml"
 WEIGHTS_FILE = "weights.pt"
@@ -111,14 +112,10 @@ def read_card(folder: Path) -> ModelCard:
     path = Path(folder) / CARD_FILE
     if not Path(folder).is_dir():
         raise NasError(folder, "not found: expected a folder written by nas.export")
+    if not path.is_file():
+        raise NasError(path, "not found: not a folder written by nas.export")
     try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise NasError(path, "not found: not a folder written by nas.export") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise NasError(path, f"not valid YAML ({err})") from None
-    try:
-        card = ModelCard.model_validate(values)
+        card = ModelCard.model_validate(read_yaml(path))
         card.unet_config()
     except (ValidationError, TypeError, ValueError) as err:
         raise NasError(path, f"not a valid model description ({_first_error(err)})") from None

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import optuna
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -40,6 +39,7 @@ from nas.errors import NasError
 from nas.pruning import PrunerConfig
 from nas.storage import HeartbeatConfig
 from nas.train import TrainConfig
+from nas.yaml_file import read_yaml
 
 Scalar = bool | int | float | str | None
 # Filled from the data, never searched.
@@ -232,16 +232,7 @@ class _SpaceError(Exception):
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate `path`; any problem raises NasError naming the file and key."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise NasError(path, "file not found") from None
-    except OSError as err:
-        raise NasError(path, f"cannot be read ({err.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise NasError(path, f"not valid YAML: {' '.join(str(err).split())}") from None
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

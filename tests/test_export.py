@@ -339,6 +339,17 @@ def test_bad_export_requests_are_one_line_errors(studies, tmp_path):
     )
 
 
+def test_a_missing_or_broken_description_is_named(tmp_path):
+    with pytest.raises(nas.NasError, match="architecture.yaml: not found: not a folder"):
+        read_card(tmp_path)
+    (tmp_path / "architecture.yaml").write_text("architecture: [spatial_dims\n")
+    with pytest.raises(nas.NasError, match="architecture.yaml: not valid YAML"):
+        read_card(tmp_path)
+    (tmp_path / "architecture.yaml").write_text("architecture: {depth: 0}\n")
+    with pytest.raises(nas.NasError, match="architecture.yaml: not a valid model description"):
+        read_card(tmp_path)
+
+
 def test_bad_predict_inputs_are_one_line_errors(exported, datasets, tmp_path):
     two_d, three_d = str(exported["two_d"]), str(exported["three_d"])
     channels = _ras_scan(datasets["three_d"])

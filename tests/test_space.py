@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from nas.errors import NasError
 from nas.space import load_space, sample
 
 from .conftest import run_cli, tiny_space_yaml
@@ -95,6 +96,13 @@ def test_bad_space_exits_2_with_one_line_and_trains_nothing(case, tmp_path):
     assert expected in lines[0]
     assert not (tmp_path / "results").exists()
     assert not (tmp_path / "data").exists()
+
+
+def test_a_file_that_is_not_text_is_not_valid_yaml(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(NasError, match=r"space\.yaml: not valid YAML: not UTF-8 text"):
+        load_space(path)
 
 
 def test_missing_file_exits_2(tmp_path):
