@@ -60,13 +60,13 @@ def _hover(trial: FrozenTrial, iou: float) -> str:
     )
 
 
-def _front_figure(study: optuna.Study, front: list[FrozenTrial]) -> go.Figure:
+def _front_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> go.Figure:
     fig = go.Figure()
     on_front = {t.number for t in front}
     groups = {
-        "completed": [t for t in study.trials if t.state == TrialState.COMPLETE],
+        "completed": [t for t in trials if t.state == TrialState.COMPLETE],
         "pruned (last IoU)": [
-            t for t in study.trials if t.state == TrialState.PRUNED and "val_iou" in t.user_attrs
+            t for t in trials if t.state == TrialState.PRUNED and "val_iou" in t.user_attrs
         ],
     }
     for name, trials in groups.items():
@@ -109,10 +109,9 @@ def _front_figure(study: optuna.Study, front: list[FrozenTrial]) -> go.Figure:
     return fig
 
 
-def _hypervolume_figure(study: optuna.Study) -> go.Figure:
+def _hypervolume_figure(trials: Sequence[FrozenTrial]) -> go.Figure:
     done = sorted(
-        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-        key=lambda t: t.datetime_complete,
+        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete
     )
     fig = go.Figure()
     if done:
@@ -138,10 +137,10 @@ def _hypervolume_figure(study: optuna.Study) -> go.Figure:
     return fig
 
 
-def _curves_figure(study: optuna.Study, front: list[FrozenTrial]) -> go.Figure:
+def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> go.Figure:
     on_front = {t.number for t in front}
     fig = go.Figure()
-    for trial in study.trials:
+    for trial in trials:
         curve = sorted(trial.intermediate_values.items())
         if not curve:
             continue
@@ -221,16 +220,17 @@ img { max-width: 720px; }
 
 
 def render(study: optuna.Study, study_dir: Path) -> str:
+    trials = study.get_trials(deepcopy=False)  # one read of the storage for every figure
     front = pareto_front(study)
     states = {s.name: 0 for s in TrialState}
-    for trial in study.trials:
+    for trial in trials:
         states[trial.state.name] += 1
     counts = ", ".join(f"{n} {name.lower()}" for name, n in states.items() if n)
     best = max((t.values[0] for t in front), default=None)
     figures: list[go.Figure | str] = [
-        _front_figure(study, front),
-        _hypervolume_figure(study),
-        _curves_figure(study, front),
+        _front_figure(trials, front),
+        _hypervolume_figure(trials),
+        _curves_figure(trials, front),
         _importance_figure(study),
     ]
     parts, script_embedded = [], False
@@ -271,9 +271,8 @@ CURVES_GRAPH_ID = "learning-curves"
 def publish_curves(study: optuna.Study) -> None:
     """Show the learning curves on the study's page in optuna-dashboard, which plots
     intermediate values for single-objective studies only."""
-    save_plotly_graph_object(
-        study, _curves_figure(study, pareto_front(study)), graph_object_id=CURVES_GRAPH_ID
-    )
+    figure = _curves_figure(study.get_trials(deepcopy=False), pareto_front(study))
+    save_plotly_graph_object(study, figure, graph_object_id=CURVES_GRAPH_ID)
 
 
 def write_report(study: optuna.Study, study_dir: Path) -> Path:
