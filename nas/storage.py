@@ -60,33 +60,36 @@ def _sqlite_wal(url: str) -> None:
 
 def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> BaseStorage:
     """The storage behind `url`, with heartbeats and retries when `heartbeat` is given."""
-    beats = {}
-    if heartbeat is not None:
-        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.retries)
-        beats = {
-            "heartbeat_interval": heartbeat.heartbeat_interval,
-            "grace_period": heartbeat.grace_period,
-            "heartbeat_stale_trial_callback": retry,
-        }
     try:
-        if url.startswith(JOURNAL_PREFIX):
-            path = Path(url[len(JOURNAL_PREFIX) :])  # like sqlite:///: relative, ////: absolute
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        engine_kwargs = {}
-        if url.startswith(SQLITE_PREFIX):
-            _sqlite_wal(url)
-            engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
+            return _open(url, heartbeat)
     except NasError:
         raise
     except Exception as err:  # SQLAlchemy, drivers and Optuna raise many types for a bad URL
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise NasError(url, f"cannot open the study storage ({reason})") from None
+
+
+def _open(url: str, heartbeat: HeartbeatConfig | None) -> BaseStorage:
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX) :])  # like sqlite:///: relative, ////: absolute
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    beats = {}
+    if heartbeat is not None:
+        beats = {
+            "heartbeat_interval": heartbeat.heartbeat_interval,
+            "grace_period": heartbeat.grace_period,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
+                max_retry=heartbeat.retries
+            ),
+        }
+    engine_kwargs = {}
+    if url.startswith(SQLITE_PREFIX):
+        _sqlite_wal(url)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
+    return RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
 
 
 def load_study(url: str, name: str) -> optuna.Study:
