@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.cli import add_device_option, device_option, exit_code
-from nas.data.layouts import NIFTI_ENDINGS
+from nas.data.layouts import nifti_stem
 from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
 from nas.errors import NasError
 from nas.evaluate import labels_from_logits, predict_logits
@@ -43,17 +43,10 @@ class Scan:
     images: tuple[Path, ...]  # one file per channel, or a single (4D) file
 
 
-def _stem(path: Path) -> str | None:
-    for ending in NIFTI_ENDINGS:
-        if path.name.endswith(ending):
-            return path.name[: -len(ending)]
-    return None
-
-
 def find_scans(source: Path, n_channels: int) -> list[Scan]:
     """The scans in a file or folder, channel files grouped by case."""
     if source.is_file():
-        stem = _stem(source)
+        stem = nifti_stem(source.name)
         if stem is None:
             raise NasError(source, "not a NIfTI file (.nii or .nii.gz)")
         match = CHANNEL_FILE.match(stem)
@@ -64,7 +57,7 @@ def find_scans(source: Path, n_channels: int) -> list[Scan]:
     groups: dict[str, dict[int, Path]] = {}
     singles = []
     for path in sorted(source.iterdir()):
-        stem = _stem(path)
+        stem = nifti_stem(path.name)
         if stem is None or not path.is_file():
             continue
         match = CHANNEL_FILE.match(stem)
@@ -132,7 +125,7 @@ def write_mask(mask: np.ndarray, like: nib.spatialimages.SpatialImage, path: Pat
 
 
 def output_paths(source: Path, output: Path, scans: Sequence[Scan]) -> list[Path]:
-    single_file = source.is_file() and _stem(output) is not None
+    single_file = source.is_file() and nifti_stem(output.name) is not None
     if single_file:
         paths = [output]
     else:

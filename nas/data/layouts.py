@@ -65,6 +65,11 @@ def _strip_ending(name: str, ending: str) -> str | None:
     return name[: -len(ending)] if name.endswith(ending) else None
 
 
+def nifti_stem(name: str) -> str | None:
+    """`name` without its .nii.gz or .nii ending; None for any other file."""
+    return next((n for e in NIFTI_ENDINGS if (n := _strip_ending(name, e))), None)
+
+
 def _inside(root: Path, relative: str, source: Path) -> Path:
     """`relative` resolved against root; refused if it leaves the dataset folder."""
     path = (root / relative).resolve()
@@ -157,7 +162,7 @@ def _msd(root: Path) -> DatasetIndex:
         for path, what in ((image, "image"), (label, "label")):
             if not path.exists():
                 raise NasError(path, f"listed as training[{i}].{what} in dataset.json but missing")
-        name = next((n for e in NIFTI_ENDINGS if (n := _strip_ending(image.name, e))), image.name)
+        name = nifti_stem(image.name) or image.name
         cases.append(CaseFiles(name, (image,), label))
     if not cases:
         raise NasError(meta_path, "the training list is empty")
@@ -174,7 +179,7 @@ def _pairs(root: Path) -> DatasetIndex:
     def nifti_files(folder: Path) -> dict[str, Path]:
         files = {}
         for path in sorted(folder.iterdir()):
-            name = next((n for e in NIFTI_ENDINGS if (n := _strip_ending(path.name, e))), None)
+            name = nifti_stem(path.name)
             if name is not None:
                 files[name] = path
         return files
