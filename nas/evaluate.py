@@ -93,7 +93,8 @@ def evaluate(
             truth[k] += t.sum()
     model.train(was_training)
     union = predicted + truth - intersection
-    # A class absent from both prediction and truth everywhere is perfectly segmented.
+    # A class absent from both prediction and truth everywhere is perfectly segmented
+    # (split_dataset keeps every class in validation, so a search never scores this way).
     iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
     dice = np.where(predicted + truth > 0, 2 * intersection / np.maximum(predicted + truth, 1), 1.0)
     return Scores(float(iou.mean()), float(dice.mean()), tuple(float(v) for v in iou))

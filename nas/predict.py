@@ -6,9 +6,10 @@ several channels). Each scan goes through the preprocessing the model was traine
 (RAS, nonzero crop, resampling, normalisation, all recorded in architecture.yaml), then 2D
 slice-wise or 3D sliding-window inference; the logits are resampled back to the cropped box
 (linear, as nnU-Net does), turned into labels, placed in the full volume and reoriented to
-the scan's own orientation. Each mask is a uint8 NIfTI with exactly the scan's shape and
-affine, holding the dataset's label values. OUTPUT is a file for a single-file INPUT (or a
-folder to write `<case>.nii.gz` into); for a folder INPUT, a folder.
+the scan's own orientation. Each mask is a NIfTI with exactly the scan's shape and affine,
+holding the dataset's label values (uint8, or uint16/uint32 where a value needs it). OUTPUT
+is a file for a single-file INPUT (or a folder to write `<case>.nii.gz` into); for a folder
+INPUT, a folder.
 """
 
 from __future__ import annotations
@@ -92,6 +93,14 @@ def _from_ras(mask: np.ndarray, image: nib.spatialimages.SpatialImage) -> np.nda
     return nib.orientations.apply_orientation(mask, nib.orientations.ornt_transform(ras, own))
 
 
+def mask_values(labels: dict[str, int]) -> np.ndarray:
+    """The label value of each class index, in the smallest unsigned type that holds them
+    all: a uint8 mask would wrap a value of 256 or more."""
+    largest = max(labels.values())
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(t).max)
+    return np.array(list(labels.values()), dtype)
+
+
 @torch.no_grad()
 def segment(
     model: nn.Module, card: ModelCard, scan: Scan, device: torch.device
@@ -108,8 +117,8 @@ def segment(
     if tuple(logits.shape[1:]) != box_shape:
         logits = F.interpolate(logits[None], size=box_shape, mode="trilinear")[0]
     classes = labels_from_logits(logits).cpu().numpy()
-    values = np.array(list(card.labels.values()), np.uint8)
-    mask = np.zeros(channels[0].shape, np.uint8)
+    values = mask_values(card.labels)
+    mask = np.zeros(channels[0].shape, values.dtype)
     mask[box] = values[classes]
     first = nib.load(paths[0])
     return _from_ras(mask, first), first
@@ -117,7 +126,7 @@ def segment(
 
 def write_mask(mask: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:
     header = like.header.copy()
-    header.set_data_dtype(np.uint8)
+    header.set_data_dtype(mask.dtype)
     image = type(like)(mask, like.affine, header)
     image.header.set_slope_inter(1, 0)
     path.parent.mkdir(parents=True, exist_ok=True)

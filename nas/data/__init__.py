@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
@@ -64,6 +66,15 @@ class DataConfig:
             return {**kwargs, "synthetic": SyntheticSpec()}
         return values
 
+    @field_validator("target_spacing_mm")
+    @classmethod
+    def _check_spacing(
+        cls, value: tuple[float, float, float] | None
+    ) -> tuple[float, float, float] | None:
+        if value is not None and not all(0 < size < math.inf for size in value):
+            raise ValueError(f"target_spacing_mm must be positive and finite, got {value}")
+        return value
+
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataConfig:
         if self.splits_file is None and self.fold >= self.n_folds:
@@ -98,11 +109,41 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 def split_dataset(dataset: Dataset, cfg: DataConfig) -> tuple[list[Case], list[Case]]:
-    """Training and validation cases of the configured fold; never one case on both sides."""
+    """Training and validation cases of the configured fold; never one case on both sides,
+    and every foreground class present among the validation cases."""
     try:
-        return split_cases(dataset.cases, cfg.n_folds, cfg.fold, cfg.split_seed, cfg.splits_file)
+        train, val = split_cases(
+            dataset.cases, cfg.n_folds, cfg.fold, cfg.split_seed, cfg.splits_file
+        )
     except ValueError as err:
         raise NasError(dataset.root, str(err)) from None
+    # A class absent from validation scores a perfect IoU for predicting nothing.
+    missing = _classes_absent(val, dataset.n_classes)
+    if missing:
+        names = ", ".join(repr(dataset.class_names[k - 1]) for k in missing)
+        how = (
+            f"another fold of {cfg.splits_file}"
+            if cfg.splits_file is not None
+            else "another fold or split_seed"
+        )
+        raise NasError(
+            dataset.root,
+            f"the validation cases of fold {cfg.fold} hold no voxel of "
+            f"{'classes' if len(missing) > 1 else 'class'} {names}, which would score a perfect "
+            f"IoU for predicting nothing; choose {how}, or add cases showing it",
+        )
+    return train, val
+
+
+def _classes_absent(cases: list[Case], n_classes: int) -> list[int]:
+    """The foreground class indices (1..n_classes) that no label of `cases` holds."""
+    missing = set(range(1, n_classes + 1))
+    for case in cases:
+        label = np.asarray(case.label)
+        missing -= {k for k in missing if np.any(label == k)}
+        if not missing:
+            break
+    return sorted(missing)
 
 
 __all__ = [

@@ -1,10 +1,12 @@
 """Preprocess a dataset once into memory-mapped .npy files that every trial and worker reuses.
 
-The cache folder is keyed by a hash of the inputs (paths, sizes, modification times) and the
-settings, so a second run reads no NIfTI file unless one of them changed. It is built case by
-case (peak memory a few cases, never the dataset) into a temporary folder that is renamed
-into place when complete, under a file lock: two processes building at once never see half
-a cache, and the second one simply opens what the first built.
+The cache folder is keyed by a hash of the inputs (paths, sizes, modification times, the
+content of dataset.json) and the settings, so a second run reads no NIfTI file unless one of
+them changed. It is built case by case (peak memory a few cases, never the dataset) into a
+staging folder that is renamed into place when complete, every file flushed to disk first,
+under a file lock: two processes building at once never see half a cache, and the second one
+simply opens what the first built. The manifest records each array's shape and type, so a
+cache damaged later (a file cut short by a full disk, say) is noticed on opening and rebuilt.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from tqdm import tqdm
@@ -24,10 +28,12 @@ from tqdm import tqdm
 from nas.data.layouts import DatasetIndex
 from nas.data.plan import make_plan
 from nas.data.preprocess import CasePlan, ChannelNorm, preprocess_case
+from nas.errors import NasError
 from nas.locking import file_lock
+from nas.staging import remove_stale_staging, replace_folder, staging_folder
 
 # Bump when preprocessing changes what it writes, so older caches are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -63,24 +69,48 @@ def default_cache_root() -> Path:
 
 
 def cache_key(index: DatasetIndex, settings: dict) -> str:
-    """Hash of every input file's path, size and mtime, and of the settings."""
+    """Hash of every input file's path, size and mtime, of dataset.json's content (it names
+    the channels, which choose their normalisation, and the labels) and of the settings."""
     files = []
     for case in index.cases:
         for path in (*case.images, case.label):
             stat = path.stat()
             files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    meta = index.root / "dataset.json"
+    # By content, not mtime: an edit within the filesystem's mtime granularity still counts.
+    meta_hash = hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None
     blob = json.dumps(
-        {"version": CACHE_VERSION, "layout": index.layout, "files": files, "settings": settings},
+        {
+            "version": CACHE_VERSION,
+            "layout": index.layout,
+            "files": files,
+            "dataset_json": meta_hash,
+            "settings": settings,
+        },
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@contextmanager
+def _synced(path: Path) -> Iterator[IO[bytes]]:
+    """A new file to write, flushed to disk on leaving the block: the rename that publishes
+    the cache must not reach the disk before the data does, or a crash could leave a
+    complete-looking cache of zeros."""
+    with open(path, "wb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _array_entry(array: np.ndarray) -> dict:
+    return {"shape": list(array.shape), "dtype": array.dtype.str}
+
+
 def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
     plan, class_names = make_plan(index, **settings)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with staging_folder(folder) as staging:
         cases = []
         # leave=False: on an error, the one-line message is what stays on the screen.
         progress = tqdm(
@@ -88,10 +118,16 @@ def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
         )
         for case in progress:
             image, label, source_spacing = preprocess_case(case, len(index.channel_names), plan)
-            np.save(staging / f"{case.name}_image.npy", image)
-            np.save(staging / f"{case.name}_label.npy", label)
+            for kind, array in (("image", image), ("label", label)):
+                with _synced(staging / f"{case.name}_{kind}.npy") as handle:
+                    np.save(handle, array)
             cases.append(
-                {"name": case.name, "shape": list(image.shape), "source_spacing": source_spacing}
+                {
+                    "name": case.name,
+                    "image": _array_entry(image),
+                    "label": _array_entry(label),
+                    "source_spacing": source_spacing,
+                }
             )
         manifest = {
             "root": str(index.root),
@@ -104,33 +140,43 @@ def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
             "cases": cases,
         }
         # Written last: its presence marks a complete cache.
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)  # an incomplete leftover, if any
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with _synced(staging / "manifest.json") as handle:
+            handle.write(json.dumps(manifest, indent=1).encode())
+        replace_folder(staging, folder)
 
 
-def _open(folder: Path, root: Path) -> Dataset:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    spacing = tuple(manifest["plan"]["target_spacing_mm"])
-    cases = tuple(
-        Case(
-            entry["name"],
-            np.load(folder / f"{entry['name']}_image.npy", mmap_mode="r"),
-            np.load(folder / f"{entry['name']}_label.npy", mmap_mode="r"),
-            spacing,
+def _why(err: Exception) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())  # one line, whatever numpy says
+
+
+def _load_array(path: Path, entry: dict) -> np.ndarray:
+    """The memory-mapped array at `path`, checked against its manifest entry; NasError if the
+    file is unreadable, of another shape or type, or not exactly as long as they require."""
+    try:
+        array = np.lib.format.open_memmap(path, mode="r")
+        expected = (tuple(entry["shape"]), np.dtype(entry["dtype"]))
+        size = path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise NasError(path, f"unreadable cache file ({_why(err)})") from None
+    if (array.shape, array.dtype) != expected:
+        raise NasError(
+            path,
+            f"holds {array.dtype} {array.shape}; the manifest says {expected[1]} {expected[0]}",
         )
-        for entry in manifest["cases"]
-    )
-    plan = manifest["plan"]
-    return Dataset(
-        root,
-        tuple(manifest["channel_names"]),
-        tuple(manifest["class_names"]),
-        cases,
-        folder,
-        CasePlan(
+    if size != array.offset + array.nbytes:  # open_memmap refuses a short file, not a long one
+        raise NasError(path, f"is {size} bytes long, not {array.offset + array.nbytes}")
+    return array
+
+
+def open_cache(folder: Path, root: Path) -> Dataset:
+    """The dataset cached in `folder` (of the dataset at `root`); a NasError naming the file if
+    the manifest or an array is damaged."""
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        plan = manifest["plan"]
+        entries = [(entry["name"], entry["image"], entry["label"]) for entry in manifest["cases"]]
+        case_plan = CasePlan(
             tuple(plan["channels"]),
             tuple(
                 ChannelNorm(norm["clip"] and tuple(norm["clip"]), norm["mean"], norm["std"])
@@ -138,17 +184,40 @@ def _open(folder: Path, root: Path) -> Dataset:
             ),
             {int(value): k for value, k in plan["class_of_value"].items()},
             tuple(plan["target_spacing_mm"]),
-        ),
-        tuple(manifest["source_channel_names"]),
+        )
+        channel_names = tuple(manifest["channel_names"])
+        class_names = tuple(manifest["class_names"])
+        source_channel_names = tuple(manifest["source_channel_names"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise NasError(manifest_path, f"unreadable cache manifest ({_why(err)})") from None
+    cases = tuple(
+        Case(
+            name,
+            _load_array(folder / f"{name}_image.npy", image),
+            _load_array(folder / f"{name}_label.npy", label),
+            case_plan.target_spacing_mm,
+        )
+        for name, image, label in entries
     )
+    return Dataset(root, channel_names, class_names, cases, folder, case_plan, source_channel_names)
 
 
 def cached_dataset(index: DatasetIndex, settings: dict, cache_root: Path | None = None) -> Dataset:
-    """Open the preprocessed dataset, building it first if this exact one is not cached."""
+    """Open the preprocessed dataset, building it first if this exact one is not cached, or
+    rebuilding it (once) if it is damaged."""
     cache_root = cache_root or default_cache_root()
     folder = cache_root / f"{index.root.name}-{cache_key(index, settings)[:16]}"
-    if not (folder / "manifest.json").exists():
-        with file_lock(cache_root / f"{folder.name}.lock"):
-            if not (folder / "manifest.json").exists():  # another process may have built it
-                _build(index, settings, folder)
-    return _open(folder, index.root)
+    if (folder / "manifest.json").exists():
+        try:
+            return open_cache(folder, index.root)
+        except NasError:
+            pass  # checked again under the lock: another process may be rebuilding it
+    with file_lock(cache_root / f"{folder.name}.lock"):
+        if (folder / "manifest.json").exists():  # another process may have built or repaired it
+            try:
+                return open_cache(folder, index.root)
+            except NasError as err:
+                print(f"rebuilding the preprocessing cache: {err}", file=sys.stderr)
+        remove_stale_staging(cache_root)  # what builds killed on this host left behind
+        _build(index, settings, folder)
+    return open_cache(folder, index.root)

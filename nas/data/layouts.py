@@ -153,7 +153,7 @@ def _msd(root: Path) -> DatasetIndex:
         raise NasError(meta_path, "modality and labels keys must be numbers") from None
     if 0 not in label_values.values():
         raise NasError(meta_path, "labels must declare background with value 0")
-    cases = []
+    cases: dict[str, CaseFiles] = {}
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
             raise NasError(meta_path, f"training[{i}] must have 'image' and 'label' paths")
@@ -163,7 +163,8 @@ def _msd(root: Path) -> DatasetIndex:
             if not path.exists():
                 raise NasError(path, f"listed as training[{i}].{what} in dataset.json but missing")
         name = nifti_stem(image.name) or image.name
-        cases.append(CaseFiles(name, (image,), label))
+        _refuse_duplicate(cases[name].images[0] if name in cases else None, image, name)
+        cases[name] = CaseFiles(name, (image,), label)
     if not cases:
         raise NasError(meta_path, "the training list is empty")
     return DatasetIndex(
@@ -171,16 +172,23 @@ def _msd(root: Path) -> DatasetIndex:
         "msd",
         tuple(str(modality[str(m)]) for m in modality_ids),
         label_values,
-        tuple(cases),
+        tuple(cases.values()),
     )
+
+
+def _refuse_duplicate(earlier: Path | None, path: Path, name: str) -> None:
+    """Two files giving one case name would overwrite each other in the cache."""
+    if earlier is not None:
+        raise NasError(path, f"gives the same case name {name!r} as {earlier}; names must differ")
 
 
 def _pairs(root: Path) -> DatasetIndex:
     def nifti_files(folder: Path) -> dict[str, Path]:
-        files = {}
+        files: dict[str, Path] = {}
         for path in sorted(folder.iterdir()):
             name = nifti_stem(path.name)
             if name is not None:
+                _refuse_duplicate(files.get(name), path, name)
                 files[name] = path
         return files
 

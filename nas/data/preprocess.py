@@ -63,15 +63,29 @@ def load_volume(path, as_float32: bool = False) -> tuple[np.ndarray, np.ndarray]
     return data, canonical.affine
 
 
+def _stored_zooms(image: nib.spatialimages.SpatialImage) -> tuple[float, ...]:
+    """The voxel sizes as the header stores them: nibabel's loader quietly turns a zero into
+    1 and a negative size into its absolute value, which would hide a broken header."""
+    header = image.header
+    if isinstance(header, nib.Nifti1Header):  # NIfTI-2 and .hdr/.img pairs included
+        holder = image.file_map["header" if "header" in image.file_map else "image"]
+        with holder.get_prepare_fileobj("rb") as handle:
+            header = type(header).from_fileobj(handle, check=False)
+    return tuple(float(z) for z in header.get_zooms()[:3])
+
+
 def spacing_of(path) -> tuple[float, float, float]:
-    """RAS voxel spacing from the header alone (no voxels read)."""
+    """RAS voxel spacing from the header alone (no voxels read); positive and finite."""
     try:
         image = nib.load(path)
+        zooms = _stored_zooms(image)
     except Exception as err:
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None
     if len(image.shape) < 3:
         raise NasError(path, f"expected a 3D volume, found shape {image.shape}")
-    zooms = image.header.get_zooms()[:3]
+    if not all(0 < z < np.inf for z in zooms):
+        shown = ", ".join(f"{z:g}" for z in zooms)
+        raise NasError(path, f"voxel spacing ({shown}) must be positive and finite")
     ornt = nib.io_orientation(image.affine)
     spacing = [0.0, 0.0, 0.0]
     for axis, (ras_axis, _) in enumerate(ornt[:3]):
@@ -155,9 +169,12 @@ def nonzero_box(channels: list[np.ndarray]) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _resample(volume: np.ndarray, factors: np.ndarray, order: int) -> np.ndarray:
-    if np.allclose(factors, 1.0):
+def _resample(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    """`volume` resampled to exactly `shape` (zoom rounds the shape itself, to 0 for a thin
+    crop, so it is given the factors that land on `shape`)."""
+    if volume.shape == tuple(shape):
         return volume
+    factors = np.array(shape) / np.array(volume.shape)
     return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
 
 
@@ -186,7 +203,7 @@ def prepare_image(
     shape = _resampled_shape(chosen[0][box].shape, factors)
     image = np.empty((len(chosen), *shape), np.float32)
     for out, channel, norm in zip(image, chosen, plan.norms, strict=True):
-        out[...] = _resample(channel[box], factors, order=1)
+        out[...] = _resample(channel[box], shape, order=1)
         _normalise_in_place(out, norm)
     return image, box
 
@@ -194,7 +211,8 @@ def prepare_image(
 def _resampled_shape(shape: tuple[int, ...], factors: np.ndarray) -> tuple[int, ...]:
     if np.allclose(factors, 1.0):
         return tuple(shape)
-    return tuple(int(round(n * f)) for n, f in zip(shape, factors, strict=True))
+    # At least one voxel: a crop one slice thick must not vanish at a coarser spacing.
+    return tuple(max(1, int(round(n * f))) for n, f in zip(shape, factors, strict=True))
 
 
 def preprocess_case(
@@ -210,13 +228,10 @@ def preprocess_case(
         raise NasError(case.label, f"label values {undeclared} are not declared")
     spacing = spacing_of(paths[0])
     image, box = prepare_image(channels, spacing, plan)
-    factors = np.array(spacing) / np.array(plan.target_spacing_mm)
     lookup = np.zeros(int(values.max()) + 1, np.uint8)
     for value in values:
         lookup[value] = plan.class_of_value[int(value)]
-    label = _resample(lookup[label[box]], factors, order=0)
-    if label.shape != image.shape[1:]:
-        raise AssertionError(f"label {label.shape} and image {image.shape} disagree")
+    label = _resample(lookup[label[box]], image.shape[1:], order=0)  # the image's very grid
     return image, label, spacing
 
 
