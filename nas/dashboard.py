@@ -4,11 +4,15 @@ The same as `optuna-dashboard sqlite:///results/<study>/study.db --artifact-dir
 results/<study>/artifacts`, served on the loopback interface: the trials with their notes
 (the architecture in words and numbers), learning curves, the Pareto front, and each trial's
 overlay and weights to view or download. Stop it with Ctrl+C.
+
+optuna-dashboard has no login, and anyone who reaches it can edit or delete the study, so a
+--host other than a loopback address is served with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,14 +30,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="default: this machine only (there is no login)"
+    )
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
     return parser.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is localhost or a loopback address (127.0.0.0/8, ::1); any other name
+    may resolve to an address that other machines reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """The line to print before serving on `host`, or None on a loopback address."""
+    if is_loopback(host):
+        return None
+    return (
+        f"warning: --host {host!r} is not a loopback address, and optuna-dashboard has no "
+        f"login: anyone who can reach port {port} can change or delete the study"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     load_results_study(args.results, args.storage)  # a clear error before the server starts
     storage = args.storage or default_storage(args.results)
+    warning = exposure_warning(args.host, args.port)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     print(f"optuna-dashboard for {args.results} on http://{args.host}:{args.port}/", flush=True)
     optuna_dashboard.run_server(
         storage, host=args.host, port=args.port, artifact_store=artifact_store(args.results)

@@ -6,7 +6,9 @@ results/<study>/export/trial_NNNN) gets architecture.yaml, weights.pt, README.md
 formats asked for with --format: pt2 (torch.export, the default) and onnx. Each exported
 program is run on a random input and compared with the eager model before the folder is
 written; the largest difference is recorded. The folder is built beside its destination and
-renamed into place, and a folder holding a different model is only replaced with --force.
+renamed into place. A folder holding a different model is only replaced with --force, and
+only an empty folder or an earlier export is ever replaced: never a file, a link, a folder
+with anything an export does not write, or the study's own results.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ import argparse
 import contextlib
 import io
 import logging
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -45,10 +45,18 @@ from nas.exported import (
     write_card,
 )
 from nas.results import checkpoint_path, pareto_front
+from nas.staging import remove_stale_staging, replace_folder, staging_folder
+from nas.storage import JOURNAL_PREFIX, SQLITE_PREFIX, redact
 from nas.study import load_results_study
 from nas.train import TrainConfig
 
 FORMATS = ("pt2", "onnx")
+README_FILE = "README.md"
+# Everything an export writes (ONNX puts weights over 2 GB in model.onnx.data); a folder
+# holding anything else is someone's own and is never replaced.
+EXPORT_FILES = frozenset(
+    {CARD_FILE, WEIGHTS_FILE, PT2_FILE, ONNX_FILE, f"{ONNX_FILE}.data", README_FILE}
+)
 # An exported program must give the eager model's logits within this (float32 round-off).
 RTOL, ATOL = 1e-3, 1e-4
 
@@ -65,7 +73,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="default: results/<study>/export/trial_NNNN")
     parser.add_argument("--format", default="pt2", help="comma-separated: pt2, onnx (or none)")
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
-    parser.add_argument("--force", action="store_true", help="replace a different model's folder")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier export of a different model"
+    )
     return parser.parse_args(argv)
 
 
@@ -191,9 +201,14 @@ def _readme(card: ModelCard, formats: Sequence[str]) -> str:
         f"- `{WEIGHTS_FILE}`: the state_dict (`torch.load(path, weights_only=True)`)",
     ]
     if "pt2" in formats:
-        files.append(f"- `{PT2_FILE}`: a `torch.export` program; needs only torch")
+        files.append(
+            f"- `{PT2_FILE}`: a `torch.export` program; needs only torch. It holds pickled "
+            "data: load it only from a source you trust"
+        )
     if "onnx" in formats:
-        files.append(f"- `{ONNX_FILE}`: ONNX, checked with onnxruntime")
+        files.append(
+            f"- `{ONNX_FILE}`: ONNX, checked with onnxruntime; load it only from a source you trust"
+        )
     labels = ", ".join(f"{name} = {value}" for name, value in card.labels.items())
     used = ", ".join(prep.input_channels[c] for c in prep.channels)
     unit = f"Slices along RAS axis {inf.slice_axis}" if inf.spatial_dims == 2 else "Volumes"
@@ -237,18 +252,54 @@ whose spatial sizes are multiples of {multiple}, at least twice that.
 """
 
 
-def _check_destination(out: Path, source: dict, force: bool) -> None:
-    if not out.exists() or force:
+def _local_storage_file(storage: str) -> list[Path]:
+    """The database or journal file a local storage URL names; none for a server."""
+    for prefix in (SQLITE_PREFIX, JOURNAL_PREFIX):
+        if storage.startswith(prefix):
+            path = storage[len(prefix) :].split("?")[0]
+            return [Path(path)] if path and path != ":memory:" else []
+    return []
+
+
+def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
+    """Refuse, --force or not, an --out whose replacement would delete what no export wrote:
+    a file, a link, a folder holding `keep` (the study's own files, each with what it is) or
+    anything else, or a folder without a model description."""
+    instead = "give --out a new or empty folder"
+    if out.is_symlink():
+        raise NasError(out, f"is a symbolic link; {instead}")
+    if not out.exists():
         return
     if not out.is_dir():
-        raise NasError(out, "exists and is not a folder (use --force to replace it)")
-    if not any(out.iterdir()):
+        raise NasError(out, f"is a file, not a folder; {instead}")
+    target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise NasError(out, f"is or holds the current folder; {instead}")
+    for path, what in keep.items():
+        kept = path.resolve()
+        if kept == target or target in kept.parents:
+            verb = "is" if kept == target else "holds"
+            raise NasError(out, f"{verb} the study's {what} ({path}); {instead}")
+    entries = list(out.iterdir())
+    foreign = sorted(
+        e.name for e in entries if e.name not in EXPORT_FILES or e.is_symlink() or not e.is_file()
+    )
+    if foreign:
+        raise NasError(out, f"holds {foreign[0]!r}, which an export does not write; {instead}")
+    if entries and not (out / CARD_FILE).is_file():
+        raise NasError(out, f"has no {CARD_FILE}, so it is not an earlier export; {instead}")
+
+
+def _check_destination(out: Path, source: dict, force: bool, keep: dict[Path, str]) -> None:
+    _refuse_unsafe_destination(out, keep)
+    if force or not out.exists() or not any(out.iterdir()):
         return
     try:
         previous = read_card(out).source
     except NasError:
         raise NasError(
-            out, "exists and is not an exported model (use --force to replace it)"
+            out, f"holds an unreadable {CARD_FILE} (use --force to replace it)"
         ) from None
     same = ("storage", "study", "trial")
     if any(previous.get(key) != source[key] for key in same):
@@ -267,7 +318,10 @@ def export(
     formats: Sequence[str],
     storage: str,
     force: bool = False,
+    results: Path | None = None,
 ) -> ModelCard:
+    """Write `trial` with `weights` as a model folder at `out`. `storage` is only recorded,
+    without its password; `results`, the study's folder, is never replaced or deleted."""
     unet = UNetConfig.from_dict(trial.user_attrs["unet_config"])
     train = TrainConfig(**trial.user_attrs["train_config"])
     data = _data_description(study)
@@ -286,7 +340,7 @@ def export(
     source = {
         "study": study.study_name,
         "trial": trial.number,
-        "storage": storage,
+        "storage": redact(storage),
         "n_params": count_parameters(model),
         "val_iou": trial.values[0],
         "val_dice": trial.user_attrs.get("val_dice"),
@@ -296,10 +350,11 @@ def export(
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-    _check_destination(out, source, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    keep = {results: "results folder"} if results is not None else {}
+    keep |= {**dict.fromkeys(_local_storage_file(storage), "database"), weights: "weights"}
+    _check_destination(out, source, force, keep)
+    remove_stale_staging(out.parent)
+    with staging_folder(out) as staging:
         torch.save(model.state_dict(), staging / WEIGHTS_FILE)
         example = _example_input(model, inference, unet.in_channels)
         checks = {}
@@ -316,12 +371,9 @@ def export(
             source=source,
         )
         write_card(staging, card)
-        (staging / "README.md").write_text(_readme(card, formats))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / README_FILE).write_text(_readme(card, formats))
+        _check_destination(out, source, force, keep)  # again: the export took a while
+        replace_folder(staging, out)
     return card
 
 
@@ -339,11 +391,11 @@ def run(args: argparse.Namespace) -> int:
         )
     out = args.out or args.results / "export" / f"trial_{trial.number:04d}"
     storage = args.storage or f"sqlite:///{(args.results / 'study.db').resolve()}"
-    card = export(study, trial, weights, out, formats, storage, args.force)
+    card = export(study, trial, weights, out, formats, storage, args.force, args.results)
     print(
         f"exported trial {trial.number} ({card.source['n_params']:,} params, "
         f"IoU {card.source['val_iou']:.4f}) to {out}/: "
-        + ", ".join([CARD_FILE, WEIGHTS_FILE, *(f"model.{f}" for f in formats), "README.md"])
+        + ", ".join([CARD_FILE, WEIGHTS_FILE, *(f"model.{f}" for f in formats), README_FILE])
     )
     for name, difference in card.source["max_abs_difference_from_eager"].items():
         print(f"  {name}: max |difference| from the eager model {difference:.2e}")

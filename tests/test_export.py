@@ -3,7 +3,9 @@ three label values), from real finished studies, through the command line."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -20,8 +22,9 @@ from monai.inferers import sliding_window_inference
 from optuna.trial import TrialState, create_trial
 
 import nas
-from nas.export import choose_trial
+from nas.export import choose_trial, export
 from nas.exported import read_card
+from nas.results import checkpoint_path
 
 from .conftest import run_cli, tiny_space_yaml
 from .datasets import write_nnunet
@@ -70,6 +73,19 @@ def _error(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _two_d_trial(studies: Path) -> tuple[optuna.Study, optuna.trial.FrozenTrial, Path]:
+    """The two_d study, its trial 0 and that trial's weights, to call export() directly."""
+    results = studies / "results" / "two_d"
+    study = optuna.load_study(study_name="two_d", storage=f"sqlite:///{results / 'study.db'}")
+    return study, choose_trial(study, 0, None), checkpoint_path(results, 0)
 
 
 @pytest.mark.parametrize("name", ["two_d", "three_d"])
@@ -311,6 +327,89 @@ def test_export_refuses_to_overwrite_another_model_without_force(exported, studi
     assert forced.returncode == 0, forced.stderr
     assert read_card(copy).source["study"] == "three_d"
     assert not (copy / "model.onnx").exists()
+    # Readable by colleagues where the umask allows, not owner-only like a temporary folder.
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o777 & ~_umask()
+
+
+def test_force_never_replaces_the_study_or_a_folder_an_export_did_not_write(studies, exported):
+    results = studies / "results" / "two_d"
+    checkpoint = results / "checkpoints" / "trial_0000.pt"
+    weights = checkpoint.read_bytes()
+    for out in ("results/two_d", "results"):
+        result = run_cli("nas.export", "results/two_d", "--out", out, "--force", cwd=studies)
+        message = _error(result)
+        assert "the study's results folder" in message and "--force" not in message
+    assert (results / "study.db").is_file() and checkpoint.read_bytes() == weights
+    assert read_card(exported["two_d"]).source["study"] == "two_d"
+    # An earlier export with a file of the user's own added to it.
+    mine = studies / "mine"
+    shutil.copytree(exported["two_d"], mine)
+    (mine / "notes.txt").write_text("my notes")
+    result = run_cli("nas.export", "results/three_d", "--out", "mine", "--force", cwd=studies)
+    message = _error(result)
+    assert "notes.txt" in message and "--force" not in message
+    assert (mine / "notes.txt").read_text() == "my notes"
+    assert read_card(mine).source["study"] == "two_d"
+
+
+def test_force_refuses_a_file_a_link_and_a_folder_that_is_not_an_export(
+    studies, exported, tmp_path
+):
+    study, trial, weights = _two_d_trial(studies)
+    storage = f"sqlite:///{studies / 'results' / 'two_d' / 'study.db'}"
+    a_file = tmp_path / "model"
+    a_file.write_text("a file of mine")
+    link = tmp_path / "link"
+    link.symlink_to(exported["two_d"], target_is_directory=True)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "weights.pt").write_bytes(b"my weights")
+    cases = {
+        a_file: "is a file",
+        link: "is a symbolic link",
+        partial: "has no architecture.yaml",
+        weights.parent: "holds the study's weights",
+    }
+    for out, reason in cases.items():
+        with pytest.raises(nas.NasError, match=reason) as raised:
+            export(study, trial, weights, out, (), storage, force=True)
+        assert "--force" not in str(raised.value)
+    assert a_file.read_text() == "a file of mine" and link.is_symlink()
+    assert (partial / "weights.pt").read_bytes() == b"my weights" and weights.is_file()
+    assert read_card(exported["two_d"]).source["study"] == "two_d"
+
+
+# What an export killed mid-way leaves: its staging folder beside the destination.
+KILLED_EXPORT = textwrap.dedent(
+    """
+    import os
+    import sys
+    from pathlib import Path
+    from nas.staging import staging_folder
+
+    with staging_folder(Path(sys.argv[1])) as staging:
+        (staging / "weights.pt").write_bytes(b"half written")
+        os._exit(9)
+    """
+)
+
+
+def test_export_records_no_password_and_clears_a_killed_exports_leftovers(studies, tmp_path):
+    study, trial, weights = _two_d_trial(studies)
+    out = tmp_path / "models" / "stroke"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORT, out], env=env, capture_output=True, timeout=300
+    )
+    assert killed.returncode == 9, killed.stderr
+    assert len(list(out.parent.iterdir())) == 1  # the leftover
+    export(study, trial, weights, out, ("pt2",), "postgresql+psycopg://nas:hunter2@db/nas")
+    assert [p.name for p in out.parent.iterdir()] == ["stroke"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    for path in out.iterdir():
+        assert b"hunter2" not in path.read_bytes(), path.name
+    assert read_card(out).source["storage"] == "postgresql+psycopg://nas:***@db/nas"
+    assert "postgresql+psycopg://nas:***@db/nas" in (out / "README.md").read_text()
 
 
 def test_bad_export_requests_are_one_line_errors(studies, tmp_path):

@@ -15,6 +15,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from nas.dashboard import exposure_warning
+
 from .conftest import run_cli, tiny_space_yaml
 
 pytestmark = pytest.mark.slow
@@ -57,19 +59,54 @@ def dashboard(finished):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                _get(url + "/api/meta")
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()
-                time.sleep(0.5)
-        else:
-            pytest.fail("optuna-dashboard did not answer within 60 s")
+        _wait_until_served(server, url)
         yield url
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _wait_until_served(server: subprocess.Popen, url: str) -> None:
+    for _ in range(120):
+        try:
+            _get(url + "/api/meta")
+            return
+        except OSError:
+            assert server.poll() is None, server.communicate()
+            time.sleep(0.5)
+    pytest.fail("optuna-dashboard did not answer within 60 s")
+
+
+@pytest.mark.parametrize(
+    ("host", "warns"),
+    [
+        ("127.0.0.1", False), ("127.0.0.2", False), ("localhost", False), ("::1", False),
+        ("0.0.0.0", True), ("", True), ("::", True), ("192.168.1.20", True),
+        ("dashboard.example.org", True),
+    ],
+)  # fmt: skip
+def test_only_a_loopback_host_goes_without_a_warning(host, warns):
+    warning = exposure_warning(host, 8080)
+    assert (warning is not None) == warns
+    if warns:
+        assert "\n" not in warning and "delete" in warning and "8080" in warning
+
+
+def test_dashboard_on_every_interface_warns_once_that_anyone_can_change_the_study(finished):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nas.dashboard", str(finished), "--port", str(port),
+         "--host", "0.0.0.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_until_served(server, f"http://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        stdout, stderr = server.communicate(timeout=10)
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "delete the study" in warnings[0], stderr
+    assert f"http://0.0.0.0:{port}/" in stdout
 
 
 def test_every_trial_has_a_note_curve_and_overlay_and_the_front_its_weights(finished):
