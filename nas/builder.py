@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -26,6 +27,15 @@ SkipMode = Literal["concat", "add"]
 # Fields that may hold one value per stage, and how many stages each has for a given depth:
 # every resolution stage has a kernel size; every stage but the deepest has a skip.
 PER_STAGE_FIELDS = {"kernel_size": 0, "skips": -1}
+
+
+# Upper bounds, so that a typo in a search space or architecture.yaml fails one config instead
+# of exhausting the machine. depth: a 10th stage already sees the patch downsampled 512-fold,
+# the largest 3D patch train.py admits. Channels: 8x the widest stages of published U-Nets
+# (nnU-Net caps 3D at 320, 2D at 512). convs_per_stage: nnU-Net's residual encoders use up to 6.
+UPPER_BOUNDS = {"depth": 10, "base_channels": 4096, "max_channels": 4096, "convs_per_stage": 8}
+# Large-kernel segmentation CNNs (MedNeXt, 3D UX-Net) stop at 7; 15 leaves room to explore.
+MAX_KERNEL_SIZE = 15
 
 
 def per_stage_length(field: str, depth: int) -> int:
@@ -72,6 +82,9 @@ class UNetConfig:
         for name in (*positive, "convs_per_stage"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, limit in UPPER_BOUNDS.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name} must be at most {limit}, got {getattr(self, name)}")
         if self.channel_growth < 1.0:
             raise ValueError(f"channel_growth must be at least 1.0, got {self.channel_growth}")
         if not 0.0 <= self.dropout < 1.0:
@@ -79,6 +92,8 @@ class UNetConfig:
         for k in self.kernel_sizes:
             if k < 1 or k % 2 == 0:
                 raise ValueError(f"kernel_size must be odd and positive, got {k}")
+            if k > MAX_KERNEL_SIZE:
+                raise ValueError(f"kernel_size must be at most {MAX_KERNEL_SIZE}, got {k}")
         for field in PER_STAGE_FIELDS:
             value = getattr(self, field)
             expected = per_stage_length(field, self.depth)
@@ -121,6 +136,11 @@ class UNetConfig:
             keep_last_axis = stage <= self.anisotropic_stages
             strides.append((2,) * (self.spatial_dims - 1) + ((1,) if keep_last_axis else (2,)))
         return tuple(strides)
+
+    @property
+    def size_multiple(self) -> tuple[int, ...]:
+        """Spatial sizes must be a multiple of this per axis for the skips to line up."""
+        return tuple(math.prod(axis) for axis in zip(*self.strides, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -300,16 +320,12 @@ class UNet(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.head = conv(cfg.features_per_stage[0], cfg.out_channels, 1)
-        # Spatial sizes must be a multiple of this per axis for the skips to line up.
-        self.size_multiple = tuple(math.prod(axis) for axis in zip(*cfg.strides, strict=True))
+        self.size_multiple = cfg.size_multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial) -> (B, K, *spatial)
         spatial = x.shape[2:]
-        padded = [-(-size // m) * m for size, m in zip(spatial, self.size_multiple, strict=True)]
-        if all(p == m for p, m in zip(padded, self.size_multiple, strict=True)):
-            # A single bottleneck voxel breaks instance (and batch-of-one) normalisation.
-            padded[0] *= 2
-        if list(spatial) != padded:
+        padded = padded_size(self.config, spatial)
+        if tuple(spatial) != padded:
             # F.pad takes (low, high) pairs starting from the last axis; pad at the high end only.
             pad_spec = [
                 p
@@ -319,6 +335,17 @@ class UNet(nn.Module):
             x = F.pad(x, pad_spec)
         out = self.head(self.decoder(self.encoder(x)))
         return out[(..., *(slice(0, size) for size in spatial))]
+
+
+def padded_size(cfg: UNetConfig, spatial: Sequence[int]) -> tuple[int, ...]:
+    """The spatial size the network convolves for an input of size `spatial`: each axis padded
+    up to a multiple of `cfg.size_multiple`."""
+    multiple = cfg.size_multiple
+    padded = [-(-size // m) * m for size, m in zip(spatial, multiple, strict=True)]
+    if all(p == m for p, m in zip(padded, multiple, strict=True)):
+        # A single bottleneck voxel breaks instance (and batch-of-one) normalisation.
+        padded[0] *= 2
+    return tuple(padded)
 
 
 def build_unet(cfg: UNetConfig | None = None, /, **overrides: Any) -> UNet:

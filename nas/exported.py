@@ -8,7 +8,9 @@
     README.md          the same facts for a person
 
 `load(folder)` rebuilds the network with `build_unet(**card.architecture)` and loads the
-weights; nothing in the folder is executed, and the weights load with weights_only=True.
+weights; nothing in the folder is executed, and the weights load with weights_only=True. A
+description whose weights and one inference window would not fit in memory is refused before
+any network is built.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 from torch import nn
 
 from nas.builder import UNetConfig, build_unet
 from nas.data import Dataset
 from nas.data.preprocess import CasePlan, ChannelNorm
 from nas.errors import NasError
+from nas.memory import default_memory_limit_bytes, estimate_inference_bytes, format_gb
 from nas.yaml_file import read_yaml
 
 CARD_FILE = "architecture.yaml"
@@ -67,7 +70,7 @@ class Inference(_Strict):
 
     spatial_dims: Literal[2, 3]
     slice_axis: Literal[0, 1, 2]  # 2D networks see slices along this RAS axis
-    patch_size: tuple[int, ...]  # the sliding window: in-plane for 2D, (X, Y, Z) for 3D
+    patch_size: tuple[PositiveInt, ...]  # the sliding window: in-plane for 2D, (X, Y, Z) for 3D
     # The exported programs take spatial sizes that are multiples of this (at least twice it).
     size_multiple: tuple[int, ...]
     output: Literal["sigmoid", "softmax"]  # one foreground logit, or one per class
@@ -116,10 +119,32 @@ def read_card(folder: Path) -> ModelCard:
         raise NasError(path, "not found: not a folder written by nas.export")
     try:
         card = ModelCard.model_validate(read_yaml(path))
-        card.unet_config()
+        unet = card.unet_config()
     except (ValidationError, TypeError, ValueError) as err:
         raise NasError(path, f"not a valid model description ({_first_error(err)})") from None
+    if len(card.inference.patch_size) != unet.spatial_dims:
+        raise NasError(
+            path,
+            f"not a valid model description (inference.patch_size has "
+            f"{len(card.inference.patch_size)} values for a {unet.spatial_dims}D network)",
+        )
+    # The network is built on the CPU whatever the target device, so the host's limit applies.
+    _check_memory(path, card, torch.device("cpu"))
     return card
+
+
+def _check_memory(path: Path, card: ModelCard, device: torch.device) -> None:
+    """Refuse, before anything is built, a model whose weights and one inference window
+    need more than `device` has to spare (an edited or foreign architecture.yaml)."""
+    unet = card.unet_config()
+    needed = estimate_inference_bytes(unet, card.inference.patch_size, unet.in_channels)
+    limit = default_memory_limit_bytes(device)
+    if needed > limit:
+        raise NasError(
+            path,
+            f"needs about {format_gb(needed)} for its weights and one inference window, "
+            f"more than the {format_gb(limit)} {device.type} memory this machine allows",
+        )
 
 
 def _first_error(err: Exception) -> str:
@@ -149,6 +174,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The exported network in eval mode, with its weights, on `device`."""
     folder = Path(folder)
     card = read_card(folder)
+    device = torch.device(device)
+    if device.type != "cpu":
+        _check_memory(folder / CARD_FILE, card, device)
     model = build_unet(card.unet_config())
     load_weights(model, folder / WEIGHTS_FILE)
     return model.to(device).eval()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 from torch import nn
 
@@ -24,6 +24,10 @@ from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
 from nas.evaluate import Scores, evaluate
 from nas.losses import DiceCELoss
+
+# The largest patch per axis: a whole 1024^2 slice (the largest common CT/MR matrix) in 2D, a
+# whole 512^3 volume in 3D; larger would have to be mostly padding on any real scan.
+MAX_PATCH_SIZE = {2: 1024, 3: 512}
 
 
 @config_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -39,10 +43,12 @@ class TrainConfig:
     max_seconds: the trial's training budget in wall-clock seconds (None: epochs only).
     """
 
-    epochs: int = Field(8, ge=1)
-    batches_per_epoch: int = Field(25, ge=1)
-    batch_size_2d: int = Field(16, ge=1)
-    batch_size_3d: int = Field(2, ge=1)
+    # Upper bounds, so that a typo fails one config instead of exhausting the machine; nnU-Net
+    # trains 1000 epochs of 250 batches of 2 (3D) to 50 (2D) samples.
+    epochs: int = Field(8, ge=1, le=100_000)
+    batches_per_epoch: int = Field(25, ge=1, le=100_000)
+    batch_size_2d: int = Field(16, ge=1, le=1024)
+    batch_size_3d: int = Field(2, ge=1, le=1024)
     patch_size_2d: tuple[int, int] = (64, 64)
     patch_size_3d: tuple[int, int, int] = (48, 48, 32)
     foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
@@ -55,9 +61,20 @@ class TrainConfig:
     max_seconds: float | None = Field(None, gt=0.0)
     seed: int = 0
 
+    @field_validator("patch_size_2d", "patch_size_3d")
+    @classmethod
+    def _check_patch_size(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        limit = MAX_PATCH_SIZE[len(value)]
+        if not all(1 <= size <= limit for size in value):
+            raise ValueError(
+                f"{info.field_name} must be between 1 and {limit} per axis, got {value}"
+            )
+        return value
+
 
 class CandidateFailed(Exception):
-    """The candidate cannot be trained (out of memory, non-finite loss); `reason` says why."""
+    """The candidate cannot be trained (out of memory, non-finite loss or weights); `reason`
+    says why."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -149,11 +166,19 @@ def train_step(
     return loss.detach()
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or (
+def is_out_of_memory(err: BaseException) -> bool:
+    # Python raises MemoryError where a host allocation outside torch's allocator fails
+    # (numpy batches, pinned buffers).
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(err, RuntimeError)
         and ("out of memory" in str(err) or "can't allocate memory" in str(err))
     )
+
+
+def _weights_are_finite(model: nn.Module) -> bool:
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    # One flag per tensor, stacked: a single wait for the device instead of one per tensor.
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def fit(
@@ -226,6 +251,9 @@ def fit(
             train_seconds = time.perf_counter() - epoch_start
             if not math.isfinite(train_loss):
                 raise CandidateFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
+            # The loss is computed before each step, so a step that diverges shows only here.
+            if not _weights_are_finite(model):
+                raise CandidateFailed(f"non-finite weights after training (epoch {epoch})")
             scores = evaluate(model, val_cases, n_classes, patch_size, device, slicing.axis)
             result = EpochResult(
                 epoch, train_loss, scores, train_seconds, time.perf_counter() - start
@@ -236,8 +264,10 @@ def fit(
             if stopped_by_time:
                 break
     except Exception as err:
-        if _is_out_of_memory(err):
-            raise CandidateFailed(f"out of memory: {str(err).splitlines()[0]}") from err
+        if is_out_of_memory(err):
+            # Python's MemoryError usually carries no message.
+            first_line = (str(err).splitlines() or [type(err).__name__])[0]
+            raise CandidateFailed(f"out of memory: {first_line}") from err
         raise
     finally:
         if device.type == "cuda":

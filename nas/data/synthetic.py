@@ -10,6 +10,7 @@ reorientation is exercised too. This module knows nothing of training or of the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 from scipy import ndimage
 
@@ -28,14 +29,38 @@ from nas.errors import NasError
 TISSUE_INTENSITY = {"background": 0.0, "scalp": 0.35, "csf": 0.12, "gm": 0.55, "wm": 0.7}
 
 
+# Bounds on what a search space may ask to generate. Generating one case holds about 120 bytes
+# per voxel (float64 grids and noise fields): 2 GB at 256^3 but 16 GB at 512^3, so axes stop at
+# 256; 1000 such cases are still ~60 GB of .nii.gz. Below 8 voxels an axis cannot hold the head,
+# a ventricle and a lesion.
+MAX_CASES = 1000
+MIN_AXIS, MAX_AXIS = 8, 256
+
+
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SyntheticSpec:
     """What to generate: the same spec and seed always give the same files."""
 
-    n_cases: int = 24
+    n_cases: int = Field(24, ge=1, le=MAX_CASES)
     shape: tuple[int, int, int] = (64, 64, 32)
     spacing_mm: tuple[float, float, float] = (1.5, 1.5, 3.0)
     seed: int = 0
+
+    @field_validator("shape")
+    @classmethod
+    def _check_shape(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(MIN_AXIS <= size <= MAX_AXIS for size in value):
+            raise ValueError(
+                f"shape must be between {MIN_AXIS} and {MAX_AXIS} per axis, got {value}"
+            )
+        return value
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _check_spacing(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(0 < size < math.inf for size in value):
+            raise ValueError(f"spacing_mm must be positive and finite, got {value}")
+        return value
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
