@@ -26,7 +26,8 @@ from optuna_dashboard import save_plotly_graph_object
 
 from nas.artifacts import overlay_path
 from nas.cli import exit_code
-from nas.results import atomic_write, pareto_front, trials_table
+from nas.results import front_of, trials_table
+from nas.staging import atomic_write
 from nas.study import load_results_study
 
 REPORT_FILE = "report.html"
@@ -221,7 +222,7 @@ img { max-width: 720px; }
 
 def render(study: optuna.Study, study_dir: Path) -> str:
     trials = study.get_trials(deepcopy=False)  # one read of the storage for every figure
-    front = pareto_front(study)
+    front = front_of(trials)
     states = {s.name: 0 for s in TrialState}
     for trial in trials:
         states[trial.state.name] += 1
@@ -271,7 +272,8 @@ CURVES_GRAPH_ID = "learning-curves"
 def publish_curves(study: optuna.Study) -> None:
     """Show the learning curves on the study's page in optuna-dashboard, which plots
     intermediate values for single-objective studies only."""
-    figure = _curves_figure(study.get_trials(deepcopy=False), pareto_front(study))
+    trials = study.get_trials(deepcopy=False)
+    figure = _curves_figure(trials, front_of(trials))
     save_plotly_graph_object(study, figure, graph_object_id=CURVES_GRAPH_ID)
 
 

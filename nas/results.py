@@ -7,19 +7,20 @@ so a crash mid-write never leaves a truncated table. Knows nothing of training.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+
+from nas.staging import atomic_write  # noqa: E402
 
 # Always present, so an empty table still has its header.
 METRIC_COLUMNS = [
@@ -38,19 +39,6 @@ METRIC_COLUMNS = [
 ]
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
     return study_dir / "checkpoints" / f"trial_{trial_number:04d}.pt"
 
@@ -63,7 +51,22 @@ def save_checkpoint(study_dir: Path, trial_number: int, state_dict: dict) -> Pat
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     """The non-dominated completed trials (max IoU, min params), sorted by parameter count."""
-    return sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
+    return front_of(study.get_trials(deepcopy=False))
+
+
+def front_of(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The non-dominated completed trials among `trials` (as Optuna's best_trials: equal
+    values are both kept), sorted by parameter count."""
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not completed:
+        return []
+    # Every objective as a quantity to minimise: -IoU, params.
+    points = np.array([(-t.values[0], t.values[1]) for t in completed], dtype=float)
+    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
+    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+    dominated = (no_worse & better).any(axis=0)  # [i, j]: i dominates j
+    front = [t for t, out in zip(completed, dominated, strict=True) if not out]
+    return sorted(front, key=lambda t: (t.values[1], -t.values[0], t.number))
 
 
 def _row(trial: FrozenTrial) -> dict:
@@ -99,8 +102,10 @@ def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
     )
 
 
-def _plot_front(study: optuna.Study, front: list[FrozenTrial], path: Path) -> None:
-    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+def _plot_front(
+    study_name: str, trials: Sequence[FrozenTrial], front: list[FrozenTrial], path: Path
+) -> None:
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for dims, marker in ((2, "o"), (3, "s")):
         group = [
@@ -138,7 +143,7 @@ def _plot_front(study: optuna.Study, front: list[FrozenTrial], path: Path) -> No
         ax.text(0.5, 0.5, "no completed trial yet", ha="center", transform=ax.transAxes)
     ax.set_xlabel("parameters")
     ax.set_ylabel("validation IoU")
-    ax.set_title(f"{study.study_name}: {len(completed)} completed trials")
+    ax.set_title(f"{study_name}: {len(completed)} completed trials")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
@@ -146,13 +151,20 @@ def _plot_front(study: optuna.Study, front: list[FrozenTrial], path: Path) -> No
 
 
 def write_results(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
-    """Rewrite every view of `study` under `study_dir`; drop weights of trials off the front."""
-    front = pareto_front(study)
-    trials = study.trials
+    """Rewrite every view of `study` under `study_dir`; drop weights of trials off the front.
+
+    The table, the front and the weights to drop all come from one read of the storage: a
+    trial that finishes during the rewrite is RUNNING in that read, so its weights stay. A
+    finished trial off the front in one read is off it in every later read (trials never
+    leave COMPLETE), so dropping its weights is final and safe.
+    """
+    trials = study.get_trials(deepcopy=False)
+    front = front_of(trials)
     atomic_write(study_dir / "trials.csv", lambda p: trials_table(trials).to_csv(p, index=False))
     atomic_write(study_dir / "pareto.csv", lambda p: trials_table(front).to_csv(p, index=False))
-    atomic_write(study_dir / "pareto.png", lambda p: _plot_front(study, front, p))
-    # Only finished trials: a running trial (another worker's) may have just saved its weights.
+    atomic_write(
+        study_dir / "pareto.png", lambda p: _plot_front(study.study_name, trials, front, p)
+    )
     on_front = {t.number for t in front}
     for trial in trials:
         if trial.state.is_finished() and trial.number not in on_front:
