@@ -23,7 +23,9 @@ from nas.builder import UNetConfig, count_parameters
 from nas.cli import add_device_option, device_option, exit_code
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
-from nas.results import atomic_write, pareto_front, save_checkpoint
+from nas.results import pareto_front, save_checkpoint
+from nas.staging import atomic_write
+from nas.storage import redact
 from nas.study import DIRECTIONS, default_storage, load_results_study
 from nas.train import TrainConfig, fit, init_model
 
@@ -126,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  trial {trial.number}: IoU {trial.values[0]:.3f} -> {result.scores.iou:.3f}")
     table = pd.DataFrame(rows)
     atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
-    print(f"recorded in study {name + '-retrain'!r} of {storage} and {args.results}/retrained.csv")
+    print(
+        f"recorded in study {name + '-retrain'!r} of {redact(storage)} "
+        f"and {args.results}/retrained.csv"
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ there stays RUNNING, and is neither counted nor retried.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import warnings
 from pathlib import Path
@@ -37,6 +38,30 @@ from nas.errors import NasError
 JOURNAL_PREFIX = "journal:///"
 SQLITE_PREFIX = "sqlite:///"
 SQLITE_LOCK_TIMEOUT_S = 60
+
+
+# user:password@ in the authority, and password=... in the query string (libpq style).
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:?#]*):[^/@?#]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced by ***, for anything printed or written to a file."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
+
+
+def _redact_text(text: str, url: str) -> str:
+    """A driver's message about `url` with the URL's password hidden wherever it appears."""
+    text = text.replace(url, redact(url))
+    for secret in _passwords(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _passwords(url: str) -> list[str]:
+    found = [m.group(0).split(":", 1)[1][:-1] for m in _URL_PASSWORD.finditer(url)]
+    found += [m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(url)]
+    return [secret for secret in found if secret and secret != "***"]
 
 
 class HeartbeatConfig(BaseModel):
@@ -68,7 +93,9 @@ def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> BaseStor
         raise
     except Exception as err:  # SQLAlchemy, drivers and Optuna raise many types for a bad URL
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise NasError(url, f"cannot open the study storage ({reason})") from None
+        raise NasError(
+            redact(url), f"cannot open the study storage ({_redact_text(reason, url)})"
+        ) from None
 
 
 def _open(url: str, heartbeat: HeartbeatConfig | None) -> BaseStorage:
@@ -97,4 +124,4 @@ def load_study(url: str, name: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise NasError(url, f"has no study named {name!r}") from None
+        raise NasError(redact(url), f"has no study named {name!r}") from None
