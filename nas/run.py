@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,15 +23,31 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from nas import resume
 from nas.cli import add_device_option, device_option, exit_code
 from nas.data import load_dataset, split_dataset
 from nas.exported import describe_data
+from nas.liveness import describe_waiting, settle_orphans, worker_id
 from nas.locking import file_lock
 from nas.report import publish_curves, write_report
-from nas.results import write_results
-from nas.space import load_space, warm_start_params
-from nas.study import StopAtTotal, default_storage, make_objective, n_settled, open_study
+from nas.results import checkpoint_path, write_results
+from nas.space import load_space, warm_start_params, with_study_overrides
+from nas.staging import remove_stale_staging
+from nas.storage import redact
+from nas.study import (
+    INTERRUPTED,
+    StopAtTotal,
+    default_storage,
+    has_work,
+    make_objective,
+    n_settled,
+    open_study,
+)
 from nas.train import CandidateFailed
+
+# The storage URL for workers started by --workers, and a way for users to keep a database
+# password off the command line (where `ps` shows it to everyone on the machine).
+STORAGE_ENV = "NAS_STORAGE"
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +79,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--study-name", help="study name (default: study.name in the YAML)")
     parser.add_argument(
-        "--storage", help="Optuna storage URL (default: sqlite:///RESULTS_DIR/NAME/study.db)"
+        "--storage",
+        default=os.environ.get(STORAGE_ENV) or None,
+        help=f"Optuna storage URL (default: ${STORAGE_ENV}, else "
+        "sqlite:///RESULTS_DIR/NAME/study.db)",
     )
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     add_device_option(parser)
@@ -74,6 +94,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads per worker (default: split)"
     )
+    parser.add_argument(
+        "--extend-space", action="store_true",
+        help="resume a study with a changed search space (same data; each parameter drawn "
+        "so far must keep a compatible distribution)",
+    )  # fmt: skip
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     return parser.parse_args(argv)
 
@@ -94,55 +119,90 @@ def _trial_line(trial: FrozenTrial) -> str:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: abandon the trial, write results/, exit."""
+    """Ctrl-C or SIGTERM: abandon the trial, write results/, exit 130 or 143."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.exit_code = 128 + signum
 
 
-def _raise_on_sigterm(signum, frame) -> None:
-    raise Interrupted()
+def _interrupt(signum, frame) -> None:
+    """The first Ctrl-C or SIGTERM interrupts; later ones are ignored, so that none lands in
+    the middle of recording the abandoned trial (which would leave it RUNNING)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
-def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
-    """Rewrite results/ from the study; one worker at a time, each file renamed into place."""
-    with file_lock(study_dir / ".results.lock"):
-        front = write_results(study, study_dir)
-        write_report(study, study_dir)
-        publish_curves(study)
+def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
+    """Rewrite results/ from the study; one worker at a time, each file renamed into place.
+    A failure (a full disk, say) is reported and the search goes on: the study is intact and
+    the next refresh, or `nas.report`, writes the views again."""
+    try:
+        with file_lock(study_dir / ".results.lock"):
+            front = write_results(study, study_dir)
+            write_report(study, study_dir)
+            publish_curves(study)
+    except Exception as err:
+        print(f"warning: could not rewrite {study_dir}/ ({type(err).__name__}: {err}); "
+              "the study is intact", file=sys.stderr, flush=True)  # fmt: skip
+        return None
     return front
+
+
+def _abandon_own_trials(study: optuna.Study) -> None:
+    """Record as interrupted any trial of this process that an interrupt left RUNNING (one
+    that arrived in Optuna's own code, outside the objective)."""
+    me = worker_id()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") == me:
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
+                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
 
 
 def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[str]:
     command = [sys.executable, "-m", "nas.run", str(args.space), "--workers", "1",
                "--threads", str(threads), "--worker-index", str(index),
                "--results-dir", str(args.results_dir), "--device", args.device]  # fmt: skip
-    for option in ("n_trials", "timeout", "study_name", "storage", "seed"):
+    for option in ("n_trials", "timeout", "study_name", "seed"):
         value = getattr(args, option)
         if value is not None:
             command += [f"--{option.replace('_', '-')}", str(value)]
-    return command
+    return command  # the storage goes through the environment: no password in `ps`
 
 
-def _run_workers(args: argparse.Namespace, study: optuna.Study, study_dir: Path) -> int:
-    """Start `--workers` processes on the study and wait for them; results/ at the end."""
+def _run_workers(
+    args: argparse.Namespace, study: optuna.Study, study_dir: Path, storage: str
+) -> int:
+    """Start `--workers` processes on the study and wait for them; results/ at the end.
+
+    Each worker has its own process group, so a Ctrl-C at the terminal reaches this process
+    only, and each worker gets exactly one signal, passed on from here."""
     gpus = torch.cuda.device_count()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     workers = []
     for index in range(args.workers):
         env = dict(os.environ)
+        env[STORAGE_ENV] = storage
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-        workers.append(subprocess.Popen(_worker_command(args, index, threads), env=env))
+        command = _worker_command(args, index, threads)
+        workers.append(subprocess.Popen(command, env=env, start_new_session=True))
     where = f"GPU {', '.join(str(i % gpus) for i in range(args.workers))}" if gpus else "CPU"
     print(f"{args.workers} workers on {where}, {threads} torch thread(s) each", flush=True)
     interrupted = 0
     try:
         codes = [worker.wait() for worker in workers]
-    except KeyboardInterrupt as err:  # Ctrl-C reaches the workers too; SIGTERM is passed on
-        interrupted = 143 if isinstance(err, Interrupted) else 130
+    except Interrupted as err:
+        interrupted = err.exit_code
         for worker in workers:
             if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM if interrupted == 143 else signal.SIGINT)
+                worker.send_signal(interrupted - 128)
         codes = [worker.wait() for worker in workers]
-    front = _refresh(study, study_dir)
+    front = _refresh(study, study_dir) or []
     lost = [f"worker {i} exited with {code}" for i, code in enumerate(codes) if code]
     if interrupted:
         print("interrupted: finished trials are kept; run the same command to continue")
@@ -165,7 +225,7 @@ def _summary(
         f"results in {study_dir}/ (report.html, trials.csv, pareto.csv, pareto.png, "
         "checkpoints/, artifacts/)"
     )
-    custom = f" --storage {args.storage}" if args.storage else ""
+    custom = f" --storage {redact(args.storage)}" if args.storage else ""
     print(f"inspect with: python -m nas.dashboard {study_dir}{custom}")
 
 
@@ -181,7 +241,8 @@ def _worker_salt(args: argparse.Namespace, storage: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.threads:
         torch.set_num_threads(args.threads)
     is_worker = args.worker_index is not None
@@ -192,35 +253,44 @@ def run(args: argparse.Namespace) -> int:
         "name": args.study_name,
         "seed": args.seed,
     }
-    study_cfg = space.study.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    space = space.model_copy(update={"study": study_cfg})
+    space = with_study_overrides(space, overrides)
+    study_cfg = space.study
     device = device_option(args.device)
 
     dataset = load_dataset(space.data)
     train_cases, val_cases = split_dataset(dataset, space.data)
     study_dir = args.results_dir / study_cfg.name
     study_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (study_dir, checkpoint_path(study_dir, 0).parent):
+        remove_stale_staging(folder)  # what a killed process was writing
     storage = args.storage or default_storage(study_dir)
     warm_start = [warm_start_params(space, fields) for fields in study_cfg.enqueue]
     # Workers started by --workers find the study their parent opened (and re-enqueued).
     study = open_study(study_cfg, storage, warm_start, not is_worker, _worker_salt(args, storage))
     if not is_worker:
-        # What a later step (nas.retrain, another worker) needs to find and prepare the data.
-        study.set_user_attr("data_config", space.data.to_dict())
-        study.set_user_attr("data_description", describe_data(dataset))
+        data = {
+            "data_config": space.data.to_dict(),
+            "data_description": describe_data(dataset),
+            "data_cases": {
+                "train": [case.name for case in train_cases],
+                "validation": [case.name for case in val_cases],
+            },
+        }
+        resume.check(study, space, data, args.space, args.extend_space)
+        settle_orphans(study, study_cfg.heartbeat)  # a crashed run's trials, rerun at once
 
     already = n_settled(study)
     remaining = study_cfg.n_trials - already
     if not is_worker:
         print(
-            f"study {study_cfg.name!r} in {storage}: {already} finished trials, "
+            f"study {study_cfg.name!r} in {redact(storage)}: {already} finished trials, "
             f"{max(remaining, 0)} to run on {device} "
             f"({len(train_cases)} training / {len(val_cases)} validation cases, "
             f"preprocessed in {dataset.cache})",
             flush=True,
         )
     if remaining > 0 and args.workers > 1:
-        return _run_workers(args, study, study_dir)
+        return _run_workers(args, study, study_dir, storage)
     if remaining > 0:
         objective = make_objective(
             space, train_cases, val_cases, dataset.in_channels, dataset.n_classes, device, study_dir
@@ -234,26 +304,57 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
 
             try:
-                study.optimize(
-                    objective,
-                    timeout=study_cfg.timeout,
-                    catch=(CandidateFailed,),
-                    callbacks=[after_trial, StopAtTotal(study_cfg.n_trials)],
-                )
-            except KeyboardInterrupt as err:
+                _optimize(study, objective, study_cfg, [after_trial], prefix)
+            except Interrupted as err:
+                _abandon_own_trials(study)
                 _refresh(study, study_dir)
                 print(prefix + "interrupted: finished trials are kept; run the same command "
                       "to continue")  # fmt: skip
-                return 143 if isinstance(err, Interrupted) else 130
+                return err.exit_code
     if is_worker:
         return 0
-    front = _refresh(study, study_dir)
+    front = _refresh(study, study_dir) or []
     _summary(study, study_dir, front, args)
     return 0
 
 
+def _optimize(study, objective, study_cfg, callbacks, prefix: str) -> None:
+    """Run trials until the study has `n_trials` settled ones, or the timeout. The run does
+    not end while a trial that no live worker owns is RUNNING: such a trial is failed and
+    rerun here, after its heartbeat goes stale if its worker was on another host."""
+    deadline = None if study_cfg.timeout is None else time.monotonic() + study_cfg.timeout
+    said_waiting = False
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        if has_work(study.get_trials(deepcopy=False), study_cfg.n_trials):
+            study.optimize(
+                objective,
+                timeout=left,
+                catch=(CandidateFailed,),
+                callbacks=[*callbacks, StopAtTotal(study_cfg.n_trials)],
+            )
+        settled = settle_orphans(study, study_cfg.heartbeat)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if waiting:
+            continue  # reruns of failed orphans (or another worker's enqueued trials)
+        if not settled.elsewhere or n_settled(study) >= study_cfg.n_trials:
+            return
+        if not said_waiting:
+            print(prefix + describe_waiting(settled.elsewhere, study_cfg.heartbeat.grace_period),
+                  flush=True)  # fmt: skip
+            said_waiting = True
+        time.sleep(min(5.0, study_cfg.heartbeat.heartbeat_interval))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return exit_code(run, parse_args(argv))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return exit_code(run, parse_args(argv))
+    finally:  # as they were, for a caller in the same process
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ list of specs, each with its own `when` (e.g. smaller kernels for 3D). Every mis
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -94,9 +96,14 @@ ParamSpec = Annotated[IntSpec | FloatSpec | CategoricalSpec, Field(discriminator
 _PARAM_SPEC = TypeAdapter(ParamSpec)
 
 
+# A study name is a folder name under results/: letters, digits, _ . -, not starting with a
+# dot (so never "." or ".."), never a path.
+STUDY_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$"
+
+
 class StudySection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field("unet", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("unet", pattern=STUDY_NAME_PATTERN)
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     population_size: int | None = Field(None, ge=2)  # NSGA-II generation size
     n_trials: int = Field(10, ge=1)  # the study's total, counting earlier runs
@@ -107,6 +114,9 @@ class StudySection(BaseModel):
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     # How a trial whose worker died is noticed (FAIL after grace_period) and retried.
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+    # A candidate estimated to need more memory than this to train fails before it is built
+    # (default: half the machine's RAM, or 90 % of the GPU's memory).
+    max_memory_gb: float | None = Field(None, gt=0)
 
 
 class SearchSpace(BaseModel):
@@ -255,6 +265,72 @@ def load_space(path: str | Path) -> SearchSpace:
     except _SpaceError as err:
         raise NasError(path, f"{err.where}: {err.reason}") from None
     return space
+
+
+def with_study_overrides(space: SearchSpace, overrides: dict[str, Any]) -> SearchSpace:
+    """`space` with command-line values for study fields (None: keep the file's), validated
+    by the same schema as the file; a bad value is a NasError naming the option."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        study = StudySection.model_validate(space.study.model_dump() | given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "study"
+        if option == "--name":
+            option = "--study-name"
+        reason = first["msg"]
+        if first["type"] == "string_pattern_mismatch":
+            reason = "must be letters, digits, _ . - (not starting with a dot), not a path"
+        raise NasError(option, f"invalid value {given.get(first['loc'][0])!r}: {reason}") from None
+    return space.model_copy(update={"study": study})
+
+
+def describe_space(space: SearchSpace) -> dict[str, Any]:
+    """The searched and fixed builder and training fields as plain JSON, to compare the
+    space a study was made with against the one a resume brings."""
+
+    def plain(entry: Any) -> Any:
+        if _is_searched(entry):
+            return [spec.model_dump(exclude_defaults=True) for spec in entry]
+        return list(entry) if isinstance(entry, tuple) else entry
+
+    return json.loads(
+        json.dumps(
+            {
+                section: {name: plain(v) for name, v in getattr(space, section).items()}
+                for section in ("search", "train")
+            }  # fmt: skip
+        )
+    )
+
+
+_PARAM_NAME = re.compile(r"^(?P<field>.+?)(?:#(?P<variant>\d+))?(?:_(?P<stage>\d+))?$")
+
+
+def param_distribution(
+    space: SearchSpace, param: str
+) -> optuna.distributions.BaseDistribution | None:
+    """The Optuna distribution `sample` would draw the parameter named `param` from, or None
+    if this space draws no such parameter."""
+    match = _PARAM_NAME.match(param)
+    entry = None
+    if match:
+        entry = space.search.get(match["field"], space.train.get(match["field"]))
+    if not _is_searched(entry):
+        return None
+    variant = int(match["variant"]) - 1 if match["variant"] else 0
+    if (match["variant"] is None) != (len(entry) == 1) or not 0 <= variant < len(entry):
+        return None
+    spec = entry[variant]
+    if spec.per_stage != (match["stage"] is not None):
+        return None
+    if isinstance(spec, IntSpec):
+        return optuna.distributions.IntDistribution(spec.low, spec.high, log=spec.log,
+                                                    step=spec.step)  # fmt: skip
+    if isinstance(spec, FloatSpec):
+        return optuna.distributions.FloatDistribution(spec.low, spec.high, log=spec.log,
+                                                      step=spec.step)  # fmt: skip
+    return optuna.distributions.CategoricalDistribution(spec.choices)
 
 
 def _check_defaults_build(space: SearchSpace) -> None:

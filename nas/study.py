@@ -9,9 +9,8 @@ reason, and the study goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,11 +27,13 @@ from nas.data import Case
 from nas.describe import count_macs, summary, trial_note
 from nas.errors import NasError
 from nas.evaluate import Scores
+from nas.liveness import JournalHeartbeat, is_journal, worker_id
+from nas.memory import check_fits, default_memory_limit_bytes
 from nas.pruning import best_up_to, dominated_at_epoch
 from nas.results import save_checkpoint
 from nas.space import SearchSpace, StudySection, sample
 from nas.storage import load_study, open_storage
-from nas.train import CandidateFailed, EpochResult, fit, init_model
+from nas.train import CandidateFailed, EpochResult, fit, init_model, is_out_of_memory
 
 DIRECTIONS = ("maximize", "minimize")  # validation IoU, parameter count
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -141,18 +142,23 @@ def _n_settled(trials: Sequence[FrozenTrial]) -> int:
     return sum(1 for t in finished if not (t.state == TrialState.FAIL and t.number in retried))
 
 
+def has_work(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
+    """Whether a trial is waiting to be (re)run, or the study (all workers) has fewer than
+    `n_trials` settled trials, counting those running now."""
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    return _n_settled(trials) + running < n_trials
+
+
 class StopAtTotal:
-    """Optuna callback: stop this worker once the study (all workers) has `n_trials` settled
-    trials, counting those running now, and none is waiting to be (re)run."""
+    """Optuna callback: stop this worker once the study has no more work (`has_work`)."""
 
     def __init__(self, n_trials: int) -> None:
         self.n_trials = n_trials
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False)  # one read of the storage per check
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-        if not waiting and _n_settled(trials) + running >= self.n_trials:
+        if not has_work(study.get_trials(deepcopy=False), self.n_trials):  # one storage read
             study.stop()
 
 
@@ -183,23 +189,54 @@ def make_objective(
     device: torch.device,
     study_dir: Path,
 ) -> Callable[[optuna.Trial], tuple[float, int]]:
-    """The function Optuna calls per trial: sample, build, count, train, save weights."""
+    """The function Optuna calls per trial: sample, check memory, build, count, train, save.
+
+    Whatever ends a trial early leaves its reason in `fail_reason`: a candidate that cannot
+    be trained (too large, out of memory, diverged) raises CandidateFailed, which the caller
+    catches so the study goes on; Ctrl-C or SIGTERM anywhere in the trial records
+    INTERRUPTED, so the next run reruns it.
+    """
     out_channels = 1 if n_classes == 1 else n_classes + 1
     slicing = space.data.slicing
     shown_case = example_case(val_cases)
+    gb = space.study.max_memory_gb
+    memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
         trial.set_user_attr("device", str(device))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", worker_id())
+        try:
+            journal = is_journal(trial.study)
+            interval = space.study.heartbeat.heartbeat_interval
+            with JournalHeartbeat(trial, interval) if journal else contextlib.nullcontext():
+                return run_trial(trial, start)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+        except (optuna.TrialPruned, CandidateFailed):
+            raise
+        except Exception as err:
+            if is_out_of_memory(err):
+                reason = f"out of memory: {str(err).splitlines()[0] if str(err) else 'MemoryError'}"
+                _fail(trial, reason, start)
+                raise CandidateFailed(reason) from err
+            _fail(trial, f"{type(err).__name__}: {err}", start)  # a bug: the run stops
+            raise
+
+    def run_trial(trial: optuna.Trial, start: float) -> tuple[float, int]:
         try:
             candidate = sample(
                 space, trial, in_channels, out_channels, space.study.seed + trial.number
             )
         except ValidationError as err:
             reason = f"invalid combination: {err.errors()[0]['msg'].removeprefix('Value error, ')}"
-            trial.set_user_attr("fail_reason", reason)
+            _fail(trial, reason, start)
             raise CandidateFailed(reason) from None
+        too_large = check_fits(candidate.unet, candidate.train, in_channels, memory_limit)
+        if too_large:
+            _fail(trial, too_large, start)
+            raise CandidateFailed(too_large)
         model = init_model(candidate.unet, candidate.train.seed)
         n_params = count_parameters(model)
         two_d = candidate.unet.spatial_dims == 2
@@ -255,26 +292,39 @@ def make_objective(
                 slicing,
             )
         except CandidateFailed as err:
-            trial.set_user_attr("fail_reason", err.reason)
-            trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+            _fail(trial, err.reason, start)
             note("FAIL", reason=err.reason)
             raise
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
-            trial.set_user_attr("fail_reason", INTERRUPTED)
-            raise
-        weights = save_checkpoint(study_dir, trial.number, model.state_dict())
+        # The scores first: whatever fails after training, they stay with the trial.
         _record_scores(trial, result.scores, len(result.history), start)
         trial.set_user_attr("stopped_by_time", result.stopped_by_time)
+        try:
+            weights = save_checkpoint(study_dir, trial.number, model.state_dict())
+        except OSError as err:  # a full disk, a lost mount: a front member needs its weights
+            reason = f"trained, but its weights could not be saved ({err.strerror or err})"
+            _fail(trial, reason, start)
+            note("FAIL", reason=reason, val_iou=result.scores.iou)
+            raise CandidateFailed(reason) from err
         title = f"trial {trial.number}, IoU {result.scores.iou:.3f}"
-        overlay = overlay_path(study_dir, trial.number)
-        write_overlay(model, shown_case, patch, device, slicing.axis, overlay, title)
-        upload(trial, study_dir, overlay)
-        if not _dominated(trial.study, result.scores.iou, n_params):
-            # On the front now: the only moment its weights can still join the trial (a
-            # finished trial is read-only), and every final front member passes here.
-            upload(trial, study_dir, weights)
+        try:
+            overlay = overlay_path(study_dir, trial.number)
+            write_overlay(model, shown_case, patch, device, slicing.axis, overlay, title)
+            upload(trial, study_dir, overlay)
+            if not _dominated(trial.study, result.scores.iou, n_params):
+                # On the front now: the only moment its weights can still join the trial (a
+                # finished trial is read-only), and every final front member passes here.
+                upload(trial, study_dir, weights)
+        except Exception as err:  # the overlay and the uploads are for looking, not results
+            if not (isinstance(err, OSError) or is_out_of_memory(err)):
+                raise
+            trial.set_user_attr("artifact_error", f"{type(err).__name__}: {err}")
         note("COMPLETE", val_iou=result.scores.iou, val_dice=result.scores.dice,
              epochs_run=len(result.history))  # fmt: skip
         return result.scores.iou, n_params
 
     return objective
+
+
+def _fail(trial: optuna.Trial, reason: str, start: float) -> None:
+    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))

@@ -1,0 +1,113 @@
+"""What a study records about how it was made, and the check that a resume keeps to it.
+
+A new study stores its effective search space (`space`), its data settings (`data_config`),
+the preprocessing and labels they gave (`data_description`) and the cases on each side of the
+split (`data_cases`). Resuming with other data is refused: the front would mix datasets and
+older trials would export with the wrong preprocessing. Resuming with another search space
+is refused too, unless the user asks to extend it (`--extend-space`) and every parameter the
+study already drew keeps a distribution Optuna can continue. Each refusal is one line saying
+what differs. Studies written before these records existed get them on their next run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import check_distribution_compatibility
+
+from nas.errors import NasError
+from nas.space import SearchSpace, describe_space, param_distribution
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _differences(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in list(old) + [k for k in new if k not in old]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in new:
+                found.append(f"{where} was {json.dumps(old[key])}, now unset")
+            elif key not in old:
+                found.append(f"{where} is new ({json.dumps(new[key])})")
+            else:
+                found += _differences(old[key], new[key], where)
+        return found
+    return [] if old == new else [f"{path} was {json.dumps(old)}, now {json.dumps(new)}"]
+
+
+def _say(differences: Sequence[str]) -> str:
+    shown = "; ".join(differences[:3])
+    return shown + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else "")
+
+
+def record(study: optuna.Study, space: SearchSpace, data: dict[str, Any]) -> None:
+    """Store what the study is made of; `data`: data_config, data_description, data_cases."""
+    study.set_user_attr("space", describe_space(space))
+    for key, value in data.items():
+        study.set_user_attr(key, _plain(value))
+
+
+def check(
+    study: optuna.Study,
+    space: SearchSpace,
+    data: dict[str, Any],
+    source: Path,
+    extend_space: bool,
+) -> None:
+    """Refuse to resume `study` with other data, or another space unless `extend_space`;
+    store what is missing (a study from an earlier release) or what was extended."""
+    stored = study.user_attrs
+    data = _plain(data)
+    name = study.study_name
+    for key, what in (
+        ("data_config", "data settings"),
+        ("data_description", "preprocessing or labels (the dataset changed on disk?)"),
+        ("data_cases", "training and validation cases"),
+    ):
+        if key in stored and stored[key] != data[key]:
+            raise NasError(
+                source,
+                f"study {name!r} was made with other {what}: "
+                f"{_say(_differences(stored[key], data[key], key.removeprefix('data_')))}; "
+                "resume it with its own data, or choose a new --study-name",
+            )
+    space_now = describe_space(space)
+    if "space" in stored and stored["space"] != space_now:
+        differences = _say(_differences(stored["space"], space_now, ""))
+        if not extend_space:
+            raise NasError(
+                source,
+                f"study {name!r} was made with another search space: {differences}; pass "
+                "--extend-space to continue it with this one, or choose a new --study-name",
+            )
+        _check_compatible(study, space, source)
+    missing = {k: v for k, v in data.items() if k not in stored}
+    if missing or stored.get("space") != space_now:
+        record(study, space, missing)
+
+
+def _check_compatible(study: optuna.Study, space: SearchSpace, source: Path) -> None:
+    """Every parameter the study has drawn must keep a distribution Optuna accepts (the same
+    kind; categorical choices unchanged)."""
+    seen: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        seen.update(trial.distributions)
+    for param, old in sorted(seen.items()):
+        new = param_distribution(space, param)
+        if new is None:
+            continue  # no longer searched: older trials keep their values
+        try:
+            check_distribution_compatibility(old, new)
+        except ValueError as err:
+            raise NasError(
+                source,
+                f"cannot extend study {study.study_name!r}: parameter {param} was drawn from "
+                f"{old}, now {new} ({err})",
+            ) from None
