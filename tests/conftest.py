@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -78,13 +81,22 @@ def tiny_cases(tiny_dataset) -> tuple[Case, ...]:
 
 
 def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python -m module args` as a user would, in `cwd`."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    """Run `python -m module args` as a user would, in `cwd`: through the module's entry point
+    (argument parsing, exit codes, what it prints), in this process. Starting an interpreter
+    that imports torch costs more than most of these runs on 2 cores; the tests that need a
+    process of their own (signals, kills, workers, a fresh interpreter) start one with Popen."""
+    main = importlib.import_module(module).main
+    stdout, stderr = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(list(args))
+            except SystemExit as exit:  # argparse's usage errors and --help
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(
+        [sys.executable, "-m", module, *args], code, stdout.getvalue(), stderr.getvalue()
     )

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 import pandas as pd
@@ -22,11 +23,31 @@ from nas.results import checkpoint_path, save_checkpoint, write_results
 from nas.run import _worker_command, main, parse_args
 from nas.storage import load_study
 
-from .conftest import run_cli, tiny_space_yaml
+from .conftest import tiny_space_yaml
 
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def nas_run(tmp_path, monkeypatch, capsys):
+    """`python -m nas.run ARGS` in tmp_path, through its entry point in this process: the
+    same code path without an interpreter start-up per call."""
+    monkeypatch.chdir(tmp_path)
+
+    def call(*args: str) -> Result:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return call
 
 
 def _storage(tmp_path: Path, name: str = "tiny") -> str:
@@ -95,24 +116,26 @@ def test_workers_get_the_storage_from_the_environment_not_the_command_line(tmp_p
         del os.environ["NAS_STORAGE"]
 
 
-def test_a_storage_password_is_never_printed(tmp_path, tiny_dataset):
+def test_a_storage_password_is_never_printed(tmp_path, tiny_dataset, nas_run):
     (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
     url = "postgresql+psycopg://nas:hunter2@127.0.0.1:1/nas"  # nothing listens on port 1
-    result = run_cli("nas.run", "space.yaml", "--storage", url, cwd=tmp_path)
+    result = nas_run("space.yaml", "--storage", url)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "nas:***@127.0.0.1:1/nas" in result.stderr
     assert "hunter2" not in result.stdout + result.stderr
-    bad = run_cli("nas.run", "space.yaml", "--storage", "postgresql://u:hunter2@/x:y", cwd=tmp_path)
+    bad = nas_run("space.yaml", "--storage", "postgresql://u:hunter2@/x:y")
     assert bad.returncode == 2 and "hunter2" not in bad.stdout + bad.stderr
 
 
 # --- resuming ---------------------------------------------------------------------------
 
 
-def test_resuming_with_another_space_or_data_is_refused_and_changes_nothing(tmp_path, tiny_dataset):
+def test_resuming_with_another_space_or_data_is_refused_and_changes_nothing(
+    tmp_path, tiny_dataset, nas_run
+):
     space = tiny_space_yaml(tiny_dataset, n_trials=1)
     (tmp_path / "space.yaml").write_text(space)
-    assert run_cli("nas.run", "space.yaml", cwd=tmp_path).returncode == 0
+    assert nas_run("space.yaml").returncode == 0
     before = _load(tmp_path)
     stored = dict(before.user_attrs)
 
@@ -120,7 +143,7 @@ def test_resuming_with_another_space_or_data_is_refused_and_changes_nothing(tmp_
         "depth: {type: int, low: 1, high: 3}", "depth: {type: int, low: 1, high: 4}"
     )
     (tmp_path / "space.yaml").write_text(changed.replace("n_trials: 1", "n_trials: 2"))
-    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    result = nas_run("space.yaml")
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "another search space: search.depth" in result.stderr
@@ -129,13 +152,13 @@ def test_resuming_with_another_space_or_data_is_refused_and_changes_nothing(tmp_
     # A changed categorical cannot be continued by Optuna, even when asked to extend.
     categorical = space.replace("choices: [2, 3]", "choices: [2]")
     (tmp_path / "space.yaml").write_text(categorical.replace("n_trials: 1", "n_trials: 2"))
-    result = run_cli("nas.run", "space.yaml", "--extend-space", cwd=tmp_path)
+    result = nas_run("space.yaml", "--extend-space")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "cannot extend study 'tiny': parameter spatial_dims" in result.stderr
 
     other_data = space.replace("n_folds: 3", "n_folds: 2").replace("n_trials: 1", "n_trials: 2")
     (tmp_path / "space.yaml").write_text(other_data)
-    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    result = nas_run("space.yaml")
     assert result.returncode == 2
     assert "other data settings: config.n_folds was 3, now 2" in result.stderr
 
@@ -144,7 +167,7 @@ def test_resuming_with_another_space_or_data_is_refused_and_changes_nothing(tmp_
 
     # Extending a range with the flag continues the study and records the new space.
     (tmp_path / "space.yaml").write_text(changed.replace("n_trials: 1", "n_trials: 2"))
-    result = run_cli("nas.run", "space.yaml", "--extend-space", cwd=tmp_path)
+    result = nas_run("space.yaml", "--extend-space")
     assert result.returncode == 0, result.stdout + result.stderr
     extended = _load(tmp_path)
     assert len(extended.trials) == 2
@@ -205,14 +228,14 @@ def test_a_trial_finishing_during_a_rewrite_keeps_its_weights(tmp_path):
 
 
 def test_a_checkpoint_or_refresh_failure_keeps_the_reason_and_the_search_goes_on(
-    tmp_path, tiny_dataset
+    tmp_path, tiny_dataset, nas_run
 ):
     (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=2))
     out = tmp_path / "results" / "tiny"
     out.mkdir(parents=True)
     (out / "checkpoints").write_text("not a folder")  # every checkpoint write fails
     (out / "report.html").mkdir()  # and so does every report rewrite
-    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    result = nas_run("space.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warning: could not rewrite" in result.stderr and "Traceback" not in result.stderr
     trials = _load(tmp_path).trials
@@ -223,10 +246,10 @@ def test_a_checkpoint_or_refresh_failure_keeps_the_reason_and_the_search_goes_on
     assert len(pd.read_csv(out / "trials.csv")) == 2  # the other views are still written
 
 
-def test_a_candidate_too_large_for_memory_fails_before_training(tmp_path, tiny_dataset):
+def test_a_candidate_too_large_for_memory_fails_before_training(tmp_path, tiny_dataset, nas_run):
     space = tiny_space_yaml(tiny_dataset, n_trials=2, extra="  max_memory_gb: 1.0e-6\n")
     (tmp_path / "space.yaml").write_text(space)
-    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    result = nas_run("space.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     for trial in _load(tmp_path).trials:
         assert trial.state == TrialState.FAIL
@@ -336,7 +359,9 @@ def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_datase
 # --- what is left on disk ---------------------------------------------------------------
 
 
-def test_results_are_readable_by_others_and_dead_staging_is_removed(tmp_path, tiny_dataset):
+def test_results_are_readable_by_others_and_dead_staging_is_removed(
+    tmp_path, tiny_dataset, nas_run
+):
     (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=1))
     out = tmp_path / "results" / "tiny"
     (out / "checkpoints").mkdir(parents=True)
@@ -352,7 +377,7 @@ def test_results_are_readable_by_others_and_dead_staging_is_removed(tmp_path, ti
         path.write_text("half written")
     old_umask = os.umask(0o022)
     try:
-        result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+        result = nas_run("space.yaml")
     finally:
         os.umask(old_umask)
     assert result.returncode == 0, result.stderr
