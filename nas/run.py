@@ -27,7 +27,7 @@ from nas import resume
 from nas.cli import add_device_option, device_option, exit_code
 from nas.data import load_dataset, split_dataset
 from nas.exported import describe_data
-from nas.liveness import describe_waiting, settle_orphans, worker_id
+from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worker_id
 from nas.locking import file_lock
 from nas.report import publish_curves, write_report
 from nas.results import checkpoint_path, write_results
@@ -155,12 +155,8 @@ def _abandon_own_trials(study: optuna.Study) -> None:
     that arrived in Optuna's own code, outside the objective)."""
     me = worker_id()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker") == me:
-            try:
-                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
-                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass
+        if trial.user_attrs.get("worker") == me:  # rerun by the next run, as any interrupted
+            fail_and_retry(study, trial, INTERRUPTED, retries=0, by_number={})
 
 
 def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[str]:

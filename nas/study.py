@@ -204,9 +204,9 @@ def make_objective(
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
-        trial.set_user_attr("device", str(device))
-        trial.set_user_attr("worker", worker_id())
         try:
+            trial.set_user_attr("worker", worker_id())  # first: who owns this trial
+            trial.set_user_attr("device", str(device))
             journal = is_journal(trial.study)
             interval = space.study.heartbeat.heartbeat_interval
             with JournalHeartbeat(trial, interval) if journal else contextlib.nullcontext():
