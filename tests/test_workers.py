@@ -168,9 +168,12 @@ def test_ctrl_c_abandons_the_trial_writes_results_and_the_rerun_retries_it(tmp_p
             trials = optuna.load_study(study_name="many", storage=storage).trials
         except KeyError:
             return False
-        return len(trials) >= 2 and trials[-1].state == TrialState.RUNNING
+        # In training (an epoch done), so it has drawn all its parameters: a Ctrl-C while
+        # it samples would rerun it with the parameters drawn so far, the rest drawn anew.
+        last = trials[-1] if len(trials) >= 2 else None
+        return last is not None and last.state == TrialState.RUNNING and last.intermediate_values
 
-    _wait_for(second_trial_running, 240, "the second trial", run)
+    _wait_for(second_trial_running, 240, "the second trial's first epoch", run)
     run.send_signal(signal.SIGINT)
     output, _ = run.communicate(timeout=120)
     assert run.returncode == 130, output
