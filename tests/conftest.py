@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,17 @@ def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(
         [sys.executable, "-m", module, *args], code, stdout.getvalue(), stderr.getvalue()
     )
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen):
+    """Poll `condition` until it returns something true (returned), failing the test if the
+    process ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {process.communicate()[0]}")
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")

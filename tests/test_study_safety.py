@@ -23,7 +23,7 @@ from nas.results import checkpoint_path, save_checkpoint, write_results
 from nas.run import _worker_command, main, parse_args
 from nas.storage import load_study
 
-from .conftest import tiny_space_yaml
+from .conftest import tiny_space_yaml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -56,18 +56,6 @@ def _storage(tmp_path: Path, name: str = "tiny") -> str:
 
 def _load(tmp_path: Path, name: str = "tiny") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=_storage(tmp_path, name))
-
-
-def _wait_for(condition, timeout: float, what: str, process: subprocess.Popen):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before {what}: {process.communicate()[0]}")
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -298,7 +286,7 @@ def test_a_killed_run_then_the_same_command_ends_with_every_trial_settled(
     run = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        victim = _wait_for(_epoch_running(storage, "many"), 240, "a trial's first epoch", run)
+        victim = wait_for(_epoch_running(storage, "many"), 240, "a trial's first epoch", run)
         run.kill()
         run.wait()
     finally:
@@ -340,7 +328,7 @@ def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_datase
         return len(running) >= 2
 
     try:
-        _wait_for(both_training, 240, "two trials in training", run)
+        wait_for(both_training, 240, "two trials in training", run)
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C at the terminal reaches its process group
         time.sleep(0.05)
         os.killpg(run.pid, signal.SIGINT)  # an impatient second Ctrl-C

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
@@ -20,7 +19,7 @@ from optuna.trial import TrialState
 
 from nas.results import pareto_front
 
-from .conftest import run_cli, tiny_space_yaml
+from .conftest import run_cli, tiny_space_yaml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -71,18 +70,6 @@ def postgres_url():
         shutil.rmtree(data, ignore_errors=True)
 
 
-def _wait_for(condition, timeout: float, what: str, process: subprocess.Popen):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before {what}: {process.communicate()[0]}")
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def _check_accounted_for(study: optuna.Study, n_trials: int, results: Path) -> None:
     trials = study.trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
@@ -119,7 +106,7 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
             ]
             return running[0] if running else None
 
-        victim = _wait_for(running_trial, 240, "a running trial", parent)
+        victim = wait_for(running_trial, 240, "a running trial", parent)
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
         output, _ = parent.communicate(timeout=400)
@@ -173,7 +160,7 @@ def test_ctrl_c_abandons_the_trial_writes_results_and_the_rerun_retries_it(tmp_p
         last = trials[-1] if len(trials) >= 2 else None
         return last is not None and last.state == TrialState.RUNNING and last.intermediate_values
 
-    _wait_for(second_trial_running, 240, "the second trial's first epoch", run)
+    wait_for(second_trial_running, 240, "the second trial's first epoch", run)
     run.send_signal(signal.SIGINT)
     output, _ = run.communicate(timeout=120)
     assert run.returncode == 130, output
