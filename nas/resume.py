@@ -39,7 +39,18 @@ def _differences(old: Any, new: Any, path: str) -> list[str]:
             else:
                 found += _differences(old[key], new[key], where)
         return found
-    return [] if old == new else [f"{path} was {json.dumps(old)}, now {json.dumps(new)}"]
+    if old == new:
+        return []
+    names = isinstance(old, list) and isinstance(new, list)
+    if names and all(isinstance(item, str) for item in old + new):  # case names: say which
+        added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+        return [f"{path}: {_few(added)} added, {_few(removed)} removed"]
+    return [f"{path} was {json.dumps(old)}, now {json.dumps(new)}"]
+
+
+def _few(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+    return f"{len(items)} ({shown})" if items else "0"
 
 
 def _say(differences: Sequence[str]) -> str:
@@ -66,16 +77,16 @@ def check(
     stored = study.user_attrs
     data = _plain(data)
     name = study.study_name
-    for key, what in (
-        ("data_config", "data settings"),
-        ("data_description", "preprocessing or labels (the dataset changed on disk?)"),
-        ("data_cases", "training and validation cases"),
+    for key, where, what in (
+        ("data_config", "data", "data settings"),
+        ("data_description", "", "preprocessing or labels (the dataset changed on disk?)"),
+        ("data_cases", "cases", "training and validation cases"),
     ):
         if key in stored and stored[key] != data[key]:
             raise NasError(
                 source,
                 f"study {name!r} was made with other {what}: "
-                f"{_say(_differences(stored[key], data[key], key.removeprefix('data_')))}; "
+                f"{_say(_differences(stored[key], data[key], where))}; "
                 "resume it with its own data, or choose a new --study-name",
             )
     space_now = describe_space(space)

@@ -148,7 +148,7 @@ def test_resuming_with_another_space_or_data_is_refused_and_changes_nothing(
     (tmp_path / "space.yaml").write_text(other_data)
     result = nas_run("space.yaml")
     assert result.returncode == 2
-    assert "other data settings: config.n_folds was 3, now 2" in result.stderr
+    assert "other data settings: data.n_folds was 3, now 2" in result.stderr
 
     after = _load(tmp_path)
     assert len(after.trials) == 1 and dict(after.user_attrs) == stored
@@ -374,3 +374,27 @@ def test_results_are_readable_by_others_and_dead_staging_is_removed(
     for name in ("trials.csv", "pareto.csv", "pareto.png", "report.html"):
         mode = stat.S_IMODE((out / name).stat().st_mode)
         assert mode == 0o644, f"{name}: {oct(mode)}"
+
+
+def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
+    from nas import resume
+    from nas.errors import NasError
+    from nas.space import load_space
+
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
+    space = load_space(tmp_path / "space.yaml")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    data = {
+        "data_config": space.data.to_dict(),
+        "data_description": {"labels": {"background": 0, "lesion": 1}},
+        "data_cases": {"train": ["a", "b"], "validation": ["c"]},
+    }
+    resume.record(study, space, data)
+    resume.check(study, space, data, tmp_path / "space.yaml", extend_space=False)  # the same
+    more = data | {"data_cases": {"train": ["a", "b", "d", "e"], "validation": ["c"]}}
+    with pytest.raises(NasError) as refused:
+        resume.check(study, space, more, tmp_path / "space.yaml", extend_space=False)
+    assert "other training and validation cases: cases.train: 2 (d, e) added, 0 removed" in str(
+        refused.value
+    )
+    assert study.user_attrs["data_cases"] == data["data_cases"]  # nothing overwritten
