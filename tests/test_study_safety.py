@@ -19,8 +19,11 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
+from nas import resume
+from nas.errors import NasError
 from nas.results import checkpoint_path, save_checkpoint, write_results
 from nas.run import _worker_command, main, parse_args
+from nas.space import load_space
 from nas.storage import load_study
 
 from .conftest import tiny_space_yaml, wait_for
@@ -377,10 +380,6 @@ def test_results_are_readable_by_others_and_dead_staging_is_removed(
 
 
 def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
-    from nas import resume
-    from nas.errors import NasError
-    from nas.space import load_space
-
     (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
     space = load_space(tmp_path / "space.yaml")
     study = optuna.create_study(directions=["maximize", "minimize"])
