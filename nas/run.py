@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
@@ -31,7 +31,7 @@ from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worke
 from nas.locking import file_lock
 from nas.report import publish_curves, write_report
 from nas.results import checkpoint_path, write_results
-from nas.space import load_space, warm_start_params, with_study_overrides
+from nas.space import StudySection, load_space, warm_start_params, with_study_overrides
 from nas.staging import remove_stale_staging
 from nas.storage import redact
 from nas.study import (
@@ -314,7 +314,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optimize(study, objective, study_cfg, callbacks, prefix: str) -> None:
+def _optimize(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], tuple[float, int]],
+    study_cfg: StudySection,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
+    prefix: str,
+) -> None:
     """Run trials until the study has `n_trials` settled ones, or the timeout. The run does
     not end while a trial that no live worker owns is RUNNING: such a trial is failed and
     rerun here, after its heartbeat goes stale if its worker was on another host."""
