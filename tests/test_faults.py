@@ -26,7 +26,7 @@ from .conftest import tiny_space_yaml
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-N_TRIALS = 10
+N_TRIALS = 8
 # Where the victim is killed: phases seen through the files it holds open, else at random.
 PHASES = ("rewrite", "training", "checkpoint", "rewrite", "training")
 
