@@ -273,7 +273,10 @@ def run(args: argparse.Namespace) -> int:
             },
         }
         resume.check(study, space, data, args.space, args.extend_space)
-        settle_orphans(study, study_cfg.heartbeat)  # a crashed run's trials, rerun at once
+        orphans = settle_orphans(study, study_cfg.heartbeat)  # a crashed run's trials
+        if orphans.failed:
+            numbers = ", ".join(str(n) for n in orphans.failed)
+            print(f"trial(s) {numbers} lost their worker: marked FAIL and run again", flush=True)
 
     already = n_settled(study)
     remaining = study_cfg.n_trials - already

@@ -298,6 +298,7 @@ def test_a_killed_run_then_the_same_command_ends_with_every_trial_settled(
     result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"trial(s) {victim.number} lost their worker" in result.stdout
     trials = load_study(storage, "many").trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     dead = trials[victim.number]
