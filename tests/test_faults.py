@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from nas.results import checkpoint_path, front_of
 
-from .conftest import tiny_space_yaml
+from .conftest import run_cli, tiny_space_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -101,8 +101,7 @@ def test_a_worker_killed_five_times_loses_nothing(tmp_path, tiny_dataset):
             if process.poll() is None:
                 process.kill()
     # Resume: the same command, as a user would after the crashes.
-    result = subprocess.run([sys.executable, "-m", "nas.run", "space.yaml"], cwd=tmp_path,
-                            env=ENV, capture_output=True, text=True, timeout=400)  # fmt: skip
+    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     print("kills:", hit)  # the phases caught vary from run to run; the invariants do not
 

@@ -26,7 +26,7 @@ from nas.run import _worker_command, main, parse_args
 from nas.space import load_space
 from nas.storage import load_study
 
-from .conftest import tiny_space_yaml, wait_for
+from .conftest import run_cli, tiny_space_yaml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -295,8 +295,7 @@ def test_a_killed_run_then_the_same_command_ends_with_every_trial_settled(
     finally:
         if run.poll() is None:
             run.kill()
-    result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = run_cli("nas.run", *command[3:], cwd=tmp_path)  # the same command again
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"trial(s) {victim.number} lost their worker" in result.stdout
     trials = load_study(storage, "many").trials
