@@ -46,7 +46,7 @@ from nas.exported import (
 )
 from nas.results import checkpoint_path, pareto_front
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
-from nas.storage import JOURNAL_PREFIX, SQLITE_PREFIX, redact
+from nas.storage import local_file, redact
 from nas.study import load_results_study
 from nas.train import TrainConfig
 
@@ -252,15 +252,6 @@ whose spatial sizes are multiples of {multiple}, at least twice that.
 """
 
 
-def _local_storage_file(storage: str) -> list[Path]:
-    """The database or journal file a local storage URL names; none for a server."""
-    for prefix in (SQLITE_PREFIX, JOURNAL_PREFIX):
-        if storage.startswith(prefix):
-            path = storage[len(prefix) :].split("?")[0]
-            return [Path(path)] if path and path != ":memory:" else []
-    return []
-
-
 def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
     """Refuse, --force or not, an --out whose replacement would delete what no export wrote:
     a file, a link, a folder holding `keep` (the study's own files, each with what it is) or
@@ -351,7 +342,8 @@ def export(
         "torch": torch.__version__,
     }
     keep = {results: "results folder"} if results is not None else {}
-    keep |= {**dict.fromkeys(_local_storage_file(storage), "database"), weights: "weights"}
+    database = local_file(storage)
+    keep |= ({database: "database"} if database else {}) | {weights: "weights"}
     _check_destination(out, source, force, keep)
     remove_stale_staging(out.parent)
     with staging_folder(out) as staging:

@@ -73,12 +73,22 @@ class HeartbeatConfig(BaseModel):
     retries: int = Field(1, ge=0)
 
 
+def local_file(url: str) -> Path | None:
+    """The file a SQLite or journal URL names (relative after ///, absolute after ////);
+    None for a database server or an in-memory database."""
+    for prefix in (SQLITE_PREFIX, JOURNAL_PREFIX):
+        if url.startswith(prefix):
+            path = url[len(prefix) :].split("?")[0]
+            return Path(path) if path and path != ":memory:" else None
+    return None
+
+
 def _sqlite_wal(url: str) -> None:
     """Switch the database file to write-ahead logging (a setting stored in the file)."""
-    path = url[len(SQLITE_PREFIX) :]
-    if not path or path == ":memory:":
+    path = local_file(url)
+    if path is None:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path, timeout=SQLITE_LOCK_TIMEOUT_S) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
 
@@ -100,7 +110,9 @@ def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> BaseStor
 
 def _open(url: str, heartbeat: HeartbeatConfig | None) -> BaseStorage:
     if url.startswith(JOURNAL_PREFIX):
-        path = Path(url[len(JOURNAL_PREFIX) :])  # like sqlite:///: relative, ////: absolute
+        path = local_file(url)
+        if path is None:
+            raise NasError(redact(url), "names no journal file")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     beats = {}
