@@ -25,6 +25,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import JournalStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.staging import process_alive
 from nas.storage import HeartbeatConfig
 
 HEARTBEAT_ATTR = "heartbeat_at"  # journal storages only: seconds since the epoch
@@ -39,16 +40,6 @@ def _owner(trial: FrozenTrial) -> tuple[str, int] | None:
     return (host, int(pid)) if host and pid.isdigit() else None
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def owner_state(trial: FrozenTrial) -> str:
     """ "alive" or "dead" for a worker of this host; "unknown" for another host's, or for a
     trial that has not yet recorded its worker."""
@@ -57,7 +48,7 @@ def owner_state(trial: FrozenTrial) -> str:
         return "unknown"
     if owner[1] == os.getpid():
         return "alive"
-    return "alive" if _process_alive(owner[1]) else "dead"
+    return "alive" if process_alive(owner[1]) else "dead"
 
 
 def is_journal(study: optuna.Study) -> bool:

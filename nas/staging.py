@@ -77,7 +77,8 @@ def replace_folder(staging: Path, destination: Path) -> None:
     os.replace(staging, destination)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +97,7 @@ def remove_stale_staging(folder: Path) -> list[Path]:
     ours = re.compile(rf"^\..+\.{re.escape(_host())}-(?P<pid>\d+)\.")
     for entry in folder.iterdir():
         match = ours.match(entry.name)
-        if not match or _alive(int(match["pid"])):
+        if not match or process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
