@@ -33,7 +33,14 @@ from nas.pruning import best_up_to, dominated_at_epoch
 from nas.results import save_checkpoint
 from nas.space import SearchSpace, StudySection, sample
 from nas.storage import load_study, open_storage
-from nas.train import CandidateFailed, EpochResult, fit, init_model, is_out_of_memory
+from nas.train import (
+    CandidateFailed,
+    EpochResult,
+    fit,
+    init_model,
+    is_out_of_memory,
+    out_of_memory_reason,
+)
 
 DIRECTIONS = ("maximize", "minimize")  # validation IoU, parameter count
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -218,7 +225,7 @@ def make_objective(
             raise
         except Exception as err:
             if is_out_of_memory(err):
-                reason = f"out of memory: {str(err).splitlines()[0] if str(err) else 'MemoryError'}"
+                reason = out_of_memory_reason(err)
                 _fail(trial, reason, start)
                 raise CandidateFailed(reason) from err
             _fail(trial, f"{type(err).__name__}: {err}", start)  # a bug: the run stops

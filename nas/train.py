@@ -175,6 +175,12 @@ def is_out_of_memory(err: BaseException) -> bool:
     )
 
 
+def out_of_memory_reason(err: BaseException) -> str:
+    """The fail reason of an out-of-memory error, in one line."""
+    # Python's MemoryError usually carries no message.
+    return f"out of memory: {(str(err).splitlines() or [type(err).__name__])[0]}"
+
+
 def _weights_are_finite(model: nn.Module) -> bool:
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     # One flag per tensor, stacked: a single wait for the device instead of one per tensor.
@@ -265,9 +271,7 @@ def fit(
                 break
     except Exception as err:
         if is_out_of_memory(err):
-            # Python's MemoryError usually carries no message.
-            first_line = (str(err).splitlines() or [type(err).__name__])[0]
-            raise CandidateFailed(f"out of memory: {first_line}") from err
+            raise CandidateFailed(out_of_memory_reason(err)) from err
         raise
     finally:
         if device.type == "cuda":
