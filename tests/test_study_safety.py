@@ -326,12 +326,12 @@ def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_datase
         running = [
             t
             for t in _trials(storage, "many")
-            if t.state == TrialState.RUNNING and t.intermediate_values
+            if t.state == TrialState.RUNNING and 1 <= len(t.intermediate_values) <= 4
         ]
-        return len(running) >= 2
+        return running if len(running) >= 2 else None
 
     try:
-        wait_for(both_training, 240, "two trials in training", run)
+        training = wait_for(both_training, 240, "two trials in training", run)
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C at the terminal reaches its process group
         time.sleep(0.05)
         os.killpg(run.pid, signal.SIGINT)  # an impatient second Ctrl-C
@@ -343,8 +343,12 @@ def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_datase
     trials = _load(tmp_path, "many").trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     abandoned = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(abandoned) >= 2
+    assert abandoned
     assert all(t.user_attrs["fail_reason"].startswith("interrupted") for t in abandoned)
+    # Each trial seen in training was abandoned, unless it finished its last epochs in the
+    # moment between that look and the signal.
+    for seen in training:
+        assert trials[seen.number].state in (TrialState.FAIL, TrialState.COMPLETE)
 
 
 # --- what is left on disk ---------------------------------------------------------------
