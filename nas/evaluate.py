@@ -81,20 +81,33 @@ def evaluate(
 ) -> Scores:
     was_training = model.training
     model.eval()
-    intersection = np.zeros(n_classes)
-    predicted = np.zeros(n_classes)
-    truth = np.zeros(n_classes)
+    counts = PooledCounts(n_classes)
     for case in cases:
-        prediction = predict_case(model, case, patch_size, device, slice_axis)
-        for k in range(n_classes):
-            p, t = prediction == k + 1, np.asarray(case.label) == k + 1
-            intersection[k] += np.logical_and(p, t).sum()
-            predicted[k] += p.sum()
-            truth[k] += t.sum()
+        counts.add(predict_case(model, case, patch_size, device, slice_axis), case.label)
     model.train(was_training)
-    union = predicted + truth - intersection
-    # A class absent from both prediction and truth everywhere is perfectly segmented
-    # (split_dataset keeps every class in validation, so a search never scores this way).
-    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
-    dice = np.where(predicted + truth > 0, 2 * intersection / np.maximum(predicted + truth, 1), 1.0)
-    return Scores(float(iou.mean()), float(dice.mean()), tuple(float(v) for v in iou))
+    return counts.scores()
+
+
+class PooledCounts:
+    """Voxel counts per foreground class, pooled over cases before any ratio is taken."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.intersection, self.predicted, self.truth = (np.zeros(n_classes) for _ in range(3))
+
+    def add(self, prediction: np.ndarray, label: np.ndarray) -> None:
+        """One case's class-index maps (0 = background)."""
+        label = np.asarray(label)
+        for k in range(len(self.truth)):
+            p, t = prediction == k + 1, label == k + 1
+            self.intersection[k] += np.logical_and(p, t).sum()
+            self.predicted[k] += p.sum()
+            self.truth[k] += t.sum()
+
+    def scores(self) -> Scores:
+        inter, both = self.intersection, self.predicted + self.truth
+        union = both - inter
+        # A class absent from both prediction and truth everywhere is perfectly segmented
+        # (split_dataset keeps every class in validation, so a search never scores this way).
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        dice = np.where(both > 0, 2 * inter / np.maximum(both, 1), 1.0)
+        return Scores(float(iou.mean()), float(dice.mean()), tuple(float(v) for v in iou))

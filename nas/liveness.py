@@ -25,6 +25,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import JournalStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.fidelity import lineage_attrs
 from nas.staging import process_alive
 from nas.storage import HeartbeatConfig
 
@@ -122,7 +123,8 @@ def fail_and_retry(
         }
         callback(study, source)
     else:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        attrs = {"retry_of": trial.number, **lineage_attrs(trial)}
+        study.enqueue_trial(trial.params, user_attrs=attrs)
     return True
 
 

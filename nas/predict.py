@@ -102,10 +102,11 @@ def mask_values(labels: dict[str, int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def segment(
+def segment_classes(
     model: nn.Module, card: ModelCard, scan: Scan, device: torch.device
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
-    """The label mask of one scan in its own voxel order, and the scan's first image."""
+    """Class indices (uint8, 0 = background, in the order of `card.labels`) of one scan in
+    its own voxel order, and the scan's first image. `model` is in eval mode on `device`."""
     prep, inference = card.preprocessing, card.inference
     channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
     check_finite(channels, paths)
@@ -116,12 +117,18 @@ def segment(
     box_shape = tuple(s.stop - s.start for s in box)
     if tuple(logits.shape[1:]) != box_shape:
         logits = F.interpolate(logits[None], size=box_shape, mode="trilinear")[0]
-    classes = labels_from_logits(logits).cpu().numpy()
-    values = mask_values(card.labels)
-    mask = np.zeros(channels[0].shape, values.dtype)
-    mask[box] = values[classes]
+    classes = np.zeros(channels[0].shape, np.uint8)
+    classes[box] = labels_from_logits(logits).cpu().numpy()
     first = nib.load(paths[0])
-    return _from_ras(mask, first), first
+    return _from_ras(classes, first), first
+
+
+def segment(
+    model: nn.Module, card: ModelCard, scan: Scan, device: torch.device
+) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    """The label mask of one scan in its own voxel order, and the scan's first image."""
+    classes, first = segment_classes(model, card, scan, device)
+    return mask_values(card.labels)[classes], first
 
 
 def write_mask(mask: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:

@@ -20,18 +20,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_plotly_graph_object
 
 from nas.artifacts import overlay_path
 from nas.cli import exit_code
-from nas.results import front_of, trials_table
+from nas.results import TEST_SCORES_ATTR, front_of, trials_table
 from nas.staging import atomic_write
 from nas.study import load_results_study
 
 REPORT_FILE = "report.html"
-FRONT_COLUMNS = ["number", "val_iou", "val_dice", "n_params", "macs", "seconds", "summary"]
+FRONT_COLUMNS = [
+    "number", "val_iou", "val_dice", "test_iou", "test_dice", "n_params", "macs",
+    "epochs_run", "fidelity_steps", "continues", "seconds", "summary",
+]  # fmt: skip
+# The front table's column groups: validation chose the front, the held-out cases did not.
+HELD_OUT = "held-out test (not used for selection)"
+COLUMN_GROUPS = {
+    "val_iou": "validation (selection)",
+    "val_dice": "validation (selection)",
+    "test_iou": HELD_OUT,
+    "test_dice": HELD_OUT,
+}
 
 
 def hypervolume(points: Sequence[tuple[float, float]]) -> float:
@@ -209,6 +221,20 @@ def _overlays(study_dir: Path, front: list[FrozenTrial]) -> str:
     return "\n".join(images) or "<p>No overlay yet.</p>"
 
 
+def _front_table(table: pd.DataFrame) -> str:
+    """The front as HTML, validation and held-out scores under headers of their own; the
+    held-out columns only where some member was scored on a test split."""
+    scored = table["test_iou"].notna().any()
+    columns = [
+        c
+        for c in FRONT_COLUMNS
+        if c in table.columns and (scored or COLUMN_GROUPS.get(c) != HELD_OUT)
+    ]
+    shown = table[columns].copy()
+    shown.columns = pd.MultiIndex.from_tuples([(COLUMN_GROUPS.get(c, ""), c) for c in columns])
+    return shown.to_html(index=False, float_format="{:.4f}".format, na_rep="", border=0)
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; }
@@ -241,9 +267,7 @@ def render(study: optuna.Study, study_dir: Path) -> str:
             continue
         parts.append(figure.to_html(full_html=False, include_plotlyjs=not script_embedded))
         script_embedded = True
-    table = trials_table(front)
-    columns = [c for c in FRONT_COLUMNS if c in table.columns]
-    front_table = table[columns].to_html(index=False, float_format="{:.4f}".format, border=0)
+    front_table = _front_table(trials_table(front, study.user_attrs.get(TEST_SCORES_ATTR, {})))
     dataset = study.user_attrs.get("data_config", {}).get("path", "?")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary_line = (

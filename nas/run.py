@@ -24,26 +24,38 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from nas import resume
+from nas.candidate import TrainingData
 from nas.cli import add_device_option, device_option, exit_code
 from nas.data import load_dataset, split_dataset
+from nas.errors import NasError
 from nas.exported import describe_data
+from nas.heldout import TestSplit, find_test_split, score_trials
 from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worker_id
 from nas.locking import file_lock
+from nas.patch_plan import plan_patches
 from nas.report import publish_curves, write_report
-from nas.results import checkpoint_path, write_results
-from nas.space import StudySection, load_space, warm_start_params, with_study_overrides
+from nas.results import checkpoint_path, pareto_front, write_results
+from nas.space import (
+    SearchSpace,
+    StudySection,
+    load_space,
+    warm_start_params,
+    with_study_overrides,
+)
 from nas.staging import remove_stale_staging
 from nas.storage import redact
 from nas.study import (
     INTERRUPTED,
+    Schedule,
     StopAtTotal,
     default_storage,
+    enqueue_promotion,
     has_work,
     make_objective,
     n_settled,
     open_study,
 )
-from nas.train import CandidateFailed
+from nas.train import CandidateFailed, TrainConfig
 
 # The storage URL for workers started by --workers, and a way for users to keep a database
 # password off the command line (where `ps` shows it to everyone on the machine).
@@ -75,8 +87,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--n-trials", type=_positive_int, help="finished trials the study should reach in total"
     )
     parser.add_argument(
-        "--timeout", type=_positive_float, help="seconds before no new trial starts"
-    )
+        "--timeout", type=_positive_float,
+        help="seconds for this run: the search plans its budget to end within them",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget", type=_positive_int,
+        help="total optimiser steps the study may train over all candidates and rungs",
+    )  # fmt: skip
     parser.add_argument("--study-name", help="study name (default: study.name in the YAML)")
     parser.add_argument(
         "--storage",
@@ -109,10 +126,14 @@ def _trial_line(trial: FrozenTrial) -> str:
     params = f"{attrs['n_params']:>10,}" if "n_params" in attrs else " " * 10
     last_iou = trial.values[0] if trial.values else attrs.get("val_iou")
     iou = f"{last_iou:.3f}" if last_iou is not None else "  -  "
+    epochs = attrs.get("epochs_run")
     line = (
         f"trial {trial.number:3d}  {dims}D  params {params}  IoU {iou}  "
+        f"epochs {epochs if epochs is not None else '-':>3}  "
         f"{attrs.get('seconds', 0.0):6.1f}s  {trial.state.name}"
     )
+    if "continues" in attrs:
+        line += f"  (continues trial {attrs['continues']})"
     if "fail_reason" in attrs:
         line += f"  ({attrs['fail_reason']})"
     return line
@@ -163,7 +184,7 @@ def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[
     command = [sys.executable, "-m", "nas.run", str(args.space), "--workers", "1",
                "--threads", str(threads), "--worker-index", str(index),
                "--results-dir", str(args.results_dir), "--device", args.device]  # fmt: skip
-    for option in ("n_trials", "timeout", "study_name", "seed"):
+    for option in ("n_trials", "timeout", "budget", "study_name", "seed"):
         value = getattr(args, option)
         if value is not None:
             command += [f"--{option.replace('_', '-')}", str(value)]
@@ -171,7 +192,11 @@ def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[
 
 
 def _run_workers(
-    args: argparse.Namespace, study: optuna.Study, study_dir: Path, storage: str
+    args: argparse.Namespace,
+    study: optuna.Study,
+    study_dir: Path,
+    storage: str,
+    test_split: TestSplit | None = None,
 ) -> int:
     """Start `--workers` processes on the study and wait for them; results/ at the end.
 
@@ -198,6 +223,8 @@ def _run_workers(
             if worker.poll() is None:
                 worker.send_signal(interrupted - 128)
         codes = [worker.wait() for worker in workers]
+    if not interrupted:
+        _score_held_out(study, study_dir, test_split, device_option(args.device))
     front = _refresh(study, study_dir) or []
     lost = [f"worker {i} exited with {code}" for i, code in enumerate(codes) if code]
     if interrupted:
@@ -225,6 +252,43 @@ def _summary(
     print(f"inspect with: python -m nas.dashboard {study_dir}{custom}")
 
 
+def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedule:
+    """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
+    try:
+        schedule = Schedule.of(space, deadline)
+    except ValueError as err:
+        raise NasError(path, f"train.epochs: {err}") from None
+    lowest = schedule.rungs[0] * _fewest_batches_per_epoch(space)
+    if schedule.budget_steps is not None and schedule.budget_steps < lowest:
+        raise NasError(
+            "--budget" if space.study.budget is not None else path,
+            f"a budget of {schedule.budget_steps} optimiser steps is less than one candidate's "
+            f"lowest rung ({schedule.rungs[0]} epochs, {lowest} steps)",
+        )
+    return schedule
+
+
+def _fewest_batches_per_epoch(space: SearchSpace) -> int:
+    entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
+    if isinstance(entry, int):
+        return entry
+    return min(int(getattr(spec, "low", min(getattr(spec, "choices", [1])))) for spec in entry)
+
+
+def _plan_line(schedule: Schedule, space: SearchSpace) -> str:
+    rungs = ", ".join(str(r) for r in schedule.rungs)
+    limits = []
+    if schedule.budget_steps is not None:
+        limits.append(f"{schedule.budget_steps:,} optimiser steps")
+    if space.study.timeout is not None:
+        limits.append(f"{space.study.timeout:g} s")
+    within = " within " + " and ".join(limits) if limits else ""
+    if len(schedule.rungs) == 1:
+        return f"every candidate trains {rungs} epochs{within}"
+    return (f"candidates train {schedule.rungs[0]} epochs, the top 1/{schedule.eta} of each "
+            f"rung continue (rungs at epochs {rungs}){within}")  # fmt: skip
+
+
 def _worker_salt(args: argparse.Namespace, storage: str) -> int:
     """0 for the usual single process (reproducible draws); the worker's index + 1 for
     --workers; for a shared server or journal, where other hosts may start at the same
@@ -246,15 +310,23 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         "n_trials": args.n_trials,
         "timeout": args.timeout,
+        "budget": args.budget,
         "name": args.study_name,
         "seed": args.seed,
     }
     space = with_study_overrides(space, overrides)
     study_cfg = space.study
     device = device_option(args.device)
+    start = time.monotonic()
+    deadline = None if study_cfg.timeout is None else start + study_cfg.timeout
+    schedule = _schedule(space, args.space, deadline)
 
     dataset = load_dataset(space.data)
+    patch_plan = plan_patches(space, dataset, device)  # `auto` patch and batch sizes
+    space = patch_plan.apply(space)
     train_cases, val_cases = split_dataset(dataset, space.data)
+    # Checked before the study is touched; scored after the search, never used to select.
+    test_split = None if is_worker else find_test_split(space.data, dataset)
     study_dir = args.results_dir / study_cfg.name
     study_dir.mkdir(parents=True, exist_ok=True)
     for folder in (study_dir, checkpoint_path(study_dir, 0).parent):
@@ -267,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         data = {
             "data_config": space.data.to_dict(),
             "data_description": describe_data(dataset),
+            "patch_plan": patch_plan.to_dict(),
             "data_cases": {
                 "train": [case.name for case in train_cases],
                 "validation": [case.name for case in val_cases],
@@ -280,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
 
     already = n_settled(study)
     remaining = study_cfg.n_trials - already
+    working = has_work(study.get_trials(deepcopy=False), schedule)
     if not is_worker:
         print(
             f"study {study_cfg.name!r} in {redact(storage)}: {already} finished trials, "
@@ -288,14 +362,15 @@ def run(args: argparse.Namespace) -> int:
             f"preprocessed in {dataset.cache})",
             flush=True,
         )
-    if remaining > 0 and args.workers > 1:
-        return _run_workers(args, study, study_dir, storage)
-    if remaining > 0:
-        objective = make_objective(
-            space, train_cases, val_cases, dataset.in_channels, dataset.n_classes, device, study_dir
-        )
+        print(patch_plan.describe(), flush=True)
+        print(_plan_line(schedule, space), flush=True)
+    if working and args.workers > 1:
+        return _run_workers(args, study, study_dir, storage, test_split)
+    if working:
+        data = TrainingData(train_cases, val_cases, dataset.n_classes, space.data.slicing)
+        objective = make_objective(space, data, dataset.in_channels, device, study_dir, schedule)
         prefix = f"[worker {args.worker_index}] " if is_worker else ""
-        with tqdm(total=remaining, unit="trial", dynamic_ncols=True, disable=is_worker) as bar:
+        with tqdm(unit="trial", dynamic_ncols=True, disable=is_worker) as bar:
 
             def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
                 _refresh(study, study_dir)
@@ -303,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
 
             try:
-                _optimize(study, objective, study_cfg, [after_trial], prefix)
+                _optimize(study, objective, study_cfg, schedule, [after_trial], prefix)
             except Interrupted as err:
                 _abandon_own_trials(study)
                 _refresh(study, study_dir)
@@ -312,39 +387,61 @@ def run(args: argparse.Namespace) -> int:
                 return err.exit_code
     if is_worker:
         return 0
+    _score_held_out(study, study_dir, test_split, device)
     front = _refresh(study, study_dir) or []
     _summary(study, study_dir, front, args)
     return 0
+
+
+def _score_held_out(
+    study: optuna.Study, study_dir: Path, test_split: TestSplit | None, device: torch.device
+) -> None:
+    """Held-out test scores of the front members (the study's test split), for the tables
+    and the report; they are never used to select."""
+    if test_split is None:
+        return
+    front = pareto_front(study)
+    print(f"scoring {len(front)} front member(s) on {len(test_split.cases)} held-out test "
+          "case(s)", flush=True)  # fmt: skip
+    try:
+        score_trials(study, study_dir, front, test_split, device)
+    except Exception as err:  # the search's results stand without them
+        print(f"warning: could not score the front on the held-out cases "
+              f"({type(err).__name__}: {err})", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _optimize(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], tuple[float, int]],
     study_cfg: StudySection,
+    schedule: Schedule,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
     prefix: str,
 ) -> None:
-    """Run trials until the study has `n_trials` settled ones, or the timeout. The run does
-    not end while a trial that no live worker owns is RUNNING: such a trial is failed and
-    rerun here, after its heartbeat goes stale if its worker was on another host."""
-    deadline = None if study_cfg.timeout is None else time.monotonic() + study_cfg.timeout
+    """Run trials until the schedule has no more work (new candidates, promotions), or the
+    timeout. The run does not end while a trial that no live worker owns is RUNNING: such a
+    trial is failed and rerun here, after its heartbeat goes stale if its worker was on
+    another host."""
+    deadline = schedule.deadline
     said_waiting = False
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return
-        if has_work(study.get_trials(deepcopy=False), study_cfg.n_trials):
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            enqueue_promotion(study, schedule)
+        if has_work(study.get_trials(deepcopy=False), schedule):
             study.optimize(
                 objective,
                 timeout=left,
                 catch=(CandidateFailed,),
-                callbacks=[*callbacks, StopAtTotal(study_cfg.n_trials)],
+                callbacks=[*callbacks, StopAtTotal(schedule)],
             )
         settled = settle_orphans(study, study_cfg.heartbeat)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if waiting:
             continue  # reruns of failed orphans (or another worker's enqueued trials)
-        if not settled.elsewhere or n_settled(study) >= study_cfg.n_trials:
+        if not settled.elsewhere or not has_work(study.get_trials(deepcopy=False), schedule):
             return
         if not said_waiting:
             print(prefix + describe_waiting(settled.elsewhere, study_cfg.heartbeat.grace_period),

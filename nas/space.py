@@ -38,6 +38,7 @@ from pydantic import (
 from nas.builder import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.data import DataConfig
 from nas.errors import NasError
+from nas.fidelity import FidelityConfig
 from nas.pruning import PrunerConfig
 from nas.storage import HeartbeatConfig
 from nas.train import TrainConfig
@@ -46,6 +47,10 @@ from nas.yaml_file import read_yaml
 Scalar = bool | int | float | str | None
 # Filled from the data, never searched.
 DATA_DEFINED_FIELDS = ("in_channels", "out_channels")
+# Training sizes a space may leave to `auto`: nas.patch_plan plans them from the dataset and
+# the device before the study opens (sample() refuses a space still holding it).
+AUTO = "auto"
+PLANNED_FIELDS = ("batch_size_2d", "patch_size_2d", "batch_size_3d", "patch_size_3d")
 
 
 class _Spec(BaseModel):
@@ -104,10 +109,15 @@ STUDY_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$"
 class StudySection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field("unet", pattern=STUDY_NAME_PATTERN)
-    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     population_size: int | None = Field(None, ge=2)  # NSGA-II generation size
-    n_trials: int = Field(10, ge=1)  # the study's total, counting earlier runs
+    startup_trials: int = Field(10, ge=1)  # TPE: random candidates before it models them
+    n_trials: int = Field(10, ge=1)  # new candidates in the study, counting earlier runs
     timeout: float | None = Field(None, gt=0)  # seconds for this run
+    # Total optimiser steps the study may train, over all candidates and rungs (None: no
+    # limit but n_trials and the timeout, from which the search plans its steps itself).
+    budget: int | None = Field(None, ge=1)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
     seed: int = 0
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     # Architectures (builder and training fields) that run first in a new study.
@@ -174,6 +184,12 @@ def _parse_entries(
                         f"{where}[{i}]", "each of several specs for one parameter needs a when"
                     )
             parsed[name] = variants
+        elif name in PLANNED_FIELDS and isinstance(raw, str):
+            if raw != AUTO:
+                raise _SpaceError(
+                    where, f"invalid value {raw!r}: give the size, or auto to plan it from the data"
+                )
+            parsed[name] = AUTO
         else:
             parsed[name] = _check_value(where, adapter, raw)
         known.append(name)
@@ -336,7 +352,9 @@ def param_distribution(
 def _check_defaults_build(space: SearchSpace) -> None:
     """The fixed values together must make a valid config (e.g. depth vs per-stage lists)."""
     for section, config_type in (("search", UNetConfig), ("train", TrainConfig)):
-        fixed = {k: v for k, v in getattr(space, section).items() if not _is_searched(v)}
+        fixed = {
+            k: v for k, v in getattr(space, section).items() if not _is_searched(v) and v != AUTO
+        }
         try:
             config_type(**fixed)
         except ValidationError as err:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -22,21 +24,32 @@ from optuna_dashboard import save_note
 from pydantic import ValidationError
 
 from nas.artifacts import example_case, overlay_path, upload, write_overlay
-from nas.builder import count_parameters
-from nas.data import Case
+from nas.builder import UNetConfig, count_parameters
+from nas.candidate import TrainingData, TrainingState, load_state, save_state, train_candidate
 from nas.describe import count_macs, summary, trial_note
 from nas.errors import NasError
 from nas.evaluate import Scores
+from nas.fidelity import (
+    Budget,
+    Promotion,
+    in_top,
+    lineage,
+    lineage_attrs,
+    promotions,
+    rung_epochs,
+    rung_members,
+    spending,
+)
 from nas.liveness import JournalHeartbeat, is_journal, worker_id
 from nas.memory import check_fits, default_memory_limit_bytes
 from nas.pruning import best_up_to, dominated_at_epoch
-from nas.results import save_checkpoint
-from nas.space import SearchSpace, StudySection, sample
+from nas.results import checkpoint_path, save_checkpoint
+from nas.space import Candidate, SearchSpace, StudySection, sample
 from nas.storage import load_study, open_storage
 from nas.train import (
     CandidateFailed,
     EpochResult,
-    fit,
+    TrainConfig,
     init_model,
     is_out_of_memory,
     out_of_memory_reason,
@@ -62,7 +75,18 @@ def make_sampler(
         kwargs = {"population_size": cfg.population_size} if cfg.population_size else {}
         return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
     if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # multivariate + group: one joint model per set of parameters that occur together,
+        # so the parameters drawn under a `when` (3D kernels, deeper skips) are modelled too;
+        # constant_liar: workers running at once do not all pick the same promising region.
+        with warnings.catch_warnings():  # Optuna marks these options experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                multivariate=True,
+                group=True,
+                constant_liar=True,
+                n_startup_trials=cfg.startup_trials,
+            )
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -126,7 +150,8 @@ def _retry_interrupted(study: optuna.Study) -> None:
     for trial in trials:
         interrupted = trial.user_attrs.get("fail_reason") == INTERRUPTED
         if trial.state == TrialState.FAIL and interrupted and trial.number not in retried:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            attrs = {"retry_of": trial.number, **lineage_attrs(trial)}
+            study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
 def load_results_study(results: Path, storage: str | None = None) -> optuna.Study:
@@ -139,33 +164,110 @@ def load_results_study(results: Path, storage: str | None = None) -> optuna.Stud
 
 
 def n_settled(study: optuna.Study) -> int:
-    """Finished trials, a failed trial that is rerun counting once (through its rerun)."""
+    """Finished new candidates, a failed trial that is rerun counting once (through its rerun)
+    and a promoted candidate's continuation not at all."""
     return _n_settled(study.get_trials(deepcopy=False))
 
 
+def _is_new(trial: FrozenTrial) -> bool:
+    return "continues" not in trial.user_attrs
+
+
 def _n_settled(trials: Sequence[FrozenTrial]) -> int:
-    finished = [t for t in trials if t.state in FINISHED_STATES]
+    finished = [t for t in trials if t.state in FINISHED_STATES and _is_new(t)]
     retried = retried_numbers(trials)
     return sum(1 for t in finished if not (t.state == TrialState.FAIL and t.number in retried))
 
 
-def has_work(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
-    """Whether a trial is waiting to be (re)run, or the study (all workers) has fewer than
-    `n_trials` settled trials, counting those running now."""
+@dataclass(frozen=True)
+class Schedule:
+    """How a run spends its trials: at most `n_trials` new candidates, promoted through
+    `rungs` (epochs) within `budget_steps` and the run's deadline (time.monotonic())."""
+
+    rungs: tuple[int, ...]
+    eta: int
+    n_trials: int
+    budget_steps: int | None = None
+    deadline: float | None = None
+
+    @classmethod
+    def of(cls, space: SearchSpace, deadline: float | None = None) -> Schedule:
+        cfg = space.study
+        rungs = rung_epochs(cfg.fidelity, max_epochs(space))
+        return cls(rungs, cfg.fidelity.eta, cfg.n_trials, cfg.budget, deadline)
+
+    def budget(self) -> Budget:
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        return Budget(self.budget_steps, left)
+
+    def allows_new(self, trials: Sequence[FrozenTrial]) -> bool:
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING and _is_new(t))
+        if _n_settled(trials) + running >= self.n_trials:
+            return False
+        return self.budget().allows_new(spending(trials), self.rungs, self.eta)
+
+
+def max_epochs(space: SearchSpace) -> int:
+    """The top rung: `train.epochs`, which a multi-fidelity search needs fixed."""
+    epochs = space.train.get("epochs", TrainConfig.__pydantic_fields__["epochs"].default)
+    if not isinstance(epochs, int):
+        raise ValueError("is the top rung of the search's fidelity: give one value, not a spec")
+    return epochs
+
+
+def has_work(trials: Sequence[FrozenTrial], schedule: Schedule) -> bool:
+    """Whether a trial is waiting to be (re)run or continued, a promotion is due, or a new
+    candidate may start."""
     if any(t.state == TrialState.WAITING for t in trials):
         return True
-    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    return _n_settled(trials) + running < n_trials
+    return schedule.allows_new(trials) or _next_promotion(trials, schedule) is not None
+
+
+def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promotion | None:
+    endgame = not schedule.allows_new(trials)
+    budget, spent = schedule.budget(), spending(trials)
+    budgeted = budget.steps is not None or budget.seconds_left is not None
+    by_number = {t.number: t for t in trials}
+    for promotion in promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted):
+        trial = by_number[promotion.number]
+        steps = (promotion.to_epoch - promotion.rung) * _batches_per_epoch(trial)
+        if budget.affords(spent, steps, _seconds_per_step(trial)):
+            return promotion
+    return None
+
+
+def enqueue_promotion(study: optuna.Study, schedule: Schedule) -> Promotion | None:
+    """Enqueue the continuation of the stopped candidate most due for promotion, if any."""
+    trials = study.get_trials(deepcopy=False)
+    promotion = _next_promotion(trials, schedule)
+    if promotion is not None:
+        parent = next(t for t in trials if t.number == promotion.number)
+        attrs = {"continues": parent.number, "lineage": lineage(parent)}
+        study.enqueue_trial(parent.params, user_attrs=attrs)
+    return promotion
+
+
+def _batches_per_epoch(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get("train_config", {}).get("batches_per_epoch", 1))
+
+
+def _seconds_per_step(trial: FrozenTrial) -> float | None:
+    steps = trial.user_attrs.get("steps", 0)
+    return trial.user_attrs.get("train_seconds", 0.0) / steps if steps else None
 
 
 class StopAtTotal:
-    """Optuna callback: stop this worker once the study has no more work (`has_work`)."""
+    """Optuna callback after each trial: enqueue a due promotion, and stop this worker once
+    the study has no more work (`has_work`)."""
 
-    def __init__(self, n_trials: int) -> None:
-        self.n_trials = n_trials
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if not has_work(study.get_trials(deepcopy=False), self.n_trials):  # one storage read
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+        if enqueue_promotion(study, self.schedule) is None and not self.schedule.allows_new(trials):
             study.stop()
 
 
@@ -187,27 +289,47 @@ def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: floa
     trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
 
 
+def _parent(trial: optuna.Trial, number: int) -> FrozenTrial:
+    for other in trial.study.get_trials(deepcopy=False):
+        if other.number == number:
+            return other
+    raise CandidateFailed(f"cannot continue trial {number}: the study has no such trial")
+
+
+def _claimed_before(trial: optuna.Trial, parent: int) -> int | None:
+    """An earlier live trial continuing the same parent (two workers promoting at once)."""
+    for other in trial.study.get_trials(deepcopy=False):
+        same = other.user_attrs.get("continues") == parent and other.number < trial.number
+        if same and other.state in (TrialState.RUNNING, TrialState.COMPLETE):
+            return other.number
+    return None
+
+
 def make_objective(
     space: SearchSpace,
-    train_cases: Sequence[Case],
-    val_cases: Sequence[Case],
+    data: TrainingData,
     in_channels: int,
-    n_classes: int,
     device: torch.device,
     study_dir: Path,
+    schedule: Schedule,
 ) -> Callable[[optuna.Trial], tuple[float, int]]:
-    """The function Optuna calls per trial: sample, check memory, build, count, train, save.
+    """The function Optuna calls per trial: a thin adapter between a trial and
+    `train_candidate`. A new trial samples a candidate, checks its memory, counts it and
+    trains it to the lowest rung; a trial enqueued with `continues` loads that trial's state
+    and trains it on. At each rung the schedule decides whether it goes on; the trial ends
+    with its scores at the fidelity it reached and, below the top rung, the state to be
+    promoted from later.
 
     Whatever ends a trial early leaves its reason in `fail_reason`: a candidate that cannot
     be trained (too large, out of memory, diverged) raises CandidateFailed, which the caller
     catches so the study goes on; Ctrl-C or SIGTERM anywhere in the trial records
     INTERRUPTED, so the next run reruns it.
     """
-    out_channels = 1 if n_classes == 1 else n_classes + 1
-    slicing = space.data.slicing
-    shown_case = example_case(val_cases)
+    out_channels = 1 if data.n_classes == 1 else data.n_classes + 1
+    shown_case = example_case(data.val_cases)
     gb = space.study.max_memory_gb
     memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
+    top = schedule.rungs[-1]
 
     def objective(trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
@@ -221,7 +343,10 @@ def make_objective(
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
             trial.set_user_attr("fail_reason", INTERRUPTED)
             raise
-        except (optuna.TrialPruned, CandidateFailed):
+        except optuna.TrialPruned:
+            raise
+        except CandidateFailed as err:
+            _fail(trial, err.reason, start)
             raise
         except Exception as err:
             if is_out_of_memory(err):
@@ -231,29 +356,65 @@ def make_objective(
             _fail(trial, f"{type(err).__name__}: {err}", start)  # a bug: the run stops
             raise
 
-    def run_trial(trial: optuna.Trial, start: float) -> tuple[float, int]:
+    def new_candidate(trial: optuna.Trial) -> Candidate:
         try:
             candidate = sample(
                 space, trial, in_channels, out_channels, space.study.seed + trial.number
             )
         except ValidationError as err:
-            reason = f"invalid combination: {err.errors()[0]['msg'].removeprefix('Value error, ')}"
-            _fail(trial, reason, start)
-            raise CandidateFailed(reason) from None
+            message = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise CandidateFailed(f"invalid combination: {message}") from None
         too_large = check_fits(candidate.unet, candidate.train, in_channels, memory_limit)
         if too_large:
-            _fail(trial, too_large, start)
             raise CandidateFailed(too_large)
+        trial.set_user_attr("lineage", trial.number)
+        return candidate
+
+    def continued_candidate(
+        trial: optuna.Trial, number: int
+    ) -> tuple[Candidate, TrainingState, FrozenTrial]:
+        parent = _parent(trial, number)
+        earlier = _claimed_before(trial, number)
+        if earlier is not None:
+            raise CandidateFailed(f"trial {earlier} already continues trial {number}")
+        with contextlib.suppress(ValidationError):  # the parameters, for the tables
+            sample(space, trial, in_channels, out_channels, space.study.seed + trial.number)
+        attrs = parent.user_attrs
+        candidate = Candidate(
+            UNetConfig.from_dict(attrs["unet_config"]), TrainConfig(**attrs["train_config"])
+        )
+        try:
+            state = load_state(checkpoint_path(study_dir, number), device)
+        except (OSError, RuntimeError, KeyError) as err:
+            reason = f"cannot continue trial {number}: its state is lost ({err})"
+            raise CandidateFailed(reason) from err
+        for epoch, value in parent.intermediate_values.items():  # one curve across rungs
+            trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
+        return candidate, state, parent
+
+    def run_trial(trial: optuna.Trial, start: float) -> tuple[float, int]:
+        continues = trial.user_attrs.get("continues")
+        parent, until = None, top
+        if continues is None:
+            candidate, state, own = new_candidate(trial), None, trial.number
+        else:
+            candidate, state, parent = continued_candidate(trial, int(continues))
+            own = lineage(parent)
+            if state.epoch >= top:  # trained longer than the top rung: one rung more
+                until = state.epoch * schedule.eta
         model = init_model(candidate.unet, candidate.train.seed)
         n_params = count_parameters(model)
         two_d = candidate.unet.spatial_dims == 2
         patch = candidate.train.patch_size_2d if two_d else candidate.train.patch_size_3d
         macs = count_macs(model, in_channels, patch)
+        del model
         trial.set_user_attr("unet_config", candidate.unet.to_dict())
         trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
         trial.set_user_attr("n_params", n_params)
         trial.set_user_attr("macs", macs)
         trial.set_user_attr("summary", summary(candidate.unet, n_params))
+        trial.set_user_attr("rungs", list(schedule.rungs))
+        steps_per_epoch = candidate.train.batches_per_epoch
 
         def note(state: str, **outcome) -> None:
             outcome |= {"state": state, "device": str(device)}
@@ -261,61 +422,74 @@ def make_objective(
             text = trial_note(trial.number, candidate.unet, n_params, macs, patch, outcome)
             save_note(trial, text)
 
-        train_losses: list[float] = []
-        epoch_seconds: list[float] = []
-        curve: dict[int, float] = {}
+        history = parent.user_attrs if parent is not None else {}
+        train_losses: list[float] = list(history.get("train_loss", []))
+        epoch_seconds: list[float] = list(history.get("epoch_seconds", []))
+        curve: dict[int, float] = dict(parent.intermediate_values) if parent else {}
+        pruned: list[str] = []
+        spent = {"steps": 0, "seconds": 0.0}
 
-        def on_epoch(result: EpochResult) -> None:
+        def on_epoch(result: EpochResult) -> bool:
+            """Record the epoch; answer whether training goes on."""
             train_losses.append(result.train_loss)
             epoch_seconds.append(round(result.train_seconds, 3))
+            spent["steps"] += steps_per_epoch
+            spent["seconds"] += result.train_seconds
             trial.set_user_attr("train_loss", train_losses)
             trial.set_user_attr("epoch_seconds", epoch_seconds)
+            trial.set_user_attr("steps", spent["steps"])
+            trial.set_user_attr("train_seconds", round(spent["seconds"], 3))
             # Trial.report refuses multi-objective studies; the storage still keeps the curve,
-            # which is what optuna-dashboard draws and the pruner compares.
+            # which is what optuna-dashboard draws and the schedule and pruner compare.
             trial.storage.set_trial_intermediate_value(
                 trial._trial_id, result.epoch, result.scores.iou
             )
             curve[result.epoch] = result.scores.iou
+            trial.set_user_attr("epochs_run", result.epoch)
             peers = trial.study.get_trials(deepcopy=False)
+            if result.epoch in schedule.rungs[:-1]:
+                return promote_now(peers, result)
             best = best_up_to(curve, result.epoch)
             if dominated_at_epoch(
                 space.study.pruner, peers, trial.number, n_params, result.epoch, best
             ):
-                _record_scores(trial, result.scores, result.epoch, start)
-                reason = f"stopped at epoch {result.epoch}: dominated by smaller networks"
-                note("PRUNED", val_iou=result.scores.iou, val_dice=result.scores.dice,
-                     epochs_run=result.epoch, reason=reason)  # fmt: skip
-                raise optuna.TrialPruned(f"dominated at epoch {result.epoch}")
+                pruned.append(f"stopped at epoch {result.epoch}: dominated by smaller networks")
+                return False
+            return True
 
-        try:
-            result = fit(
-                model,
-                train_cases,
-                val_cases,
-                n_classes,
-                candidate.train,
-                device,
-                on_epoch,
-                slicing,
-            )
-        except CandidateFailed as err:
-            _fail(trial, err.reason, start)
-            note("FAIL", reason=err.reason)
-            raise
+        def promote_now(peers: Sequence[FrozenTrial], result: EpochResult) -> bool:
+            """At a rung: go on while in its top 1/eta and the budget affords the next rung."""
+            rung = schedule.rungs.index(result.epoch)
+            if not in_top(rung_members(peers, result.epoch), schedule.eta, own):
+                return False
+            steps = (schedule.rungs[rung + 1] - result.epoch) * steps_per_epoch
+            speed = spent["seconds"] / spent["steps"]
+            return schedule.budget().affords(spending(peers), steps, speed)
+
+        outcome = train_candidate(candidate, data, device, until, state, on_epoch)
+        result = outcome.fit
+        reached = outcome.state.epoch
         # The scores first: whatever fails after training, they stay with the trial.
-        _record_scores(trial, result.scores, len(result.history), start)
+        _record_scores(trial, result.scores, reached, start)
         trial.set_user_attr("stopped_by_time", result.stopped_by_time)
+        trial.set_user_attr("fidelity_steps", reached * steps_per_epoch)
+        if pruned:
+            note("PRUNED", val_iou=result.scores.iou, val_dice=result.scores.dice,
+                 epochs_run=reached, reason=pruned[0])  # fmt: skip
+            raise optuna.TrialPruned(pruned[0])
         try:
-            weights = save_checkpoint(study_dir, trial.number, model.state_dict())
+            weights = save_checkpoint(study_dir, trial.number, outcome.state.weights)
+            if not result.stopped_by_time:  # may be promoted, or trained longer, later
+                save_state(weights, outcome.state)
         except OSError as err:  # a full disk, a lost mount: a front member needs its weights
             reason = f"trained, but its weights could not be saved ({err.strerror or err})"
-            _fail(trial, reason, start)
             note("FAIL", reason=reason, val_iou=result.scores.iou)
             raise CandidateFailed(reason) from err
         title = f"trial {trial.number}, IoU {result.scores.iou:.3f}"
         try:
             overlay = overlay_path(study_dir, trial.number)
-            write_overlay(model, shown_case, patch, device, slicing.axis, overlay, title)
+            write_overlay(outcome.model, shown_case, patch, device, data.slicing.axis, overlay,
+                          title)  # fmt: skip
             upload(trial, study_dir, overlay)
             if not _dominated(trial.study, result.scores.iou, n_params):
                 # On the front now: the only moment its weights can still join the trial (a
@@ -326,7 +500,7 @@ def make_objective(
                 raise
             trial.set_user_attr("artifact_error", f"{type(err).__name__}: {err}")
         note("COMPLETE", val_iou=result.scores.iou, val_dice=result.scores.dice,
-             epochs_run=len(result.history))  # fmt: skip
+             epochs_run=reached)  # fmt: skip
         return result.scores.iou, n_params
 
     return objective

@@ -1,10 +1,13 @@
 """Train one candidate network and report validation scores after every epoch.
 
 A plain loop: sample a batch, forward, Dice+CE loss, backward, step. The device is chosen once
-(cuda, then mps, then cpu); AMP and channels-last are used only on CUDA. The learning rate
-decays polynomially over the trial's budget, whichever of epochs or seconds runs out first.
-A candidate that runs out of memory or diverges raises `CandidateFailed`. Knows nothing of
-Optuna: the caller sees each epoch through `on_epoch`.
+(cuda, then mps, then cpu); AMP and channels-last are used only on CUDA. Training can run in
+segments (the rungs of a multi-fidelity search): `fit` continues from a given epoch and
+optimizer state, and the learning rate decays polynomially over each segment, whichever of
+its epochs or seconds runs out first (warm restarts, as in SGDR), so the weights at the end of
+every segment are annealed. A candidate that runs out of memory or diverges raises
+`CandidateFailed`. Knows nothing of Optuna: the caller sees each epoch through `on_epoch`,
+whose answer False stops training there.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class TrainConfig:
     batches_per_epoch: training batches between two validations.
     batch_size_2d / patch_size_2d: slices per batch and in-plane slice crop, for 2D networks.
     batch_size_3d / patch_size_3d: patches per batch and patch size (X, Y, Z), for 3D networks.
+        A search space may leave these four to `auto`; nas.patch_plan turns that into sizes
+        before any trial, so a TrainConfig never holds it.
     foreground_fraction: share of samples centred on a foreground voxel.
     augment: flips, intensity scaling by up to +-intensity_scale and in-plane rotations by up
         to +-rotation_deg.
@@ -60,6 +65,19 @@ class TrainConfig:
     weight_decay: float = Field(1e-4, ge=0.0)
     max_seconds: float | None = Field(None, gt=0.0)
     seed: int = 0
+
+    @field_validator(
+        "batch_size_2d", "batch_size_3d", "patch_size_2d", "patch_size_3d", mode="before"
+    )
+    @classmethod
+    def _refuse_auto(cls, value: object, info: ValidationInfo) -> object:
+        # The trainer must see the sizes it trains with; "auto" belongs to the search space.
+        if isinstance(value, str) and value == "auto":
+            raise ValueError(
+                f"{info.field_name} is 'auto': plan it from the dataset first "
+                "(nas.patch_plan.plan_patches)"
+            )
+        return value
 
     @field_validator("patch_size_2d", "patch_size_3d")
     @classmethod
@@ -93,9 +111,11 @@ class EpochResult:
 @dataclass(frozen=True)
 class FitResult:
     scores: Scores  # after the last epoch
-    history: tuple[EpochResult, ...]
+    history: tuple[EpochResult, ...]  # this call's epochs
     seconds: float
     stopped_by_time: bool
+    optimizer_state: dict  # to continue training from the last epoch
+    steps: int  # optimiser steps taken in this call
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -194,16 +214,28 @@ def fit(
     n_classes: int,
     cfg: TrainConfig,
     device: torch.device,
-    on_epoch: Callable[[EpochResult], None] | None = None,
+    on_epoch: Callable[[EpochResult], bool | None] | None = None,
     slicing: Slicing | None = None,
+    start_epoch: int = 0,
+    until_epoch: int | None = None,
+    optimizer_state: dict | None = None,
 ) -> FitResult:
     """Train `model` in place and validate on whole cases after every epoch.
 
     slicing: the slice axis (and slice budget) 2D networks train and predict with.
+    start_epoch, until_epoch: the segment to train, epochs start_epoch + 1 .. until_epoch
+        (default: all of cfg.epochs); a continued segment passes the optimizer state the
+        previous one returned. `cfg.max_seconds` caps each segment.
+    on_epoch: called after each epoch's validation; returning False stops training there.
     """
     slicing = slicing or Slicing()
     spatial_dims = model.config.spatial_dims
-    torch.manual_seed(cfg.seed)
+    until_epoch = cfg.epochs if until_epoch is None else until_epoch
+    if not 0 <= start_epoch < until_epoch:
+        raise ValueError(f"no epochs to train from {start_epoch} until {until_epoch}")
+    # Each segment draws its own batches, reproducibly.
+    seed = cfg.seed + 7919 * start_epoch
+    torch.manual_seed(seed)
     model = prepare_model(model, spatial_dims, device)
     patch_size = cfg.patch_size_2d if spatial_dims == 2 else cfg.patch_size_3d
     sampler = PatchSampler(
@@ -212,12 +244,14 @@ def fit(
         cfg.batch_size_2d if spatial_dims == 2 else cfg.batch_size_3d,
         cfg.foreground_fraction,
         cfg.augment,
-        cfg.seed,
+        seed,
         slicing,
         cfg.rotation_deg,
         cfg.intensity_scale,
     )
     optimizer = make_optimizer(model, cfg)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     loss_fn = DiceCELoss()
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     memory_format = (
@@ -225,20 +259,20 @@ def fit(
         if device.type == "cuda"
         else torch.contiguous_format
     )
-    total_steps = cfg.epochs * cfg.batches_per_epoch
+    total_steps = (until_epoch - start_epoch) * cfg.batches_per_epoch
     history: list[EpochResult] = []
     start = time.perf_counter()
     stopped_by_time = False
+    steps_taken = 0
     try:
         model.train()
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch + 1, until_epoch + 1):
             loss_sum = torch.zeros((), device=device)
             steps = 0
             epoch_start = time.perf_counter()
             for _ in range(cfg.batches_per_epoch):
                 elapsed = time.perf_counter() - start
-                progress = (epoch - 1) * cfg.batches_per_epoch + steps
-                fraction = progress / total_steps
+                fraction = steps_taken / total_steps
                 if cfg.max_seconds is not None:
                     if elapsed >= cfg.max_seconds:
                         stopped_by_time = True
@@ -251,6 +285,7 @@ def fit(
                 labels = labels.to(device, non_blocking=True)
                 loss_sum += train_step(model, optimizer, loss_fn, images, labels, scaler)
                 steps += 1
+                steps_taken += 1
             if steps == 0:
                 break
             train_loss = float(loss_sum) / steps  # waits for the device: timing is complete
@@ -265,8 +300,8 @@ def fit(
                 epoch, train_loss, scores, train_seconds, time.perf_counter() - start
             )
             history.append(result)
-            if on_epoch is not None:
-                on_epoch(result)
+            if on_epoch is not None and on_epoch(result) is False:
+                break
             if stopped_by_time:
                 break
     except Exception as err:
@@ -279,5 +314,10 @@ def fit(
     if not history:
         raise CandidateFailed("the time budget ended before the first training step")
     return FitResult(
-        history[-1].scores, tuple(history), time.perf_counter() - start, stopped_by_time
+        history[-1].scores,
+        tuple(history),
+        time.perf_counter() - start,
+        stopped_by_time,
+        optimizer.state_dict(),
+        steps_taken,
     )

@@ -130,7 +130,7 @@ def test_default_space_is_valid_and_covers_the_builder():
         "anisotropic_stages",
     ):
         assert name in space.search, name
-    assert space.study.sampler == "nsga2"
+    assert space.study.sampler == "tpe"
 
 
 def _sample_many(space, n=40):
@@ -183,3 +183,49 @@ def test_variants_give_one_field_different_ranges(tmp_path):
         else:
             assert candidate.unet.kernel_size in (3, 5) and "kernel_size#2" in trial.params
         assert 0.001 <= candidate.train.learning_rate <= 0.01
+
+
+def test_the_default_sampler_models_every_searched_parameter(monkeypatch):
+    """TPE (multivariate, grouped) draws no parameter on its own once its startup trials have
+    shown every parameter: the `when` ones (3D kernels, deeper skips) are modelled too."""
+    from nas.study import make_sampler
+
+    space = load_space("search_spaces/unet.yaml")
+    assert space.study.sampler == "tpe"
+    planned = {"batch_size_2d": 16, "patch_size_2d": (64, 64), "batch_size_3d": 2,
+               "patch_size_3d": (32, 32, 32)}  # fmt: skip  # what `auto` plans from data
+    space = space.model_copy(update={"train": {**space.train, **planned}})
+    independent: list[tuple[int, str]] = []
+    original = optuna.samplers.TPESampler.sample_independent
+
+    def spy(self, study, trial, name, distribution):
+        independent.append((trial.number, name))
+        return original(self, study, trial, name, distribution)
+
+    monkeypatch.setattr(optuna.samplers.TPESampler, "sample_independent", spy)
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=make_sampler(space.study, 0)
+    )
+    names_by_trial = []
+
+    def objective(trial):
+        candidate = sample(space, trial, 1, 1, trial.number)
+        names_by_trial.append(set(trial.params))
+        depth, dims = candidate.unet.depth, candidate.unet.spatial_dims
+        return 0.5 + 0.01 * depth - 0.05 * dims, candidate.unet.base_channels * depth
+
+    startup = space.study.startup_trials
+    study.optimize(objective, n_trials=startup + 10)
+    first_seen: dict[str, int] = {}
+    for number, names in enumerate(names_by_trial):
+        for name in names:
+            first_seen.setdefault(name, number)
+    fields = {name.split("#")[0] for name in first_seen}
+    assert {"spatial_dims", "depth", "base_channels", "learning_rate"} <= fields
+    assert {"kernel_size#1", "base_channels#2", "anisotropic_stages", "skips_2"} <= set(first_seen)
+    all_seen = max(startup - 1, *first_seen.values())
+    assert all_seen < startup + 5, "too few trials left to check"
+    constant = {n for t in study.trials for n, d in t.distributions.items() if d.single()}
+    later = [(n, name) for n, name in independent if n > all_seen and name not in constant]
+    assert later == []
+    assert any(n < startup for n, _ in independent)  # the spy does see independent draws

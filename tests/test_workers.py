@@ -77,9 +77,20 @@ def _check_accounted_for(study: optuna.Study, n_trials: int, results: Path) -> N
     settled = [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
     assert len(settled) >= n_trials  # every requested trial ran to an end
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    # No trial ran twice: every finished trial has its own sampled learning rate.
-    rates = [t.params["learning_rate"] for t in done]
+    # No candidate ran twice: every new one has its own sampled learning rate, and every
+    # promoted one (8 epochs: rungs at 3 and 8) was continued by one trial, from its own rung.
+    new = [t for t in done if "continues" not in t.user_attrs]
+    rates = [t.params["learning_rate"] for t in new]
     assert len(rates) == len(set(rates))
+    continued = [t.user_attrs["continues"] for t in done if "continues" in t.user_attrs]
+    assert len(continued) == len(set(continued))
+    by_number = {t.number: t for t in trials}
+    for trial in done:
+        if "continues" in trial.user_attrs:
+            parent = by_number[trial.user_attrs["continues"]]
+            assert trial.params == parent.params
+            assert min(trial.intermediate_values) == 1  # the parent's curve, continued
+            assert parent.user_attrs["epochs_run"] == 3 < trial.user_attrs["epochs_run"]
     table = pd.read_csv(results / "pareto.csv")
     assert sorted(table.number) == sorted(t.number for t in pareto_front(study))
 

@@ -41,6 +41,8 @@ class DataConfig:
     n_folds, fold, split_seed: seeded k-fold split by case; or splits_file: an nnU-Net
         splits_final.json, whose entry `fold` is used.
     cache_dir: where preprocessed arrays are kept (default: $NAS_CACHE_DIR or ~/.cache/nas).
+    test: a folder holding imagesTs/ and labelsTs/, scored after the search and never used
+        in it (default: those folders inside `path`, when both are there).
     """
 
     path: Path = DEFAULT_SYNTHETIC_PATH
@@ -57,6 +59,7 @@ class DataConfig:
     split_seed: int = 0
     splits_file: Path | None = None
     cache_dir: Path | None = None
+    test: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -82,8 +85,13 @@ class DataConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable, with absolute paths (so it can be used from any directory)."""
+        """JSON-serialisable, with absolute paths (so it can be used from any directory).
+
+        `test` is left out: the held-out cases play no part in the search, so a study may be
+        resumed with another test folder or none (nas.heldout rescores when the files change).
+        """
         values = dataclasses.asdict(self)
+        del values["test"]
         for key in ("path", "splits_file", "cache_dir"):
             if values[key] is not None:
                 values[key] = str(Path(values[key]).resolve())

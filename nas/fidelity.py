@@ -1,0 +1,310 @@
+"""Who trains next and for how long: asynchronous successive halving over a planned budget.
+
+Every candidate first trains to the lowest rung (a few epochs). At each rung the candidates
+that reached it are ranked by non-dominated sorting on (validation IoU, parameters), ties
+within a front broken by crowding distance, as in MO-ASHA (Schmucker et al. 2021): a
+candidate in the top 1/eta of its rung is promoted, continues from its own state (weights,
+optimizer, epoch) to the next rung, and so on up to `train.epochs`, the top rung. A candidate
+that reaches a rung while it is in the top continues in the same trial; one that climbs into
+the top later, as worse candidates arrive, is continued by a new trial. Ranking by sorting
+rather than by IoU alone keeps a small network with a modest IoU climbing if nothing smaller
+beats it.
+
+The budget: total optimiser steps (`study.budget`), or, with only a timeout, the steps the
+remaining time allows at the speed measured so far. Successive halving spends about the same
+on every rung, so new candidates may use 1 / (1 + K (1 - 1/eta)) of it (K rungs above the
+lowest) and the rest is kept for promotions; when no more new candidates may start, the best
+candidates still below the top rung are promoted while the budget lasts, so a search never ends
+with its best candidates at the lowest fidelity. Budget left then goes to the best candidates
+at the top rung that are still learning (IoU up by MIN_GAIN over their last rung): each may
+train eta times longer again, so the front's best end trained to convergence for their size.
+
+Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
+nas/study.py (`lineage`, `continues`, `epochs_run`, `steps`, `train_seconds`, `n_params`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FidelityConfig(BaseModel):
+    """type: asha (multi-fidelity), or none to train every candidate for `train.epochs`.
+    min_epochs: the lowest rung; eta: a rung promotes 1/eta of its candidates, each rung
+    trains eta times longer than the one below it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["asha", "none"] = "asha"
+    min_epochs: int = Field(2, ge=1)
+    eta: int = Field(3, ge=2, le=10)
+
+
+def rung_epochs(cfg: FidelityConfig, max_epochs: int) -> tuple[int, ...]:
+    """The epochs at which candidates are compared: max_epochs / eta^k for k = K .. 0, the
+    lowest at least `min_epochs` (anchored at the top, as Hyperband does)."""
+    if cfg.type == "none" or cfg.min_epochs >= max_epochs:
+        return (max_epochs,)
+    levels = int(math.floor(math.log(max_epochs / cfg.min_epochs) / math.log(cfg.eta) + 1e-9))
+    rungs = {
+        max(cfg.min_epochs, round(max_epochs / cfg.eta ** (levels - k))) for k in range(levels + 1)
+    }
+    return tuple(sorted(rungs))
+
+
+def new_candidate_share(rungs: Sequence[int], eta: int) -> float:
+    """The share of a budget successive halving spends on the lowest rung."""
+    return 1.0 / (1.0 + (len(rungs) - 1) * (1.0 - 1.0 / eta))
+
+
+# The rise in validation IoU over its last rung below which a candidate at the top rung or
+# beyond counts as converged and is not trained longer.
+MIN_GAIN = 0.005
+
+
+@dataclass(frozen=True)
+class Member:
+    number: int  # the trial holding this candidate's latest state
+    lineage: int  # the trial the candidate started in
+    n_params: int
+    iou: float  # validation IoU at the rung
+
+
+def lineage(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get("lineage", trial.number))
+
+
+def lineage_attrs(trial: FrozenTrial) -> dict[str, int]:
+    """The attributes a rerun of `trial` (after an interrupt or a lost worker) carries, so
+    that a continuation is rerun as a continuation."""
+    return {k: int(trial.user_attrs[k]) for k in ("continues", "lineage") if k in trial.user_attrs}
+
+
+def continued(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Trials whose state another trial continues (or is about to)."""
+    return {int(t.user_attrs["continues"]) for t in trials if "continues" in t.user_attrs}
+
+
+def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
+    """One member per candidate that reached `epoch`, from the latest trial of its lineage."""
+    members: dict[int, Member] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        if trial.state not in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED):
+            continue
+        iou = trial.intermediate_values.get(epoch)
+        if iou is None or "n_params" not in trial.user_attrs:
+            continue
+        root = lineage(trial)
+        members[root] = Member(trial.number, root, int(trial.user_attrs["n_params"]), iou)
+    return list(members.values())
+
+
+def rank(members: Sequence[Member]) -> list[Member]:
+    """Best first: non-dominated fronts on (max IoU, min params), each by crowding distance."""
+    left = list(members)
+    ranked: list[Member] = []
+    while left:
+        front = [
+            m for m in left
+            if not any(
+                o.iou >= m.iou and o.n_params <= m.n_params
+                and (o.iou > m.iou or o.n_params < m.n_params)
+                for o in left
+            )
+        ]  # fmt: skip
+        distance = _crowding(front)
+        ranked += sorted(front, key=lambda m: (-distance[m.lineage], -m.iou, m.n_params))
+        left = [m for m in left if m not in front]
+    return ranked
+
+
+def _crowding(front: Sequence[Member]) -> dict[int, float]:
+    distance = {m.lineage: 0.0 for m in front}
+    for key in (lambda m: m.iou, lambda m: math.log(max(m.n_params, 1))):
+        ordered = sorted(front, key=key)
+        span = key(ordered[-1]) - key(ordered[0])
+        distance[ordered[0].lineage] = distance[ordered[-1].lineage] = math.inf
+        for before, member, after in zip(ordered, ordered[1:], ordered[2:], strict=False):
+            if span > 0:
+                distance[member.lineage] += (key(after) - key(before)) / span
+    return distance
+
+
+def in_top(members: Sequence[Member], eta: int, root: int) -> bool:
+    """Whether the candidate started in trial `root` is among the top 1/eta of `members`."""
+    top = rank(members)[: len(members) // eta]
+    return any(m.lineage == root for m in top)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    number: int  # the trial to continue
+    rung: int  # from this rung's epoch
+    to_epoch: int
+
+
+def promotions(
+    trials: Sequence[FrozenTrial],
+    rungs: Sequence[int],
+    eta: int,
+    endgame: bool,
+    budgeted: bool = True,
+) -> list[Promotion]:
+    """Stopped candidates due to continue, highest rung first.
+
+    A candidate is due when it stopped at a rung below the top and is now in that rung's top
+    1/eta. In the endgame (no new candidate may start) the best-ranked stopped candidate of
+    each rung is due too: while the budget lasts, or, with no budget (`budgeted` False), only
+    until one candidate of that rung went higher.
+    """
+    taken = continued(trials)
+    by_number = {t.number: t for t in trials}
+    due: list[Promotion] = []
+    for index in reversed(range(len(rungs) - 1)):
+        epoch = rungs[index]
+        members = rung_members(trials, epoch)
+
+        def stopped_here(member: Member, epoch: int = epoch) -> bool:
+            trial = by_number[member.number]
+            return (
+                trial.state == TrialState.COMPLETE
+                and trial.user_attrs.get("epochs_run") == epoch
+                and not trial.user_attrs.get("stopped_by_time")
+                and trial.number not in taken
+            )
+
+        ranked = rank(members)
+        top = ranked[: len(members) // eta]
+        due += [Promotion(m.number, epoch, rungs[index + 1]) for m in top if stopped_here(m)]
+        went_higher = any(rungs[index + 1] in by_number[m.number].intermediate_values
+                          for m in members)  # fmt: skip
+        if endgame and not due and (budgeted or not went_higher):
+            waiting = [m for m in ranked if stopped_here(m)]
+            if waiting:
+                due.append(Promotion(waiting[0].number, epoch, rungs[index + 1]))
+    return (extensions(trials, rungs, eta) if endgame and budgeted else []) + due
+
+
+def extensions(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> list[Promotion]:
+    """Candidates at the top rung or beyond that are still learning, best-ranked first: each
+    may train eta times longer (another rung above the top) while a budget lasts, so that
+    the best candidates end trained to convergence for their size. Still learning: its IoU
+    rose by at least MIN_GAIN over its last rung."""
+    if len(rungs) == 1:  # one fidelity: every candidate trains train.epochs, no more
+        return []
+    taken = continued(trials)
+    top = rungs[-1]
+    waiting: list[Member] = []
+    for trial in trials:
+        epoch = trial.user_attrs.get("epochs_run")
+        usable = (
+            trial.state == TrialState.COMPLETE
+            and trial.number not in taken
+            and not trial.user_attrs.get("stopped_by_time")
+            and isinstance(epoch, int)
+            and _is_rung_at_or_above(epoch, top, eta)
+            and "n_params" in trial.user_attrs
+        )
+        if not usable:
+            continue
+        if not still_learning(trial, rungs, eta):
+            continue
+        iou = trial.intermediate_values[epoch]
+        waiting.append(Member(trial.number, lineage(trial), int(trial.user_attrs["n_params"]), iou))
+    by_number = {t.number: t for t in trials}
+    return [
+        Promotion(m.number, e, e * eta)
+        for m in rank(waiting)
+        for e in [by_number[m.number].user_attrs["epochs_run"]]
+    ]
+
+
+def still_learning(trial: FrozenTrial, rungs: Sequence[int], eta: int) -> bool:
+    """Whether a candidate that ended at a rung rose by MIN_GAIN over the rung below it."""
+    epoch = trial.user_attrs.get("epochs_run")
+    curve = trial.intermediate_values
+    if epoch not in curve:
+        return False
+    below = rungs[rungs.index(epoch) - 1] if epoch in rungs[1:] else epoch // eta
+    return below not in curve or curve[epoch] - curve[below] >= MIN_GAIN
+
+
+def may_continue(trial: FrozenTrial) -> bool:
+    """Whether the search may still train this completed candidate further: it stopped at a
+    rung below the top, or at the top or beyond while still learning (multi-fidelity only).
+    Its weights and training state are kept while it may."""
+    rungs = trial.user_attrs.get("rungs")
+    epoch = trial.user_attrs.get("epochs_run")
+    if not rungs or len(rungs) == 1 or trial.user_attrs.get("stopped_by_time"):
+        return False
+    if epoch in rungs[:-1]:
+        return True
+    eta = max(2, round(rungs[-1] / rungs[-2]))  # the schedule's eta, as recorded by its rungs
+    return (
+        isinstance(epoch, int)
+        and _is_rung_at_or_above(epoch, rungs[-1], eta)
+        and (still_learning(trial, rungs, eta))
+    )
+
+
+def _is_rung_at_or_above(epoch: int, top: int, eta: int) -> bool:
+    while epoch > top and epoch % eta == 0:
+        epoch //= eta
+    return epoch == top
+
+
+@dataclass(frozen=True)
+class Spending:
+    steps: int  # optimiser steps trained by every trial so far
+    new_steps: int  # of which by candidates at their lowest rung
+    seconds_per_step: float | None  # measured over all trials; None before any
+
+
+def spending(trials: Sequence[FrozenTrial]) -> Spending:
+    steps = new_steps = 0
+    seconds = 0.0
+    for trial in trials:
+        trial_steps = int(trial.user_attrs.get("steps", 0))
+        steps += trial_steps
+        seconds += float(trial.user_attrs.get("train_seconds", 0.0))
+        if "continues" not in trial.user_attrs:
+            new_steps += trial_steps
+    return Spending(steps, new_steps, seconds / steps if steps else None)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a search may spend: total steps and/or the seconds left in this run."""
+
+    steps: int | None
+    seconds_left: float | None
+
+    def total_steps(self, spent: Spending) -> float | None:
+        """The steps the study may reach: the budget, or what the time left allows at the
+        measured speed (None: unlimited, or no speed measured yet)."""
+        limits = []
+        if self.steps is not None:
+            limits.append(float(self.steps))
+        if self.seconds_left is not None and spent.seconds_per_step:
+            limits.append(spent.steps + self.seconds_left / spent.seconds_per_step)
+        return min(limits) if limits else None
+
+    def allows_new(self, spent: Spending, rungs: Sequence[int], eta: int) -> bool:
+        """Whether a new candidate may start: the lowest rung's share is not used up."""
+        total = self.total_steps(spent)
+        return total is None or spent.new_steps < new_candidate_share(rungs, eta) * total
+
+    def affords(self, spent: Spending, steps: int, seconds_per_step: float | None) -> bool:
+        """Whether training `steps` more fits the steps and the time left."""
+        if self.steps is not None and spent.steps + steps > self.steps:
+            return False
+        speed = seconds_per_step or spent.seconds_per_step
+        if self.seconds_left is not None and speed is not None:
+            return steps * speed <= self.seconds_left
+        return True

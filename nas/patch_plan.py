@@ -1,0 +1,274 @@
+"""Plan the training patch and batch sizes a search space leaves to `auto`, as nnU-Net does.
+
+The fingerprint is the median shape of the preprocessed (cropped, resampled) cases and their
+spacing. A 2D patch starts as the median slice, a 3D patch as the median volume; while a
+patch holds more voxels than a step's budget allows at the smallest batch, the axis that is
+longest in millimetres shrinks, so patches tend towards a cube in mm, and the thick-slice
+axis of an anisotropic scan gives way first. Every axis stays a multiple of the deepest
+network's total stride (the sampler and the network pad what the case lacks). The batch then
+fills the budget. The budget is per device type: a GPU affords far more voxels per step than
+a CPU, and whether a given candidate fits in memory is checked per trial by `nas.memory`.
+
+Explicit values in the space win. Only study-level code calls this (before the study opens),
+so the trainer only ever sees concrete sizes; `TrainConfig` refuses `auto`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from nas.builder import UNetConfig
+from nas.data import Dataset
+from nas.errors import NasError
+from nas.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace
+from nas.train import MAX_PATCH_SIZE, TrainConfig
+
+# Voxels per optimiser step (batch x patch voxels), by device type.
+# cpu: what the hand-tuned sizes for the embedded dataset cost (16 slices of 64^2 in 2D,
+#   2 patches of 32^3 in 3D), with which the default search was sized for 2 CPU cores.
+# cuda: what nnU-Net's default plans settle on for an 8 GB GPU: 12 slices of 512^2 (2D),
+#   2 patches of 128^3 (3D). A candidate wider than nnU-Net's U-Net may not fit; check_fits
+#   then fails it as a trial, before it is built.
+# mps: a quarter of cuda: Apple GPUs share the host's memory and have a fraction of the
+#   throughput of a datacenter GPU.
+STEP_VOXELS = {
+    "cpu": {2: 16 * 64**2, 3: 2 * 32**3},
+    "cuda": {2: 12 * 512**2, 3: 2 * 128**3},
+    "mps": {2: 3 * 512**2, 3: 128**3 // 2},
+}
+# nnU-Net's smallest batch (batch statistics and gradient noise need more than one sample),
+# and a ceiling past which a small patch gains nothing from a larger batch but time.
+MIN_BATCH, MAX_BATCH = 2, 64
+AXIS_NAMES = "XYZ"  # RAS voxel axes of a preprocessed case
+SPEC_TYPES = (IntSpec, FloatSpec, CategoricalSpec)
+
+
+@dataclasses.dataclass(frozen=True)
+class DimsPlan:
+    """The patch and batch one kind of network (2D or 3D) trains with.
+
+    patch_size: in-plane (the two axes other than the slice axis) for 2D, (X, Y, Z) for 3D.
+    size_multiple: every planned patch axis is a multiple of this (the deepest planned
+        network's total stride); None where the patch was given.
+    planned: which of patch and batch were planned (the others were given).
+    note: why the plan is for shallower networks than the space can draw, if it is.
+    """
+
+    spatial_dims: int
+    patch_size: tuple[int, ...]
+    batch_size: int
+    size_multiple: int | None
+    planned: tuple[str, ...]
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchPlan:
+    """The fingerprint the sizes were planned from, and the sizes per kind of network."""
+
+    device_type: str
+    n_cases: int
+    median_shape: tuple[int, int, int]  # voxels (X, Y, Z) after crop and resampling
+    spacing_mm: tuple[float, float, float]
+    slice_axis: int
+    dims: tuple[DimsPlan, ...]  # 2D, then 3D; a kind whose patch or batch is searched: none
+
+    def apply(self, space: SearchSpace) -> SearchSpace:
+        """`space` with the planned sizes in place of `auto` (the file's order kept)."""
+        values = {}
+        for plan in self.dims:
+            values[f"patch_size_{plan.spatial_dims}d"] = plan.patch_size
+            values[f"batch_size_{plan.spatial_dims}d"] = plan.batch_size
+        train = {
+            name: values[name] if entry == AUTO else entry for name, entry in space.train.items()
+        }
+        return space.model_copy(update={"train": train})
+
+    def describe(self) -> str:
+        """One line: 'patch plan for cpu from 24 cases of median 64x64x32 voxels at
+        1.5x1.5x3 mm: 2D 16 x 64x64 (slices along Z), 3D 2 x 40x40x16'."""
+        parts = []
+        for plan in self.dims:
+            kind = f"{plan.spatial_dims}D"
+            text = f"{kind} {plan.batch_size} x {_x(plan.patch_size)}"
+            if plan.spatial_dims == 2:
+                text += f" (slices along {AXIS_NAMES[self.slice_axis]})"
+            given = [what for what in ("batch", "patch") if what not in plan.planned]
+            if given:
+                text += f" ({' and '.join(given)} given)"
+            if plan.note:
+                text += f" ({plan.note})"
+            parts.append(text)
+        return (
+            f"patch plan for {self.device_type} from {self.n_cases} cases of median "
+            f"{_x(self.median_shape)} voxels at {_x(self.spacing_mm)} mm: " + ", ".join(parts)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable, for the study's user attrs."""
+        return dataclasses.asdict(self)
+
+
+def plan_patches(space: SearchSpace, dataset: Dataset, device: torch.device | str) -> PatchPlan:
+    """Plan the patch and batch sizes `space` leaves to `auto`, for `dataset` on `device`.
+
+    Sizes are planned for 2D and 3D alike (a TrainConfig holds both), but a dataset too
+    small for the shallowest network the space draws is an error only for the kinds of
+    network the space draws. NasError names the dataset, or the train entry, at fault.
+    """
+    device_type = torch.device(device).type
+    budget = STEP_VOXELS.get(device_type, STEP_VOXELS["cpu"])
+    median_shape = tuple(
+        math.floor(m + 0.5) for m in np.median([case.label.shape for case in dataset.cases], 0)
+    )
+    spacing_mm = tuple(float(s) for s in dataset.plan.target_spacing_mm)
+    slice_axis = space.data.slice_axis
+    drawn_dims = _possible_values(space, "spatial_dims")
+    plans = []
+    for spatial_dims in (2, 3):
+        axes = [a for a in range(3) if a != slice_axis] if spatial_dims == 2 else [0, 1, 2]
+        plan = _plan_dims(
+            space,
+            dataset,
+            spatial_dims,
+            axes,
+            [median_shape[a] for a in axes],
+            [spacing_mm[a] for a in axes],
+            budget[spatial_dims],
+            spatial_dims in drawn_dims,
+        )
+        if plan is not None:
+            plans.append(plan)
+    return PatchPlan(device_type, len(dataset.cases), median_shape, spacing_mm, slice_axis,
+                     tuple(plans))  # fmt: skip
+
+
+def _plan_dims(
+    space: SearchSpace,
+    dataset: Dataset,
+    spatial_dims: int,
+    axes: Sequence[int],
+    median: Sequence[int],
+    spacing_mm: Sequence[float],
+    step_voxels: int,
+    drawn: bool,
+) -> DimsPlan | None:
+    """The plan for one kind of network; None where its patch or batch is searched."""
+    patch_field, batch_field = f"patch_size_{spatial_dims}d", f"batch_size_{spatial_dims}d"
+    defaults = TrainConfig()
+    patch = space.train.get(patch_field, getattr(defaults, patch_field))
+    batch = space.train.get(batch_field, getattr(defaults, batch_field))
+    if _is_searched(patch) or _is_searched(batch):
+        pairs = ((patch_field, patch, batch_field), (batch_field, batch, patch_field))
+        for field, entry, counterpart in pairs:
+            if entry == AUTO:
+                raise NasError(
+                    f"train.{field}",
+                    f"auto is planned from a fixed {counterpart}, which is searched here; "
+                    f"give {field} a value too",
+                )
+        return None
+    planned = []
+    multiple, note = None, None
+    if patch == AUTO:
+        depth, note = _deepest_fitting_depth(space, dataset, spatial_dims, axes, median, drawn)
+        multiple = 2 ** (depth - 1)
+        per_sample = step_voxels // (MIN_BATCH if batch == AUTO else batch)
+        patch = _fit_patch(median, spacing_mm, multiple, per_sample, MAX_PATCH_SIZE[spatial_dims])
+        planned.append("patch")
+    if batch == AUTO:
+        # A given patch larger than the budget still trains with the smallest batch.
+        batch = min(max(step_voxels // math.prod(patch), MIN_BATCH), MAX_BATCH)
+        planned.append("batch")
+    return DimsPlan(spatial_dims, tuple(patch), batch, multiple, tuple(planned), note)
+
+
+def _deepest_fitting_depth(
+    space: SearchSpace,
+    dataset: Dataset,
+    spatial_dims: int,
+    axes: Sequence[int],
+    median: Sequence[int],
+    drawn: bool,
+) -> tuple[int, str | None]:
+    """The deepest network (of those the space draws) whose total stride, 2**(depth-1) per
+    axis, leaves the median case at least one voxel on every axis; and a note if deeper
+    ones are drawn. A network deeper than that pads the patch to its stride."""
+    depths = _possible_values(space, "depth", spatial_dims)
+    smallest = min(median)
+    axis = axes[list(median).index(smallest)]
+    fitting = [d for d in depths if 2 ** (d - 1) <= smallest]
+    if not fitting and drawn:
+        shallowest = min(depths)
+        raise NasError(
+            dataset.root,
+            f"the median case is {smallest} voxels along axis {axis} "
+            f"({AXIS_NAMES[axis]}), but the shallowest {spatial_dims}D network the search "
+            f"space draws (depth {shallowest}) downsamples it {2 ** (shallowest - 1)}-fold; "
+            f"allow a smaller depth or give patch_size_{spatial_dims}d explicitly",
+        )
+    deepest = max(fitting, default=1)
+    if deepest >= max(depths):
+        return deepest, None
+    return deepest, (
+        f"planned for depth <= {deepest}: axis {AXIS_NAMES[axis]} is {smallest} voxels, "
+        "too few for deeper networks, which pad it"
+    )
+
+
+def _fit_patch(
+    median: Sequence[int],
+    spacing_mm: Sequence[float],
+    multiple: int,
+    max_voxels: int,
+    max_size: int,
+) -> list[int]:
+    """The median shape rounded up to `multiple` (each axis capped at `max_size`), shrunk
+    one `multiple` at a time along the axis longest in mm (then the largest relative to the
+    median) until it holds at most `max_voxels`, or every axis is down to `multiple`."""
+    cap = max(multiple, max_size // multiple * multiple)
+    patch = [min(-(-size // multiple) * multiple, cap) for size in median]
+    while math.prod(patch) > max_voxels:
+        shrinkable = [a for a in range(len(patch)) if patch[a] > multiple]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda a: (patch[a] * spacing_mm[a], patch[a] / median[a]))
+        patch[axis] -= multiple
+    return patch
+
+
+def _is_searched(entry: Any) -> bool:
+    """A parsed entry drawn per trial (a tuple of specs), not a fixed value."""
+    return isinstance(entry, tuple) and bool(entry) and isinstance(entry[0], SPEC_TYPES)
+
+
+def _possible_values(space: SearchSpace, field: str, spatial_dims: int | None = None) -> set[Any]:
+    """Every value of a builder field the space can draw (for `spatial_dims`, if given: specs
+    whose `when` excludes it are skipped)."""
+    entry = space.search.get(field, getattr(UNetConfig(), field))
+    if not _is_searched(entry):
+        return {entry}
+    values: set[Any] = set()
+    for spec in entry:
+        allowed = (spec.when or {}).get("spatial_dims")
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        if spatial_dims is not None and None not in allowed and spatial_dims not in allowed:
+            continue
+        if isinstance(spec, IntSpec):
+            values |= set(range(spec.low, spec.high + 1, spec.step))
+        elif isinstance(spec, CategoricalSpec):
+            values |= set(spec.choices)
+    if any(spec.when for spec in entry):  # where no spec applies, the field keeps its default
+        default = next((s.default for s in entry if s.default is not None), None)
+        values.add(default if default is not None else getattr(UNetConfig(), field))
+    return values
+
+
+def _x(values: Sequence[float]) -> str:
+    return "x".join(f"{v:g}" for v in values)

@@ -1,0 +1,202 @@
+"""Multi-fidelity: rungs, ranking by non-dominated sorting, promotions, the budget split; and
+a tiny search whose candidates are promoted and continue from their own state."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from nas.builder import UNetConfig
+from nas.candidate import TrainingData, load_state, save_state, train_candidate
+from nas.data import Slicing
+from nas.fidelity import (
+    Budget,
+    FidelityConfig,
+    Member,
+    extensions,
+    new_candidate_share,
+    promotions,
+    rank,
+    rung_epochs,
+    spending,
+)
+from nas.results import checkpoint_path, save_checkpoint, state_path
+from nas.space import Candidate
+from nas.train import TrainConfig
+
+from .conftest import run_cli, tiny_space_yaml
+
+CPU = torch.device("cpu")
+
+
+def test_rungs_are_anchored_at_the_top_and_grow_by_eta():
+    assert rung_epochs(FidelityConfig(min_epochs=2, eta=3), 24) == (3, 8, 24)
+    assert rung_epochs(FidelityConfig(min_epochs=1, eta=2), 8) == (1, 2, 4, 8)
+    assert rung_epochs(FidelityConfig(min_epochs=2, eta=3), 2) == (2,)
+    assert rung_epochs(FidelityConfig(type="none"), 24) == (24,)
+    # Successive halving spends about as much on each rung: 3 rungs, eta 3 -> 3/7 on new ones.
+    assert new_candidate_share((3, 8, 24), 3) == pytest.approx(3 / 7)
+
+
+def test_ranking_keeps_a_small_network_with_a_modest_iou_near_the_top():
+    members = [
+        Member(0, 0, 1_000_000, 0.80),
+        Member(1, 1, 900_000, 0.70),  # dominated by 2
+        Member(2, 2, 50_000, 0.75),
+        Member(3, 3, 2_000, 0.40),  # the smallest: on the first front
+        Member(4, 4, 800_000, 0.30),  # dominated
+    ]
+    ranked = [m.number for m in rank(members)]
+    assert set(ranked[:3]) == {0, 2, 3}
+    assert ranked.index(1) < ranked.index(4)
+
+
+def _trial(number, params, iou_by_epoch, epochs_run, state=TrialState.COMPLETE, **attrs):
+    curve = dict(iou_by_epoch)
+    values = [curve[max(curve)], params] if state == TrialState.COMPLETE else None
+    trial = create_trial(
+        state=state,
+        values=values,
+        params={"lr": 0.01},
+        distributions={"lr": FloatDistribution(0.001, 0.1)},
+        user_attrs={"n_params": params, "epochs_run": epochs_run, "lineage": number,
+                    "train_config": {"batches_per_epoch": 10}, **attrs},
+        intermediate_values=curve,
+    )  # fmt: skip
+    trial.number = number
+    return trial
+
+
+def test_the_top_third_of_a_rung_is_promoted_once():
+    rungs = (2, 6, 18)
+    trials = [_trial(n, 1000 * (n + 1), {2: 0.1 * n}, 2) for n in range(6)]
+    # Same parameters at increasing size would all be on one front: make sizes equal.
+    trials = [_trial(n, 1000, {2: 0.1 * n}, 2) for n in range(6)]
+    due = promotions(trials, rungs, eta=3, endgame=False)
+    assert [(p.number, p.rung, p.to_epoch) for p in due] == [(5, 2, 6), (4, 2, 6)]
+    # Once trial 7 continues 5, only 4 is due; once 4 is also continued, none.
+    running = _trial(7, 1000, {2: 0.5, 3: 0.6}, 3, TrialState.RUNNING, continues=5, lineage=5)
+    assert [p.number for p in promotions([*trials, running], rungs, 3, False)] == [4]
+    fewer = trials[:2]  # fewer than eta at the rung: nothing due unless in the endgame
+    assert promotions(fewer, rungs, 3, endgame=False) == []
+    assert [p.number for p in promotions(fewer, rungs, 3, endgame=True)] == [1]
+    # With no budget, the endgame promotes a rung's best only until one went higher.
+    went = _trial(8, 1000, {2: 0.1, 6: 0.2}, 6, continues=0, lineage=0)
+    two = (2, 6)
+    assert promotions([*fewer, went], two, 3, endgame=True, budgeted=False) == []
+    # With a budget, first the top rung's candidate that is still learning (0.1 -> 0.2) may
+    # train eta times longer, then rung 2's best continues.
+    due = promotions([*fewer, went], two, 3, endgame=True)
+    assert [(p.number, p.to_epoch) for p in due] == [(8, 18), (1, 6)]
+    converged = _trial(9, 1000, {2: 0.1, 6: 0.102}, 6, continues=1, lineage=1)
+    assert extensions([went, converged], two, 3)[0].number == 8
+    assert [p.number for p in extensions([converged], two, 3)] == []
+
+
+def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit():
+    trials = [_trial(n, 1000, {2: 0.5}, 2, steps=20, train_seconds=2.0) for n in range(3)]
+    spent = spending(trials)
+    assert (spent.steps, spent.new_steps, spent.seconds_per_step) == (60, 60, 0.1)
+    rungs = (2, 6, 18)
+    assert Budget(steps=1000, seconds_left=None).allows_new(spent, rungs, 3)
+    assert not Budget(steps=100, seconds_left=None).allows_new(spent, rungs, 3)
+    # With only a deadline, the budget is what the time left allows at the measured speed.
+    assert Budget(None, seconds_left=100.0).total_steps(spent) == pytest.approx(60 + 1000)
+    assert Budget(None, seconds_left=10.0).affords(spent, 40, 0.2) is True
+    assert Budget(None, seconds_left=10.0).affords(spent, 60, 0.2) is False
+    assert Budget(100, None).affords(spent, 50, None) is False
+
+
+def test_a_continued_segment_starts_from_the_saved_state(tmp_path, tiny_cases):
+    unet = UNetConfig(spatial_dims=2, depth=2, base_channels=4)
+    train = TrainConfig(epochs=4, batches_per_epoch=2, batch_size_2d=2, patch_size_2d=(32, 32))
+    data = TrainingData(tiny_cases[:4], tiny_cases[4:], 1, Slicing())
+    first = train_candidate(Candidate(unet, train), data, CPU, until_epoch=2)
+    assert [e.epoch for e in first.fit.history] == [1, 2] and first.state.epoch == 2
+    weights = save_checkpoint(tmp_path, 0, first.state.weights)
+    save_state(weights, first.state)
+    state = load_state(weights, CPU)
+    assert state.epoch == 2
+    assert state.optimizer["state"]  # Adam's moments, not a fresh optimizer
+    second = train_candidate(Candidate(unet, train), data, CPU, until_epoch=4, state=state)
+    assert [e.epoch for e in second.fit.history] == [3, 4]
+    assert second.fit.steps == 4
+    # Stopping is the caller's decision: answering False ends the segment there.
+    stopped = train_candidate(Candidate(unet, train), data, CPU, 4, state, lambda r: False)
+    assert [e.epoch for e in stopped.fit.history] == [3]
+
+
+@pytest.mark.slow
+def test_a_search_promotes_candidates_that_continue_their_own_training(tmp_path, tiny_dataset):
+    space = tiny_space_yaml(tiny_dataset, n_trials=4, extra="  fidelity: {min_epochs: 1, eta: 3}\n")
+    space = space.replace("\n  epochs: 2", "\n  epochs: 3")
+    space = space.replace("batches_per_epoch: 3", "batches_per_epoch: 2")
+    (tmp_path / "space.yaml").write_text(space)
+    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rungs at epochs 1, 3" in result.stdout
+    study = optuna.load_study(
+        study_name="tiny", storage=f"sqlite:///{tmp_path / 'results/tiny/study.db'}"
+    )
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    new = [t for t in trials if "continues" not in t.user_attrs]
+    assert len(new) == 4
+    top = [t for t in trials if t.user_attrs["epochs_run"] == 3]
+    assert top, "no candidate reached the top rung"
+    assert all(t.user_attrs["epochs_run"] in (1, 3) for t in trials)
+    by_number = {t.number: t for t in study.trials}
+    for trial in trials:
+        if "continues" in trial.user_attrs:  # continued from its parent's state, not retrained
+            parent = by_number[trial.user_attrs["continues"]]
+            assert trial.params == parent.params
+            assert trial.user_attrs["unet_config"] == parent.user_attrs["unet_config"]
+            assert sorted(trial.intermediate_values) == [1, 2, 3]
+            assert trial.intermediate_values[1] == parent.intermediate_values[1]
+            assert trial.user_attrs["steps"] == 2 * 2  # epochs 2 and 3 only
+    results = tmp_path / "results" / "tiny"
+    front = pd.read_csv(results / "pareto.csv")
+    continued = {t.user_attrs["continues"] for t in trials if "continues" in t.user_attrs}
+    assert not continued & set(front.number)  # each candidate at the fidelity it reached
+    for number in continued:  # superseded: neither weights nor state are kept
+        assert not checkpoint_path(results, number).exists()
+        assert not state_path(checkpoint_path(results, number)).exists()
+    for trial in top:  # a budget could still train these longer: their state is kept
+        if trial.number not in continued:
+            assert state_path(checkpoint_path(results, trial.number)).exists()
+
+
+def test_a_budget_smaller_than_one_rung_is_refused(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
+    result = run_cli("nas.run", "space.yaml", "--budget", "5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--budget: a budget of 5 optimiser steps is less than one candidate's lowest rung" in (
+        result.stderr
+    )
+    assert not (tmp_path / "results" / "tiny" / "study.db").exists()
+
+
+def test_an_interrupted_continuation_is_rerun_as_a_continuation(tmp_path):
+    from nas.space import StudySection
+    from nas.study import INTERRUPTED, open_study
+
+    cfg = StudySection(name="s", sampler="random")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(cfg, storage)
+    parent = _trial(0, 1000, {1: 0.5}, 1)
+    study.add_trial(parent)
+    interrupted = create_trial(
+        state=TrialState.FAIL,
+        params={"lr": 0.01},
+        distributions={"lr": FloatDistribution(0.001, 0.1)},
+        user_attrs={"continues": 0, "lineage": 0, "fail_reason": INTERRUPTED},
+    )
+    study.add_trial(interrupted)
+    again = open_study(cfg, storage)  # the next run
+    waiting = again.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1
+    assert waiting[0].user_attrs == {"retry_of": 1, "continues": 0, "lineage": 0}
