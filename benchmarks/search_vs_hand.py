@@ -1,0 +1,474 @@
+"""Search vs hand-designed networks: is a search worth its budget?
+
+On a real MRI task, Dataset902_MNIWM (white matter on disjoint coronal slabs of the MNI152
+template, each with its own bias field, gamma and noise; 10 training cases, 3 held out in
+imagesTs/labelsTs; 2D networks slice along axis 1), on this machine, one arm after another,
+for a budget of B seconds:
+  (a) search: `python -m nas.run` with search_spaces/unet.yaml's search, train and study
+      sections and the MNI data, `--timeout B --seed S`; its Pareto front, chosen on
+      validation, scored on the held-out cases (nas.heldout);
+  (b) hand networks trained by nas's own trainer with the search's protocol (same cases,
+      split, patch and batch plan, augmentation, loss, schedule; the searched learning rate
+      at the geometric middle of its range), each for B/4 and for B seconds: an nnU-Net-like
+      2D plan (6 stages, 32 to 512 channels, instance norm, leaky ReLU, 2 convolutions of 3 per
+      stage, about 20.6 M parameters) and a small plain U-Net (4 stages from 8 channels,
+      growth 2, about 121 k parameters); scored on the held-out cases by the same function.
+
+Targets, each checked per seed, holding when it holds for a majority of seeds:
+  (1) the front dominates every hand network trained for B/4: for each, some front member
+      has at least its held-out IoU with at most its parameters;
+  (2) the front's best held-out IoU is at least the best hand network's trained for B;
+  (3) a front member within 0.01 of the front's best held-out IoU has at most 1/100 of the
+      nnU-Net-like plan's parameters.
+
+Hand results are cached in benchmarks/search_vs_hand_cache.json per arm, seed, budget, code
+version (a hash of the trainer, builder, evaluation, loss, data, patch-plan and scoring code),
+configs, dataset and machine, so a rerun redoes only the search.
+
+    python benchmarks/search_vs_hand.py [--dataset data/Dataset902_MNIWM]
+        [--budget-seconds 960] [--seeds 0 1 2] [--workdir DIR] [--cache FILE]
+        [--only-search | --only-hand] [--device auto]
+
+Build the dataset first (see /work/shared/data/make_mni_wm.py, or its docstring):
+    pip download --no-deps nilearn -d data/nilearn_whl
+    (cd data/nilearn_whl && unzip -q -o nilearn-*.whl 'nilearn/datasets/data/*')
+    python make_mni_wm.py --nilearn-data data/nilearn_whl/nilearn/datasets/data \\
+        --out data/Dataset902_MNIWM
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from nas.builder import UNetConfig, count_parameters
+from nas.data import Case, Dataset, load_dataset, split_dataset
+from nas.exported import Inference, ModelCard, describe_data
+from nas.heldout import TestSplit, find_test_split, score_model, score_trials
+from nas.report import hypervolume, normalised_size
+from nas.results import pareto_front, write_results
+from nas.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
+from nas.train import CandidateFailed, TrainConfig, fit, init_model, pick_device
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path(__file__).with_name("search_vs_hand_cache.json")
+STUDY_NAME = "mniwm"
+# The code a hand network's result depends on: a change to any of it reruns the hand arms.
+CODE_FILES = (
+    "nas/train.py", "nas/builder.py", "nas/evaluate.py", "nas/losses.py", "nas/patch_plan.py",
+    "nas/heldout.py", "nas/predict.py", "nas/exported.py",
+)  # fmt: skip
+HAND_NETWORKS = {
+    "nnU-Net-like 2D": UNetConfig(
+        spatial_dims=2,
+        depth=6,
+        base_channels=32,
+        channel_growth=2.0,
+        max_channels=512,
+        kernel_size=3,
+        convs_per_stage=2,
+        norm="instance",
+        activation="leaky_relu",
+    ),
+    "small U-Net": UNetConfig(spatial_dims=2, depth=4, base_channels=8, channel_growth=2.0),
+}
+NNUNET_LIKE = "nnU-Net-like 2D"
+WITHIN_BEST = 0.01  # target (3): how close to the front's best held-out IoU counts
+SIZE_RATIO = 100  # target (3): how much smaller than the nnU-Net-like plan
+HYPERVOLUME_BOUNDS = (2.0, 8.0)  # log10 params: 100 to 100 M, the same for every seed
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+SPECS = (IntSpec, FloatSpec, CategoricalSpec)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One network of an arm: its size and scores (None where training failed)."""
+
+    arm: str
+    n_params: int
+    val_iou: float | None
+    test_iou: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The data every arm works on, loaded once: the same cases, split and test split."""
+
+    space: SearchSpace
+    dataset: Dataset
+    train_cases: list[Case]
+    val_cases: list[Case]
+    split: TestSplit
+    version: str  # of dataset.json, manifest.json and splits_final.json
+
+
+def load_task(space_path: Path) -> Task:
+    space = load_space(space_path)
+    dataset = load_dataset(space.data)  # preprocessed once, outside every arm's budget
+    train_cases, val_cases = split_dataset(dataset, space.data)
+    split = find_test_split(space.data, dataset)
+    if split is None:
+        raise SystemExit(f"{space.data.path} has no imagesTs/ + labelsTs/ to score on")
+    digest = hashlib.sha256()
+    for name in ("dataset.json", "manifest.json", "splits_final.json"):
+        if (dataset.root / name).is_file():
+            digest.update((dataset.root / name).read_bytes())
+    return Task(space, dataset, train_cases, val_cases, split, digest.hexdigest()[:16])
+
+
+# --- the search arm --------------------------------------------------------------------
+
+
+def write_space(dataset: Path, path: Path) -> Path:
+    """search_spaces/unet.yaml with the MNI data in place of its data section."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "unet.yaml").read_text())
+    data: dict[str, Any] = {"path": str(dataset), "slice_axis": 1}
+    if (dataset / "splits_final.json").is_file():
+        data |= {"splits_file": str(dataset / "splits_final.json"), "fold": 0}
+    space["data"] = data
+    space["study"] = {**space.get("study", {}), "name": STUDY_NAME}
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def run_search(space_path: Path, results: Path, budget: float, seed: int) -> float:
+    """A fresh search of `budget` seconds; its wall-clock seconds (it may overrun a little)."""
+    shutil.rmtree(results, ignore_errors=True)  # a new study, not a continued one
+    results.mkdir(parents=True)
+    command = [
+        sys.executable, "-m", "nas.run", str(space_path), "--timeout", str(budget),
+        "--seed", str(seed), "--results-dir", str(results),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    with open(results / "run.log", "w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = (results / "run.log").read_text().splitlines()[-5:]
+        raise SystemExit(f"the search failed ({done.returncode}):\n" + "\n".join(tail))
+    return time.perf_counter() - start
+
+
+def front_points(task: Task, results: Path, device: torch.device) -> list[Point]:
+    """The front from pareto.csv, with held-out scores; where nas.run did not score them
+    (a version without nas.heldout wired in), they are scored here from the checkpoints."""
+    study_dir = results / STUDY_NAME
+    pareto = pd.read_csv(study_dir / "pareto.csv")
+    if "test_iou" not in pareto or pareto.test_iou.isna().any():
+        study = _study(study_dir)
+        score_trials(study, study_dir, pareto_front(study), task.split, device)
+        write_results(study, study_dir)
+        pareto = pd.read_csv(study_dir / "pareto.csv")
+    return [
+        Point("search front", int(row.n_params), float(row.val_iou), _number(row.test_iou))
+        for row in pareto.itertuples()
+    ]
+
+
+def _study(study_dir: Path) -> optuna.Study:
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def hypervolume_over_time(results: Path, budget: float) -> list[float]:
+    """Hypervolume (validation IoU vs log10 params in HYPERVOLUME_BOUNDS) of the trials
+    completed by each fraction of the budget, and at the end (a trial may finish after B)."""
+    study = _study(results / STUDY_NAME)
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return [0.0 for _ in (*FRACTIONS, None)]
+    start = min(t.datetime_start for t in trials if t.datetime_start is not None)
+    done = [
+        ((t.datetime_complete - start).total_seconds(), t.values[0], t.values[1])
+        for t in trials
+        if t.state == TrialState.COMPLETE
+    ]
+    return [
+        hypervolume(
+            [
+                (iou, normalised_size(n, HYPERVOLUME_BOUNDS))
+                for s, iou, n in done
+                if f is None or s <= f * budget
+            ]
+        )
+        for f in (*FRACTIONS, None)
+    ]
+
+
+# --- the hand arms ---------------------------------------------------------------------
+
+
+def _middle(entry: Any) -> Any:
+    """A searched train entry fixed at the middle of its range (geometric for log ranges);
+    a fixed one as it is. Of several specs (each with a `when`), the 2D one."""
+    is_searched = isinstance(entry, tuple) and entry and isinstance(entry[0], SPECS)
+    if not is_searched:
+        return entry
+    spec = next((s for s in entry if (s.when or {}).get("spatial_dims") in (None, 2)), entry[0])
+    if hasattr(spec, "choices"):
+        return spec.choices[0]
+    middle = math.sqrt(spec.low * spec.high) if spec.log else (spec.low + spec.high) / 2
+    return round(middle) if isinstance(spec.low, int) else middle
+
+
+def hand_train_config(task: Task, device: torch.device, seconds: float, seed: int) -> TrainConfig:
+    """The search's training protocol, with only time as the limit."""
+    space = task.space
+    if AUTO in space.train.values():  # the sizes the search plans for itself
+        from nas.patch_plan import plan_patches
+
+        space = plan_patches(space, task.dataset, device).apply(space)
+    fields = {name: _middle(entry) for name, entry in space.train.items()}
+    fields |= {"epochs": 100_000, "max_seconds": seconds, "seed": seed}
+    return TrainConfig(**fields)
+
+
+def code_version() -> str:
+    digest = hashlib.sha256()
+    files = [ROOT / f for f in CODE_FILES] + sorted((ROOT / "nas" / "data").glob("*.py"))
+    for path in files:
+        if path.is_file():
+            digest.update(path.relative_to(ROOT).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def machine(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return f"{device.type}:{name or platform.machine()}:{os.cpu_count()} cpus"
+
+
+def train_hand(
+    name: str, unet: UNetConfig, cfg: TrainConfig, task: Task, device: torch.device
+) -> dict[str, Any]:
+    """Train one hand network as `cfg` says and score it on the held-out cases."""
+    model = init_model(unet, cfg.seed)
+    record = {"arm": name, "n_params": count_parameters(model), "val_iou": None, "test_iou": None}
+    try:
+        result = fit(model, task.train_cases, task.val_cases, task.dataset.n_classes, cfg, device,
+                     slicing=task.space.data.slicing)  # fmt: skip
+    except CandidateFailed as err:
+        return record | {"fail_reason": err.reason}
+    data = describe_data(task.dataset)
+    card = ModelCard(
+        architecture=unet.to_dict(),
+        preprocessing=data["preprocessing"],
+        inference=Inference(
+            spatial_dims=2,
+            slice_axis=task.space.data.slice_axis,
+            patch_size=cfg.patch_size_2d,
+            size_multiple=model.size_multiple,
+            output="sigmoid" if unet.out_channels == 1 else "softmax",
+        ),
+        labels=data["labels"],
+        source={"benchmark": "search_vs_hand", "arm": name, "seed": cfg.seed},
+    )
+    scores = score_model(model, card, task.split, device)
+    return record | {
+        "val_iou": result.scores.iou,
+        "test_iou": scores.iou,
+        "test_dice": scores.dice,
+        "epochs": len(result.history),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def hand_points(
+    task: Task, budget: float, seed: int, device: torch.device, cache_path: Path, train: bool
+) -> dict[str, Point]:
+    """Every hand network for B/4 and B seconds: from the cache where it holds them, else
+    trained now (with `train`) and added to it."""
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    n_classes = task.dataset.n_classes
+    points = {}
+    for name, unet in HAND_NETWORKS.items():
+        unet = dataclasses.replace(
+            unet,
+            in_channels=task.dataset.in_channels,
+            out_channels=1 if n_classes == 1 else n_classes + 1,
+        )
+        for share, label in ((0.25, "B/4"), (1.0, "B")):
+            cfg = hand_train_config(task, device, budget * share, seed)
+            key_fields = {
+                "arm": name, "budget_seconds": budget, "code": code_version(),
+                "unet": unet.to_dict(), "train": dataclasses.asdict(cfg),
+                "data": task.version, "machine": machine(device),
+            }  # fmt: skip
+            key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+            if key not in cache:
+                if not train:
+                    continue
+                print(f"  training {name} for {cfg.max_seconds:g} s (seed {seed})", flush=True)
+                cache[key] = {"key": key_fields, **train_hand(name, unet, cfg, task, device)}
+                done = cache[key]
+                print(f"    {done.get('steps', 0)} steps in {done.get('seconds', '?')} s, val IoU "
+                      f"{_fmt(done['val_iou'])}, held-out IoU {_fmt(done['test_iou'])}"
+                      + (f" ({done['fail_reason']})" if "fail_reason" in done else ""))  # fmt: skip
+                cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+            entry = cache[key]
+            points[f"{name}, {label}"] = Point(
+                f"{name}, {label}", entry["n_params"], entry["val_iou"], entry["test_iou"]
+            )
+    return points
+
+
+# --- the comparison --------------------------------------------------------------------
+
+
+def targets(front: list[Point], hand: dict[str, Point]) -> dict[str, bool]:
+    """Whether each target holds for one seed (a failed hand network scores 0)."""
+    scored = [p for p in front if p.test_iou is not None]
+    best = max((p.test_iou for p in scored), default=-1.0)
+    quarter = [p for name, p in hand.items() if name.endswith("B/4")]
+    best_hand = max((p.test_iou or 0.0) for name, p in hand.items() if name.endswith(", B"))
+    nnunet_params = hand[f"{NNUNET_LIKE}, B"].n_params
+
+    def dominated(hand_point: Point) -> bool:
+        return any(
+            p.test_iou >= (hand_point.test_iou or 0.0) and p.n_params <= hand_point.n_params
+            for p in scored
+        )
+
+    small_and_close = any(
+        p.test_iou >= best - WITHIN_BEST and p.n_params * SIZE_RATIO <= nnunet_params
+        for p in scored
+    )
+    return {
+        "(1) the front dominates every hand network trained for B/4": all(map(dominated, quarter)),
+        "(2) the front's best held-out IoU >= the best hand network's trained for B": (
+            best >= best_hand
+        ),
+        f"(3) a front member within {WITHIN_BEST} of the front's best held-out IoU has "
+        f"<= 1/{SIZE_RATIO} of the nnU-Net-like plan's params": small_and_close,
+    }
+
+
+def front_rows(front: list[Point]) -> dict[str, Point]:
+    """The front members worth a row: the user's pick (best validation), the best held-out,
+    and the smallest within WITHIN_BEST of that."""
+    scored = [p for p in front if p.test_iou is not None]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda p: p.test_iou)
+    close = min(
+        (p for p in scored if p.test_iou >= best.test_iou - WITHIN_BEST), key=lambda p: p.n_params
+    )
+    return {
+        "front: best validation": max(scored, key=lambda p: (p.val_iou, -p.n_params)),
+        "front: best held-out": best,
+        f"front: smallest within {WITHIN_BEST}": close,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "   -  " if value is None else f"{value:.4f}"
+
+
+def print_table(rows: dict[str, dict[int, Point]], seeds: list[int]) -> None:
+    width = max(len(name) for name in rows) + 2
+    seed_heads = "".join(f"  s{s} params    s{s} held-out  s{s} val" for s in seeds)
+    print(f"{'arm':<{width}}{seed_heads}  | median params  held-out  val IoU")
+    for name, by_seed in rows.items():
+        line = f"{name:<{width}}"
+        for seed in seeds:
+            p = by_seed.get(seed)
+            line += (
+                f"  {p.n_params:>11,}  {_fmt(p.test_iou)}    {_fmt(p.val_iou)}" if p else " " * 34
+            )
+        points = list(by_seed.values())
+        line += (
+            f"  | {statistics.median(p.n_params for p in points):>13,.0f}"
+            f"  {_fmt(_median([p.test_iou for p in points]))}"
+            f"    {_fmt(_median([p.val_iou for p in points]))}"
+        )
+        print(line)
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=Path, default=ROOT / "data" / "Dataset902_MNIWM")
+    parser.add_argument("--budget-seconds", type=float, default=960.0, help="B")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "search_vs_hand")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="hand results")
+    parser.add_argument("--device", default="auto")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--only-search", action="store_true", help="hand results from the cache")
+    only.add_argument("--only-hand", action="store_true", help="no search (and no targets)")
+    args = parser.parse_args()
+    dataset = args.dataset.resolve()
+    if not (dataset / "imagesTs").is_dir():
+        print(f"{dataset}: not found, or without imagesTs/; build it as the docstring says",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    budget = args.budget_seconds
+    device = pick_device(args.device)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    task = load_task(write_space(dataset, workdir / "space.yaml"))
+    print(f"B = {budget:g} s on {machine(device)}; seeds {args.seeds}; code {code_version()}")
+
+    rows: dict[str, dict[int, Point]] = {}
+    verdicts: dict[str, list[bool]] = {}
+    for seed in args.seeds:
+        hand = hand_points(task, budget, seed, device, args.cache, train=not args.only_search)
+        front: list[Point] = []
+        if not args.only_hand:
+            results = workdir / f"seed{seed}_b{budget:g}"
+            print(f"  searching for {budget:g} s (seed {seed})", flush=True)
+            seconds = run_search(workdir / "space.yaml", results, budget, seed)
+            front = front_points(task, results, device)
+            curve = hypervolume_over_time(results, budget)
+            shares = ", ".join(f"{f:.0%} {h:.3f}" for f, h in zip(FRACTIONS, curve, strict=False))
+            shares += f", end {curve[-1]:.3f}"
+            print(f"  seed {seed}: the search took {seconds:.0f} s, front of {len(front)}; "
+                  f"hypervolume by share of B: {shares}")  # fmt: skip
+            for p in front:
+                print(f"    front member {p.n_params:>11,} params  val IoU {_fmt(p.val_iou)}  "
+                      f"held-out IoU {_fmt(p.test_iou)}")  # fmt: skip
+        for name, point in {**front_rows(front), **hand}.items():
+            rows.setdefault(name, {})[seed] = point
+        if front and len(hand) == 2 * len(HAND_NETWORKS):
+            for target, holds in targets(front, hand).items():
+                verdicts.setdefault(target, []).append(holds)
+
+    print()
+    print_table(rows, args.seeds)
+    if verdicts:
+        print()
+        for target, per_seed in verdicts.items():
+            held = sum(per_seed)
+            verdict = "HOLDS" if held * 2 > len(per_seed) else "FAILS"
+            print(f"{target}: {verdict} ({held} of {len(per_seed)} seeds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
