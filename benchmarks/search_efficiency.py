@@ -62,6 +62,10 @@ ARMS = {
 def size_bounds(space_path: Path, n: int = 300) -> tuple[float, float]:
     """log10 of the fewest and most parameters among `n` candidates of the space."""
     space = load_space(space_path)
+    # Patch and batch sizes do not change a network's size: TrainConfig's defaults for `auto`.
+    space = space.model_copy(
+        update={"train": {k: v for k, v in space.train.items() if v != "auto"}}
+    )
     study = optuna.create_study(
         directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
     )
