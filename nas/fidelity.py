@@ -20,7 +20,8 @@ at the top rung that are still learning (IoU up by MIN_GAIN over their last rung
 train eta times longer again, so the front's best end trained to convergence for their size.
 
 Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
-nas/study.py (`lineage`, `continues`, `epochs_run`, `steps`, `train_seconds`, `n_params`).
+nas/study.py (`lineage`, `continues`, `epochs_run`, `steps`, `segment_seconds` (training and
+validation), `n_params`).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def spending(trials: Sequence[FrozenTrial]) -> Spending:
     for trial in trials:
         trial_steps = int(trial.user_attrs.get("steps", 0))
         steps += trial_steps
-        seconds += float(trial.user_attrs.get("train_seconds", 0.0))
+        seconds += float(trial.user_attrs.get("segment_seconds", 0.0))
         if "continues" not in trial.user_attrs:
             new_steps += trial_steps
     return Spending(steps, new_steps, seconds / steps if steps else None)

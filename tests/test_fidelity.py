@@ -98,7 +98,7 @@ def test_the_top_third_of_a_rung_is_promoted_once():
 
 
 def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit():
-    trials = [_trial(n, 1000, {2: 0.5}, 2, steps=20, train_seconds=2.0) for n in range(3)]
+    trials = [_trial(n, 1000, {2: 0.5}, 2, steps=20, segment_seconds=2.0) for n in range(3)]
     spent = spending(trials)
     assert (spent.steps, spent.new_steps, spent.seconds_per_step) == (60, 60, 0.1)
     rungs = (2, 6, 18)
