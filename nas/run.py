@@ -36,6 +36,7 @@ from nas.patch_plan import plan_patches
 from nas.report import publish_curves, write_report
 from nas.results import checkpoint_path, pareto_front, write_results
 from nas.space import (
+    IntSpec,
     SearchSpace,
     StudySection,
     load_space,
@@ -196,6 +197,7 @@ def _run_workers(
     study: optuna.Study,
     study_dir: Path,
     storage: str,
+    device: torch.device,
     test_split: TestSplit | None = None,
 ) -> int:
     """Start `--workers` processes on the study and wait for them; results/ at the end.
@@ -224,7 +226,7 @@ def _run_workers(
                 worker.send_signal(interrupted - 128)
         codes = [worker.wait() for worker in workers]
     if not interrupted:
-        _score_held_out(study, study_dir, test_split, device_option(args.device))
+        _score_held_out(study, study_dir, test_split, device)
     front = _refresh(study, study_dir) or []
     lost = [f"worker {i} exited with {code}" for i, code in enumerate(codes) if code]
     if interrupted:
@@ -272,7 +274,7 @@ def _fewest_batches_per_epoch(space: SearchSpace) -> int:
     entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
     if isinstance(entry, int):
         return entry
-    return min(int(getattr(spec, "low", min(getattr(spec, "choices", [1])))) for spec in entry)
+    return min(spec.low if isinstance(spec, IntSpec) else min(spec.choices) for spec in entry)
 
 
 def _plan_line(schedule: Schedule, space: SearchSpace) -> str:
@@ -365,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
         print(patch_plan.describe(), flush=True)
         print(_plan_line(schedule, space), flush=True)
     if working and args.workers > 1:
-        return _run_workers(args, study, study_dir, storage, test_split)
+        return _run_workers(args, study, study_dir, storage, device, test_split)
     if working:
         data = TrainingData(train_cases, val_cases, dataset.n_classes, space.data.slicing)
         objective = make_objective(space, data, dataset.in_channels, device, study_dir, schedule)

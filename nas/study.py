@@ -236,9 +236,12 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
     return None
 
 
-def enqueue_promotion(study: optuna.Study, schedule: Schedule) -> Promotion | None:
-    """Enqueue the continuation of the stopped candidate most due for promotion, if any."""
-    trials = study.get_trials(deepcopy=False)
+def enqueue_promotion(
+    study: optuna.Study, schedule: Schedule, trials: Sequence[FrozenTrial] | None = None
+) -> Promotion | None:
+    """Enqueue the continuation of the stopped candidate most due for promotion, if any;
+    `trials`: the study's trials when the caller has just read them."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     promotion = _next_promotion(trials, schedule)
     if promotion is not None:
         parent = next(t for t in trials if t.number == promotion.number)
@@ -267,7 +270,8 @@ class StopAtTotal:
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return
-        if enqueue_promotion(study, self.schedule) is None and not self.schedule.allows_new(trials):
+        promoted = enqueue_promotion(study, self.schedule, trials)
+        if promoted is None and not self.schedule.allows_new(trials):
             study.stop()
 
 
