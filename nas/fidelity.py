@@ -11,13 +11,18 @@ rather than by IoU alone keeps a small network with a modest IoU climbing if not
 beats it.
 
 The budget: total optimiser steps (`study.budget`), or, with only a timeout, the steps the
-remaining time allows at the speed measured so far. Successive halving spends about the same
-on every rung, so new candidates may use 1 / (1 + K (1 - 1/eta)) of it (K rungs above the
-lowest) and the rest is kept for promotions; when no more new candidates may start, the best
-candidates still below the top rung are promoted while the budget lasts, so a search never ends
-with its best candidates at the lowest fidelity. Budget left then goes to the best candidates
-at the top rung that are still learning (IoU up by MIN_GAIN over their last rung): each may
-train eta times longer again, so the front's best end trained to convergence for their size.
+remaining time allows at the speed measured so far. FINAL_SHARE of it is kept for the endgame,
+training the best candidates long; successive halving over the rungs gets the rest. It spends
+about the same on every rung, so new candidates may use 1 / (1 + K (1 - 1/eta)) of that (K
+rungs above the lowest) and the rest is kept for promotions. While new candidates may start, a
+promotion may take at most 1/eta of what is left, so that one slow candidate cannot spend the
+search on itself. When no more new candidates may start, the best candidates still below the
+top rung are promoted while the budget lasts, so a search never ends with its best candidates
+at the lowest fidelity. Budget left then goes to the best candidates at the top rung that are
+still learning (IoU up by MIN_GAIN over their last rung): each may train eta times longer
+again; when none of that fits any more, the one with the best IoU trains on for what is left
+(`final_extension`). The front's best end trained to convergence for their size, or for the
+budget.
 
 Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
 nas/study.py (`lineage`, `continues`, `epochs_run`, `steps`, `segment_seconds` (training and
@@ -27,7 +32,7 @@ validation), `n_params`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,6 +69,23 @@ def new_candidate_share(rungs: Sequence[int], eta: int) -> float:
     return 1.0 / (1.0 + (len(rungs) - 1) * (1.0 - 1.0 / eta))
 
 
+def exploration_share(rungs: Sequence[int], eta: int) -> float:
+    """The share of a budget new candidates may use: the lowest rung's share of what successive
+    halving gets (all of it with one fidelity, where nothing is trained longer)."""
+    if len(rungs) == 1:
+        return 1.0
+    return (1.0 - FINAL_SHARE) * new_candidate_share(rungs, eta)
+
+
+# The share of a multi-fidelity budget kept for training the best candidates beyond the top
+# rung. Measured on real MRI (benchmarks/search_vs_hand.py): a search that spent its whole
+# budget on successive halving ended with its best candidate trained for a tenth of the
+# budget, and a hand-made U-Net trained for the whole budget beat it.
+FINAL_SHARE = 0.5
+# A final extension shorter than this fraction of what the candidate has trained is not
+# worth its restart of the learning-rate schedule.
+MIN_FINAL_GROWTH = 0.5
+
 # The rise in validation IoU over its last rung below which a candidate at the top rung or
 # beyond counts as converged and is not trained longer.
 MIN_GAIN = 0.005
@@ -84,7 +106,8 @@ def lineage(trial: FrozenTrial) -> int:
 def lineage_attrs(trial: FrozenTrial) -> dict[str, int]:
     """The attributes a rerun of `trial` (after an interrupt or a lost worker) carries, so
     that a continuation is rerun as a continuation."""
-    return {k: int(trial.user_attrs[k]) for k in ("continues", "lineage") if k in trial.user_attrs}
+    keys = ("continues", "lineage", "until")
+    return {k: int(trial.user_attrs[k]) for k in keys if k in trial.user_attrs}
 
 
 def continued(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -148,6 +171,7 @@ class Promotion:
     number: int  # the trial to continue
     rung: int  # from this rung's epoch
     to_epoch: int
+    extends: bool = False  # beyond the top rung: the endgame's training of the best
 
 
 def promotions(
@@ -220,10 +244,31 @@ def extensions(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) ->
         waiting.append(Member(trial.number, lineage(trial), int(trial.user_attrs["n_params"]), iou))
     by_number = {t.number: t for t in trials}
     return [
-        Promotion(m.number, e, e * eta)
+        Promotion(m.number, e, e * eta, extends=True)
         for m in rank(waiting)
         for e in [by_number[m.number].user_attrs["epochs_run"]]
     ]
+
+
+def final_extension(
+    trials: Sequence[FrozenTrial],
+    rungs: Sequence[int],
+    eta: int,
+    affordable_epochs: Callable[[FrozenTrial], int],
+) -> Promotion | None:
+    """The last use of a budget: the still-learning candidate at or beyond the top rung with
+    the best IoU trains on for as many epochs as are left (`affordable_epochs(trial)`), when
+    that is at least MIN_FINAL_GROWTH of what it has trained."""
+    by_number = {t.number: t for t in trials}
+    waiting = sorted(
+        extensions(trials, rungs, eta),
+        key=lambda p: -by_number[p.number].intermediate_values[p.rung],
+    )
+    for promotion in waiting:
+        more = affordable_epochs(by_number[promotion.number])
+        if more >= max(1, MIN_FINAL_GROWTH * promotion.rung):
+            return Promotion(promotion.number, promotion.rung, promotion.rung + more, True)
+    return None
 
 
 def still_learning(trial: FrozenTrial, rungs: Sequence[int], eta: int) -> bool:
@@ -299,13 +344,31 @@ class Budget:
     def allows_new(self, spent: Spending, rungs: Sequence[int], eta: int) -> bool:
         """Whether a new candidate may start: the lowest rung's share is not used up."""
         total = self.total_steps(spent)
-        return total is None or spent.new_steps < new_candidate_share(rungs, eta) * total
+        return total is None or spent.new_steps < exploration_share(rungs, eta) * total
 
-    def affords(self, spent: Spending, steps: int, seconds_per_step: float | None) -> bool:
-        """Whether training `steps` more fits the steps and the time left."""
-        if self.steps is not None and spent.steps + steps > self.steps:
+    def affords(
+        self, spent: Spending, steps: int, seconds_per_step: float | None, share: float = 1.0
+    ) -> bool:
+        """Whether training `steps` more fits `share` of the steps and the time left."""
+        if self.steps is not None and steps > share * (self.steps - spent.steps):
             return False
         speed = seconds_per_step or spent.seconds_per_step
         if self.seconds_left is not None and speed is not None:
-            return steps * speed <= self.seconds_left
+            return steps * speed <= share * self.seconds_left
         return True
+
+    def steps_left(self, spent: Spending, seconds_per_step: float | None) -> float | None:
+        """The steps that fit what is left (None: unlimited), the time kept a margin of
+        TIME_MARGIN as the candidate's measured speed may vary."""
+        limits = []
+        if self.steps is not None:
+            limits.append(float(self.steps - spent.steps))
+        speed = seconds_per_step or spent.seconds_per_step
+        if self.seconds_left is not None and speed:
+            limits.append((1 - TIME_MARGIN) * self.seconds_left / speed)
+        return max(0.0, min(limits)) if limits else None
+
+
+# The share of the time left a final extension leaves unplanned: a candidate's speed varies a
+# little from segment to segment, and the front is still to be scored.
+TIME_MARGIN = 0.05

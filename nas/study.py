@@ -32,6 +32,7 @@ from nas.evaluate import Scores
 from nas.fidelity import (
     Budget,
     Promotion,
+    final_extension,
     in_top,
     lineage,
     lineage_attrs,
@@ -224,6 +225,8 @@ def has_work(trials: Sequence[FrozenTrial], schedule: Schedule) -> bool:
 
 
 def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promotion | None:
+    """The first due promotion that fits the budget: below the top rung, in at most 1/eta of
+    what is left; beyond it (the endgame), eta times longer, or else for all that is left."""
     endgame = not schedule.allows_new(trials)
     budget, spent = schedule.budget(), spending(trials)
     budgeted = budget.steps is not None or budget.seconds_left is not None
@@ -231,9 +234,17 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
     for promotion in promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted):
         trial = by_number[promotion.number]
         steps = (promotion.to_epoch - promotion.rung) * _batches_per_epoch(trial)
-        if budget.affords(spent, steps, _seconds_per_step(trial)):
+        share = 1.0 if promotion.extends else 1.0 / schedule.eta
+        if budget.affords(spent, steps, _seconds_per_step(trial), share):
             return promotion
-    return None
+    if not (endgame and budgeted):
+        return None
+
+    def affordable_epochs(trial: FrozenTrial) -> int:
+        steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
+        return int(steps // _batches_per_epoch(trial))
+
+    return final_extension(trials, schedule.rungs, schedule.eta, affordable_epochs)
 
 
 def enqueue_promotion(
@@ -246,6 +257,8 @@ def enqueue_promotion(
     if promotion is not None:
         parent = next(t for t in trials if t.number == promotion.number)
         attrs = {"continues": parent.number, "lineage": lineage(parent)}
+        if promotion.extends:  # a promotion below the top trains on to the top rung
+            attrs["until"] = promotion.to_epoch
         study.enqueue_trial(parent.params, user_attrs=attrs)
     return promotion
 
@@ -404,7 +417,9 @@ def make_objective(
         else:
             candidate, state, parent = continued_candidate(trial, int(continues))
             own = lineage(parent)
-            if state.epoch >= top:  # trained longer than the top rung: one rung more
+            if "until" in trial.user_attrs:  # trained beyond the top rung, as the schedule says
+                until = int(trial.user_attrs["until"])
+            elif state.epoch >= top:  # (a study from before `until` was recorded)
                 until = state.epoch * schedule.eta
         model = init_model(candidate.unet, candidate.train.seed)
         n_params = count_parameters(model)
@@ -463,13 +478,14 @@ def make_objective(
             return True
 
         def promote_now(peers: Sequence[FrozenTrial], result: EpochResult) -> bool:
-            """At a rung: go on while in its top 1/eta and the budget affords the next rung."""
+            """At a rung: go on while in its top 1/eta and the next rung takes at most 1/eta
+            of the budget left."""
             rung = schedule.rungs.index(result.epoch)
             if not in_top(rung_members(peers, result.epoch), schedule.eta, own):
                 return False
             steps = (schedule.rungs[rung + 1] - result.epoch) * steps_per_epoch
             speed = spent["seconds"] / spent["steps"]
-            return schedule.budget().affords(spending(peers), steps, speed)
+            return schedule.budget().affords(spending(peers), steps, speed, 1.0 / schedule.eta)
 
         outcome = train_candidate(candidate, data, device, until, state, on_epoch)
         result = outcome.fit

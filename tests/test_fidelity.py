@@ -17,7 +17,9 @@ from nas.fidelity import (
     Budget,
     FidelityConfig,
     Member,
+    exploration_share,
     extensions,
+    final_extension,
     new_candidate_share,
     promotions,
     rank,
@@ -40,6 +42,9 @@ def test_rungs_are_anchored_at_the_top_and_grow_by_eta():
     assert rung_epochs(FidelityConfig(type="none"), 24) == (24,)
     # Successive halving spends about as much on each rung: 3 rungs, eta 3 -> 3/7 on new ones.
     assert new_candidate_share((3, 8, 24), 3) == pytest.approx(3 / 7)
+    # Half of a multi-fidelity budget is kept for training the best long; one fidelity: none.
+    assert exploration_share((3, 8, 24), 3) == pytest.approx(3 / 14)
+    assert exploration_share((24,), 3) == 1.0
 
 
 def test_ranking_keeps_a_small_network_with_a_modest_iou_near_the_top():
@@ -109,6 +114,28 @@ def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit()
     assert Budget(None, seconds_left=10.0).affords(spent, 40, 0.2) is True
     assert Budget(None, seconds_left=10.0).affords(spent, 60, 0.2) is False
     assert Budget(100, None).affords(spent, 50, None) is False
+    # A promotion while exploring may take at most a share (1/eta) of what is left.
+    assert Budget(None, seconds_left=30.0).affords(spent, 40, 0.2, share=1 / 3) is True
+    assert Budget(None, seconds_left=30.0).affords(spent, 60, 0.2, share=1 / 3) is False
+    assert Budget(400, None).affords(spent, 120, None, share=1 / 3) is False  # 340 left
+    # What a final extension may use: the steps left, the time left less a margin.
+    assert Budget(400, None).steps_left(spent, None) == 340
+    assert Budget(None, 100.0).steps_left(spent, 0.5) == pytest.approx(190)
+
+
+def test_the_last_of_the_budget_trains_the_best_still_learning_candidate_on():
+    rungs = (2, 6)
+    best = _trial(3, 50_000, {2: 0.5, 6: 0.7}, 6, continues=0, lineage=0)
+    small = _trial(4, 1_000, {2: 0.3, 6: 0.4}, 6, continues=1, lineage=1)
+    converged = _trial(5, 90_000, {2: 0.797, 6: 0.8}, 6, continues=2, lineage=2)
+    trials = [best, small, converged]
+    # The converged one (+0.003) trains no longer; the other two may go eta times longer.
+    assert {p.number for p in extensions(trials, rungs, 3)} == {3, 4}
+    # What is left goes to the best IoU among those still learning, for as long as it fits.
+    fill = final_extension(trials, rungs, 3, lambda trial: 40)
+    assert (fill.number, fill.rung, fill.to_epoch, fill.extends) == (3, 6, 46, True)
+    # Less than half again of what it trained is not worth a restart.
+    assert final_extension(trials, rungs, 3, lambda trial: 2) is None
 
 
 def test_a_continued_segment_starts_from_the_saved_state(tmp_path, tiny_cases):
