@@ -1,10 +1,11 @@
 """Who trains next and for how long: asynchronous successive halving over a planned budget.
 
 Every candidate first trains to the lowest rung (a few epochs). At each rung the candidates
-that reached it are ranked by non-dominated sorting on (validation IoU, parameters), ties
-within a front broken by crowding distance, as in MO-ASHA (Schmucker et al. 2021): a
-candidate in the top 1/eta of its rung is promoted, continues from its own state (weights,
-optimizer, epoch) to the next rung, and so on up to `train.epochs`, the top rung. A candidate
+that reached it are ranked by non-dominated sorting on (validation IoU, parameters, compute
+per step), ties within a front broken by crowding distance, as in MO-ASHA (Schmucker et al.
+2021) with the cost of training on as a third criterion: a candidate in the top 1/eta of its
+rung is promoted, continues from its own state (weights, optimizer, epoch) to the next rung,
+and so on up to `train.epochs`, the top rung. A candidate
 that reaches a rung while it is in the top continues in the same trial; one that climbs into
 the top later, as worse candidates arrive, is continued by a new trial. Ranking by sorting
 rather than by IoU alone keeps a small network with a modest IoU climbing if nothing smaller
@@ -97,6 +98,22 @@ class Member:
     lineage: int  # the trial the candidate started in
     n_params: int
     iou: float  # validation IoU at the rung
+    step_macs: float = 0.0  # the compute of one training step (0: not recorded)
+
+
+def member(trial: FrozenTrial, iou: float) -> Member:
+    attrs = trial.user_attrs
+    return Member(trial.number, lineage(trial), int(attrs["n_params"]), iou, step_macs(trial))
+
+
+def step_macs(trial: FrozenTrial) -> float:
+    """Multiply-accumulates of one training step's forward pass (one patch's times the batch):
+    what a step costs, the same on every machine. A 3D network, or a wide first stage, may
+    cost ten times a 2D network of the same size."""
+    attrs = trial.user_attrs
+    dims = attrs.get("unet_config", {}).get("spatial_dims", 2)
+    batch = attrs.get("train_config", {}).get(f"batch_size_{dims}d", 1)
+    return float(attrs.get("macs", 0)) * batch
 
 
 def lineage(trial: FrozenTrial) -> int:
@@ -124,39 +141,46 @@ def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
         iou = trial.intermediate_values.get(epoch)
         if iou is None or "n_params" not in trial.user_attrs:
             continue
-        root = lineage(trial)
-        members[root] = Member(trial.number, root, int(trial.user_attrs["n_params"]), iou)
+        members[lineage(trial)] = member(trial, iou)
     return list(members.values())
 
 
 def rank(members: Sequence[Member]) -> list[Member]:
-    """Best first: non-dominated fronts on (max IoU, min params), each by crowding distance."""
+    """Best first: non-dominated fronts on (max IoU, min params, min step cost), each by
+    crowding distance. The cost enters because the budget is spent in compute: at equal steps
+    a network costing ten times more per step must beat a cheap one on IoU or size to train
+    on ahead of it."""
     left = list(members)
     ranked: list[Member] = []
     while left:
-        front = [
-            m for m in left
-            if not any(
-                o.iou >= m.iou and o.n_params <= m.n_params
-                and (o.iou > m.iou or o.n_params < m.n_params)
-                for o in left
-            )
-        ]  # fmt: skip
+        front = [m for m in left if not any(_dominates(o, m) for o in left)]
         distance = _crowding(front)
         ranked += sorted(front, key=lambda m: (-distance[m.lineage], -m.iou, m.n_params))
         left = [m for m in left if m not in front]
     return ranked
 
 
+def _dominates(one: Member, other: Member) -> bool:
+    better = (one.iou, -one.n_params, -one.step_macs)
+    worse = (other.iou, -other.n_params, -other.step_macs)
+    return all(b >= w for b, w in zip(better, worse, strict=True)) and better != worse
+
+
 def _crowding(front: Sequence[Member]) -> dict[int, float]:
     distance = {m.lineage: 0.0 for m in front}
-    for key in (lambda m: m.iou, lambda m: math.log(max(m.n_params, 1))):
+    keys = (
+        lambda m: m.iou,
+        lambda m: math.log(max(m.n_params, 1)),
+        lambda m: math.log(max(m.step_macs, 1.0)),
+    )
+    for key in keys:
         ordered = sorted(front, key=key)
         span = key(ordered[-1]) - key(ordered[0])
+        if span == 0:  # all alike on this criterion (costs not recorded): no boundary to keep
+            continue
         distance[ordered[0].lineage] = distance[ordered[-1].lineage] = math.inf
         for before, member, after in zip(ordered, ordered[1:], ordered[2:], strict=False):
-            if span > 0:
-                distance[member.lineage] += (key(after) - key(before)) / span
+            distance[member.lineage] += (key(after) - key(before)) / span
     return distance
 
 
@@ -206,13 +230,14 @@ def promotions(
 
         ranked = rank(members)
         top = ranked[: len(members) // eta]
-        due += [Promotion(m.number, epoch, rungs[index + 1]) for m in top if stopped_here(m)]
+        here = [Promotion(m.number, epoch, rungs[index + 1]) for m in top if stopped_here(m)]
         went_higher = any(rungs[index + 1] in by_number[m.number].intermediate_values
                           for m in members)  # fmt: skip
-        if endgame and not due and (budgeted or not went_higher):
+        if endgame and not here and (budgeted or not went_higher):
             waiting = [m for m in ranked if stopped_here(m)]
             if waiting:
-                due.append(Promotion(waiting[0].number, epoch, rungs[index + 1]))
+                here.append(Promotion(waiting[0].number, epoch, rungs[index + 1]))
+        due += here
     return (extensions(trials, rungs, eta) if endgame and budgeted else []) + due
 
 
@@ -241,7 +266,7 @@ def extensions(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) ->
         if not still_learning(trial, rungs, eta):
             continue
         iou = trial.intermediate_values[epoch]
-        waiting.append(Member(trial.number, lineage(trial), int(trial.user_attrs["n_params"]), iou))
+        waiting.append(member(trial, iou))
     by_number = {t.number: t for t in trials}
     return [
         Promotion(m.number, e, e * eta, extends=True)
@@ -308,7 +333,7 @@ def _is_rung_at_or_above(epoch: int, top: int, eta: int) -> bool:
 @dataclass(frozen=True)
 class Spending:
     steps: int  # optimiser steps trained by every trial so far
-    new_steps: int  # of which by candidates at their lowest rung
+    new_steps: int  # of which by candidates up to their lowest rung
     seconds_per_step: float | None  # measured over all trials; None before any
 
 
@@ -316,12 +341,18 @@ def spending(trials: Sequence[FrozenTrial]) -> Spending:
     steps = new_steps = 0
     seconds = 0.0
     for trial in trials:
-        trial_steps = int(trial.user_attrs.get("steps", 0))
+        attrs = trial.user_attrs
+        trial_steps = int(attrs.get("steps", 0))
         steps += trial_steps
-        seconds += float(trial.user_attrs.get("segment_seconds", 0.0))
-        if "continues" not in trial.user_attrs:
-            new_steps += trial_steps
+        seconds += float(attrs.get("segment_seconds", 0.0))
+        if "continues" not in attrs:  # a new candidate, perhaps promoted on in the same trial
+            lowest = attrs.get("rungs", [math.inf])[0] * batches_per_epoch(trial)
+            new_steps += min(trial_steps, lowest)
     return Spending(steps, new_steps, seconds / steps if steps else None)
+
+
+def batches_per_epoch(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get("train_config", {}).get("batches_per_epoch", 1))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from nas.evaluate import Scores
 from nas.fidelity import (
     Budget,
     Promotion,
+    batches_per_epoch,
     final_extension,
     in_top,
     lineage,
@@ -233,7 +234,7 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
     by_number = {t.number: t for t in trials}
     for promotion in promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted):
         trial = by_number[promotion.number]
-        steps = (promotion.to_epoch - promotion.rung) * _batches_per_epoch(trial)
+        steps = (promotion.to_epoch - promotion.rung) * batches_per_epoch(trial)
         share = 1.0 if promotion.extends else 1.0 / schedule.eta
         if budget.affords(spent, steps, _seconds_per_step(trial), share):
             return promotion
@@ -242,7 +243,7 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
 
     def affordable_epochs(trial: FrozenTrial) -> int:
         steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
-        return int(steps // _batches_per_epoch(trial))
+        return int(steps // batches_per_epoch(trial))
 
     return final_extension(trials, schedule.rungs, schedule.eta, affordable_epochs)
 
@@ -261,10 +262,6 @@ def enqueue_promotion(
             attrs["until"] = promotion.to_epoch
         study.enqueue_trial(parent.params, user_attrs=attrs)
     return promotion
-
-
-def _batches_per_epoch(trial: FrozenTrial) -> int:
-    return int(trial.user_attrs.get("train_config", {}).get("batches_per_epoch", 1))
 
 
 def _seconds_per_step(trial: FrozenTrial) -> float | None:

@@ -60,6 +60,20 @@ def test_ranking_keeps_a_small_network_with_a_modest_iou_near_the_top():
     assert ranked.index(1) < ranked.index(4)
 
 
+def test_ranking_counts_what_a_step_costs():
+    # Equal size, a slightly better IoU at ten times the compute per step (a 3D network, or
+    # 7x7 kernels): neither dominates, where on (IoU, params) alone the cheap one would rank
+    # behind every network of its size with a better IoU.
+    dear = Member(0, 0, 50_000, 0.62, step_macs=1e10)
+    cheap = Member(1, 1, 50_000, 0.60, step_macs=1e9)
+    middling = Member(2, 2, 50_000, 0.61, step_macs=1e10)  # dominated by `dear` alone
+    assert [m.number for m in rank([dear, middling, cheap])] == [0, 1, 2]
+    free = [Member(m.number, m.lineage, m.n_params, m.iou) for m in (dear, middling, cheap)]
+    assert [m.number for m in rank(free)] == [0, 2, 1]
+    # Unrecorded costs (0: a study from before) leave the ranking to IoU and size.
+    assert [m.number for m in rank([Member(3, 3, 10, 0.5), Member(4, 4, 10, 0.4)])] == [3, 4]
+
+
 def _trial(number, params, iou_by_epoch, epochs_run, state=TrialState.COMPLETE, **attrs):
     curve = dict(iou_by_epoch)
     values = [curve[max(curve)], params] if state == TrialState.COMPLETE else None
@@ -121,6 +135,20 @@ def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit()
     # What a final extension may use: the steps left, the time left less a margin.
     assert Budget(400, None).steps_left(spent, None) == 340
     assert Budget(None, 100.0).steps_left(spent, 0.5) == pytest.approx(190)
+
+
+def test_the_endgame_offers_every_rung_and_counts_new_candidates_to_their_lowest_rung():
+    rungs = (2, 6, 18)
+    # A new candidate promoted within its trial to rung 6, and stopped there; two at rung 2.
+    climbed = _trial(0, 9_000, {2: 0.6, 6: 0.7}, 6, steps=60, rungs=list(rungs))
+    waiting = [_trial(n, 1_000 * n, {2: 0.1 * n}, 2, steps=20, rungs=list(rungs)) for n in (1, 2)]
+    trials = [climbed, *waiting]
+    due = promotions(trials, rungs, 3, endgame=True)
+    # Rung 6's best, and rung 2's best waiting one: if the first does not fit, the second may.
+    assert [(p.number, p.to_epoch) for p in due] == [(0, 18), (1, 6)]
+    # The share of new candidates counts what successive halving spends on the lowest rung:
+    # the 40 steps trial 0 trained beyond rung 2 are a promotion's.
+    assert spending(trials).new_steps == 20 + 20 + 20
 
 
 def test_the_last_of_the_budget_trains_the_best_still_learning_candidate_on():
