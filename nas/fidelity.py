@@ -5,11 +5,10 @@ that reached it are ranked by non-dominated sorting on (validation IoU, paramete
 per step), ties within a front broken by crowding distance, as in MO-ASHA (Schmucker et al.
 2021) with the cost of training on as a third criterion: a candidate in the top 1/eta of its
 rung is promoted, continues from its own state (weights, optimizer, epoch) to the next rung,
-and so on up to `train.epochs`, the top rung. A candidate
-that reaches a rung while it is in the top continues in the same trial; one that climbs into
-the top later, as worse candidates arrive, is continued by a new trial. Ranking by sorting
-rather than by IoU alone keeps a small network with a modest IoU climbing if nothing smaller
-beats it.
+and so on up to `train.epochs`, the top rung. A candidate that reaches a rung while it is in
+the top continues in the same trial; one that climbs into the top later, as worse candidates
+arrive, is continued by a new trial. Ranking by sorting rather than by IoU alone keeps a small
+or cheap network with a modest IoU climbing if nothing smaller or cheaper beats it.
 
 The budget: total optimiser steps (`study.budget`), or, with only a timeout, the steps the
 remaining time allows at the speed measured so far. FINAL_SHARE of it is kept for the endgame,
@@ -26,8 +25,8 @@ again; when none of that fits any more, the one with the best IoU trains on for 
 budget.
 
 Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
-nas/study.py (`lineage`, `continues`, `epochs_run`, `steps`, `segment_seconds` (training and
-validation), `n_params`).
+nas/study.py (`lineage`, `continues`, `until`, `epochs_run`, `steps`, `segment_seconds`
+(training and validation), `n_params`, `macs`, `rungs`, `unet_config`, `train_config`).
 """
 
 from __future__ import annotations
@@ -79,9 +78,10 @@ def exploration_share(rungs: Sequence[int], eta: int) -> float:
 
 
 # The share of a multi-fidelity budget kept for training the best candidates beyond the top
-# rung. Measured on real MRI (benchmarks/search_vs_hand.py): a search that spent its whole
-# budget on successive halving ended with its best candidate trained for a tenth of the
-# budget, and a hand-made U-Net trained for the whole budget beat it.
+# rung. On real MRI (benchmarks/search_vs_hand.py, B = 480 s) a search that spent its whole
+# budget on successive halving trained its best for 300 steps, where a hand-made U-Net trained
+# for the budget took 3,980 and beat it. Half kept (with promotions capped at 1/eta of what
+# is left) raised the front's best held-out IoU from 0.767 to 0.814; ranking on cost too, 0.841.
 FINAL_SHARE = 0.5
 # A final extension shorter than this fraction of what the candidate has trained is not
 # worth its restart of the learning-rate schedule.
