@@ -276,20 +276,16 @@ def extensions(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) ->
 
 
 def final_extension(
+    waiting: Sequence[Promotion],
     trials: Sequence[FrozenTrial],
-    rungs: Sequence[int],
-    eta: int,
     affordable_epochs: Callable[[FrozenTrial], int],
 ) -> Promotion | None:
-    """The last use of a budget: the still-learning candidate at or beyond the top rung with
-    the best IoU trains on for as many epochs as are left (`affordable_epochs(trial)`), when
-    that is at least MIN_FINAL_GROWTH of what it has trained."""
+    """The last use of a budget: of the `extensions` waiting, the candidate with the best IoU
+    trains on for as many epochs as are left (`affordable_epochs(trial)`), when that is at
+    least MIN_FINAL_GROWTH of what it has trained."""
     by_number = {t.number: t for t in trials}
-    waiting = sorted(
-        extensions(trials, rungs, eta),
-        key=lambda p: -by_number[p.number].intermediate_values[p.rung],
-    )
-    for promotion in waiting:
+    best_first = sorted(waiting, key=lambda p: -by_number[p.number].intermediate_values[p.rung])
+    for promotion in best_first:
         more = affordable_epochs(by_number[promotion.number])
         if more >= max(1, MIN_FINAL_GROWTH * promotion.rung):
             return Promotion(promotion.number, promotion.rung, promotion.rung + more, True)

@@ -232,7 +232,8 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
     budget, spent = schedule.budget(), spending(trials)
     budgeted = budget.steps is not None or budget.seconds_left is not None
     by_number = {t.number: t for t in trials}
-    for promotion in promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted):
+    due = promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted)
+    for promotion in due:
         trial = by_number[promotion.number]
         steps = (promotion.to_epoch - promotion.rung) * batches_per_epoch(trial)
         share = 1.0 if promotion.extends else 1.0 / schedule.eta
@@ -245,7 +246,7 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
         steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
         return int(steps // batches_per_epoch(trial))
 
-    return final_extension(trials, schedule.rungs, schedule.eta, affordable_epochs)
+    return final_extension([p for p in due if p.extends], trials, affordable_epochs)
 
 
 def enqueue_promotion(

@@ -160,10 +160,11 @@ def test_the_last_of_the_budget_trains_the_best_still_learning_candidate_on():
     # The converged one (+0.003) trains no longer; the other two may go eta times longer.
     assert {p.number for p in extensions(trials, rungs, 3)} == {3, 4}
     # What is left goes to the best IoU among those still learning, for as long as it fits.
-    fill = final_extension(trials, rungs, 3, lambda trial: 40)
+    waiting = extensions(trials, rungs, 3)
+    fill = final_extension(waiting, trials, lambda trial: 40)
     assert (fill.number, fill.rung, fill.to_epoch, fill.extends) == (3, 6, 46, True)
     # Less than half again of what it trained is not worth a restart.
-    assert final_extension(trials, rungs, 3, lambda trial: 2) is None
+    assert final_extension(waiting, trials, lambda trial: 2) is None
 
 
 def test_a_continued_segment_starts_from_the_saved_state(tmp_path, tiny_cases):
