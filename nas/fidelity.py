@@ -18,11 +18,11 @@ rungs above the lowest) and the rest is kept for promotions. While new candidate
 promotion may take at most 1/eta of what is left, so that one slow candidate cannot spend the
 search on itself. When no more new candidates may start, the best candidates still below the
 top rung are promoted while the budget lasts, so a search never ends with its best candidates
-at the lowest fidelity. Budget left then goes to the best candidates at the top rung that are
-still learning (IoU up by MIN_GAIN over their last rung): each may train eta times longer
-again; when none of that fits any more, the one with the best IoU trains on for what is left
-(`final_extension`). The front's best end trained to convergence for their size, or for the
-budget.
+at the lowest fidelity. In the endgame the candidate with the best IoU at the top rung that
+is still learning (IoU up by MIN_GAIN over its last rung) comes first: it trains eta times
+longer again, or, when that no longer fits, for all that is left (`final_extension`); the
+others at the top, then the rungs below, get what it cannot use. The front's best end trained
+to convergence for their size, or for the budget.
 
 Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
 nas/study.py (`lineage`, `continues`, `until`, `epochs_run`, `steps`, `segment_seconds`
@@ -81,7 +81,8 @@ def exploration_share(rungs: Sequence[int], eta: int) -> float:
 # rung. On real MRI (benchmarks/search_vs_hand.py, B = 480 s) a search that spent its whole
 # budget on successive halving trained its best for 300 steps, where a hand-made U-Net trained
 # for the budget took 3,980 and beat it. Half kept (with promotions capped at 1/eta of what
-# is left) raised the front's best held-out IoU from 0.767 to 0.814; ranking on cost too, 0.841.
+# is left) raised the front's best held-out IoU from 0.767 to 0.814; ranking on cost too, 0.841;
+# at B = 960 s, with the share counted in seconds and the best trained on first, 0.856.
 FINAL_SHARE = 0.5
 # A final extension shorter than this fraction of what the candidate has trained is not
 # worth its restart of the learning-rate schedule.
@@ -242,10 +243,12 @@ def promotions(
 
 
 def extensions(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> list[Promotion]:
-    """Candidates at the top rung or beyond that are still learning, best-ranked first: each
+    """Candidates at the top rung or beyond that are still learning, best IoU first: each
     may train eta times longer (another rung above the top) while a budget lasts, so that
     the best candidates end trained to convergence for their size. Still learning: its IoU
-    rose by at least MIN_GAIN over its last rung."""
+    rose by at least MIN_GAIN over its last rung. Beyond the top the ranking is by IoU, not
+    by sorting: on real MRI the smallest network of a front (a boundary, so first by
+    crowding) took 112 s of a 960 s search and got worse, ahead of the best one."""
     if len(rungs) == 1:  # one fidelity: every candidate trains train.epochs, no more
         return []
     taken = continued(trials)
@@ -270,25 +273,21 @@ def extensions(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) ->
     by_number = {t.number: t for t in trials}
     return [
         Promotion(m.number, e, e * eta, extends=True)
-        for m in rank(waiting)
+        for m in sorted(waiting, key=lambda m: -m.iou)
         for e in [by_number[m.number].user_attrs["epochs_run"]]
     ]
 
 
 def final_extension(
-    waiting: Sequence[Promotion],
-    trials: Sequence[FrozenTrial],
-    affordable_epochs: Callable[[FrozenTrial], int],
+    best: Promotion, trial: FrozenTrial, affordable_epochs: Callable[[FrozenTrial], int]
 ) -> Promotion | None:
-    """The last use of a budget: of the `extensions` waiting, the candidate with the best IoU
-    trains on for as many epochs as are left (`affordable_epochs(trial)`), when that is at
-    least MIN_FINAL_GROWTH of what it has trained."""
-    by_number = {t.number: t for t in trials}
-    best_first = sorted(waiting, key=lambda p: -by_number[p.number].intermediate_values[p.rung])
-    for promotion in best_first:
-        more = affordable_epochs(by_number[promotion.number])
-        if more >= max(1, MIN_FINAL_GROWTH * promotion.rung):
-            return Promotion(promotion.number, promotion.rung, promotion.rung + more, True)
+    """The last use of a budget: the best still-learning candidate (`best`, the first of
+    `extensions`, continuing `trial`) trains on for as many epochs as are left
+    (`affordable_epochs(trial)`), when that is at least MIN_FINAL_GROWTH of what it has
+    trained."""
+    more = affordable_epochs(trial)
+    if more >= max(1, MIN_FINAL_GROWTH * best.rung):
+        return Promotion(best.number, best.rung, best.rung + more, True)
     return None
 
 
@@ -330,21 +329,29 @@ def _is_rung_at_or_above(epoch: int, top: int, eta: int) -> bool:
 class Spending:
     steps: int  # optimiser steps trained by every trial so far
     new_steps: int  # of which by candidates up to their lowest rung
-    seconds_per_step: float | None  # measured over all trials; None before any
+    seconds: float = 0.0  # the time those steps took, validation included
+    new_seconds: float = 0.0  # of which by candidates up to their lowest rung
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Measured over all trials; None before any."""
+        return self.seconds / self.steps if self.steps else None
 
 
 def spending(trials: Sequence[FrozenTrial]) -> Spending:
     steps = new_steps = 0
-    seconds = 0.0
+    seconds = new_seconds = 0.0
     for trial in trials:
         attrs = trial.user_attrs
         trial_steps = int(attrs.get("steps", 0))
+        trial_seconds = float(attrs.get("segment_seconds", 0.0))
         steps += trial_steps
-        seconds += float(attrs.get("segment_seconds", 0.0))
-        if "continues" not in attrs:  # a new candidate, perhaps promoted on in the same trial
-            lowest = attrs.get("rungs", [math.inf])[0] * batches_per_epoch(trial)
-            new_steps += min(trial_steps, lowest)
-    return Spending(steps, new_steps, seconds / steps if steps else None)
+        seconds += trial_seconds
+        if "continues" not in attrs and trial_steps:  # new, perhaps promoted in the same trial
+            lowest = min(trial_steps, attrs.get("rungs", [math.inf])[0] * batches_per_epoch(trial))
+            new_steps += lowest
+            new_seconds += trial_seconds * lowest / trial_steps
+    return Spending(steps, new_steps, seconds, new_seconds)
 
 
 def batches_per_epoch(trial: FrozenTrial) -> int:
@@ -369,9 +376,14 @@ class Budget:
         return min(limits) if limits else None
 
     def allows_new(self, spent: Spending, rungs: Sequence[int], eta: int) -> bool:
-        """Whether a new candidate may start: the lowest rung's share is not used up."""
+        """Whether a new candidate may start: the lowest rung's share is not used up, counted
+        in steps when the budget is in steps, else in seconds (a 3D step may cost ten 2D
+        ones: under a deadline the share is of the time)."""
+        share = exploration_share(rungs, eta)
+        if self.steps is None and self.seconds_left is not None:
+            return spent.new_seconds < share * (spent.seconds + self.seconds_left)
         total = self.total_steps(spent)
-        return total is None or spent.new_steps < exploration_share(rungs, eta) * total
+        return total is None or spent.new_steps < share * total
 
     def affords(
         self, spent: Spending, steps: int, seconds_per_step: float | None, share: float = 1.0

@@ -227,26 +227,30 @@ def has_work(trials: Sequence[FrozenTrial], schedule: Schedule) -> bool:
 
 def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promotion | None:
     """The first due promotion that fits the budget: below the top rung, in at most 1/eta of
-    what is left; beyond it (the endgame), eta times longer, or else for all that is left."""
+    what is left. In the endgame the best candidate still learning at the top trains on first:
+    eta times longer, or else for all that is left; the others only once it has converged or
+    nothing it could use is left."""
     endgame = not schedule.allows_new(trials)
     budget, spent = schedule.budget(), spending(trials)
     budgeted = budget.steps is not None or budget.seconds_left is not None
     by_number = {t.number: t for t in trials}
-    due = promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted)
-    for promotion in due:
-        trial = by_number[promotion.number]
-        steps = (promotion.to_epoch - promotion.rung) * batches_per_epoch(trial)
-        share = 1.0 if promotion.extends else 1.0 / schedule.eta
-        if budget.affords(spent, steps, _seconds_per_step(trial), share):
-            return promotion
-    if not (endgame and budgeted):
-        return None
 
     def affordable_epochs(trial: FrozenTrial) -> int:
         steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
         return int(steps // batches_per_epoch(trial))
 
-    return final_extension([p for p in due if p.extends], trials, affordable_epochs)
+    due = promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted)
+    for index, promotion in enumerate(due):
+        trial = by_number[promotion.number]
+        steps = (promotion.to_epoch - promotion.rung) * batches_per_epoch(trial)
+        share = 1.0 if promotion.extends else 1.0 / schedule.eta
+        if budget.affords(spent, steps, _seconds_per_step(trial), share):
+            return promotion
+        if promotion.extends and index == 0:
+            fill = final_extension(promotion, trial, affordable_epochs)
+            if fill is not None:
+                return fill
+    return None
 
 
 def enqueue_promotion(

@@ -28,6 +28,7 @@ from nas.fidelity import (
 )
 from nas.results import checkpoint_path, save_checkpoint, state_path
 from nas.space import Candidate
+from nas.study import Schedule, enqueue_promotion
 from nas.train import TrainConfig
 
 from .conftest import run_cli, tiny_space_yaml
@@ -123,6 +124,13 @@ def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit()
     rungs = (2, 6, 18)
     assert Budget(steps=1000, seconds_left=None).allows_new(spent, rungs, 3)
     assert not Budget(steps=100, seconds_left=None).allows_new(spent, rungs, 3)
+    # With only a deadline, new candidates' share is of the time: 6 s spent of 6 + 20 is
+    # more than 3/14 of it, though 60 steps of the 260 the time allows are not.
+    assert not Budget(None, seconds_left=20.0).allows_new(spent, rungs, 3)
+    assert Budget(None, seconds_left=30.0).allows_new(spent, rungs, 3)
+    slow_new = spending([*trials, _trial(3, 1000, {2: 0.5}, 2, steps=20, segment_seconds=8.0)])
+    assert (slow_new.new_steps, slow_new.new_seconds) == (80, 14.0)
+    assert not Budget(None, seconds_left=30.0).allows_new(slow_new, rungs, 3)
     # With only a deadline, the budget is what the time left allows at the measured speed.
     assert Budget(None, seconds_left=100.0).total_steps(spent) == pytest.approx(60 + 1000)
     assert Budget(None, seconds_left=10.0).affords(spent, 40, 0.2) is True
@@ -157,14 +165,38 @@ def test_the_last_of_the_budget_trains_the_best_still_learning_candidate_on():
     small = _trial(4, 1_000, {2: 0.3, 6: 0.4}, 6, continues=1, lineage=1)
     converged = _trial(5, 90_000, {2: 0.797, 6: 0.8}, 6, continues=2, lineage=2)
     trials = [best, small, converged]
-    # The converged one (+0.003) trains no longer; the other two may go eta times longer.
-    assert {p.number for p in extensions(trials, rungs, 3)} == {3, 4}
-    # What is left goes to the best IoU among those still learning, for as long as it fits.
+    # The converged one (+0.003) trains no longer; the other two may go eta times longer,
+    # the best IoU first (by sorting the smallest would be first: a boundary of the front).
     waiting = extensions(trials, rungs, 3)
-    fill = final_extension(waiting, trials, lambda trial: 40)
+    assert [p.number for p in waiting] == [3, 4]
+    # When eta times longer does not fit, the best trains on for as long as what is left.
+    fill = final_extension(waiting[0], best, lambda trial: 40)
     assert (fill.number, fill.rung, fill.to_epoch, fill.extends) == (3, 6, 46, True)
     # Less than half again of what it trained is not worth a restart.
-    assert final_extension(waiting, trials, lambda trial: 2) is None
+    assert final_extension(waiting[0], best, lambda trial: 2) is None
+
+
+def test_the_endgame_trains_the_best_on_before_the_others():
+    rungs = (2, 6)
+    made = {"steps": 60, "segment_seconds": 6.0, "rungs": list(rungs)}
+    best = _trial(0, 50_000, {2: 0.5, 6: 0.7}, 6, **made)  # eta times longer: 120 steps
+    small = _trial(1, 1_000, {2: 0.3, 6: 0.4}, 6, **made, train_config={"batches_per_epoch": 2})
+    # 100 steps left: eta times longer would fit the smaller one (24 steps), not the best;
+    # yet the best, not the smaller, trains on, for all that is left (10 epochs).
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trials([best, small])
+    promotion = enqueue_promotion(study, Schedule(rungs, 3, n_trials=2, budget_steps=120 + 100))
+    assert (promotion.number, promotion.to_epoch) == (0, 16)
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.user_attrs["continues"], t.user_attrs["until"]) for t in waiting] == [(0, 16)]
+    # With room for eta times longer, the best goes eta times longer; with too little left
+    # for it to grow by half, the smaller one may use what is left.
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trials([best, small])
+    assert enqueue_promotion(study, Schedule(rungs, 3, 2, 120 + 1000)).to_epoch == 18
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trials([best, small])
+    assert enqueue_promotion(study, Schedule(rungs, 3, 2, 120 + 25)).number == 1
 
 
 def test_a_continued_segment_starts_from_the_saved_state(tmp_path, tiny_cases):
