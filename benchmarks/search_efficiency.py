@@ -41,6 +41,7 @@ import yaml
 from optuna.trial import TrialState
 
 from nas import build_unet, count_parameters
+from nas.record import TrialRecord
 from nas.report import hypervolume, normalised_size
 from nas.space import load_space, sample
 
@@ -84,10 +85,11 @@ def curve(study: optuna.Study, budget: float, bounds: tuple[float, float]) -> li
     done = [
         (
             (t.datetime_complete - start).total_seconds(),
-            t.values[0],
-            normalised_size(t.values[1], bounds),
+            r.iou,
+            normalised_size(r.n_params, bounds),
         )
         for t in study.get_trials(states=(TrialState.COMPLETE,))
+        for r in [TrialRecord.of(t)]
     ]
     return [
         hypervolume([(iou, size) for seconds, iou, size in done if seconds <= f * budget])

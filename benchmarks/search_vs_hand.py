@@ -63,6 +63,7 @@ from nas.builder import UNetConfig, count_parameters
 from nas.data import Case, Dataset, load_dataset, split_dataset
 from nas.exported import Inference, ModelCard, describe_data
 from nas.heldout import TestSplit, find_test_split, score_model, score_trials
+from nas.record import TrialRecord
 from nas.report import hypervolume, normalised_size
 from nas.results import pareto_front, write_results
 from nas.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
@@ -200,9 +201,10 @@ def hypervolume_over_time(results: Path, budget: float) -> list[float]:
         return [0.0 for _ in (*FRACTIONS, None)]
     start = min(t.datetime_start for t in trials if t.datetime_start is not None)
     done = [
-        ((t.datetime_complete - start).total_seconds(), t.values[0], t.values[1])
+        ((t.datetime_complete - start).total_seconds(), r.iou, r.n_params)
         for t in trials
         if t.state == TrialState.COMPLETE
+        for r in [TrialRecord.of(t)]
     ]
     return [
         hypervolume(

@@ -44,6 +44,8 @@ from nas.exported import (
     read_card,
     write_card,
 )
+from nas.objectives import OBJECTIVES
+from nas.record import TrialRecord, study_objectives
 from nas.results import checkpoint_path, pareto_front
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
 from nas.storage import local_file, redact
@@ -99,16 +101,20 @@ def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None)
     front = pareto_front(study)
     if not front:
         raise NasError(study.study_name, "has no completed trial to export")
+    members = [(t, TrialRecord.of(t)) for t in front]
     if max_params is not None:
-        front = [t for t in front if t.values[1] <= max_params]
-        if not front:
-            smallest = min(t.values[1] for t in pareto_front(study))
+        fitting = [(t, r) for t, r in members if (r.n_params or 0) <= max_params]
+        if not fitting:
+            smallest = min(r.n_params or 0 for _, r in members)
             raise NasError(
                 "--max-params",
                 f"no front member has at most {max_params:,} parameters "
-                f"(the smallest has {int(smallest):,})",
+                f"(the smallest has {smallest:,})",
             )
-    return max(front, key=lambda t: (t.values[0], -t.values[1]))
+        members = fitting
+    # The best score (IoU unless the study optimises Dice alone), the smaller on a tie.
+    score = study_objectives(study).score.name
+    return max(members, key=lambda m: (m[1].quantity(score), -(m[1].n_params or 0)))[0]
 
 
 def _data_description(study: optuna.Study) -> dict:
@@ -313,8 +319,9 @@ def export(
 ) -> ModelCard:
     """Write `trial` with `weights` as a model folder at `out`. `storage` is only recorded,
     without its password; `results`, the study's folder, is never replaced or deleted."""
-    unet = UNetConfig.from_dict(trial.user_attrs["unet_config"])
-    train = TrainConfig(**trial.user_attrs["train_config"])
+    record = TrialRecord.of(trial)
+    unet = UNetConfig.from_dict(record.unet_config)
+    train = TrainConfig(**record.train_config)
     data = _data_description(study)
     model = build_unet(unet)
     load_weights(model, weights)
@@ -333,11 +340,14 @@ def export(
         "trial": trial.number,
         "storage": redact(storage),
         "n_params": count_parameters(model),
-        "val_iou": trial.values[0],
-        "val_dice": trial.user_attrs.get("val_dice"),
+        "val_iou": record.iou,
+        "val_dice": record.quantity("dice"),
+        "objectives": study_objectives(study).names,
+        # Every measured objective, as the search recorded it (None: not measured).
+        "measured": {name: record.quantity(name) for name in OBJECTIVES},
         "dataset": data_config.get("path"),
         "fold": data_config.get("fold"),
-        "epochs_run": trial.user_attrs.get("epochs_run"),
+        "epochs_run": record.epochs_run,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }

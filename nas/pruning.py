@@ -4,7 +4,8 @@ Optuna refuses `Trial.report`/`should_prune` in multi-objective studies, and its
 would be wrong here anyway: a small network with a modest IoU may be exactly the point a user
 wants. The parameter count is known before training starts, so after each epoch the question
 is IoU *given size*: a candidate is stopped when at least `k` other trials with no more
-parameters had a higher validation IoU by the same epoch. A candidate that is the best seen
+parameters (no more of every objective to minimise: MACs, latency, memory) had a higher
+validation IoU by the same epoch. A candidate that is the best seen
 at its size is never stopped, however low its IoU. Learning curves are read from the trials'
 intermediate values, which the objective stores through the study's storage. Both sides are
 compared on their best IoU up to that epoch: the curves of small networks trained for a few
@@ -35,6 +36,8 @@ from typing import Literal
 from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field
 
+from nas.record import TrialRecord
+
 
 class PrunerConfig(BaseModel):
     """type: pareto, or none to train every candidate to the end.
@@ -54,24 +57,32 @@ def dominated_at_epoch(
     cfg: PrunerConfig,
     trials: Iterable[FrozenTrial],
     number: int,
-    n_params: int,
+    costs: Mapping[str, float | None],
     epoch: int,
     iou: float,
 ) -> bool:
     """Whether trial `number` should stop now.
 
-    n_params: its parameter count; iou: its best validation IoU up to and including `epoch`.
+    costs: its objectives to minimise (parameters by default; MACs, latency or memory as the
+    study says), all known before training; iou: its best validation IoU up to and
+    including `epoch`. A peer counts against it when it costs no more on every one of them.
     """
     if cfg.type == "none" or epoch <= cfg.warmup_epochs:
         return False
-    peers = [
-        (t.user_attrs["n_params"], best_up_to(t.intermediate_values, epoch))
-        for t in trials
-        if t.number != number and epoch in t.intermediate_values and "n_params" in t.user_attrs
-    ]
+    peers = []
+    for trial in trials:
+        record = TrialRecord.of(trial)
+        theirs = {name: record.quantity(name) for name in costs}
+        if trial.number == number or epoch not in record.curve or None in theirs.values():
+            continue
+        peers.append((theirs, best_up_to(record.curve, epoch)))
     if len(peers) < cfg.min_trials:
         return False
-    better = sum(1 for size, value in peers if size <= n_params and value > iou)
+    better = sum(
+        1
+        for theirs, value in peers
+        if value > iou and all(theirs[n] <= mine for n, mine in costs.items() if mine is not None)
+    )
     return better >= cfg.k
 
 

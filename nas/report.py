@@ -19,23 +19,30 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_plotly_graph_object
+from plotly.subplots import make_subplots
 
 from nas.artifacts import overlay_path
 from nas.cli import exit_code
-from nas.results import TEST_SCORES_ATTR, front_of, trials_table
+from nas.objectives import OBJECTIVES
+from nas.objectives import hypervolume as objectives_hypervolume
+from nas.record import TrialRecord, records, study_objectives
+from nas.results import TEST_SCORES_ATTR, front_of, panels, trials_table
 from nas.staging import atomic_write
 from nas.study import load_results_study
 
 REPORT_FILE = "report.html"
 FRONT_COLUMNS = [
     "number", "val_iou", "val_dice", "test_iou", "test_dice", "n_params", "macs",
-    "epochs_run", "fidelity_steps", "continues", "seconds", "summary",
+    "latency_ms", "memory_mb", "epochs_run", "fidelity_steps", "continues", "seconds", "summary",
 ]  # fmt: skip
+# Measured only when an objective or a constraint names them: shown only then.
+MEASURED_ONLY_WHEN_ASKED = ("latency_ms", "memory_mb")
 # The front table's column groups: validation chose the front, the held-out cases did not.
 HELD_OUT = "held-out test (not used for selection)"
 COLUMN_GROUPS = {
@@ -49,14 +56,8 @@ COLUMN_GROUPS = {
 def hypervolume(points: Sequence[tuple[float, float]]) -> float:
     """Area dominated by (iou, size) points, IoU maximised in [0, 1], size in [0, 1]
     minimised, reference point (IoU 0, size 1)."""
-    front: list[tuple[float, float]] = []
-    for size, iou in sorted((s, i) for i, s in points if i > 0 and s < 1):
-        if not front or iou > front[-1][1]:
-            front.append((size, iou))
-    if not front:
-        return 0.0
-    edges = [s for s, _ in front[1:]] + [1.0]
-    return sum((end - size) * iou for (size, iou), end in zip(front, edges, strict=True))
+    low = np.array([(-iou, size) for iou, size in points], dtype=float).reshape(-1, 2)
+    return objectives_hypervolume(low, np.array([0.0, 1.0]))
 
 
 def normalised_size(n_params: float, bounds: tuple[float, float]) -> float:
@@ -65,79 +66,137 @@ def normalised_size(n_params: float, bounds: tuple[float, float]) -> float:
     return min(1.0, max(0.0, (math.log10(n_params) - low) / max(high - low, 1e-9)))
 
 
-def _hover(trial: FrozenTrial, iou: float) -> str:
-    attrs = trial.user_attrs
+def log_bounds(values: Sequence[float]) -> tuple[float, float]:
+    """The log10 range a cost is normalised over: its observed range, widened by 0.1."""
+    logs = [math.log10(max(v, 1e-12)) for v in values]
+    return (min(logs), max(logs) + 0.1)
+
+
+def normalised_points(
+    done: Sequence[TrialRecord], objectives: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Every objective minimised in [0, 1]: scores as -score (reference 0), costs on a log
+    scale between their observed bounds (reference 1); with the reference and its words."""
+    columns, reference, words = [], [], []
+    for name in objectives:
+        values = [r.quantity(name) for r in done]
+        if OBJECTIVES[name].maximise:
+            columns.append([-v for v in values])
+            reference.append(0.0)
+            words.append(f"{name} 0")
+        else:
+            bounds = log_bounds(values)
+            columns.append([normalised_size(v, bounds) for v in values])
+            reference.append(1.0)
+            words.append(f"log10 {name} in [{bounds[0]:.2f}, {bounds[1]:.2f}]")
+    points = np.array(columns, dtype=float).T.reshape(len(done), len(objectives))
+    return points, np.array(reference), ", ".join(words)
+
+
+def running_hypervolume(points: np.ndarray, reference: np.ndarray) -> list[float]:
+    """The hypervolume of points[:i + 1] for every i (rows minimised): the running front is
+    kept, so each step costs the size of the front, not of the study."""
+    front = np.empty((0, points.shape[1]))
+    curve: list[float] = []
+    for point in points:
+        if not any((other <= point).all() for other in front):  # not dominated, not a copy
+            keep = ~(point <= front).all(axis=1) if len(front) else np.zeros(0, dtype=bool)
+            front = np.vstack([front[keep], point])
+            curve.append(objectives_hypervolume(front, reference))
+        else:
+            curve.append(curve[-1])
+    return curve
+
+
+def _hover(record: TrialRecord, objectives: Sequence[str]) -> str:
+    measured = "<br>".join(
+        f"{OBJECTIVES[n].label} {record.quantity(n):,.4g}"
+        for n in objectives
+        if record.quantity(n) is not None
+    )
     return (
-        f"trial {trial.number} ({trial.state.name})<br>IoU {iou:.4f}<br>"
-        f"{attrs.get('n_params', 0):,} params<br>{html.escape(attrs.get('summary', ''))}"
+        f"trial {record.number} ({record.state.name})<br>{measured}<br>"
+        f"{html.escape(record.summary)}"
     )
 
 
-def _front_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> go.Figure:
-    fig = go.Figure()
+def _front_figure(
+    trials: Sequence[FrozenTrial], front: list[FrozenTrial], objectives: Sequence[str]
+) -> go.Figure:
+    """The score against each other objective, one panel each (two objectives: one)."""
+    score, others = panels(objectives)
     on_front = {t.number for t in front}
+    every = records(trials)
     groups = {
-        "completed": [t for t in trials if t.state == TrialState.COMPLETE],
+        "completed": [r for r in every if r.complete and r.number not in on_front],
         "pruned (last IoU)": [
-            t for t in trials if t.state == TrialState.PRUNED and "val_iou" in t.user_attrs
+            r for r in every
+            if r.state == TrialState.PRUNED and r.iou is not None and r.number not in on_front
         ],
-    }
-    for name, trials in groups.items():
-        trials = [t for t in trials if t.number not in on_front]
-        ious = [t.values[0] if t.values else t.user_attrs["val_iou"] for t in trials]
+    }  # fmt: skip
+    members = [TrialRecord.of(t) for t in front]
+    fig = make_subplots(rows=1, cols=len(others))
+    for column, other in enumerate(others, start=1):
+        for name, group in groups.items():
+            group = [r for r in group if r.quantity(other) is not None]
+            fig.add_trace(
+                go.Scatter(
+                    x=[r.quantity(other) for r in group],
+                    y=[r.quantity(score) for r in group],
+                    mode="markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=column == 1,
+                    marker={
+                        "color": "#999" if name == "completed" else "#ccc",
+                        "symbol": "circle" if name == "completed" else "circle-open",
+                        "size": 8,
+                    },
+                    text=[_hover(r, objectives) for r in group],
+                    hoverinfo="text",
+                ),
+                row=1,
+                col=column,
+            )
+        by_x = sorted(members, key=lambda r: r.quantity(other))
         fig.add_trace(
             go.Scatter(
-                x=[t.user_attrs["n_params"] for t in trials],
-                y=ious,
-                mode="markers",
-                name=name,
-                marker={
-                    "color": "#999" if name == "completed" else "#ccc",
-                    "symbol": "circle" if name == "completed" else "circle-open",
-                    "size": 8,
-                },
-                text=[_hover(t, iou) for t, iou in zip(trials, ious, strict=True)],
+                x=[r.quantity(other) for r in by_x],
+                y=[r.quantity(score) for r in by_x],
+                mode="lines+markers" if len(objectives) == 2 else "markers",
+                line={"shape": "hv", "color": "#d62728"},
+                marker={"size": 12, "symbol": "star", "color": "#d62728"},
+                name="Pareto front",
+                legendgroup="front",
+                showlegend=column == 1,
+                text=[_hover(r, objectives) for r in by_x],
                 hoverinfo="text",
-            )
+            ),
+            row=1,
+            col=column,
         )
-    fig.add_trace(
-        go.Scatter(
-            x=[t.values[1] for t in front],
-            y=[t.values[0] for t in front],
-            mode="lines+markers",
-            line={"shape": "hv", "color": "#d62728"},
-            marker={"size": 12, "symbol": "star"},
-            name="Pareto front",
-            text=[_hover(t, t.values[0]) for t in front],
-            hoverinfo="text",
-        )
-    )
-    fig.update_layout(
-        title="Pareto front: validation IoU vs parameters",
-        xaxis={"title": "parameters", "type": "log"},
-        yaxis={"title": "validation IoU", "range": [0, 1]},
-        height=450,
-        template="plotly_white",
-    )
+        log = not OBJECTIVES[other].maximise
+        fig.update_xaxes(title_text=OBJECTIVES[other].label, type="log" if log else None,
+                         row=1, col=column)  # fmt: skip
+        fig.update_yaxes(title_text=OBJECTIVES[score].label, range=[0, 1], row=1, col=column)
+    names = " vs ".join(OBJECTIVES[n].label for n in [score, *others])
+    fig.update_layout(title=f"Pareto front: {names}", height=450, template="plotly_white")
     return fig
 
 
-def _hypervolume_figure(trials: Sequence[FrozenTrial]) -> go.Figure:
+def _hypervolume_figure(trials: Sequence[FrozenTrial], objectives: Sequence[str]) -> go.Figure:
     done = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete
+        (r for r in records(trials) if r.complete and r.feasible),
+        key=lambda r: r.completed_at or datetime.min,
     )
     fig = go.Figure()
     if done:
-        sizes = [math.log10(t.values[1]) for t in done]
-        bounds = (min(sizes), max(sizes) + 0.1)
-        points, curve = [], []
-        for trial in done:
-            points.append((trial.values[0], normalised_size(trial.values[1], bounds)))
-            curve.append(hypervolume(points))
+        points, reference, note = normalised_points(done, objectives)
+        curve = running_hypervolume(points, reference)
         fig.add_trace(
-            go.Scatter(x=[t.number for t in done], y=curve, mode="lines+markers", name="front")
+            go.Scatter(x=[r.number for r in done], y=curve, mode="lines+markers", name="front")
         )
-        note = f"log10 params in [{bounds[0]:.2f}, {bounds[1]:.2f}], reference (IoU 0, size 1)"
+        note = f"{note}; reference ({', '.join(f'{v:g}' for v in reference)})"
     else:
         note = "no completed trial yet"
     fig.update_layout(
@@ -151,30 +210,49 @@ def _hypervolume_figure(trials: Sequence[FrozenTrial]) -> go.Figure:
 
 
 def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> go.Figure:
+    """Every learning curve: the front's one trace each, the others drawn as one trace per
+    state (curves separated by gaps), so the figure's size does not grow a trace per trial."""
     on_front = {t.number for t in front}
     fig = go.Figure()
+    others: dict[str, tuple[list, list, list]] = {}
     for trial in trials:
         curve = sorted(trial.intermediate_values.items())
         if not curve:
             continue
-        front_member = trial.number in on_front
+        label = f"#{trial.number} {trial.state.name.lower()}"
+        hover = f"{label}: {trial.user_attrs.get('summary', '')}"
+        if trial.number in on_front:
+            fig.add_trace(
+                go.Scatter(
+                    x=[e for e, _ in curve],
+                    y=[v for _, v in curve],
+                    mode="lines+markers",
+                    name=label,
+                    line={"color": "#d62728", "width": 2.5},
+                    hovertext=hover,
+                )
+            )
+            continue
+        xs, ys, texts = others.setdefault(trial.state.name.lower(), ([], [], []))
+        xs += [e for e, _ in curve] + [math.nan]  # NaN: a gap between two curves
+        ys += [v for _, v in curve] + [math.nan]
+        texts += [label] * len(curve) + [""]
+    for state, (xs, ys, texts) in others.items():
         fig.add_trace(
-            go.Scatter(
-                x=[e for e, _ in curve],
-                y=[v for _, v in curve],
+            go.Scatter(  # arrays: plotly checks them whole, not value by value
+                x=np.array(xs),
+                y=np.array(ys).round(4),
                 mode="lines+markers",
-                name=f"#{trial.number} {trial.state.name.lower()}",
-                line={
-                    "color": "#d62728" if front_member else "#999",
-                    "dash": "dot" if trial.state == TrialState.PRUNED else "solid",
-                    "width": 2.5 if front_member else 1,
-                },
-                hovertext=trial.user_attrs.get("summary", ""),
+                name=f"{state} (not on the front)",
+                line={"color": "#999", "width": 1, "dash": "dot" if state == "pruned" else "solid"},
+                marker={"size": 4},
+                hovertext=texts,
+                hoverinfo="text+y",
             )
         )
     fig.update_layout(
         title="Learning curves: validation IoU per epoch (red: front, dotted: pruned)",
-        xaxis={"title": "epoch", "dtick": 1},
+        xaxis={"title": "epoch"},
         yaxis={"title": "validation IoU", "range": [0, 1]},
         height=400,
         template="plotly_white",
@@ -182,14 +260,14 @@ def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> g
     return fig
 
 
-def _importance_figure(study: optuna.Study) -> go.Figure | str:
+def _importance_figure(study: optuna.Study, score: str) -> go.Figure | str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. few trials, or an experimental evaluator
             importances = optuna.importance.get_param_importances(
                 study,
                 # PED-ANOVA explains low target values: which parameters lead to a high IoU.
-                target=lambda t: -t.values[0],
+                target=lambda t: -TrialRecord.of(t).quantity(score),
                 evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
             )
     except (ValueError, RuntimeError, ZeroDivisionError) as err:
@@ -209,7 +287,7 @@ def _importance_figure(study: optuna.Study) -> go.Figure | str:
 
 def _overlays(study_dir: Path, front: list[FrozenTrial]) -> str:
     images = []
-    for trial in sorted(front, key=lambda t: -t.values[0]):
+    for trial in sorted(front, key=lambda t: -(TrialRecord.of(t).iou or 0.0)):
         path = overlay_path(study_dir, trial.number)
         if path.exists():
             data = base64.b64encode(path.read_bytes()).decode()
@@ -229,7 +307,8 @@ def _front_table(table: pd.DataFrame) -> str:
         c
         for c in FRONT_COLUMNS
         if c in table.columns and (scored or COLUMN_GROUPS.get(c) != HELD_OUT)
-    ]
+        and (c not in MEASURED_ONLY_WHEN_ASKED or table[c].notna().any())
+    ]  # fmt: skip
     shown = table[columns].copy()
     shown.columns = pd.MultiIndex.from_tuples([(COLUMN_GROUPS.get(c, ""), c) for c in columns])
     return shown.to_html(index=False, float_format="{:.4f}".format, na_rep="", border=0)
@@ -246,19 +325,27 @@ img { max-width: 720px; }
 """
 
 
-def render(study: optuna.Study, study_dir: Path) -> str:
-    trials = study.get_trials(deepcopy=False)  # one read of the storage for every figure
-    front = front_of(trials)
+def render(
+    study: optuna.Study,
+    study_dir: Path,
+    trials: Sequence[FrozenTrial] | None = None,
+    front: list[FrozenTrial] | None = None,
+) -> str:
+    """`trials` and their `front`: as the caller has just read and computed them."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    objectives = study_objectives(study).names
+    score = panels(objectives)[0]
+    front = front_of(trials, objectives) if front is None else front
     states = {s.name: 0 for s in TrialState}
     for trial in trials:
         states[trial.state.name] += 1
     counts = ", ".join(f"{n} {name.lower()}" for name, n in states.items() if n)
-    best = max((t.values[0] for t in front), default=None)
+    best = max((TrialRecord.of(t).quantity(score) for t in front), default=None)
     figures: list[go.Figure | str] = [
-        _front_figure(trials, front),
-        _hypervolume_figure(trials),
+        _front_figure(trials, front, objectives),
+        _hypervolume_figure(trials, objectives),
         _curves_figure(trials, front),
-        _importance_figure(study),
+        _importance_figure(study, score),
     ]
     parts, script_embedded = [], False
     for figure in figures:
@@ -271,7 +358,8 @@ def render(study: optuna.Study, study_dir: Path) -> str:
     dataset = study.user_attrs.get("data_config", {}).get("path", "?")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary_line = (
-        f"{counts or 'no trials'}; best validation IoU {best:.4f}; front of {len(front)}"
+        f"{counts or 'no trials'}; objectives {', '.join(objectives)}; best "
+        f"{OBJECTIVES[score].label} {best:.4f}; front of {len(front)}"
         if best is not None
         else f"{counts or 'no trials'}; no completed trial yet"
     )
@@ -293,17 +381,25 @@ def render(study: optuna.Study, study_dir: Path) -> str:
 CURVES_GRAPH_ID = "learning-curves"
 
 
-def publish_curves(study: optuna.Study) -> None:
-    """Show the learning curves on the study's page in optuna-dashboard, which plots
-    intermediate values for single-objective studies only."""
-    trials = study.get_trials(deepcopy=False)
-    figure = _curves_figure(trials, front_of(trials))
+def publish_curves(study: optuna.Study, front: list[FrozenTrial] | None = None) -> None:
+    """Show the front's learning curves on the study's page in optuna-dashboard, which plots
+    intermediate values for single-objective studies only. The front's alone: the figure is
+    written into the storage after every trial (report.html draws every curve)."""
+    if front is None:
+        front = front_of(study.get_trials(deepcopy=False), study_objectives(study).names)
+    figure = _curves_figure(front, front)
     save_plotly_graph_object(study, figure, graph_object_id=CURVES_GRAPH_ID)
 
 
-def write_report(study: optuna.Study, study_dir: Path) -> Path:
+def write_report(
+    study: optuna.Study,
+    study_dir: Path,
+    trials: Sequence[FrozenTrial] | None = None,
+    front: list[FrozenTrial] | None = None,
+) -> Path:
+    """`trials` and their `front`: as the caller has just read and computed them."""
     path = study_dir / REPORT_FILE
-    text = render(study, study_dir)
+    text = render(study, study_dir, trials, front)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 

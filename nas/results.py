@@ -18,9 +18,12 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from nas.fidelity import may_continue  # noqa: E402
+from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, as_minimised, non_dominated  # noqa: E402
+from nas.record import TrialRecord, records, study_objectives  # noqa: E402
 from nas.staging import atomic_write  # noqa: E402
 
 # Always present, so an empty table still has its header.
@@ -40,6 +43,11 @@ METRIC_COLUMNS = [
     "device",
     "fail_reason",
     "macs",
+    "latency_ms",
+    "latency_iqr_ms",
+    "memory_mb",
+    "rejected",
+    "feasible",
     "summary",
 ]
 # The study's user attr holding held-out test scores by trial number (written by nas.heldout).
@@ -63,25 +71,41 @@ def save_checkpoint(study_dir: Path, trial_number: int, state_dict: dict) -> Pat
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """The non-dominated completed trials (max IoU, min params), sorted by parameter count."""
-    return front_of(study.get_trials(deepcopy=False))
+    """The non-dominated feasible completed trials over the study's objectives."""
+    return front_of(study.get_trials(deepcopy=False), study_objectives(study).names)
 
 
-def front_of(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The non-dominated completed trials among `trials` (as Optuna's best_trials: equal
-    values are both kept), sorted by parameter count. A candidate that a later trial trained
-    further is represented by that trial only (each member at the fidelity it reached)."""
+def front_of(
+    trials: Sequence[FrozenTrial], objectives: Sequence[str] = DEFAULT_OBJECTIVES
+) -> list[FrozenTrial]:
+    """The non-dominated completed, feasible trials among `trials` over `objectives` (as
+    Optuna's best_trials: equal values are all kept), sorted by the first objective to
+    minimise, then best score first. A candidate that a later trial trained further is
+    represented by that trial only (each member at the fidelity it reached)."""
     superseded = superseded_numbers(trials)
-    completed = [t for t in trials if t.state == TrialState.COMPLETE and t.number not in superseded]
+    completed = [
+        (t, r)
+        for t, r in zip(trials, records(trials), strict=True)
+        if r.complete and r.feasible and t.number not in superseded
+        and all(r.quantity(n) is not None for n in objectives)  # (not a trial nas wrote)
+    ]  # fmt: skip
     if not completed:
         return []
-    # Every objective as a quantity to minimise: -IoU, params.
-    points = np.array([(-t.values[0], t.values[1]) for t in completed], dtype=float)
-    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
-    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
-    dominated = (no_worse & better).any(axis=0)  # [i, j]: i dominates j
-    front = [t for t, out in zip(completed, dominated, strict=True) if not out]
-    return sorted(front, key=lambda t: (t.values[1], -t.values[0], t.number))
+    points = np.array([[r.quantity(n) for n in objectives] for _, r in completed], dtype=float)
+    mask = non_dominated(points, objectives)
+    front = [pair for pair, keep in zip(completed, mask, strict=True) if keep]
+    low = as_minimised(points[mask], objectives)
+    order = sorted(
+        range(len(front)), key=lambda i: (*_cost_first(low[i], objectives), front[i][0].number)
+    )
+    return [front[i][0] for i in order]
+
+
+def _cost_first(low: np.ndarray, objectives: Sequence[str]) -> list[float]:
+    """A front member's sort key: its minimised objectives, those to minimise first."""
+    costs = [i for i, n in enumerate(objectives) if not OBJECTIVES[n].maximise]
+    scores = [i for i, n in enumerate(objectives) if OBJECTIVES[n].maximise]
+    return [float(low[i]) for i in [*costs, *scores]]
 
 
 def superseded_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -103,31 +127,36 @@ def _promotable(trial: FrozenTrial, superseded: set[int]) -> bool:
 
 
 def _row(trial: FrozenTrial, test_scores: dict) -> dict:
-    attrs = trial.user_attrs
-    unet = attrs.get("unet_config", {})
+    record = TrialRecord.of(trial)
+    unet = record.unet_config
     test = test_scores.get(str(trial.number), {})
     row = {
-        "number": trial.number,
-        "state": trial.state.name,
-        "val_iou": trial.values[0] if trial.values else attrs.get("val_iou"),
-        "val_dice": attrs.get("val_dice"),
+        "number": record.number,
+        "state": record.state.name,
+        "val_iou": record.quantity("iou"),
+        "val_dice": record.quantity("dice"),
         "test_iou": test.get("test_iou"),
         "test_dice": test.get("test_dice"),
-        "n_params": attrs.get("n_params"),
-        "seconds": attrs.get("seconds"),
-        "spatial_dims": unet.get("spatial_dims"),
-        "epochs_run": attrs.get("epochs_run"),
-        "fidelity_steps": attrs.get("fidelity_steps"),
-        "continues": attrs.get("continues"),
-        "device": attrs.get("device"),
-        "fail_reason": attrs.get("fail_reason"),
-        "macs": attrs.get("macs"),
-        "summary": attrs.get("summary"),
+        "n_params": record.n_params,
+        "seconds": record.seconds,
+        "spatial_dims": record.spatial_dims,
+        "epochs_run": record.epochs_run,
+        "fidelity_steps": record.fidelity_steps,
+        "continues": record.continues,
+        "device": record.device,
+        "fail_reason": record.fail_reason,
+        "macs": record.quantity("macs"),
+        "latency_ms": record.quantity("latency_ms"),
+        "latency_iqr_ms": record.latency_iqr_ms,
+        "memory_mb": record.quantity("memory_mb"),
+        "rejected": record.rejected,
+        "feasible": record.feasible,
+        "summary": record.summary,
     }
     for name, value in unet.items():
         if name not in row:
             row[name] = str(value) if isinstance(value, list) else value
-    for name, value in trial.params.items():
+    for name, value in record.params.items():
         if name not in row and name not in unet:
             row[name] = value
     return row
@@ -142,56 +171,62 @@ def trials_table(trials: list[FrozenTrial], test_scores: dict | None = None) -> 
     )
 
 
+def panels(objectives: Sequence[str]) -> tuple[str, list[str]]:
+    """The score drawn on the y axis and the objectives drawn against it, one panel each."""
+    score = next((n for n in objectives if OBJECTIVES[n].maximise), objectives[0])
+    return score, [n for n in objectives if n != score]
+
+
 def _plot_front(
-    study_name: str, trials: Sequence[FrozenTrial], front: list[FrozenTrial], path: Path
+    study_name: str,
+    trials: Sequence[FrozenTrial],
+    front: list[FrozenTrial],
+    objectives: Sequence[str],
+    path: Path,
 ) -> None:
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for dims, marker in ((2, "o"), (3, "s")):
-        group = [
-            t for t in completed if t.user_attrs.get("unet_config", {}).get("spatial_dims") == dims
-        ]
-        ax.scatter(
-            [t.values[1] for t in group],
-            [t.values[0] for t in group],
-            marker=marker,
-            color="0.6",
-            label=f"{dims}D trials",
-        )
-    if front:
-        ax.step(
-            [t.values[1] for t in front],
-            [t.values[0] for t in front],
-            where="post",
-            color="tab:red",
-            marker="*",
-            markersize=12,
-            label="Pareto front",
-        )
-        for t in front:
-            ax.annotate(
-                f"#{t.number}",
-                (t.values[1], t.values[0]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=8,
-            )
-    if completed:
-        ax.set_xscale("log")
-        ax.legend(loc="lower right")
-    else:
-        ax.text(0.5, 0.5, "no completed trial yet", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("validation IoU")
-    ax.set_title(f"{study_name}: {len(completed)} completed trials")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    completed = [r for r in records(trials) if r.complete]
+    on_front = [TrialRecord.of(t) for t in front]
+    score, others = panels(objectives)
+    fig, axes = plt.subplots(1, len(others), figsize=(7 * len(others), 4.5), squeeze=False)
+    for ax, other in zip(axes[0], others, strict=True):
+        for dims, marker in ((2, "o"), (3, "s")):
+            group = [r for r in completed if r.spatial_dims == dims]
+            ax.scatter([r.quantity(other) for r in group], [r.quantity(score) for r in group],
+                       marker=marker, color="0.6", label=f"{dims}D trials")  # fmt: skip
+        if on_front:
+            by_x = sorted(on_front, key=lambda r: r.quantity(other))
+            xs, ys = [r.quantity(other) for r in by_x], [r.quantity(score) for r in by_x]
+            ax.scatter(xs, ys, color="tab:red", marker="*", s=140, label="Pareto front",
+                       zorder=3)  # fmt: skip
+            if len(objectives) == 2:  # the front is a staircase only in two objectives
+                ax.step(xs, ys, where="post", color="tab:red")
+            for r in by_x:
+                ax.annotate(f"#{r.number}", (r.quantity(other), r.quantity(score)),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+        if completed:
+            if not OBJECTIVES[other].maximise:
+                ax.set_xscale("log")
+                # Plain numbers: matplotlib's default 10^k labels go through its slow mathtext.
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.4g}"))
+                ax.xaxis.set_minor_locator(NullLocator())  # the refresh runs after each trial
+            ax.legend(loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "no completed trial yet", ha="center", transform=ax.transAxes)
+        ax.set_xlabel(OBJECTIVES[other].label)
+        ax.set_ylabel(OBJECTIVES[score].label)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{study_name}: {len(completed)} completed trials")
+    # A fixed layout: tight_layout measures every tick label, a third of the time here.
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.9, wspace=0.25)
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
-def write_results(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
+def write_results(
+    study: optuna.Study, study_dir: Path, trials: Sequence[FrozenTrial] | None = None
+) -> list[FrozenTrial]:
     """Rewrite every view of `study` under `study_dir`; drop weights of trials off the front.
+    `trials`: the study's trials, when the caller has just read them.
 
     The table, the front and the weights to drop all come from one read of the storage: a
     trial that finishes during the rewrite is RUNNING in that read, so its weights stay. A
@@ -200,8 +235,9 @@ def write_results(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
     leave COMPLETE, a continued candidate never returns to the front), so dropping its
     weights is final and safe.
     """
-    trials = study.get_trials(deepcopy=False)
-    front = front_of(trials)
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    objectives = study_objectives(study).names
+    front = front_of(trials, objectives)
     test = study.user_attrs.get(TEST_SCORES_ATTR, {})
     atomic_write(
         study_dir / "trials.csv", lambda p: trials_table(trials, test).to_csv(p, index=False)
@@ -210,7 +246,8 @@ def write_results(study: optuna.Study, study_dir: Path) -> list[FrozenTrial]:
         study_dir / "pareto.csv", lambda p: trials_table(front, test).to_csv(p, index=False)
     )
     atomic_write(
-        study_dir / "pareto.png", lambda p: _plot_front(study.study_name, trials, front, p)
+        study_dir / "pareto.png",
+        lambda p: _plot_front(study.study_name, trials, front, objectives, p),
     )
     on_front = {t.number for t in front}
     superseded = superseded_numbers(trials)

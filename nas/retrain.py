@@ -23,10 +23,12 @@ from nas.builder import UNetConfig, count_parameters
 from nas.cli import add_device_option, device_option, exit_code
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
+from nas.objectives import directions, values_of
+from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord, study_objectives
 from nas.results import pareto_front, save_checkpoint
 from nas.staging import atomic_write
 from nas.storage import redact
-from nas.study import DIRECTIONS, default_storage, load_results_study
+from nas.study import default_storage, load_results_study
 from nas.train import TrainConfig, fit, init_model
 
 
@@ -49,7 +51,7 @@ def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[Fr
         front = pareto_front(study)
         if not front:
             raise NasError(study.study_name, "has no completed trial to retrain")
-        return sorted(front, key=lambda t: -t.values[0])[:top]
+        return sorted(front, key=lambda t: -(TrialRecord.of(t).iou or 0.0))[:top]
     by_number = {t.number: t for t in study.trials}
     chosen = []
     for text in numbers.split(","):
@@ -79,16 +81,19 @@ def run(args: argparse.Namespace) -> int:
     train_cases, val_cases = split_dataset(dataset, data_cfg)
     # Every training slice: the search may have used a few per case.
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
+    objectives = study_objectives(study).names
     retrain_study = optuna.create_study(
         storage=storage,
         study_name=f"{name}-retrain",
-        directions=list(DIRECTIONS),
+        directions=directions(objectives),
         load_if_exists=True,
     )
+    retrain_study.set_user_attr(OBJECTIVES_ATTR, objectives)
     rows = []
     for trial in chosen:
-        unet = UNetConfig.from_dict(trial.user_attrs["unet_config"])
-        search_train = TrainConfig(**trial.user_attrs["train_config"])
+        record = TrialRecord.of(trial)
+        unet = UNetConfig.from_dict(record.unet_config)
+        search_train = TrainConfig(**record.train_config)
         epochs = args.epochs or 3 * search_train.epochs
         train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
         model = init_model(unet, train.seed)
@@ -96,15 +101,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
         result = fit(model, train_cases, val_cases, dataset.n_classes, train, device, None, slicing)
         save_checkpoint(args.results / "retrained", trial.number, model.state_dict())
+        # The same network: its costs as the search measured them; its scores retrained.
+        quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}
+        quantities |= {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
         retrain_study.add_trial(
             create_trial(
-                values=[result.scores.iou, n_params],
+                values=values_of(quantities, objectives),
                 params=trial.params,
                 distributions=trial.distributions,
                 user_attrs={
                     "source_trial": trial.number,
-                    "search_val_iou": trial.values[0],
-                    "val_dice": result.scores.dice,
+                    "search_val_iou": record.iou,
+                    **{QUANTITY_ATTRS[k]: v for k, v in quantities.items() if v is not None},
                     "epochs_run": len(result.history),
                     "seconds": round(result.seconds, 2),
                     "unet_config": unet.to_dict(),
@@ -118,14 +126,14 @@ def run(args: argparse.Namespace) -> int:
             {
                 "trial": trial.number,
                 "n_params": n_params,
-                "search_val_iou": trial.values[0],
+                "search_val_iou": record.iou,
                 "retrained_val_iou": result.scores.iou,
                 "retrained_val_dice": result.scores.dice,
                 "epochs": len(result.history),
                 "seconds": round(result.seconds, 1),
             }
         )
-        print(f"  trial {trial.number}: IoU {trial.values[0]:.3f} -> {result.scores.iou:.3f}")
+        print(f"  trial {trial.number}: IoU {record.iou:.3f} -> {result.scores.iou:.3f}")
     table = pd.DataFrame(rows)
     atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
     print(

@@ -33,6 +33,7 @@ from nas.heldout import TestSplit, find_test_split, score_trials
 from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worker_id
 from nas.locking import file_lock
 from nas.patch_plan import plan_patches
+from nas.record import TrialRecord
 from nas.report import publish_curves, write_report
 from nas.results import checkpoint_path, pareto_front, write_results
 from nas.space import (
@@ -122,21 +123,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _trial_line(trial: FrozenTrial) -> str:
-    attrs = trial.user_attrs
-    dims = attrs.get("unet_config", {}).get("spatial_dims", "?")
-    params = f"{attrs['n_params']:>10,}" if "n_params" in attrs else " " * 10
-    last_iou = trial.values[0] if trial.values else attrs.get("val_iou")
-    iou = f"{last_iou:.3f}" if last_iou is not None else "  -  "
-    epochs = attrs.get("epochs_run")
+    record = TrialRecord.of(trial)
+    dims = record.spatial_dims or "?"
+    params = f"{record.n_params:>10,}" if record.n_params is not None else " " * 10
+    iou = f"{record.iou:.3f}" if record.iou is not None else "  -  "
+    epochs = record.epochs_run
     line = (
         f"trial {trial.number:3d}  {dims}D  params {params}  IoU {iou}  "
         f"epochs {epochs if epochs is not None else '-':>3}  "
-        f"{attrs.get('seconds', 0.0):6.1f}s  {trial.state.name}"
+        f"{record.seconds or 0.0:6.1f}s  {trial.state.name}"
     )
-    if "continues" in attrs:
-        line += f"  (continues trial {attrs['continues']})"
-    if "fail_reason" in attrs:
-        line += f"  ({attrs['fail_reason']})"
+    if record.quantity("latency_ms") is not None:
+        line += f"  {record.quantity('latency_ms'):.2f} ms"
+    if record.continues is not None:
+        line += f"  (continues trial {record.continues})"
+    if record.rejected is not None:
+        line += f"  (rejected: {record.rejected})"
+    elif record.fail_reason is not None:
+        line += f"  ({record.fail_reason})"
     return line
 
 
@@ -162,9 +166,10 @@ def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
     the next refresh, or `nas.report`, writes the views again."""
     try:
         with file_lock(study_dir / ".results.lock"):
-            front = write_results(study, study_dir)
-            write_report(study, study_dir)
-            publish_curves(study)
+            trials = study.get_trials(deepcopy=False)  # one read for every view
+            front = write_results(study, study_dir, trials)
+            write_report(study, study_dir, trials, front)
+            publish_curves(study, front)
     except Exception as err:
         print(f"warning: could not rewrite {study_dir}/ ({type(err).__name__}: {err}); "
               "the study is intact", file=sys.stderr, flush=True)  # fmt: skip
@@ -414,7 +419,7 @@ def _score_held_out(
 
 def _optimize(
     study: optuna.Study,
-    objective: Callable[[optuna.Trial], tuple[float, int]],
+    objective: Callable[[optuna.Trial], list[float]],
     study_cfg: StudySection,
     schedule: Schedule,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],

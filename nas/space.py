@@ -6,7 +6,7 @@ The only module that reads YAML. A file has four sections:
 - search: builder parameters (`nas.builder.UNetConfig` fields), each a fixed value or a spec
           {type: int|float|categorical, low/high/step/log or choices, when, default, per_stage}.
 - train:  training settings (`nas.train.TrainConfig` fields), fixed values or specs alike.
-- study:  name, sampler, n_trials, timeout, seed.
+- study:  name, sampler, n_trials, timeout, budget, seed, objectives, constraints, ...
 
 A spec with `when: {param: value-or-list}` is sampled only when the named, earlier parameter
 took one of those values; otherwise the field keeps its `default` (or the config's default).
@@ -39,6 +39,9 @@ from nas.builder import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.data import DataConfig
 from nas.errors import NasError
 from nas.fidelity import FidelityConfig
+from nas.measure import LatencyConfig
+from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound
+from nas.objectives import Name as ObjectiveName
 from nas.pruning import PrunerConfig
 from nas.storage import HeartbeatConfig
 from nas.train import TrainConfig
@@ -127,6 +130,22 @@ class StudySection(BaseModel):
     # A candidate estimated to need more memory than this to train fails before it is built
     # (default: half the machine's RAM, or 90 % of the GPU's memory).
     max_memory_gb: float | None = Field(None, gt=0)
+    # What the search optimises (2 or 3 of nas.objectives.OBJECTIVES, one a score) and the
+    # bounds a candidate must respect; where latency is measured.
+    objectives: list[ObjectiveName] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    constraints: dict[ObjectiveName, Bound] = Field(default_factory=dict)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+
+    @field_validator("objectives")
+    @classmethod
+    def _check_objectives(cls, names: list[str]) -> list[str]:
+        if not 2 <= len(names) <= 3:
+            raise ValueError(f"give 2 or 3 objectives, not {len(names)}: {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"an objective is named twice: {names}")
+        if not any(OBJECTIVES[n].maximise for n in names):
+            raise ValueError(f"needs a score to maximise (iou or dice) among {names}")
+        return names
 
 
 class SearchSpace(BaseModel):

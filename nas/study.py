@@ -1,10 +1,13 @@
-"""The Optuna study: open or resume it, and the objective that turns a trial into (IoU, params).
+"""The Optuna study: open or resume it, and the objective that turns a trial into its values.
 
-Directions are [maximize validation IoU, minimize parameter count]. Each trial stores its full
-builder and training configs, its parameter count and its scores as user attrs, and its
-per-epoch validation IoU as intermediate values, so optuna-dashboard can show everything
-from the storage alone. A candidate that cannot be trained ends as a FAIL trial with its
-reason, and the study goes on.
+The values are the study's objectives (nas/objectives.py; [validation IoU, parameters] by
+default), in the order `study.objectives` gives, which the study keeps in its user attrs.
+Each trial stores its full builder and training configs, its measurements (parameters, MACs,
+latency and memory when asked) and its scores as user attrs (read back through
+nas/record.py), and its per-epoch validation IoU as intermediate values, so optuna-dashboard
+can show everything from the storage alone. A candidate that breaks a constraint known
+before training is rejected (PRUNED) untrained; one that cannot be trained ends as a FAIL
+trial with its reason, and the study goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -43,8 +47,28 @@ from nas.fidelity import (
     spending,
 )
 from nas.liveness import JournalHeartbeat, is_journal, worker_id
-from nas.memory import check_fits, default_memory_limit_bytes
+from nas.measure import MB, cuda_peak_mb, measure_latency
+from nas.memory import check_fits, default_memory_limit_bytes, estimate_inference_bytes
+from nas.objectives import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    Bound,
+    directions,
+    non_dominated,
+    rejection,
+    values_of,
+    violations,
+)
 from nas.pruning import best_up_to, dominated_at_epoch
+from nas.record import (
+    CONSTRAINTS_ATTR,
+    LATENCY_IQR_ATTR,
+    OBJECTIVES_ATTR,
+    QUANTITY_ATTRS,
+    REJECTED_ATTR,
+    TrialRecord,
+    records,
+)
 from nas.results import checkpoint_path, save_checkpoint
 from nas.space import Candidate, SearchSpace, StudySection, sample
 from nas.storage import load_study, open_storage
@@ -57,7 +81,6 @@ from nas.train import (
     out_of_memory_reason,
 )
 
-DIRECTIONS = ("maximize", "minimize")  # validation IoU, parameter count
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 
@@ -113,17 +136,19 @@ def open_study(
             study_id = None
         n_existing = 0
         if study_id is not None:
-            directions = [d.name.lower() for d in storage_obj.get_study_directions(study_id)]
-            if directions != list(DIRECTIONS):
-                raise NasError(storage, f"study {cfg.name!r} exists with directions {directions}")
+            _check_objectives(storage_obj, study_id, cfg, storage)
             n_existing = storage_obj.get_n_trials(study_id)
         study = optuna.create_study(
             storage=storage_obj,
             study_name=cfg.name,
-            directions=list(DIRECTIONS),
+            directions=directions(cfg.objectives),
             sampler=make_sampler(cfg, n_existing, worker_salt),
             load_if_exists=True,
         )
+        if study_id is None:
+            study.set_user_attr(OBJECTIVES_ATTR, list(cfg.objectives))
+            constraints = {k: v.model_dump(exclude_none=True) for k, v in cfg.constraints.items()}
+            study.set_user_attr(CONSTRAINTS_ATTR, constraints)
     except NasError:
         raise
     except Exception as err:  # SQLAlchemy and Optuna raise many types for a bad URL
@@ -134,6 +159,26 @@ def open_study(
     elif requeue_interrupted:
         _retry_interrupted(study)
     return study
+
+
+def _check_objectives(
+    storage_obj: optuna.storages.BaseStorage, study_id: int, cfg: StudySection, url: str
+) -> None:
+    """A study keeps the objectives it was created with (one from before they were
+    configurable: [iou, params])."""
+    attrs = storage_obj.get_study_user_attrs(study_id)
+    kept = attrs.get(OBJECTIVES_ATTR)
+    if kept is None:
+        found = [d.name.lower() for d in storage_obj.get_study_directions(study_id)]
+        if found != directions(DEFAULT_OBJECTIVES):  # not a study nas wrote
+            raise NasError(url, f"study {cfg.name!r} exists with directions {found}")
+        kept = list(DEFAULT_OBJECTIVES)
+    if list(kept) != list(cfg.objectives):
+        raise NasError(
+            url,
+            f"study {cfg.name!r} was created with objectives {list(kept)}; the space asks for "
+            f"{list(cfg.objectives)} (use another study name, or the same objectives)",
+        )
 
 
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -290,13 +335,61 @@ class StopAtTotal:
             study.stop()
 
 
-def _dominated(study: optuna.Study, iou: float, n_params: int) -> bool:
-    """Whether a completed trial is at least as good on both objectives and better on one."""
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        better_iou, fewer = other.values[0] >= iou, other.values[1] <= n_params
-        if better_iou and fewer and (other.values[0] > iou or other.values[1] < n_params):
-            return True
-    return False
+def _dominated(study: optuna.Study, values: Sequence[float], objectives: Sequence[str]) -> bool:
+    """Whether a completed feasible trial is at least as good on every objective and better
+    on one."""
+    others = [r for r in records(study.get_trials(deepcopy=False)) if r.complete and r.feasible]
+    if not others:
+        return False
+    points = np.array([[r.quantity(n) for n in objectives] for r in others] + [list(values)])
+    return not bool(non_dominated(points, objectives)[-1])
+
+
+def _set_constraints(
+    trial: optuna.Trial,
+    quantities: dict[str, float | None],
+    constraints: dict[str, Bound],
+    before_training: bool,
+) -> None:
+    """Optuna's constraint values (<= 0: holds), which its samplers (TPE, NSGA-II) read to
+    learn the feasible region: those on quantities known before training, or the others
+    (each may be set once); a quantity not known counts as holding."""
+    for name, value in zip(sorted(constraints), violations(quantities, constraints), strict=True):
+        if OBJECTIVES[name].before_training == before_training:
+            trial.set_constraint(name, value)
+
+
+def measure(
+    candidate: Candidate,
+    window: Sequence[int],
+    in_channels: int,
+    device: torch.device,
+    cfg: StudySection,
+) -> dict[str, float | None]:
+    """What the built network costs, before it trains: parameters and MACs always; latency
+    and peak memory (nas.measure) when an objective or a constraint names them."""
+    model = init_model(candidate.unet, candidate.train.seed)
+    quantities: dict[str, float | None] = {
+        "params": count_parameters(model),
+        "macs": count_macs(model, in_channels, window),
+    }
+    needed = {*cfg.objectives, *cfg.constraints}
+    where = torch.device(cfg.latency.device) if cfg.latency.device else device
+    batch = cfg.latency.batch
+    if "latency_ms" in needed:
+        latency = measure_latency(model.to(where), window, in_channels, where,
+                                  cfg.latency.threads, batch)  # fmt: skip
+        quantities["latency_ms"] = round(latency.median_ms, 4)
+        quantities[LATENCY_IQR_ATTR] = round(latency.iqr_ms, 4)
+    if "memory_mb" in needed:
+        if where.type == "cuda":
+            quantities["memory_mb"] = cuda_peak_mb(model.to(where), window, in_channels, batch)
+        else:  # no allocator peak on a CPU: the estimate, for `batch` windows
+            one = estimate_inference_bytes(candidate.unet, window, in_channels)
+            weights = quantities["params"] * 4 * 1.5
+            quantities["memory_mb"] = (weights + batch * (one - weights)) / MB
+    del model
+    return quantities
 
 
 def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: float) -> None:
@@ -331,7 +424,7 @@ def make_objective(
     device: torch.device,
     study_dir: Path,
     schedule: Schedule,
-) -> Callable[[optuna.Trial], tuple[float, int]]:
+) -> Callable[[optuna.Trial], list[float]]:
     """The function Optuna calls per trial: a thin adapter between a trial and
     `train_candidate`. A new trial samples a candidate, checks its memory, counts it and
     trains it to the lowest rung; a trial enqueued with `continues` loads that trial's state
@@ -349,8 +442,11 @@ def make_objective(
     gb = space.study.max_memory_gb
     memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
     top = schedule.rungs[-1]
+    objectives = space.study.objectives
+    # What the pruner compares a candidate on besides its curve: the objectives to minimise.
+    cost_names = [name for name in objectives if not OBJECTIVES[name].maximise]
 
-    def objective(trial: optuna.Trial) -> tuple[float, int]:
+    def objective(trial: optuna.Trial) -> list[float]:
         start = time.perf_counter()
         try:
             trial.set_user_attr("worker", worker_id())  # first: who owns this trial
@@ -411,7 +507,7 @@ def make_objective(
             trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
         return candidate, state, parent
 
-    def run_trial(trial: optuna.Trial, start: float) -> tuple[float, int]:
+    def run_trial(trial: optuna.Trial, start: float) -> list[float]:
         continues = trial.user_attrs.get("continues")
         parent, until = None, top
         if continues is None:
@@ -423,16 +519,20 @@ def make_objective(
                 until = int(trial.user_attrs["until"])
             elif state.epoch >= top:  # (a study from before `until` was recorded)
                 until = state.epoch * schedule.eta
-        model = init_model(candidate.unet, candidate.train.seed)
-        n_params = count_parameters(model)
         two_d = candidate.unet.spatial_dims == 2
         patch = candidate.train.patch_size_2d if two_d else candidate.train.patch_size_3d
-        macs = count_macs(model, in_channels, patch)
-        del model
+        if parent is None:
+            quantities = measure(candidate, patch, in_channels, device, space.study)
+        else:  # the same network: its costs as measured when it started (latency varies)
+            record = TrialRecord.of(parent)
+            quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}
+            quantities[LATENCY_IQR_ATTR] = record.latency_iqr_ms
+        n_params, macs = int(quantities["params"]), int(quantities["macs"])
         trial.set_user_attr("unet_config", candidate.unet.to_dict())
         trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
-        trial.set_user_attr("n_params", n_params)
-        trial.set_user_attr("macs", macs)
+        for name, value in quantities.items():
+            if value is not None:
+                trial.set_user_attr(QUANTITY_ATTRS.get(name, name), value)
         trial.set_user_attr("summary", summary(candidate.unet, n_params))
         trial.set_user_attr("rungs", list(schedule.rungs))
         steps_per_epoch = candidate.train.batches_per_epoch
@@ -442,6 +542,16 @@ def make_objective(
             outcome.setdefault("seconds", time.perf_counter() - start)
             text = trial_note(trial.number, candidate.unet, n_params, macs, patch, outcome)
             save_note(trial, text)
+
+        constraints = space.study.constraints
+        if constraints:
+            _set_constraints(trial, quantities, constraints, before_training=True)
+            broken = rejection(quantities, constraints)
+            if broken:  # known before training: none is spent on it
+                _set_constraints(trial, quantities, constraints, before_training=False)
+                trial.set_user_attr(REJECTED_ATTR, broken)
+                note("PRUNED", reason=f"rejected before training: {broken}")
+                raise optuna.TrialPruned(f"rejected before training: {broken}")
 
         history = parent.user_attrs if parent is not None else {}
         train_losses: list[float] = list(history.get("train_loss", []))
@@ -472,10 +582,11 @@ def make_objective(
             if result.epoch in schedule.rungs[:-1]:
                 return promote_now(peers, result)
             best = best_up_to(curve, result.epoch)
+            costs = {name: quantities[name] for name in cost_names}
             if dominated_at_epoch(
-                space.study.pruner, peers, trial.number, n_params, result.epoch, best
+                space.study.pruner, peers, trial.number, costs, result.epoch, best
             ):
-                pruned.append(f"stopped at epoch {result.epoch}: dominated by smaller networks")
+                pruned.append(f"stopped at epoch {result.epoch}: dominated by cheaper networks")
                 return False
             return True
 
@@ -508,13 +619,18 @@ def make_objective(
             reason = f"trained, but its weights could not be saved ({err.strerror or err})"
             note("FAIL", reason=reason, val_iou=result.scores.iou)
             raise CandidateFailed(reason) from err
+        quantities |= {"iou": result.scores.iou, "dice": result.scores.dice}
+        if constraints:  # on scores too: a trial that breaks one is infeasible
+            _set_constraints(trial, quantities, constraints, before_training=False)
+        values = values_of(quantities, objectives)
         title = f"trial {trial.number}, IoU {result.scores.iou:.3f}"
         try:
             overlay = overlay_path(study_dir, trial.number)
             write_overlay(outcome.model, shown_case, patch, device, data.slicing.axis, overlay,
                           title)  # fmt: skip
             upload(trial, study_dir, overlay)
-            if not _dominated(trial.study, result.scores.iou, n_params):
+            feasible = not constraints or max(violations(quantities, constraints)) <= 0
+            if feasible and not _dominated(trial.study, values, objectives):
                 # On the front now: the only moment its weights can still join the trial (a
                 # finished trial is read-only), and every final front member passes here.
                 upload(trial, study_dir, weights)
@@ -524,7 +640,7 @@ def make_objective(
             trial.set_user_attr("artifact_error", f"{type(err).__name__}: {err}")
         note("COMPLETE", val_iou=result.scores.iou, val_dice=result.scores.dice,
              epochs_run=reached)  # fmt: skip
-        return result.scores.iou, n_params
+        return values
 
     return objective
 

@@ -302,7 +302,8 @@ def test_predict_reads_a_single_file_and_writes_a_single_file(exported, datasets
 def test_best_and_a_size_budget_pick_from_the_front(studies):
     study = optuna.create_study(directions=["maximize", "minimize"])
     for iou, n_params in ((0.5, 1_000), (0.7, 5_000), (0.8, 20_000), (0.6, 30_000)):
-        study.add_trial(create_trial(values=[iou, n_params]))
+        attrs = {"val_iou": iou, "n_params": n_params}  # as the objective records them
+        study.add_trial(create_trial(values=[iou, n_params], user_attrs=attrs))
     assert choose_trial(study, None, None).values == [0.8, 20_000]
     assert choose_trial(study, None, 6_000).values == [0.7, 5_000]
     assert choose_trial(study, None, 1_000).values == [0.5, 1_000]

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from nas.dashboard import exposure_warning
@@ -189,10 +190,11 @@ def test_dashboard_draws_the_pareto_front_in_chromium(finished, dashboard, brows
     page.goto(f"{dashboard}/dashboard/studies/{entry['study_id']}")
     page.wait_for_selector("#graph-pareto-front path.point", timeout=60_000)
     assert page.locator("#graph-pareto-front path.point").count() >= 1
-    # The learning curves, published as a plot of the study (one line per trial).
+    # The front's learning curves, published as a plot of the study (a line per member).
     curves = '[id="user-defined-plot:learning-curves"]'
     page.wait_for_selector(f"{curves} path.js-line", timeout=30_000)
-    assert page.locator(f"{curves} .scatterlayer .trace").count() == 4
+    members = len(pd.read_csv(finished / "pareto.csv"))
+    assert page.locator(f"{curves} .scatterlayer .trace").count() == members
     # A completed trial's page: its note, its per-epoch values and its overlay image.
     detail = json.loads(_get(f"{dashboard}/api/studies/{entry['study_id']}"))
     number = next(t["number"] for t in detail["trials"] if t["state"] == "Complete")

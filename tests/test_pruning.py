@@ -43,39 +43,59 @@ PEERS = _numbered(
 
 def test_a_dominated_candidate_is_stopped():
     # 60k params, IoU 0.5 at epoch 3: three smaller trials were better then.
-    assert dominated_at_epoch(CFG, PEERS, number=99, n_params=60_000, epoch=3, iou=0.5)
+    assert dominated_at_epoch(CFG, PEERS, number=99, costs={"params": 60_000}, epoch=3, iou=0.5)
 
 
 def test_a_small_candidate_with_a_modest_but_unmatched_iou_is_kept():
     # 800 params: nobody that small exists, so IoU 0.3 is a point of the front.
-    assert not dominated_at_epoch(CFG, PEERS, number=99, n_params=800, epoch=3, iou=0.3)
+    assert not dominated_at_epoch(CFG, PEERS, number=99, costs={"params": 800}, epoch=3, iou=0.3)
     # 2k params: only one smaller trial (1k) beat it; k = 2 are needed.
-    assert not dominated_at_epoch(CFG, PEERS, number=99, n_params=2_000, epoch=3, iou=0.5)
+    assert not dominated_at_epoch(CFG, PEERS, number=99, costs={"params": 2_000}, epoch=3, iou=0.5)
 
 
 def test_warm_up_epochs_are_respected():
-    assert not dominated_at_epoch(CFG, PEERS, number=99, n_params=60_000, epoch=2, iou=0.0)
-    assert dominated_at_epoch(CFG, PEERS, number=99, n_params=60_000, epoch=3, iou=0.0)
+    assert not dominated_at_epoch(CFG, PEERS, number=99, costs={"params": 60_000}, epoch=2, iou=0.0)
+    assert dominated_at_epoch(CFG, PEERS, number=99, costs={"params": 60_000}, epoch=3, iou=0.0)
 
 
 def test_minimum_trials_are_respected():
     strict = PrunerConfig(warmup_epochs=0, k=1, min_trials=5)
-    assert not dominated_at_epoch(strict, PEERS, number=99, n_params=60_000, epoch=3, iou=0.0)
+    assert not dominated_at_epoch(
+        strict, PEERS, number=99, costs={"params": 60_000}, epoch=3, iou=0.0
+    )
     # A trial that never reached the epoch does not count towards the minimum.
     short = _numbered([_history(100, [0.9]) for _ in range(4)])
     lenient = PrunerConfig(warmup_epochs=0, k=1, min_trials=4)
-    assert dominated_at_epoch(lenient, short, number=99, n_params=1_000, epoch=1, iou=0.1)
-    assert not dominated_at_epoch(lenient, short, number=99, n_params=1_000, epoch=2, iou=0.1)
+    assert dominated_at_epoch(lenient, short, number=99, costs={"params": 1_000}, epoch=1, iou=0.1)
+    assert not dominated_at_epoch(
+        lenient, short, number=99, costs={"params": 1_000}, epoch=2, iou=0.1
+    )
 
 
 def test_a_trial_is_not_compared_with_itself_and_none_disables_pruning():
     itself = PEERS[2].number
     own = _numbered([*PEERS])
     assert not dominated_at_epoch(
-        PrunerConfig(warmup_epochs=0, k=3, min_trials=1), own, itself, 50_000, 3, 0.8
+        PrunerConfig(warmup_epochs=0, k=3, min_trials=1), own, itself, {"params": 50_000}, 3, 0.8
     )
     off = PrunerConfig(type="none")
-    assert not dominated_at_epoch(off, PEERS, number=99, n_params=10**9, epoch=4, iou=0.0)
+    assert not dominated_at_epoch(off, PEERS, number=99, costs={"params": 10**9}, epoch=4, iou=0.0)
+
+
+def test_with_more_costs_a_peer_must_cost_no_more_on_every_one():
+    # Three objectives to minimise besides IoU: a peer with fewer parameters but a slower
+    # forward pass does not count against a fast candidate.
+    def timed(n_params, latency, curve):
+        trial = _history(n_params, curve)
+        trial.user_attrs["latency_ms"] = latency
+        return trial
+
+    peers = _numbered([timed(1_000, 9.0, [0.6, 0.7]), timed(2_000, 8.0, [0.6, 0.7])])
+    lenient = PrunerConfig(warmup_epochs=0, k=2, min_trials=2)
+    fast = {"params": 5_000, "latency_ms": 2.0}
+    assert not dominated_at_epoch(lenient, peers, 99, fast, epoch=2, iou=0.5)
+    slow = {"params": 5_000, "latency_ms": 10.0}
+    assert dominated_at_epoch(lenient, peers, 99, slow, epoch=2, iou=0.5)
 
 
 def test_peers_are_compared_on_their_best_iou_so_far():
@@ -83,8 +103,8 @@ def test_peers_are_compared_on_their_best_iou_so_far():
     # have still shown 0.7, so a larger candidate at 0.5 is dominated.
     dipping = _numbered([_history(1_000, [0.2, 0.7, 0.1]), _history(2_000, [0.3, 0.7, 0.1])])
     lenient = PrunerConfig(warmup_epochs=1, k=2, min_trials=2)
-    assert dominated_at_epoch(lenient, dipping, 99, n_params=3_000, epoch=3, iou=0.5)
-    assert not dominated_at_epoch(lenient, dipping, 99, n_params=3_000, epoch=3, iou=0.7)
+    assert dominated_at_epoch(lenient, dipping, 99, costs={"params": 3_000}, epoch=3, iou=0.5)
+    assert not dominated_at_epoch(lenient, dipping, 99, costs={"params": 3_000}, epoch=3, iou=0.7)
     # A later epoch does not leak into an earlier comparison.
     assert best_up_to({1: 0.2, 2: 0.7, 3: 0.1}, 1) == 0.2
 
@@ -100,8 +120,10 @@ def test_histories_from_a_single_direction_study_work_too(tmp_path):
             )
         )
     lenient = PrunerConfig(warmup_epochs=1, k=2, min_trials=2)
-    assert dominated_at_epoch(lenient, study.trials, 99, n_params=3_000, epoch=3, iou=0.5)
-    assert not dominated_at_epoch(lenient, study.trials, 99, n_params=1_500, epoch=3, iou=0.5)
+    assert dominated_at_epoch(lenient, study.trials, 99, costs={"params": 3_000}, epoch=3, iou=0.5)
+    assert not dominated_at_epoch(
+        lenient, study.trials, 99, costs={"params": 1_500}, epoch=3, iou=0.5
+    )
 
 
 @pytest.mark.slow

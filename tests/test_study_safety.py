@@ -182,8 +182,13 @@ class _FinishesDuringTheRewrite:
     def _after_read(self, value):
         self._reads += 1
         if self._reads == 1:
+            self._study._storage.set_trial_user_attr(self._trial_id(), "val_iou", 0.99)
+            self._study._storage.set_trial_user_attr(self._trial_id(), "n_params", 10)
             self._study.tell(self._late, [0.99, 10])
         return value
+
+    def _trial_id(self) -> int:
+        return next(t._trial_id for t in self._study.trials if t.number == self._late)
 
     @property
     def best_trials(self):
@@ -202,7 +207,8 @@ def test_a_trial_finishing_during_a_rewrite_keeps_its_weights(tmp_path):
         storage=f"sqlite:///{tmp_path / 'study.db'}", directions=["maximize", "minimize"]
     )
     for iou, n_params in ((0.5, 100), (0.2, 500)):
-        study.add_trial(create_trial(values=[iou, n_params]))
+        attrs = {"val_iou": iou, "n_params": n_params}  # as the objective records them
+        study.add_trial(create_trial(values=[iou, n_params], user_attrs=attrs))
     late = study.ask().number  # running, weights already saved, as the objective does
     for number in (0, 1, late):
         save_checkpoint(tmp_path, number, {"w": torch.zeros(1)})
