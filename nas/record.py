@@ -61,6 +61,21 @@ class TrialRecord:
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
+        """The record of `trial`; a finished trial's is read once per object (Optuna's cached
+        storage hands out the same object for it on every read, and it no longer changes)."""
+        if not trial.state.is_finished():
+            return cls._read(trial)
+        cached = _FINISHED.get(id(trial))
+        if cached is not None and cached[0] is trial:
+            return cached[1]
+        if len(_FINISHED) >= _FINISHED_MAX:
+            _FINISHED.clear()
+        record = cls._read(trial)
+        _FINISHED[id(trial)] = (trial, record)
+        return record
+
+    @classmethod
+    def _read(cls, trial: FrozenTrial) -> TrialRecord:
         attrs = trial.user_attrs
         quantities = {name: _number(attrs.get(attr)) for name, attr in QUANTITY_ATTRS.items()}
         return cls(
@@ -109,6 +124,12 @@ class TrialRecord:
     def feasible(self) -> bool:
         """No constraint broken (a study without constraints: always)."""
         return self.rejected is None and all(v <= 0 for v in self.violations)
+
+
+# Records of finished trials by the id of their FrozenTrial, holding the trial itself so that
+# the id cannot be reused while the entry lives; cleared when full.
+_FINISHED: dict[int, tuple[FrozenTrial, TrialRecord]] = {}
+_FINISHED_MAX = 20_000
 
 
 def records(trials: Sequence[FrozenTrial]) -> list[TrialRecord]:

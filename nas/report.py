@@ -140,9 +140,9 @@ def _front_figure(
         for name, group in groups.items():
             group = [r for r in group if r.quantity(other) is not None]
             fig.add_trace(
-                go.Scatter(
-                    x=[r.quantity(other) for r in group],
-                    y=[r.quantity(score) for r in group],
+                go.Scatter(  # arrays: plotly checks them whole, not value by value
+                    x=np.array([r.quantity(other) for r in group], dtype=float),
+                    y=np.array([r.quantity(score) for r in group], dtype=float),
                     mode="markers",
                     name=name,
                     legendgroup=name,
@@ -193,9 +193,8 @@ def _hypervolume_figure(trials: Sequence[FrozenTrial], objectives: Sequence[str]
     if done:
         points, reference, note = normalised_points(done, objectives)
         curve = running_hypervolume(points, reference)
-        fig.add_trace(
-            go.Scatter(x=[r.number for r in done], y=curve, mode="lines+markers", name="front")
-        )
+        numbers = np.array([r.number for r in done])
+        fig.add_trace(go.Scatter(x=numbers, y=np.array(curve), mode="lines+markers", name="front"))
         note = f"{note}; reference ({', '.join(f'{v:g}' for v in reference)})"
     else:
         note = "no completed trial yet"

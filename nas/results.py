@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from nas.fidelity import may_continue  # noqa: E402
@@ -207,7 +207,8 @@ def _plot_front(
             if not OBJECTIVES[other].maximise:
                 ax.set_xscale("log")
                 # Plain numbers: matplotlib's default 10^k labels go through its slow mathtext.
-                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.4g}"))
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # within a decade too
+                ax.xaxis.set_major_formatter(FuncFormatter(_plain))
                 ax.xaxis.set_minor_locator(NullLocator())  # the refresh runs after each trial
             ax.legend(loc="lower right")
         else:
@@ -220,6 +221,11 @@ def _plot_front(
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.9, wspace=0.25)
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+def _plain(value: float, _position: int) -> str:
+    """A tick label without mathtext: 20, 5,000, 1,000,000, 0.5."""
+    return f"{value:,.0f}" if value >= 1 else f"{value:.3g}"
 
 
 def write_results(
