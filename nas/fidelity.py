@@ -39,6 +39,8 @@ from typing import Literal
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
+from nas.objectives import TIMED
+
 
 class FidelityConfig(BaseModel):
     """type: asha (multi-fidelity), or none to train every candidate for `train.epochs`.
@@ -100,11 +102,16 @@ class Member:
     n_params: int
     iou: float  # validation IoU at the rung
     step_macs: float = 0.0  # the compute of one training step (0: not recorded)
+    # Latency and peak memory, where the study measures them (an objective or constraint).
+    costs: tuple[float, ...] = ()
 
 
 def member(trial: FrozenTrial, iou: float) -> Member:
     attrs = trial.user_attrs
-    return Member(trial.number, lineage(trial), int(attrs["n_params"]), iou, step_macs(trial))
+    costs = tuple(float(attrs[name]) for name in TIMED if name in attrs)
+    return Member(
+        trial.number, lineage(trial), int(attrs["n_params"]), iou, step_macs(trial), costs
+    )
 
 
 def step_macs(trial: FrozenTrial) -> float:
@@ -147,10 +154,10 @@ def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
 
 
 def rank(members: Sequence[Member]) -> list[Member]:
-    """Best first: non-dominated fronts on (max IoU, min params, min step cost), each by
-    crowding distance. The cost enters because the budget is spent in compute: at equal steps
-    a network costing ten times more per step must beat a cheap one on IoU or size to train
-    on ahead of it."""
+    """Best first: non-dominated fronts on (max IoU, min params, min step cost, and min latency
+    and memory where the study measures them), each by crowding distance. The step cost enters
+    because the budget is spent in compute: at equal steps a network costing ten times more
+    per step must beat a cheap one on IoU or size to train on ahead of it."""
     left = list(members)
     ranked: list[Member] = []
     while left:
@@ -161,18 +168,32 @@ def rank(members: Sequence[Member]) -> list[Member]:
     return ranked
 
 
+def _criteria(member: Member, width: int) -> tuple[float, ...]:
+    """What a member is ranked on, every one to maximise: IoU, fewer parameters, cheaper
+    steps, and lower latency and memory where all members have them (`width` of them)."""
+    costs = member.costs if len(member.costs) == width else (0.0,) * width
+    return (member.iou, -member.n_params, -member.step_macs, *(-c for c in costs))
+
+
 def _dominates(one: Member, other: Member) -> bool:
-    better = (one.iou, -one.n_params, -one.step_macs)
-    worse = (other.iou, -other.n_params, -other.step_macs)
+    width = len(one.costs) if len(one.costs) == len(other.costs) else 0
+    better, worse = _criteria(one, width), _criteria(other, width)
     return all(b >= w for b, w in zip(better, worse, strict=True)) and better != worse
 
 
 def _crowding(front: Sequence[Member]) -> dict[int, float]:
     distance = {m.lineage: 0.0 for m in front}
+    widths = {len(m.costs) for m in front}
+    width = widths.pop() if len(widths) == 1 else 0
+
+    def cost(index: int) -> Callable[[Member], float]:
+        return lambda m: math.log(max(m.costs[index], 1e-9))
+
     keys = (
         lambda m: m.iou,
         lambda m: math.log(max(m.n_params, 1)),
         lambda m: math.log(max(m.step_macs, 1.0)),
+        *(cost(i) for i in range(width)),
     )
     for key in keys:
         ordered = sorted(front, key=key)

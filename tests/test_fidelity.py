@@ -71,6 +71,12 @@ def test_ranking_counts_what_a_step_costs():
     assert [m.number for m in rank([dear, middling, cheap])] == [0, 1, 2]
     free = [Member(m.number, m.lineage, m.n_params, m.iou) for m in (dear, middling, cheap)]
     assert [m.number for m in rank(free)] == [0, 2, 1]
+    # Where the study measures latency, a slower network of the same size and compute must
+    # beat a faster one on IoU to rank ahead of it.
+    fast = Member(5, 5, 50_000, 0.60, step_macs=1e9, costs=(2.0,))
+    slow = Member(6, 6, 50_000, 0.61, step_macs=1e9, costs=(9.0,))
+    slower = Member(7, 7, 50_000, 0.60, step_macs=1e9, costs=(12.0,))  # dominated by fast
+    assert [m.number for m in rank([slower, slow, fast])][2] == 7
     # Unrecorded costs (0: a study from before) leave the ranking to IoU and size.
     assert [m.number for m in rank([Member(3, 3, 10, 0.5), Member(4, 4, 10, 0.4)])] == [3, 4]
 
