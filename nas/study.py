@@ -525,9 +525,13 @@ def make_objective(
             quantities = measure(candidate, patch, in_channels, device, space.study)
         else:  # the same network: its costs as measured when it started (latency varies)
             record = TrialRecord.of(parent)
-            quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}
+            quantities = {
+                name: record.quantity(name)
+                for name in QUANTITY_ATTRS
+                if OBJECTIVES[name].before_training  # its scores are this trial's to find
+            }
             quantities[LATENCY_IQR_ATTR] = record.latency_iqr_ms
-        n_params, macs = int(quantities["params"]), int(quantities["macs"])
+        n_params, macs = int(quantities["params"]), int(quantities["macs"] or 0)
         trial.set_user_attr("unet_config", candidate.unet.to_dict())
         trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
         for name, value in quantities.items():
