@@ -84,6 +84,12 @@ class Bound(BaseModel):
         return float(max(over, under))
 
 
+def score_of(names: Sequence[str]) -> str:
+    """The objective the tools rank by and draw on the y axis: the first maximised (IoU or
+    Dice), else the first."""
+    return next((n for n in names if OBJECTIVES[n].maximise), names[0])
+
+
 def directions(names: Sequence[str]) -> list[str]:
     return [OBJECTIVES[name].direction for name in names]
 

@@ -10,7 +10,7 @@ written before a field existed read it as None.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,10 +18,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import NasError
-from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound, Objective
+from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of
 
-# The study's user attrs holding its objectives and constraints (a study from before they
-# were configurable has neither: [iou, params], no constraints).
+# The study's user attrs holding its objectives and, for the record, its constraints (a study
+# from before they were configurable has neither: [iou, params], no constraints).
 OBJECTIVES_ATTR = "objectives"
 CONSTRAINTS_ATTR = "constraints"
 # Where each quantity is kept among a trial's user attrs.
@@ -57,7 +57,6 @@ class TrialRecord:
     violations: tuple[float, ...] = ()  # Optuna's constraint values: <= 0 when one holds
     latency_iqr_ms: float | None = None
     completed_at: datetime | None = None
-    attrs: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
@@ -97,7 +96,6 @@ class TrialRecord:
             violations=tuple(trial.constraints.values()),
             latency_iqr_ms=_number(attrs.get(LATENCY_IQR_ATTR)),
             completed_at=trial.datetime_complete,
-            attrs=attrs,
         )
 
     def quantity(self, name: str) -> float | None:
@@ -142,10 +140,9 @@ def _number(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class StudyObjectives:
-    """A study's objectives (in the order of its values) and constraints."""
+    """A study's objectives, in the order of its values."""
 
     objectives: tuple[Objective, ...]
-    constraints: Mapping[str, Bound]
 
     @property
     def names(self) -> list[str]:
@@ -153,20 +150,13 @@ class StudyObjectives:
 
     @property
     def score(self) -> Objective:
-        """The objective the tools rank by when they pick one: the first maximised (IoU or
-        Dice), else the first."""
-        return next((o for o in self.objectives if o.maximise), self.objectives[0])
-
-    @property
-    def costs(self) -> list[Objective]:
-        return [o for o in self.objectives if not o.maximise]
+        """The objective the tools rank by when they pick one (`objectives.score_of`)."""
+        return OBJECTIVES[score_of(self.names)]
 
 
 def study_objectives(study: optuna.Study) -> StudyObjectives:
-    attrs = study.user_attrs
-    names = attrs.get(OBJECTIVES_ATTR, list(DEFAULT_OBJECTIVES))
+    names = study.user_attrs.get(OBJECTIVES_ATTR, list(DEFAULT_OBJECTIVES))
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
         raise NasError(study.study_name, f"records unknown objective(s) {unknown}")
-    bounds = {k: Bound(**v) for k, v in attrs.get(CONSTRAINTS_ATTR, {}).items()}
-    return StudyObjectives(tuple(OBJECTIVES[n] for n in names), bounds)
+    return StudyObjectives(tuple(OBJECTIVES[n] for n in names))

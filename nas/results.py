@@ -22,7 +22,13 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E4
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from nas.fidelity import may_continue  # noqa: E402
-from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, as_minimised, non_dominated  # noqa: E402
+from nas.objectives import (  # noqa: E402
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    as_minimised,
+    non_dominated,
+    score_of,
+)
 from nas.record import TrialRecord, records, study_objectives  # noqa: E402
 from nas.staging import atomic_write  # noqa: E402
 
@@ -173,7 +179,7 @@ def trials_table(trials: list[FrozenTrial], test_scores: dict | None = None) -> 
 
 def panels(objectives: Sequence[str]) -> tuple[str, list[str]]:
     """The score drawn on the y axis and the objectives drawn against it, one panel each."""
-    score = next((n for n in objectives if OBJECTIVES[n].maximise), objectives[0])
+    score = score_of(objectives)
     return score, [n for n in objectives if n != score]
 
 

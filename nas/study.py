@@ -48,7 +48,13 @@ from nas.fidelity import (
 )
 from nas.liveness import JournalHeartbeat, is_journal, worker_id
 from nas.measure import MB, cuda_peak_mb, measure_latency
-from nas.memory import check_fits, default_memory_limit_bytes, estimate_inference_bytes
+from nas.memory import (
+    BYTES_PER_VALUE,
+    SAFETY_FACTOR,
+    check_fits,
+    default_memory_limit_bytes,
+    estimate_inference_bytes,
+)
 from nas.objectives import (
     DEFAULT_OBJECTIVES,
     OBJECTIVES,
@@ -386,7 +392,7 @@ def measure(
             quantities["memory_mb"] = cuda_peak_mb(model.to(where), window, in_channels, batch)
         else:  # no allocator peak on a CPU: the estimate, for `batch` windows
             one = estimate_inference_bytes(candidate.unet, window, in_channels)
-            weights = quantities["params"] * 4 * 1.5
+            weights = quantities["params"] * BYTES_PER_VALUE * SAFETY_FACTOR  # as in `one`
             quantities["memory_mb"] = (weights + batch * (one - weights)) / MB
     del model
     return quantities
