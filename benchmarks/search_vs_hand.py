@@ -74,7 +74,7 @@ DEFAULT_CACHE = Path(__file__).with_name("search_vs_hand_cache.json")
 STUDY_NAME = "mniwm"
 # The code a hand network's result depends on: a change to any of it reruns the hand arms.
 CODE_FILES = (
-    "nas/train.py", "nas/builder.py", "nas/evaluate.py", "nas/losses.py", "nas/patch_plan.py",
+    "nas/train.py", "nas/builder.py", "nas/validate.py", "nas/losses.py", "nas/patch_plan.py",
     "nas/heldout.py", "nas/predict.py", "nas/exported.py",
 )  # fmt: skip
 HAND_NETWORKS = {

@@ -19,7 +19,7 @@ from optuna.artifacts import FileSystemArtifactStore  # noqa: E402
 from torch import nn  # noqa: E402
 
 from nas.data import Case  # noqa: E402
-from nas.evaluate import predict_case  # noqa: E402
+from nas.validate import predict_case  # noqa: E402
 
 ARTIFACTS_DIR = "artifacts"
 OVERLAYS_DIR = "overlays"

@@ -33,7 +33,7 @@ from nas.data import DataConfig, Dataset
 from nas.data.layouts import CaseFiles, nifti_stem
 from nas.data.preprocess import check_finite, read_channels, read_label
 from nas.errors import NasError
-from nas.evaluate import PooledCounts, Scores
+from nas.validate import PooledCounts, Scores
 from nas.export import export
 from nas.exported import ModelCard, load, read_card
 from nas.predict import Scan, find_scans, segment_classes

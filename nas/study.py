@@ -32,7 +32,7 @@ from nas.builder import UNetConfig, count_parameters
 from nas.candidate import TrainingData, TrainingState, load_state, save_state, train_candidate
 from nas.describe import count_macs, summary, trial_note
 from nas.errors import NasError
-from nas.evaluate import Scores
+from nas.validate import Scores
 from nas.fidelity import (
     Budget,
     Promotion,

@@ -25,7 +25,7 @@ from torch import nn
 
 from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
-from nas.evaluate import Scores, evaluate
+from nas.validate import Scores, evaluate
 from nas.losses import DiceCELoss
 
 # The largest patch per axis: a whole 1024^2 slice (the largest common CT/MR matrix) in 2D, a

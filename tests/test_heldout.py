@@ -16,7 +16,7 @@ import torch
 
 from nas.data import DataConfig, load_dataset
 from nas.errors import NasError
-from nas.evaluate import Scores
+from nas.validate import Scores
 from nas.heldout import find_test_split, score_trials
 from nas.report import HELD_OUT
 from nas.results import TEST_SCORES_ATTR, checkpoint_path, pareto_front

@@ -9,7 +9,7 @@ from torch import nn
 
 from nas import build_unet
 from nas.data import Case
-from nas.evaluate import evaluate
+from nas.validate import evaluate
 from nas.losses import DiceCELoss
 from nas.train import CandidateFailed, TrainConfig, fit, init_model, pick_device
 
