@@ -34,8 +34,6 @@ from nas.data import DataConfig, load_dataset
 from nas.errors import NasError
 from nas.exported import (
     CARD_FILE,
-    ONNX_FILE,
-    PT2_FILE,
     WEIGHTS_FILE,
     Inference,
     ModelCard,
@@ -44,6 +42,7 @@ from nas.exported import (
     read_card,
     write_card,
 )
+from nas.inference import ONNX_FILE, PT2_FILE
 from nas.objectives import OBJECTIVES
 from nas.record import TrialRecord, study_objectives
 from nas.results import checkpoint_path, pareto_front

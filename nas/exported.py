@@ -6,34 +6,40 @@
     model.pt2          a torch.export program: torch.export.load(path).module()
     model.onnx         on request, checked against the eager model with onnxruntime
     README.md          the same facts for a person
+    fold_0/ ...        an ensemble instead: one subfolder per member (the folds of a
+                       cross-validation), each with its weights.pt and programs
 
 `load(folder)` rebuilds the network with `build_unet(**card.architecture)` and loads the
-weights; nothing in the folder is executed, and the weights load with weights_only=True. A
+weights; `load_predictor(folder)` does so for every member and averages their probabilities.
+Nothing in the folder is executed unless the pt2 engine is asked for, and the weights load
+with weights_only=True. A
 description whose weights and one inference window would not fit in memory is refused before
 any network is built.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
 from torch import nn
 
 from nas.builder import UNetConfig, build_unet
 from nas.data import Dataset
 from nas.data.preprocess import CasePlan, ChannelNorm
 from nas.errors import NasError
+from nas.inference import TTA, Engine, Predictor, choose_engine, load_runner
+from nas.inference import predictor as make_predictor
 from nas.memory import default_memory_limit_bytes, estimate_inference_bytes, format_gb
 from nas.yaml_file import read_yaml
 
 CARD_FILE = "architecture.yaml"
 WEIGHTS_FILE = "weights.pt"
-PT2_FILE = "model.pt2"
-ONNX_FILE = "model.onnx"
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 FORMAT_VERSION = 1
 
 
@@ -74,6 +80,14 @@ class Inference(_Strict):
     # The exported programs take spatial sizes that are multiples of this (at least twice it).
     size_multiple: tuple[int, ...]
     output: Literal["sigmoid", "softmax"]  # one foreground logit, or one per class
+    # "mirror": average over every flip of the input along its spatial axes (nnU-Net's TTA).
+    tta: Literal["none", "mirror"] = "none"
+
+
+class Postprocessing(_Strict):
+    """Applied to the predicted classes, chosen by cross-validation (nnU-Net's rule)."""
+
+    largest_component: tuple[str, ...] = ()  # classes reduced to their largest 3D component
 
 
 class ModelCard(_Strict):
@@ -85,9 +99,23 @@ class ModelCard(_Strict):
     inference: Inference
     labels: dict[str, int]  # class name -> voxel value in the masks, background first
     source: dict[str, Any]  # study, trial, storage, scores, dataset, date
+    postprocessing: Postprocessing = Postprocessing()
+    # Subfolders holding one ensemble member each; none: the folder is the one model.
+    members: tuple[str, ...] = ()
+
+    @field_validator("members")
+    @classmethod
+    def _plain_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:  # a member stays inside the model folder
+            if not MEMBER_NAME.match(name):
+                raise ValueError(f"member {name!r} is not a plain folder name")
+        return names
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig.from_dict(self.architecture)
+
+    def member_folders(self, folder: Path) -> list[Path]:
+        return [folder / name for name in self.members] or [folder]
 
 
 def describe_data(dataset: Dataset) -> dict[str, Any]:
@@ -170,13 +198,42 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise NasError(path, f"does not match the architecture ({reason})") from None
 
 
+def _load_network(card: ModelCard, member: Path, device: torch.device) -> nn.Module:
+    model = build_unet(card.unet_config())
+    load_weights(model, member / WEIGHTS_FILE)
+    return model.to(device).eval()
+
+
 def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The exported network in eval mode, with its weights, on `device`."""
+    """The exported network in eval mode, with its weights, on `device` (for an ensemble,
+    its first member; `load_predictor` uses them all)."""
     folder = Path(folder)
     card = read_card(folder)
     device = torch.device(device)
     if device.type != "cpu":
         _check_memory(folder / CARD_FILE, card, device)
-    model = build_unet(card.unet_config())
-    load_weights(model, folder / WEIGHTS_FILE)
-    return model.to(device).eval()
+    return _load_network(card, card.member_folders(folder)[0], device)
+
+
+def load_predictor(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    engine: Engine = "auto",
+    tta: TTA | None = None,
+) -> Predictor:
+    """Every member of the exported model on `engine`, averaged, with the card's mirroring
+    unless `tta` says otherwise."""
+    folder = Path(folder)
+    card = read_card(folder)
+    device = torch.device(device)
+    if device.type != "cpu":
+        _check_memory(folder / CARD_FILE, card, device)
+    cfg = card.unet_config()
+    runners = []
+    for member in card.member_folders(folder):
+        chosen = choose_engine(engine, member, device)
+        # Loaded whatever the engine, so that a missing or foreign weights.pt is refused.
+        network = _load_network(card, member, device)
+        runners.append(load_runner(member, cfg, chosen, device, network))
+    inference = card.inference
+    return make_predictor(runners, inference.output, cfg.spatial_dims, tta or inference.tta)

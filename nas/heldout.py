@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +33,12 @@ from nas.data import DataConfig, Dataset
 from nas.data.layouts import CaseFiles, nifti_stem
 from nas.data.preprocess import check_finite, read_channels, read_label
 from nas.errors import NasError
-from nas.validate import PooledCounts, Scores
 from nas.export import export
-from nas.exported import ModelCard, load, read_card
+from nas.exported import ModelCard, load_predictor, read_card
+from nas.inference import Predictor, predictor
 from nas.predict import Scan, find_scans, segment_classes
 from nas.results import TEST_SCORES_ATTR, checkpoint_path
+from nas.validate import PooledCounts, Scores
 
 IMAGES, LABELS = "imagesTs", "labelsTs"
 
@@ -135,23 +136,42 @@ def _label_classes(path: Path, class_of_value: dict[int, int]) -> np.ndarray:
     return lookup[label.astype(np.int64)]
 
 
+def test_cases(
+    predictor: Predictor, card: ModelCard, split: TestSplit, device: torch.device
+) -> Iterator[tuple[CaseFiles, np.ndarray, np.ndarray]]:
+    """Each test case with its predicted and its reference class indices (the file's own
+    voxel order), predicted by `predictor` (on `device`) as `card` describes."""
+    if len(card.labels) - 1 != split.n_classes:
+        raise ValueError(
+            f"the model has {len(card.labels) - 1} classes, the test split {split.n_classes}"
+        )
+    for case in split.cases:
+        classes, _ = segment_classes(predictor, card, Scan(case.name, case.images), device)
+        yield case, classes, _label_classes(case.label, split.class_of_value)
+
+
+def score_predictor(
+    predictor: Predictor, card: ModelCard, split: TestSplit, device: torch.device
+) -> Scores:
+    """IoU and Dice pooled over the test cases per class, as validation pools them."""
+    counts = PooledCounts(split.n_classes)
+    for _, prediction, reference in test_cases(predictor, card, split, device):
+        counts.add(prediction, reference)
+    return counts.scores()
+
+
 @torch.no_grad()
 def score_model(
     model: nn.Module, card: ModelCard, split: TestSplit, device: torch.device
 ) -> Scores:
     """IoU and Dice of `model` (on `device`), used as `card` describes, on the test split."""
-    if len(card.labels) - 1 != split.n_classes:
-        raise ValueError(
-            f"the model has {len(card.labels) - 1} classes, the test split {split.n_classes}"
-        )
     was_training = model.training
     model.eval()
-    counts = PooledCounts(split.n_classes)  # pooled as validation is
-    for case in split.cases:
-        classes, _ = segment_classes(model, card, Scan(case.name, case.images), device)
-        counts.add(classes, _label_classes(case.label, split.class_of_value))
+    inference = card.inference
+    single = predictor([model], inference.output, inference.spatial_dims, inference.tta)
+    scores = score_predictor(single, card, split, device)
     model.train(was_training)
-    return counts.scores()
+    return scores
 
 
 def score_trial(
@@ -166,7 +186,8 @@ def score_trial(
     with tempfile.TemporaryDirectory(prefix="nas-heldout-") as scratch:
         folder = Path(scratch) / f"trial_{trial.number:04d}"
         export(study, trial, weights, folder, formats=(), storage="", results=study_dir)
-        return score_model(load(folder, device), read_card(folder), split, device)
+        single = load_predictor(folder, device, engine="eager")
+        return score_predictor(single, read_card(folder), split, device)
 
 
 def _sha256(path: Path) -> str:

@@ -4,12 +4,16 @@ INPUT is a .nii/.nii.gz file or a folder of them: nnU-Net style channel files
 (`case_0000.nii.gz`, `case_0001.nii.gz`, ...) or one file per case (4D when the model takes
 several channels). Each scan goes through the preprocessing the model was trained with
 (RAS, nonzero crop, resampling, normalisation, all recorded in architecture.yaml), then 2D
-slice-wise or 3D sliding-window inference; the logits are resampled back to the cropped box
-(linear, as nnU-Net does), turned into labels, placed in the full volume and reoriented to
-the scan's own orientation. Each mask is a NIfTI with exactly the scan's shape and affine,
-holding the dataset's label values (uint8, or uint16/uint32 where a value needs it). OUTPUT
-is a file for a single-file INPUT (or a folder to write `<case>.nii.gz` into); for a folder
-INPUT, a folder.
+slice-wise or 3D sliding-window inference. An ensemble averages its members' probabilities,
+those of mirrored passes too with `--tta mirror`; `--engine` runs the members on ONNX Runtime
+or the exported program (auto: ONNX on a CPU when the export wrote it). The probabilities are
+resampled back to the cropped box (linear, as nnU-Net does), turned into labels,
+postprocessed as the card records (largest connected component of the classes where
+cross-validation showed it helps), placed in the full volume and reoriented to the scan's
+own orientation. Each mask is a NIfTI with exactly the scan's shape and affine, holding the
+dataset's label values (uint8, or uint16/uint32 where a value needs it). OUTPUT is a file
+for a single-file INPUT (or a folder to write `<case>.nii.gz` into); for a folder INPUT, a
+folder.
 """
 
 from __future__ import annotations
@@ -25,15 +29,16 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from nas.cli import add_device_option, device_option, exit_code
 from nas.data.layouts import nifti_stem
 from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
 from nas.errors import NasError
-from nas.validate import labels_from_logits, predict_logits
-from nas.exported import ModelCard, load, read_card
+from nas.exported import ModelCard, load_predictor, read_card
+from nas.inference import ENGINES, Predictor, classes_from_probabilities
+from nas.postprocess import keep_largest_component
+from nas.validate import predict_logits
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -101,33 +106,42 @@ def mask_values(labels: dict[str, int]) -> np.ndarray:
     return np.array(list(labels.values()), dtype)
 
 
+def postprocess(classes: np.ndarray, card: ModelCard) -> np.ndarray:
+    """The card's postprocessing applied to a class-index map."""
+    names = list(card.labels)
+    chosen = [names.index(name) for name in card.postprocessing.largest_component]
+    return keep_largest_component(classes, chosen) if chosen else classes
+
+
 @torch.no_grad()
 def segment_classes(
-    model: nn.Module, card: ModelCard, scan: Scan, device: torch.device
+    predictor: Predictor, card: ModelCard, scan: Scan, device: torch.device
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """Class indices (uint8, 0 = background, in the order of `card.labels`) of one scan in
-    its own voxel order, and the scan's first image. `model` is in eval mode on `device`."""
+    its own voxel order, and the scan's first image. `predictor` runs on `device`."""
     prep, inference = card.preprocessing, card.inference
     channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
     check_finite(channels, paths)
     image, box = prepare_image(channels, spacing_of(paths[0]), prep.plan(card.labels))
-    logits = predict_logits(
-        model, image, inference.patch_size, device, inference.slice_axis, windows_per_batch=8
+    probs = predict_logits(
+        predictor, image, inference.patch_size, device, inference.slice_axis, windows_per_batch=8
     )
     box_shape = tuple(s.stop - s.start for s in box)
-    if tuple(logits.shape[1:]) != box_shape:
-        logits = F.interpolate(logits[None], size=box_shape, mode="trilinear")[0]
+    if tuple(probs.shape[1:]) != box_shape:
+        probs = F.interpolate(probs[None], size=box_shape, mode="trilinear")[0]
     classes = np.zeros(channels[0].shape, np.uint8)
-    classes[box] = labels_from_logits(logits).cpu().numpy()
+    classes[box] = postprocess(
+        classes_from_probabilities(probs, inference.output).cpu().numpy(), card
+    )
     first = nib.load(paths[0])
     return _from_ras(classes, first), first
 
 
 def segment(
-    model: nn.Module, card: ModelCard, scan: Scan, device: torch.device
+    predictor: Predictor, card: ModelCard, scan: Scan, device: torch.device
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """The label mask of one scan in its own voxel order, and the scan's first image."""
-    classes, first = segment_classes(model, card, scan, device)
+    classes, first = segment_classes(predictor, card, scan, device)
     return mask_values(card.labels)[classes], first
 
 
@@ -163,20 +177,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("input", type=Path, help="a .nii/.nii.gz file or a folder of them")
     parser.add_argument("output", type=Path, help="mask file, or folder for <case>.nii.gz")
     add_device_option(parser)
+    parser.add_argument(
+        "--engine", choices=ENGINES, default="auto",
+        help="eager PyTorch, the exported program, or ONNX Runtime (auto: ONNX on a CPU when "
+        "the export wrote model.onnx, else eager)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tta", choices=["none", "mirror"], help="test-time mirroring (default: as exported)"
+    )
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
     card = read_card(args.model)
     device = device_option(args.device)
-    model = load(args.model, device)
+    predictor = load_predictor(args.model, device, args.engine, args.tta)
     scans = find_scans(args.input, len(card.preprocessing.input_channels))
     outputs = output_paths(args.input, args.output, scans)
     # disable=None: a progress bar on a terminal, nothing in a log file.
     progress = tqdm(list(zip(scans, outputs, strict=True)), unit="scan", leave=False, disable=None)
     for scan, path in progress:
         progress.set_postfix_str(scan.name)
-        mask, like = segment(model, card, scan, device)
+        mask, like = segment(predictor, card, scan, device)
         write_mask(mask, like, path)
     print(f"wrote {len(outputs)} mask{'s' if len(outputs) != 1 else ''} to {args.output}")
     return 0

@@ -9,7 +9,7 @@ objective is the mean over classes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,14 +29,15 @@ class Scores:
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     image: np.ndarray,
     patch_size: Sequence[int],
     device: torch.device,
     slice_axis: int = 2,
     windows_per_batch: int = 16,
 ) -> torch.Tensor:
-    """Logits (K, X, Y, Z) on `device` for one preprocessed image (C, X, Y, Z).
+    """Logits (K, X, Y, Z) on `device` for one preprocessed image (C, X, Y, Z); what `model`
+    returns per window, so probabilities for a nas.inference.Predictor.
 
     patch_size: in-plane size for a 2D network (which sees slices along `slice_axis`),
     (X, Y, Z) for a 3D one.

@@ -194,11 +194,21 @@ def _reoriented(channels, spacing):
     return moved, affine
 
 
-def _eager_logits(folder: Path, channels: list[np.ndarray]) -> torch.Tensor:
-    """The logits the eager model gives on a RAS scan at the model's spacing, computed here
-    from the card: z-score, slices (2D) or volume (3D) through MONAI's sliding window."""
+def _eager_logits(
+    folder: Path, channels: list[np.ndarray], probabilities: bool = False
+) -> torch.Tensor:
+    """The logits (or probabilities: sigmoid or softmax per window, as predict blends them)
+    the eager model gives on a RAS scan at the model's spacing, computed here from the card:
+    z-score, slices (2D) or volume (3D) through MONAI's sliding window."""
     card = read_card(folder)
-    model = nas.load(folder)
+    network = nas.load(folder)
+    softmax = card.inference.output == "softmax"
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        if not probabilities:
+            return network(x)
+        return torch.softmax(network(x), 1) if softmax else torch.sigmoid(network(x))
+
     chosen = np.stack([channels[c] for c in card.preprocessing.channels])
     mean = chosen.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     std = chosen.std(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
@@ -213,8 +223,8 @@ def _eager_logits(folder: Path, channels: list[np.ndarray]) -> torch.Tensor:
         return sliding_window_inference(image[None], patch, 8, model, 0.25, "gaussian")[0]
 
 
-def _labels(folder: Path, logits: torch.Tensor) -> np.ndarray:
-    classes = (logits[0] > 0).long() if logits.shape[0] == 1 else logits.argmax(0)
+def _labels(folder: Path, probs: torch.Tensor) -> np.ndarray:
+    classes = (probs[0] > 0.5).long() if probs.shape[0] == 1 else probs.argmax(0)
     return np.array(list(read_card(folder).labels.values()), np.uint8)[classes.numpy()]
 
 
@@ -234,6 +244,8 @@ def _with_split_output(folder: Path, channels: list[np.ndarray], dest: Path) -> 
     each outcome: the two tiny trained models are too weak to rely on (on another CPU one
     gave all foreground), and an all-background or all-foreground mask proves little."""
     shutil.copytree(folder, dest)
+    for program in ("model.pt2", "model.onnx"):  # they hold the weights before the change
+        (dest / program).unlink()
     logits = _eager_logits(dest, channels)
     state = torch.load(dest / "weights.pt", weights_only=True)
     if logits.shape[0] == 1:  # sigmoid: half the voxels on each side of zero
@@ -254,8 +266,8 @@ def test_predict_keeps_shape_and_affine_and_matches_the_eager_model(
     channels = _ras_scan(datasets[name])
     ras_affine = np.diag([*spacing, 1.0])
     folder = _with_split_output(exported[name], channels, tmp_path / "model")
-    logits = _eager_logits(folder, channels)
-    expected = _labels(folder, logits)
+    probs = _eager_logits(folder, channels, probabilities=True)
+    expected = _labels(folder, probs)
     assert 0.1 < (expected > 0).mean() < 0.9
 
     _write_scan(channels, ras_affine, tmp_path / "ras")
@@ -268,8 +280,8 @@ def test_predict_keeps_shape_and_affine_and_matches_the_eager_model(
     fine_affine = np.diag([*(np.array(spacing) / 2), 1.0])
     fine_affine[:3, 3] = -np.array(spacing) / 4
     _write_scan(fine, fine_affine, tmp_path / "fine")
-    fine_logits = F.interpolate(logits[None], size=fine[0].shape, mode="trilinear")[0]
-    expected_fine = _labels(folder, fine_logits)
+    fine_probs = F.interpolate(probs[None], size=fine[0].shape, mode="trilinear")[0]
+    expected_fine = _labels(folder, fine_probs)
 
     for scan in ("ras", "moved", "fine"):
         result = run_cli("nas.predict", str(folder), scan, f"masks_{scan}", cwd=tmp_path)
