@@ -278,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         raise NasError(out, "exists and is not a folder")
     if extra:
         shown = ", ".join(path.name for path in extra[:3]) + (", ..." if len(extra) > 3 else "")
-        print(f"note: ignoring {len(extra)} predictions without a label ({shown})", file=sys.stderr)
+        what = "a prediction" if len(extra) == 1 else f"{len(extra)} predictions"
+        print(f"note: ignoring {what} without a label ({shown})", file=sys.stderr)
     table = evaluate(pairs, regions, args.tolerance_mm)
     summary = summarize(table)
     values = regions or {name: (int(name),) for name in summary}

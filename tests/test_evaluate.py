@@ -246,7 +246,7 @@ def test_without_dataset_json_each_value_found_is_a_region(tmp_path, capsys):
     b2 = table.iloc[3]
     assert (b2.dice, b2.hd95_mm, b2.nsd, b2.volume_ref_ml) == (1.0, 0.0, 1.0, 0.0)
     assert not (tmp_path / "predictions" / "metrics.csv").exists()
-    assert "ignoring 1 predictions without a label (stray.nii.gz)" in capsys.readouterr().err
+    assert "ignoring a prediction without a label (stray.nii.gz)" in capsys.readouterr().err
 
 
 def test_two_single_files_are_one_case(tmp_path):
@@ -260,10 +260,6 @@ def test_two_single_files_are_one_case(tmp_path):
     assert json.loads((tmp_path / "pred" / "summary.json").read_text())["tolerance_mm"] == 2.0
 
 
-def _replace(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> None:
-    write_nifti(path, data, affine)
-
-
 def _shifted_affine() -> np.ndarray:
     affine = AFFINE.copy()
     affine[0, 3] += 0.5
@@ -273,12 +269,12 @@ def _shifted_affine() -> np.ndarray:
 # name -> (damage to the `folders` fixture, the file the error names, part of its reason)
 BAD_INPUTS = {
     "shape": (
-        lambda p, lab, j: _replace(p / "same.nii.gz", np.zeros((16, 18, 13), np.uint8)),
+        lambda p, lab, j: write_nifti(p / "same.nii.gz", np.zeros((16, 18, 13), np.uint8)),
         "predictions/same.nii.gz",
         "differs from (16, 18, 14)",
     ),
     "affine": (
-        lambda p, lab, j: _replace(p / "same.nii.gz", two_classes(), _shifted_affine()),
+        lambda p, lab, j: write_nifti(p / "same.nii.gz", two_classes(), _shifted_affine()),
         "predictions/same.nii.gz",
         "affine differs",
     ),
@@ -288,17 +284,17 @@ BAD_INPUTS = {
         "not found: the prediction for",
     ),
     "undeclared_label_value": (
-        lambda p, lab, j: _replace(lab / "swapped.nii.gz", two_classes() * 2),
+        lambda p, lab, j: write_nifti(lab / "swapped.nii.gz", two_classes() * 2),
         "labels/swapped.nii.gz",
         "label value 4, which dataset.json does not declare",
     ),
     "undeclared_predicted_value": (
-        lambda p, lab, j: _replace(p / "swapped.nii.gz", two_classes() + 5),
+        lambda p, lab, j: write_nifti(p / "swapped.nii.gz", two_classes() + 5),
         "predictions/swapped.nii.gz",
         "label value 5",
     ),
     "fractional_mask": (
-        lambda p, lab, j: _replace(p / "same.nii.gz", two_classes() * np.float32(0.5)),
+        lambda p, lab, j: write_nifti(p / "same.nii.gz", two_classes() * np.float32(0.5)),
         "predictions/same.nii.gz",
         "expected integers",
     ),
