@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +31,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.builder import UNet, UNetConfig, build_unet, count_parameters
 from nas.cli import exit_code
+from nas.crossval import (
+    FOLD_ATTR,
+    POSTPROCESSING_ATTR,
+    crossval_study_name,
+    member_runs,
+    weights_path,
+)
 from nas.data import DataConfig, load_dataset
 from nas.errors import NasError
 from nas.exported import (
@@ -37,6 +45,7 @@ from nas.exported import (
     WEIGHTS_FILE,
     Inference,
     ModelCard,
+    Postprocessing,
     describe_data,
     load_weights,
     read_card,
@@ -48,7 +57,7 @@ from nas.record import TrialRecord, study_objectives
 from nas.results import checkpoint_path, pareto_front
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
 from nas.storage import local_file, redact
-from nas.study import load_results_study
+from nas.study import default_storage, load_results_study
 from nas.train import TrainConfig
 
 FORMATS = ("pt2", "onnx")
@@ -58,6 +67,7 @@ README_FILE = "README.md"
 EXPORT_FILES = frozenset(
     {CARD_FILE, WEIGHTS_FILE, PT2_FILE, ONNX_FILE, f"{ONNX_FILE}.data", README_FILE}
 )
+MEMBER_FOLDER = re.compile(r"^fold_\d+$")
 # An exported program must give the eager model's logits within this (float32 round-off).
 RTOL, ATOL = 1e-3, 1e-4
 
@@ -77,6 +87,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--force", action="store_true", help="replace an earlier export of a different model"
     )
+    parser.add_argument(
+        "--ensemble", choices=["folds"],
+        help="every fold's weights from python -m nas.retrain --folds, averaged by predict",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tta", choices=["none", "mirror"], default="none",
+        help="predict averages over mirrored inputs too (nnU-Net's test-time augmentation)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -257,6 +275,17 @@ whose spatial sizes are multiples of {multiple}, at least twice that.
 """
 
 
+def _written_by_export(entry: Path) -> bool:
+    """A file an export writes, or an ensemble member's folder holding only such files."""
+    if entry.is_symlink():
+        return False
+    if entry.is_dir():
+        return bool(MEMBER_FOLDER.match(entry.name)) and all(
+            e.is_file() and not e.is_symlink() and e.name in EXPORT_FILES for e in entry.iterdir()
+        )
+    return entry.is_file() and entry.name in EXPORT_FILES
+
+
 def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
     """Refuse, --force or not, an --out whose replacement would delete what no export wrote:
     a file, a link, a folder holding `keep` (the study's own files, each with what it is) or
@@ -278,9 +307,7 @@ def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
             verb = "is" if kept == target else "holds"
             raise NasError(out, f"{verb} the study's {what} ({path}); {instead}")
     entries = list(out.iterdir())
-    foreign = sorted(
-        e.name for e in entries if e.name not in EXPORT_FILES or e.is_symlink() or not e.is_file()
-    )
+    foreign = sorted(e.name for e in entries if not _written_by_export(e))
     if foreign:
         raise NasError(out, f"holds {foreign[0]!r}, which an export does not write; {instead}")
     if entries and not (out / CARD_FILE).is_file():
@@ -309,22 +336,30 @@ def _check_destination(out: Path, source: dict, force: bool, keep: dict[Path, st
 def export(
     study: optuna.Study,
     trial: FrozenTrial,
-    weights: Path,
+    weights: Path | dict[str, Path],
     out: Path,
     formats: Sequence[str],
     storage: str,
     force: bool = False,
     results: Path | None = None,
+    tta: str = "none",
+    postprocessing: Sequence[str] = (),
 ) -> ModelCard:
-    """Write `trial` with `weights` as a model folder at `out`. `storage` is only recorded,
-    without its password; `results`, the study's folder, is never replaced or deleted."""
+    """Write `trial` with `weights` as a model folder at `out`. `weights`: one file, or an
+    ensemble's members by subfolder name. `tta` and `postprocessing` (class names reduced to
+    their largest component) go into the card. `storage` is only recorded, without its
+    password; `results`, the study's folder, is never replaced or deleted."""
     record = TrialRecord.of(trial)
     unet = UNetConfig.from_dict(record.unet_config)
     train = TrainConfig(**record.train_config)
     data = _data_description(study)
-    model = build_unet(unet)
-    load_weights(model, weights)
-    model.eval()
+    members = {"": weights} if isinstance(weights, Path) else dict(weights)
+    networks = {}
+    for name, path in members.items():
+        networks[name] = build_unet(unet)
+        load_weights(networks[name], path)
+        networks[name].eval()
+    model = next(iter(networks.values()))
     data_config = study.user_attrs.get("data_config", {})
     two_d = unet.spatial_dims == 2
     inference = Inference(
@@ -333,6 +368,7 @@ def export(
         patch_size=train.patch_size_2d if two_d else train.patch_size_3d,
         size_multiple=model.size_multiple,
         output="sigmoid" if unet.out_channels == 1 else "softmax",
+        tta=tta,
     )
     source = {
         "study": study.study_name,
@@ -352,17 +388,25 @@ def export(
     }
     keep = {results: "results folder"} if results is not None else {}
     database = local_file(storage)
-    keep |= ({database: "database"} if database else {}) | {weights: "weights"}
+    keep |= {database: "database"} if database else {}
+    keep |= {path: "weights" for path in members.values()}
     _check_destination(out, source, force, keep)
     remove_stale_staging(out.parent)
     with staging_folder(out) as staging:
-        torch.save(model.state_dict(), staging / WEIGHTS_FILE)
         example = _example_input(model, inference, unet.in_channels)
         checks = {}
-        if "pt2" in formats:
-            checks[PT2_FILE] = export_pt2(model, example, staging / PT2_FILE)
-        if "onnx" in formats:
-            checks[ONNX_FILE] = export_onnx(model, example, staging / ONNX_FILE)
+        for name, network in networks.items():
+            folder = staging / name
+            folder.mkdir(exist_ok=True)
+            torch.save(network.state_dict(), folder / WEIGHTS_FILE)
+            if "pt2" in formats:
+                checks[f"{name}/{PT2_FILE}".lstrip("/")] = export_pt2(
+                    network, example, folder / PT2_FILE
+                )
+            if "onnx" in formats:
+                checks[f"{name}/{ONNX_FILE}".lstrip("/")] = export_onnx(
+                    network, example, folder / ONNX_FILE
+                )
         source["max_abs_difference_from_eager"] = checks
         card = ModelCard(
             architecture=unet.to_dict(),
@@ -370,6 +414,8 @@ def export(
             inference=inference,
             labels=data["labels"],
             source=source,
+            postprocessing=Postprocessing(largest_component=tuple(postprocessing)),
+            members=tuple(name for name in members if name),
         )
         write_card(staging, card)
         (staging / README_FILE).write_text(_readme(card, formats))
@@ -378,26 +424,71 @@ def export(
     return card
 
 
+def crossval_of(storage: str, study_name: str) -> optuna.Study | None:
+    """The study nas.retrain --folds recorded the search's cross-validation in, if any."""
+    name = crossval_study_name(study_name)
+    found = name in optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage) if found else None
+
+
+def fold_weights(results: Path, crossval: optuna.Study | None, trial: int) -> dict[str, Path]:
+    """{fold_K: weights} of every cross-validated fold of `trial`."""
+    runs = member_runs(crossval, trial) if crossval is not None else []
+    weights = {}
+    for run in runs:
+        fold = run.user_attrs[FOLD_ATTR]
+        path = weights_path(results, trial, fold)
+        if path.is_file():
+            weights[f"fold_{fold}"] = path
+    if len(weights) < 2:
+        raise NasError(
+            "--ensemble",
+            f"trial {trial} has {len(weights)} cross-validated fold(s) with weights; run "
+            f"python -m nas.retrain {results} --trials {trial} --folds all first",
+        )
+    return weights
+
+
 def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     study = load_results_study(args.results, args.storage)
     trial = choose_trial(study, args.trial, args.max_params)
-    weights = checkpoint_path(args.results, trial.number)
-    if not weights.exists():
-        raise NasError(
-            weights,
-            f"not found: weights are kept for Pareto-front trials only (trial {trial.number} "
-            f"is not on it); retrain it with python -m nas.retrain {args.results} "
-            f"--trials {trial.number}",
-        )
+    storage = args.storage or default_storage(args.results)
+    crossval = crossval_of(storage, study.study_name)
+    if args.ensemble:
+        weights = fold_weights(args.results, crossval, trial.number)
+    else:
+        weights = checkpoint_path(args.results, trial.number)
+        if not weights.exists():
+            raise NasError(
+                weights,
+                f"not found: weights are kept for Pareto-front trials only (trial "
+                f"{trial.number} is not on it); retrain it with python -m nas.retrain "
+                f"{args.results} --trials {trial.number}",
+            )
+    postprocessing = []
+    if crossval is not None:
+        postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {}).get(str(trial.number), [])
     out = args.out or args.results / "export" / f"trial_{trial.number:04d}"
-    storage = args.storage or f"sqlite:///{(args.results / 'study.db').resolve()}"
-    card = export(study, trial, weights, out, formats, storage, args.force, args.results)
+    if args.storage is None:  # recorded absolute, for use from any folder
+        storage = default_storage(args.results.resolve())
+    card = export(
+        study, trial, weights, out, formats, storage, args.force, args.results, args.tta,
+        postprocessing,
+    )  # fmt: skip
+    files = [WEIGHTS_FILE, *(f"model.{f}" for f in formats)]
+    if card.members:
+        files = [f"{{{','.join(card.members)}}}/{{{','.join(files)}}}"]
     print(
         f"exported trial {trial.number} ({card.source['n_params']:,} params, "
         f"IoU {card.source['val_iou']:.4f}) to {out}/: "
-        + ", ".join([CARD_FILE, WEIGHTS_FILE, *(f"model.{f}" for f in formats), README_FILE])
+        + ", ".join([CARD_FILE, *files, README_FILE])
     )
+    if card.postprocessing.largest_component:
+        print(
+            "  postprocessing: largest connected component of "
+            + ", ".join(card.postprocessing.largest_component)
+        )
     for name, difference in card.source["max_abs_difference_from_eager"].items():
         print(f"  {name}: max |difference| from the eager model {difference:.2e}")
     return 0

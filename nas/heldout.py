@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,3 +235,55 @@ def score_trials(
         merged = {**study.user_attrs.get(TEST_SCORES_ATTR, {}), **fresh}
         study.set_user_attr(TEST_SCORES_ATTR, merged)
     return scored
+
+
+def compare_ensemble(
+    study: optuna.Study,
+    trial: FrozenTrial,
+    fold_weights: dict[str, Path],
+    single: str,
+    split: TestSplit,
+    device: torch.device,
+    postprocessing: Sequence[str] = (),
+) -> list[dict]:
+    """Held-out scores and inference time per case of one cross-validated member: the
+    model of fold `single` alone, the ensemble of all `fold_weights`, and the ensemble with
+    mirroring, each exported as nas.export would export it (eager engine)."""
+    from nas.metrics import case_metrics  # noqa: PLC0415 (only this comparison needs MONAI)
+
+    variants = {
+        "single": ({single: fold_weights[single]}, "none"),
+        "ensemble": (fold_weights, "none"),
+        "ensemble + mirror": (fold_weights, "mirror"),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nas-ensemble-") as scratch:
+        for variant, (members, tta) in variants.items():
+            folder = Path(scratch) / variant.replace(" + ", "_")
+            export(study, trial, members, folder, (), "", tta=tta, postprocessing=postprocessing)
+            card = read_card(folder)
+            model = load_predictor(folder, device, engine="eager")
+            regions = {name: (k,) for k, name in enumerate(list(card.labels)[1:], start=1)}
+            counts, hd95, seconds = PooledCounts(split.n_classes), [], []
+            start = time.perf_counter()
+            for case, prediction, reference in test_cases(model, card, split, device):
+                seconds.append(time.perf_counter() - start)
+                counts.add(prediction, reference)
+                spacing = nib.load(case.label).header.get_zooms()[:3]
+                metrics = case_metrics(case.name, prediction, reference, spacing, regions)
+                hd95.append(np.mean([m.hd95_mm for m in metrics]))
+                start = time.perf_counter()
+            scores = counts.scores()
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "variant": variant,
+                    "members": len(members),
+                    "passes_per_window": model.passes,
+                    "test_dice": scores.dice,
+                    "test_iou": scores.iou,
+                    "test_hd95_mm": float(np.mean(hd95)),
+                    "seconds_per_case": float(np.median(seconds)),
+                }
+            )
+    return rows

@@ -5,6 +5,12 @@ slices per case). This command takes members of the Pareto front, trains them ag
 more epochs, no time limit and every training slice, and records each result as a trial of
 its own study, `<study>-retrain`, in the same storage, labelled with the trial it came from.
 The search's own values are never touched. Weights go to results/<study>/retrained/.
+
+With `--folds`, each chosen member is instead cross-validated (nas.crossval): trained on
+every fold, recorded in `<study>-crossval`, summarised as mean +- sd per member in
+results/<study>/crossval.csv with the postprocessing the out-of-fold predictions chose; where
+the dataset has held-out test cases, the fold ensemble with and without mirroring is scored
+on them next to a single fold's model, with its inference time (results/<study>/ensemble.csv).
 """
 
 from __future__ import annotations
@@ -17,12 +23,22 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import torch
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.builder import UNetConfig, count_parameters
 from nas.cli import add_device_option, device_option, exit_code
+from nas.crossval import (
+    POSTPROCESSING_ATTR,
+    all_folds,
+    cross_validate,
+    open_crossval_study,
+    summary_rows,
+    weights_path,
+)
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
+from nas.heldout import compare_ensemble, find_test_split
 from nas.objectives import directions, values_of
 from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord, study_objectives
 from nas.results import pareto_front, save_checkpoint
@@ -42,8 +58,75 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     choice.add_argument("--trials", help="comma-separated trial numbers, e.g. 3,15")
     parser.add_argument("--epochs", type=int, help="epochs (default: 3x the search's)")
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
+    parser.add_argument(
+        "--folds", help="cross-validate on these folds of the search's split: all, or e.g. 0,1"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="folds trained at once, in processes (--folds)"
+    )
     add_device_option(parser)
     return parser.parse_args(argv)
+
+
+def parse_folds(text: str, data: DataConfig) -> list[int]:
+    available = all_folds(data)
+    if text == "all":
+        return available
+    try:
+        folds = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise NasError("--folds", f"give 'all' or fold numbers such as 0,1, not {text!r}") from None
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise NasError(
+            "--folds", f"fold {missing[0]} does not exist (the split has folds 0-{available[-1]})"
+        )
+    return folds
+
+
+def run_crossval(
+    args: argparse.Namespace,
+    study: optuna.Study,
+    chosen: list[FrozenTrial],
+    data_cfg: DataConfig,
+    storage: str,
+    device: torch.device,
+) -> int:
+    folds = parse_folds(args.folds, data_cfg)
+    if args.workers < 1:
+        raise NasError("--workers", f"must be at least 1, not {args.workers}")
+    objectives = study_objectives(study).names
+    crossval = open_crossval_study(storage, study.study_name, objectives)
+    cross_validate(study, chosen, folds, args.results, crossval, args.epochs, device, args.workers)
+    table = pd.DataFrame(summary_rows(crossval, study))
+    atomic_write(args.results / "crossval.csv", lambda p: table.to_csv(p, index=False))
+    for row in table.itertuples():
+        sd = f" +- {row.cv_iou_sd:.4f}" if row.cv_iou_sd == row.cv_iou_sd else ""
+        print(
+            f"trial {row.trial}: IoU {row.cv_iou_mean:.4f}{sd} over folds {row.folds} "
+            f"(search: {row.search_val_iou:.4f}); largest component: "
+            f"{row.largest_component or 'not applied'}"
+        )
+    dataset = load_dataset(data_cfg)
+    split = find_test_split(data_cfg, dataset)
+    if split is not None and len(folds) > 1:
+        postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {})
+        rows = []
+        for trial in chosen:
+            weights = {f"fold_{f}": weights_path(args.results, trial.number, f) for f in folds}
+            single = f"fold_{data_cfg.fold if data_cfg.fold in folds else folds[0]}"
+            rows += compare_ensemble(
+                study, trial, weights, single, split, device,
+                postprocessing.get(str(trial.number), []),
+            )  # fmt: skip
+        ensemble = pd.DataFrame(rows)
+        atomic_write(args.results / "ensemble.csv", lambda p: ensemble.to_csv(p, index=False))
+        print(ensemble.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(
+        f"recorded in study {crossval.study_name!r} of {redact(storage)} and "
+        f"{args.results}/crossval.csv"
+    )
+    return 0
 
 
 def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[FrozenTrial]:
@@ -77,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     chosen = choose_trials(study, args.top, args.trials)
     device = device_option(args.device)
 
+    if args.folds is not None:
+        return run_crossval(args, study, chosen, data_cfg, storage, device)
     dataset = load_dataset(data_cfg)
     train_cases, val_cases = split_dataset(dataset, data_cfg)
     # Every training slice: the search may have used a few per case.

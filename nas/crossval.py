@@ -1,0 +1,269 @@
+"""Cross-validation of chosen front members: train each on every fold, out-of-fold checks.
+
+The search selects on one validation fold, so its scores are optimistic. Here each member is
+trained again on each fold of the dataset's k-fold split (the folds the search's data config
+defines, or its splits file), with the same training settings. A fold's run is one trial of
+the study `<study>-crossval` in the search's storage, labelled with the member and the fold;
+its weights go to results/<study>/crossval/trial_NNNN/fold_K.pt. A run already recorded with
+the same epochs is not trained again, so an interrupted cross-validation continues where it
+stopped. The out-of-fold predictions decide the postprocessing as nnU-Net does: a class keeps
+only its largest connected component when that raises its mean Dice over all cases. The
+search's own trials are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from nas.builder import UNetConfig, count_parameters
+from nas.data import DataConfig, load_dataset, split_dataset
+from nas.objectives import directions, values_of
+from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
+from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord
+from nas.staging import atomic_write
+from nas.train import TrainConfig, fit, init_model
+from nas.validate import predict_case
+
+FOLD_ATTR, SOURCE_ATTR = "fold", "source_trial"
+POSTPROCESSING_ATTR = "postprocessing"  # crossval study attr: {trial: [class names]}
+
+
+def crossval_study_name(study_name: str) -> str:
+    return f"{study_name}-crossval"
+
+
+def weights_path(study_dir: Path, trial_number: int, fold: int) -> Path:
+    return study_dir / "crossval" / f"trial_{trial_number:04d}" / f"fold_{fold}.pt"
+
+
+def all_folds(data: DataConfig) -> list[int]:
+    """The folds of the search's split: n_folds, or the entries of its splits file."""
+    if data.splits_file is None:
+        return list(range(data.n_folds))
+    return list(range(len(json.loads(Path(data.splits_file).read_text()))))
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """One member trained on one fold: everything a worker process needs, as plain data."""
+
+    trial: int
+    fold: int
+    unet: dict
+    train: dict
+    data: dict
+    weights: str
+    device: str
+    threads: int
+
+
+def run_fold(job: FoldJob) -> dict:
+    """Train `job`'s member on its fold, save the weights, and score the fold's validation
+    cases one by one without and with the largest-component postprocessing."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    data = DataConfig(**{**job.data, "fold": job.fold})
+    dataset = load_dataset(data)
+    train_cases, val_cases = split_dataset(dataset, data)
+    unet = UNetConfig.from_dict(job.unet)
+    train = TrainConfig(**job.train)
+    device = torch.device(job.device)
+    model = init_model(unet, train.seed)
+    slicing = dataclasses.replace(data.slicing, per_case=None)  # every training slice
+    result = fit(model, train_cases, val_cases, dataset.n_classes, train, device, None, slicing)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    atomic_write(Path(job.weights), lambda tmp: torch.save(state, tmp))
+    model.eval()
+    patch = train.patch_size_2d if unet.spatial_dims == 2 else train.patch_size_3d
+    classes = range(1, dataset.n_classes + 1)
+    out_of_fold = []
+    for case in val_cases:
+        prediction = predict_case(model, case, patch, device, data.slice_axis)
+        largest = keep_largest_component(prediction, classes)
+        label = np.asarray(case.label)
+        out_of_fold.append(
+            {
+                "case": case.name,
+                "dice": dice_per_class(prediction, label, dataset.n_classes),
+                "dice_largest": dice_per_class(largest, label, dataset.n_classes),
+            }
+        )
+    return {
+        "iou": result.scores.iou,
+        "dice": result.scores.dice,
+        "n_params": count_parameters(model),
+        "curve": {e.epoch: e.scores.iou for e in result.history},
+        "seconds": result.seconds,
+        "epochs_run": len(result.history),
+        "out_of_fold": out_of_fold,
+        "class_names": list(dataset.class_names),
+    }
+
+
+def done_runs(study: optuna.Study, epochs: int) -> dict[tuple[int, int], FrozenTrial]:
+    """{(member, fold): trial} of the runs already recorded with `epochs`."""
+    runs = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("train_config", {}).get("epochs") == epochs:
+            runs[(t.user_attrs[SOURCE_ATTR], t.user_attrs[FOLD_ATTR])] = t
+    return runs
+
+
+def open_crossval_study(storage: optuna.storages.BaseStorage | str, name: str, objectives):
+    study = optuna.create_study(
+        storage=storage,
+        study_name=crossval_study_name(name),
+        directions=directions(objectives),
+        load_if_exists=True,
+    )
+    study.set_user_attr(OBJECTIVES_ATTR, list(objectives))
+    return study
+
+
+def cross_validate(
+    search: optuna.Study,
+    members: Sequence[FrozenTrial],
+    folds: Sequence[int],
+    study_dir: Path,
+    crossval: optuna.Study,
+    epochs: int | None,
+    device: torch.device,
+    workers: int = 1,
+) -> None:
+    """Train each member on each fold not yet recorded in `crossval`, `workers` at a time,
+    and record every run there as it ends."""
+    data = search.user_attrs["data_config"]
+    objectives = list(crossval.user_attrs[OBJECTIVES_ATTR])
+    jobs, records = [], {}
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    for member in members:
+        record = TrialRecord.of(member)
+        train = TrainConfig(**record.train_config)
+        train = dataclasses.replace(train, epochs=epochs or 3 * train.epochs, max_seconds=None)
+        done = done_runs(crossval, train.epochs)
+        records[member.number] = (member, record)
+        for fold in folds:
+            path = weights_path(study_dir, member.number, fold)
+            if (member.number, fold) in done and path.is_file():
+                continue
+            jobs.append(
+                FoldJob(
+                    member.number,
+                    fold,
+                    record.unet_config,
+                    dataclasses.asdict(train),
+                    data,
+                    str(path),
+                    str(device),
+                    threads,
+                )
+            )
+    for job in jobs:
+        print(f"trial {job.trial} fold {job.fold}: training {job.train['epochs']} epochs")
+
+    def record_run(job: FoldJob, outcome: dict) -> None:
+        member, record = records[job.trial]
+        # The same network: its costs as the search measured them, its scores on this fold.
+        quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}
+        quantities |= {"iou": outcome["iou"], "dice": outcome["dice"]}
+        quantities["params"] = outcome["n_params"]
+        crossval.add_trial(
+            create_trial(
+                values=values_of(quantities, objectives),
+                params=member.params,
+                distributions=member.distributions,
+                user_attrs={
+                    SOURCE_ATTR: job.trial,
+                    FOLD_ATTR: job.fold,
+                    **{QUANTITY_ATTRS[k]: v for k, v in quantities.items() if v is not None},
+                    "epochs_run": outcome["epochs_run"],
+                    "seconds": round(outcome["seconds"], 2),
+                    "unet_config": job.unet,
+                    "train_config": job.train,
+                    "out_of_fold": outcome["out_of_fold"],
+                    "class_names": outcome["class_names"],
+                    "device": job.device,
+                },
+                intermediate_values=outcome["curve"],
+            )
+        )
+        print(f"trial {job.trial} fold {job.fold}: IoU {outcome['iou']:.4f}")
+
+    if workers <= 1:
+        for job in jobs:
+            record_run(job, run_fold(job))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for job, outcome in zip(jobs, pool.map(run_fold, jobs), strict=True):
+                record_run(job, outcome)
+    choose_postprocessing(crossval, [m.number for m in members])
+
+
+def member_runs(crossval: optuna.Study, trial_number: int) -> list[FrozenTrial]:
+    """The latest recorded run of each fold of one member, by fold."""
+    runs = {}
+    for t in crossval.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get(SOURCE_ATTR) == trial_number:
+            runs[t.user_attrs[FOLD_ATTR]] = t
+    return [runs[fold] for fold in sorted(runs)]
+
+
+def choose_postprocessing(crossval: optuna.Study, trial_numbers: Sequence[int]) -> None:
+    """Store, per member, the classes whose out-of-fold mean Dice the largest component
+    raises (nnU-Net's rule)."""
+    chosen = dict(crossval.user_attrs.get(POSTPROCESSING_ATTR, {}))
+    for number in trial_numbers:
+        runs = member_runs(crossval, number)
+        cases = [case for run in runs for case in run.user_attrs["out_of_fold"]]
+        if not cases:
+            continue
+        names = runs[0].user_attrs["class_names"]
+        helped = classes_helped([c["dice"] for c in cases], [c["dice_largest"] for c in cases])
+        chosen[str(number)] = [names[k - 1] for k in helped]
+    crossval.set_user_attr(POSTPROCESSING_ATTR, chosen)
+
+
+def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:
+    """One row per cross-validated member: mean and sd over folds, out-of-fold Dice without
+    and with the largest component, and the postprocessing chosen."""
+    by_number = {t.number: t for t in search.get_trials(deepcopy=False)}
+    postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {})
+    numbers = sorted({t.user_attrs[SOURCE_ATTR] for t in crossval.get_trials(deepcopy=False)})
+    rows = []
+    for number in numbers:
+        runs = member_runs(crossval, number)
+        if not runs:
+            continue
+        iou = np.array([TrialRecord.of(r).iou for r in runs], float)
+        dice = np.array([TrialRecord.of(r).quantity("dice") for r in runs], float)
+        cases = [case for run in runs for case in run.user_attrs["out_of_fold"]]
+        search_trial = by_number.get(number)
+        rows.append(
+            {
+                "trial": number,
+                "n_params": TrialRecord.of(runs[0]).n_params,
+                "folds": " ".join(str(r.user_attrs[FOLD_ATTR]) for r in runs),
+                "epochs": runs[0].user_attrs["train_config"]["epochs"],
+                "search_val_iou": TrialRecord.of(search_trial).iou if search_trial else None,
+                "cv_iou_mean": float(iou.mean()),
+                "cv_iou_sd": float(iou.std(ddof=1)) if len(iou) > 1 else None,
+                "cv_dice_mean": float(dice.mean()),
+                "cv_dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else None,
+                "oof_case_dice": float(np.mean([c["dice"] for c in cases])),
+                "oof_case_dice_largest": float(np.mean([c["dice_largest"] for c in cases])),
+                "largest_component": " ".join(postprocessing.get(str(number), [])),
+            }
+        )
+    return rows
