@@ -28,7 +28,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.builder import UNet, UNetConfig, build_unet, count_parameters
+from nas.builder import UNet, UNetConfig, build_unet, count_parameters, deployed
 from nas.cli import exit_code
 from nas.data import DataConfig, load_dataset
 from nas.errors import NasError
@@ -325,6 +325,9 @@ def export(
     data = _data_description(study)
     model = build_unet(unet)
     load_weights(model, weights)
+    unet, state = deployed(unet, model.state_dict())  # drops deep supervision's heads
+    model = build_unet(unet)
+    model.load_state_dict(state)
     model.eval()
     data_config = study.user_attrs.get("data_config", {})
     two_d = unet.spatial_dims == 2
