@@ -33,11 +33,11 @@ from nas.data import DataConfig, Dataset
 from nas.data.layouts import CaseFiles, nifti_stem
 from nas.data.preprocess import check_finite, read_channels, read_label
 from nas.errors import NasError
-from nas.validate import PooledCounts, Scores
 from nas.export import export
 from nas.exported import ModelCard, load, read_card
 from nas.predict import Scan, find_scans, segment_classes
 from nas.results import TEST_SCORES_ATTR, checkpoint_path
+from nas.validate import PooledCounts, Scores
 
 IMAGES, LABELS = "imagesTs", "labelsTs"
 

@@ -32,8 +32,8 @@ from nas.cli import add_device_option, device_option, exit_code
 from nas.data.layouts import nifti_stem
 from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
 from nas.errors import NasError
-from nas.validate import labels_from_logits, predict_logits
 from nas.exported import ModelCard, load, read_card
+from nas.validate import labels_from_logits, predict_logits
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 

@@ -32,7 +32,6 @@ from nas.builder import UNetConfig, count_parameters
 from nas.candidate import TrainingData, TrainingState, load_state, save_state, train_candidate
 from nas.describe import count_macs, summary, trial_note
 from nas.errors import NasError
-from nas.validate import Scores
 from nas.fidelity import (
     Budget,
     Promotion,
@@ -86,6 +85,7 @@ from nas.train import (
     is_out_of_memory,
     out_of_memory_reason,
 )
+from nas.validate import Scores
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"

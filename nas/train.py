@@ -25,8 +25,8 @@ from torch import nn
 
 from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
-from nas.validate import Scores, evaluate
 from nas.losses import DeepSupervisionLoss, DiceCELoss
+from nas.validate import Scores, evaluate
 
 # The largest patch per axis: a whole 1024^2 slice (the largest common CT/MR matrix) in 2D, a
 # whole 512^3 volume in 3D; larger would have to be mostly padding on any real scan.

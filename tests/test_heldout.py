@@ -16,10 +16,10 @@ import torch
 
 from nas.data import DataConfig, load_dataset
 from nas.errors import NasError
-from nas.validate import Scores
 from nas.heldout import find_test_split, score_trials
 from nas.report import HELD_OUT
 from nas.results import TEST_SCORES_ATTR, checkpoint_path, pareto_front
+from nas.validate import Scores
 
 from .conftest import run_cli
 from .datasets import SHAPES, make_case, save, write_nnunet

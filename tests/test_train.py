@@ -9,9 +9,9 @@ from torch import nn
 
 from nas import build_unet
 from nas.data import Case
-from nas.validate import evaluate
 from nas.losses import DiceCELoss
 from nas.train import CandidateFailed, TrainConfig, fit, init_model, pick_device
+from nas.validate import evaluate
 
 CPU = torch.device("cpu")
 TINY_TRAIN = dict(epochs=2, batches_per_epoch=3, batch_size_2d=4, patch_size_2d=(32, 32))
