@@ -3,14 +3,15 @@
 The network is a composition, as in nnU-Net's dynamic-network-architectures: an encoder of
 resolution stages that returns its skips, a decoder that consumes them, and a 1x1 head. 2D and
 3D share every line; the convolution, normalisation, dropout and interpolation ops are chosen
-once from `spatial_dims`. This module knows nothing of Optuna, YAML or data.
+once from `spatial_dims`. Deep supervision adds heads that only training reads; `deployed`
+gives the network without them. This module knows nothing of Optuna, YAML or data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -56,6 +57,9 @@ class UNetConfig:
     skip_mode: how a skip joins the upsampled features: concatenated or added.
     anisotropic_stages: 3D only; how many of the first downsamplings keep the last (slice)
         axis, as nnU-Net does for thick-slice scans (all of them when depth is smaller).
+    deep_supervision: train with a 1x1 head at each decoder stage below full resolution as
+        well, as nnU-Net does (see `UNet`); the deployed network has only the full-resolution
+        head.
     """
 
     spatial_dims: Literal[2, 3] = 2
@@ -75,6 +79,7 @@ class UNetConfig:
     skip_mode: SkipMode = "concat"
     skips: bool | tuple[bool, ...] = True
     anisotropic_stages: int = 0
+    deep_supervision: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:
@@ -138,9 +143,17 @@ class UNetConfig:
         return tuple(strides)
 
     @property
+    def stage_downsampling(self) -> tuple[tuple[int, ...], ...]:
+        """Per stage, how many input voxels per axis one of its voxels spans (1 at stage 0)."""
+        return tuple(
+            tuple(math.prod(axis) for axis in zip(*self.strides[: stage + 1], strict=True))
+            for stage in range(self.depth)
+        )
+
+    @property
     def size_multiple(self) -> tuple[int, ...]:
         """Spatial sizes must be a multiple of this per axis for the skips to line up."""
-        return tuple(math.prod(axis) for axis in zip(*self.strides, strict=True))
+        return self.stage_downsampling[-1]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -295,7 +308,9 @@ class Decoder(nn.Module):
                 ConvBlock(cfg, joined, features[stage], cfg.kernel_sizes[stage], block_stride)
             )
 
-    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+    def stages(self, skips: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Each decoder stage's output in turn, from just above the bottleneck up to full
+        resolution (none at depth 1)."""
         x = skips[-1]
         stages = reversed(range(len(skips) - 1))
         for stage, upsample, block in zip(stages, self.upsamples, self.blocks, strict=True):
@@ -307,23 +322,41 @@ class Decoder(nn.Module):
                     else x + skips[stage]
                 )
             x = block(x)
+            yield x
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = skips[-1]  # depth 1: the bottleneck is the output
+        for output in self.stages(skips):
+            x = output  # only the latest stage's output stays referenced
         return x
 
 
 class UNet(nn.Module):
-    """Encoder, decoder and a 1x1 head; pads any input to the total stride and crops back."""
+    """Encoder, decoder and a 1x1 head; pads any input to the total stride and crops back.
+
+    With `deep_supervision`, `aux_heads` holds a 1x1 head for each decoder stage below full
+    resolution (the 1/2 stage's first), and in training mode the network returns a list of
+    logits, full resolution first: [(B, K, *spatial), (B, K, *spatial / 2), ...], each stage's
+    cropped to the part that covers the input (ceil(size / stage_downsampling) per axis). In
+    eval mode it returns the full-resolution logits alone, as without deep supervision.
+    """
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.config = cfg
         conv, _, _ = _ops(cfg.spatial_dims)
+        features = cfg.features_per_stage
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.head = conv(cfg.features_per_stage[0], cfg.out_channels, 1)
+        self.head = conv(features[0], cfg.out_channels, 1)
+        # Built last, so that a seed gives the rest of the network the same initial weights
+        # with deep supervision as without it.
+        aux_stages = range(1, cfg.depth - 1) if cfg.deep_supervision else ()
+        self.aux_heads = nn.ModuleList(conv(features[s], cfg.out_channels, 1) for s in aux_stages)
         self.size_multiple = cfg.size_multiple
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial) -> (B, K, *spatial)
-        spatial = x.shape[2:]
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        spatial = x.shape[2:]  # x: (B, C, *spatial); the logits: (B, K, *spatial)
         padded = padded_size(self.config, spatial)
         if tuple(spatial) != padded:
             # F.pad takes (low, high) pairs starting from the last axis; pad at the high end only.
@@ -333,8 +366,21 @@ class UNet(nn.Module):
                 for p in (0, target - size)
             ]
             x = F.pad(x, pad_spec)
-        out = self.head(self.decoder(self.encoder(x)))
-        return out[(..., *(slice(0, size) for size in spatial))]
+        skips = self.encoder(x)
+        if not (self.training and self.config.deep_supervision):
+            return _crop(self.head(self.decoder(skips)), spatial)
+        features = [*self.decoder.stages(skips)][::-1] or skips[-1:]  # full resolution first
+        outputs = []
+        for stage, (head, f) in enumerate(zip((self.head, *self.aux_heads), features, strict=True)):
+            downsampling = self.config.stage_downsampling[stage]
+            covered = [-(-size // d) for size, d in zip(spatial, downsampling, strict=True)]
+            outputs.append(_crop(head(f), covered))
+        return outputs
+
+
+def _crop(x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """The first `spatial` voxels of each spatial axis of x (B, C, *spatial_padded)."""
+    return x[(..., *(slice(0, size) for size in spatial))]
 
 
 def padded_size(cfg: UNetConfig, spatial: Sequence[int]) -> tuple[int, ...]:
@@ -361,5 +407,18 @@ def build_unet(cfg: UNetConfig | None = None, /, **overrides: Any) -> UNet:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """The exact number of parameters of the built module (the search's size objective)."""
-    return sum(p.numel() for p in model.parameters())
+    """The exact number of parameters of the built module as deployed (the search's size
+    objective): deep supervision's heads, which only training reads, are not counted."""
+    total = sum(p.numel() for p in model.parameters())
+    if isinstance(model, UNet):
+        total -= sum(p.numel() for p in model.aux_heads.parameters())
+    return total
+
+
+def deployed(
+    cfg: UNetConfig, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """The config and weights of the network as it is used after training: without deep
+    supervision and its heads, so it computes exactly the trained network's eval output."""
+    kept = {k: v for k, v in state_dict.items() if not k.startswith("aux_heads.")}
+    return dataclasses.replace(cfg, deep_supervision=False), kept

@@ -46,6 +46,8 @@ def summary(cfg: UNetConfig, n_params: int) -> str:
     extras = [cfg.norm, cfg.activation]
     if cfg.residual:
         extras.append("residual")
+    if cfg.deep_supervision:
+        extras.append("deep supervision")
     return (
         f"{cfg.spatial_dims}D, {cfg.depth} stages "
         f"{'-'.join(str(c) for c in cfg.features_per_stage)}, {kernel}, "

@@ -29,7 +29,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.builder import UNet, UNetConfig, build_unet, count_parameters
+from nas.builder import UNet, UNetConfig, build_unet, count_parameters, deployed
 from nas.cli import exit_code
 from nas.crossval import (
     FOLD_ATTR,
@@ -356,9 +356,15 @@ def export(
     members = {"": weights} if isinstance(weights, Path) else dict(weights)
     networks = {}
     for name, path in members.items():
-        networks[name] = build_unet(unet)
-        load_weights(networks[name], path)
+        trained = build_unet(unet)
+        load_weights(trained, path)
+        deployed_unet, state = deployed(
+            unet, trained.state_dict()
+        )  # drops deep supervision's heads
+        networks[name] = build_unet(deployed_unet)
+        networks[name].load_state_dict(state)
         networks[name].eval()
+    unet = deployed_unet
     model = next(iter(networks.values()))
     data_config = study.user_attrs.get("data_config", {})
     two_d = unet.spatial_dims == 2

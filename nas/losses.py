@@ -1,10 +1,13 @@
 """Dice + cross-entropy loss: BCE with one sigmoid output, CE with a softmax over classes.
 
 Dice is computed over the whole batch ("batch Dice", as nnU-Net does), which keeps it stable
-when most samples of a batch hold no foreground.
+when most samples of a batch hold no foreground. `DeepSupervisionLoss` applies any such loss
+to each output of a deeply supervised network, as nnU-Net weighs them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,3 +35,49 @@ class DiceCELoss(nn.Module):
         total = probs.sum(spatial_axes) + target_onehot.sum(spatial_axes)
         dice = (2 * intersection + self.smooth) / (total + self.smooth)
         return ce + (1 - dice.mean())
+
+
+def deep_supervision_weights(n_outputs: int) -> tuple[float, ...]:
+    """nnU-Net's weights for outputs at full, 1/2, 1/4, ... resolution: halving with each
+    level, the lowest resolution's 0 (where there are several), normalised to sum 1."""
+    weights = [0.5**i for i in range(n_outputs)]
+    if n_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def downsample_target(target: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """`target` (B, *spatial) or (B, C, *spatial) resized to `spatial` by nearest neighbour,
+    which keeps class indices (and binary masks) as they are. Where a stage downsamples by s,
+    its voxel i reads target voxel s * i: the centre of the strided convolution that made it."""
+    if tuple(target.shape[-len(spatial) :]) == tuple(spatial):
+        return target
+    has_channels = target.dim() == len(spatial) + 2
+    resized = F.interpolate(
+        (target if has_channels else target.unsqueeze(1)).float(), size=tuple(spatial)
+    ).to(target.dtype)
+    return resized if has_channels else resized.squeeze(1)
+
+
+class DeepSupervisionLoss(nn.Module):
+    """`loss(logits, target)` on each output of a deeply supervised network (full resolution
+    first) against the target downsampled to that output's size, weighted by
+    `deep_supervision_weights`. A single tensor is scored as the only output."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(
+        self, outputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            outputs = [outputs]
+        weights = deep_supervision_weights(len(outputs))
+        terms = [
+            weight * self.loss(logits, downsample_target(target, logits.shape[2:]))
+            for weight, logits in zip(weights, outputs, strict=True)
+            if weight > 0  # nnU-Net's lowest output: not scored at all
+        ]
+        return sum(terms[1:], terms[0])

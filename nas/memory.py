@@ -59,8 +59,9 @@ class _Stage:
 
 def parameter_count(unet: UNetConfig, in_channels: int) -> int:
     """The exact number of parameters `build_unet` gives `unet` when it reads `in_channels`
-    input channels (equal to nas.count_parameters of the built network); normalisation
-    running statistics are buffers, not parameters, and are not counted."""
+    input channels, as deployed (equal to nas.count_parameters of the built network: without
+    deep supervision's heads); normalisation running statistics are buffers, not parameters,
+    and are not counted."""
     features = unet.features_per_stage
     dims = unet.spatial_dims
     inputs = (in_channels, *features)
@@ -77,6 +78,15 @@ def parameter_count(unet: UNetConfig, in_channels: int) -> int:
         joined = here * (2 if unet.skips_per_stage[stage] and unet.skip_mode == "concat" else 1)
         total += _block_parameters(unet, joined, here, unet.kernel_sizes[stage], (1,) * dims)
     return total + features[0] * unet.out_channels + unet.out_channels  # the 1x1 head
+
+
+def _aux_head_parameters(unet: UNetConfig) -> int:
+    """Parameters of deep supervision's 1x1 heads, which training has besides the deployed
+    network (none without deep supervision)."""
+    if not unet.deep_supervision:
+        return 0
+    features = unet.features_per_stage[1 : unet.depth - 1]
+    return sum(channels * unet.out_channels + unet.out_channels for channels in features)
 
 
 def _block_parameters(
@@ -160,8 +170,12 @@ def _kept_per_sample(unet: UNetConfig, patch_size: Sequence[int], in_channels: i
             kept += below.channels * here.voxels  # the interpolated input of the 1x1 conv
         kept += joined_channels * here.voxels + block(here.channels, here.voxels)
         widest = max(widest, joined_channels * here.voxels)
-    # The head's logits, and the loss's probabilities, one-hot target and log-probabilities.
+    # The head's logits, and the loss's probabilities, one-hot target and log-probabilities;
+    # with deep supervision the same at each lower stage with a head, and its labels resized
+    # (int64, through a float copy).
     kept += 4 * unet.out_channels * full
+    if unet.deep_supervision:
+        kept += sum((4 * unet.out_channels + 3) * s.voxels for s in stages[1 : unet.depth - 1])
     widest = max(widest, unet.out_channels * full)
     # Backward holds the gradient of the output and of the input of the layer it is in, and a
     # backend's reordered copy; the skips' gradients wait until the encoder is reached.
@@ -169,10 +183,10 @@ def _kept_per_sample(unet: UNetConfig, patch_size: Sequence[int], in_channels: i
 
 
 def estimate_training_bytes(unet: UNetConfig, train: TrainConfig, in_channels: int) -> int:
-    """Bytes one training step of this candidate needs at its peak: the weights, their
-    gradients and the optimizer's state, and the activations of one batch at the training
-    patch (batch_size_2d x patch_size_2d or batch_size_3d x patch_size_3d), times
-    SAFETY_FACTOR.
+    """Bytes one training step of this candidate needs at its peak: the weights (deep
+    supervision's heads included), their gradients and the optimizer's state, and the
+    activations of one batch at the training patch (batch_size_2d x patch_size_2d or
+    batch_size_3d x patch_size_3d), times SAFETY_FACTOR.
 
     in_channels: the input channels the data provides (the network's first convolution).
     """
@@ -180,7 +194,8 @@ def estimate_training_bytes(unet: UNetConfig, train: TrainConfig, in_channels: i
         batch, patch = train.batch_size_2d, train.patch_size_2d
     else:
         batch, patch = train.batch_size_3d, train.patch_size_3d
-    weights = parameter_count(unet, in_channels) * (1 + EXTRA_WEIGHT_COPIES[train.optimizer])
+    trained = parameter_count(unet, in_channels) + _aux_head_parameters(unet)
+    weights = trained * (1 + EXTRA_WEIGHT_COPIES[train.optimizer])
     activations = batch * _kept_per_sample(unet, patch, in_channels)
     if batch == 1:
         activations += _unfolded_values(unet, _stages(unet, patch), in_channels)

@@ -25,7 +25,7 @@ from torch import nn
 
 from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
-from nas.losses import DiceCELoss
+from nas.losses import DeepSupervisionLoss, DiceCELoss
 from nas.validate import Scores, evaluate
 
 # The largest patch per axis: a whole 1024^2 slice (the largest common CT/MR matrix) in 2D, a
@@ -253,6 +253,8 @@ def fit(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = DiceCELoss()
+    if model.config.deep_supervision:  # the network trains on a list of outputs
+        loss_fn = DeepSupervisionLoss(loss_fn)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     memory_format = (
         (torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)

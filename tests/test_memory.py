@@ -22,7 +22,7 @@ from nas.builder import UNetConfig, build_unet, count_parameters
 from nas.data import SyntheticSpec
 from nas.errors import NasError
 from nas.exported import CARD_FILE, WEIGHTS_FILE, read_card
-from nas.losses import DiceCELoss
+from nas.losses import DeepSupervisionLoss, DiceCELoss
 from nas.memory import (
     check_fits,
     default_memory_limit_bytes,
@@ -205,11 +205,11 @@ def test_default_limit_on_cuda_is_most_of_the_gpu(monkeypatch):
 
 # Small candidates whose measured peak is tens of MB: large enough that the process's own
 # noise is small, small enough to train two steps in seconds. They cover 2D and 3D, every
-# upsampling and skip mode, GELU, dropout, residual blocks, SGD, several classes, and a 3D
-# batch of one (which PyTorch's CPU convolutions unfold).
+# upsampling and skip mode, GELU, dropout, residual blocks, deep supervision, SGD, several
+# classes, and a 3D batch of one (which PyTorch's CPU convolutions unfold).
 TRAINING_CASES = [
     (
-        dict(spatial_dims=2, depth=4, base_channels=16),
+        dict(spatial_dims=2, depth=4, base_channels=16, deep_supervision=True),
         dict(batch_size_2d=16, patch_size_2d=(64, 64)),
     ),
     (
@@ -296,8 +296,9 @@ def _train_two_steps(unet: UNetConfig, train_values: dict) -> None:
     patch = train.patch_size_2d if two_d else train.patch_size_3d
     images = torch.randn(batch, unet.in_channels, *patch)
     labels = torch.randint(0, max(2, unet.out_channels), (batch, *patch))
+    loss = DeepSupervisionLoss(DiceCELoss()) if unet.deep_supervision else DiceCELoss()
     for _ in range(2):  # the second backward also holds the optimizer's state
-        train_step(model, optimizer, DiceCELoss(), images, labels)
+        train_step(model, optimizer, loss, images, labels)
 
 
 @torch.no_grad()
