@@ -1,0 +1,172 @@
+"""Cross-validated front members, fold ensembles with mirroring, and postprocessing: a tiny
+search on an nnU-Net dataset with held-out cases, cross-validated on both folds, exported as
+an ensemble and used by nas.predict."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from nas.exported import read_card
+from nas.inference import mirror_axes, predictor
+from nas.postprocess import classes_helped, keep_largest_component
+
+from .conftest import run_cli
+from .datasets import write_nnunet
+from .test_heldout import SPACE, write_test_cases
+
+ONE_TRIAL = SPACE.replace("n_trials: 2", "n_trials: 1")
+
+
+def _error(result) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def _study(root: Path, name: str) -> optuna.Study:
+    storage = f"sqlite:///{root / 'results' / 'held' / 'study.db'}"
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.fixture(scope="module")
+def crossvalidated(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("crossval")
+    write_test_cases(write_nnunet(root / "Dataset003_Heldout"))
+    (root / "space.yaml").write_text(ONE_TRIAL)
+    assert run_cli("nas.run", "space.yaml", cwd=root).returncode == 0
+    result = run_cli("nas.retrain", "results/held", "--folds", "all", "--epochs", "1", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def _pooled_dice(masks: Path, labels: Path) -> float:
+    intersection = total = 0
+    for label_file in sorted(labels.iterdir()):
+        t = np.asarray(nib.load(label_file).dataobj) > 0
+        p = np.asarray(nib.load(masks / label_file.name).dataobj) > 0
+        intersection += (p & t).sum()
+        total += p.sum() + t.sum()
+    return 2 * intersection / total
+
+
+@pytest.mark.slow
+def test_every_fold_is_recorded_apart_from_the_search_and_summarised(crossvalidated):
+    root = crossvalidated
+    search = _study(root, "held")
+    (member,) = search.trials
+    runs = _study(root, "held-crossval").trials
+    assert sorted(t.user_attrs["fold"] for t in runs) == [0, 1]
+    assert {t.user_attrs["source_trial"] for t in runs} == {member.number}
+    assert all(t.values[1] == member.values[1] for t in runs)  # the same network
+    for fold in (0, 1):
+        assert (root / f"results/held/crossval/trial_{member.number:04d}/fold_{fold}.pt").is_file()
+    row = pd.read_csv(root / "results/held/crossval.csv").iloc[0]
+    ious = [t.values[0] for t in runs]
+    assert row.cv_iou_mean == pytest.approx(np.mean(ious))
+    assert row.cv_iou_sd == pytest.approx(np.std(ious, ddof=1))
+    assert row.search_val_iou == pytest.approx(member.values[0])
+    # Every validation case of both folds, out of fold, without and with postprocessing.
+    cases = [c["case"] for t in runs for c in t.user_attrs["out_of_fold"]]
+    assert sorted(cases) == [f"case_{i:03d}" for i in range(4)]
+
+    again = run_cli("nas.retrain", "results/held", "--folds", "0,1", "--epochs", "1", cwd=root)
+    assert again.returncode == 0, again.stderr
+    assert "training" not in again.stdout  # both folds were done: nothing trains again
+    assert len(_study(root, "held-crossval").trials) == 2
+
+
+@pytest.mark.slow
+def test_the_ensemble_is_scored_on_held_out_cases_as_predict_segments_them(crossvalidated):
+    root = crossvalidated
+    table = pd.read_csv(root / "results/held/ensemble.csv").set_index("variant")
+    assert list(table.index) == ["single", "ensemble", "ensemble + mirror"]
+    assert list(table.members) == [1, 2, 2]
+    assert list(table.passes_per_window) == [1, 2, 2 * 4]  # 2D: four flips of a slice
+
+    export = run_cli(
+        "nas.export", "results/held", "--ensemble", "folds", "--format", "none", cwd=root
+    )
+    assert export.returncode == 0, export.stderr
+    (folder,) = (root / "results/held/export").iterdir()
+    card = read_card(folder)
+    assert card.members == ("fold_0", "fold_1") and card.inference.tta == "none"
+    masks = root / "masks"
+    images = "Dataset003_Heldout/imagesTs"
+    assert run_cli("nas.predict", str(folder), images, str(masks), cwd=root).returncode == 0
+    labels = root / "Dataset003_Heldout/labelsTs"
+    assert _pooled_dice(masks, labels) == pytest.approx(table.loc["ensemble"].test_dice)
+
+
+@pytest.mark.slow
+def test_bad_crossval_and_ensemble_requests_are_one_line_errors(crossvalidated, tmp_path):
+    root = crossvalidated
+    assert "fold 2 does not exist" in _error(
+        run_cli("nas.retrain", "results/held", "--folds", "0,2", cwd=root)
+    )
+    assert "give 'all' or fold numbers" in _error(
+        run_cli("nas.retrain", "results/held", "--folds", "first", cwd=root)
+    )
+    # Without the folds' weights there is nothing to ensemble.
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "results", copy / "results")
+    shutil.rmtree(copy / "results/held/crossval")
+    assert "has 0 cross-validated fold(s) with weights" in _error(
+        run_cli("nas.export", "results/held", "--ensemble", "folds", cwd=copy)
+    )
+    plain = tmp_path / "plain"
+    assert run_cli("nas.export", "results/held", "--format", "none", "--out", str(plain),
+                   cwd=root).returncode == 0  # fmt: skip
+    images = str(root / "Dataset003_Heldout/imagesTs")
+    assert "model.pt2: not found" in _error(
+        run_cli("nas.predict", str(plain), images, "m", "--engine", "pt2", cwd=tmp_path)
+    )
+    card = yaml.safe_load((plain / "architecture.yaml").read_text())
+    (plain / "architecture.yaml").write_text(yaml.safe_dump({**card, "members": ["../x"]}))
+    assert "not a plain folder name" in _error(
+        run_cli("nas.predict", str(plain), images, "m", cwd=tmp_path)
+    )
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_predictor_averages_members_and_mirrored_passes_as_probabilities():
+    ramp = torch.linspace(-2, 2, 6).reshape(1, 1, 6, 1)  # not flip-symmetric
+
+    def first(x):
+        return x * ramp
+
+    def second(x):
+        return x + ramp
+
+    x = torch.randn(2, 1, 6, 4, generator=torch.Generator().manual_seed(0))
+    mirrored = predictor([first, second], "sigmoid", spatial_dims=2, tta="mirror")(x)
+    expected = torch.zeros_like(x)
+    for run in (first, second):
+        for flips in ((), (2,), (3,), (2, 3)):
+            expected += torch.sigmoid(run(x.flip(flips))).flip(flips) / 8
+    torch.testing.assert_close(mirrored, expected)
+    plain = predictor([first], "softmax", spatial_dims=2)(torch.cat([x, -x], 1))
+    torch.testing.assert_close(plain, torch.softmax(first(torch.cat([x, -x], 1)), 1))
+    assert mirror_axes(3) == [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+
+
+def test_largest_component_keeps_one_blob_per_chosen_class():
+    classes = np.zeros((12, 12, 4), np.uint8)
+    classes[1:5, 1:5, :] = 1  # the larger lesion blob
+    classes[8:10, 8:10, :] = 1  # a stray blob
+    classes[8:10, 1:3, :] = 2  # another class, two blobs
+    classes[1:3, 8:10, 0] = 2
+    kept = keep_largest_component(classes, [1])
+    assert (kept == 1).sum() == 16 * 4 and kept[9, 9, 0] == 0
+    np.testing.assert_array_equal(kept == 2, classes == 2)  # not chosen: untouched
+    # A class joins the rule only where it raises the mean Dice over the cases.
+    assert classes_helped([[0.5, 0.8], [0.7, 0.6]], [[0.6, 0.8], [0.7, 0.5]]) == [1]
