@@ -23,7 +23,7 @@ from optuna.trial import TrialState, create_trial
 
 import nas
 from nas.export import choose_trial, export
-from nas.exported import read_card
+from nas.exported import load_predictor, read_card
 from nas.results import checkpoint_path
 
 from .conftest import run_cli, tiny_space_yaml
@@ -309,6 +309,19 @@ def test_predict_reads_a_single_file_and_writes_a_single_file(exported, datasets
     result = run_cli("nas.predict", str(exported["two_d"]), str(path), "out.nii", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert nib.load(tmp_path / "out.nii").shape == channels[0].shape
+
+
+@pytest.mark.parametrize("name", ["two_d", "three_d"])
+def test_every_engine_gives_the_eager_models_probabilities(exported, name):
+    folder = exported[name]
+    card = read_card(folder)
+    # A window whose size is no multiple of the total stride: the programs are padded.
+    size = [p + 3 for p in card.inference.patch_size]
+    x = torch.randn(2, len(card.preprocessing.channels), *size)
+    eager = load_predictor(folder, engine="eager", tta="mirror")(x)
+    for engine in ("pt2", "onnx"):
+        program = load_predictor(folder, engine=engine, tta="mirror")(x)
+        torch.testing.assert_close(program, eager, rtol=1e-3, atol=1e-4)
 
 
 def test_best_and_a_size_budget_pick_from_the_front(studies):
