@@ -6,8 +6,8 @@ scored through its export: the folder nas.export writes (without the pt2/ONNX pr
 nas.predict's own path on every test scan (raw NIfTI, the recorded preprocessing, sliding
 windows, back to the scan's grid), so the score is that of the model a user would ship, not
 of the cached arrays the search validated on. Test labels map to classes as the training
-labels do (`data.foreground`); IoU and Dice are pooled over the test cases per class and
-averaged over classes, as validation is. The scores live in the study's user attr
+labels do (`data.foreground`); IoU and Dice are pooled over the test cases per class (or
+region) and averaged over them, as validation is. The scores live in the study's user attr
 "test_scores" with the fingerprints of the weights and the test files they came from, so a
 trial is scored again only when one of them changes. Nothing here is read by the sampler,
 the pruner or the front: these scores report, they never select.
@@ -33,11 +33,12 @@ from nas.data import DataConfig, Dataset
 from nas.data.layouts import CaseFiles, nifti_stem
 from nas.data.preprocess import check_finite, read_channels, read_label
 from nas.errors import NasError
-from nas.validate import PooledCounts, Scores
 from nas.export import export
 from nas.exported import ModelCard, load, read_card
+from nas.labels import LabelScheme
 from nas.predict import Scan, find_scans, segment_classes
 from nas.results import TEST_SCORES_ATTR, checkpoint_path
+from nas.validate import PooledCounts, Scores
 
 IMAGES, LABELS = "imagesTs", "labelsTs"
 
@@ -49,7 +50,7 @@ class TestSplit:
     folder: Path  # holds imagesTs/ and labelsTs/
     cases: tuple[CaseFiles, ...]  # images: one file per channel, or one (4D) file
     class_of_value: dict[int, int]  # label value -> class index, as in training
-    n_classes: int  # foreground classes
+    scheme: LabelScheme  # the classes (or regions) scored, as in training
     fingerprint: str  # of the files (paths, sizes, mtimes) and the class mapping
 
 
@@ -83,7 +84,7 @@ def find_test_split(data: DataConfig, dataset: Dataset) -> TestSplit | None:
         folder,
         tuple(cases),
         dict(dataset.plan.class_of_value),
-        dataset.n_classes,
+        dataset.scheme,
         _fingerprint(cases, dataset.plan.class_of_value),
     )
 
@@ -140,13 +141,13 @@ def score_model(
     model: nn.Module, card: ModelCard, split: TestSplit, device: torch.device
 ) -> Scores:
     """IoU and Dice of `model` (on `device`), used as `card` describes, on the test split."""
-    if len(card.labels) - 1 != split.n_classes:
+    if card.scheme().covers != split.scheme.covers:
         raise ValueError(
-            f"the model has {len(card.labels) - 1} classes, the test split {split.n_classes}"
+            f"the model scores {card.scheme().scored}, the test split {split.scheme.scored}"
         )
     was_training = model.training
     model.eval()
-    counts = PooledCounts(split.n_classes)  # pooled as validation is
+    counts = PooledCounts(split.scheme)  # pooled as validation is
     for case in split.cases:
         classes, _ = segment_classes(model, card, Scan(case.name, case.images), device)
         counts.add(classes, _label_classes(case.label, split.class_of_value))

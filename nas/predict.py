@@ -5,11 +5,12 @@ INPUT is a .nii/.nii.gz file or a folder of them: nnU-Net style channel files
 several channels). Each scan goes through the preprocessing the model was trained with
 (RAS, nonzero crop, resampling, normalisation, all recorded in architecture.yaml), then 2D
 slice-wise or 3D sliding-window inference; the logits are resampled back to the cropped box
-(linear, as nnU-Net does), turned into labels, placed in the full volume and reoriented to
-the scan's own orientation. Each mask is a NIfTI with exactly the scan's shape and affine,
-holding the dataset's label values (uint8, or uint16/uint32 where a value needs it). OUTPUT
-is a file for a single-file INPUT (or a folder to write `<case>.nii.gz` into); for a folder
-INPUT, a folder.
+(linear, as nnU-Net does), turned into labels (argmax, or for region-based training each
+region's regions_class_order value where its sigmoid > 0.5, in order), placed in the full
+volume and reoriented to the scan's own orientation. Each mask is a NIfTI with exactly the
+scan's shape and affine, holding the dataset's label values (uint8, or uint16/uint32 where a
+value needs it). OUTPUT is a file for a single-file INPUT (or a folder to write
+`<case>.nii.gz` into); for a folder INPUT, a folder.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from nas.cli import add_device_option, device_option, exit_code
 from nas.data.layouts import nifti_stem
 from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
 from nas.errors import NasError
-from nas.validate import labels_from_logits, predict_logits
 from nas.exported import ModelCard, load, read_card
+from nas.validate import predict_logits
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -118,7 +119,7 @@ def segment_classes(
     if tuple(logits.shape[1:]) != box_shape:
         logits = F.interpolate(logits[None], size=box_shape, mode="trilinear")[0]
     classes = np.zeros(channels[0].shape, np.uint8)
-    classes[box] = labels_from_logits(logits).cpu().numpy()
+    classes[box] = card.scheme().classes_from_logits(logits).cpu().numpy()
     first = nib.load(paths[0])
     return _from_ras(classes, first), first
 
