@@ -138,7 +138,7 @@ def test_other_errors_are_not_hidden(tiny_cases):
             _OutOfMemory(RuntimeError("a bug")),
             cases[:4],
             cases[4:],
-            1,
+            LESION,
             TrainConfig(**TINY_TRAIN),
             CPU,
         )
