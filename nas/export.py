@@ -331,6 +331,12 @@ def export(
     train = TrainConfig(**record.train_config)
     data = _data_description(study)
     scheme = LabelScheme.from_description(data)
+    if unet.out_channels != scheme.out_channels:
+        raise NasError(
+            study.study_name,
+            f"trial {trial.number} has {unet.out_channels} outputs; the study's labels give "
+            f"{scheme.out_channels} ({scheme.output})",
+        )
     model = build_unet(unet)
     load_weights(model, weights)
     model.eval()

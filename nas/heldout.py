@@ -141,10 +141,10 @@ def score_model(
     model: nn.Module, card: ModelCard, split: TestSplit, device: torch.device
 ) -> Scores:
     """IoU and Dice of `model` (on `device`), used as `card` describes, on the test split."""
-    if card.scheme().covers != split.scheme.covers:
-        raise ValueError(
-            f"the model scores {card.scheme().scored}, the test split {split.scheme.scored}"
-        )
+    scheme = card.scheme()
+    if scheme.covers != split.scheme.covers:
+        theirs = split.scheme.scored_names
+        raise ValueError(f"the model scores {scheme.scored_names}, the test split {theirs}")
     was_training = model.training
     model.eval()
     counts = PooledCounts(split.scheme)  # pooled as validation is

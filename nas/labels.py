@@ -116,7 +116,7 @@ class LabelScheme:
         ]
 
     @property
-    def scored(self) -> tuple[str, ...]:
+    def scored_names(self) -> tuple[str, ...]:
         """What is trained and scored, one entry per score: the regions, or the classes."""
         return tuple(r.name for r in self.regions) or self.class_names
 

@@ -33,7 +33,8 @@ class DataConfig:
         the embedded dataset is used.
     channels: input channels by number or name (default: all).
     foreground: class name -> label values merged into it (default: each declared label is
-        its own class); values not listed count as background.
+        its own class); values not listed count as background. Not for a region-based
+        dataset, whose regions (dataset.json) say what is trained.
     target_spacing_mm: resampling target (default: the dataset's median spacing).
     normalization: auto (CT channels clip + z-score, others z-score per case), zscore or ct.
     slice_axis: the axis 2D candidates slice along (0, 1, 2 in RAS; 2 is axial).
@@ -118,7 +119,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 def split_dataset(dataset: Dataset, cfg: DataConfig) -> tuple[list[Case], list[Case]]:
     """Training and validation cases of the configured fold; never one case on both sides,
-    and every foreground class present among the validation cases."""
+    and every foreground class (or region) present among the validation cases."""
     try:
         train, val = split_cases(
             dataset.cases, cfg.n_folds, cfg.fold, cfg.split_seed, cfg.splits_file
@@ -127,13 +128,15 @@ def split_dataset(dataset: Dataset, cfg: DataConfig) -> tuple[list[Case], list[C
         raise NasError(dataset.root, str(err)) from None
     # A class (or region) absent from validation scores a perfect IoU for predicting nothing.
     scheme = dataset.scheme
-    present = np.zeros(len(scheme.scored), bool)
+    present = np.zeros(len(scheme.scored_names), bool)
     for case in val:
         present |= scheme.present(case.label)
         if present.all():
             break
     if not present.all():
-        missing = [name for name, found in zip(scheme.scored, present, strict=True) if not found]
+        missing = [
+            name for name, found in zip(scheme.scored_names, present, strict=True) if not found
+        ]
         names = ", ".join(repr(name) for name in missing)
         kind = scheme.scored_kind
         kind = kind if len(missing) == 1 else {"class": "classes", "region": "regions"}[kind]
