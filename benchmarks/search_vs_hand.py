@@ -268,7 +268,7 @@ def train_hand(
     model = init_model(unet, cfg.seed)
     record = {"arm": name, "n_params": count_parameters(model), "val_iou": None, "test_iou": None}
     try:
-        result = fit(model, task.train_cases, task.val_cases, task.dataset.n_classes, cfg, device,
+        result = fit(model, task.train_cases, task.val_cases, task.dataset.scheme, cfg, device,
                      slicing=task.space.data.slicing)  # fmt: skip
     except CandidateFailed as err:
         return record | {"fail_reason": err.reason}
@@ -303,13 +303,12 @@ def hand_points(
     """Every hand network for B/4 and B seconds: from the cache where it holds them, else
     trained now (with `train`) and added to it."""
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    n_classes = task.dataset.n_classes
     points = {}
     for name, unet in HAND_NETWORKS.items():
         unet = dataclasses.replace(
             unet,
             in_channels=task.dataset.in_channels,
-            out_channels=1 if n_classes == 1 else n_classes + 1,
+            out_channels=task.dataset.scheme.out_channels,
         )
         for share, label in ((0.25, "B/4"), (1.0, "B")):
             cfg = hand_train_config(task, device, budget * share, seed)

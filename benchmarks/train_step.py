@@ -59,14 +59,15 @@ def _run_arm(arm: str, name: str, data_root: str, steps: int, device_name: str, 
     torch.set_flush_denormal(True)
     device = pick_device(device_name)
     unet_cfg, train_cfg = CANDIDATES[name]
-    cases = load_dataset(
+    dataset = load_dataset(
         DataConfig(path=Path(data_root), cache_dir=Path(data_root).parent / "cache")
-    ).cases
+    )
+    cases = dataset.cases
     model = build_unet(unet_cfg)
     if arm == "nas":
         cfg = dataclasses.replace(train_cfg, epochs=2, batches_per_epoch=steps, seed=0)
         # Epoch 1 warms up (allocator, kernels); epoch 2 is timed. Validation is not timed.
-        history = fit(model, cases, cases[:1], 1, cfg, device).history
+        history = fit(model, cases, cases[:1], dataset.scheme, cfg, device).history
         seconds = history[1].train_seconds
     else:
         patch = train_cfg.patch_size_2d if unet_cfg.spatial_dims == 2 else train_cfg.patch_size_3d

@@ -19,6 +19,7 @@ from optuna.artifacts import FileSystemArtifactStore  # noqa: E402
 from torch import nn  # noqa: E402
 
 from nas.data import Case  # noqa: E402
+from nas.labels import LabelScheme  # noqa: E402
 from nas.validate import predict_case  # noqa: E402
 
 ARTIFACTS_DIR = "artifacts"
@@ -43,6 +44,7 @@ def example_case(cases: Sequence[Case]) -> Case:
 def write_overlay(
     model: nn.Module,
     case: Case,
+    scheme: LabelScheme,
     patch_size: Sequence[int],
     device: torch.device,
     slice_axis: int,
@@ -52,7 +54,7 @@ def write_overlay(
     """Image, ground truth and prediction on the slice with most ground-truth foreground."""
     was_training = model.training
     model.eval()
-    prediction = predict_case(model, case, patch_size, device, slice_axis)
+    prediction = predict_case(model, case, scheme, patch_size, device, slice_axis)
     model.train(was_training)
     label = np.asarray(case.label)
     other = tuple(a for a in range(3) if a != slice_axis)

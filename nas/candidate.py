@@ -18,6 +18,7 @@ import torch
 
 from nas.builder import UNet
 from nas.data import Case, Slicing
+from nas.labels import LabelScheme
 from nas.results import state_path
 from nas.space import Candidate
 from nas.staging import atomic_write
@@ -28,7 +29,7 @@ from nas.train import EpochResult, FitResult, fit, init_model
 class TrainingData:
     train_cases: Sequence[Case]
     val_cases: Sequence[Case]
-    n_classes: int
+    scheme: LabelScheme  # what the network outputs: its out_channels, loss and scores
     slicing: Slicing
 
 
@@ -65,7 +66,7 @@ def train_candidate(
         model,
         data.train_cases,
         data.val_cases,
-        data.n_classes,
+        data.scheme,
         candidate.train,
         device,
         on_epoch,

@@ -82,7 +82,7 @@ def run_fold(job: FoldJob) -> dict:
     device = torch.device(job.device)
     model = init_model(unet, train.seed)
     slicing = dataclasses.replace(data.slicing, per_case=None)  # every training slice
-    result = fit(model, train_cases, val_cases, dataset.n_classes, train, device, None, slicing)
+    result = fit(model, train_cases, val_cases, dataset.scheme, train, device, None, slicing)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     atomic_write(Path(job.weights), lambda tmp: torch.save(state, tmp))
     model.eval()
@@ -90,7 +90,7 @@ def run_fold(job: FoldJob) -> dict:
     classes = range(1, dataset.n_classes + 1)
     out_of_fold = []
     for case in val_cases:
-        prediction = predict_case(model, case, patch, device, data.slice_axis)
+        prediction = predict_case(model, case, dataset.scheme, patch, device, data.slice_axis)
         largest = keep_largest_component(prediction, classes)
         label = np.asarray(case.label)
         out_of_fold.append(

@@ -52,6 +52,7 @@ from nas.exported import (
     write_card,
 )
 from nas.inference import ONNX_FILE, PT2_FILE
+from nas.labels import LabelScheme
 from nas.objectives import OBJECTIVES
 from nas.record import TrialRecord, study_objectives
 from nas.results import checkpoint_path, pareto_front
@@ -233,13 +234,19 @@ def _readme(card: ModelCard, formats: Sequence[str]) -> str:
             f"- `{ONNX_FILE}`: ONNX, checked with onnxruntime; load it only from a source you trust"
         )
     labels = ", ".join(f"{name} = {value}" for name, value in card.labels.items())
+    if card.regions is not None:
+        labels += "; regions " + ", ".join(
+            f"{name} = {list(values)}" for name, values in card.regions.items()
+        )
     used = ", ".join(prep.input_channels[c] for c in prep.channels)
     unit = f"Slices along RAS axis {inf.slice_axis}" if inf.spatial_dims == 2 else "Volumes"
-    output = (
-        "one logit (sigmoid > 0.5 is foreground)"
-        if inf.output == "sigmoid"
-        else "one logit per class (argmax)"
-    )
+    output = {
+        "sigmoid": "one logit (sigmoid > 0.5 is foreground)",
+        "softmax": "one logit per class (argmax)",
+        "regions": "one logit per region; where its sigmoid > 0.5, each region writes its "
+        f"value of {list(card.regions_class_order or ())} in turn (later regions overwrite "
+        "earlier ones)",
+    }[inf.output]
     multiple = " x ".join(str(m) for m in inf.size_multiple)
     return f"""# {source["study"]} trial {source["trial"]}: a {inf.spatial_dims}D U-Net
 
@@ -353,6 +360,13 @@ def export(
     unet = UNetConfig.from_dict(record.unet_config)
     train = TrainConfig(**record.train_config)
     data = _data_description(study)
+    scheme = LabelScheme.from_description(data)
+    if unet.out_channels != scheme.out_channels:
+        raise NasError(
+            study.study_name,
+            f"trial {trial.number} has {unet.out_channels} outputs; the study's labels give "
+            f"{scheme.out_channels} ({scheme.output})",
+        )
     members = {"": weights} if isinstance(weights, Path) else dict(weights)
     networks = {}
     for name, path in members.items():
@@ -373,7 +387,7 @@ def export(
         slice_axis=data_config.get("slice_axis", 2),
         patch_size=train.patch_size_2d if two_d else train.patch_size_3d,
         size_multiple=model.size_multiple,
-        output="sigmoid" if unet.out_channels == 1 else "softmax",
+        output=scheme.output,
         tta=tta,
     )
     source = {
@@ -419,6 +433,8 @@ def export(
             preprocessing=data["preprocessing"],
             inference=inference,
             labels=data["labels"],
+            regions=data.get("regions"),
+            regions_class_order=data.get("regions_class_order"),
             source=source,
             postprocessing=Postprocessing(largest_component=tuple(postprocessing)),
             members=tuple(name for name in members if name),

@@ -1,7 +1,9 @@
 """An exported model's folder: what it holds, writing its description, and loading it back.
 
     architecture.yaml  the builder config, the preprocessing a scan must go through, the
-                       inference settings, the label values, and where the model came from
+                       inference settings, the label values (and regions, for region-based
+                       training, as nnU-Net's dataset.json gives them), and where the model
+                       came from
     weights.pt         the state_dict: torch.load(path, weights_only=True)
     model.pt2          a torch.export program: torch.export.load(path).module()
     model.onnx         on request, checked against the eager model with onnxruntime
@@ -25,7 +27,14 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 
 from nas.builder import UNetConfig, build_unet
@@ -34,6 +43,7 @@ from nas.data.preprocess import CasePlan, ChannelNorm
 from nas.errors import NasError
 from nas.inference import TTA, Engine, Predictor, choose_engine, load_runner
 from nas.inference import predictor as make_predictor
+from nas.labels import LabelScheme
 from nas.memory import default_memory_limit_bytes, estimate_inference_bytes, format_gb
 from nas.yaml_file import read_yaml
 
@@ -79,7 +89,9 @@ class Inference(_Strict):
     patch_size: tuple[PositiveInt, ...]  # the sliding window: in-plane for 2D, (X, Y, Z) for 3D
     # The exported programs take spatial sizes that are multiples of this (at least twice it).
     size_multiple: tuple[int, ...]
-    output: Literal["sigmoid", "softmax"]  # one foreground logit, or one per class
+    # One foreground logit; one per class; or one per region (each sigmoid > 0.5 writes its
+    # regions_class_order value, in order).
+    output: Literal["sigmoid", "softmax", "regions"]
     # "mirror": average over every flip of the input along its spatial axes (nnU-Net's TTA).
     tta: Literal["none", "mirror"] = "none"
 
@@ -98,6 +110,10 @@ class ModelCard(_Strict):
     preprocessing: Preprocessing
     inference: Inference
     labels: dict[str, int]  # class name -> voxel value in the masks, background first
+    # Region-based training only: region name -> the label values it covers, and the value
+    # written where each region is predicted (later regions overwrite earlier ones).
+    regions: dict[str, tuple[int, ...]] | None = None
+    regions_class_order: tuple[int, ...] | None = None
     source: dict[str, Any]  # study, trial, storage, scores, dataset, date
     postprocessing: Postprocessing = Postprocessing()
     # Subfolders holding one ensemble member each; none: the folder is the one model.
@@ -111,15 +127,36 @@ class ModelCard(_Strict):
                 raise ValueError(f"member {name!r} is not a plain folder name")
         return names
 
+    @model_validator(mode="after")
+    def _consistent_outputs(self) -> ModelCard:
+        scheme = self.scheme()  # ValueError where the regions disagree with the labels
+        if scheme.output != self.inference.output:
+            raise ValueError(
+                f"inference.output is {self.inference.output!r}; the labels and regions give "
+                f"{scheme.output!r}"
+            )
+        return self
+
     def unet_config(self) -> UNetConfig:
         return UNetConfig.from_dict(self.architecture)
 
     def member_folders(self, folder: Path) -> list[Path]:
         return [folder / name for name in self.members] or [folder]
 
+    def scheme(self) -> LabelScheme:
+        """What the network outputs and how it becomes label values."""
+        return LabelScheme.from_description(
+            {
+                "labels": self.labels,
+                "regions": self.regions,
+                "regions_class_order": self.regions_class_order,
+            }
+        )
+
 
 def describe_data(dataset: Dataset) -> dict[str, Any]:
-    """The preprocessing and label values of a dataset, as the card records them (JSON)."""
+    """The preprocessing, label values and any regions of a dataset, as the card records them
+    (JSON); `regions` and `regions_class_order` only for a region-based dataset."""
     plan = dataset.plan
     preprocessing = Preprocessing(
         input_channels=dataset.source_channel_names,
@@ -127,15 +164,16 @@ def describe_data(dataset: Dataset) -> dict[str, Any]:
         target_spacing_mm=plan.target_spacing_mm,
         normalization=tuple(Normalization(clip=n.clip, mean=n.mean, std=n.std) for n in plan.norms),
     )
-    labels = {"background": 0}
-    for k, name in enumerate(dataset.class_names, start=1):
-        # Values merged into one class are written back as the first (smallest) of them.
-        labels[name] = min(v for v, c in plan.class_of_value.items() if c == k)
-    return {"preprocessing": preprocessing.model_dump(mode="json"), "labels": labels}
+    return {"preprocessing": preprocessing.model_dump(mode="json"), **dataset.scheme.describe()}
 
 
 def write_card(folder: Path, card: ModelCard) -> None:
-    text = yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False)
+    # A card without regions reads as every card before them did.
+    plain = card.regions is None
+    fields = card.model_dump(
+        mode="json", exclude={"regions", "regions_class_order"} if plain else None
+    )
+    text = yaml.safe_dump(fields, sort_keys=False)
     (folder / CARD_FILE).write_text(text)
 
 

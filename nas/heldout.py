@@ -6,8 +6,8 @@ scored through its export: the folder nas.export writes (without the pt2/ONNX pr
 nas.predict's own path on every test scan (raw NIfTI, the recorded preprocessing, sliding
 windows, back to the scan's grid), so the score is that of the model a user would ship, not
 of the cached arrays the search validated on. Test labels map to classes as the training
-labels do (`data.foreground`); IoU and Dice are pooled over the test cases per class and
-averaged over classes, as validation is. The scores live in the study's user attr
+labels do (`data.foreground`); IoU and Dice are pooled over the test cases per class (or
+region) and averaged over them, as validation is. The scores live in the study's user attr
 "test_scores" with the fingerprints of the weights and the test files they came from, so a
 trial is scored again only when one of them changes. Nothing here is read by the sampler,
 the pruner or the front: these scores report, they never select.
@@ -37,6 +37,7 @@ from nas.errors import NasError
 from nas.export import export
 from nas.exported import ModelCard, load_predictor, read_card
 from nas.inference import Predictor, predictor
+from nas.labels import LabelScheme
 from nas.predict import Scan, find_scans, segment_classes
 from nas.results import TEST_SCORES_ATTR, checkpoint_path
 from nas.validate import PooledCounts, Scores
@@ -51,7 +52,7 @@ class TestSplit:
     folder: Path  # holds imagesTs/ and labelsTs/
     cases: tuple[CaseFiles, ...]  # images: one file per channel, or one (4D) file
     class_of_value: dict[int, int]  # label value -> class index, as in training
-    n_classes: int  # foreground classes
+    scheme: LabelScheme  # the classes (or regions) scored, as in training
     fingerprint: str  # of the files (paths, sizes, mtimes) and the class mapping
 
 
@@ -85,7 +86,7 @@ def find_test_split(data: DataConfig, dataset: Dataset) -> TestSplit | None:
         folder,
         tuple(cases),
         dict(dataset.plan.class_of_value),
-        dataset.n_classes,
+        dataset.scheme,
         _fingerprint(cases, dataset.plan.class_of_value),
     )
 
@@ -142,10 +143,10 @@ def test_cases(
 ) -> Iterator[tuple[CaseFiles, np.ndarray, np.ndarray]]:
     """Each test case with its predicted and its reference class indices (the file's own
     voxel order), predicted by `predictor` (on `device`) as `card` describes."""
-    if len(card.labels) - 1 != split.n_classes:
-        raise ValueError(
-            f"the model has {len(card.labels) - 1} classes, the test split {split.n_classes}"
-        )
+    scheme = card.scheme()
+    if scheme.covers != split.scheme.covers:
+        theirs = split.scheme.scored_names
+        raise ValueError(f"the model scores {scheme.scored_names}, the test split {theirs}")
     for case in split.cases:
         classes, _ = segment_classes(predictor, card, Scan(case.name, case.images), device)
         yield case, classes, _label_classes(case.label, split.class_of_value)
@@ -155,7 +156,7 @@ def score_predictor(
     predictor: Predictor, card: ModelCard, split: TestSplit, device: torch.device
 ) -> Scores:
     """IoU and Dice pooled over the test cases per class, as validation pools them."""
-    counts = PooledCounts(split.n_classes)
+    counts = PooledCounts(split.scheme)  # pooled as validation is
     for _, prediction, reference in test_cases(predictor, card, split, device):
         counts.add(prediction, reference)
     return counts.scores()
@@ -263,8 +264,9 @@ def compare_ensemble(
             export(study, trial, members, folder, (), "", tta=tta, postprocessing=postprocessing)
             card = read_card(folder)
             model = load_predictor(folder, device, engine="eager")
-            regions = {name: (k,) for k, name in enumerate(list(card.labels)[1:], start=1)}
-            counts, hd95, seconds = PooledCounts(split.n_classes), [], []
+            scheme = split.scheme  # scored per class, or per region, as validation scores
+            regions = dict(zip(scheme.scored_names, scheme.covers, strict=True))
+            counts, hd95, seconds = PooledCounts(scheme), [], []
             start = time.perf_counter()
             for case, prediction, reference in test_cases(model, card, split, device):
                 seconds.append(time.perf_counter() - start)

@@ -40,15 +40,6 @@ def probabilities(logits: torch.Tensor, output: str) -> torch.Tensor:
     return torch.sigmoid(logits.float())
 
 
-def classes_from_probabilities(probs: torch.Tensor, output: str) -> torch.Tensor:
-    """Class indices (uint8, (X, Y, Z)) from averaged probabilities (K, X, Y, Z)."""
-    if output == "softmax":
-        return probs.argmax(0).to(torch.uint8)
-    if probs.shape[0] == 1:
-        return (probs[0] > 0.5).to(torch.uint8)
-    raise ValueError(f"cannot turn {probs.shape[0]} {output} channels into classes")
-
-
 def mirror_axes(n_spatial: int) -> list[tuple[int, ...]]:
     """Every subset of the spatial axes of a (B, C, *spatial) batch, the empty one first."""
     axes = range(2, 2 + n_spatial)

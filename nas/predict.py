@@ -7,7 +7,9 @@ several channels). Each scan goes through the preprocessing the model was traine
 slice-wise or 3D sliding-window inference. An ensemble averages its members' probabilities,
 those of mirrored passes too with `--tta mirror`; `--engine` runs the members on ONNX Runtime
 or the exported program (auto: ONNX on a CPU when the export wrote it). The probabilities are
-resampled back to the cropped box (linear, as nnU-Net does), turned into labels,
+resampled back to the cropped box (linear, as nnU-Net does), turned into labels (argmax,
+or for region-based training each region's regions_class_order value where its sigmoid >
+0.5, in order),
 postprocessed as the card records (largest connected component of the classes where
 cross-validation showed it helps), placed in the full volume and reoriented to the scan's
 own orientation. Each mask is a NIfTI with exactly the scan's shape and affine, holding the
@@ -36,7 +38,7 @@ from nas.data.layouts import nifti_stem
 from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
 from nas.errors import NasError
 from nas.exported import ModelCard, load_predictor, read_card
-from nas.inference import ENGINES, Predictor, classes_from_probabilities
+from nas.inference import ENGINES, Predictor
 from nas.postprocess import keep_largest_component
 from nas.validate import predict_logits
 
@@ -130,9 +132,7 @@ def segment_classes(
     if tuple(probs.shape[1:]) != box_shape:
         probs = F.interpolate(probs[None], size=box_shape, mode="trilinear")[0]
     classes = np.zeros(channels[0].shape, np.uint8)
-    classes[box] = postprocess(
-        classes_from_probabilities(probs, inference.output).cpu().numpy(), card
-    )
+    classes[box] = postprocess(card.scheme().classes_from_probabilities(probs).cpu().numpy(), card)
     first = nib.load(paths[0])
     return _from_ras(classes, first), first
 

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         model = init_model(unet, train.seed)
         n_params = count_parameters(model)
         print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
-        result = fit(model, train_cases, val_cases, dataset.n_classes, train, device, None, slicing)
+        result = fit(model, train_cases, val_cases, dataset.scheme, train, device, None, slicing)
         save_checkpoint(args.results / "retrained", trial.number, model.state_dict())
         # The same network: its costs as the search measured them; its scores retrained.
         quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}

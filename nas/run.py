@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     if working and args.workers > 1:
         return _run_workers(args, study, study_dir, storage, device, test_split)
     if working:
-        data = TrainingData(train_cases, val_cases, dataset.n_classes, space.data.slicing)
+        data = TrainingData(train_cases, val_cases, dataset.scheme, space.data.slicing)
         objective = make_objective(space, data, dataset.in_channels, device, study_dir, schedule)
         prefix = f"[worker {args.worker_index}] " if is_worker else ""
         with tqdm(unit="trial", dynamic_ncols=True, disable=is_worker) as bar:

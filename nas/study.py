@@ -443,7 +443,7 @@ def make_objective(
     catches so the study goes on; Ctrl-C or SIGTERM anywhere in the trial records
     INTERRUPTED, so the next run reruns it.
     """
-    out_channels = 1 if data.n_classes == 1 else data.n_classes + 1
+    out_channels = data.scheme.out_channels
     shown_case = example_case(data.val_cases)
     gb = space.study.max_memory_gb
     memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
@@ -636,8 +636,8 @@ def make_objective(
         title = f"trial {trial.number}, IoU {result.scores.iou:.3f}"
         try:
             overlay = overlay_path(study_dir, trial.number)
-            write_overlay(outcome.model, shown_case, patch, device, data.slicing.axis, overlay,
-                          title)  # fmt: skip
+            write_overlay(outcome.model, shown_case, data.scheme, patch, device,
+                          data.slicing.axis, overlay, title)  # fmt: skip
             upload(trial, study_dir, overlay)
             feasible = not constraints or max(violations(quantities, constraints)) <= 0
             if feasible and not _dominated(trial.study, values, objectives):

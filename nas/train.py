@@ -1,13 +1,14 @@
 """Train one candidate network and report validation scores after every epoch.
 
-A plain loop: sample a batch, forward, Dice+CE loss, backward, step. The device is chosen once
-(cuda, then mps, then cpu); AMP and channels-last are used only on CUDA. Training can run in
-segments (the rungs of a multi-fidelity search): `fit` continues from a given epoch and
-optimizer state, and the learning rate decays polynomially over each segment, whichever of
-its epochs or seconds runs out first (warm restarts, as in SGDR), so the weights at the end of
-every segment are annealed. A candidate that runs out of memory or diverges raises
-`CandidateFailed`. Knows nothing of Optuna: the caller sees each epoch through `on_epoch`,
-whose answer False stops training there.
+A plain loop: sample a batch, forward, Dice+CE loss (Dice+BCE per region for a region-based
+dataset), backward, step. The device is chosen once (cuda, then mps, then cpu); AMP and
+channels-last are used only on CUDA. Training can run in segments (the rungs of a
+multi-fidelity search): `fit` continues from a given epoch and optimizer state, and the
+learning rate decays polynomially over each segment, whichever of its epochs or seconds runs
+out first (warm restarts, as in SGDR), so the weights at the end of every segment are
+annealed. A candidate that runs out of memory or diverges raises `CandidateFailed`. Knows
+nothing of Optuna: the caller sees each epoch through `on_epoch`, whose answer False stops
+training there.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch import nn
 
 from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
-from nas.losses import DeepSupervisionLoss, DiceCELoss
+from nas.labels import LabelScheme
+from nas.losses import DeepSupervisionLoss, make_loss
 from nas.validate import Scores, evaluate
 
 # The largest patch per axis: a whole 1024^2 slice (the largest common CT/MR matrix) in 2D, a
@@ -211,7 +213,7 @@ def fit(
     model: nn.Module,
     train_cases: Sequence[Case],
     val_cases: Sequence[Case],
-    n_classes: int,
+    scheme: LabelScheme,
     cfg: TrainConfig,
     device: torch.device,
     on_epoch: Callable[[EpochResult], bool | None] | None = None,
@@ -222,6 +224,7 @@ def fit(
 ) -> FitResult:
     """Train `model` in place and validate on whole cases after every epoch.
 
+    scheme: what the network outputs (classes or regions): its loss and its scores.
     slicing: the slice axis (and slice budget) 2D networks train and predict with.
     start_epoch, until_epoch: the segment to train, epochs start_epoch + 1 .. until_epoch
         (default: all of cfg.epochs); a continued segment passes the optimizer state the
@@ -252,7 +255,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    loss_fn = DiceCELoss()
+    loss_fn = make_loss(scheme)
     if model.config.deep_supervision:  # the network trains on a list of outputs
         loss_fn = DeepSupervisionLoss(loss_fn)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
@@ -297,7 +300,7 @@ def fit(
             # The loss is computed before each step, so a step that diverges shows only here.
             if not _weights_are_finite(model):
                 raise CandidateFailed(f"non-finite weights after training (epoch {epoch})")
-            scores = evaluate(model, val_cases, n_classes, patch_size, device, slicing.axis)
+            scores = evaluate(model, val_cases, scheme, patch_size, device, slicing.axis)
             result = EpochResult(
                 epoch, train_loss, scores, train_seconds, time.perf_counter() - start
             )

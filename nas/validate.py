@@ -2,9 +2,11 @@
 
 2D networks predict each slice along the slice axis, 3D networks the volume; both through
 MONAI's sliding-window inference with the training patch size and Gaussian blending, so the
-network sees at test time the field of view it was trained on (as nnU-Net does). Counts are
-pooled over all validation cases before the ratio is taken, per foreground class; the
-objective is the mean over classes.
+network sees at test time the field of view it was trained on (as nnU-Net does). Predictions
+become class maps as the dataset's `LabelScheme` says (regions written in order), and are
+scored per foreground class or, for a region-based dataset, per region (as nnU-Net scores
+regions: on the class maps); counts are pooled over all validation cases before the ratio is
+taken, and the objective is the mean over classes or regions.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from nas.data import Case
+from nas.labels import LabelScheme
 
 
 @dataclass(frozen=True)
 class Scores:
-    iou: float  # foreground Jaccard, mean over classes
+    iou: float  # foreground Jaccard, mean over classes (or regions)
     dice: float
-    iou_per_class: tuple[float, ...]
+    iou_per_class: tuple[float, ...]  # one per class, or per region of a region-based dataset
 
 
 @torch.no_grad()
@@ -53,53 +56,50 @@ def predict_logits(
     return logits.movedim(0, slice_axis + 1) if two_d else logits[0]
 
 
-def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Class indices (uint8) from logits (K, ...): sigmoid > 0.5 for one output, else argmax."""
-    if logits.shape[0] == 1:
-        return (logits[0] > 0).to(torch.uint8)  # sigmoid(x) > 0.5 <=> x > 0
-    return logits.argmax(0).to(torch.uint8)
-
-
 def predict_case(
     model: nn.Module,
     case: Case,
+    scheme: LabelScheme,
     patch_size: Sequence[int],
     device: torch.device,
     slice_axis: int = 2,
 ) -> np.ndarray:
     """Class-index map (X, Y, Z) for one preprocessed case."""
     logits = predict_logits(model, case.image, patch_size, device, slice_axis)
-    return labels_from_logits(logits).cpu().numpy()
+    return scheme.classes_from_logits(logits).cpu().numpy()
 
 
 def evaluate(
     model: nn.Module,
     cases: Sequence[Case],
-    n_classes: int,
+    scheme: LabelScheme,
     patch_size: Sequence[int],
     device: torch.device,
     slice_axis: int = 2,
 ) -> Scores:
     was_training = model.training
     model.eval()
-    counts = PooledCounts(n_classes)
+    counts = PooledCounts(scheme)
     for case in cases:
-        counts.add(predict_case(model, case, patch_size, device, slice_axis), case.label)
+        counts.add(predict_case(model, case, scheme, patch_size, device, slice_axis), case.label)
     model.train(was_training)
     return counts.scores()
 
 
 class PooledCounts:
-    """Voxel counts per foreground class, pooled over cases before any ratio is taken."""
+    """Voxel counts per foreground class (or region), pooled over cases before any ratio is
+    taken."""
 
-    def __init__(self, n_classes: int) -> None:
-        self.intersection, self.predicted, self.truth = (np.zeros(n_classes) for _ in range(3))
+    def __init__(self, scheme: LabelScheme) -> None:
+        self.covers = scheme.covers  # the classes of each scored class or region
+        n = len(self.covers)
+        self.intersection, self.predicted, self.truth = (np.zeros(n) for _ in range(3))
 
     def add(self, prediction: np.ndarray, label: np.ndarray) -> None:
         """One case's class-index maps (0 = background)."""
         label = np.asarray(label)
-        for k in range(len(self.truth)):
-            p, t = prediction == k + 1, label == k + 1
+        for k, classes in enumerate(self.covers):
+            p, t = _any_of(prediction, classes), _any_of(label, classes)
             self.intersection[k] += np.logical_and(p, t).sum()
             self.predicted[k] += p.sum()
             self.truth[k] += t.sum()
@@ -112,3 +112,11 @@ class PooledCounts:
         iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
         dice = np.where(both > 0, 2 * inter / np.maximum(both, 1), 1.0)
         return Scores(float(iou.mean()), float(dice.mean()), tuple(float(v) for v in iou))
+
+
+def _any_of(classes: np.ndarray, members: Sequence[int]) -> np.ndarray:
+    """Where a class map holds any of `members` (bool masks only: volumes can be large)."""
+    mask = classes == members[0]
+    for k in members[1:]:
+        mask |= classes == k
+    return mask

@@ -1,7 +1,8 @@
 """Small datasets written as real NIfTI files in each layout users bring.
 
 Two channels (an "MRI" and an "ADC"-like map), three label values (background, lesion core,
-penumbra), anisotropic spacing, a different shape per case and a non-RAS (LPS) orientation.
+penumbra), anisotropic spacing, a different shape per case and a non-RAS (LPS) orientation;
+and an nnU-Net dataset of three nested regions (region-based training, as in BraTS).
 """
 
 from __future__ import annotations
@@ -83,4 +84,39 @@ def write_pairs(root: Path, n_cases: int = 4) -> Path:
         channels, label = make_case(i, SHAPES[i % len(SHAPES)])
         save(channels[0], root / "images" / f"case_{i:03d}.nii.gz")
         save(label, root / "masks" / f"case_{i:03d}.nii.gz")
+    return root
+
+
+# BraTS-like: values 1 (outer shell), 2 (middle), 3 (centre), trained as nested regions, the
+# last one declared as a plain value (nnU-Net allows both).
+REGIONS = {"whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+REGIONS_CLASS_ORDER = [1, 2, 3]
+
+
+def make_region_case(index: int, shape) -> tuple[list[np.ndarray], np.ndarray]:
+    """Channels (float32) and a label of three nested spheres: 3 inside 2 inside 1."""
+    rng = np.random.default_rng(100 + index)
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"))
+    centre = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+    distance = np.sqrt((((grid.T - centre) / np.array([1, 1, 0.5])) ** 2).sum(-1)).T
+    label = np.select([distance < 2, distance < 3.5, distance < 5], [3, 2, 1], 0).astype(np.uint8)
+    t2 = 1.0 + 0.1 * rng.standard_normal(shape) + 0.6 * label
+    adc = 2.0 + 0.1 * rng.standard_normal(shape) - 0.4 * label
+    return [t2.astype(np.float32), adc.astype(np.float32)], label
+
+
+def write_nnunet_regions(root: Path, n_cases: int = 4) -> Path:
+    for i in range(n_cases):
+        channels, label = make_region_case(i, SHAPES[i % len(SHAPES)])
+        for c, channel in enumerate(channels):
+            save(channel, root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
+        save(label, root / "labelsTr" / f"case_{i:03d}.nii.gz")
+    meta = {
+        "channel_names": {str(c): name for c, name in enumerate(CHANNELS)},
+        "labels": {"background": 0, **REGIONS},
+        "regions_class_order": REGIONS_CLASS_ORDER,
+        "numTraining": n_cases,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))  # keys in order: it matters here
     return root

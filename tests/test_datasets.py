@@ -273,10 +273,10 @@ BAD_DATA = {
         "dataset.json",
         "missing required key 'file_ending'",
     ),
-    "region_based_labels": (
+    "regions_without_their_order": (
         lambda r: _rewrite_json(r, lambda m: m["labels"].update(whole=[1, 2])),
         "dataset.json",
-        "region-based",
+        "so regions_class_order is required",
     ),
     "wrong_num_training": (
         lambda r: _rewrite_json(r, lambda m: m.update(numTraining=7)),

@@ -26,6 +26,7 @@ from nas.fidelity import (
     rung_epochs,
     spending,
 )
+from nas.labels import LabelScheme
 from nas.results import checkpoint_path, save_checkpoint, state_path
 from nas.space import Candidate
 from nas.study import Schedule, enqueue_promotion
@@ -208,7 +209,7 @@ def test_the_endgame_trains_the_best_on_before_the_others():
 def test_a_continued_segment_starts_from_the_saved_state(tmp_path, tiny_cases):
     unet = UNetConfig(spatial_dims=2, depth=2, base_channels=4)
     train = TrainConfig(epochs=4, batches_per_epoch=2, batch_size_2d=2, patch_size_2d=(32, 32))
-    data = TrainingData(tiny_cases[:4], tiny_cases[4:], 1, Slicing())
+    data = TrainingData(tiny_cases[:4], tiny_cases[4:], LabelScheme(("lesion",), (0, 1)), Slicing())
     first = train_candidate(Candidate(unet, train), data, CPU, until_epoch=2)
     assert [e.epoch for e in first.fit.history] == [1, 2] and first.state.epoch == 2
     weights = save_checkpoint(tmp_path, 0, first.state.weights)

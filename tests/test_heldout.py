@@ -187,7 +187,7 @@ def test_data_test_names_a_test_folder_relative_to_the_working_directory(
     assert "test" not in data.to_dict()  # the test split is no part of the study's data
     split = find_test_split(data, dataset)
     assert [c.name for c in split.cases] == ["test_012"]
-    assert split.class_of_value == {0: 0, 1: 1, 2: 2} and split.n_classes == 2
+    assert split.class_of_value == {0: 0, 1: 1, 2: 2} and split.scheme.n_classes == 2
 
 
 def _relabel(path: Path, value: int) -> None:

@@ -22,6 +22,7 @@ from nas.builder import UNetConfig, build_unet, count_parameters
 from nas.data import SyntheticSpec
 from nas.errors import NasError
 from nas.exported import CARD_FILE, WEIGHTS_FILE, read_card
+from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, DiceCELoss
 from nas.memory import (
     check_fits,
@@ -36,6 +37,7 @@ from nas.train import CandidateFailed, TrainConfig, fit, init_model, make_optimi
 from .conftest import tiny_space_yaml
 
 CPU = torch.device("cpu")
+LESION = LabelScheme(("lesion",), (0, 1))  # the tiny dataset's one class
 TINY_TRAIN = dict(epochs=2, batches_per_epoch=3, batch_size_2d=4, patch_size_2d=(32, 32))
 REPO = Path(__file__).parents[1]
 
@@ -351,7 +353,7 @@ class _RaisesMemoryError(nn.Module):
 def test_python_memory_error_becomes_candidate_failed(tiny_cases):
     cases = tiny_cases
     with pytest.raises(CandidateFailed, match="out of memory"):
-        fit(_RaisesMemoryError(), cases[:4], cases[4:], 1, TrainConfig(**TINY_TRAIN), CPU)
+        fit(_RaisesMemoryError(), cases[:4], cases[4:], LESION, TrainConfig(**TINY_TRAIN), CPU)
 
 
 class _NanGradient(torch.autograd.Function):
@@ -390,7 +392,7 @@ def test_non_finite_weights_after_the_last_step_fail_the_candidate(tiny_cases):
     train = TrainConfig(**TINY_TRAIN)
     model = _DivergesOnLastStep(train.epochs * train.batches_per_epoch)
     with pytest.raises(CandidateFailed, match="non-finite weights after training"):
-        fit(model, cases[:4], cases[4:], 1, train, CPU)
+        fit(model, cases[:4], cases[4:], LESION, train, CPU)
     assert model.steps_left == 0
 
 

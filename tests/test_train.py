@@ -9,11 +9,13 @@ from torch import nn
 
 from nas import build_unet
 from nas.data import Case
+from nas.labels import LabelScheme
 from nas.losses import DiceCELoss
 from nas.train import CandidateFailed, TrainConfig, fit, init_model, pick_device
 from nas.validate import evaluate
 
 CPU = torch.device("cpu")
+LESION = LabelScheme(("lesion",), (0, 1))  # the tiny dataset's one class
 TINY_TRAIN = dict(epochs=2, batches_per_epoch=3, batch_size_2d=4, patch_size_2d=(32, 32))
 
 
@@ -26,9 +28,9 @@ def _case_from_label(label: np.ndarray) -> Case:
 def test_evaluate_pools_iou_over_whole_cases(patch):
     rng = np.random.default_rng(0)
     cases = [_case_from_label((rng.random((20, 18, 9)) > 0.9).astype(np.uint8)) for _ in range(2)]
-    perfect = evaluate(nn.Identity(), cases, 1, patch, CPU)
+    perfect = evaluate(nn.Identity(), cases, LESION, patch, CPU)
     assert perfect.iou == pytest.approx(1.0) and perfect.dice == pytest.approx(1.0)
-    inverted = evaluate(_Negate(), cases, 1, patch, CPU)
+    inverted = evaluate(_Negate(), cases, LESION, patch, CPU)
     assert inverted.iou == pytest.approx(0.0)
 
 
@@ -55,7 +57,7 @@ def test_fit_reports_every_epoch_and_trains(tiny_cases):
     model = build_unet(spatial_dims=2, depth=2, base_channels=4)
     before = [p.detach().clone() for p in model.parameters()]
     seen = []
-    result = fit(model, cases[:4], cases[4:], 1, TrainConfig(**TINY_TRAIN), CPU, seen.append)
+    result = fit(model, cases[:4], cases[4:], LESION, TrainConfig(**TINY_TRAIN), CPU, seen.append)
     assert [e.epoch for e in seen] == [1, 2] and result.history == tuple(seen)
     assert all(0.0 <= e.scores.iou <= 1.0 and e.train_seconds > 0 for e in seen)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -65,7 +67,7 @@ def test_time_budget_stops_training_and_still_validates(tiny_cases):
     cases = tiny_cases
     model = build_unet(spatial_dims=3, depth=2, base_channels=4)
     cfg = TrainConfig(epochs=50, batches_per_epoch=2, patch_size_3d=(16, 16, 16), max_seconds=0.5)
-    result = fit(model, cases[:4], cases[4:], 1, cfg, CPU)
+    result = fit(model, cases[:4], cases[4:], LESION, cfg, CPU)
     assert result.stopped_by_time
     assert 1 <= len(result.history) < 50
 
@@ -75,7 +77,7 @@ def test_divergence_raises_candidate_failed(tiny_cases):
     model = build_unet(spatial_dims=2, depth=2, base_channels=4, norm="none")
     cfg = TrainConfig(**TINY_TRAIN, learning_rate=1e30, optimizer="sgd")
     with pytest.raises(CandidateFailed, match="non-finite"):
-        fit(model, cases[:4], cases[4:], 1, cfg, CPU)
+        fit(model, cases[:4], cases[4:], LESION, cfg, CPU)
 
 
 def test_device_choice():
@@ -126,7 +128,7 @@ class _OutOfMemory(nn.Module):
 def test_out_of_memory_becomes_candidate_failed(tiny_cases, error):
     cases = tiny_cases
     with pytest.raises(CandidateFailed, match="out of memory"):
-        fit(_OutOfMemory(error), cases[:4], cases[4:], 1, TrainConfig(**TINY_TRAIN), CPU)
+        fit(_OutOfMemory(error), cases[:4], cases[4:], LESION, TrainConfig(**TINY_TRAIN), CPU)
 
 
 def test_other_errors_are_not_hidden(tiny_cases):
@@ -136,7 +138,7 @@ def test_other_errors_are_not_hidden(tiny_cases):
             _OutOfMemory(RuntimeError("a bug")),
             cases[:4],
             cases[4:],
-            1,
+            LESION,
             TrainConfig(**TINY_TRAIN),
             CPU,
         )

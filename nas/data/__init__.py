@@ -33,7 +33,8 @@ class DataConfig:
         the embedded dataset is used.
     channels: input channels by number or name (default: all).
     foreground: class name -> label values merged into it (default: each declared label is
-        its own class); values not listed count as background.
+        its own class); values not listed count as background. Not for a region-based
+        dataset, whose regions (dataset.json) say what is trained.
     target_spacing_mm: resampling target (default: the dataset's median spacing).
     normalization: auto (CT channels clip + z-score, others z-score per case), zscore or ct.
     slice_axis: the axis 2D candidates slice along (0, 1, 2 in RAS; 2 is axial).
@@ -118,17 +119,27 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 def split_dataset(dataset: Dataset, cfg: DataConfig) -> tuple[list[Case], list[Case]]:
     """Training and validation cases of the configured fold; never one case on both sides,
-    and every foreground class present among the validation cases."""
+    and every foreground class (or region) present among the validation cases."""
     try:
         train, val = split_cases(
             dataset.cases, cfg.n_folds, cfg.fold, cfg.split_seed, cfg.splits_file
         )
     except ValueError as err:
         raise NasError(dataset.root, str(err)) from None
-    # A class absent from validation scores a perfect IoU for predicting nothing.
-    missing = _classes_absent(val, dataset.n_classes)
-    if missing:
-        names = ", ".join(repr(dataset.class_names[k - 1]) for k in missing)
+    # A class (or region) absent from validation scores a perfect IoU for predicting nothing.
+    scheme = dataset.scheme
+    present = np.zeros(len(scheme.scored_names), bool)
+    for case in val:
+        present |= scheme.present(case.label)
+        if present.all():
+            break
+    if not present.all():
+        missing = [
+            name for name, found in zip(scheme.scored_names, present, strict=True) if not found
+        ]
+        names = ", ".join(repr(name) for name in missing)
+        kind = scheme.scored_kind
+        kind = kind if len(missing) == 1 else {"class": "classes", "region": "regions"}[kind]
         how = (
             f"another fold of {cfg.splits_file}"
             if cfg.splits_file is not None
@@ -136,22 +147,11 @@ def split_dataset(dataset: Dataset, cfg: DataConfig) -> tuple[list[Case], list[C
         )
         raise NasError(
             dataset.root,
-            f"the validation cases of fold {cfg.fold} hold no voxel of "
-            f"{'classes' if len(missing) > 1 else 'class'} {names}, which would score a perfect "
-            f"IoU for predicting nothing; choose {how}, or add cases showing it",
+            f"the validation cases of fold {cfg.fold} hold no voxel of {kind} "
+            f"{names}, which would score a perfect IoU for predicting nothing; choose {how}, "
+            "or add cases showing it",
         )
     return train, val
-
-
-def _classes_absent(cases: list[Case], n_classes: int) -> list[int]:
-    """The foreground class indices (1..n_classes) that no label of `cases` holds."""
-    missing = set(range(1, n_classes + 1))
-    for case in cases:
-        label = np.asarray(case.label)
-        missing -= {k for k in missing if np.any(label == k)}
-        if not missing:
-            break
-    return sorted(missing)
 
 
 __all__ = [

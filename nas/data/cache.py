@@ -29,6 +29,7 @@ from nas.data.layouts import DatasetIndex
 from nas.data.plan import make_plan
 from nas.data.preprocess import CasePlan, ChannelNorm, preprocess_case
 from nas.errors import NasError
+from nas.labels import LabelScheme
 from nas.locking import file_lock
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
 
@@ -48,7 +49,7 @@ class Case:
 class Dataset:
     root: Path
     channel_names: tuple[str, ...]  # the channels the network gets, in order
-    class_names: tuple[str, ...]  # foreground classes, class index 1..K
+    scheme: LabelScheme  # the foreground classes (class index 1..K) and any regions of them
     cases: tuple[Case, ...]
     cache: Path
     plan: CasePlan  # how every case was prepared: what a new scan must go through too
@@ -59,9 +60,13 @@ class Dataset:
         return len(self.channel_names)
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.scheme.class_names
+
+    @property
     def n_classes(self) -> int:
-        """Foreground classes; the network has one sigmoid output when there is just one."""
-        return len(self.class_names)
+        """Foreground classes (what the network outputs is the scheme's business)."""
+        return self.scheme.n_classes
 
 
 def default_cache_root() -> Path:
@@ -109,7 +114,7 @@ def _array_entry(array: np.ndarray) -> dict:
 
 
 def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
-    plan, class_names = make_plan(index, **settings)
+    plan, scheme = make_plan(index, **settings)
     with staging_folder(folder) as staging:
         cases = []
         # leave=False: on an error, the one-line message is what stays on the screen.
@@ -134,11 +139,13 @@ def _build(index: DatasetIndex, settings: dict, folder: Path) -> None:
             "layout": index.layout,
             "channel_names": [index.channel_names[c] for c in plan.channels],
             "source_channel_names": list(index.channel_names),
-            "class_names": list(class_names),
+            "class_names": list(scheme.class_names),
             "plan": dataclasses.asdict(plan)
             | {"class_of_value": {str(k): v for k, v in plan.class_of_value.items()}},
             "cases": cases,
         }
+        # Only for a region-based dataset: a plain one's manifest is as before.
+        manifest |= {k: v for k, v in scheme.describe().items() if k != "labels"}
         # Written last: its presence marks a complete cache.
         with _synced(staging / "manifest.json") as handle:
             handle.write(json.dumps(manifest, indent=1).encode())
@@ -186,7 +193,12 @@ def open_cache(folder: Path, root: Path) -> Dataset:
             tuple(plan["target_spacing_mm"]),
         )
         channel_names = tuple(manifest["channel_names"])
-        class_names = tuple(manifest["class_names"])
+        scheme = LabelScheme.build(
+            case_plan.class_of_value,
+            tuple(manifest["class_names"]),
+            manifest.get("regions"),
+            manifest.get("regions_class_order"),
+        )
         source_channel_names = tuple(manifest["source_channel_names"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise NasError(manifest_path, f"unreadable cache manifest ({_why(err)})") from None
@@ -199,7 +211,7 @@ def open_cache(folder: Path, root: Path) -> Dataset:
         )
         for name, image, label in entries
     )
-    return Dataset(root, channel_names, class_names, cases, folder, case_plan, source_channel_names)
+    return Dataset(root, channel_names, scheme, cases, folder, case_plan, source_channel_names)
 
 
 def cached_dataset(index: DatasetIndex, settings: dict, cache_root: Path | None = None) -> Dataset:

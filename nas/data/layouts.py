@@ -2,7 +2,8 @@
 
 Three layouts, detected automatically unless named:
 - nnU-Net v2 raw: imagesTr/{case}_{XXXX}{file_ending}, labelsTr/{case}{file_ending} and a
-  dataset.json with channel_names, labels (name -> value), numTraining, file_ending;
+  dataset.json with channel_names, labels (name -> value), numTraining, file_ending; labels
+  listing several values are regions (region-based training), which need regions_class_order;
 - Medical Segmentation Decathlon (MSD): dataset.json with modality, labels (value -> name)
   and a training list of image/label paths; multi-modal images are 4D (channels last);
 - plain pairs: images/ and masks/ holding files of the same names.
@@ -38,6 +39,10 @@ class DatasetIndex:
     # tell (plain pairs).
     labels: dict[str, int] | None
     cases: tuple[CaseFiles, ...]
+    # nnU-Net region-based training: region name -> the label values it covers, in the order
+    # of dataset.json, and the value written where each is predicted (regions_class_order).
+    regions: dict[str, tuple[int, ...]] | None = None
+    regions_class_order: tuple[int, ...] | None = None
 
 
 def _read_dataset_json(root: Path) -> dict:
@@ -78,11 +83,67 @@ def _inside(root: Path, relative: str, source: Path) -> Path:
     return path
 
 
+def _is_label_value(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _nnunet_labels(
+    meta: dict, path: Path
+) -> tuple[dict[str, int], dict[str, tuple[int, ...]] | None, tuple[int, ...] | None]:
+    """Label values by name and, where a label lists several values (nnU-Net's region-based
+    training), the regions (background left out) and regions_class_order. Then every label
+    is a region, a single value a region of one, and the classes are the distinct values
+    (`label_<value>`). A one-value list is that value, as in nnU-Net."""
+    labels = _require(meta, "labels", dict, path)
+    declared: dict[str, tuple[int, ...]] = {}
+    for name, value in labels.items():
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise NasError(path, f"label {name!r} lists no values")
+        if not all(_is_label_value(v) for v in values):
+            raise NasError(path, f"label {name!r} must be a non-negative integer or a list of them")
+        if isinstance(value, list) and 0 in values:
+            raise NasError(
+                path, f"label {name!r} lists background (0); declare background as 0 alone"
+            )
+        declared[str(name)] = tuple(dict.fromkeys(values))  # duplicates dropped, order kept
+    if not any(values == (0,) for values in declared.values()):
+        raise NasError(path, "labels must declare background with value 0")
+    if all(len(values) == 1 for values in declared.values()):
+        return {name: values[0] for name, values in declared.items()}, None, None
+
+    regions = {name: values for name, values in declared.items() if values != (0,)}
+    several = next(name for name, values in regions.items() if len(values) > 1)
+    order = meta.get("regions_class_order")
+    if order is None:
+        raise NasError(
+            path,
+            f"label {several!r} lists several values (region-based training), so "
+            "regions_class_order is required: the label value written for each region, in order",
+        )
+    if not isinstance(order, list) or not all(_is_label_value(v) for v in order):
+        raise NasError(path, "regions_class_order must be a list of label values")
+    if len(order) != len(regions):
+        raise NasError(
+            path,
+            f"regions_class_order has {len(order)} values for {len(regions)} regions "
+            f"({', '.join(regions)})",
+        )
+    for (name, values), value in zip(regions.items(), order, strict=True):
+        if value not in values:
+            raise NasError(
+                path,
+                f"regions_class_order gives {value} for region {name!r}, which is not one of "
+                f"its values {list(values)}",
+            )
+    found = sorted({v for values in regions.values() for v in values})
+    return {"background": 0} | {f"label_{v}": v for v in found}, regions, tuple(order)
+
+
 def _nnunet(root: Path) -> DatasetIndex:
     meta_path = root / "dataset.json"
     meta = _read_dataset_json(root)
     channels = _require(meta, "channel_names", dict, meta_path)
-    labels = _require(meta, "labels", dict, meta_path)
     ending = _require(meta, "file_ending", str, meta_path)
     try:
         channel_ids = sorted(int(key) for key in channels)
@@ -90,16 +151,7 @@ def _nnunet(root: Path) -> DatasetIndex:
         raise NasError(meta_path, "channel_names keys must be channel numbers") from None
     if not channel_ids or channel_ids != list(range(len(channel_ids))):
         raise NasError(meta_path, "channel_names must number channels 0, 1, ... without gaps")
-    for name, value in labels.items():
-        if isinstance(value, list):
-            raise NasError(
-                meta_path,
-                f"label {name!r} is region-based ({value}); nas supports one value per label",
-            )
-        if not isinstance(value, int) or value < 0:
-            raise NasError(meta_path, f"label {name!r} must be a non-negative integer")
-    if 0 not in labels.values():
-        raise NasError(meta_path, "labels must declare background with value 0")
+    labels, regions, regions_class_order = _nnunet_labels(meta, meta_path)
 
     label_names = {
         case: path
@@ -135,8 +187,10 @@ def _nnunet(root: Path) -> DatasetIndex:
         root,
         "nnunet",
         tuple(str(channels[str(c)]) for c in channel_ids),
-        {str(name): int(value) for name, value in labels.items()},
+        labels,
         tuple(cases),
+        regions,
+        regions_class_order,
     )
 
 

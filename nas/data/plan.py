@@ -1,7 +1,8 @@
 """Fingerprint a dataset and decide how every case is preprocessed (a `CasePlan`).
 
 From the index and the data settings: which channels feed the network, which label values
-form each foreground class, the target spacing (default: the median spacing of the cases, as
+form each foreground class (and, for a region-based dataset, which classes form each region:
+the `LabelScheme`), the target spacing (default: the median spacing of the cases, as
 nnU-Net does) and each channel's normalisation (CT: clip to the 0.5-99.5 percentiles of the
 dataset's foreground voxels, then z-score with their mean and std; other modalities: z-score
 per case). Reads headers for spacings, and voxels only where CT statistics or undeclared
@@ -17,6 +18,7 @@ import numpy as np
 from nas.data.layouts import DatasetIndex
 from nas.data.preprocess import CasePlan, ChannelNorm, read_channels, read_label, spacing_of
 from nas.errors import NasError
+from nas.labels import LabelScheme
 
 # Foreground voxels kept per case for the CT intensity statistics.
 CT_SAMPLES_PER_CASE = 10_000
@@ -62,6 +64,12 @@ def choose_classes(
 ) -> tuple[dict[int, int], tuple[str, ...]]:
     """Label value -> class index, and the foreground class names (class 1, 2, ...)."""
     values = _label_values(index)
+    if index.regions and foreground is not None:
+        raise NasError(
+            _source(index),
+            "declares regions (region-based training), which data.foreground cannot regroup; "
+            "leave data.foreground out, or change the regions in dataset.json",
+        )
     if foreground is None:
         named = sorted(((v, n) for n, v in values.items() if v != 0))
         foreground = {name: [value] for value, name in named}
@@ -103,10 +111,16 @@ def make_plan(
     foreground: Mapping[str, Sequence[int]] | None,
     target_spacing_mm: Sequence[float] | None,
     normalization: str,
-) -> tuple[CasePlan, tuple[str, ...]]:
-    """The plan for every case, and the foreground class names."""
+) -> tuple[CasePlan, LabelScheme]:
+    """The plan for every case, and what the network is to output."""
     chosen = choose_channels(index, channels)
     class_of_value, class_names = choose_classes(index, foreground)
+    try:
+        scheme = LabelScheme.build(
+            class_of_value, class_names, index.regions, index.regions_class_order
+        )
+    except ValueError as err:  # a data.foreground class listing no value
+        raise NasError(_source(index), str(err)) from None
     if target_spacing_mm is None:
         spacings = np.array([spacing_of(case.images[0]) for case in index.cases])
         target_spacing_mm = tuple(float(s) for s in np.median(spacings, axis=0))
@@ -116,4 +130,4 @@ def make_plan(
         mode = normalization if normalization != "auto" else ("ct" if is_ct else "zscore")
         norms.append(_ct_norm(index, channel) if mode == "ct" else ChannelNorm())
     plan = CasePlan(chosen, tuple(norms), class_of_value, tuple(target_spacing_mm))
-    return plan, class_names
+    return plan, scheme
