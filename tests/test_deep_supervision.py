@@ -17,12 +17,14 @@ from nas.builder import UNetConfig, build_unet, count_parameters, deployed
 from nas.describe import summary
 from nas.export import export
 from nas.exported import WEIGHTS_FILE
+from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_target
 from nas.memory import estimate_inference_bytes, estimate_training_bytes, parameter_count
 from nas.space import Candidate, StudySection, load_space, sample
 from nas.study import measure
 from nas.train import TrainConfig, fit, init_model
 
+LESION = LabelScheme(("lesion",), (0, 1))  # the tiny dataset's one class
 CPU = torch.device("cpu")
 TINY_TRAIN = dict(epochs=2, batches_per_epoch=3, batch_size_2d=4, patch_size_2d=(32, 32))
 
@@ -116,7 +118,7 @@ def test_fit_trains_the_weighted_heads_and_leaves_the_zero_weighted_one(tiny_cas
     model = build_unet(spatial_dims=2, depth=4, base_channels=4, deep_supervision=True)
     half, lowest = (head.weight.detach().clone() for head in model.aux_heads)
     cases = tiny_cases
-    result = fit(model, cases[:4], cases[4:], 1, TrainConfig(**TINY_TRAIN), CPU)
+    result = fit(model, cases[:4], cases[4:], LESION, TrainConfig(**TINY_TRAIN), CPU)
     assert len(result.history) == 2
     for epoch in result.history:
         assert torch.isfinite(torch.tensor(epoch.train_loss))
