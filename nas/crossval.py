@@ -38,6 +38,7 @@ from nas.validate import predict_case
 
 FOLD_ATTR, SOURCE_ATTR = "fold", "source_trial"
 POSTPROCESSING_ATTR = "postprocessing"  # crossval study attr: {trial: [class names]}
+ENSEMBLE_ATTR = "heldout_ensemble"  # crossval study attr: {trial: [rows of compare_ensemble]}
 
 
 def crossval_study_name(study_name: str) -> str:
@@ -119,6 +120,16 @@ def done_runs(study: optuna.Study, epochs: int) -> dict[tuple[int, int], FrozenT
         if t.user_attrs.get("train_config", {}).get("epochs") == epochs:
             runs[(t.user_attrs[SOURCE_ATTR], t.user_attrs[FOLD_ATTR])] = t
     return runs
+
+
+def find_crossval_study(
+    storage: optuna.storages.BaseStorage | str, study_name: str
+) -> optuna.Study | None:
+    """The cross-validation of the search `study_name`, if nas.retrain --folds ran."""
+    name = crossval_study_name(study_name)
+    if name not in optuna.get_all_study_names(storage):
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def open_crossval_study(storage: optuna.storages.BaseStorage | str, name: str, objectives):
@@ -267,3 +278,15 @@ def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:
             }
         )
     return rows
+
+
+def record_ensemble(crossval: optuna.Study, trial_number: int, rows: list[dict]) -> None:
+    """Keep a member's held-out single vs ensemble comparison in the storage, for the report."""
+    stored = dict(crossval.user_attrs.get(ENSEMBLE_ATTR, {}))
+    stored[str(trial_number)] = rows
+    crossval.set_user_attr(ENSEMBLE_ATTR, stored)
+
+
+def ensemble_rows(crossval: optuna.Study) -> list[dict]:
+    stored = crossval.user_attrs.get(ENSEMBLE_ATTR, {})
+    return [row for number in sorted(stored, key=int) for row in stored[number]]

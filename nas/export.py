@@ -34,7 +34,7 @@ from nas.cli import exit_code
 from nas.crossval import (
     FOLD_ATTR,
     POSTPROCESSING_ATTR,
-    crossval_study_name,
+    find_crossval_study,
     member_runs,
     weights_path,
 )
@@ -446,13 +446,6 @@ def export(
     return card
 
 
-def crossval_of(storage: str, study_name: str) -> optuna.Study | None:
-    """The study nas.retrain --folds recorded the search's cross-validation in, if any."""
-    name = crossval_study_name(study_name)
-    found = name in optuna.get_all_study_names(storage)
-    return optuna.load_study(study_name=name, storage=storage) if found else None
-
-
 def fold_weights(results: Path, crossval: optuna.Study | None, trial: int) -> dict[str, Path]:
     """{fold_K: weights} of every cross-validated fold of `trial`."""
     runs = member_runs(crossval, trial) if crossval is not None else []
@@ -476,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     study = load_results_study(args.results, args.storage)
     trial = choose_trial(study, args.trial, args.max_params)
     storage = args.storage or default_storage(args.results)
-    crossval = crossval_of(storage, study.study_name)
+    crossval = find_crossval_study(storage, study.study_name)
     if args.ensemble:
         weights = fold_weights(args.results, crossval, trial.number)
     else:

@@ -29,6 +29,7 @@ from plotly.subplots import make_subplots
 
 from nas.artifacts import overlay_path
 from nas.cli import exit_code
+from nas.crossval import ensemble_rows, find_crossval_study, summary_rows
 from nas.objectives import OBJECTIVES
 from nas.objectives import hypervolume as objectives_hypervolume
 from nas.record import TrialRecord, records, study_objectives
@@ -313,6 +314,48 @@ def _front_table(table: pd.DataFrame) -> str:
     return shown.to_html(index=False, float_format="{:.4f}".format, na_rep="", border=0)
 
 
+def _mean_sd(mean: float, sd: float | None) -> str:
+    return f"{mean:.4f}" if sd is None or sd != sd else f"{mean:.4f} ± {sd:.4f}"
+
+
+def _crossval_section(study: optuna.Study) -> str:
+    """Cross-validated members (nas.retrain --folds): mean ± sd over the folds, the
+    postprocessing chosen, and on held-out cases a fold's model, the fold ensemble and the
+    ensemble with mirroring side by side with their inference time."""
+    # Optuna has no public accessor for a study's storage; the cross-validation lives in it.
+    crossval = find_crossval_study(study._storage, study.study_name)
+    if crossval is None:
+        return ""
+    rows = summary_rows(crossval, study)
+    if not rows:
+        return ""
+    members = pd.DataFrame(
+        {
+            "trial": [r["trial"] for r in rows],
+            "params": [f"{r['n_params']:,}" for r in rows],
+            "folds": [r["folds"] for r in rows],
+            "epochs": [r["epochs"] for r in rows],
+            "search val IoU": [f"{r['search_val_iou']:.4f}" for r in rows],
+            "CV IoU": [_mean_sd(r["cv_iou_mean"], r["cv_iou_sd"]) for r in rows],
+            "CV Dice": [_mean_sd(r["cv_dice_mean"], r["cv_dice_sd"]) for r in rows],
+            "largest component": [r["largest_component"] or "not applied" for r in rows],
+        }
+    )
+    parts = [
+        "<h2>Cross-validation</h2>",
+        "<p>Each member trained again on every fold (nas.retrain --folds); the search's own "
+        "scores come from the one fold it selected on.</p>",
+        members.to_html(index=False, border=0),
+    ]
+    ensemble = pd.DataFrame(ensemble_rows(crossval))
+    if not ensemble.empty:
+        parts += [
+            "<h3>Held-out cases: one fold's model, the fold ensemble, mirrored</h3>",
+            ensemble.to_html(index=False, float_format="{:.4f}".format, border=0),
+        ]
+    return "\n".join(parts)
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; }
@@ -371,6 +414,7 @@ def render(
 {"".join(parts)}
 <h2>The front</h2>
 {front_table}
+{_crossval_section(study)}
 <h2>Validation overlays of the front (green: ground truth, red: prediction)</h2>
 {_overlays(study_dir, front)}
 </body></html>

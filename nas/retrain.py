@@ -33,6 +33,7 @@ from nas.crossval import (
     all_folds,
     cross_validate,
     open_crossval_study,
+    record_ensemble,
     summary_rows,
     weights_path,
 )
@@ -41,6 +42,7 @@ from nas.errors import NasError
 from nas.heldout import compare_ensemble, find_test_split
 from nas.objectives import directions, values_of
 from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord, study_objectives
+from nas.report import write_report
 from nas.results import pareto_front, save_checkpoint
 from nas.staging import atomic_write
 from nas.storage import redact
@@ -115,16 +117,19 @@ def run_crossval(
         for trial in chosen:
             weights = {f"fold_{f}": weights_path(args.results, trial.number, f) for f in folds}
             single = f"fold_{data_cfg.fold if data_cfg.fold in folds else folds[0]}"
-            rows += compare_ensemble(
+            compared = compare_ensemble(
                 study, trial, weights, single, split, device,
                 postprocessing.get(str(trial.number), []),
             )  # fmt: skip
+            record_ensemble(crossval, trial.number, compared)
+            rows += compared
         ensemble = pd.DataFrame(rows)
         atomic_write(args.results / "ensemble.csv", lambda p: ensemble.to_csv(p, index=False))
         print(ensemble.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    report = write_report(study, args.results)
     print(
-        f"recorded in study {crossval.study_name!r} of {redact(storage)} and "
-        f"{args.results}/crossval.csv"
+        f"recorded in study {crossval.study_name!r} of {redact(storage)}, "
+        f"{args.results}/crossval.csv and {report}"
     )
     return 0
 

@@ -44,7 +44,9 @@ def crossvalidated(tmp_path_factory) -> Path:
     write_test_cases(write_nnunet(root / "Dataset003_Heldout"))
     (root / "space.yaml").write_text(ONE_TRIAL)
     assert run_cli("nas.run", "space.yaml", cwd=root).returncode == 0
-    result = run_cli("nas.retrain", "results/held", "--folds", "all", "--epochs", "1", cwd=root)
+    result = run_cli(
+        "nas.retrain", "results/held", "--folds", "all", "--epochs", "1", "--workers", "2", cwd=root
+    )
     assert result.returncode == 0, result.stderr
     return root
 
@@ -105,6 +107,11 @@ def test_the_ensemble_is_scored_on_held_out_cases_as_predict_segments_them(cross
     assert run_cli("nas.predict", str(folder), images, str(masks), cwd=root).returncode == 0
     labels = root / "Dataset003_Heldout/labelsTs"
     assert _pooled_dice(masks, labels) == pytest.approx(table.loc["ensemble"].test_dice)
+    # The report shows the member's mean +- sd over folds and the three variants.
+    report = (root / "results/held/report.html").read_text()
+    row = pd.read_csv(root / "results/held/crossval.csv").iloc[0]
+    assert f"{row.cv_iou_mean:.4f} ± {row.cv_iou_sd:.4f}" in report
+    assert "ensemble + mirror" in report and f"{table.loc['ensemble'].test_dice:.4f}" in report
 
 
 @pytest.mark.slow
