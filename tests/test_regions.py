@@ -258,16 +258,16 @@ def test_a_region_dataset_searches_exports_and_predicts_its_label_values(tmp_pat
     assert written.shape == truth.shape and written.get_data_dtype() == np.uint8
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 3}
 
-    # With logits we control: the nested regions of `truth`, plus enhancing alone in a
+    # With probabilities we control: the nested regions of `truth`, plus enhancing alone in a
     # corner where no other region is, the mask holds each region's value where it says.
     regions = np.stack([truth >= 1, truth >= 2, truth == 3])
     regions[2, :3, :3, :3] = True
 
-    def region_logits(model, image, *args, **kwargs):
+    def region_probabilities(predictor, image, *args, **kwargs):
         assert image.shape[1:] == truth.shape  # no crop, no resampling
-        return torch.from_numpy(np.where(regions, 3.0, -3.0).astype(np.float32))
+        return torch.from_numpy(np.where(regions, 0.9, 0.1).astype(np.float32))
 
-    monkeypatch.setattr("nas.predict.predict_logits", region_logits)
+    monkeypatch.setattr("nas.predict.predict_logits", region_probabilities)
     result = run_cli("nas.predict", str(folder), "scan", "controlled", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     mask = np.asarray(nib.load(tmp_path / "controlled" / "scan.nii.gz").dataobj)
