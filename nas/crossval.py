@@ -33,7 +33,7 @@ from nas.objectives import directions, values_of
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
 from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord
 from nas.staging import atomic_write
-from nas.train import TrainConfig, fit, init_model
+from nas.train import CandidateFailed, TrainConfig, fit, init_model
 from nas.validate import predict_case
 
 FOLD_ATTR, SOURCE_ATTR = "fold", "source_trial"
@@ -72,7 +72,8 @@ class FoldJob:
 
 def run_fold(job: FoldJob) -> dict:
     """Train `job`'s member on its fold, save the weights, and score the fold's validation
-    cases one by one without and with the largest-component postprocessing."""
+    cases one by one without and with the largest-component postprocessing. A member that
+    cannot be trained (out of memory, diverging) gives {"fail_reason": ...}."""
     if job.threads:
         torch.set_num_threads(job.threads)
     data = DataConfig(**{**job.data, "fold": job.fold})
@@ -83,7 +84,10 @@ def run_fold(job: FoldJob) -> dict:
     device = torch.device(job.device)
     model = init_model(unet, train.seed)
     slicing = dataclasses.replace(data.slicing, per_case=None)  # every training slice
-    result = fit(model, train_cases, val_cases, dataset.scheme, train, device, None, slicing)
+    try:
+        result = fit(model, train_cases, val_cases, dataset.scheme, train, device, None, slicing)
+    except CandidateFailed as failure:
+        return {"fail_reason": failure.reason}
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     atomic_write(Path(job.weights), lambda tmp: torch.save(state, tmp))
     model.eval()
@@ -156,6 +160,9 @@ def cross_validate(
     """Train each member on each fold not yet recorded in `crossval`, `workers` at a time,
     and record every run there as it ends."""
     data = search.user_attrs["data_config"]
+    dataset = load_dataset(DataConfig(**data))
+    for fold in folds:  # a fold that cannot be validated is refused before any training
+        split_dataset(dataset, DataConfig(**{**data, "fold": fold}))
     objectives = list(crossval.user_attrs[OBJECTIVES_ATTR])
     jobs, records = [], {}
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
@@ -186,6 +193,15 @@ def cross_validate(
 
     def record_run(job: FoldJob, outcome: dict) -> None:
         member, record = records[job.trial]
+        if "fail_reason" in outcome:  # recorded, so the report can say so; trained again next time
+            crossval.add_trial(
+                create_trial(
+                    state=TrialState.FAIL,
+                    user_attrs={SOURCE_ATTR: job.trial, FOLD_ATTR: job.fold, **outcome},
+                )
+            )
+            print(f"trial {job.trial} fold {job.fold}: failed ({outcome['fail_reason']})")
+            return
         # The same network: its costs as the search measured them, its scores on this fold.
         quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}
         quantities |= {"iou": outcome["iou"], "dice": outcome["dice"]}
@@ -223,11 +239,21 @@ def cross_validate(
 
 
 def member_runs(crossval: optuna.Study, trial_number: int) -> list[FrozenTrial]:
-    """The latest recorded run of each fold of one member, by fold."""
-    runs = {}
-    for t in crossval.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get(SOURCE_ATTR) == trial_number:
-            runs[t.user_attrs[FOLD_ATTR]] = t
+    """One member's completed runs, by fold, trained with the epochs of its latest run: runs
+    of another length are not mixed into its mean (a fold that failed is left out)."""
+    completed = [
+        t
+        for t in crossval.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get(SOURCE_ATTR) == trial_number
+    ]
+    if not completed:
+        return []
+    epochs = completed[-1].user_attrs["train_config"]["epochs"]
+    runs = {
+        t.user_attrs[FOLD_ATTR]: t
+        for t in completed
+        if t.user_attrs["train_config"]["epochs"] == epochs
+    }
     return [runs[fold] for fold in sorted(runs)]
 
 

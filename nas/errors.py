@@ -16,3 +16,6 @@ class NasError(Exception):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+    def __reduce__(self):  # raised in a worker process, it reaches the parent whole
+        return type(self), (self.source, self.reason)

@@ -315,7 +315,7 @@ def _front_table(table: pd.DataFrame) -> str:
 
 
 def _mean_sd(mean: float, sd: float | None) -> str:
-    return f"{mean:.4f}" if sd is None or sd != sd else f"{mean:.4f} ± {sd:.4f}"
+    return f"{mean:.4f}" if sd is None or math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
 
 def _crossval_section(study: optuna.Study) -> str:

@@ -103,7 +103,7 @@ def run_crossval(
     table = pd.DataFrame(summary_rows(crossval, study))
     atomic_write(args.results / "crossval.csv", lambda p: table.to_csv(p, index=False))
     for row in table.itertuples():
-        sd = f" +- {row.cv_iou_sd:.4f}" if row.cv_iou_sd == row.cv_iou_sd else ""
+        sd = "" if pd.isna(row.cv_iou_sd) else f" +- {row.cv_iou_sd:.4f}"
         print(
             f"trial {row.trial}: IoU {row.cv_iou_mean:.4f}{sd} over folds {row.folds} "
             f"(search: {row.search_val_iou:.4f}); largest component: "

@@ -15,9 +15,11 @@ import pytest
 import torch
 import yaml
 
+from nas import crossval
 from nas.exported import read_card
 from nas.inference import mirror_axes, predictor
 from nas.postprocess import classes_helped, keep_largest_component
+from nas.train import CandidateFailed
 
 from .conftest import run_cli
 from .datasets import write_nnunet
@@ -177,3 +179,39 @@ def test_largest_component_keeps_one_blob_per_chosen_class():
     np.testing.assert_array_equal(kept == 2, classes == 2)  # not chosen: untouched
     # A class joins the rule only where it raises the mean Dice over the cases.
     assert classes_helped([[0.5, 0.8], [0.7, 0.6]], [[0.6, 0.8], [0.7, 0.5]]) == [1]
+
+
+@pytest.mark.slow
+def test_a_fold_that_cannot_be_trained_is_recorded_failed_and_the_others_go_on(
+    crossvalidated, tmp_path, monkeypatch
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(crossvalidated / "results", copy / "results")
+    shutil.copytree(crossvalidated / "Dataset003_Heldout", copy / "Dataset003_Heldout")
+    real_fit = crossval.fit
+
+    def fit_failing_fold_1(model, train_cases, val_cases, *args, **kwargs):
+        if any(case.name == "case_001" for case in val_cases):
+            raise CandidateFailed("out of memory: a test")
+        return real_fit(model, train_cases, val_cases, *args, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit", fit_failing_fold_1)
+    # Other epochs than the recorded runs: both folds train again.
+    result = run_cli("nas.retrain", "results/held", "--folds", "all", "--epochs", "2", cwd=copy)
+    assert result.returncode == 0, result.stderr
+    assert "failed (out of memory: a test)" in result.stdout
+    storage = f"sqlite:///{copy / 'results/held/study.db'}"
+    runs = optuna.load_study(study_name="held-crossval", storage=storage).trials
+    held_out_by = {  # the fold whose validation holds case_001, from the first runs
+        c["case"]: t.user_attrs["fold"] for t in runs[:2] for c in t.user_attrs["out_of_fold"]
+    }
+    failing = held_out_by["case_001"]
+    states = {t.user_attrs["fold"]: t.state.name for t in runs[2:]}
+    assert states == {failing: "FAIL", 1 - failing: "COMPLETE"}
+    assert (
+        "out of memory"
+        in next(t for t in runs[2:] if t.state.name == "FAIL").user_attrs["fail_reason"]
+    )
+    # The summary is of the new runs alone: a fold trained for 1 epoch is not mixed in.
+    row = pd.read_csv(copy / "results/held/crossval.csv").iloc[0]
+    assert str(row.folds) == str(1 - failing) and row.epochs == 2
