@@ -1,20 +1,20 @@
-"""One lock for files that several processes (workers, hosts on a shared disk) update."""
+"""One lock for files that several processes (workers, hosts on a shared disk) update.
+
+`filelock` rather than fcntl: the same code locks on Linux, macOS and Windows.
+"""
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
+
 
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (created if missing) for the block."""
+    """Hold an exclusive lock on `path` (created if missing) for the block; wait for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import multiprocessing as mp
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +17,7 @@ import pytest
 
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
+from nas.locking import file_lock
 
 from . import datasets
 from .conftest import run_cli
@@ -363,3 +367,23 @@ def test_search_on_a_three_label_dataset_in_each_layout(tmp_path, writer, in_cha
         assert trial.user_attrs["unet_config"]["in_channels"] == in_channels
         assert trial.user_attrs["unet_config"]["out_channels"] == 3  # softmax over 0, 1, 2
         assert len(trial.user_attrs["val_iou_per_class"]) == 2
+
+
+def test_the_file_lock_keeps_a_second_process_out_until_it_is_released(tmp_path):
+    lock = tmp_path / "results.lock"
+    waiter = (
+        "import sys, time; from pathlib import Path; from nas.locking import file_lock\n"
+        "print('waiting', flush=True)\n"
+        "with file_lock(Path(sys.argv[1])):\n"
+        "    print(time.monotonic(), flush=True)\n"
+    )
+    with file_lock(lock):
+        process = subprocess.Popen(
+            [sys.executable, "-c", waiter, str(lock)], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)  # time enough to take a lock that did not hold
+        released = time.monotonic()
+    entered = float(process.stdout.readline())
+    assert process.wait(timeout=60) == 0
+    assert entered >= released  # it got in only once this process let go
