@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import torch
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
@@ -40,11 +41,12 @@ from nas.space import (
     IntSpec,
     SearchSpace,
     StudySection,
-    load_space,
+    read_effective_space,
+    validate_space,
     warm_start_params,
     with_study_overrides,
 )
-from nas.staging import remove_stale_staging
+from nas.staging import atomic_write, remove_stale_staging
 from nas.storage import redact
 from nas.study import (
     INTERRUPTED,
@@ -62,6 +64,7 @@ from nas.train import CandidateFailed, TrainConfig
 # The storage URL for workers started by --workers, and a way for users to keep a database
 # password off the command line (where `ps` shows it to everyone on the machine).
 STORAGE_ENV = "NAS_STORAGE"
+SPACE_FILE = "space.yaml"  # the effective search space, beside the study
 
 
 def _positive_int(text: str) -> int:
@@ -96,6 +99,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--budget", type=_positive_int,
         help="total optimiser steps the study may train over all candidates and rungs",
     )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="settings",
+        help="override a YAML entry, e.g. --set train.epochs=3 (repeatable; values are YAML)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", type=Path, help="dataset folder instead of data.path (no synthetic data)"
+    )
     parser.add_argument("--study-name", help="study name (default: study.name in the YAML)")
     parser.add_argument(
         "--storage",
@@ -313,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     is_worker = args.worker_index is not None
-    space = load_space(args.space)
+    effective = read_effective_space(args.space, args.settings, args.data)
+    space = validate_space(effective, args.space, args.settings)
     overrides = {
         "n_trials": args.n_trials,
         "timeout": args.timeout,
@@ -353,6 +364,9 @@ def run(args: argparse.Namespace) -> int:
             },
         }
         resume.check(study, space, data, args.space, args.extend_space)
+        # What this run searches, --set and --data included; once the study accepted it.
+        text = yaml.safe_dump(effective, sort_keys=False)
+        atomic_write(study_dir / SPACE_FILE, lambda tmp: tmp.write_text(text))
         orphans = settle_orphans(study, study_cfg.heartbeat)  # a crashed run's trials
         if orphans.failed:
             numbers = ", ".join(str(n) for n in orphans.failed)

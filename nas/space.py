@@ -17,10 +17,11 @@ list of specs, each with its own `when` (e.g. smaller kernels for 3D). Every mis
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,7 +46,7 @@ from nas.objectives import Name as ObjectiveName
 from nas.pruning import PrunerConfig
 from nas.storage import HeartbeatConfig
 from nas.train import TrainConfig
-from nas.yaml_file import read_yaml
+from nas.yaml_file import parse_yaml, read_yaml
 
 Scalar = bool | int | float | str | None
 # Filled from the data, never searched.
@@ -274,14 +275,64 @@ class _SpaceError(Exception):
         return cls(where or "(top level)", reason)
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate `path`; any problem raises NasError naming the file and key."""
+def apply_settings(raw: dict[str, Any], settings: Sequence[str]) -> dict[str, Any]:
+    """`raw` with each `key.path=value` of `settings` set (values read as YAML, so numbers,
+    lists and `{type: int, low: 2, high: 5}` work); a malformed one is a NasError."""
+    raw = copy.deepcopy(raw)
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise NasError("--set", f"{setting!r} is not key.path=value (e.g. train.epochs=3)")
+        value = parse_yaml(text, f"--set {key}")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise NasError("--set", f"{key}: {part} holds a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_effective_space(
+    path: str | Path, settings: Sequence[str] = (), data: str | Path | None = None
+) -> dict[str, Any]:
+    """The YAML of `path` with `--set` settings and a `--data` folder applied, unvalidated."""
     path = Path(path)
     raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise NasError(path, "must be a mapping with sections data, search, train, study")
+    if data is not None:  # a dataset of the user's own: the embedded one is not generated
+        section = dict(raw.get("data") or {})
+        section.pop("synthetic", None)
+        raw["data"] = {**section, "path": str(data)}
+    return apply_settings(raw, settings)
+
+
+def load_space(
+    path: str | Path, settings: Sequence[str] = (), data: str | Path | None = None
+) -> SearchSpace:
+    """Read and validate `path` with `--set` settings and a `--data` folder applied; any
+    problem raises NasError naming the file (or --set) and the key."""
+    path = Path(path)
+    raw = read_effective_space(path, settings, data)
+    return validate_space(raw, path, settings)
+
+
+def validate_space(raw: dict[str, Any], path: Path, settings: Sequence[str] = ()) -> SearchSpace:
+    set_keys = [s.partition("=")[0].strip() for s in settings]
+    try:
+        return _validate(raw)
+    except _SpaceError as err:
+        # A key the command line set is blamed on --set, not on the file.
+        blamed = any(err.where == k or err.where.startswith(k + ".") for k in set_keys)
+        raise NasError("--set" if blamed else path, f"{err.where}: {err.reason}") from None
+
+
+def _validate(raw: dict[str, Any]) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(raw)
         known: list[str] = []
@@ -295,10 +346,7 @@ def load_space(path: str | Path) -> SearchSpace:
             except ValueError as err:
                 raise _SpaceError(f"study.enqueue[{i}]", str(err)) from None
     except ValidationError as err:
-        failure = _SpaceError.from_validation("", err)
-        raise NasError(path, f"{failure.where}: {failure.reason}") from None
-    except _SpaceError as err:
-        raise NasError(path, f"{err.where}: {err.reason}") from None
+        raise _SpaceError.from_validation("", err) from None
     return space
 
 
@@ -377,7 +425,10 @@ def _check_defaults_build(space: SearchSpace) -> None:
         try:
             config_type(**fixed)
         except ValidationError as err:
-            raise _SpaceError(section, _first_message(err).removeprefix("Value error, ")) from None
+            loc = err.errors()[0]["loc"]
+            # A bound on one field (epochs >= 1) names it; a rule across fields the section.
+            where = f"{section}.{loc[0]}" if loc and loc[0] in fixed else section
+            raise _SpaceError(where, _first_message(err).removeprefix("Value error, ")) from None
 
 
 def _condition_holds(when: dict[str, Any] | None, values: dict[str, Any]) -> bool:

@@ -1,6 +1,7 @@
 """Reading a YAML file: safe_load only, and every way it can fail as one NasError naming it.
 
-The search space and an exported model's architecture.yaml are both read here.
+The search space, an exported model's architecture.yaml and the values of `--set` are all
+read here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ def read_yaml(path: Path) -> Any:
         raise NasError(path, "not valid YAML: not UTF-8 text") from None
     except OSError as err:
         raise NasError(path, f"cannot be read ({err.strerror})") from None
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, source: str | Path) -> Any:
+    """The plain data in `text`; a NasError naming `source` where it is not valid YAML."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise NasError(path, f"not valid YAML: {' '.join(str(err).split())}") from None
+        raise NasError(source, f"not valid YAML: {' '.join(str(err).split())}") from None
