@@ -8,6 +8,7 @@ one line per finished trial, and map user mistakes to one message and exit code 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -22,14 +23,15 @@ import optuna
 import torch
 import yaml
 from optuna.trial import FrozenTrial, TrialState
-from tqdm import tqdm
 
 from nas import resume
 from nas.candidate import TrainingData
 from nas.cli import add_device_option, device_option, exit_code
+from nas.console import RunLog, RunProgress, run_log
 from nas.data import load_dataset, split_dataset
 from nas.errors import NasError
 from nas.exported import describe_data
+from nas.fidelity import spending
 from nas.heldout import TestSplit, find_test_split, score_trials
 from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worker_id
 from nas.locking import file_lock
@@ -65,6 +67,7 @@ from nas.train import CandidateFailed, TrainConfig
 # password off the command line (where `ps` shows it to everyone on the machine).
 STORAGE_ENV = "NAS_STORAGE"
 SPACE_FILE = "space.yaml"  # the effective search space, beside the study
+RUN_LOG = "run.log"  # what the run printed, and the warnings raised
 
 
 def _positive_int(text: str) -> int:
@@ -128,6 +131,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="resume a study with a changed search space (same data; each parameter drawn "
         "so far must keep a compatible distribution)",
     )  # fmt: skip
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar and no line per trial"
+    )
+    loudness.add_argument("-v", "--verbose", action="store_true", help="Optuna's own log too")
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     return parser.parse_args(argv)
 
@@ -318,6 +326,14 @@ def _worker_salt(args: argparse.Namespace, storage: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The search, its output copied into results/<study>/run.log once the inputs pass."""
+    if args.verbose:
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+    with run_log() as log:
+        return _search(args, log)
+
+
+def _search(args: argparse.Namespace, log: RunLog) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     if args.threads:
@@ -349,6 +365,8 @@ def run(args: argparse.Namespace) -> int:
     study_dir.mkdir(parents=True, exist_ok=True)
     for folder in (study_dir, checkpoint_path(study_dir, 0).parent):
         remove_stale_staging(folder)  # what a killed process was writing
+    if not is_worker:
+        log.attach(study_dir / RUN_LOG)
     storage = args.storage or default_storage(study_dir)
     warm_start = [warm_start_params(space, fields) for fields in study_cfg.enqueue]
     # Workers started by --workers find the study their parent opened (and re-enqueued).
@@ -391,13 +409,21 @@ def run(args: argparse.Namespace) -> int:
         data = TrainingData(train_cases, val_cases, dataset.scheme, space.data.slicing)
         objective = make_objective(space, data, dataset.in_channels, device, study_dir, schedule)
         prefix = f"[worker {args.worker_index}] " if is_worker else ""
-        with tqdm(unit="trial", dynamic_ncols=True, disable=is_worker) as bar:
+        limits = (study_cfg.n_trials, study_cfg.timeout, schedule.budget_steps, start)
+        bar = RunProgress(*limits, disable=is_worker or args.quiet, stream=log.console_err)
 
-            def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-                _refresh(study, study_dir)
+        def show_progress(study: optuna.Study) -> None:
+            trials = study.get_trials(deepcopy=False)
+            bar.update(n_settled(study), spending(trials).steps)
+
+        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            _refresh(study, study_dir)
+            if not args.quiet:
                 bar.write(prefix + _trial_line(trial))
-                bar.update(1)
+            show_progress(study)
 
+        show_progress(study)
+        with contextlib.closing(bar):
             try:
                 _optimize(study, objective, study_cfg, schedule, [after_trial], prefix)
             except Interrupted as err:

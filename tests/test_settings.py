@@ -1,11 +1,18 @@
-"""`nas.run SPACE --set key.path=value --data PATH`: one YAML, many runs; the effective space
-is validated like the file, saved beside the study, and a resume with another one says what
-changed."""
+"""How `nas.run` is driven and what it shows: `--set key.path=value` and `--data PATH` (one
+YAML, many runs; the effective space validated like the file, saved beside the study, a resume
+with another one says what changed), `-q`, the progress bar and run.log."""
 
 from __future__ import annotations
 
+import logging
+import time
+import warnings
+
+import optuna
 import pytest
 import yaml
+
+from nas.console import RunProgress, run_log
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -47,8 +54,11 @@ def test_settings_and_data_make_the_effective_space_saved_beside_the_study(tmp_p
     space = tiny_space_yaml(tmp_path / "elsewhere", n_trials=3)
     (tmp_path / "space.yaml").write_text(space)
     args = ["--data", str(tiny_dataset), "--set", "study.n_trials=1", "--set", "train.epochs=1"]
-    result = run_cli("nas.run", "space.yaml", *args, cwd=tmp_path)
+    result = run_cli("nas.run", "space.yaml", *args, "-q", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "trial   0" not in result.stdout.split("Pareto front")[0]  # -q: no line per trial
+    log = (tmp_path / "results/tiny/run.log").read_text()
+    assert "-q" in log.splitlines()[0] and result.stdout in log  # what the console showed
     assert not (tmp_path / "elsewhere").exists()
     saved = yaml.safe_load((tmp_path / "results/tiny/space.yaml").read_text())
     assert saved["data"]["path"] == str(tiny_dataset) and "synthetic" not in saved["data"]
@@ -59,3 +69,47 @@ def test_settings_and_data_make_the_effective_space_saved_beside_the_study(tmp_p
     message = _error(again)
     assert "another search space" in message and "epochs" in message
     assert yaml.safe_load((tmp_path / "results/tiny/space.yaml").read_text()) == saved
+
+
+def test_the_progress_bar_stands_at_the_limit_nearest_its_end():
+    start = time.monotonic() - 210  # half of a 420 s run has passed
+    bar = RunProgress(100, 420.0, 20_000, start, disable=True)
+    bar.update(settled=9, steps=5_000)  # 9 % of the trials, a quarter of the steps
+    assert bar.bar.n == pytest.approx(50, abs=1)
+    assert bar.bar.desc.startswith("9/100 trials · 21") and bar.bar.desc.endswith("steps")
+    bar.update(settled=90, steps=5_000)
+    assert bar.bar.n == pytest.approx(90)
+    alone = RunProgress(4, None, None, time.monotonic(), disable=True)
+    alone.update(settled=1, steps=0)
+    assert alone.bar.n == 25 and alone.bar.desc == "1/4 trials"
+
+
+def test_run_log_keeps_the_output_and_optunas_warnings_once_attached(tmp_path, capsys):
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # as the commands set it
+    with run_log() as log:
+        print("before the study folder exists")
+        log.attach(tmp_path / "run.log")
+        print("after")
+        optuna.logging.get_logger("optuna.test").warning("an optuna warning")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a python warning", UserWarning, stacklevel=1)
+    text = (tmp_path / "run.log").read_text()
+    for line in (
+        "before the study folder exists",
+        "after",
+        "an optuna warning",
+        "a python warning",
+    ):
+        assert line in text
+    console = capsys.readouterr()
+    assert "an optuna warning" not in console.err  # the console keeps Optuna's verbosity
+    assert "a python warning" in console.err and "after" in console.out
+    assert logging.getLogger("optuna").level == logging.ERROR  # restored
+
+
+def test_a_run_refused_for_bad_data_writes_no_log(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=1))
+    result = run_cli("nas.run", "space.yaml", "--data", "missing", cwd=tmp_path)
+    assert "missing" in _error(result)
+    assert not (tmp_path / "results").exists()
