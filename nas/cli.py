@@ -1,4 +1,5 @@
-"""What every `python -m nas.*` command shares: user mistakes as one line and exit code 2.
+"""What every `python -m nas.*` command shares: user mistakes as one line and exit code 2,
+Ctrl-C as one line and exit code 130.
 
 Anything other than a NasError is a bug and keeps its traceback.
 """
@@ -41,3 +42,7 @@ def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace
     except NasError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: what finished is kept (files renamed into place)
+        print("interrupted: finished work is kept; run the same command to continue",
+              file=sys.stderr)  # fmt: skip
+        return getattr(err, "exit_code", 130)  # nas.run's SIGTERM carries 143

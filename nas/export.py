@@ -57,7 +57,7 @@ from nas.objectives import OBJECTIVES
 from nas.record import TrialRecord, study_objectives
 from nas.results import checkpoint_path, pareto_front
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
-from nas.storage import local_file, redact
+from nas.storage import local_file, open_storage, redact
 from nas.study import default_storage, load_results_study
 from nas.train import TrainConfig
 
@@ -469,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     study = load_results_study(args.results, args.storage)
     trial = choose_trial(study, args.trial, args.max_params)
     storage = args.storage or default_storage(args.results)
-    crossval = find_crossval_study(storage, study.study_name)
+    crossval = find_crossval_study(open_storage(storage), study.study_name)
     if args.ensemble:
         weights = fold_weights(args.results, crossval, trial.number)
     else:

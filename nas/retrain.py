@@ -45,9 +45,9 @@ from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord, study_objec
 from nas.report import write_report
 from nas.results import pareto_front, save_checkpoint
 from nas.staging import atomic_write
-from nas.storage import redact
+from nas.storage import open_storage, redact
 from nas.study import default_storage, load_results_study
-from nas.train import TrainConfig, fit, init_model
+from nas.train import CandidateFailed, TrainConfig, fit, init_model
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -98,7 +98,7 @@ def run_crossval(
     if args.workers < 1:
         raise NasError("--workers", f"must be at least 1, not {args.workers}")
     objectives = study_objectives(study).names
-    crossval = open_crossval_study(storage, study.study_name, objectives)
+    crossval = open_crossval_study(open_storage(storage), study.study_name, objectives)
     cross_validate(study, chosen, folds, args.results, crossval, args.epochs, device, args.workers)
     table = pd.DataFrame(summary_rows(crossval, study))
     atomic_write(args.results / "crossval.csv", lambda p: table.to_csv(p, index=False))
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
     objectives = study_objectives(study).names
     retrain_study = optuna.create_study(
-        storage=storage,
+        storage=open_storage(storage),
         study_name=f"{name}-retrain",
         directions=directions(objectives),
         load_if_exists=True,
@@ -189,7 +189,19 @@ def run(args: argparse.Namespace) -> int:
         model = init_model(unet, train.seed)
         n_params = count_parameters(model)
         print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
-        result = fit(model, train_cases, val_cases, dataset.scheme, train, device, None, slicing)
+        try:
+            result = fit(
+                model, train_cases, val_cases, dataset.scheme, train, device, None, slicing
+            )
+        except CandidateFailed as failure:  # as nas.run: the trial fails, the others go on
+            retrain_study.add_trial(
+                create_trial(
+                    state=TrialState.FAIL,
+                    user_attrs={"source_trial": trial.number, "fail_reason": failure.reason},
+                )
+            )
+            print(f"  trial {trial.number}: failed ({failure.reason})")
+            continue
         save_checkpoint(args.results / "retrained", trial.number, model.state_dict())
         # The same network: its costs as the search measured them; its scores retrained.
         quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}

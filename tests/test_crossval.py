@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from nas import crossval
+from nas import crossval, retrain
+from nas.cli import exit_code
 from nas.exported import read_card
 from nas.inference import mirror_axes, predictor
 from nas.postprocess import classes_helped, keep_largest_component
@@ -215,3 +216,30 @@ def test_a_fold_that_cannot_be_trained_is_recorded_failed_and_the_others_go_on(
     # The summary is of the new runs alone: a fold trained for 1 epoch is not mixed in.
     row = pd.read_csv(copy / "results/held/crossval.csv").iloc[0]
     assert str(row.folds) == str(1 - failing) and row.epochs == 2
+
+
+@pytest.mark.slow
+def test_a_retrain_that_cannot_train_fails_its_trial_and_goes_on(
+    crossvalidated, tmp_path, monkeypatch
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(crossvalidated / "results", copy / "results")
+
+    def out_of_memory(*args, **kwargs):
+        raise CandidateFailed("out of memory: a test")
+
+    monkeypatch.setattr(retrain, "fit", out_of_memory)
+    result = run_cli("nas.retrain", "results/held", "--top", "1", "--epochs", "1", cwd=copy)
+    assert result.returncode == 0, result.stderr
+    assert "failed (out of memory: a test)" in result.stdout
+    storage = f"sqlite:///{copy / 'results/held/study.db'}"
+    (failed,) = optuna.load_study(study_name="held-retrain", storage=storage).trials
+    assert failed.state.name == "FAIL" and "out of memory" in failed.user_attrs["fail_reason"]
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_code_130(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert exit_code(interrupted, None) == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted: finished work is kept")
