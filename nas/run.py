@@ -28,14 +28,15 @@ from nas import resume
 from nas.candidate import TrainingData
 from nas.cli import add_device_option, device_option, exit_code
 from nas.console import RunLog, RunProgress, run_log
-from nas.data import load_dataset, split_dataset
+from nas.data import Case, Dataset, load_dataset, split_dataset
+from nas.dry_run import describe_candidate, sample_candidate
 from nas.errors import NasError
 from nas.exported import describe_data
 from nas.fidelity import spending
 from nas.heldout import TestSplit, find_test_split, score_trials
 from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worker_id
 from nas.locking import file_lock
-from nas.patch_plan import plan_patches
+from nas.patch_plan import PatchPlan, plan_patches
 from nas.record import TrialRecord
 from nas.report import publish_curves, write_report
 from nas.results import checkpoint_path, pareto_front, write_results
@@ -130,6 +131,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--extend-space", action="store_true",
         help="resume a study with a changed search space (same data; each parameter drawn "
         "so far must keep a compatible distribution)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check space and data, build the cache, print the plan; create no study",
     )  # fmt: skip
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument(
@@ -277,6 +282,34 @@ def _summary(
     print(f"inspect with: python -m nas.dashboard {study_dir}{custom}")
 
 
+def _dry_run(
+    space: SearchSpace,
+    dataset: Dataset,
+    train_cases: list[Case],
+    val_cases: list[Case],
+    test_split: TestSplit | None,
+    patch_plan: PatchPlan,
+    schedule: Schedule,
+    device: torch.device,
+) -> int:
+    """Print what the search would do; no study, no results folder."""
+    data, study = space.data, space.study
+    split = f"splits file {data.splits_file}" if data.splits_file else f"{data.n_folds} folds"
+    held_out = f", {len(test_split.cases)} held-out" if test_split else ""
+    print(f"data {dataset.root}: {len(dataset.cases)} cases, {len(train_cases)} training / "
+          f"{len(val_cases)} validation (fold {data.fold} of {split}){held_out}; "
+          f"classes {', '.join(dataset.scheme.scored_names)}; cache {dataset.cache}")  # fmt: skip
+    print(patch_plan.describe())
+    print(f"study {study.name!r}: objectives {', '.join(study.objectives)}, sampler "
+          f"{study.sampler}, up to {study.n_trials} trials")  # fmt: skip
+    print(_plan_line(schedule, space))
+    candidate = sample_candidate(space, dataset.in_channels, dataset.scheme.out_channels)
+    print(describe_candidate(candidate, dataset.in_channels, train_cases, dataset.scheme,
+                             data.slicing, device))  # fmt: skip
+    print("dry run: no study was created")
+    return 0
+
+
 def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedule:
     """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
     try:
@@ -361,6 +394,9 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     train_cases, val_cases = split_dataset(dataset, space.data)
     # Checked before the study is touched; scored after the search, never used to select.
     test_split = None if is_worker else find_test_split(space.data, dataset)
+    if args.dry_run:
+        return _dry_run(space, dataset, train_cases, val_cases, test_split, patch_plan,
+                        schedule, device)  # fmt: skip
     study_dir = args.results_dir / study_cfg.name
     study_dir.mkdir(parents=True, exist_ok=True)
     for folder in (study_dir, checkpoint_path(study_dir, 0).parent):

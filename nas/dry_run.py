@@ -1,0 +1,90 @@
+"""What a search would do, without a study: `nas.run SPACE --dry-run`.
+
+Everything a search checks before its first trial has been checked by the time this runs
+(space, data, the preprocessing cache, the patch plan). It then draws one candidate (the
+first of `study.enqueue`, else a random draw) from a throwaway in-memory study, builds it,
+counts its parameters and MACs, and times a few training steps on the real batches, so that
+the printed plan says what one step of the search costs on this machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import optuna
+import torch
+
+from nas.builder import count_parameters
+from nas.data import Case, PatchSampler, Slicing
+from nas.describe import count_macs, summary
+from nas.labels import LabelScheme
+from nas.losses import DeepSupervisionLoss, make_loss
+from nas.space import Candidate, SearchSpace, sample, warm_start_params
+from nas.train import init_model, make_optimizer, prepare_model, train_step
+
+TIMED_STEPS = 3  # after one warm-up step
+
+
+def sample_candidate(space: SearchSpace, in_channels: int, out_channels: int) -> Candidate:
+    """The candidate a new study would train first."""
+    sampler = optuna.samplers.RandomSampler(seed=space.study.seed)
+    study = optuna.create_study(sampler=sampler)
+    if space.study.enqueue:
+        study.enqueue_trial(warm_start_params(space, space.study.enqueue[0]))
+    return sample(space, study.ask(), in_channels, out_channels, space.study.seed)
+
+
+def seconds_per_step(
+    candidate: Candidate,
+    cases: Sequence[Case],
+    scheme: LabelScheme,
+    slicing: Slicing,
+    device: torch.device,
+) -> float:
+    """The median time of a training step of `candidate` on batches of `cases`."""
+    unet, train = candidate.unet, candidate.train
+    two_d = unet.spatial_dims == 2
+    model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device)
+    sampler = PatchSampler(
+        cases,
+        train.patch_size_2d if two_d else train.patch_size_3d,
+        train.batch_size_2d if two_d else train.batch_size_3d,
+        train.foreground_fraction,
+        train.augment,
+        train.seed,
+        slicing,
+    )
+    optimizer = make_optimizer(model, train)
+    loss = make_loss(scheme)
+    if unet.deep_supervision:
+        loss = DeepSupervisionLoss(loss)
+    times = []
+    for _ in range(1 + TIMED_STEPS):
+        images, labels = sampler.sample()
+        start = time.perf_counter()
+        float(train_step(model, optimizer, loss, images.to(device), labels.to(device)))
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def describe_candidate(
+    candidate: Candidate,
+    in_channels: int,
+    cases: Sequence[Case],
+    scheme: LabelScheme,
+    slicing: Slicing,
+    device: torch.device,
+) -> str:
+    unet, train = candidate.unet, candidate.train
+    two_d = unet.spatial_dims == 2
+    window = train.patch_size_2d if two_d else train.patch_size_3d
+    model = init_model(unet, train.seed)
+    n_params = count_parameters(model)
+    macs = count_macs(model, in_channels, window)
+    step = seconds_per_step(candidate, cases, scheme, slicing, device)
+    return (
+        f"first candidate: {summary(unet, n_params)}; {n_params:,} params, "
+        f"{macs / 1e9:.2f} GMACs per {'x'.join(map(str, window))} window; "
+        f"one training step {step * 1000:.0f} ms on {device}"
+    )
