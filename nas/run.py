@@ -17,49 +17,21 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import optuna
-import torch
-import yaml
-from optuna.trial import FrozenTrial, TrialState
-from tqdm import tqdm
-
-from nas import resume
-from nas.candidate import TrainingData
 from nas.cli import add_device_option, device_option, exit_code
-from nas.data import load_dataset, split_dataset
 from nas.errors import NasError
-from nas.exported import describe_data
-from nas.heldout import TestSplit, find_test_split, score_trials
-from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worker_id
 from nas.locking import file_lock
-from nas.patch_plan import plan_patches
-from nas.record import TrialRecord
-from nas.report import publish_curves, write_report
-from nas.results import checkpoint_path, pareto_front, write_results
-from nas.space import (
-    IntSpec,
-    SearchSpace,
-    StudySection,
-    read_effective_space,
-    validate_space,
-    warm_start_params,
-    with_study_overrides,
-)
 from nas.staging import atomic_write, remove_stale_staging
-from nas.storage import redact
-from nas.study import (
-    INTERRUPTED,
-    Schedule,
-    StopAtTotal,
-    default_storage,
-    enqueue_promotion,
-    has_work,
-    make_objective,
-    n_settled,
-    open_study,
-)
-from nas.train import CandidateFailed, TrainConfig
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+    from optuna.trial import FrozenTrial
+
+    from nas.heldout import TestSplit
+    from nas.space import SearchSpace, StudySection
+    from nas.study import Schedule
 
 # The storage URL for workers started by --workers, and a way for users to keep a database
 # password off the command line (where `ps` shows it to everyone on the machine).
@@ -133,6 +105,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _trial_line(trial: FrozenTrial) -> str:
+    from nas.record import TrialRecord
+
     record = TrialRecord.of(trial)
     dims = record.spatial_dims or "?"
     params = f"{record.n_params:>10,}" if record.n_params is not None else " " * 10
@@ -174,6 +148,9 @@ def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
     """Rewrite results/ from the study; one worker at a time, each file renamed into place.
     A failure (a full disk, say) is reported and the search goes on: the study is intact and
     the next refresh, or `nas.report`, writes the views again."""
+    from nas.report import publish_curves, write_report
+    from nas.results import write_results
+
     try:
         with file_lock(study_dir / ".results.lock"):
             trials = study.get_trials(deepcopy=False)  # one read for every view
@@ -190,6 +167,11 @@ def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
 def _abandon_own_trials(study: optuna.Study) -> None:
     """Record as interrupted any trial of this process that an interrupt left RUNNING (one
     that arrived in Optuna's own code, outside the objective)."""
+    from optuna.trial import TrialState
+
+    from nas.liveness import fail_and_retry, worker_id
+    from nas.study import INTERRUPTED
+
     me = worker_id()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get("worker") == me:  # rerun by the next run, as any interrupted
@@ -219,6 +201,8 @@ def _run_workers(
 
     Each worker has its own process group, so a Ctrl-C at the terminal reaches this process
     only, and each worker gets exactly one signal, passed on from here."""
+    import torch
+
     gpus = torch.cuda.device_count()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     workers = []
@@ -257,6 +241,10 @@ def _run_workers(
 def _summary(
     study: optuna.Study, study_dir: Path, front: list[FrozenTrial], args: argparse.Namespace
 ) -> None:
+    from optuna.trial import TrialState
+
+    from nas.storage import redact
+
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     print(f"{len(completed)} completed trials; Pareto front of {len(front)}:")
     for trial in front:
@@ -271,6 +259,8 @@ def _summary(
 
 def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedule:
     """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
+    from nas.study import Schedule
+
     try:
         schedule = Schedule.of(space, deadline)
     except ValueError as err:
@@ -286,6 +276,9 @@ def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedul
 
 
 def _fewest_batches_per_epoch(space: SearchSpace) -> int:
+    from nas.space import IntSpec
+    from nas.train import TrainConfig
+
     entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
     if isinstance(entry, int):
         return entry
@@ -318,6 +311,27 @@ def _worker_salt(args: argparse.Namespace, storage: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+    from tqdm import tqdm
+
+    from nas import resume
+    from nas.candidate import TrainingData
+    from nas.data import load_dataset, split_dataset
+    from nas.exported import describe_data
+    from nas.heldout import find_test_split
+    from nas.liveness import settle_orphans
+    from nas.patch_plan import plan_patches
+    from nas.results import checkpoint_path
+    from nas.space import (
+        read_effective_space,
+        validate_space,
+        warm_start_params,
+        with_study_overrides,
+    )
+    from nas.storage import redact
+    from nas.study import default_storage, has_work, make_objective, n_settled, open_study
+
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     if args.threads:
@@ -419,6 +433,9 @@ def _score_held_out(
 ) -> None:
     """Held-out test scores of the front members (the study's test split), for the tables
     and the report; they are never used to select."""
+    from nas.heldout import score_trials
+    from nas.results import pareto_front
+
     if test_split is None:
         return
     front = pareto_front(study)
@@ -443,6 +460,12 @@ def _optimize(
     timeout. The run does not end while a trial that no live worker owns is RUNNING: such a
     trial is failed and rerun here, after its heartbeat goes stale if its worker was on
     another host."""
+    from optuna.trial import TrialState
+
+    from nas.liveness import describe_waiting, settle_orphans
+    from nas.study import StopAtTotal, enqueue_promotion, has_work
+    from nas.train import CandidateFailed
+
     deadline = schedule.deadline
     said_waiting = False
     while True:
