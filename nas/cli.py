@@ -1,7 +1,8 @@
 """What every `python -m nas.*` command shares: user mistakes as one line and exit code 2,
 Ctrl-C as one line and exit code 130.
 
-Anything other than a NasError is a bug and keeps its traceback.
+Anything other than a NasError is a bug and keeps its traceback. Torch and Optuna are
+imported only when a command runs, so that `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-
-import optuna
-import torch
+from typing import TYPE_CHECKING
 
 from nas.errors import NasError
-from nas.train import pick_device
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,8 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
 
 def device_option(name: str) -> torch.device:
     """The device a `--device` option asks for, or a NasError saying it is not here."""
+    from nas.train import pick_device
+
     try:
         return pick_device(name)
     except ValueError as err:
@@ -34,6 +37,8 @@ def device_option(name: str) -> torch.device:
 
 def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """run(args), with a NasError printed as `error: SOURCE: REASON` and exit code 2."""
+    import optuna
+
     # The commands print their own lines (a failed trial's with its reason); Optuna's log
     # would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -17,11 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import optuna_dashboard
-
-from nas.artifacts import artifact_store
 from nas.cli import exit_code
-from nas.study import default_storage, load_results_study
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,6 +58,11 @@ def exposure_warning(host: str, port: int) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    from nas.artifacts import artifact_store
+    from nas.study import default_storage, load_results_study
+
     load_results_study(args.results, args.storage)  # a clear error before the server starts
     storage = args.storage or default_storage(args.results)
     warning = exposure_warning(args.host, args.port)

@@ -22,16 +22,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
-import numpy as np
-import pandas as pd
-from tqdm import tqdm
-
-from nas.data.layouts import nifti_stem
+from nas.cli import exit_code
 from nas.errors import NasError
-from nas.metrics import ClassMetrics, as_table, case_metrics, summarize
 from nas.staging import atomic_write
+
+if TYPE_CHECKING:
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from nas.metrics import ClassMetrics
 
 # The tolerances nas.data.preprocess uses for "the same grid".
 AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3
@@ -47,6 +49,8 @@ class Pair:
 
 def _nifti_files(folder: Path) -> dict[str, Path]:
     """The NIfTI files of a folder by case name."""
+    from nas.data.layouts import nifti_stem
+
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         case = nifti_stem(path.name)
@@ -60,6 +64,8 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
 
 def find_pairs(predictions: Path, labels: Path) -> tuple[list[Pair], list[Path]]:
     """Each label with its prediction, and the predictions that have no label."""
+    from nas.data.layouts import nifti_stem
+
     for path in (predictions, labels):
         if not path.exists():
             raise NasError(path, "not found")
@@ -131,6 +137,8 @@ def _spatial_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _open(path: Path) -> nib.spatialimages.SpatialImage:
+    import nibabel as nib
+
     try:
         return nib.load(path)
     except Exception as err:  # nibabel raises many types for files that are not NIfTI
@@ -139,6 +147,8 @@ def _open(path: Path) -> nib.spatialimages.SpatialImage:
 
 def check_grid(pair: Pair) -> tuple[float, ...]:
     """The voxel spacing in mm of a label whose prediction lies on its grid; reads headers only."""
+    import numpy as np
+
     prediction, label = _open(pair.prediction), _open(pair.label)
     shape = _spatial_shape(label.shape)
     if len(shape) not in (2, 3):
@@ -163,6 +173,8 @@ def check_grid(pair: Pair) -> tuple[float, ...]:
 
 def read_mask(path: Path) -> np.ndarray:
     """The label values of a mask file, as stored (floats that hold integers become int32)."""
+    import numpy as np
+
     try:
         data = np.asanyarray(_open(path).dataobj)
     except Exception as err:  # truncated or corrupt compressed data shows up here
@@ -182,6 +194,8 @@ def read_mask(path: Path) -> np.ndarray:
 
 def label_values(path: Path, mask: np.ndarray, allowed: set[int] | None) -> set[int]:
     """The nonzero values of a mask; each must be in `allowed` (where given)."""
+    import numpy as np
+
     values = {int(v) for v in np.unique(mask)} - {0}
     if negative := sorted(v for v in values if v < 0):
         raise NasError(path, f"holds the negative label value {negative[0]}")
@@ -199,6 +213,10 @@ def evaluate(
 ) -> pd.DataFrame:
     """One row of metrics per case and region; without `regions`, every nonzero value found
     is a region named by its value."""
+    from tqdm import tqdm
+
+    from nas.metrics import ClassMetrics, as_table, case_metrics
+
     spacings = [check_grid(pair) for pair in pairs]  # headers first: fail before the slow part
     allowed = {v for values in regions.values() for v in values} if regions else None
     rows: dict[str, dict[str, ClassMetrics]] = {}
@@ -267,6 +285,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nas.metrics import summarize
+
     if not 0 <= args.tolerance_mm < math.inf:
         raise NasError(
             "--tolerance-mm", f"must be a non-negative distance, got {args.tolerance_mm}"
@@ -302,8 +322,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from nas.cli import exit_code  # imports torch and optuna: not for --help
-
     return exit_code(run, args)
 
 

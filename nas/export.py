@@ -23,51 +23,23 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import optuna
-import torch
-from optuna.trial import FrozenTrial, TrialState
-
-from nas.builder import UNet, UNetConfig, build_unet, count_parameters, deployed
 from nas.cli import exit_code
-from nas.crossval import (
-    FOLD_ATTR,
-    POSTPROCESSING_ATTR,
-    find_crossval_study,
-    member_runs,
-    weights_path,
-)
-from nas.data import DataConfig, load_dataset
 from nas.errors import NasError
-from nas.exported import (
-    CARD_FILE,
-    WEIGHTS_FILE,
-    Inference,
-    ModelCard,
-    Postprocessing,
-    describe_data,
-    load_weights,
-    read_card,
-    write_card,
-)
-from nas.inference import ONNX_FILE, PT2_FILE
-from nas.labels import LabelScheme
-from nas.objectives import OBJECTIVES
-from nas.record import TrialRecord, study_objectives
-from nas.results import checkpoint_path, pareto_front
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
-from nas.storage import local_file, open_storage, redact
-from nas.study import default_storage, load_results_study
-from nas.train import TrainConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import optuna
+    import torch
+    from optuna.trial import FrozenTrial
+
+    from nas.builder import UNet
+    from nas.exported import Inference, ModelCard
 
 FORMATS = ("pt2", "onnx")
 README_FILE = "README.md"
-# Everything an export writes (ONNX puts weights over 2 GB in model.onnx.data); a folder
-# holding anything else is someone's own and is never replaced.
-EXPORT_FILES = frozenset(
-    {CARD_FILE, WEIGHTS_FILE, PT2_FILE, ONNX_FILE, f"{ONNX_FILE}.data", README_FILE}
-)
 MEMBER_FOLDER = re.compile(r"^fold_\d+$")
 # An exported program must give the eager model's logits within this (float32 round-off).
 RTOL, ATOL = 1e-3, 1e-4
@@ -108,6 +80,11 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None) -> FrozenTrial:
+    from optuna.trial import TrialState
+
+    from nas.record import TrialRecord, study_objectives
+    from nas.results import pareto_front
+
     if trial is not None:
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         if trial not in by_number:
@@ -136,6 +113,9 @@ def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None)
 
 
 def _data_description(study: optuna.Study) -> dict:
+    from nas.data import DataConfig, load_dataset
+    from nas.exported import describe_data
+
     if "data_description" in study.user_attrs:
         return study.user_attrs["data_description"]
     if "data_config" not in study.user_attrs:  # a study from before nas.run recorded either
@@ -145,6 +125,8 @@ def _data_description(study: optuna.Study) -> dict:
 
 def _example_input(model: UNet, inference: Inference, in_channels: int) -> torch.Tensor:
     """A batch of two, each spatial size the patch rounded up to a multiple (at least 2x)."""
+    import torch
+
     sizes = [
         max(2 * m, -(-p // m) * m)
         for p, m in zip(inference.patch_size, model.size_multiple, strict=True)
@@ -154,27 +136,34 @@ def _example_input(model: UNet, inference: Inference, in_channels: int) -> torch
 
 def _dynamic_shapes(model: UNet) -> dict:
     """Batch and every spatial size free; spatial sizes multiples of the total stride, >= 2x."""
+    import torch
+
     dims = {0: torch.export.Dim("batch", min=1, max=4096)}
     for axis, m in enumerate(model.size_multiple):
         dims[axis + 2] = m * torch.export.Dim(f"k{axis}", min=2, max=8192 // m)
     return {"x": dims}
 
 
-@torch.no_grad()
 def _max_difference(
     model: UNet, example: torch.Tensor, exported: Callable[[torch.Tensor], np.ndarray], what: str
 ) -> float:
     """Run the exported program on another batch size and spatial size than it was traced
     with; its logits must match the eager model's within RTOL/ATOL."""
-    check = torch.randn(1, *example.shape[1:-1], example.shape[-1] * 2)
-    reference = model(check).numpy()
-    actual = exported(check)
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        check = torch.randn(1, *example.shape[1:-1], example.shape[-1] * 2)
+        reference = model(check).numpy()
+        actual = exported(check)
     if actual.shape != reference.shape or not np.allclose(actual, reference, RTOL, ATOL):
         raise RuntimeError(f"the {what} export differs from the eager model")
     return float(np.abs(actual - reference).max())
 
 
 def export_pt2(model: UNet, example: torch.Tensor, path: Path) -> float:
+    import torch
+
     program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(model))
     torch.export.save(program, path)
     loaded = torch.export.load(path).module()
@@ -196,6 +185,8 @@ def _quiet_exporter():
 
 
 def export_onnx(model: UNet, example: torch.Tensor, path: Path) -> float:
+    import torch
+
     try:
         import onnxruntime
     except ImportError:
@@ -219,6 +210,9 @@ def export_onnx(model: UNet, example: torch.Tensor, path: Path) -> float:
 
 
 def _readme(card: ModelCard, formats: Sequence[str]) -> str:
+    from nas.exported import CARD_FILE, WEIGHTS_FILE
+    from nas.inference import ONNX_FILE, PT2_FILE
+
     source, prep, inf = card.source, card.preprocessing, card.inference
     files = [
         f"- `{CARD_FILE}`: the builder config, preprocessing, inference settings and labels",
@@ -282,21 +276,35 @@ whose spatial sizes are multiples of {multiple}, at least twice that.
 """
 
 
+def _export_files() -> frozenset[str]:
+    """Everything an export writes (ONNX puts weights over 2 GB in model.onnx.data); a folder
+    holding anything else is someone's own and is never replaced."""
+    from nas.exported import CARD_FILE, WEIGHTS_FILE
+    from nas.inference import ONNX_FILE, PT2_FILE
+
+    return frozenset(
+        {CARD_FILE, WEIGHTS_FILE, PT2_FILE, ONNX_FILE, f"{ONNX_FILE}.data", README_FILE}
+    )
+
+
 def _written_by_export(entry: Path) -> bool:
     """A file an export writes, or an ensemble member's folder holding only such files."""
+    export_files = _export_files()
     if entry.is_symlink():
         return False
     if entry.is_dir():
         return bool(MEMBER_FOLDER.match(entry.name)) and all(
-            e.is_file() and not e.is_symlink() and e.name in EXPORT_FILES for e in entry.iterdir()
+            e.is_file() and not e.is_symlink() and e.name in export_files for e in entry.iterdir()
         )
-    return entry.is_file() and entry.name in EXPORT_FILES
+    return entry.is_file() and entry.name in export_files
 
 
 def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
     """Refuse, --force or not, an --out whose replacement would delete what no export wrote:
     a file, a link, a folder holding `keep` (the study's own files, each with what it is) or
     anything else, or a folder without a model description."""
+    from nas.exported import CARD_FILE
+
     instead = "give --out a new or empty folder"
     if out.is_symlink():
         raise NasError(out, f"is a symbolic link; {instead}")
@@ -322,6 +330,8 @@ def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
 
 
 def _check_destination(out: Path, source: dict, force: bool, keep: dict[Path, str]) -> None:
+    from nas.exported import CARD_FILE, read_card
+
     _refuse_unsafe_destination(out, keep)
     if force or not out.exists() or not any(out.iterdir()):
         return
@@ -356,6 +366,24 @@ def export(
     ensemble's members by subfolder name. `tta` and `postprocessing` (class names reduced to
     their largest component) go into the card. `storage` is only recorded, without its
     password; `results`, the study's folder, is never replaced or deleted."""
+    import torch
+
+    from nas.builder import UNetConfig, build_unet, count_parameters, deployed
+    from nas.exported import (
+        WEIGHTS_FILE,
+        Inference,
+        ModelCard,
+        Postprocessing,
+        load_weights,
+        write_card,
+    )
+    from nas.inference import ONNX_FILE, PT2_FILE
+    from nas.labels import LabelScheme
+    from nas.objectives import OBJECTIVES
+    from nas.record import TrialRecord, study_objectives
+    from nas.storage import local_file, redact
+    from nas.train import TrainConfig
+
     record = TrialRecord.of(trial)
     unet = UNetConfig.from_dict(record.unet_config)
     train = TrainConfig(**record.train_config)
@@ -448,6 +476,8 @@ def export(
 
 def fold_weights(results: Path, crossval: optuna.Study | None, trial: int) -> dict[str, Path]:
     """{fold_K: weights} of every cross-validated fold of `trial`."""
+    from nas.crossval import FOLD_ATTR, member_runs, weights_path
+
     runs = member_runs(crossval, trial) if crossval is not None else []
     weights = {}
     for run in runs:
@@ -465,6 +495,12 @@ def fold_weights(results: Path, crossval: optuna.Study | None, trial: int) -> di
 
 
 def run(args: argparse.Namespace) -> int:
+    from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study
+    from nas.exported import CARD_FILE, WEIGHTS_FILE
+    from nas.results import checkpoint_path
+    from nas.storage import open_storage
+    from nas.study import default_storage, load_results_study
+
     formats = parse_formats(args.format)
     study = load_results_study(args.results, args.storage)
     trial = choose_trial(study, args.trial, args.max_params)

@@ -26,22 +26,22 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import nibabel as nib
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from nas.cli import add_device_option, device_option, exit_code
-from nas.data.layouts import nifti_stem
-from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
 from nas.errors import NasError
-from nas.exported import ModelCard, load_predictor, read_card
-from nas.inference import ENGINES, Predictor
-from nas.postprocess import keep_largest_component
-from nas.validate import predict_logits
 
+if TYPE_CHECKING:
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from nas.exported import ModelCard
+    from nas.inference import Predictor
+
+# nas.inference.ENGINES, spelled out so that --help does not import torch (tests/test_cli.py
+# checks that the two agree).
+ENGINES = ("auto", "eager", "pt2", "onnx")
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -53,6 +53,8 @@ class Scan:
 
 def find_scans(source: Path, n_channels: int) -> list[Scan]:
     """The scans in a file or folder, channel files grouped by case."""
+    from nas.data.layouts import nifti_stem
+
     if source.is_file():
         stem = nifti_stem(source.name)
         if stem is None:
@@ -95,6 +97,8 @@ def find_scans(source: Path, n_channels: int) -> list[Scan]:
 
 def _from_ras(mask: np.ndarray, image: nib.spatialimages.SpatialImage) -> np.ndarray:
     """A RAS-ordered array back in the voxel order of `image` (undoing as_closest_canonical)."""
+    import nibabel as nib
+
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
     own = nib.io_orientation(image.affine)
     return nib.orientations.apply_orientation(mask, nib.orientations.ornt_transform(ras, own))
@@ -103,6 +107,8 @@ def _from_ras(mask: np.ndarray, image: nib.spatialimages.SpatialImage) -> np.nda
 def mask_values(labels: dict[str, int]) -> np.ndarray:
     """The label value of each class index, in the smallest unsigned type that holds them
     all: a uint8 mask would wrap a value of 256 or more."""
+    import numpy as np
+
     largest = max(labels.values())
     dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(t).max)
     return np.array(list(labels.values()), dtype)
@@ -110,29 +116,46 @@ def mask_values(labels: dict[str, int]) -> np.ndarray:
 
 def postprocess(classes: np.ndarray, card: ModelCard) -> np.ndarray:
     """The card's postprocessing applied to a class-index map."""
+    from nas.postprocess import keep_largest_component
+
     names = list(card.labels)
     chosen = [names.index(name) for name in card.postprocessing.largest_component]
     return keep_largest_component(classes, chosen) if chosen else classes
 
 
-@torch.no_grad()
 def segment_classes(
     predictor: Predictor, card: ModelCard, scan: Scan, device: torch.device
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """Class indices (uint8, 0 = background, in the order of `card.labels`) of one scan in
     its own voxel order, and the scan's first image. `predictor` runs on `device`."""
-    prep, inference = card.preprocessing, card.inference
-    channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
-    check_finite(channels, paths)
-    image, box = prepare_image(channels, spacing_of(paths[0]), prep.plan(card.labels))
-    probs = predict_logits(
-        predictor, image, inference.patch_size, device, inference.slice_axis, windows_per_batch=8
-    )
-    box_shape = tuple(s.stop - s.start for s in box)
-    if tuple(probs.shape[1:]) != box_shape:
-        probs = F.interpolate(probs[None], size=box_shape, mode="trilinear")[0]
-    classes = np.zeros(channels[0].shape, np.uint8)
-    classes[box] = postprocess(card.scheme().classes_from_probabilities(probs).cpu().numpy(), card)
+    import nibabel as nib
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
+    from nas.validate import predict_logits
+
+    with torch.no_grad():
+        prep, inference = card.preprocessing, card.inference
+        channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
+        check_finite(channels, paths)
+        image, box = prepare_image(channels, spacing_of(paths[0]), prep.plan(card.labels))
+        probs = predict_logits(
+            predictor,
+            image,
+            inference.patch_size,
+            device,
+            inference.slice_axis,
+            windows_per_batch=8,
+        )
+        box_shape = tuple(s.stop - s.start for s in box)
+        if tuple(probs.shape[1:]) != box_shape:
+            probs = F.interpolate(probs[None], size=box_shape, mode="trilinear")[0]
+        classes = np.zeros(channels[0].shape, np.uint8)
+        classes[box] = postprocess(
+            card.scheme().classes_from_probabilities(probs).cpu().numpy(), card
+        )
     first = nib.load(paths[0])
     return _from_ras(classes, first), first
 
@@ -146,6 +169,8 @@ def segment(
 
 
 def write_mask(mask: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:
+    import nibabel as nib
+
     header = like.header.copy()
     header.set_data_dtype(mask.dtype)
     image = type(like)(mask, like.affine, header)
@@ -155,6 +180,8 @@ def write_mask(mask: np.ndarray, like: nib.spatialimages.SpatialImage, path: Pat
 
 
 def output_paths(source: Path, output: Path, scans: Sequence[Scan]) -> list[Path]:
+    from nas.data.layouts import nifti_stem
+
     single_file = source.is_file() and nifti_stem(output.name) is not None
     if single_file:
         paths = [output]
@@ -189,6 +216,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from nas.exported import load_predictor, read_card
+
     card = read_card(args.model)
     device = device_option(args.device)
     predictor = load_predictor(args.model, device, args.engine, args.tta)

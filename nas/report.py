@@ -18,24 +18,19 @@ import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import optuna
-import pandas as pd
-import plotly.graph_objects as go
-from optuna.trial import FrozenTrial, TrialState
-from optuna_dashboard import save_plotly_graph_object
-from plotly.subplots import make_subplots
-
-from nas.artifacts import overlay_path
 from nas.cli import exit_code
-from nas.crossval import ensemble_rows, find_crossval_study, summary_rows
-from nas.objectives import OBJECTIVES
-from nas.objectives import hypervolume as objectives_hypervolume
-from nas.record import TrialRecord, records, study_objectives
-from nas.results import TEST_SCORES_ATTR, front_of, panels, trials_table
 from nas.staging import atomic_write
-from nas.study import load_results_study
+
+if TYPE_CHECKING:
+    import numpy as np
+    import optuna
+    import pandas as pd
+    import plotly.graph_objects as go
+    from optuna.trial import FrozenTrial
+
+    from nas.record import TrialRecord
 
 REPORT_FILE = "report.html"
 FRONT_COLUMNS = [
@@ -57,6 +52,10 @@ COLUMN_GROUPS = {
 def hypervolume(points: Sequence[tuple[float, float]]) -> float:
     """Area dominated by (iou, size) points, IoU maximised in [0, 1], size in [0, 1]
     minimised, reference point (IoU 0, size 1)."""
+    import numpy as np
+
+    from nas.objectives import hypervolume as objectives_hypervolume
+
     low = np.array([(-iou, size) for iou, size in points], dtype=float).reshape(-1, 2)
     return objectives_hypervolume(low, np.array([0.0, 1.0]))
 
@@ -78,6 +77,10 @@ def normalised_points(
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Every objective minimised in [0, 1]: scores as -score (reference 0), costs on a log
     scale between their observed bounds (reference 1); with the reference and its words."""
+    import numpy as np
+
+    from nas.objectives import OBJECTIVES
+
     columns, reference, words = [], [], []
     for name in objectives:
         values = [r.quantity(name) for r in done]
@@ -97,6 +100,10 @@ def normalised_points(
 def running_hypervolume(points: np.ndarray, reference: np.ndarray) -> list[float]:
     """The hypervolume of points[:i + 1] for every i (rows minimised): the running front is
     kept, so each step costs the size of the front, not of the study."""
+    import numpy as np
+
+    from nas.objectives import hypervolume as objectives_hypervolume
+
     front = np.empty((0, points.shape[1]))
     curve: list[float] = []
     for point in points:
@@ -110,6 +117,8 @@ def running_hypervolume(points: np.ndarray, reference: np.ndarray) -> list[float
 
 
 def _hover(record: TrialRecord, objectives: Sequence[str]) -> str:
+    from nas.objectives import OBJECTIVES
+
     measured = "<br>".join(
         f"{OBJECTIVES[n].label} {record.quantity(n):,.4g}"
         for n in objectives
@@ -125,6 +134,15 @@ def _front_figure(
     trials: Sequence[FrozenTrial], front: list[FrozenTrial], objectives: Sequence[str]
 ) -> go.Figure:
     """The score against each other objective, one panel each (two objectives: one)."""
+    import numpy as np
+    import plotly.graph_objects as go
+    from optuna.trial import TrialState
+    from plotly.subplots import make_subplots
+
+    from nas.objectives import OBJECTIVES
+    from nas.record import TrialRecord, records
+    from nas.results import panels
+
     score, others = panels(objectives)
     on_front = {t.number for t in front}
     every = records(trials)
@@ -186,6 +204,11 @@ def _front_figure(
 
 
 def _hypervolume_figure(trials: Sequence[FrozenTrial], objectives: Sequence[str]) -> go.Figure:
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from nas.record import records
+
     done = sorted(
         (r for r in records(trials) if r.complete and r.feasible),
         key=lambda r: r.completed_at or datetime.min,
@@ -212,6 +235,9 @@ def _hypervolume_figure(trials: Sequence[FrozenTrial], objectives: Sequence[str]
 def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> go.Figure:
     """Every learning curve: the front's one trace each, the others drawn as one trace per
     state (curves separated by gaps), so the figure's size does not grow a trace per trial."""
+    import numpy as np
+    import plotly.graph_objects as go
+
     on_front = {t.number for t in front}
     fig = go.Figure()
     others: dict[str, tuple[list, list, list]] = {}
@@ -261,6 +287,11 @@ def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> g
 
 
 def _importance_figure(study: optuna.Study, score: str) -> go.Figure | str:
+    import optuna
+    import plotly.graph_objects as go
+
+    from nas.record import TrialRecord
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. few trials, or an experimental evaluator
@@ -286,6 +317,9 @@ def _importance_figure(study: optuna.Study, score: str) -> go.Figure | str:
 
 
 def _overlays(study_dir: Path, front: list[FrozenTrial]) -> str:
+    from nas.artifacts import overlay_path
+    from nas.record import TrialRecord
+
     images = []
     for trial in sorted(front, key=lambda t: -(TrialRecord.of(t).iou or 0.0)):
         path = overlay_path(study_dir, trial.number)
@@ -302,6 +336,8 @@ def _overlays(study_dir: Path, front: list[FrozenTrial]) -> str:
 def _front_table(table: pd.DataFrame) -> str:
     """The front as HTML, validation and held-out scores under headers of their own; the
     held-out columns only where some member was scored on a test split."""
+    import pandas as pd
+
     scored = table["test_iou"].notna().any()
     columns = [
         c
@@ -322,6 +358,10 @@ def _crossval_section(study: optuna.Study) -> str:
     """Cross-validated members (nas.retrain --folds): mean ± sd over the folds, the
     postprocessing chosen, and on held-out cases a fold's model, the fold ensemble and the
     ensemble with mirroring side by side with their inference time."""
+    import pandas as pd
+
+    from nas.crossval import ensemble_rows, find_crossval_study, summary_rows
+
     # Optuna has no public accessor for a study's storage; the cross-validation lives in it.
     crossval = find_crossval_study(study._storage, study.study_name)
     if crossval is None:
@@ -374,6 +414,12 @@ def render(
     front: list[FrozenTrial] | None = None,
 ) -> str:
     """`trials` and their `front`: as the caller has just read and computed them."""
+    from optuna.trial import TrialState
+
+    from nas.objectives import OBJECTIVES
+    from nas.record import TrialRecord, study_objectives
+    from nas.results import TEST_SCORES_ATTR, front_of, panels, trials_table
+
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     objectives = study_objectives(study).names
     score = panels(objectives)[0]
@@ -428,6 +474,11 @@ def publish_curves(study: optuna.Study, front: list[FrozenTrial] | None = None) 
     """Show the front's learning curves on the study's page in optuna-dashboard, which plots
     intermediate values for single-objective studies only. The front's alone: the figure is
     written into the storage after every trial (report.html draws every curve)."""
+    from optuna_dashboard import save_plotly_graph_object
+
+    from nas.record import study_objectives
+    from nas.results import front_of
+
     if front is None:
         front = front_of(study.get_trials(deepcopy=False), study_objectives(study).names)
     figure = _curves_figure(front, front)
@@ -457,6 +508,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nas.study import load_results_study
+
     study = load_results_study(args.results, args.storage)
     print(f"wrote {write_report(study, args.results)}")
     return 0

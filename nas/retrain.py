@@ -20,34 +20,18 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import optuna
-import pandas as pd
-import torch
-from optuna.trial import FrozenTrial, TrialState, create_trial
-
-from nas.builder import UNetConfig, count_parameters
 from nas.cli import add_device_option, device_option, exit_code
-from nas.crossval import (
-    POSTPROCESSING_ATTR,
-    all_folds,
-    cross_validate,
-    open_crossval_study,
-    record_ensemble,
-    summary_rows,
-    weights_path,
-)
-from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
-from nas.heldout import compare_ensemble, find_test_split
-from nas.objectives import directions, values_of
-from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord, study_objectives
-from nas.report import write_report
-from nas.results import pareto_front, save_checkpoint
 from nas.staging import atomic_write
-from nas.storage import open_storage, redact
-from nas.study import default_storage, load_results_study
-from nas.train import CandidateFailed, TrainConfig, fit, init_model
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+    from optuna.trial import FrozenTrial
+
+    from nas.data import DataConfig
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -71,6 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def parse_folds(text: str, data: DataConfig) -> list[int]:
+    from nas.crossval import all_folds
+
     available = all_folds(data)
     if text == "all":
         return available
@@ -94,6 +80,22 @@ def run_crossval(
     storage: str,
     device: torch.device,
 ) -> int:
+    import pandas as pd
+
+    from nas.crossval import (
+        POSTPROCESSING_ATTR,
+        cross_validate,
+        open_crossval_study,
+        record_ensemble,
+        summary_rows,
+        weights_path,
+    )
+    from nas.data import load_dataset
+    from nas.heldout import compare_ensemble, find_test_split
+    from nas.record import study_objectives
+    from nas.report import write_report
+    from nas.storage import open_storage, redact
+
     folds = parse_folds(args.folds, data_cfg)
     if args.workers < 1:
         raise NasError("--workers", f"must be at least 1, not {args.workers}")
@@ -135,6 +137,11 @@ def run_crossval(
 
 
 def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[FrozenTrial]:
+    from optuna.trial import TrialState
+
+    from nas.record import TrialRecord
+    from nas.results import pareto_front
+
     if numbers is None:
         front = pareto_front(study)
         if not front:
@@ -156,6 +163,19 @@ def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[Fr
 
 
 def run(args: argparse.Namespace) -> int:
+    import optuna
+    import pandas as pd
+    from optuna.trial import TrialState, create_trial
+
+    from nas.builder import UNetConfig, count_parameters
+    from nas.data import DataConfig, load_dataset, split_dataset
+    from nas.objectives import directions, values_of
+    from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord, study_objectives
+    from nas.results import save_checkpoint
+    from nas.storage import open_storage, redact
+    from nas.study import default_storage, load_results_study
+    from nas.train import CandidateFailed, TrainConfig, fit, init_model
+
     name = args.results.name
     storage = args.storage or default_storage(args.results)
     study = load_results_study(args.results, args.storage)

@@ -18,51 +18,24 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import optuna
-import torch
-import yaml
-from optuna.trial import FrozenTrial, TrialState
-
-from nas import resume
-from nas.candidate import TrainingData
 from nas.cli import add_device_option, device_option, exit_code
-from nas.console import RunLog, RunProgress, run_log
-from nas.data import Case, Dataset, load_dataset, split_dataset
-from nas.dry_run import describe_candidate, sample_candidate
 from nas.errors import NasError
-from nas.exported import describe_data
-from nas.fidelity import spending
-from nas.heldout import TestSplit, find_test_split, score_trials
-from nas.liveness import describe_waiting, fail_and_retry, settle_orphans, worker_id
 from nas.locking import file_lock
-from nas.patch_plan import PatchPlan, plan_patches
-from nas.record import TrialRecord
-from nas.report import publish_curves, write_report
-from nas.results import checkpoint_path, pareto_front, write_results
-from nas.space import (
-    IntSpec,
-    SearchSpace,
-    StudySection,
-    read_effective_space,
-    validate_space,
-    warm_start_params,
-    with_study_overrides,
-)
 from nas.staging import atomic_write, remove_stale_staging
-from nas.storage import redact
-from nas.study import (
-    INTERRUPTED,
-    Schedule,
-    StopAtTotal,
-    default_storage,
-    enqueue_promotion,
-    has_work,
-    make_objective,
-    n_settled,
-    open_study,
-)
-from nas.train import CandidateFailed, TrainConfig
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+    from optuna.trial import FrozenTrial
+
+    from nas.console import RunLog
+    from nas.data import Case, Dataset
+    from nas.heldout import TestSplit
+    from nas.patch_plan import PatchPlan
+    from nas.space import SearchSpace, StudySection
+    from nas.study import Schedule
 
 # The storage URL for workers started by --workers, and a way for users to keep a database
 # password off the command line (where `ps` shows it to everyone on the machine).
@@ -146,6 +119,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _trial_line(trial: FrozenTrial) -> str:
+    from nas.record import TrialRecord
+
     record = TrialRecord.of(trial)
     dims = record.spatial_dims or "?"
     params = f"{record.n_params:>10,}" if record.n_params is not None else " " * 10
@@ -187,6 +162,9 @@ def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
     """Rewrite results/ from the study; one worker at a time, each file renamed into place.
     A failure (a full disk, say) is reported and the search goes on: the study is intact and
     the next refresh, or `nas.report`, writes the views again."""
+    from nas.report import publish_curves, write_report
+    from nas.results import write_results
+
     try:
         with file_lock(study_dir / ".results.lock"):
             trials = study.get_trials(deepcopy=False)  # one read for every view
@@ -203,6 +181,11 @@ def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
 def _abandon_own_trials(study: optuna.Study) -> None:
     """Record as interrupted any trial of this process that an interrupt left RUNNING (one
     that arrived in Optuna's own code, outside the objective)."""
+    from optuna.trial import TrialState
+
+    from nas.liveness import fail_and_retry, worker_id
+    from nas.study import INTERRUPTED
+
     me = worker_id()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get("worker") == me:  # rerun by the next run, as any interrupted
@@ -232,6 +215,8 @@ def _run_workers(
 
     Each worker has its own process group, so a Ctrl-C at the terminal reaches this process
     only, and each worker gets exactly one signal, passed on from here."""
+    import torch
+
     gpus = torch.cuda.device_count()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     workers = []
@@ -270,6 +255,10 @@ def _run_workers(
 def _summary(
     study: optuna.Study, study_dir: Path, front: list[FrozenTrial], args: argparse.Namespace
 ) -> None:
+    from optuna.trial import TrialState
+
+    from nas.storage import redact
+
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     print(f"{len(completed)} completed trials; Pareto front of {len(front)}:")
     for trial in front:
@@ -293,6 +282,8 @@ def _dry_run(
     device: torch.device,
 ) -> int:
     """Print what the search would do; no study, no results folder."""
+    from nas.dry_run import describe_candidate, sample_candidate
+
     data, study = space.data, space.study
     split = f"splits file {data.splits_file}" if data.splits_file else f"{data.n_folds} folds"
     held_out = f", {len(test_split.cases)} held-out" if test_split else ""
@@ -312,6 +303,8 @@ def _dry_run(
 
 def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedule:
     """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
+    from nas.study import Schedule
+
     try:
         schedule = Schedule.of(space, deadline)
     except ValueError as err:
@@ -327,6 +320,9 @@ def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedul
 
 
 def _fewest_batches_per_epoch(space: SearchSpace) -> int:
+    from nas.space import IntSpec
+    from nas.train import TrainConfig
+
     entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
     if isinstance(entry, int):
         return entry
@@ -360,6 +356,10 @@ def _worker_salt(args: argparse.Namespace, storage: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The search, its output copied into results/<study>/run.log once the inputs pass."""
+    import optuna
+
+    from nas.console import run_log
+
     if args.verbose:
         optuna.logging.set_verbosity(optuna.logging.INFO)
     with run_log() as log:
@@ -367,6 +367,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace, log: RunLog) -> int:
+    import torch
+    import yaml
+
+    from nas import resume
+    from nas.candidate import TrainingData
+    from nas.console import RunProgress
+    from nas.data import load_dataset, split_dataset
+    from nas.exported import describe_data
+    from nas.fidelity import spending
+    from nas.heldout import find_test_split
+    from nas.liveness import settle_orphans
+    from nas.patch_plan import plan_patches
+    from nas.results import checkpoint_path
+    from nas.space import (
+        read_effective_space,
+        validate_space,
+        warm_start_params,
+        with_study_overrides,
+    )
+    from nas.storage import redact
+    from nas.study import default_storage, has_work, make_objective, n_settled, open_study
+
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     if args.threads:
@@ -481,6 +503,9 @@ def _score_held_out(
 ) -> None:
     """Held-out test scores of the front members (the study's test split), for the tables
     and the report; they are never used to select."""
+    from nas.heldout import score_trials
+    from nas.results import pareto_front
+
     if test_split is None:
         return
     front = pareto_front(study)
@@ -505,6 +530,12 @@ def _optimize(
     timeout. The run does not end while a trial that no live worker owns is RUNNING: such a
     trial is failed and rerun here, after its heartbeat goes stale if its worker was on
     another host."""
+    from optuna.trial import TrialState
+
+    from nas.liveness import describe_waiting, settle_orphans
+    from nas.study import StopAtTotal, enqueue_promotion, has_work
+    from nas.train import CandidateFailed
+
     deadline = schedule.deadline
     said_waiting = False
     while True:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from nas import crossval, retrain
+from nas import crossval
 from nas.cli import exit_code
 from nas.exported import read_card
 from nas.inference import mirror_axes, predictor
@@ -228,7 +228,7 @@ def test_a_retrain_that_cannot_train_fails_its_trial_and_goes_on(
     def out_of_memory(*args, **kwargs):
         raise CandidateFailed("out of memory: a test")
 
-    monkeypatch.setattr(retrain, "fit", out_of_memory)
+    monkeypatch.setattr("nas.train.fit", out_of_memory)  # retrain imports it when it runs
     result = run_cli("nas.retrain", "results/held", "--top", "1", "--epochs", "1", cwd=copy)
     assert result.returncode == 0, result.stderr
     assert "failed (out of memory: a test)" in result.stdout
