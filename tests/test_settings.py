@@ -113,3 +113,16 @@ def test_a_run_refused_for_bad_data_writes_no_log(tmp_path, tiny_dataset):
     result = run_cli("nas.run", "space.yaml", "--data", "missing", cwd=tmp_path)
     assert "missing" in _error(result)
     assert not (tmp_path / "results").exists()
+
+
+def test_a_dry_run_prints_the_plan_and_creates_no_study(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=5))
+    result = run_cli("nas.run", "space.yaml", "--dry-run", "--set", "study.seed=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "6 cases, 4 training / 2 validation (fold 0 of 3 folds)" in out
+    assert "patch plan for cpu" in out and "objectives iou, params" in out
+    assert "sampler random, up to 5 trials" in out
+    assert "first candidate:" in out and "GMACs per" in out and "one training step" in out
+    assert out.strip().endswith("dry run: no study was created")
+    assert not (tmp_path / "results").exists()
