@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
     from nas.artifacts import artifact_store
+    from nas.storage import open_storage
     from nas.study import default_storage, load_results_study
 
     load_results_study(args.results, args.storage)  # a clear error before the server starts
@@ -69,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
     print(f"optuna-dashboard for {args.results} on http://{args.host}:{args.port}/", flush=True)
-    optuna_dashboard.run_server(
-        storage, host=args.host, port=args.port, artifact_store=artifact_store(args.results)
+    optuna_dashboard.run_server(  # through the one path: WAL and lock timeout on SQLite
+        open_storage(storage),
+        host=args.host,
+        port=args.port,
+        artifact_store=artifact_store(args.results),
     )
     return 0
 
