@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from nas.results import pareto_front
 
-from .conftest import run_cli, tiny_space_yaml, wait_for
+from .conftest import require, require_module, run_cli, tiny_space_yaml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,11 @@ def _free_port() -> int:
 def postgres_url():
     """A throwaway PostgreSQL server from Debian's package, on a free loopback port."""
     initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not initdb:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
-    pytest.importorskip("psycopg")
+    require(
+        bool(initdb),
+        "PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)",
+    )
+    require_module("psycopg", "psycopg is not installed (.[postgres])")
     bin_dir = initdb[-1].parent
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     data = Path(tempfile.mkdtemp(prefix="nas-pg-"))  # outside pytest's root-only tmp
