@@ -107,7 +107,11 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
     try:
         storage = postgres_url
 
-        def running_trial():
+        def trial_in_its_second_epoch():
+            """A new trial whose first epoch is validated (its curve holds epoch 1 alone):
+            it trains at least two more epochs before its first rung (3) can end it, so
+            the kill lands mid-trial whatever the machine's speed. A trial that continues
+            another starts with its parent's curve, epochs 1-3, and is not chosen."""
             try:
                 study = optuna.load_study(study_name="many", storage=storage)
             except KeyError:
@@ -115,11 +119,11 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
             running = [
                 t
                 for t in study.trials
-                if t.state == TrialState.RUNNING and "n_params" in t.user_attrs
+                if t.state == TrialState.RUNNING and list(t.intermediate_values) == [1]
             ]
             return running[0] if running else None
 
-        victim = wait_for(running_trial, 240, "a running trial", parent)
+        victim = wait_for(trial_in_its_second_epoch, 240, "a trial in its second epoch", parent)
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
         output, _ = parent.communicate(timeout=400)
