@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -101,6 +102,25 @@ def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(
         [sys.executable, "-m", module, *args], code, stdout.getvalue(), stderr.getvalue()
     )
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip the calling test unless `condition` holds, saying why. With NAS_REQUIRE_ALL_TESTS=1
+    (as .ci/run sets) fail instead: in CI a missing browser or server must not pass quietly."""
+    if condition:
+        return
+    if os.environ.get("NAS_REQUIRE_ALL_TESTS") == "1":
+        pytest.fail(f"{reason}, and NAS_REQUIRE_ALL_TESTS=1 requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str) -> ModuleType:
+    """The module `name`, imported; if it cannot be, skip or fail as `require` does."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        require(False, f"{reason} ({error})")
+        raise  # unreachable: require skipped or failed
 
 
 def wait_for(condition, timeout: float, what: str, process: subprocess.Popen):

@@ -125,10 +125,23 @@ def test_option_combinations_run_in_2d_and_3d(norm, activation, upsampling, resi
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_parameter_count_is_the_sum_over_the_built_module(spatial_dims):
-    model = build_unet(spatial_dims=spatial_dims, depth=4, base_channels=8, residual=True)
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
-    assert count_parameters(model) > 0
+def test_parameter_count_matches_a_hand_count_with_norms_and_upsampling(spatial_dims):
+    # Depth 2, 4 -> 8 channels, the defaults: two convs a stage without bias (an instance norm
+    # with a weight and a bias per channel follows each), a 2x transposed conv with bias, the
+    # decoder block reading the concatenated 4 + 4 channels, a 1x1 head with bias.
+    kernel, up_kernel = 3**spatial_dims, 2**spatial_dims
+    conv_weights = (1 * 4 + 4 * 4) + (4 * 8 + 8 * 8) + (8 * 4 + 4 * 4)
+    norm_affine = 2 * (4 + 4 + 8 + 8 + 4 + 4)
+    expected = conv_weights * kernel + norm_affine + (8 * 4 * up_kernel + 4) + (4 * 1 + 1)
+    model = build_unet(spatial_dims=spatial_dims, depth=2, base_channels=4)
+    assert count_parameters(model) == expected
+
+
+def test_deep_supervision_heads_are_not_counted():
+    plain = build_unet(spatial_dims=2, depth=3, base_channels=4)
+    supervised = build_unet(spatial_dims=2, depth=3, base_channels=4, deep_supervision=True)
+    everything = sum(p.numel() for p in supervised.parameters())
+    assert count_parameters(supervised) == count_parameters(plain) < everything
 
 
 def test_parameter_count_matches_a_hand_count():

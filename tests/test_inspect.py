@@ -18,7 +18,7 @@ import pytest
 
 from nas.dashboard import exposure_warning
 
-from .conftest import run_cli, tiny_space_yaml
+from .conftest import require, require_module, run_cli, tiny_space_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -163,9 +163,11 @@ def test_report_command_rewrites_the_report(finished):
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (Debian package chromium; .ci/run installs it)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
+    require(
+        CHROMIUM is not None,
+        "Chromium is not installed (Debian package chromium; .ci/run installs it)",
+    )
+    playwright_api = require_module("playwright.sync_api", "playwright is not installed (.[dev])")
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser

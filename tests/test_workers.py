@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from nas.results import pareto_front
 
-from .conftest import run_cli, tiny_space_yaml, wait_for
+from .conftest import require, require_module, run_cli, tiny_space_yaml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,11 @@ def _free_port() -> int:
 def postgres_url():
     """A throwaway PostgreSQL server from Debian's package, on a free loopback port."""
     initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not initdb:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
-    pytest.importorskip("psycopg")
+    require(
+        bool(initdb),
+        "PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)",
+    )
+    require_module("psycopg", "psycopg is not installed (.[postgres])")
     bin_dir = initdb[-1].parent
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     data = Path(tempfile.mkdtemp(prefix="nas-pg-"))  # outside pytest's root-only tmp
@@ -105,7 +107,11 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
     try:
         storage = postgres_url
 
-        def running_trial():
+        def trial_in_its_second_epoch():
+            """A new trial whose first epoch is validated (its curve holds epoch 1 alone):
+            it trains at least two more epochs before its first rung (3) can end it, so
+            the kill lands mid-trial whatever the machine's speed. A trial that continues
+            another starts with its parent's curve, epochs 1-3, and is not chosen."""
             try:
                 study = optuna.load_study(study_name="many", storage=storage)
             except KeyError:
@@ -113,11 +119,11 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
             running = [
                 t
                 for t in study.trials
-                if t.state == TrialState.RUNNING and "n_params" in t.user_attrs
+                if t.state == TrialState.RUNNING and list(t.intermediate_values) == [1]
             ]
             return running[0] if running else None
 
-        victim = wait_for(running_trial, 240, "a running trial", parent)
+        victim = wait_for(trial_in_its_second_epoch, 240, "a trial in its second epoch", parent)
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
         output, _ = parent.communicate(timeout=400)
