@@ -89,13 +89,11 @@ class RunLog(logging.Handler):
     names its file (the study's folder exists only once the inputs are checked: a run
     refused for bad input writes no log)."""
 
-    def __init__(self, console_err: TextIO) -> None:
+    def __init__(self, console_err: TextIO, command: str) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s\n"))
         self.console_err = console_err  # for a progress bar that should not fill the log
-        self.pending: list[str] = [
-            f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n"
-        ]
+        self.pending: list[str] = [f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n"]
         self.file: TextIO | None = None
 
     def attach(self, path: Path) -> None:
@@ -118,11 +116,11 @@ class RunLog(logging.Handler):
 
 
 @contextlib.contextmanager
-def run_log() -> Iterator[RunLog]:
+def run_log(command: str) -> Iterator[RunLog]:
     """Copy stdout, stderr and warnings (Optuna's logger, Python's warnings) into the log
     the caller attaches to a file (appended to what earlier runs of the study wrote)."""
     console_out, console_err = sys.stdout, sys.stderr
-    log = RunLog(console_err)
+    log = RunLog(console_err, command)
     # Optuna's warnings reach the log; its console handler keeps the verbosity it had.
     optuna_log = logging.getLogger("optuna")
     level = optuna_log.level

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -115,7 +116,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     loudness.add_argument("-v", "--verbose", action="store_true", help="Optuna's own log too")
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # The command as typed, for run.log (argv is not sys.argv when called in-process).
+    args.command_line = shlex.join(["nas", "run", *(sys.argv[1:] if argv is None else argv)])
+    return args
 
 
 def _trial_line(trial: FrozenTrial) -> str:
@@ -200,6 +204,12 @@ def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[
         value = getattr(args, option)
         if value is not None:
             command += [f"--{option.replace('_', '-')}", str(value)]
+    for setting in args.settings:  # the workers search the same effective space
+        command += ["--set", setting]
+    if args.data is not None:
+        command += ["--data", str(args.data)]
+    if args.quiet:
+        command.append("-q")
     return command  # the storage goes through the environment: no password in `ps`
 
 
@@ -362,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.verbose:
         optuna.logging.set_verbosity(optuna.logging.INFO)
-    with run_log() as log:
+    with run_log(args.command_line) as log:
         return _search(args, log)
 
 

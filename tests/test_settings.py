@@ -12,6 +12,7 @@ import optuna
 import pytest
 import yaml
 
+from nas import run as run_module
 from nas.console import RunProgress, run_log
 
 from .conftest import run_cli, tiny_space_yaml
@@ -58,7 +59,8 @@ def test_settings_and_data_make_the_effective_space_saved_beside_the_study(tmp_p
     assert result.returncode == 0, result.stderr
     assert "trial   0" not in result.stdout.split("Pareto front")[0]  # -q: no line per trial
     log = (tmp_path / "results/tiny/run.log").read_text()
-    assert "-q" in log.splitlines()[0] and result.stdout in log  # what the console showed
+    assert log.splitlines()[0].endswith("nas run space.yaml " + " ".join(args) + " -q")
+    assert result.stdout in log  # what the console showed
     assert not (tmp_path / "elsewhere").exists()
     saved = yaml.safe_load((tmp_path / "results/tiny/space.yaml").read_text())
     assert saved["data"]["path"] == str(tiny_dataset) and "synthetic" not in saved["data"]
@@ -86,7 +88,7 @@ def test_the_progress_bar_stands_at_the_limit_nearest_its_end():
 
 def test_run_log_keeps_the_output_and_optunas_warnings_once_attached(tmp_path, capsys):
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as the commands set it
-    with run_log() as log:
+    with run_log("nas run space.yaml") as log:
         print("before the study folder exists")
         log.attach(tmp_path / "run.log")
         print("after")
@@ -126,3 +128,14 @@ def test_a_dry_run_prints_the_plan_and_creates_no_study(tmp_path, tiny_dataset):
     assert "first candidate:" in out and "GMACs per" in out and "one training step" in out
     assert out.strip().endswith("dry run: no study was created")
     assert not (tmp_path / "results").exists()
+
+
+def test_workers_search_the_same_effective_space(tmp_path):
+    args = run_module.parse_args(
+        ["space.yaml", "--workers", "2", "--set", "train.epochs=3", "--data", "d", "-q"]
+    )
+    command = run_module._worker_command(args, 1, threads=1)
+    assert command[command.index("--set") + 1] == "train.epochs=3"
+    assert command[command.index("--data") + 1] == "d" and "-q" in command
+    worker = run_module.parse_args(command[3:])  # after `python -m nas.run`
+    assert worker.settings == ["train.epochs=3"] and str(worker.data) == "d"
