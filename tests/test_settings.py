@@ -117,7 +117,7 @@ def test_a_run_refused_for_bad_data_writes_no_log(tmp_path, tiny_dataset):
     assert not (tmp_path / "results").exists()
 
 
-def test_a_dry_run_prints_the_plan_and_creates_no_study(tmp_path, tiny_dataset):
+def test_a_dry_run_prints_the_plan_and_creates_no_study(tmp_path, tiny_dataset, caplog):
     (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=5))
     result = run_cli("nas.run", "space.yaml", "--dry-run", "--set", "study.seed=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -128,6 +128,11 @@ def test_a_dry_run_prints_the_plan_and_creates_no_study(tmp_path, tiny_dataset):
     assert "first candidate:" in out and "GMACs per" in out and "one training step" in out
     assert out.strip().endswith("dry run: no study was created")
     assert not (tmp_path / "results").exists()
+    assert not [r for r in caplog.records if "A new study created" in r.getMessage()]
+    verbose = run_cli("nas.run", "space.yaml", "--dry-run", "-v", cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr
+    # -v: Optuna's own log at INFO (the throwaway study of the dry run announces itself).
+    assert [r for r in caplog.records if "A new study created in memory" in r.getMessage()]
 
 
 def test_workers_search_the_same_effective_space(tmp_path):
