@@ -70,8 +70,8 @@ def _run_arm(arm: str, name: str, data_root: str, steps: int, device_name: str, 
         history = fit(model, cases, cases[:1], dataset.scheme, cfg, device).history
         seconds = history[1].train_seconds
     else:
-        patch = train_cfg.patch_size_2d if unet_cfg.spatial_dims == 2 else train_cfg.patch_size_3d
-        batch = train_cfg.batch_size_2d if unet_cfg.spatial_dims == 2 else train_cfg.batch_size_3d
+        patch = train_cfg.patch_size(unet_cfg.spatial_dims)
+        batch = train_cfg.batch_size(unet_cfg.spatial_dims)
         sampler = PatchSampler(cases, patch, batch, train_cfg.foreground_fraction, True, seed=0)
         batches = [sampler.sample() for _ in range(steps)]
         model = model.to(device)

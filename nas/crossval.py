@@ -29,9 +29,9 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.builder import UNetConfig, count_parameters
 from nas.data import DataConfig, load_dataset, split_dataset
-from nas.objectives import directions, values_of
+from nas.objectives import directions
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
-from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord
+from nas.record import OBJECTIVES_ATTR, TrialRecord, rerun_trial
 from nas.staging import atomic_write
 from nas.train import CandidateFailed, TrainConfig, fit, init_model
 from nas.validate import predict_case
@@ -91,7 +91,7 @@ def run_fold(job: FoldJob) -> dict:
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     atomic_write(Path(job.weights), lambda tmp: torch.save(state, tmp))
     model.eval()
-    patch = train.patch_size_2d if unet.spatial_dims == 2 else train.patch_size_3d
+    patch = train.patch_size(unet.spatial_dims)
     classes = range(1, dataset.n_classes + 1)
     out_of_fold = []
     for case in val_cases:
@@ -164,14 +164,14 @@ def cross_validate(
     for fold in folds:  # a fold that cannot be validated is refused before any training
         split_dataset(dataset, DataConfig(**{**data, "fold": fold}))
     objectives = list(crossval.user_attrs[OBJECTIVES_ATTR])
-    jobs, records = [], {}
+    jobs, by_number = [], {}
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     for member in members:
         record = TrialRecord.of(member)
         train = TrainConfig(**record.train_config)
         train = dataclasses.replace(train, epochs=epochs or 3 * train.epochs, max_seconds=None)
         done = done_runs(crossval, train.epochs)
-        records[member.number] = (member, record)
+        by_number[member.number] = member
         for fold in folds:
             path = weights_path(study_dir, member.number, fold)
             if (member.number, fold) in done and path.is_file():
@@ -192,7 +192,7 @@ def cross_validate(
         print(f"trial {job.trial} fold {job.fold}: training {job.train['epochs']} epochs")
 
     def record_run(job: FoldJob, outcome: dict) -> None:
-        member, record = records[job.trial]
+        member = by_number[job.trial]
         if "fail_reason" in outcome:  # recorded, so the report can say so; trained again next time
             crossval.add_trial(
                 create_trial(
@@ -202,30 +202,19 @@ def cross_validate(
             )
             print(f"trial {job.trial} fold {job.fold}: failed ({outcome['fail_reason']})")
             return
-        # The same network: its costs as the search measured them, its scores on this fold.
-        quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}
-        quantities |= {"iou": outcome["iou"], "dice": outcome["dice"]}
-        quantities["params"] = outcome["n_params"]
-        crossval.add_trial(
-            create_trial(
-                values=values_of(quantities, objectives),
-                params=member.params,
-                distributions=member.distributions,
-                user_attrs={
-                    SOURCE_ATTR: job.trial,
-                    FOLD_ATTR: job.fold,
-                    **{QUANTITY_ATTRS[k]: v for k, v in quantities.items() if v is not None},
-                    "epochs_run": outcome["epochs_run"],
-                    "seconds": round(outcome["seconds"], 2),
-                    "unet_config": job.unet,
-                    "train_config": job.train,
-                    "out_of_fold": outcome["out_of_fold"],
-                    "class_names": outcome["class_names"],
-                    "device": job.device,
-                },
-                intermediate_values=outcome["curve"],
-            )
-        )
+        scores = {"iou": outcome["iou"], "dice": outcome["dice"], "params": outcome["n_params"]}
+        attrs = {
+            SOURCE_ATTR: job.trial,
+            FOLD_ATTR: job.fold,
+            "epochs_run": outcome["epochs_run"],
+            "seconds": round(outcome["seconds"], 2),
+            "unet_config": job.unet,
+            "train_config": job.train,
+            "out_of_fold": outcome["out_of_fold"],
+            "class_names": outcome["class_names"],
+            "device": job.device,
+        }
+        crossval.add_trial(rerun_trial(member, scores, objectives, attrs, outcome["curve"]))
         print(f"trial {job.trial} fold {job.fold}: IoU {outcome['iou']:.4f}")
 
     if workers <= 1:

@@ -19,9 +19,8 @@ from nas.builder import count_parameters
 from nas.data import Case, PatchSampler, Slicing
 from nas.describe import count_macs, summary
 from nas.labels import LabelScheme
-from nas.losses import DeepSupervisionLoss, make_loss
 from nas.space import Candidate, SearchSpace, sample, warm_start_params
-from nas.train import init_model, make_optimizer, prepare_model, train_step
+from nas.train import init_model, make_optimizer, prepare_model, train_step, training_loss
 
 TIMED_STEPS = 3  # after one warm-up step
 
@@ -44,21 +43,18 @@ def seconds_per_step(
 ) -> float:
     """The median time of a training step of `candidate` on batches of `cases`."""
     unet, train = candidate.unet, candidate.train
-    two_d = unet.spatial_dims == 2
     model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device)
     sampler = PatchSampler(
         cases,
-        train.patch_size_2d if two_d else train.patch_size_3d,
-        train.batch_size_2d if two_d else train.batch_size_3d,
+        train.patch_size(unet.spatial_dims),
+        train.batch_size(unet.spatial_dims),
         train.foreground_fraction,
         train.augment,
         train.seed,
         slicing,
     )
     optimizer = make_optimizer(model, train)
-    loss = make_loss(scheme)
-    if unet.deep_supervision:
-        loss = DeepSupervisionLoss(loss)
+    loss = training_loss(unet, scheme)
     times = []
     for _ in range(1 + TIMED_STEPS):
         images, labels = sampler.sample()
@@ -77,8 +73,7 @@ def describe_candidate(
     device: torch.device,
 ) -> str:
     unet, train = candidate.unet, candidate.train
-    two_d = unet.spatial_dims == 2
-    window = train.patch_size_2d if two_d else train.patch_size_3d
+    window = train.patch_size(unet.spatial_dims)
     model = init_model(unet, train.seed)
     n_params = count_parameters(model)
     macs = count_macs(model, in_channels, window)

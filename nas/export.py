@@ -409,11 +409,10 @@ def export(
     unet = deployed_unet
     model = next(iter(networks.values()))
     data_config = study.user_attrs.get("data_config", {})
-    two_d = unet.spatial_dims == 2
     inference = Inference(
         spatial_dims=unet.spatial_dims,
         slice_axis=data_config.get("slice_axis", 2),
-        patch_size=train.patch_size_2d if two_d else train.patch_size_3d,
+        patch_size=train.patch_size(unet.spatial_dims),
         size_multiple=model.size_multiple,
         output=scheme.output,
         tta=tta,

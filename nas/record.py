@@ -15,10 +15,10 @@ from datetime import datetime
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.errors import NasError
-from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of
+from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of, values_of
 
 # The study's user attrs holding its objectives and, for the record, its constraints (a study
 # from before they were configurable has neither: [iou, params], no constraints).
@@ -160,3 +160,25 @@ def study_objectives(study: optuna.Study) -> StudyObjectives:
     if unknown:
         raise NasError(study.study_name, f"records unknown objective(s) {unknown}")
     return StudyObjectives(tuple(OBJECTIVES[n] for n in names))
+
+
+def rerun_trial(
+    source: FrozenTrial,
+    scores: Mapping[str, float],
+    objectives: Sequence[str],
+    user_attrs: Mapping[str, Any],
+    curve: Mapping[int, float],
+) -> FrozenTrial:
+    """A finished trial of `source`'s network trained again (nas.retrain, a fold of
+    nas.crossval): its costs as the search measured them, `scores` (iou, dice, params) from
+    the new training, `curve` its IoU per epoch."""
+    record = TrialRecord.of(source)
+    quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS} | dict(scores)
+    measured = {QUANTITY_ATTRS[k]: v for k, v in quantities.items() if v is not None}
+    return create_trial(
+        values=values_of(quantities, objectives),
+        params=source.params,
+        distributions=source.distributions,
+        user_attrs={**user_attrs, **measured},
+        intermediate_values=dict(curve),
+    )

@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
     from nas.builder import UNetConfig, count_parameters
     from nas.data import DataConfig, load_dataset, split_dataset
-    from nas.objectives import directions, values_of
-    from nas.record import OBJECTIVES_ATTR, QUANTITY_ATTRS, TrialRecord, study_objectives
+    from nas.objectives import directions
+    from nas.record import OBJECTIVES_ATTR, TrialRecord, rerun_trial, study_objectives
     from nas.results import save_checkpoint
     from nas.storage import open_storage, redact
     from nas.study import default_storage, load_results_study
@@ -223,27 +223,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"  trial {trial.number}: failed ({failure.reason})")
             continue
         save_checkpoint(args.results / "retrained", trial.number, model.state_dict())
-        # The same network: its costs as the search measured them; its scores retrained.
-        quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS}
-        quantities |= {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
-        retrain_study.add_trial(
-            create_trial(
-                values=values_of(quantities, objectives),
-                params=trial.params,
-                distributions=trial.distributions,
-                user_attrs={
-                    "source_trial": trial.number,
-                    "search_val_iou": record.iou,
-                    **{QUANTITY_ATTRS[k]: v for k, v in quantities.items() if v is not None},
-                    "epochs_run": len(result.history),
-                    "seconds": round(result.seconds, 2),
-                    "unet_config": unet.to_dict(),
-                    "train_config": dataclasses.asdict(train),
-                    "device": str(device),
-                },
-                intermediate_values={e.epoch: e.scores.iou for e in result.history},
-            )
-        )
+        scores = {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
+        attrs = {
+            "source_trial": trial.number,
+            "search_val_iou": record.iou,
+            "epochs_run": len(result.history),
+            "seconds": round(result.seconds, 2),
+            "unet_config": unet.to_dict(),
+            "train_config": dataclasses.asdict(train),
+            "device": str(device),
+        }
+        curve = {e.epoch: e.scores.iou for e in result.history}
+        retrain_study.add_trial(rerun_trial(trial, scores, objectives, attrs, curve))
         rows.append(
             {
                 "trial": trial.number,

@@ -525,8 +525,7 @@ def make_objective(
                 until = int(trial.user_attrs["until"])
             elif state.epoch >= top:  # (a study from before `until` was recorded)
                 until = state.epoch * schedule.eta
-        two_d = candidate.unet.spatial_dims == 2
-        patch = candidate.train.patch_size_2d if two_d else candidate.train.patch_size_3d
+        patch = candidate.train.patch_size(candidate.unet.spatial_dims)
         if parent is None:
             quantities = measure(candidate, patch, in_channels, device, space.study)
         else:  # the same network: its costs as measured when it started (latency varies)

@@ -91,6 +91,20 @@ class TrainConfig:
             )
         return value
 
+    def patch_size(self, spatial_dims: int) -> tuple[int, ...]:
+        """The training patch (and inference window) of a 2D or 3D network."""
+        return self.patch_size_2d if spatial_dims == 2 else self.patch_size_3d
+
+    def batch_size(self, spatial_dims: int) -> int:
+        return self.batch_size_2d if spatial_dims == 2 else self.batch_size_3d
+
+
+def training_loss(unet: UNetConfig, scheme: LabelScheme) -> nn.Module:
+    """The loss `fit` trains `unet` with: per region or over classes, and over every output
+    of a deeply supervised network."""
+    loss = make_loss(scheme)
+    return DeepSupervisionLoss(loss) if unet.deep_supervision else loss
+
 
 class CandidateFailed(Exception):
     """The candidate cannot be trained (out of memory, non-finite loss or weights); `reason`
@@ -240,11 +254,11 @@ def fit(
     seed = cfg.seed + 7919 * start_epoch
     torch.manual_seed(seed)
     model = prepare_model(model, spatial_dims, device)
-    patch_size = cfg.patch_size_2d if spatial_dims == 2 else cfg.patch_size_3d
+    patch_size = cfg.patch_size(spatial_dims)
     sampler = PatchSampler(
         train_cases,
         patch_size,
-        cfg.batch_size_2d if spatial_dims == 2 else cfg.batch_size_3d,
+        cfg.batch_size(spatial_dims),
         cfg.foreground_fraction,
         cfg.augment,
         seed,
@@ -255,9 +269,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    loss_fn = make_loss(scheme)
-    if model.config.deep_supervision:  # the network trains on a list of outputs
-        loss_fn = DeepSupervisionLoss(loss_fn)
+    loss_fn = training_loss(model.config, scheme)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     memory_format = (
         (torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
