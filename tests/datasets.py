@@ -43,19 +43,21 @@ def save(data: np.ndarray, path: Path, spacing=SPACING_MM) -> Path:
     return path
 
 
-def write_nnunet(root: Path, n_cases: int = 4) -> Path:
+def write_nnunet(root: Path, n_cases: int = 4, make=make_case, labels=None) -> Path:
+    """An nnU-Net v2 raw dataset of `n_cases` cases drawn by `make`; `labels`: the
+    dataset.json entries declaring their labels (default: core and penumbra)."""
     for i in range(n_cases):
-        channels, label = make_case(i, SHAPES[i % len(SHAPES)])
+        channels, label = make(i, SHAPES[i % len(SHAPES)])
         for c, channel in enumerate(channels):
             save(channel, root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
         save(label, root / "labelsTr" / f"case_{i:03d}.nii.gz")
     meta = {
         "channel_names": {str(c): name for c, name in enumerate(CHANNELS)},
-        "labels": {"background": 0, "core": 1, "penumbra": 2},
+        **(labels or {"labels": {"background": 0, "core": 1, "penumbra": 2}}),
         "numTraining": n_cases,
         "file_ending": ".nii.gz",
     }
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta))  # keys in order: regions need it
     return root
 
 
@@ -106,17 +108,5 @@ def make_region_case(index: int, shape) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def write_nnunet_regions(root: Path, n_cases: int = 4) -> Path:
-    for i in range(n_cases):
-        channels, label = make_region_case(i, SHAPES[i % len(SHAPES)])
-        for c, channel in enumerate(channels):
-            save(channel, root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
-        save(label, root / "labelsTr" / f"case_{i:03d}.nii.gz")
-    meta = {
-        "channel_names": {str(c): name for c, name in enumerate(CHANNELS)},
-        "labels": {"background": 0, **REGIONS},
-        "regions_class_order": REGIONS_CLASS_ORDER,
-        "numTraining": n_cases,
-        "file_ending": ".nii.gz",
-    }
-    (root / "dataset.json").write_text(json.dumps(meta))  # keys in order: it matters here
-    return root
+    regions = {"labels": {"background": 0, **REGIONS}, "regions_class_order": REGIONS_CLASS_ORDER}
+    return write_nnunet(root, n_cases, make_region_case, regions)
