@@ -60,7 +60,8 @@ from nas.data import (
 )
 from nas.data.layouts import CaseFiles, discover
 from nas.losses import DiceCELoss
-from nas.train import TrainConfig, make_optimizer, pick_device, prepare_model, train_step
+from nas.train import device_batch, make_optimizer, pick_device, prepare_model, train_step
+from nas.train_config import TrainConfig
 
 # Patch size, batch size and U-Net width of each setting; the loader settings are otherwise
 # TrainConfig's defaults.
@@ -217,9 +218,7 @@ def data_wait(
     sample_seconds = train_seconds = 0.0
     for step in range(steps + 1):  # step 0 warms up (allocator, kernels) and is not counted
         start = time.perf_counter()
-        images, labels = sampler.sample()
-        images = images.to(device, memory_format=memory_format)
-        labels = labels.to(device)
+        images, labels = device_batch(sampler, device, memory_format)
         synchronize()
         sampled = time.perf_counter()
         train_step(model, optimizer, loss_fn, images, labels, scaler)

@@ -85,7 +85,7 @@ def export_models(root: Path) -> dict[str, Path]:
 
     from nas import build_unet
     from nas.export import export_onnx, export_pt2
-    from nas.exported import WEIGHTS_FILE, Inference, ModelCard, write_card
+    from nas.model_card import WEIGHTS_FILE, Inference, ModelCard, write_card
 
     folders = {}
     for name, (fields, shape) in MODELS.items():

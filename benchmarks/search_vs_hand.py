@@ -61,8 +61,9 @@ from optuna.trial import TrialState
 
 from nas.builder import UNetConfig, count_parameters
 from nas.data import Case, Dataset, load_dataset, split_dataset
-from nas.exported import Inference, ModelCard, describe_data
-from nas.heldout import TestSplit, find_test_split, score_model, score_trials
+from nas.data.test_split import TestSplit, find_test_split
+from nas.heldout import score_model, score_trials
+from nas.model_card import Inference, ModelCard, describe_data
 from nas.record import TrialRecord
 from nas.report import hypervolume, normalised_size
 from nas.results import pareto_front, write_results
@@ -75,7 +76,8 @@ STUDY_NAME = "mniwm"
 # The code a hand network's result depends on: a change to any of it reruns the hand arms.
 CODE_FILES = (
     "nas/train.py", "nas/builder.py", "nas/validate.py", "nas/losses.py", "nas/patch_plan.py",
-    "nas/heldout.py", "nas/predict.py", "nas/exported.py",
+    "nas/heldout.py", "nas/predict.py", "nas/exported.py", "nas/model_card.py",
+    "nas/unet_config.py", "nas/train_config.py",
 )  # fmt: skip
 HAND_NETWORKS = {
     "nnU-Net-like 2D": UNetConfig(

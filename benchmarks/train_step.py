@@ -27,7 +27,8 @@ import torch
 from nas import UNetConfig, build_unet
 from nas.data import DataConfig, PatchSampler, SyntheticSpec, load_dataset
 from nas.losses import DiceCELoss
-from nas.train import TrainConfig, fit, make_optimizer, pick_device
+from nas.train import device_batch, fit, make_optimizer, pick_device
+from nas.train_config import TrainConfig
 
 CANDIDATES = {
     "2D": (
@@ -73,7 +74,7 @@ def _run_arm(arm: str, name: str, data_root: str, steps: int, device_name: str, 
         patch = train_cfg.patch_size(unet_cfg.spatial_dims)
         batch = train_cfg.batch_size(unet_cfg.spatial_dims)
         sampler = PatchSampler(cases, patch, batch, train_cfg.foreground_fraction, True, seed=0)
-        batches = [sampler.sample() for _ in range(steps)]
+        batches = [device_batch(sampler, torch.device("cpu")) for _ in range(steps)]
         model = model.to(device)
         optimizer = make_optimizer(model, train_cfg)
         loss_fn = DiceCELoss()

@@ -60,11 +60,13 @@ def exposure_warning(host: str, port: int) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from nas.artifacts import artifact_store
     from nas.storage import open_storage
     from nas.study import default_storage, load_results_study
 
     load_results_study(args.results, args.storage)  # a clear error before the server starts
+
+    from nas.artifacts import artifact_store
+
     storage = args.storage or default_storage(args.results)
     warning = exposure_warning(args.host, args.port)
     if warning is not None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.builder import UNetConfig
+from nas.unet_config import UNetConfig
 
 
 @torch.no_grad()

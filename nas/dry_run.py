@@ -20,7 +20,14 @@ from nas.data import Case, PatchSampler, Slicing
 from nas.describe import count_macs, summary
 from nas.labels import LabelScheme
 from nas.space import Candidate, SearchSpace, sample, warm_start_params
-from nas.train import init_model, make_optimizer, prepare_model, train_step, training_loss
+from nas.train import (
+    device_batch,
+    init_model,
+    make_optimizer,
+    prepare_model,
+    train_step,
+    training_loss,
+)
 
 TIMED_STEPS = 3  # after one warm-up step
 
@@ -57,9 +64,9 @@ def seconds_per_step(
     loss = training_loss(unet, scheme)
     times = []
     for _ in range(1 + TIMED_STEPS):
-        images, labels = sampler.sample()
+        images, labels = device_batch(sampler, device)
         start = time.perf_counter()
-        float(train_step(model, optimizer, loss, images.to(device), labels.to(device)))
+        float(train_step(model, optimizer, loss, images, labels))
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[len(times[1:]) // 2]
 

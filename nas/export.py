@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from nas.builder import UNet
-    from nas.exported import Inference, ModelCard
+    from nas.model_card import Inference, ModelCard
 
 FORMATS = ("pt2", "onnx")
 README_FILE = "README.md"
@@ -82,9 +82,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
 def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None) -> FrozenTrial:
     from optuna.trial import TrialState
 
-    from nas.record import TrialRecord, study_objectives
-    from nas.results import pareto_front
-
     if trial is not None:
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         if trial not in by_number:
@@ -93,6 +90,10 @@ def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None)
         if chosen.state != TrialState.COMPLETE:
             raise NasError("--trial", f"trial {trial} is {chosen.state.name}, not COMPLETE")
         return chosen
+
+    from nas.record import TrialRecord, study_objectives
+    from nas.results import pareto_front
+
     front = pareto_front(study)
     if not front:
         raise NasError(study.study_name, "has no completed trial to export")
@@ -114,7 +115,7 @@ def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None)
 
 def _data_description(study: optuna.Study) -> dict:
     from nas.data import DataConfig, load_dataset
-    from nas.exported import describe_data
+    from nas.model_card import describe_data
 
     if "data_description" in study.user_attrs:
         return study.user_attrs["data_description"]
@@ -210,8 +211,8 @@ def export_onnx(model: UNet, example: torch.Tensor, path: Path) -> float:
 
 
 def _readme(card: ModelCard, formats: Sequence[str]) -> str:
-    from nas.exported import CARD_FILE, WEIGHTS_FILE
     from nas.inference import ONNX_FILE, PT2_FILE
+    from nas.model_card import CARD_FILE, WEIGHTS_FILE
 
     source, prep, inf = card.source, card.preprocessing, card.inference
     files = [
@@ -279,8 +280,8 @@ whose spatial sizes are multiples of {multiple}, at least twice that.
 def _export_files() -> frozenset[str]:
     """Everything an export writes (ONNX puts weights over 2 GB in model.onnx.data); a folder
     holding anything else is someone's own and is never replaced."""
-    from nas.exported import CARD_FILE, WEIGHTS_FILE
     from nas.inference import ONNX_FILE, PT2_FILE
+    from nas.model_card import CARD_FILE, WEIGHTS_FILE
 
     return frozenset(
         {CARD_FILE, WEIGHTS_FILE, PT2_FILE, ONNX_FILE, f"{ONNX_FILE}.data", README_FILE}
@@ -303,7 +304,7 @@ def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
     """Refuse, --force or not, an --out whose replacement would delete what no export wrote:
     a file, a link, a folder holding `keep` (the study's own files, each with what it is) or
     anything else, or a folder without a model description."""
-    from nas.exported import CARD_FILE
+    from nas.model_card import CARD_FILE
 
     instead = "give --out a new or empty folder"
     if out.is_symlink():
@@ -330,7 +331,7 @@ def _refuse_unsafe_destination(out: Path, keep: dict[Path, str]) -> None:
 
 
 def _check_destination(out: Path, source: dict, force: bool, keep: dict[Path, str]) -> None:
-    from nas.exported import CARD_FILE, read_card
+    from nas.model_card import CARD_FILE, read_card
 
     _refuse_unsafe_destination(out, keep)
     if force or not out.exists() or not any(out.iterdir()):
@@ -369,20 +370,14 @@ def export(
     import torch
 
     from nas.builder import UNetConfig, build_unet, count_parameters, deployed
-    from nas.exported import (
-        WEIGHTS_FILE,
-        Inference,
-        ModelCard,
-        Postprocessing,
-        load_weights,
-        write_card,
-    )
+    from nas.exported import load_weights
     from nas.inference import ONNX_FILE, PT2_FILE
     from nas.labels import LabelScheme
+    from nas.model_card import WEIGHTS_FILE, Inference, ModelCard, Postprocessing, write_card
     from nas.objectives import OBJECTIVES
     from nas.record import TrialRecord, study_objectives
     from nas.storage import local_file, redact
-    from nas.train import TrainConfig
+    from nas.train_config import TrainConfig
 
     record = TrialRecord.of(trial)
     unet = UNetConfig.from_dict(record.unet_config)
@@ -494,15 +489,17 @@ def fold_weights(results: Path, crossval: optuna.Study | None, trial: int) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study
-    from nas.exported import CARD_FILE, WEIGHTS_FILE
-    from nas.results import checkpoint_path
+    from nas.model_card import CARD_FILE, WEIGHTS_FILE
     from nas.storage import open_storage
     from nas.study import default_storage, load_results_study
 
     formats = parse_formats(args.format)
     study = load_results_study(args.results, args.storage)
     trial = choose_trial(study, args.trial, args.max_params)
+
+    from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study  # torch: trial found
+    from nas.results import checkpoint_path
+
     storage = args.storage or default_storage(args.results)
     crossval = find_crossval_study(open_storage(storage), study.study_name)
     if args.ensemble:

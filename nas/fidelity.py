@@ -25,8 +25,9 @@ others at the top, then the rungs below, get what it cannot use. The front's bes
 to convergence for their size, or for the budget.
 
 Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
-nas/study.py (`lineage`, `continues`, `until`, `epochs_run`, `steps`, `segment_seconds`
-(training and validation), `n_params`, `macs`, `rungs`, `unet_config`, `train_config`).
+nas/objective.py and nas/schedule.py (`lineage`, `continues`, `until`, `epochs_run`, `steps`,
+`segment_seconds` (training and validation), `n_params`, `macs`, `rungs`, `unet_config`,
+`train_config`).
 """
 
 from __future__ import annotations

@@ -1,26 +1,24 @@
 """Held-out test scores: the front's models on test cases that the search never saw.
 
-A dataset's test split is `imagesTs/` + `labelsTs/` beside imagesTr/ (labelsTs is not
-standard nnU-Net, but datasets often ship it), or the folder `data.test` names. Each trial is
-scored through its export: the folder nas.export writes (without the pt2/ONNX programs), then
-nas.predict's own path on every test scan (raw NIfTI, the recorded preprocessing, sliding
-windows, back to the scan's grid), so the score is that of the model a user would ship, not
-of the cached arrays the search validated on. Test labels map to classes as the training
-labels do (`data.foreground`); IoU and Dice are pooled over the test cases per class (or
-region) and averaged over them, as validation is. The scores live in the study's user attr
-"test_scores" with the fingerprints of the weights and the test files they came from, so a
-trial is scored again only when one of them changes. Nothing here is read by the sampler,
-the pruner or the front: these scores report, they never select.
+A dataset's test split (nas/data/test_split.py) is `imagesTs/` + `labelsTs/` beside
+imagesTr/, or the folder `data.test` names. Each trial is scored through its export: the
+folder nas.export writes (without the pt2/ONNX programs), then nas.predict's own path on every
+test scan (raw NIfTI, the recorded preprocessing, sliding windows, back to the scan's grid),
+so the score is that of the model a user would ship, not of the cached arrays the search
+validated on. Test labels map to classes as the training labels do (`data.foreground`); IoU
+and Dice are pooled over the test cases per class (or region) and averaged over them, as
+validation is. The scores live in the study's user attr "test_scores" with the fingerprints
+of the weights and the test files they came from, so a trial is scored again only when one
+of them changes. Nothing here is read by the sampler, the pruner or the front: these scores
+report, they never select.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -30,101 +28,15 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from nas.data import DataConfig, Dataset
-from nas.data.layouts import CaseFiles, nifti_stem
-from nas.data.preprocess import check_finite, read_channels, read_label
-from nas.errors import NasError
+from nas.data.layouts import CaseFiles
+from nas.data.test_split import TestSplit
 from nas.export import export
-from nas.exported import ModelCard, load_predictor, read_card
+from nas.exported import load_predictor
 from nas.inference import Predictor, predictor
-from nas.labels import LabelScheme
-from nas.predict import Scan, find_scans, segment_classes
+from nas.model_card import ModelCard, read_card
+from nas.predict import Scan, segment_classes
 from nas.results import TEST_SCORES_ATTR, checkpoint_path
 from nas.validate import PooledCounts, Scores
-
-IMAGES, LABELS = "imagesTs", "labelsTs"
-
-
-@dataclass(frozen=True)
-class TestSplit:
-    __test__ = False  # a dataset's test split, not a pytest test class
-
-    folder: Path  # holds imagesTs/ and labelsTs/
-    cases: tuple[CaseFiles, ...]  # images: one file per channel, or one (4D) file
-    class_of_value: dict[int, int]  # label value -> class index, as in training
-    scheme: LabelScheme  # the classes (or regions) scored, as in training
-    fingerprint: str  # of the files (paths, sizes, mtimes) and the class mapping
-
-
-def find_test_split(data: DataConfig, dataset: Dataset) -> TestSplit | None:
-    """The test cases of `data` (its `test` folder, else imagesTs/ + labelsTs/ inside the
-    dataset), checked as training cases are; None when there are none to score. `dataset` is
-    the training dataset as loaded for the search: its channels and label mapping apply."""
-    folder = Path(data.test) if data.test is not None else dataset.root
-    images, labels = folder / IMAGES, folder / LABELS
-    if data.test is None and not (images.is_dir() and labels.is_dir()):
-        return None  # nnU-Net's own imagesTs has no labels: nothing to score against
-    if not folder.is_dir():
-        raise NasError(folder, "test folder (data.test) not found")
-    for sub in (images, labels):
-        if not sub.is_dir():
-            raise NasError(sub, f"not found: a test folder holds {IMAGES}/ and {LABELS}/")
-    n_channels = len(dataset.source_channel_names)
-    label_files = _nifti_files(labels)
-    cases = []
-    for scan in find_scans(images, n_channels):
-        if scan.name not in label_files:
-            raise NasError(scan.images[0], f"test image without a label in {labels}")
-        cases.append(CaseFiles(scan.name, scan.images, label_files.pop(scan.name)))
-    if label_files:
-        path = next(iter(label_files.values()))
-        raise NasError(path, f"test label without an image in {images}")
-    declared = "dataset.json" if (dataset.root / "dataset.json").is_file() else "the masks"
-    for case in cases:
-        _check_case(case, n_channels, dataset.plan.class_of_value, declared)
-    return TestSplit(
-        folder,
-        tuple(cases),
-        dict(dataset.plan.class_of_value),
-        dataset.scheme,
-        _fingerprint(cases, dataset.plan.class_of_value),
-    )
-
-
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    files = {}
-    for path in sorted(folder.iterdir()):
-        name = nifti_stem(path.name)
-        if name is not None and path.is_file():
-            if name in files:
-                raise NasError(path, f"gives the same case name {name!r} as {files[name].name}")
-            files[name] = path
-    return files
-
-
-def _check_case(
-    case: CaseFiles, n_channels: int, class_of_value: dict[int, int], declared: str
-) -> None:
-    """The checks a training case gets: channels, shapes, affines, finite voxels, labels."""
-    channels, paths, affine = read_channels(case.images, n_channels)
-    check_finite(channels, paths)
-    label = read_label(case, channels[0].shape, affine)
-    undeclared = sorted(set(np.unique(label).tolist()) - set(class_of_value))
-    if undeclared:
-        known = ", ".join(str(v) for v in sorted(class_of_value))
-        raise NasError(
-            case.label, f"label values {undeclared} are not declared in {declared} ({known})"
-        )
-
-
-def _fingerprint(cases: Sequence[CaseFiles], class_of_value: dict[int, int]) -> str:
-    files = []
-    for case in cases:
-        for path in (*case.images, case.label):
-            stat = path.stat()
-            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    blob = json.dumps({"files": files, "classes": sorted(class_of_value.items())})
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _label_classes(path: Path, class_of_value: dict[int, int]) -> np.ndarray:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.builder import UNetConfig
 from nas.errors import NasError
+from nas.unet_config import UNetConfig
 
 Engine = Literal["auto", "eager", "pt2", "onnx"]
 TTA = Literal["none", "mirror"]

@@ -7,17 +7,20 @@ values) it has one sigmoid per region, a region being a set of classes, and each
 trained and scored on its own; predicted regions become a class map by writing each region's
 label value (regions_class_order) where it is predicted, in order, later regions overwriting
 earlier ones. Training, validation, export and predict all ask a `LabelScheme` rather than
-branching on regions themselves. Knows nothing of files, networks or losses.
+branching on regions themselves. Knows nothing of files, networks or losses; it works on the
+tensors it is given through their own methods, so reading a dataset does not load torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ class LabelScheme:
     def encode(self, classes: torch.Tensor) -> torch.Tensor:
         """Class indices (B, *spatial) -> one binary target per scored entry (B, N, *spatial)
         float: a voxel belongs to every region holding its class."""
-        table = torch.zeros(self.n_classes + 1, len(self.covers), device=classes.device)
+        table = classes.new_zeros((self.n_classes + 1, len(self.covers))).float()
         for n, members in enumerate(self.covers):
             table[list(members), n] = 1.0
         return table[classes].movedim(-1, 1)
@@ -158,10 +161,10 @@ class LabelScheme:
         if outputs.shape[0] != self.out_channels:
             raise ValueError(f"{outputs.shape[0]} outputs, expected {self.out_channels}")
         if self.output == "sigmoid":
-            return (outputs[0] > threshold).to(torch.uint8)
+            return (outputs[0] > threshold).byte()
         if self.output == "softmax":
-            return outputs.argmax(0).to(torch.uint8)
-        classes = torch.zeros(outputs.shape[1:], dtype=torch.uint8, device=outputs.device)
+            return outputs.argmax(0).byte()
+        classes = outputs.new_zeros(outputs.shape[1:]).byte()
         for channel, region in zip(outputs, self.regions, strict=True):
             classes[channel > threshold] = self.class_values.index(region.value)
         return classes

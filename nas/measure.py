@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 WARMUP = 3
@@ -31,17 +30,6 @@ SPREAD = 0.05  # interquartile range / median at which the repeats stop
 MAX_SECONDS = 3.0
 FEW_REPEATS = 5
 MB = 1e6
-
-
-class LatencyConfig(BaseModel):
-    """Where latency is measured. device: cpu, cuda, mps (default: the search's device);
-    threads: CPU threads for the measurement (default: as the search runs); batch: windows
-    per forward pass."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    device: str | None = Field(None, pattern=r"^(cpu|mps|cuda(:[0-9]+)?)$")
-    threads: int | None = Field(None, ge=1)
-    batch: int = Field(1, ge=1)
 
 
 @dataclass(frozen=True)

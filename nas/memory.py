@@ -15,11 +15,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from nas.train_config import TrainConfig
+from nas.unet_config import UNetConfig, padded_size
 
-from nas.builder import UNetConfig, padded_size
-from nas.train import TrainConfig
+if TYPE_CHECKING:
+    import torch
 
 BYTES_PER_VALUE = 4  # float32 weights, gradients and activations
 # Copies of the weights besides the weights themselves: the gradients, the optimizer's state,
@@ -224,8 +226,15 @@ def default_memory_limit_bytes(device: torch.device) -> int:
     """How much memory a candidate may plan to use on `device` unless told otherwise: a share
     of the GPU's memory on CUDA, of the machine's RAM (or the container's limit) elsewhere."""
     if device.type == "cuda":
+        import torch  # loaded already: the caller holds a torch.device
+
         index = device.index if device.index is not None else torch.cuda.current_device()
         return int(CUDA_SHARE * torch.cuda.get_device_properties(index).total_memory)
+    return host_memory_limit_bytes()
+
+
+def host_memory_limit_bytes() -> int:
+    """`default_memory_limit_bytes` of the CPU, known without torch."""
     return int(HOST_SHARE * _host_memory_bytes())
 
 

@@ -15,9 +15,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Direction = Literal["maximize", "minimize"]
+
+
+class LatencyConfig(BaseModel):
+    """Where latency is measured. device: cpu, cuda, mps (default: the search's device);
+    threads: CPU threads for the measurement (default: as the search runs); batch: windows
+    per forward pass."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    device: str | None = Field(None, pattern=r"^(cpu|mps|cuda(:[0-9]+)?)$")
+    threads: int | None = Field(None, ge=1)
+    batch: int = Field(1, ge=1)
 
 
 @dataclass(frozen=True)

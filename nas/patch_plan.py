@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from nas.builder import UNetConfig
 from nas.data import Dataset
 from nas.errors import NasError
 from nas.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace
-from nas.train import MAX_PATCH_SIZE, TrainConfig
+from nas.train_config import MAX_PATCH_SIZE, TrainConfig
+from nas.unet_config import UNetConfig
 
 # Voxels per optimiser step (batch x patch voxels), by device type.
 # cpu: what the hand-tuned sizes for the embedded dataset cost (16 slices of 64^2 in 2D,

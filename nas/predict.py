@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from nas.exported import ModelCard
     from nas.inference import Predictor
+    from nas.model_card import ModelCard
 
 # nas.inference.ENGINES, spelled out so that --help does not import torch (tests/test_cli.py
 # checks that the two agree).
@@ -218,13 +218,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from nas.exported import load_predictor, read_card
+    from nas.model_card import read_card
 
     card = read_card(args.model)
-    device = device_option(args.device)
-    predictor = load_predictor(args.model, device, args.engine, args.tta)
     scans = find_scans(args.input, len(card.preprocessing.input_channels))
     outputs = output_paths(args.input, args.output, scans)
+
+    from nas.exported import load_predictor  # torch: once the card and the scans are found
+
+    device = device_option(args.device)
+    predictor = load_predictor(args.model, device, args.engine, args.tta)
     # disable=None: a progress bar on a terminal, nothing in a log file.
     progress = tqdm(list(zip(scans, outputs, strict=True)), unit="scan", leave=False, disable=None)
     for scan, path in progress:

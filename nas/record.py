@@ -1,6 +1,6 @@
 """One typed record of a trial, read from Optuna's FrozenTrial, and the study's objectives.
 
-The objective (nas/study.py) writes a trial's measurements, scores and training history as
+The objective (nas/objective.py) writes a trial's measurements, scores and training history as
 Optuna user attrs, under the names below; results, report, export, retrain, the pruner and the
 hypervolume read them through `TrialRecord` alone, and never a trial's `values` by position:
 `record.quantity(name)` is an objective's value whatever the study's objectives are. Studies

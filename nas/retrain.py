@@ -91,7 +91,8 @@ def run_crossval(
         weights_path,
     )
     from nas.data import load_dataset
-    from nas.heldout import compare_ensemble, find_test_split
+    from nas.data.test_split import find_test_split
+    from nas.heldout import compare_ensemble
     from nas.record import study_objectives
     from nas.report import write_report
     from nas.storage import open_storage, redact
@@ -167,14 +168,11 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     from optuna.trial import TrialState, create_trial
 
-    from nas.builder import UNetConfig, count_parameters
     from nas.data import DataConfig, load_dataset, split_dataset
     from nas.objectives import directions
     from nas.record import OBJECTIVES_ATTR, TrialRecord, rerun_trial, study_objectives
-    from nas.results import save_checkpoint
     from nas.storage import open_storage, redact
     from nas.study import default_storage, load_results_study
-    from nas.train import CandidateFailed, TrainConfig, fit, init_model
 
     name = args.results.name
     storage = args.storage or default_storage(args.results)
@@ -183,6 +181,13 @@ def run(args: argparse.Namespace) -> int:
         raise NasError(storage, f"study {name!r} does not record its data settings")
     data_cfg = DataConfig(**study.user_attrs["data_config"])
     chosen = choose_trials(study, args.top, args.trials)
+
+    from nas.builder import count_parameters  # torch: once the trials are found
+    from nas.results import save_checkpoint
+    from nas.train import CandidateFailed, fit, init_model
+    from nas.train_config import TrainConfig
+    from nas.unet_config import UNetConfig
+
     device = device_option(args.device)
 
     if args.folds is not None:

@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 
     from nas.console import RunLog
     from nas.data import Case, Dataset
-    from nas.heldout import TestSplit
+    from nas.data.test_split import TestSplit
     from nas.patch_plan import PatchPlan
+    from nas.schedule import Schedule
     from nas.space import SearchSpace, StudySection
-    from nas.study import Schedule
 
 # The storage URL for workers started by --workers, and a way for users to keep a database
 # password off the command line (where `ps` shows it to everyone on the machine).
@@ -311,18 +311,22 @@ def _dry_run(
     return 0
 
 
-def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedule:
+def _schedule(space: SearchSpace, args: argparse.Namespace, deadline: float | None) -> Schedule:
     """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
-    from nas.study import Schedule
+    from nas.schedule import Schedule
+    from nas.space import source_of
 
     try:
         schedule = Schedule.of(space, deadline)
     except ValueError as err:
-        raise NasError(path, f"train.epochs: {err}") from None
+        where = source_of("train.epochs", args.space, args.settings)
+        raise NasError(where, f"train.epochs: {err}") from None
     lowest = schedule.rungs[0] * _fewest_batches_per_epoch(space)
     if schedule.budget_steps is not None and schedule.budget_steps < lowest:
         raise NasError(
-            "--budget" if space.study.budget is not None else path,
+            "--budget"
+            if args.budget is not None
+            else source_of("study.budget", args.space, args.settings),
             f"a budget of {schedule.budget_steps} optimiser steps is less than one candidate's "
             f"lowest rung ({schedule.rungs[0]} epochs, {lowest} steps)",
         )
@@ -331,7 +335,7 @@ def _schedule(space: SearchSpace, path: Path, deadline: float | None) -> Schedul
 
 def _fewest_batches_per_epoch(space: SearchSpace) -> int:
     from nas.space import IntSpec
-    from nas.train import TrainConfig
+    from nas.train_config import TrainConfig
 
     entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
     if isinstance(entry, int):
@@ -377,33 +381,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace, log: RunLog) -> int:
-    import torch
-    import yaml
-
-    from nas import resume
-    from nas.candidate import TrainingData
-    from nas.console import RunProgress
     from nas.data import load_dataset, split_dataset
-    from nas.exported import describe_data
-    from nas.fidelity import spending
-    from nas.heldout import find_test_split
-    from nas.liveness import settle_orphans
-    from nas.patch_plan import plan_patches
-    from nas.results import checkpoint_path
-    from nas.space import (
-        read_effective_space,
-        validate_space,
-        warm_start_params,
-        with_study_overrides,
-    )
-    from nas.storage import redact
-    from nas.study import default_storage, has_work, make_objective, n_settled, open_study
+    from nas.data.test_split import find_test_split
+    from nas.space import read_effective_space, validate_space, with_study_overrides
 
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     is_worker = args.worker_index is not None
+    # What a user can get wrong in the space, the settings or the data is found before torch
+    # loads, so the one-line error comes at once.
     effective = read_effective_space(args.space, args.settings, args.data)
     space = validate_space(effective, args.space, args.settings)
     overrides = {
@@ -415,17 +401,36 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     }
     space = with_study_overrides(space, overrides)
     study_cfg = space.study
-    device = device_option(args.device)
     start = time.monotonic()
     deadline = None if study_cfg.timeout is None else start + study_cfg.timeout
-    schedule = _schedule(space, args.space, deadline)
-
+    schedule = _schedule(space, args, deadline)
     dataset = load_dataset(space.data)
-    patch_plan = plan_patches(space, dataset, device)  # `auto` patch and batch sizes
-    space = patch_plan.apply(space)
     train_cases, val_cases = split_dataset(dataset, space.data)
     # Checked before the study is touched; scored after the search, never used to select.
     test_split = None if is_worker else find_test_split(space.data, dataset)
+
+    import torch
+    import yaml
+
+    from nas import resume
+    from nas.candidate import TrainingData
+    from nas.console import RunProgress
+    from nas.fidelity import spending
+    from nas.liveness import settle_orphans
+    from nas.model_card import describe_data
+    from nas.objective import make_objective
+    from nas.patch_plan import plan_patches
+    from nas.results import checkpoint_path
+    from nas.schedule import has_work
+    from nas.space import warm_start_params
+    from nas.storage import redact
+    from nas.study import default_storage, n_settled, open_study
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = device_option(args.device)
+    patch_plan = plan_patches(space, dataset, device)  # `auto` patch and batch sizes
+    space = patch_plan.apply(space)
     if args.dry_run:
         return _dry_run(space, dataset, train_cases, val_cases, test_split, patch_plan,
                         schedule, device)  # fmt: skip
@@ -543,7 +548,7 @@ def _optimize(
     from optuna.trial import TrialState
 
     from nas.liveness import describe_waiting, settle_orphans
-    from nas.study import StopAtTotal, enqueue_promotion, has_work
+    from nas.schedule import StopAtTotal, enqueue_promotion, has_work
     from nas.train import CandidateFailed
 
     deadline = schedule.deadline

@@ -36,16 +36,15 @@ from pydantic import (
     model_validator,
 )
 
-from nas.builder import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.data import DataConfig
 from nas.errors import NasError
 from nas.fidelity import FidelityConfig
-from nas.measure import LatencyConfig
-from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound
+from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound, LatencyConfig
 from nas.objectives import Name as ObjectiveName
 from nas.pruning import PrunerConfig
 from nas.storage import HeartbeatConfig
-from nas.train import TrainConfig
+from nas.train_config import TrainConfig
+from nas.unet_config import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.yaml_file import parse_yaml, read_yaml
 
 Scalar = bool | int | float | str | None
@@ -323,13 +322,17 @@ def load_space(
 
 
 def validate_space(raw: dict[str, Any], path: Path, settings: Sequence[str] = ()) -> SearchSpace:
-    set_keys = [s.partition("=")[0].strip() for s in settings]
     try:
         return _validate(raw)
     except _SpaceError as err:
-        # A key the command line set is blamed on --set, not on the file.
-        blamed = any(err.where == k or err.where.startswith(k + ".") for k in set_keys)
-        raise NasError("--set" if blamed else path, f"{err.where}: {err.reason}") from None
+        raise NasError(source_of(err.where, path, settings), f"{err.where}: {err.reason}") from None
+
+
+def source_of(key: str, path: Path, settings: Sequence[str]) -> str | Path:
+    """Where the value at `key` (a.b.c) came from: "--set" when a setting set it or a section
+    above it, else the space file."""
+    set_keys = [s.partition("=")[0].strip() for s in settings]
+    return "--set" if any(key == k or key.startswith(k + ".") for k in set_keys) else path
 
 
 def _validate(raw: dict[str, Any]) -> SearchSpace:

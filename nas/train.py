@@ -17,86 +17,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
-from pydantic.dataclasses import dataclass as config_dataclass
 from torch import nn
 
 from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
 from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, make_loss
+from nas.train_config import TrainConfig
 from nas.validate import Scores, evaluate
-
-# The largest patch per axis: a whole 1024^2 slice (the largest common CT/MR matrix) in 2D, a
-# whole 512^3 volume in 3D; larger would have to be mostly padding on any real scan.
-MAX_PATCH_SIZE = {2: 1024, 3: 512}
-
-
-@config_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-class TrainConfig:
-    """How one candidate is trained.
-
-    batches_per_epoch: training batches between two validations.
-    batch_size_2d / patch_size_2d: slices per batch and in-plane slice crop, for 2D networks.
-    batch_size_3d / patch_size_3d: patches per batch and patch size (X, Y, Z), for 3D networks.
-        A search space may leave these four to `auto`; nas.patch_plan turns that into sizes
-        before any trial, so a TrainConfig never holds it.
-    foreground_fraction: share of samples centred on a foreground voxel.
-    augment: flips, intensity scaling by up to +-intensity_scale and in-plane rotations by up
-        to +-rotation_deg.
-    max_seconds: the trial's training budget in wall-clock seconds (None: epochs only).
-    """
-
-    # Upper bounds, so that a typo fails one config instead of exhausting the machine; nnU-Net
-    # trains 1000 epochs of 250 batches of 2 (3D) to 50 (2D) samples.
-    epochs: int = Field(8, ge=1, le=100_000)
-    batches_per_epoch: int = Field(25, ge=1, le=100_000)
-    batch_size_2d: int = Field(16, ge=1, le=1024)
-    batch_size_3d: int = Field(2, ge=1, le=1024)
-    patch_size_2d: tuple[int, int] = (64, 64)
-    patch_size_3d: tuple[int, int, int] = (48, 48, 32)
-    foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
-    augment: bool = True
-    rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
-    intensity_scale: float = Field(0.1, ge=0.0, lt=1.0)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    learning_rate: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    max_seconds: float | None = Field(None, gt=0.0)
-    seed: int = 0
-
-    @field_validator(
-        "batch_size_2d", "batch_size_3d", "patch_size_2d", "patch_size_3d", mode="before"
-    )
-    @classmethod
-    def _refuse_auto(cls, value: object, info: ValidationInfo) -> object:
-        # The trainer must see the sizes it trains with; "auto" belongs to the search space.
-        if isinstance(value, str) and value == "auto":
-            raise ValueError(
-                f"{info.field_name} is 'auto': plan it from the dataset first "
-                "(nas.patch_plan.plan_patches)"
-            )
-        return value
-
-    @field_validator("patch_size_2d", "patch_size_3d")
-    @classmethod
-    def _check_patch_size(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
-        limit = MAX_PATCH_SIZE[len(value)]
-        if not all(1 <= size <= limit for size in value):
-            raise ValueError(
-                f"{info.field_name} must be between 1 and {limit} per axis, got {value}"
-            )
-        return value
-
-    def patch_size(self, spatial_dims: int) -> tuple[int, ...]:
-        """The training patch (and inference window) of a 2D or 3D network."""
-        return self.patch_size_2d if spatial_dims == 2 else self.patch_size_3d
-
-    def batch_size(self, spatial_dims: int) -> int:
-        return self.batch_size_2d if spatial_dims == 2 else self.batch_size_3d
 
 
 def training_loss(unet: UNetConfig, scheme: LabelScheme) -> nn.Module:
@@ -177,6 +107,17 @@ def prepare_model(model: nn.Module, spatial_dims: int, device: torch.device) -> 
         fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
         model = model.to(memory_format=fmt)
     return model
+
+
+def device_batch(
+    sampler: PatchSampler,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's next batch as tensors on `device`: images (in `memory_format`), labels."""
+    images, labels = sampler.sample()
+    images = torch.from_numpy(images).to(device, non_blocking=True, memory_format=memory_format)
+    return images, torch.from_numpy(labels).to(device, non_blocking=True)
 
 
 def train_step(
@@ -297,9 +238,7 @@ def fit(
                     fraction = max(fraction, elapsed / cfg.max_seconds)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * (1 - fraction) ** 0.9
-                images, labels = sampler.sample()
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
+                images, labels = device_batch(sampler, device, memory_format)
                 loss_sum += train_step(model, optimizer, loss_fn, images, labels, scaler)
                 steps += 1
                 steps_taken += 1

@@ -1,5 +1,6 @@
-"""The `nas` command (`nas.__main__`): its subcommands, --help and --version, and the promise
-that a command's --help loads neither torch nor optuna nor monai."""
+"""The `nas` command (`nas.__main__`): its subcommands, --help and --version, the promise
+that a command's --help loads neither torch nor optuna nor monai, and that bad input is
+reported without loading torch."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import numpy as np
 import pytest
 
 from nas.__main__ import COMMANDS, main
+
+from . import datasets
+from .conftest import tiny_space_yaml
 
 HEAVY = ("torch", "optuna", "monai")
 
@@ -89,3 +94,95 @@ def test_package_names_load_on_first_use():
     assert set(nas.__all__) <= set(dir(nas))
     with pytest.raises(AttributeError):
         nas.no_such_name  # noqa: B018
+
+
+# Refuses torch in a fresh process: an error path that reaches for it ends in ImportError.
+WITHOUT_TORCH = """
+import contextlib, io, json, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} was imported")
+
+sys.meta_path.insert(0, NoTorch())
+from nas.__main__ import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+        except ImportError as error:
+            code = repr(error)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_bad_input_is_reported_before_torch_loads(tmp_path, tiny_dataset):
+    """Each command's answer to a mistake (space, settings, data, test split, results folder,
+    trial, model folder, masks) comes from a process in which importing torch fails: the
+    one-line error is there before the seconds torch takes to load."""
+    import optuna
+
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
+    (tmp_path / "bad.yaml").write_text("search: [\n")
+    corrupt = datasets.write_nnunet(tmp_path / "corrupt", 4)
+    truncated = corrupt / "imagesTr" / "case_001_0000.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    unlabelled = datasets.write_nnunet(tmp_path / "unlabelled", 4)
+    (unlabelled / "imagesTs").mkdir()
+    (unlabelled / "labelsTs").mkdir()
+    for channel in (0, 1):  # a two-channel test case without its label
+        datasets.save(
+            np.zeros((8, 8, 8), np.float32), unlabelled / f"imagesTs/x_000{channel}.nii.gz"
+        )
+    (tmp_path / "results" / "empty").mkdir(parents=True)
+    known = tmp_path / "results" / "known"
+    known.mkdir()
+    optuna.create_study(storage=f"sqlite:///{known / 'study.db'}", study_name="known")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "architecture.yaml").write_text("format_version: 1\narchitecture: {depth: 0}\n")
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "ref").mkdir()
+    datasets.save(np.zeros((8, 8, 8), np.uint8), tmp_path / "pred" / "a.nii.gz")
+    datasets.save(np.zeros((8, 8, 9), np.uint8), tmp_path / "ref" / "a.nii.gz")
+    cases = {
+        ("run", "bad.yaml"): "bad.yaml: not valid YAML",
+        ("run", "space.yaml", "--set", "train.epochs=0"): "--set: train.epochs:",
+        ("run", "space.yaml", "--set", "study.budget=1"): "--set: a budget of 1 optimiser steps",
+        ("run", "space.yaml", "--data", "missing"): "missing: dataset folder not found",
+        ("run", "space.yaml", "--data", "corrupt"): f"{truncated.relative_to(tmp_path)}: cannot",
+        ("run", "space.yaml", "--data", "unlabelled"): (
+            "unlabelled/imagesTs/x_0000.nii.gz: test image without a label"
+        ),
+        ("export", "results/empty"): "results/empty: holds no study.db",
+        ("export", "results/known", "--trial", "7"): "--trial: study 'known' has no trial 7",
+        (
+            "retrain",
+            "results/known",
+            "--trials",
+            "7",
+        ): "sqlite:///results/known/study.db: study 'known' does not record",
+        ("report", "results/empty"): "results/empty: holds no study.db",
+        ("dashboard", "results/empty"): "results/empty: holds no study.db",
+        ("predict", "missing", "pred", "out"): "missing: not found",
+        ("predict", "model", "pred", "out"): "model/architecture.yaml: not a valid model",
+        ("evaluate", "pred", "ref"): "pred/a.nii.gz: shape",
+    }
+    argvs = [list(argv) for argv in cases]
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, json.dumps(argvs)],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    for (argv, expected), (code, err) in zip(cases.items(), answers, strict=True):
+        assert code == 2, (argv, code, err)
+        # One line, after whatever a progress bar drew (with carriage returns) and cleared.
+        assert err.count("\n") == 1, (argv, err)
+        assert err.split("\r")[-1].startswith(f"error: {expected}"), (argv, err)

@@ -17,8 +17,8 @@ import yaml
 
 from nas import crossval
 from nas.cli import exit_code
-from nas.exported import read_card
 from nas.inference import mirror_axes, predictor
+from nas.model_card import read_card
 from nas.postprocess import classes_helped, keep_largest_component
 from nas.train import CandidateFailed
 

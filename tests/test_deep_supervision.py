@@ -16,12 +16,12 @@ import nas
 from nas.builder import UNetConfig, build_unet, count_parameters, deployed
 from nas.describe import summary
 from nas.export import export
-from nas.exported import WEIGHTS_FILE
 from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_target
 from nas.memory import estimate_inference_bytes, estimate_training_bytes, parameter_count
+from nas.model_card import WEIGHTS_FILE
+from nas.objective import measure
 from nas.space import Candidate, StudySection, load_space, sample
-from nas.study import measure
 from nas.train import TrainConfig, fit, init_model
 
 LESION = LabelScheme(("lesion",), (0, 1))  # the tiny dataset's one class

@@ -23,7 +23,8 @@ from optuna.trial import TrialState, create_trial
 
 import nas
 from nas.export import choose_trial, export
-from nas.exported import load_predictor, read_card
+from nas.exported import load_predictor
+from nas.model_card import read_card
 from nas.results import checkpoint_path
 
 from .conftest import run_cli, tiny_space_yaml

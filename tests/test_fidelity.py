@@ -10,7 +10,6 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.builder import UNetConfig
 from nas.candidate import TrainingData, load_state, save_state, train_candidate
 from nas.data import Slicing
 from nas.fidelity import (
@@ -28,9 +27,10 @@ from nas.fidelity import (
 )
 from nas.labels import LabelScheme
 from nas.results import checkpoint_path, save_checkpoint, state_path
+from nas.schedule import Schedule, enqueue_promotion
 from nas.space import Candidate
-from nas.study import Schedule, enqueue_promotion
-from nas.train import TrainConfig
+from nas.train_config import TrainConfig
+from nas.unet_config import UNetConfig
 
 from .conftest import run_cli, tiny_space_yaml
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from nas.data import DataConfig, load_dataset
+from nas.data.test_split import find_test_split
 from nas.errors import NasError
-from nas.heldout import find_test_split, score_trials
+from nas.heldout import score_trials
 from nas.report import HELD_OUT
 from nas.results import TEST_SCORES_ATTR, checkpoint_path, pareto_front
 from nas.validate import Scores

@@ -21,7 +21,6 @@ from nas import memory
 from nas.builder import UNetConfig, build_unet, count_parameters
 from nas.data import SyntheticSpec
 from nas.errors import NasError
-from nas.exported import CARD_FILE, WEIGHTS_FILE, read_card
 from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, DiceCELoss
 from nas.memory import (
@@ -31,6 +30,7 @@ from nas.memory import (
     estimate_training_bytes,
     parameter_count,
 )
+from nas.model_card import CARD_FILE, WEIGHTS_FILE, read_card
 from nas.space import load_space
 from nas.train import CandidateFailed, TrainConfig, fit, init_model, make_optimizer, train_step
 

@@ -15,8 +15,8 @@ import torch
 from optuna.trial import TrialState
 
 from nas.builder import UNetConfig, build_unet
-from nas.exported import read_card
 from nas.measure import FEW_REPEATS, MAX_REPEATS, measure_latency
+from nas.model_card import read_card
 from nas.objectives import Bound, hypervolume, non_dominated, rejection, violations
 from nas.record import TrialRecord, study_objectives
 

@@ -15,7 +15,7 @@ from nas.data import load_dataset
 from nas.errors import NasError
 from nas.patch_plan import STEP_VOXELS, plan_patches
 from nas.space import load_space, sample
-from nas.train import TrainConfig
+from nas.train_config import TrainConfig
 
 from .datasets import save
 

@@ -17,9 +17,9 @@ import yaml
 from nas.data import DataConfig, load_dataset
 from nas.data.layouts import discover
 from nas.errors import NasError
-from nas.exported import read_card
 from nas.labels import LabelScheme, Region
 from nas.losses import DiceCELoss, make_loss
+from nas.model_card import read_card
 from nas.validate import PooledCounts
 
 from .conftest import run_cli

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from nas.data.cache import Case
@@ -193,8 +192,9 @@ class PatchSampler:
         scale = self.rng.uniform(1 - self.intensity_scale, 1 + self.intensity_scale)
         return image * np.float32(scale), label
 
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, *patch) float32, labels (B, *patch) int64."""
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """images (B, C, *patch) float32, labels (B, *patch) int64, on the host; the trainer
+        moves them to its device (nas.train.device_batch)."""
         images, labels = [], []
         for _ in range(self.batch_size):
             index = int(self.rng.integers(len(self.cases)))
@@ -208,4 +208,4 @@ class PatchSampler:
                 image, label = self._augment(image, label)
             images.append(np.ascontiguousarray(image, dtype=np.float32))
             labels.append(np.ascontiguousarray(label))
-        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)).long()
+        return np.stack(images), np.stack(labels).astype(np.int64)

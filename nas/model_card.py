@@ -1,0 +1,206 @@
+"""An exported model's description, architecture.yaml (its model card): the schema, writing
+it, and reading it back checked, without torch.
+
+It holds the builder config, the preprocessing a scan must go through, the inference
+settings, the label values (and regions, for region-based training, as nnU-Net's
+dataset.json gives them), the postprocessing, any ensemble members, and where the model came
+from. A card whose network and one inference window would not fit in this machine's memory
+is refused before any network is built. nas/exported.py loads the model it describes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from nas.data import Dataset
+from nas.data.preprocess import CasePlan, ChannelNorm
+from nas.errors import NasError
+from nas.labels import LabelScheme
+from nas.memory import estimate_inference_bytes, format_gb, host_memory_limit_bytes
+from nas.unet_config import UNetConfig
+from nas.yaml_file import read_yaml
+
+CARD_FILE = "architecture.yaml"
+WEIGHTS_FILE = "weights.pt"
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+FORMAT_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Strict):
+    """z-score after clipping to `clip`; a None mean or std is computed per scan."""
+
+    clip: tuple[float, float] | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+class Preprocessing(_Strict):
+    """What a scan goes through before the network, in this order (as in training)."""
+
+    orientation: Literal["RAS"] = "RAS"  # reoriented with nibabel's as_closest_canonical
+    crop: Literal["nonzero"] = "nonzero"  # to the box where any used channel is nonzero
+    input_channels: tuple[str, ...]  # the channels a scan provides: files _0000, _0001, ...
+    channels: tuple[int, ...]  # which of them the network reads, in its input order
+    target_spacing_mm: tuple[float, float, float]  # linear for images, nearest for labels
+    normalization: tuple[Normalization, ...]  # one per network input channel
+
+    def plan(self, labels: dict[str, int]) -> CasePlan:
+        norms = tuple(ChannelNorm(n.clip, n.mean, n.std) for n in self.normalization)
+        classes = {value: k for k, value in enumerate(labels.values())}
+        return CasePlan(self.channels, norms, classes, self.target_spacing_mm)
+
+
+class Inference(_Strict):
+    """How the network is applied: slice by slice (2D) or by sliding windows (3D)."""
+
+    spatial_dims: Literal[2, 3]
+    slice_axis: Literal[0, 1, 2]  # 2D networks see slices along this RAS axis
+    patch_size: tuple[PositiveInt, ...]  # the sliding window: in-plane for 2D, (X, Y, Z) for 3D
+    # The exported programs take spatial sizes that are multiples of this (at least twice it).
+    size_multiple: tuple[int, ...]
+    # One foreground logit; one per class; or one per region (each sigmoid > 0.5 writes its
+    # regions_class_order value, in order).
+    output: Literal["sigmoid", "softmax", "regions"]
+    # "mirror": average over every flip of the input along its spatial axes (nnU-Net's TTA).
+    tta: Literal["none", "mirror"] = "none"
+
+
+class Postprocessing(_Strict):
+    """Applied to the predicted classes, chosen by cross-validation (nnU-Net's rule)."""
+
+    largest_component: tuple[str, ...] = ()  # classes reduced to their largest 3D component
+
+
+class ModelCard(_Strict):
+    """architecture.yaml: everything needed to rebuild the model and use it on a new scan."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    architecture: dict[str, Any]  # keyword arguments of nas.build_unet
+    preprocessing: Preprocessing
+    inference: Inference
+    labels: dict[str, int]  # class name -> voxel value in the masks, background first
+    # Region-based training only: region name -> the label values it covers, and the value
+    # written where each region is predicted (later regions overwrite earlier ones).
+    regions: dict[str, tuple[int, ...]] | None = None
+    regions_class_order: tuple[int, ...] | None = None
+    source: dict[str, Any]  # study, trial, storage, scores, dataset, date
+    postprocessing: Postprocessing = Postprocessing()
+    # Subfolders holding one ensemble member each; none: the folder is the one model.
+    members: tuple[str, ...] = ()
+
+    @field_validator("members")
+    @classmethod
+    def _plain_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:  # a member stays inside the model folder
+            if not MEMBER_NAME.match(name):
+                raise ValueError(f"member {name!r} is not a plain folder name")
+        return names
+
+    @model_validator(mode="after")
+    def _consistent_outputs(self) -> ModelCard:
+        scheme = self.scheme()  # ValueError where the regions disagree with the labels
+        if scheme.output != self.inference.output:
+            raise ValueError(
+                f"inference.output is {self.inference.output!r}; the labels and regions give "
+                f"{scheme.output!r}"
+            )
+        return self
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig.from_dict(self.architecture)
+
+    def member_folders(self, folder: Path) -> list[Path]:
+        return [folder / name for name in self.members] or [folder]
+
+    def scheme(self) -> LabelScheme:
+        """What the network outputs and how it becomes label values."""
+        return LabelScheme.from_description(
+            {
+                "labels": self.labels,
+                "regions": self.regions,
+                "regions_class_order": self.regions_class_order,
+            }
+        )
+
+
+def describe_data(dataset: Dataset) -> dict[str, Any]:
+    """The preprocessing, label values and any regions of a dataset, as the card records them
+    (JSON); `regions` and `regions_class_order` only for a region-based dataset."""
+    plan = dataset.plan
+    preprocessing = Preprocessing(
+        input_channels=dataset.source_channel_names,
+        channels=plan.channels,
+        target_spacing_mm=plan.target_spacing_mm,
+        normalization=tuple(Normalization(clip=n.clip, mean=n.mean, std=n.std) for n in plan.norms),
+    )
+    return {"preprocessing": preprocessing.model_dump(mode="json"), **dataset.scheme.describe()}
+
+
+def write_card(folder: Path, card: ModelCard) -> None:
+    # A card without regions reads as every card before them did.
+    plain = card.regions is None
+    fields = card.model_dump(
+        mode="json", exclude={"regions", "regions_class_order"} if plain else None
+    )
+    text = yaml.safe_dump(fields, sort_keys=False)
+    (folder / CARD_FILE).write_text(text)
+
+
+def read_card(folder: Path) -> ModelCard:
+    path = Path(folder) / CARD_FILE
+    if not Path(folder).is_dir():
+        raise NasError(folder, "not found: expected a folder written by nas.export")
+    if not path.is_file():
+        raise NasError(path, "not found: not a folder written by nas.export")
+    try:
+        card = ModelCard.model_validate(read_yaml(path))
+        unet = card.unet_config()
+    except (ValidationError, TypeError, ValueError) as err:
+        raise NasError(path, f"not a valid model description ({_first_error(err)})") from None
+    if len(card.inference.patch_size) != unet.spatial_dims:
+        raise NasError(
+            path,
+            f"not a valid model description (inference.patch_size has "
+            f"{len(card.inference.patch_size)} values for a {unet.spatial_dims}D network)",
+        )
+    # The network is built on the CPU whatever the target device, so the host's limit applies.
+    check_memory(path, card, host_memory_limit_bytes(), "cpu")
+    return card
+
+
+def check_memory(path: Path, card: ModelCard, limit: int, where: str) -> None:
+    """Refuse, before anything is built, a model whose weights and one inference window
+    need more than the `limit` bytes `where` (cpu, cuda) has to spare (an edited or foreign
+    architecture.yaml)."""
+    unet = card.unet_config()
+    needed = estimate_inference_bytes(unet, card.inference.patch_size, unet.in_channels)
+    if needed > limit:
+        raise NasError(
+            path,
+            f"needs about {format_gb(needed)} for its weights and one inference window, "
+            f"more than the {format_gb(limit)} {where} memory this machine allows",
+        )
+
+
+def _first_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(err)

@@ -1,0 +1,392 @@
+"""The objective: what Optuna calls per trial, turning a sampled candidate into its values.
+
+The values are the study's objectives (nas/objectives.py; [validation IoU, parameters] by
+default), in the order `study.objectives` gives. Each trial stores its full builder and
+training configs, its measurements (parameters, MACs, latency and memory when asked) and its
+scores as user attrs (read back through nas/record.py), and its per-epoch validation IoU as
+intermediate values, so optuna-dashboard can show everything from the storage alone. A
+candidate that breaks a constraint known before training is rejected (PRUNED) untrained; one
+that cannot be trained ends as a FAIL trial with its reason, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from optuna_dashboard import save_note
+from pydantic import ValidationError
+
+from nas.artifacts import example_case, overlay_path, upload, write_overlay
+from nas.builder import UNetConfig, count_parameters
+from nas.candidate import TrainingData, TrainingState, load_state, save_state, train_candidate
+from nas.describe import count_macs, summary, trial_note
+from nas.fidelity import (
+    in_top,
+    lineage,
+    rung_members,
+    spending,
+)
+from nas.liveness import JournalHeartbeat, is_journal, worker_id
+from nas.measure import MB, cuda_peak_mb, measure_latency
+from nas.memory import (
+    BYTES_PER_VALUE,
+    SAFETY_FACTOR,
+    check_fits,
+    default_memory_limit_bytes,
+    estimate_inference_bytes,
+)
+from nas.objectives import (
+    OBJECTIVES,
+    Bound,
+    non_dominated,
+    rejection,
+    values_of,
+    violations,
+)
+from nas.pruning import best_up_to, dominated_at_epoch
+from nas.record import (
+    LATENCY_IQR_ATTR,
+    QUANTITY_ATTRS,
+    REJECTED_ATTR,
+    TrialRecord,
+    records,
+)
+from nas.results import checkpoint_path, save_checkpoint
+from nas.schedule import Schedule
+from nas.space import Candidate, SearchSpace, StudySection, sample
+from nas.study import INTERRUPTED
+from nas.train import (
+    CandidateFailed,
+    EpochResult,
+    init_model,
+    is_out_of_memory,
+    out_of_memory_reason,
+)
+from nas.train_config import TrainConfig
+from nas.validate import Scores
+
+
+def _dominated(study: optuna.Study, values: Sequence[float], objectives: Sequence[str]) -> bool:
+    """Whether a completed feasible trial is at least as good on every objective and better
+    on one."""
+    others = [r for r in records(study.get_trials(deepcopy=False)) if r.complete and r.feasible]
+    if not others:
+        return False
+    points = np.array([[r.quantity(n) for n in objectives] for r in others] + [list(values)])
+    return not bool(non_dominated(points, objectives)[-1])
+
+
+def _set_constraints(
+    trial: optuna.Trial,
+    quantities: dict[str, float | None],
+    constraints: dict[str, Bound],
+    before_training: bool,
+) -> None:
+    """Optuna's constraint values (<= 0: holds), which its samplers (TPE, NSGA-II) read to
+    learn the feasible region: those on quantities known before training, or the others
+    (each may be set once); a quantity not known counts as holding."""
+    for name, value in zip(sorted(constraints), violations(quantities, constraints), strict=True):
+        if OBJECTIVES[name].before_training == before_training:
+            trial.set_constraint(name, value)
+
+
+def measure(
+    candidate: Candidate,
+    window: Sequence[int],
+    in_channels: int,
+    device: torch.device,
+    cfg: StudySection,
+) -> dict[str, float | None]:
+    """What the built network costs, before it trains: parameters and MACs always; latency
+    and peak memory (nas.measure) when an objective or a constraint names them."""
+    model = init_model(candidate.unet, candidate.train.seed)
+    quantities: dict[str, float | None] = {
+        "params": count_parameters(model),
+        "macs": count_macs(model, in_channels, window),
+    }
+    needed = {*cfg.objectives, *cfg.constraints}
+    where = torch.device(cfg.latency.device) if cfg.latency.device else device
+    batch = cfg.latency.batch
+    if "latency_ms" in needed:
+        latency = measure_latency(model.to(where), window, in_channels, where,
+                                  cfg.latency.threads, batch)  # fmt: skip
+        quantities["latency_ms"] = round(latency.median_ms, 4)
+        quantities[LATENCY_IQR_ATTR] = round(latency.iqr_ms, 4)
+    if "memory_mb" in needed:
+        if where.type == "cuda":
+            quantities["memory_mb"] = cuda_peak_mb(model.to(where), window, in_channels, batch)
+        else:  # no allocator peak on a CPU: the estimate, for `batch` windows
+            one = estimate_inference_bytes(candidate.unet, window, in_channels)
+            weights = quantities["params"] * BYTES_PER_VALUE * SAFETY_FACTOR  # as in `one`
+            quantities["memory_mb"] = (weights + batch * (one - weights)) / MB
+    del model
+    return quantities
+
+
+def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: float) -> None:
+    """The last validation scores, kept as user attrs (a pruned trial has no values)."""
+    trial.set_user_attr("val_iou", scores.iou)
+    trial.set_user_attr("val_dice", scores.dice)
+    trial.set_user_attr("val_iou_per_class", list(scores.iou_per_class))
+    trial.set_user_attr("epochs_run", epochs)
+    trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+
+
+def _parent(trial: optuna.Trial, number: int) -> FrozenTrial:
+    for other in trial.study.get_trials(deepcopy=False):
+        if other.number == number:
+            return other
+    raise CandidateFailed(f"cannot continue trial {number}: the study has no such trial")
+
+
+def _claimed_before(trial: optuna.Trial, parent: int) -> int | None:
+    """An earlier live trial continuing the same parent (two workers promoting at once)."""
+    for other in trial.study.get_trials(deepcopy=False):
+        same = other.user_attrs.get("continues") == parent and other.number < trial.number
+        if same and other.state in (TrialState.RUNNING, TrialState.COMPLETE):
+            return other.number
+    return None
+
+
+def make_objective(
+    space: SearchSpace,
+    data: TrainingData,
+    in_channels: int,
+    device: torch.device,
+    study_dir: Path,
+    schedule: Schedule,
+) -> Callable[[optuna.Trial], list[float]]:
+    """The function Optuna calls per trial: a thin adapter between a trial and
+    `train_candidate`. A new trial samples a candidate, checks its memory, counts it and
+    trains it to the lowest rung; a trial enqueued with `continues` loads that trial's state
+    and trains it on. At each rung the schedule decides whether it goes on; the trial ends
+    with its scores at the fidelity it reached and, below the top rung, the state to be
+    promoted from later.
+
+    Whatever ends a trial early leaves its reason in `fail_reason`: a candidate that cannot
+    be trained (too large, out of memory, diverged) raises CandidateFailed, which the caller
+    catches so the study goes on; Ctrl-C or SIGTERM anywhere in the trial records
+    INTERRUPTED, so the next run reruns it.
+    """
+    out_channels = data.scheme.out_channels
+    shown_case = example_case(data.val_cases)
+    gb = space.study.max_memory_gb
+    memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
+    top = schedule.rungs[-1]
+    objectives = space.study.objectives
+    # What the pruner compares a candidate on besides its curve: the objectives to minimise.
+    cost_names = [name for name in objectives if not OBJECTIVES[name].maximise]
+
+    def objective(trial: optuna.Trial) -> list[float]:
+        start = time.perf_counter()
+        try:
+            trial.set_user_attr("worker", worker_id())  # first: who owns this trial
+            trial.set_user_attr("device", str(device))
+            journal = is_journal(trial.study)
+            interval = space.study.heartbeat.heartbeat_interval
+            with JournalHeartbeat(trial, interval) if journal else contextlib.nullcontext():
+                return run_trial(trial, start)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+        except optuna.TrialPruned:
+            raise
+        except CandidateFailed as err:
+            _fail(trial, err.reason, start)
+            raise
+        except Exception as err:
+            if is_out_of_memory(err):
+                reason = out_of_memory_reason(err)
+                _fail(trial, reason, start)
+                raise CandidateFailed(reason) from err
+            _fail(trial, f"{type(err).__name__}: {err}", start)  # a bug: the run stops
+            raise
+
+    def new_candidate(trial: optuna.Trial) -> Candidate:
+        try:
+            candidate = sample(
+                space, trial, in_channels, out_channels, space.study.seed + trial.number
+            )
+        except ValidationError as err:
+            message = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise CandidateFailed(f"invalid combination: {message}") from None
+        too_large = check_fits(candidate.unet, candidate.train, in_channels, memory_limit)
+        if too_large:
+            raise CandidateFailed(too_large)
+        trial.set_user_attr("lineage", trial.number)
+        return candidate
+
+    def continued_candidate(
+        trial: optuna.Trial, number: int
+    ) -> tuple[Candidate, TrainingState, FrozenTrial]:
+        parent = _parent(trial, number)
+        earlier = _claimed_before(trial, number)
+        if earlier is not None:
+            raise CandidateFailed(f"trial {earlier} already continues trial {number}")
+        with contextlib.suppress(ValidationError):  # the parameters, for the tables
+            sample(space, trial, in_channels, out_channels, space.study.seed + trial.number)
+        attrs = parent.user_attrs
+        candidate = Candidate(
+            UNetConfig.from_dict(attrs["unet_config"]), TrainConfig(**attrs["train_config"])
+        )
+        try:
+            state = load_state(checkpoint_path(study_dir, number), device)
+        except (OSError, RuntimeError, KeyError) as err:
+            reason = f"cannot continue trial {number}: its state is lost ({err})"
+            raise CandidateFailed(reason) from err
+        for epoch, value in parent.intermediate_values.items():  # one curve across rungs
+            trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
+        return candidate, state, parent
+
+    def run_trial(trial: optuna.Trial, start: float) -> list[float]:
+        continues = trial.user_attrs.get("continues")
+        parent, until = None, top
+        if continues is None:
+            candidate, state, own = new_candidate(trial), None, trial.number
+        else:
+            candidate, state, parent = continued_candidate(trial, int(continues))
+            own = lineage(parent)
+            if "until" in trial.user_attrs:  # trained beyond the top rung, as the schedule says
+                until = int(trial.user_attrs["until"])
+            elif state.epoch >= top:  # (a study from before `until` was recorded)
+                until = state.epoch * schedule.eta
+        patch = candidate.train.patch_size(candidate.unet.spatial_dims)
+        if parent is None:
+            quantities = measure(candidate, patch, in_channels, device, space.study)
+        else:  # the same network: its costs as measured when it started (latency varies)
+            record = TrialRecord.of(parent)
+            quantities = {
+                name: record.quantity(name)
+                for name in QUANTITY_ATTRS
+                if OBJECTIVES[name].before_training  # its scores are this trial's to find
+            }
+            quantities[LATENCY_IQR_ATTR] = record.latency_iqr_ms
+        n_params, macs = int(quantities["params"]), int(quantities["macs"] or 0)
+        trial.set_user_attr("unet_config", candidate.unet.to_dict())
+        trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
+        for name, value in quantities.items():
+            if value is not None:
+                trial.set_user_attr(QUANTITY_ATTRS.get(name, name), value)
+        trial.set_user_attr("summary", summary(candidate.unet, n_params))
+        trial.set_user_attr("rungs", list(schedule.rungs))
+        steps_per_epoch = candidate.train.batches_per_epoch
+
+        def note(state: str, **outcome) -> None:
+            outcome |= {"state": state, "device": str(device)}
+            outcome.setdefault("seconds", time.perf_counter() - start)
+            text = trial_note(trial.number, candidate.unet, n_params, macs, patch, outcome)
+            save_note(trial, text)
+
+        constraints = space.study.constraints
+        if constraints:
+            _set_constraints(trial, quantities, constraints, before_training=True)
+            broken = rejection(quantities, constraints)
+            if broken:  # known before training: none is spent on it
+                _set_constraints(trial, quantities, constraints, before_training=False)
+                trial.set_user_attr(REJECTED_ATTR, broken)
+                note("PRUNED", reason=f"rejected before training: {broken}")
+                raise optuna.TrialPruned(f"rejected before training: {broken}")
+
+        history = parent.user_attrs if parent is not None else {}
+        train_losses: list[float] = list(history.get("train_loss", []))
+        epoch_seconds: list[float] = list(history.get("epoch_seconds", []))
+        curve: dict[int, float] = dict(parent.intermediate_values) if parent else {}
+        pruned: list[str] = []
+        spent = {"steps": 0, "seconds": 0.0}
+
+        def on_epoch(result: EpochResult) -> bool:
+            """Record the epoch; answer whether training goes on."""
+            train_losses.append(result.train_loss)
+            epoch_seconds.append(round(result.train_seconds, 3))
+            spent["steps"] += steps_per_epoch
+            # Training and validation: what a step really costs the budget's clock.
+            spent["seconds"] = result.seconds
+            trial.set_user_attr("train_loss", train_losses)
+            trial.set_user_attr("epoch_seconds", epoch_seconds)
+            trial.set_user_attr("steps", spent["steps"])
+            trial.set_user_attr("segment_seconds", round(spent["seconds"], 3))
+            # Trial.report refuses multi-objective studies; the storage still keeps the curve,
+            # which is what optuna-dashboard draws and the schedule and pruner compare.
+            trial.storage.set_trial_intermediate_value(
+                trial._trial_id, result.epoch, result.scores.iou
+            )
+            curve[result.epoch] = result.scores.iou
+            trial.set_user_attr("epochs_run", result.epoch)
+            peers = trial.study.get_trials(deepcopy=False)
+            if result.epoch in schedule.rungs[:-1]:
+                return promote_now(peers, result)
+            best = best_up_to(curve, result.epoch)
+            costs = {name: quantities[name] for name in cost_names}
+            if dominated_at_epoch(
+                space.study.pruner, peers, trial.number, costs, result.epoch, best
+            ):
+                pruned.append(f"stopped at epoch {result.epoch}: dominated by cheaper networks")
+                return False
+            return True
+
+        def promote_now(peers: Sequence[FrozenTrial], result: EpochResult) -> bool:
+            """At a rung: go on while in its top 1/eta and the next rung takes at most 1/eta
+            of the budget left."""
+            rung = schedule.rungs.index(result.epoch)
+            if not in_top(rung_members(peers, result.epoch), schedule.eta, own):
+                return False
+            steps = (schedule.rungs[rung + 1] - result.epoch) * steps_per_epoch
+            speed = spent["seconds"] / spent["steps"]
+            return schedule.budget().affords(spending(peers), steps, speed, 1.0 / schedule.eta)
+
+        outcome = train_candidate(candidate, data, device, until, state, on_epoch)
+        result = outcome.fit
+        reached = outcome.state.epoch
+        # The scores first: whatever fails after training, they stay with the trial.
+        _record_scores(trial, result.scores, reached, start)
+        trial.set_user_attr("stopped_by_time", result.stopped_by_time)
+        trial.set_user_attr("fidelity_steps", reached * steps_per_epoch)
+        if pruned:
+            note("PRUNED", val_iou=result.scores.iou, val_dice=result.scores.dice,
+                 epochs_run=reached, reason=pruned[0])  # fmt: skip
+            raise optuna.TrialPruned(pruned[0])
+        try:
+            weights = save_checkpoint(study_dir, trial.number, outcome.state.weights)
+            if not result.stopped_by_time:  # may be promoted, or trained longer, later
+                save_state(weights, outcome.state)
+        except OSError as err:  # a full disk, a lost mount: a front member needs its weights
+            reason = f"trained, but its weights could not be saved ({err.strerror or err})"
+            note("FAIL", reason=reason, val_iou=result.scores.iou)
+            raise CandidateFailed(reason) from err
+        quantities |= {"iou": result.scores.iou, "dice": result.scores.dice}
+        if constraints:  # on scores too: a trial that breaks one is infeasible
+            _set_constraints(trial, quantities, constraints, before_training=False)
+        values = values_of(quantities, objectives)
+        title = f"trial {trial.number}, IoU {result.scores.iou:.3f}"
+        try:
+            overlay = overlay_path(study_dir, trial.number)
+            write_overlay(outcome.model, shown_case, data.scheme, patch, device,
+                          data.slicing.axis, overlay, title)  # fmt: skip
+            upload(trial, study_dir, overlay)
+            feasible = not constraints or max(violations(quantities, constraints)) <= 0
+            if feasible and not _dominated(trial.study, values, objectives):
+                # On the front now: the only moment its weights can still join the trial (a
+                # finished trial is read-only), and every final front member passes here.
+                upload(trial, study_dir, weights)
+        except Exception as err:  # the overlay and the uploads are for looking, not results
+            if not (isinstance(err, OSError) or is_out_of_memory(err)):
+                raise
+            trial.set_user_attr("artifact_error", f"{type(err).__name__}: {err}")
+        note("COMPLETE", val_iou=result.scores.iou, val_dice=result.scores.dice,
+             epochs_run=reached)  # fmt: skip
+        return values
+
+    return objective
+
+
+def _fail(trial: optuna.Trial, reason: str, start: float) -> None:
+    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
