@@ -11,11 +11,12 @@ most of them, so there it errs on the safe side). Knows nothing of Optuna, YAML 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import psutil
 
 from nas.train_config import TrainConfig
 from nas.unet_config import UNetConfig, padded_size
@@ -240,7 +241,7 @@ def host_memory_limit_bytes() -> int:
 
 def _host_memory_bytes() -> int:
     """Physical RAM, or the cgroup's memory limit where a container sets a smaller one."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = psutil.virtual_memory().total  # os.sysconf has no RAM size on Windows
     for limit_file in CGROUP_LIMIT_FILES:
         try:
             text = Path(limit_file).read_text().strip()
