@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
@@ -78,14 +80,9 @@ def replace_folder(staging: Path, destination: Path) -> None:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` of this host is running (someone else's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    """Whether process `pid` of this host is running (someone else's counts). Not
+    os.kill(pid, 0): on Windows that terminates the process."""
+    return psutil.pid_exists(pid)
 
 
 def remove_stale_staging(folder: Path) -> list[Path]:
