@@ -18,16 +18,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nas.data import Dataset
 from nas.errors import NasError
 from nas.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace
 from nas.train_config import MAX_PATCH_SIZE, TrainConfig
 from nas.unet_config import UNetConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # Voxels per optimiser step (batch x patch voxels), by device type.
 # cpu: what the hand-tuned sizes for the embedded dataset cost (16 slices of 64^2 in 2D,
@@ -122,7 +124,7 @@ def plan_patches(space: SearchSpace, dataset: Dataset, device: torch.device | st
     small for the shallowest network the space draws is an error only for the kinds of
     network the space draws. NasError names the dataset, or the train entry, at fault.
     """
-    device_type = torch.device(device).type
+    device_type = str(device).partition(":")[0]  # cuda:1 -> cuda, as torch.device(...).type
     budget = STEP_VOXELS.get(device_type, STEP_VOXELS["cpu"])
     median_shape = tuple(
         math.floor(m + 0.5) for m in np.median([case.label.shape for case in dataset.cases], 0)
