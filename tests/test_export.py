@@ -350,10 +350,13 @@ def test_export_refuses_to_overwrite_another_model_without_force(exported, studi
     assert again.returncode == 0, again.stderr
     copy = studies / "copy"
     shutil.copytree(exported["two_d"], copy)
-    forced = run_cli("nas.export", "results/three_d", "--out", "copy", "--force", cwd=studies)
+    forced = run_cli(
+        "nas.export", "results/three_d", "--out", "copy", "--force", "--format", "none",
+        cwd=studies,
+    )  # fmt: skip
     assert forced.returncode == 0, forced.stderr
     assert read_card(copy).source["study"] == "three_d"
-    assert not (copy / "model.onnx").exists()
+    assert not (copy / "model.onnx").exists() and not (copy / "model.pt2").exists()
     # Readable by colleagues where the umask allows, not owner-only like a temporary folder.
     assert stat.S_IMODE(copy.stat().st_mode) == 0o777 & ~_umask()
 

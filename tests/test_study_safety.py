@@ -261,7 +261,7 @@ def _slow_space(tiny_dataset, n_trials: int, grace_period: int = 600) -> str:
     extra = f"  heartbeat: {{heartbeat_interval: 1, grace_period: {grace_period}, retries: 1}}\n"
     space = tiny_space_yaml(tiny_dataset, "many", n_trials, extra)
     return space.replace("epochs: 2", "epochs: 8").replace(
-        "batches_per_epoch: 3", "batches_per_epoch: 8"
+        "batches_per_epoch: 3", "batches_per_epoch: 4"
     )
 
 

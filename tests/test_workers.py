@@ -31,7 +31,7 @@ STUDY_EXTRAS = "  heartbeat: {heartbeat_interval: 1, grace_period: 3, retries: 1
 def _space(tiny_dataset, n_trials: int) -> str:
     space = tiny_space_yaml(tiny_dataset, "many", n_trials, STUDY_EXTRAS)
     return space.replace("epochs: 2", "epochs: 8").replace(
-        "batches_per_epoch: 3", "batches_per_epoch: 8"
+        "batches_per_epoch: 3", "batches_per_epoch: 4"
     )
 
 
@@ -98,7 +98,7 @@ def _check_accounted_for(study: optuna.Study, n_trials: int, results: Path) -> N
 
 
 def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_dataset, postgres_url):
-    (tmp_path / "space.yaml").write_text(_space(tiny_dataset, n_trials=9))
+    (tmp_path / "space.yaml").write_text(_space(tiny_dataset, n_trials=6))
     command = [sys.executable, "-m", "nas.run", "space.yaml", "--storage", postgres_url,
                "--workers", "3"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -143,7 +143,7 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
     assert len({t.user_attrs.get("worker") for t in study.trials}) >= 3
-    _check_accounted_for(study, 9, tmp_path / "results" / "many")
+    _check_accounted_for(study, 6, tmp_path / "results" / "many")
 
 
 def test_two_workers_share_sqlite_without_locking_errors(tmp_path, tiny_dataset):
