@@ -24,8 +24,9 @@ from .conftest import require, require_module, run_cli, tiny_space_yaml, wait_fo
 pytestmark = pytest.mark.slow
 
 # Trials of a few seconds, so a worker can be killed in the middle of one; heartbeats every
-# second, a silent worker's trial failed after 3 s and retried once.
-STUDY_EXTRAS = "  heartbeat: {heartbeat_interval: 1, grace_period: 3, retries: 1}\n"
+# second, a silent worker's trial failed after 10 s (a loaded machine may delay a live
+# worker's heartbeat by seconds) and retried once.
+STUDY_EXTRAS = "  heartbeat: {heartbeat_interval: 1, grace_period: 10, retries: 1}\n"
 
 
 def _space(tiny_dataset, n_trials: int) -> str:
