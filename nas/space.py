@@ -329,10 +329,12 @@ def validate_space(raw: dict[str, Any], path: Path, settings: Sequence[str] = ()
 
 
 def source_of(key: str, path: Path, settings: Sequence[str]) -> str | Path:
-    """Where the value at `key` (a.b.c) came from: "--set" when a setting set it or a section
-    above it, else the space file."""
+    """Where the value at `key` (a.b.c) came from: "--set" when a setting set it, a section
+    above it, or (for a check of a whole section, such as data's fold against n_folds) a key
+    inside it; else the space file."""
     set_keys = [s.partition("=")[0].strip() for s in settings]
-    return "--set" if any(key == k or key.startswith(k + ".") for k in set_keys) else path
+    touched = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys)
+    return "--set" if touched else path
 
 
 def _validate(raw: dict[str, Any]) -> SearchSpace:

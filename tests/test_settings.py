@@ -40,6 +40,8 @@ def _error(result) -> str:
             "train.epochs.low=1",
             "error: --set: train.epochs.low: epochs holds a value, not a section",
         ),
+        # A check of the whole section, caused by the setting.
+        ("data.fold=9", "error: --set: data: fold 9 does not exist with n_folds 5"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_created(tmp_path, setting, message):
