@@ -206,9 +206,6 @@ def data_wait(
     loss_fn = DiceCELoss()
     # As `fit` trains on CUDA: mixed precision and channels-last.
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    memory_format = torch.contiguous_format
-    if device.type == "cuda":
-        memory_format = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
     sampler = project_sampler(cases, setting, seed=1)
 
     def synchronize() -> None:
@@ -218,7 +215,7 @@ def data_wait(
     sample_seconds = train_seconds = 0.0
     for step in range(steps + 1):  # step 0 warms up (allocator, kernels) and is not counted
         start = time.perf_counter()
-        images, labels = device_batch(sampler, device, memory_format)
+        images, labels = device_batch(sampler, device)
         synchronize()
         sampled = time.perf_counter()
         train_step(model, optimizer, loss_fn, images, labels, scaler)

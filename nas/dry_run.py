@@ -16,7 +16,7 @@ import optuna
 import torch
 
 from nas.builder import count_parameters
-from nas.data import Case, PatchSampler, Slicing
+from nas.data import Case, Slicing
 from nas.describe import count_macs, summary
 from nas.labels import LabelScheme
 from nas.space import Candidate, SearchSpace, sample, warm_start_params
@@ -27,6 +27,7 @@ from nas.train import (
     prepare_model,
     train_step,
     training_loss,
+    training_sampler,
 )
 
 TIMED_STEPS = 3  # after one warm-up step
@@ -51,15 +52,7 @@ def seconds_per_step(
     """The median time of a training step of `candidate` on batches of `cases`."""
     unet, train = candidate.unet, candidate.train
     model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device)
-    sampler = PatchSampler(
-        cases,
-        train.patch_size(unet.spatial_dims),
-        train.batch_size(unet.spatial_dims),
-        train.foreground_fraction,
-        train.augment,
-        train.seed,
-        slicing,
-    )
+    sampler = training_sampler(cases, train, unet.spatial_dims, train.seed, slicing)
     optimizer = make_optimizer(model, train)
     loss = training_loss(unet, scheme)
     times = []

@@ -100,23 +100,41 @@ def init_model(unet: UNetConfig, seed: int) -> UNet:
         return build_unet(unet)
 
 
+def memory_format(spatial_dims: int, device: torch.device) -> torch.memory_format:
+    """Channels-last on CUDA, where it speeds up convolutions; the default elsewhere."""
+    if device.type != "cuda":
+        return torch.contiguous_format
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
 def prepare_model(model: nn.Module, spatial_dims: int, device: torch.device) -> nn.Module:
-    """Move to `device`; channels-last memory format on CUDA, where it speeds up convolutions."""
-    model = model.to(device)
-    if device.type == "cuda":
-        fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-        model = model.to(memory_format=fmt)
-    return model
+    """Move to `device`, in the memory format its batches will have there."""
+    return model.to(device, memory_format=memory_format(spatial_dims, device))
 
 
-def device_batch(
-    sampler: PatchSampler,
-    device: torch.device,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler's next batch as tensors on `device`: images (in `memory_format`), labels."""
+def training_sampler(
+    cases: Sequence[Case], cfg: TrainConfig, spatial_dims: int, seed: int, slicing: Slicing
+) -> PatchSampler:
+    """The batches `cfg` trains a 2D or 3D network on: its patch, batch and augmentation."""
+    return PatchSampler(
+        cases,
+        cfg.patch_size(spatial_dims),
+        cfg.batch_size(spatial_dims),
+        cfg.foreground_fraction,
+        cfg.augment,
+        seed,
+        slicing,
+        cfg.rotation_deg,
+        cfg.intensity_scale,
+    )
+
+
+def device_batch(sampler: PatchSampler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's next batch as tensors on `device`: images (in the memory format
+    `prepare_model` gives the network there), labels."""
     images, labels = sampler.sample()
-    images = torch.from_numpy(images).to(device, non_blocking=True, memory_format=memory_format)
+    fmt = memory_format(images.ndim - 2, device)
+    images = torch.from_numpy(images).to(device, non_blocking=True, memory_format=fmt)
     return images, torch.from_numpy(labels).to(device, non_blocking=True)
 
 
@@ -196,27 +214,12 @@ def fit(
     torch.manual_seed(seed)
     model = prepare_model(model, spatial_dims, device)
     patch_size = cfg.patch_size(spatial_dims)
-    sampler = PatchSampler(
-        train_cases,
-        patch_size,
-        cfg.batch_size(spatial_dims),
-        cfg.foreground_fraction,
-        cfg.augment,
-        seed,
-        slicing,
-        cfg.rotation_deg,
-        cfg.intensity_scale,
-    )
+    sampler = training_sampler(train_cases, cfg, spatial_dims, seed, slicing)
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = training_loss(model.config, scheme)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    memory_format = (
-        (torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
-        if device.type == "cuda"
-        else torch.contiguous_format
-    )
     total_steps = (until_epoch - start_epoch) * cfg.batches_per_epoch
     history: list[EpochResult] = []
     start = time.perf_counter()
@@ -238,7 +241,7 @@ def fit(
                     fraction = max(fraction, elapsed / cfg.max_seconds)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * (1 - fraction) ** 0.9
-                images, labels = device_batch(sampler, device, memory_format)
+                images, labels = device_batch(sampler, device)
                 loss_sum += train_step(model, optimizer, loss_fn, images, labels, scaler)
                 steps += 1
                 steps_taken += 1
