@@ -424,7 +424,7 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     from nas.schedule import has_work
     from nas.space import warm_start_params
     from nas.storage import redact
-    from nas.study import default_storage, n_settled, open_study
+    from nas.study import default_storage, n_settled, open_study, settled_count
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -486,8 +486,8 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
         bar = RunProgress(*limits, disable=is_worker or args.quiet, stream=log.console_err)
 
         def show_progress(study: optuna.Study) -> None:
-            trials = study.get_trials(deepcopy=False)
-            bar.update(n_settled(study), spending(trials).steps)
+            trials = study.get_trials(deepcopy=False)  # one read for both counts
+            bar.update(settled_count(trials), spending(trials).steps)
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             _refresh(study, study_dir)
