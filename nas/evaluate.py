@@ -47,24 +47,9 @@ class Pair:
     label: Path
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    """The NIfTI files of a folder by case name."""
-    from nas.data.layouts import nifti_stem
-
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        case = nifti_stem(path.name)
-        if case is None or not path.is_file():
-            continue
-        if case in files:
-            raise NasError(path, f"gives the same case name {case!r} as {files[case].name}")
-        files[case] = path
-    return files
-
-
 def find_pairs(predictions: Path, labels: Path) -> tuple[list[Pair], list[Path]]:
     """Each label with its prediction, and the predictions that have no label."""
-    from nas.data.layouts import nifti_stem
+    from nas.data.layouts import nifti_files, nifti_stem
 
     for path in (predictions, labels):
         if not path.exists():
@@ -78,7 +63,7 @@ def find_pairs(predictions: Path, labels: Path) -> tuple[list[Pair], list[Path]]
             if nifti_stem(path.name) is None:
                 raise NasError(path, "not a NIfTI file (.nii or .nii.gz)")
         return [Pair(nifti_stem(labels.name), predictions, labels)], []
-    label_files, prediction_files = _nifti_files(labels), _nifti_files(predictions)
+    label_files, prediction_files = nifti_files(labels), nifti_files(predictions)
     if not label_files:
         raise NasError(labels, "holds no .nii or .nii.gz file")
     missing = [case for case in label_files if case not in prediction_files]

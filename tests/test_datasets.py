@@ -387,3 +387,16 @@ def test_the_file_lock_keeps_a_second_process_out_until_it_is_released(tmp_path)
     entered = float(process.stdout.readline())
     assert process.wait(timeout=60) == 0
     assert entered >= released  # it got in only once this process let go
+
+
+def test_nifti_files_by_case_name_refuse_two_files_of_one_name(tmp_path):
+    """The one listing the pairs layout, the test split and nas.evaluate read folders with."""
+    from nas.data.layouts import nifti_files
+
+    for name in ("b.nii.gz", "a.nii", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c.nii.gz").mkdir()  # a folder is not a file
+    assert nifti_files(tmp_path) == {"a": tmp_path / "a.nii", "b": tmp_path / "b.nii.gz"}
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    with pytest.raises(NasError, match="gives the same case name 'a'"):
+        nifti_files(tmp_path)

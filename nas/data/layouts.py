@@ -75,6 +75,17 @@ def nifti_stem(name: str) -> str | None:
     return next((n for e in NIFTI_ENDINGS if (n := _strip_ending(name, e))), None)
 
 
+def nifti_files(folder: Path) -> dict[str, Path]:
+    """The NIfTI files of `folder` by case name; two giving one name are refused."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = nifti_stem(path.name)
+        if name is not None and path.is_file():
+            _refuse_duplicate(files.get(name), path, name)
+            files[name] = path
+    return files
+
+
 def _inside(root: Path, relative: str, source: Path) -> Path:
     """`relative` resolved against root; refused if it leaves the dataset folder."""
     path = (root / relative).resolve()
@@ -237,15 +248,6 @@ def _refuse_duplicate(earlier: Path | None, path: Path, name: str) -> None:
 
 
 def _pairs(root: Path) -> DatasetIndex:
-    def nifti_files(folder: Path) -> dict[str, Path]:
-        files: dict[str, Path] = {}
-        for path in sorted(folder.iterdir()):
-            name = nifti_stem(path.name)
-            if name is not None:
-                _refuse_duplicate(files.get(name), path, name)
-                files[name] = path
-        return files
-
     images, masks = nifti_files(root / "images"), nifti_files(root / "masks")
     if unmatched := sorted(set(images) - set(masks)):
         raise NasError(images[unmatched[0]], "image without a mask of the same name in masks/")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nas.data import DataConfig, Dataset
-from nas.data.layouts import CaseFiles, nifti_stem
+from nas.data.layouts import CaseFiles, nifti_files
 from nas.data.preprocess import check_finite, read_channels, read_label
 from nas.errors import NasError
 from nas.labels import LabelScheme
@@ -49,7 +49,7 @@ def find_test_split(data: DataConfig, dataset: Dataset) -> TestSplit | None:
         if not sub.is_dir():
             raise NasError(sub, f"not found: a test folder holds {IMAGES}/ and {LABELS}/")
     n_channels = len(dataset.source_channel_names)
-    label_files = _nifti_files(labels)
+    label_files = nifti_files(labels)
     cases = []
     for scan in find_scans(images, n_channels):
         if scan.name not in label_files:
@@ -68,17 +68,6 @@ def find_test_split(data: DataConfig, dataset: Dataset) -> TestSplit | None:
         dataset.scheme,
         _fingerprint(cases, dataset.plan.class_of_value),
     )
-
-
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    files = {}
-    for path in sorted(folder.iterdir()):
-        name = nifti_stem(path.name)
-        if name is not None and path.is_file():
-            if name in files:
-                raise NasError(path, f"gives the same case name {name!r} as {files[name].name}")
-            files[name] = path
-    return files
 
 
 def _check_case(
