@@ -104,6 +104,16 @@ def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def user_error(result: subprocess.CompletedProcess) -> str:
+    """The one line a user mistake prints, after checking it is one: exit code 2, no
+    traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip the calling test unless `condition` holds, saying why. With NAS_REQUIRE_ALL_TESTS=1
     (as .ci/run sets) fail instead: in CI a missing browser or server must not pass quietly."""

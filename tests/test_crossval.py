@@ -22,18 +22,11 @@ from nas.model_card import read_card
 from nas.postprocess import classes_helped, keep_largest_component
 from nas.train import CandidateFailed
 
-from .conftest import run_cli
+from .conftest import run_cli, user_error
 from .datasets import write_nnunet
 from .test_heldout import SPACE, write_test_cases
 
 ONE_TRIAL = SPACE.replace("n_trials: 2", "n_trials: 1")
-
-
-def _error(result) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def _study(root: Path, name: str) -> optuna.Study:
@@ -120,29 +113,29 @@ def test_the_ensemble_is_scored_on_held_out_cases_as_predict_segments_them(cross
 @pytest.mark.slow
 def test_bad_crossval_and_ensemble_requests_are_one_line_errors(crossvalidated, tmp_path):
     root = crossvalidated
-    assert "fold 2 does not exist" in _error(
+    assert "fold 2 does not exist" in user_error(
         run_cli("nas.retrain", "results/held", "--folds", "0,2", cwd=root)
     )
-    assert "give 'all' or fold numbers" in _error(
+    assert "give 'all' or fold numbers" in user_error(
         run_cli("nas.retrain", "results/held", "--folds", "first", cwd=root)
     )
     # Without the folds' weights there is nothing to ensemble.
     copy = tmp_path / "copy"
     shutil.copytree(root / "results", copy / "results")
     shutil.rmtree(copy / "results/held/crossval")
-    assert "has 0 cross-validated fold(s) with weights" in _error(
+    assert "has 0 cross-validated fold(s) with weights" in user_error(
         run_cli("nas.export", "results/held", "--ensemble", "folds", cwd=copy)
     )
     plain = tmp_path / "plain"
     assert run_cli("nas.export", "results/held", "--format", "none", "--out", str(plain),
                    cwd=root).returncode == 0  # fmt: skip
     images = str(root / "Dataset003_Heldout/imagesTs")
-    assert "model.pt2: not found" in _error(
+    assert "model.pt2: not found" in user_error(
         run_cli("nas.predict", str(plain), images, "m", "--engine", "pt2", cwd=tmp_path)
     )
     card = yaml.safe_load((plain / "architecture.yaml").read_text())
     (plain / "architecture.yaml").write_text(yaml.safe_dump({**card, "members": ["../x"]}))
-    assert "not a plain folder name" in _error(
+    assert "not a plain folder name" in user_error(
         run_cli("nas.predict", str(plain), images, "m", cwd=tmp_path)
     )
     assert not (tmp_path / "m").exists()

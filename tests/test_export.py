@@ -27,7 +27,7 @@ from nas.exported import load_predictor
 from nas.model_card import read_card
 from nas.results import checkpoint_path
 
-from .conftest import run_cli, tiny_space_yaml
+from .conftest import run_cli, tiny_space_yaml, user_error
 from .datasets import write_nnunet
 
 pytestmark = pytest.mark.slow
@@ -65,15 +65,6 @@ def exported(studies) -> dict[str, Path]:
         assert result.returncode == 0, result.stderr
         folders[name] = studies / "results" / name / "export" / "trial_0000"
     return folders
-
-
-def _error(result: subprocess.CompletedProcess) -> str:
-    """The one line a user mistake prints, after checking it is one (exit 2, no traceback)."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def _umask() -> int:
@@ -335,7 +326,7 @@ def test_best_and_a_size_budget_pick_from_the_front(studies):
     assert choose_trial(study, None, 1_000).values == [0.5, 1_000]
     assert choose_trial(study, 3, None).values == [0.6, 30_000]  # off the front, if asked
     result = run_cli("nas.export", "results/two_d", "--max-params", "10", cwd=studies)
-    assert "no front member has at most 10 parameters" in _error(result)
+    assert "no front member has at most 10 parameters" in user_error(result)
 
 
 def test_export_refuses_to_overwrite_another_model_without_force(exported, studies):
@@ -343,7 +334,7 @@ def test_export_refuses_to_overwrite_another_model_without_force(exported, studi
     result = run_cli(
         "nas.export", "results/three_d", "--out", other, "--format", "none", cwd=studies
     )
-    assert "a different model" in _error(result)
+    assert "a different model" in user_error(result)
     assert read_card(exported["two_d"]).source["study"] == "two_d"  # untouched
     # The same model again is fine; another with --force replaces it.
     again = run_cli("nas.export", "results/two_d", "--format", "pt2,onnx", cwd=studies)
@@ -367,7 +358,7 @@ def test_force_never_replaces_the_study_or_a_folder_an_export_did_not_write(stud
     weights = checkpoint.read_bytes()
     for out in ("results/two_d", "results"):
         result = run_cli("nas.export", "results/two_d", "--out", out, "--force", cwd=studies)
-        message = _error(result)
+        message = user_error(result)
         assert "the study's results folder" in message and "--force" not in message
     assert (results / "study.db").is_file() and checkpoint.read_bytes() == weights
     assert read_card(exported["two_d"]).source["study"] == "two_d"
@@ -376,7 +367,7 @@ def test_force_never_replaces_the_study_or_a_folder_an_export_did_not_write(stud
     shutil.copytree(exported["two_d"], mine)
     (mine / "notes.txt").write_text("my notes")
     result = run_cli("nas.export", "results/three_d", "--out", "mine", "--force", cwd=studies)
-    message = _error(result)
+    message = user_error(result)
     assert "notes.txt" in message and "--force" not in message
     assert (mine / "notes.txt").read_text() == "my notes"
     assert read_card(mine).source["study"] == "two_d"
@@ -443,11 +434,11 @@ def test_export_records_no_password_and_clears_a_killed_exports_leftovers(studie
 
 
 def test_bad_export_requests_are_one_line_errors(studies, tmp_path):
-    assert "has no trial 99" in _error(
+    assert "has no trial 99" in user_error(
         run_cli("nas.export", "results/two_d", "--trial", "99", cwd=studies)
     )
-    assert "not a results folder" in _error(run_cli("nas.export", str(tmp_path), cwd=studies))
-    assert "unknown format 'tflite'" in _error(
+    assert "not a results folder" in user_error(run_cli("nas.export", str(tmp_path), cwd=studies))
+    assert "unknown format 'tflite'" in user_error(
         run_cli("nas.export", "results/two_d", "--format", "tflite", cwd=studies)
     )
     # A study with no completed trial, then a pruned one and one whose weights were not kept.
@@ -457,13 +448,13 @@ def test_bad_export_requests_are_one_line_errors(studies, tmp_path):
     study = optuna.create_study(
         study_name="empty", storage=storage, directions=["maximize", "minimize"]
     )
-    assert "has no completed trial" in _error(run_cli("nas.export", str(results), cwd=tmp_path))
+    assert "has no completed trial" in user_error(run_cli("nas.export", str(results), cwd=tmp_path))
     study.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.1}))
     study.add_trial(create_trial(values=[0.5, 1000], user_attrs={"n_params": 1000}))
-    assert "is PRUNED, not COMPLETE" in _error(
+    assert "is PRUNED, not COMPLETE" in user_error(
         run_cli("nas.export", str(results), "--trial", "0", cwd=tmp_path)
     )
-    assert "weights are kept for Pareto-front trials only" in _error(
+    assert "weights are kept for Pareto-front trials only" in user_error(
         run_cli("nas.export", str(results), "--trial", "1", cwd=tmp_path)
     )
 
@@ -485,31 +476,33 @@ def test_bad_predict_inputs_are_one_line_errors(exported, datasets, tmp_path):
     (t2, _) = _write_scan(channels, np.diag([0.8, 0.8, 2.4, 1.0]), tmp_path / "scans")
     # Only one of the model's two channel files.
     (tmp_path / "scans" / "scan_0001.nii.gz").unlink()
-    assert "the model takes 2 (_0000, _0001)" in _error(
+    assert "the model takes 2 (_0000, _0001)" in user_error(
         run_cli("nas.predict", three_d, "scans", "out", cwd=tmp_path)
     )
     # A 3D file for a model that takes two channels in one (4D) image.
-    assert "expected a 4D image with 2 channels" in _error(
+    assert "expected a 4D image with 2 channels" in user_error(
         run_cli("nas.predict", three_d, str(t2), "out.nii.gz", cwd=tmp_path)
     )
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"\x1f\x8b not really gzip")
-    assert "cannot be read as NIfTI" in _error(
+    assert "cannot be read as NIfTI" in user_error(
         run_cli("nas.predict", two_d, str(broken), "out.nii.gz", cwd=tmp_path)
     )
-    assert "not found" in _error(
+    assert "not found" in user_error(
         run_cli("nas.predict", str(tmp_path / "nope"), str(t2), "o", cwd=tmp_path)
     )
     # Weights of another architecture in the model's folder.
     mismatched = tmp_path / "mismatched"
     shutil.copytree(exported["two_d"], mismatched)
     shutil.copy(exported["three_d"] / "weights.pt", mismatched / "weights.pt")
-    message = _error(run_cli("nas.predict", str(mismatched), str(t2), "out.nii.gz", cwd=tmp_path))
+    message = user_error(
+        run_cli("nas.predict", str(mismatched), str(t2), "out.nii.gz", cwd=tmp_path)
+    )
     assert "weights.pt" in message and "does not match the architecture" in message
     with pytest.raises(nas.NasError, match="does not match the architecture"):
         nas.load(mismatched)
     (mismatched / "weights.pt").unlink()
-    assert "weights.pt: not found" in _error(
+    assert "weights.pt: not found" in user_error(
         run_cli("nas.predict", str(mismatched), str(t2), "out.nii.gz", cwd=tmp_path)
     )
     assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "out").exists()

@@ -15,14 +15,7 @@ import yaml
 from nas import run as run_module
 from nas.console import RunProgress, run_log
 
-from .conftest import run_cli, tiny_space_yaml
-
-
-def _error(result) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
+from .conftest import run_cli, tiny_space_yaml, user_error
 
 
 @pytest.mark.parametrize(
@@ -47,7 +40,7 @@ def _error(result) -> str:
 def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_created(tmp_path, setting, message):
     (tmp_path / "space.yaml").write_text("train: {epochs: 30}\n")
     result = run_cli("nas.run", "space.yaml", "--set", setting, cwd=tmp_path)
-    assert _error(result).startswith(message)
+    assert user_error(result).startswith(message)
     assert not (tmp_path / "results").exists()
 
 
@@ -70,7 +63,7 @@ def test_settings_and_data_make_the_effective_space_saved_beside_the_study(tmp_p
     assert saved["search"] == yaml.safe_load(space)["search"]  # the rest as the file says
 
     again = run_cli("nas.run", "space.yaml", *args, "--set", "train.epochs=2", cwd=tmp_path)
-    message = _error(again)
+    message = user_error(again)
     assert "another search space" in message and "epochs" in message
     assert yaml.safe_load((tmp_path / "results/tiny/space.yaml").read_text()) == saved
 
@@ -115,7 +108,7 @@ def test_run_log_keeps_the_output_and_optunas_warnings_once_attached(tmp_path, c
 def test_a_run_refused_for_bad_data_writes_no_log(tmp_path, tiny_dataset):
     (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=1))
     result = run_cli("nas.run", "space.yaml", "--data", "missing", cwd=tmp_path)
-    assert "missing" in _error(result)
+    assert "missing" in user_error(result)
     assert not (tmp_path / "results").exists()
 
 
