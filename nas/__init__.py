@@ -10,9 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nas.builder import UNet, UNetConfig, build_unet, count_parameters
+    from nas.builder import UNet, build_unet, count_parameters
     from nas.errors import NasError
     from nas.exported import load
+    from nas.unet_config import UNetConfig
 
 __all__ = ["NasError", "UNet", "UNetConfig", "build_unet", "count_parameters", "load"]
 
@@ -20,7 +21,7 @@ __all__ = ["NasError", "UNet", "UNetConfig", "build_unet", "count_parameters", "
 _SOURCES = {
     "NasError": "nas.errors",
     "UNet": "nas.builder",
-    "UNetConfig": "nas.builder",
+    "UNetConfig": "nas.unet_config",
     "build_unet": "nas.builder",
     "count_parameters": "nas.builder",
     "load": "nas.exported",
