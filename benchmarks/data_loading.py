@@ -6,7 +6,8 @@ printed as a ratio:
 
 1. Serving: batches per second that `PatchSampler` serves from the preprocessing cache
    (memory-mapped .npy) with the default loader settings of `TrainConfig` (foreground
-   oversampling, flips, rotations, intensity scaling), against the plainest loader without a
+   oversampling, nnU-Net's augmentation at its default augment_probability), as `fit` makes
+   it (`nas.train.training_sampler`), against the plainest loader without a
    cache: for every sample, pick a case, read its image and label with nibabel, crop a random
    slice (2D) or patch (3D) of the same size. The baseline does no augmentation, foreground
    centring, reorientation or normalisation, which only favours it. Both read files that were
@@ -60,7 +61,14 @@ from nas.data import (
 )
 from nas.data.layouts import CaseFiles, discover
 from nas.losses import DiceCELoss
-from nas.train import device_batch, make_optimizer, pick_device, prepare_model, train_step
+from nas.train import (
+    device_batch,
+    make_optimizer,
+    pick_device,
+    prepare_model,
+    train_step,
+    training_sampler,
+)
 from nas.train_config import TrainConfig
 
 # Patch size, batch size and U-Net width of each setting; the loader settings are otherwise
@@ -122,20 +130,11 @@ def _build_cache(data_root: str, cache_dir: str, queue: Queue) -> None:
 
 
 def project_sampler(cases: Sequence[Case], setting: str, seed: int) -> PatchSampler:
-    """The sampler `fit` would make for this setting with the default loader settings."""
+    """The sampler `fit` makes for this setting with the default loader settings."""
     patch, batch, _ = SETTINGS[setting]
-    cfg = TrainConfig()
-    return PatchSampler(
-        cases,
-        patch,
-        batch,
-        cfg.foreground_fraction,
-        cfg.augment,
-        seed,
-        SLICING,
-        cfg.rotation_deg,
-        cfg.intensity_scale,
-    )
+    spatial_dims = len(patch)
+    sizes = {f"patch_size_{spatial_dims}d": patch, f"batch_size_{spatial_dims}d": batch}
+    return training_sampler(cases, TrainConfig(**sizes), spatial_dims, seed, SLICING)
 
 
 def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:

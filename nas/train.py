@@ -126,6 +126,7 @@ def training_sampler(
         slicing,
         cfg.rotation_deg,
         cfg.intensity_scale,
+        cfg.augment_probability,
     )
 
 

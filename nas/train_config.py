@@ -24,8 +24,13 @@ class TrainConfig:
         A search space may leave these four to `auto`; nas.patch_plan turns that into sizes
         before any trial, so a TrainConfig never holds it.
     foreground_fraction: share of samples centred on a foreground voxel.
-    augment: flips, intensity scaling by up to +-intensity_scale and in-plane rotations by up
-        to +-rotation_deg.
+    augment: nnU-Net's augmentation (nas.data.augment): every sample is mirrored at random
+        and its intensities scaled by up to +-intensity_scale; rotation (in-plane, up to
+        +-rotation_deg), spatial scaling, Gaussian noise, Gaussian blur, simulated low
+        resolution and gamma each apply to a share augment_probability of the samples.
+    augment_probability: that share, per transform. nnU-Net uses 0.1 to 0.3; 0.2 keeps
+        rotation as common as it always was here. 0 leaves mirroring and intensity scaling.
+        Searchable like any float ({type: float, low: 0.0, high: 0.5}).
     max_seconds: the trial's training budget in wall-clock seconds (None: epochs only).
     """
 
@@ -41,6 +46,7 @@ class TrainConfig:
     augment: bool = True
     rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
     intensity_scale: float = Field(0.1, ge=0.0, lt=1.0)
+    augment_probability: float = Field(0.2, ge=0.0, le=1.0)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)

@@ -3,7 +3,7 @@
 2D samples are slices along `Slicing.axis`, 3D samples are patches; one crop routine serves
 both by treating a slice as a patch one voxel thick. A fixed fraction of samples is centred
 on a foreground voxel, because lesions are tiny and random crops would rarely see one.
-Augmentation: flips, intensity scaling and small in-plane rotations.
+Each sample is augmented as nnU-Net does (`nas.data.augment`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
+from nas.data.augment import Augmentation, augment
 from nas.data.cache import Case
 from nas.errors import NasError
 
@@ -110,7 +110,9 @@ class PatchSampler:
 
     patch_size: (X, Y) in-plane for 2D slices, (X, Y, Z) for 3D patches.
     foreground_fraction: share of samples centred on a foreground voxel (where a case has one).
-    rotation_deg, intensity_scale: augmentation ranges, applied when `augment`.
+    augment: augment each sample (`nas.data.augment`), with rotations by up to
+        +-rotation_deg, brightness within 1 +- intensity_scale, and each transform but
+        mirroring and brightness applied to a share augment_probability of the samples.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class PatchSampler:
         slicing: Slicing = Slicing(),
         rotation_deg: float = 15.0,
         intensity_scale: float = 0.1,
+        augment_probability: float = 0.2,
     ) -> None:
         self.cases = list(cases)
         self.spatial_dims = len(patch_size)
@@ -134,9 +137,9 @@ class PatchSampler:
         self.crop_size = tuple(size)
         self.batch_size = batch_size
         self.foreground_fraction = foreground_fraction
-        self.augment = augment
-        self.rotation_deg = rotation_deg
-        self.intensity_scale = intensity_scale
+        self.augmentation = (
+            Augmentation(augment_probability, rotation_deg, intensity_scale) if augment else None
+        )
         self.rng = np.random.default_rng(seed)
         # Training slices per case (2D); every voxel of them is a candidate patch centre.
         split_rng = np.random.default_rng(slicing.seed)
@@ -174,24 +177,6 @@ class PatchSampler:
                 start[self.slice_axis] = self.rng.choice(slices)
         return start
 
-    def _augment(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """image (C, *spatial), label (*spatial)."""
-        for axis in range(self.spatial_dims):
-            if self.rng.random() < 0.5:
-                image, label = np.flip(image, axis + 1), np.flip(label, axis)
-        # Rotation is the costliest augmentation: as in nnU-Net, one sample in five.
-        if self.rotation_deg > 0 and self.rng.random() < 0.2:
-            angle = self.rng.uniform(-self.rotation_deg, self.rotation_deg)
-            # In the first two spatial axes: the slice plane in 2D, axial in 3D.
-            image = ndimage.rotate(
-                image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest"
-            )
-            label = ndimage.rotate(
-                label, angle, axes=(0, 1), reshape=False, order=0, mode="nearest"
-            )
-        scale = self.rng.uniform(1 - self.intensity_scale, 1 + self.intensity_scale)
-        return image * np.float32(scale), label
-
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """images (B, C, *patch) float32, labels (B, *patch) int64, on the host; the trainer
         moves them to its device (nas.train.device_batch)."""
@@ -204,8 +189,8 @@ class PatchSampler:
             if self.spatial_dims == 2:
                 image = np.take(image, 0, axis=self.slice_axis + 1)
                 label = np.take(label, 0, axis=self.slice_axis)
-            if self.augment:
-                image, label = self._augment(image, label)
+            if self.augmentation is not None:
+                image, label = augment(image, label, self.augmentation, self.rng)
             images.append(np.ascontiguousarray(image, dtype=np.float32))
             labels.append(np.ascontiguousarray(label))
         return np.stack(images), np.stack(labels).astype(np.int64)
