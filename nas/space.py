@@ -43,7 +43,7 @@ from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound, LatencyConfig
 from nas.objectives import Name as ObjectiveName
 from nas.pruning import PrunerConfig
 from nas.storage import HeartbeatConfig
-from nas.train_config import TrainConfig
+from nas.train_config import MAX_PATCH_SIZE, TrainConfig
 from nas.unet_config import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.yaml_file import parse_yaml, read_yaml
 
@@ -54,6 +54,9 @@ DATA_DEFINED_FIELDS = ("in_channels", "out_channels")
 # the device before the study opens (sample() refuses a space still holding it).
 AUTO = "auto"
 PLANNED_FIELDS = ("batch_size_2d", "patch_size_2d", "batch_size_3d", "patch_size_3d")
+# The training fields that hold a patch, by its number of axes: the only fields (both tuples
+# in TrainConfig) whose categorical choices may be lists.
+PATCH_FIELDS = {"patch_size_2d": 2, "patch_size_3d": 3}
 
 
 class _Spec(BaseModel):
@@ -96,8 +99,11 @@ class FloatSpec(_Spec):
 
 
 class CategoricalSpec(_Spec):
+    """Choices are scalars, or for a field that holds a fixed-length tuple (a patch size)
+    lists such as [96, 96], which Optuna sees as the string "96x96" (`optuna_choice`)."""
+
     type: Literal["categorical"]
-    choices: list[Scalar] = Field(min_length=1)
+    choices: list[Scalar | tuple[Scalar, ...]] = Field(min_length=1)
 
 
 ParamSpec = Annotated[IntSpec | FloatSpec | CategoricalSpec, Field(discriminator="type")]
@@ -176,7 +182,12 @@ def _fields(config_type: type) -> list[str]:
 
 
 def _field_adapter(config_type: type, field: str) -> TypeAdapter:
-    return TypeAdapter(config_type.__pydantic_fields__[field].annotation)
+    """Validates one value of `field`, bounds included (Field(ge=0, le=1) and the like), so a
+    spec's low, high or choices outside them is refused before any trial draws them."""
+    info = config_type.__pydantic_fields__[field]
+    if not info.metadata:
+        return TypeAdapter(info.annotation)
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)])
 
 
 def _parse_entries(
@@ -233,6 +244,8 @@ def _parse_spec(where: str, name: str, raw: dict, adapter: TypeAdapter, known: l
         raise _SpaceError(
             f"{where}.per_stage", f"only {', '.join(PER_STAGE_FIELDS)} can take one value per stage"
         )
+    if isinstance(spec, CategoricalSpec):
+        _check_list_choices(where, name, spec.choices)
     values = spec.choices if isinstance(spec, CategoricalSpec) else [spec.low, spec.high]
     for value in values + ([spec.default] if spec.default is not None else []):
         _check_value(where, adapter, value)
@@ -243,6 +256,33 @@ def _parse_spec(where: str, name: str, raw: dict, adapter: TypeAdapter, known: l
                 "names no parameter declared before this one in search or train",
             )
     return spec
+
+
+def _check_list_choices(where: str, name: str, choices: Sequence[Any]) -> None:
+    """A list choice only for a patch field, and there each choice a list of as many whole
+    numbers as the patch has axes, within the largest patch a TrainConfig admits."""
+    axes = PATCH_FIELDS.get(name)
+    for i, choice in enumerate(choices):
+        at = f"{where}.choices[{i}]"
+        if axes is None:
+            if isinstance(choice, tuple):
+                raise _SpaceError(
+                    at, f"{list(choice)} is a list: only {', '.join(PATCH_FIELDS)} take lists"
+                )
+            continue
+        shown = list(choice) if isinstance(choice, tuple) else choice
+        if not (
+            isinstance(choice, tuple)
+            and len(choice) == axes
+            and all(type(size) is int for size in choice)
+        ):
+            raise _SpaceError(
+                at,
+                f"{shown!r} is not a {axes}D patch: give {axes} whole numbers, e.g. {[96] * axes}",
+            )
+        limit = MAX_PATCH_SIZE[axes]
+        if not all(1 <= size <= limit for size in choice):
+            raise _SpaceError(at, f"{shown} must be between 1 and {limit} per axis")
 
 
 def _check_value(where: str, adapter: TypeAdapter, value: Any) -> Any:
@@ -345,6 +385,7 @@ def _validate(raw: dict[str, Any]) -> SearchSpace:
         train = _parse_entries("train", space.train, TrainConfig, known)
         space = space.model_copy(update={"search": search, "train": train})
         _check_defaults_build(space)
+        _check_patches_span_stride(space)
         for i, entry in enumerate(space.study.enqueue):
             try:
                 warm_start_params(space, entry)
@@ -418,7 +459,26 @@ def param_distribution(
     if isinstance(spec, FloatSpec):
         return optuna.distributions.FloatDistribution(spec.low, spec.high, log=spec.log,
                                                       step=spec.step)  # fmt: skip
-    return optuna.distributions.CategoricalDistribution(spec.choices)
+    return optuna.distributions.CategoricalDistribution(_optuna_choices(spec))
+
+
+def optuna_choice(value: Any) -> Scalar:
+    """A categorical choice as Optuna stores it. Optuna's CategoricalDistribution takes only
+    None, bool, int, float and str, so a patch (96, 96) is stored as "96x96", which is also
+    how optuna-dashboard and trials.csv show it; any other value is itself."""
+    if isinstance(value, tuple | list):
+        return "x".join(str(size) for size in value)
+    return value
+
+
+def _optuna_choices(spec: CategoricalSpec) -> list[Scalar]:
+    return [optuna_choice(choice) for choice in spec.choices]
+
+
+def _from_optuna(spec: CategoricalSpec, drawn: Scalar) -> Any:
+    """The choice of `spec` that Optuna stored as `drawn`: a patch back as its tuple."""
+    patches = {optuna_choice(c): c for c in spec.choices if isinstance(c, tuple)}
+    return patches.get(drawn, drawn)
 
 
 def _check_defaults_build(space: SearchSpace) -> None:
@@ -434,6 +494,73 @@ def _check_defaults_build(space: SearchSpace) -> None:
             # A bound on one field (epochs >= 1) names it; a rule across fields the section.
             where = f"{section}.{loc[0]}" if loc and loc[0] in fixed else section
             raise _SpaceError(where, _first_message(err).removeprefix("Value error, ")) from None
+
+
+def _check_patches_span_stride(space: SearchSpace) -> None:
+    """Every patch the space gives (fixed, or each choice) spans on every axis the total
+    stride of the deepest network of its kind that the space draws. The network would pad a
+    smaller patch to its stride, so its deepest stages would see mostly padding: compute
+    spent on zeros, and a candidate scored on a patch it never really saw."""
+    drawn_dims = possible_values(space, "spatial_dims")
+    for field, spatial_dims in PATCH_FIELDS.items():
+        entry = space.train.get(field, AUTO)
+        if spatial_dims not in drawn_dims or entry == AUTO:
+            continue
+        depth = max(possible_values(space, "depth", spatial_dims))
+        stride = _deepest_stride(space, spatial_dims, depth)
+        for where, patch in _given_patches(f"train.{field}", entry):
+            if any(size < axis_stride for size, axis_stride in zip(patch, stride, strict=True)):
+                raise _SpaceError(
+                    where,
+                    f"{list(patch)} is smaller than {list(stride)}, the total stride of the "
+                    f"deepest {spatial_dims}D network this space draws (depth {depth}); give "
+                    "a larger patch or a smaller depth",
+                )
+
+
+def _deepest_stride(space: SearchSpace, spatial_dims: int, depth: int) -> tuple[int, ...]:
+    """The largest total stride per axis of a network of `depth` stages the space draws:
+    2**(depth - 1), less the anisotropic stages that keep a 3D network's last axis."""
+    stride = 2 ** (depth - 1)
+    if spatial_dims == 2:
+        return (stride, stride)
+    kept = min(possible_values(space, "anisotropic_stages", 3))
+    return (stride, stride, 2 ** max(depth - 1 - kept, 0))
+
+
+def _given_patches(where: str, entry: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Each patch a fixed or searched entry can give, with its key path."""
+    if not _is_searched(entry):
+        return [(where, entry)]
+    patches = []
+    for i, spec in enumerate(entry):
+        at = where if len(entry) == 1 else f"{where}[{i}]"
+        patches += [(f"{at}.choices[{j}]", choice) for j, choice in enumerate(spec.choices)]
+        if spec.default is not None:
+            patches.append((f"{at}.default", tuple(spec.default)))
+    return patches
+
+
+def possible_values(space: SearchSpace, field: str, spatial_dims: int | None = None) -> set[Any]:
+    """Every value of a builder field the space can draw (for `spatial_dims`, if given: specs
+    whose `when` excludes it are skipped)."""
+    entry = space.search.get(field, getattr(UNetConfig(), field))
+    if not _is_searched(entry):
+        return {entry}
+    values: set[Any] = set()
+    for spec in entry:
+        allowed = (spec.when or {}).get("spatial_dims")
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        if spatial_dims is not None and None not in allowed and spatial_dims not in allowed:
+            continue
+        if isinstance(spec, IntSpec):
+            values |= set(range(spec.low, spec.high + 1, spec.step))
+        elif isinstance(spec, CategoricalSpec):
+            values |= set(spec.choices)
+    if any(spec.when for spec in entry):  # where no spec applies, the field keeps its default
+        default = next((s.default for s in entry if s.default is not None), None)
+        values.add(default if default is not None else getattr(UNetConfig(), field))
+    return values
 
 
 def _condition_holds(when: dict[str, Any] | None, values: dict[str, Any]) -> bool:
@@ -455,7 +582,7 @@ def _optuna_suggest(trial: optuna.Trial) -> Suggest:
             return trial.suggest_int(param, spec.low, spec.high, step=spec.step, log=spec.log)
         if isinstance(spec, FloatSpec):
             return trial.suggest_float(param, spec.low, spec.high, step=spec.step, log=spec.log)
-        return trial.suggest_categorical(param, spec.choices)
+        return _from_optuna(spec, trial.suggest_categorical(param, _optuna_choices(spec)))
 
     return suggest
 
@@ -505,9 +632,12 @@ def warm_start_params(space: SearchSpace, fields: dict[str, Any]) -> dict[str, A
         if stage is not None and isinstance(value, list | tuple):
             value = value[stage] if stage < len(value) else _UNSET
         if value is not _UNSET:
+            if isinstance(value, list):  # a patch, as YAML gives it
+                value = tuple(value)
             if not _in_spec(value, spec):
-                raise ValueError(f"{field}: {value!r} is outside the search space of {param}")
-            params[param] = value
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ValueError(f"{field}: {shown!r} is outside the search space of {param}")
+            params[param] = optuna_choice(value)
         return value
 
     unknown = sorted(set(fields) - set(space.search) - set(space.train))

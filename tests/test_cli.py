@@ -156,6 +156,15 @@ def test_bad_input_is_reported_before_torch_loads(tmp_path, tiny_dataset):
         ("run", "bad.yaml"): "bad.yaml: not valid YAML",
         ("run", "space.yaml", "--set", "train.epochs=0"): "--set: train.epochs:",
         ("run", "space.yaml", "--set", "study.budget=1"): "--set: a budget of 1 optimiser steps",
+        ("run", "space.yaml", "--set", "train.augment_probability=1.5"): (
+            "--set: train.augment_probability: invalid value 1.5"
+        ),
+        (
+            "run",
+            "space.yaml",
+            "--set",
+            "train.patch_size_2d={type: categorical, choices: [[32, 32], [2, 2]]}",
+        ): "--set: train.patch_size_2d.choices[1]: [2, 2] is smaller than [4, 4]",
         ("run", "space.yaml", "--data", "missing"): "missing: dataset folder not found",
         ("run", "space.yaml", "--data", "corrupt"): f"{truncated.relative_to(tmp_path)}: cannot",
         ("run", "space.yaml", "--data", "unlabelled"): (

@@ -6,9 +6,9 @@ import optuna
 import pytest
 
 from nas.errors import NasError
-from nas.space import load_space, sample
+from nas.space import describe_space, load_space, param_distribution, sample, warm_start_params
 
-from .conftest import run_cli, tiny_space_yaml
+from .conftest import run_cli, tiny_space_yaml, user_error
 
 BAD_SPACES = {
     "unknown_key": ("search:\n  depthh: 3\n", "search.depthh: unknown parameter"),
@@ -62,6 +62,59 @@ BAD_SPACES = {
         "search:\n  spatial_dims: 2\n  anisotropic_stages: 1\n",
         "search: anisotropic_stages applies to 3D networks only",
     ),
+    "patch_choice_of_three_axes_in_2d": (
+        "train:\n  patch_size_2d: {type: categorical, choices: [[64, 64], [96, 96, 96]]}\n",
+        "train.patch_size_2d.choices[1]: [96, 96, 96] is not a 2D patch: give 2 whole numbers",
+    ),
+    "patch_choice_of_two_axes_in_3d": (
+        "train:\n  patch_size_3d: {type: categorical, choices: [[64, 64]]}\n",
+        "train.patch_size_3d.choices[0]: [64, 64] is not a 3D patch: give 3 whole numbers",
+    ),
+    "patch_choice_not_whole_numbers": (
+        "train:\n  patch_size_2d: {type: categorical, choices: [[64, 64.5]]}\n",
+        "train.patch_size_2d.choices[0]: [64, 64.5] is not a 2D patch",
+    ),
+    "patch_choice_a_number": (
+        "train:\n  patch_size_2d: {type: categorical, choices: [64]}\n",
+        "train.patch_size_2d.choices[0]: 64 is not a 2D patch",
+    ),
+    "patch_choice_too_large": (
+        "train:\n  patch_size_2d: {type: categorical, choices: [[2048, 64]]}\n",
+        "train.patch_size_2d.choices[0]: [2048, 64] must be between 1 and 1024 per axis",
+    ),
+    "list_choice_for_a_field_of_one_value": (
+        "search:\n  depth: {type: categorical, choices: [[2, 3]]}\n",
+        "search.depth.choices[0]: [2, 3] is a list: only patch_size_2d, patch_size_3d take lists",
+    ),
+    "fixed_patch_below_the_deepest_stride": (
+        "search:\n  spatial_dims: 2\n  depth: {type: int, low: 2, high: 5}\n"
+        "train:\n  patch_size_2d: [64, 8]\n",
+        "train.patch_size_2d: [64, 8] is smaller than [16, 16], the total stride of the "
+        "deepest 2D network this space draws (depth 5)",
+    ),
+    "patch_choice_below_the_deepest_stride": (
+        "search:\n  spatial_dims: 2\n  depth: 5\n"
+        "train:\n  patch_size_2d: {type: categorical, choices: [[64, 64], [12, 12]]}\n",
+        "train.patch_size_2d.choices[1]: [12, 12] is smaller than [16, 16]",
+    ),
+    "3d_patch_below_the_stride_of_its_last_axis": (
+        "search:\n  spatial_dims: 3\n  depth: 4\n"
+        "  anisotropic_stages: {type: int, low: 1, high: 2}\n"
+        "train:\n  patch_size_3d: {type: categorical, choices: [[32, 32, 2]]}\n",
+        "train.patch_size_3d.choices[0]: [32, 32, 2] is smaller than [8, 8, 4]",
+    ),
+    "augment_probability_above_1": (
+        "train:\n  augment_probability: 1.5\n",
+        "train.augment_probability: invalid value 1.5: Input should be less than or equal to 1",
+    ),
+    "augment_probability_spec_above_1": (
+        "train:\n  augment_probability: {type: float, low: 0.0, high: 1.5}\n",
+        "train.augment_probability: invalid value 1.5: Input should be less than or equal to 1",
+    ),
+    "batch_size_spec_below_1": (
+        "train:\n  batch_size_2d: {type: int, low: 0, high: 8}\n",
+        "train.batch_size_2d: invalid value 0: Input should be greater than or equal to 1",
+    ),
     "bad_data_section": ("data:\n  n_folds: 1\n", "data.n_folds"),
     "fold_out_of_range": ("data:\n  n_folds: 3\n  fold: 3\n", "fold 3 does not exist"),
     "bad_data_format": ("data:\n  format: dicom\n", "data.format"),
@@ -84,7 +137,16 @@ def test_bad_space_is_reported_by_load_space(case, tmp_path):
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "low_above_high", "when_unknown_parameter"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown_key",
+        "low_above_high",
+        "when_unknown_parameter",
+        "patch_choice_of_three_axes_in_2d",
+        "patch_choice_below_the_deepest_stride",
+    ],
+)
 def test_bad_space_exits_2_with_one_line_and_trains_nothing(case, tmp_path):
     text, expected = BAD_SPACES[case]
     (tmp_path / "space.yaml").write_text(text)
@@ -229,3 +291,124 @@ def test_the_default_sampler_models_every_searched_parameter(monkeypatch):
     later = [(n, name) for n, name in independent if n > all_seen and name not in constant]
     assert later == []
     assert any(n < startup for n, _ in independent)  # the spy does see independent draws
+
+
+PATCH_SPACE = """\
+search:
+  spatial_dims: {type: categorical, choices: [2, 3]}
+  depth: {type: int, low: 2, high: 4}
+train:
+  patch_size_2d: {type: categorical, choices: [[64, 64], [96, 96]]}
+  patch_size_3d: {type: categorical, choices: [[32, 32, 16], [48, 48, 32]]}
+"""
+
+
+def test_patch_choices_are_drawn_as_sizes_and_recorded_as_96x96(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(PATCH_SPACE)
+    space = load_space(path)
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    for _ in range(12):
+        trial = study.ask()
+        candidate = sample(space, trial, in_channels=1, out_channels=1, seed=0)
+        study.tell(trial, 0.0)
+        assert isinstance(candidate.train.patch_size_2d, tuple)
+        assert trial.params["patch_size_2d"] == "x".join(map(str, candidate.train.patch_size_2d))
+        assert trial.params["patch_size_3d"] == "x".join(map(str, candidate.train.patch_size_3d))
+    stored = optuna.load_study(study_name=study.study_name, storage=study._storage).trials
+    assert {t.params["patch_size_2d"] for t in stored} == {"64x64", "96x96"}
+    assert {t.params["patch_size_3d"] for t in stored} == {"32x32x16", "48x48x32"}
+    for name in ("patch_size_2d", "patch_size_3d"):
+        assert stored[0].distributions[name] == param_distribution(space, name)
+
+
+def test_an_enqueued_patch_is_drawn_as_given(tmp_path):
+    path = tmp_path / "space.yaml"
+    enqueue = "study:\n  enqueue:\n    - {spatial_dims: 2, patch_size_2d: [96, 96]}\n"
+    path.write_text(PATCH_SPACE + enqueue)
+    space = load_space(path)
+    params = warm_start_params(space, space.study.enqueue[0])
+    assert params == {"spatial_dims": 2, "patch_size_2d": "96x96"}
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study.enqueue_trial(params)
+    candidate = sample(space, study.ask(), in_channels=1, out_channels=1, seed=0)
+    assert candidate.unet.spatial_dims == 2 and candidate.train.patch_size_2d == (96, 96)
+
+
+def test_an_enqueued_patch_outside_the_choices_is_refused(tmp_path):
+    path = tmp_path / "space.yaml"
+    enqueue = "study:\n  enqueue:\n    - {spatial_dims: 2, patch_size_2d: [80, 80]}\n"
+    path.write_text(PATCH_SPACE + enqueue)
+    with pytest.raises(NasError) as err:
+        load_space(path)
+    assert err.value.source == str(path)
+    assert err.value.reason == (
+        "study.enqueue[0]: patch_size_2d: [80, 80] is outside the search space of patch_size_2d"
+    )
+
+
+def test_a_space_with_patch_choices_describes_itself_as_plain_lists(tmp_path):
+    """What a study records of its space, to compare a resume against: JSON, sizes as lists."""
+    path = tmp_path / "space.yaml"
+    path.write_text(PATCH_SPACE)
+    described = describe_space(load_space(path))
+    assert described["train"]["patch_size_2d"] == [
+        {"type": "categorical", "choices": [[64, 64], [96, 96]]}
+    ]
+    assert described == describe_space(load_space(path))
+
+
+def test_a_3d_patch_need_only_span_the_stride_its_anisotropic_stages_leave(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "search:\n  spatial_dims: 3\n  depth: 4\n"
+        "  anisotropic_stages: {type: int, low: 1, high: 2}\n"
+        "train:\n  patch_size_3d: {type: categorical, choices: [[32, 32, 4], [8, 8, 8]]}\n"
+    )
+    space = load_space(path)  # stride 8x8x4: the z axis keeps full resolution once
+    drawn = {c.train.patch_size_3d for _, c in _sample_many(space, n=10)}
+    assert drawn == {(32, 32, 4), (8, 8, 8)}
+
+
+def test_a_patch_the_space_never_trains_is_not_held_to_the_stride(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("search:\n  spatial_dims: 2\n  depth: 6\ntrain:\n  patch_size_3d: [8, 8, 8]\n")
+    assert load_space(path).train["patch_size_3d"] == (8, 8, 8)
+
+
+def test_batch_foreground_optimizer_and_augmentation_are_searchable(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "train:\n"
+        "  batch_size_2d: {type: int, low: 4, high: 16, step: 4}\n"
+        "  batch_size_3d: {type: categorical, choices: [1, 2]}\n"
+        "  foreground_fraction: {type: float, low: 0.2, high: 0.8}\n"
+        "  optimizer: {type: categorical, choices: [adamw, sgd]}\n"
+        "  augment_probability: {type: float, low: 0.0, high: 0.5}\n"
+    )
+    drawn = _sample_many(load_space(path), n=30)
+    for trial, candidate in drawn:
+        train = candidate.train
+        assert train.batch_size_2d == trial.params["batch_size_2d"] in (4, 8, 12, 16)
+        assert train.batch_size_3d == trial.params["batch_size_3d"] in (1, 2)
+        assert train.foreground_fraction == trial.params["foreground_fraction"]
+        assert 0.2 <= train.foreground_fraction <= 0.8
+        assert train.optimizer == trial.params["optimizer"]
+        assert train.augment_probability == trial.params["augment_probability"] <= 0.5
+    assert {c.train.optimizer for _, c in drawn} == {"adamw", "sgd"}
+    assert len({c.train.batch_size_2d for _, c in drawn}) == 4
+
+
+def test_augment_probability_above_1_from_the_command_line_is_one_line(tmp_path):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tmp_path / "data"))
+    result = run_cli(
+        "nas.run", "space.yaml", "--set", "train.augment_probability=1.5", cwd=tmp_path
+    )
+    assert user_error(result) == (
+        "error: --set: train.augment_probability: invalid value 1.5: "
+        "Input should be less than or equal to 1"
+    )
+    assert not (tmp_path / "results").exists()
