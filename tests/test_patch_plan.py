@@ -13,7 +13,7 @@ import pytest
 
 from nas.data import load_dataset
 from nas.errors import NasError
-from nas.patch_plan import STEP_VOXELS, plan_patches
+from nas.patch_plan import CPU_MAX_SLICE_CROP, STEP_VOXELS, plan_patches
 from nas.space import load_space, sample
 from nas.train_config import TrainConfig
 
@@ -188,3 +188,58 @@ def test_auto_loads_and_a_wrong_word_is_refused_naming_the_key(tmp_path):
 def test_the_trainer_never_sees_auto():
     with pytest.raises(ValueError, match="patch_size_3d is 'auto': plan it"):
         TrainConfig(patch_size_3d="auto")
+
+
+def test_a_cpu_crops_large_slices_and_fills_the_budget_with_batch(tmp_path):
+    """Median slices of 160x160 (a real MRI task's, after preprocessing): on a CPU, batches of
+    96x96 crops rather than 2 whole slices; a GPU keeps nnU-Net's whole slice."""
+    data = write_dataset(tmp_path / "d", [(160, 160, 4)] * 2, (1, 1, 1))
+    space, dataset = load(tmp_path, data, "spatial_dims: 2\ndepth: 4")
+
+    cpu, cuda = (by_dims(plan_patches(space, dataset, d))[2] for d in ("cpu", "cuda"))
+
+    assert cpu.patch_size == (CPU_MAX_SLICE_CROP, CPU_MAX_SLICE_CROP) == (96, 96)
+    assert cpu.batch_size == CPU_2D // (96 * 96) == 7
+    assert cuda.patch_size == (160, 160)
+
+
+def test_the_embedded_datasets_cpu_plan_is_unchanged(tmp_path):
+    """The default space on the embedded dataset plans what earlier runs trained with."""
+    data = tmp_path / "Dataset001_SyntheticLesions"
+    space = load_space("search_spaces/unet.yaml", settings=[f"data.path={data}"])
+    plan = plan_patches(space, load_dataset(space.data), "cpu")
+    assert plan.describe().endswith("2D 16 x 64x64 (slices along Z), 3D 2 x 40x40x16")
+
+
+def test_a_searched_patch_gets_the_batch_of_its_largest_choice(tmp_path):
+    data = write_dataset(tmp_path / "d", [(64, 64, 8)] * 2, (1, 1, 1))
+    train = (
+        "  patch_size_2d: {type: categorical, choices: [[32, 32], [64, 32], [48, 48]]}\n"
+        "  batch_size_2d: auto\n"
+    )
+    space, dataset = load(tmp_path, data, "spatial_dims: 2\ndepth: 3", train)
+
+    plan = plan_patches(space, dataset, "cpu")
+    planned = plan.apply(space)
+
+    two_d = by_dims(plan)[2]
+    assert two_d.patch_size == (48, 48) and two_d.batch_size == CPU_2D // (48 * 48)
+    assert planned.train["batch_size_2d"] == CPU_2D // (48 * 48)
+    assert "2D 28 x 48x48 (slices along Z) (patch searched: the batch fits its largest" in (
+        plan.describe()
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    patches = {sample(planned, study.ask(), 1, 1, 0).train.patch_size_2d for _ in range(20)}
+    assert patches == {(32, 32), (64, 32), (48, 48)}
+
+
+def test_a_searched_batch_cannot_leave_its_patch_to_auto(tmp_path):
+    data = write_dataset(tmp_path / "d", [(64, 64, 8)] * 2, (1, 1, 1))
+    train = "  patch_size_2d: auto\n  batch_size_2d: {type: int, low: 4, high: 8}\n"
+    space, dataset = load(tmp_path, data, "spatial_dims: 2\ndepth: 3", train)
+
+    with pytest.raises(NasError) as err:
+        plan_patches(space, dataset, "cpu")
+
+    assert err.value.source == "train.patch_size_2d"
+    assert "batch_size_2d, which is searched here" in err.value.reason
