@@ -141,6 +141,15 @@ def non_dominated(points: np.ndarray, names: Sequence[str]) -> np.ndarray:
     return _pareto_mask(as_minimised(points, names))
 
 
+def dominates(one: Sequence[float], other: Sequence[float]) -> bool:
+    """Whether `one` dominates `other`, both with every entry minimised: no worse on any,
+    better on one. The one dominance rule of nas: the front, the rung ranking and the
+    pruner all ask it."""
+    return all(a <= b for a, b in zip(one, other, strict=True)) and any(
+        a < b for a, b in zip(one, other, strict=True)
+    )
+
+
 def _pareto_mask(low: np.ndarray) -> np.ndarray:
     """Rows of `low` (every column minimised) that no other row dominates. In lexicographic
     order a row's dominators all come before it, and whatever dominates a dominator is on
@@ -150,7 +159,7 @@ def _pareto_mask(low: np.ndarray) -> np.ndarray:
     front = np.empty((0, low.shape[1] if low.ndim == 2 else 0))
     for index in np.lexsort(low.T[::-1]) if len(low) else []:
         point = low[index]
-        if not ((front <= point).all(axis=1) & (front < point).any(axis=1)).any():
+        if not any(dominates(member, point) for member in front):
             mask[index] = True
             front = np.vstack([front, point])
     return mask

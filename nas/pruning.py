@@ -36,6 +36,7 @@ from typing import Literal
 from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field
 
+from nas.objectives import dominates
 from nas.record import TrialRecord
 
 
@@ -65,7 +66,8 @@ def dominated_at_epoch(
 
     costs: its objectives to minimise (parameters by default; MACs, latency or memory as the
     study says), all known before training; iou: its best validation IoU up to and
-    including `epoch`. A peer counts against it when it costs no more on every one of them.
+    including `epoch`. A peer counts against it when it dominates it with a higher IoU: costs
+    no more on every one of them and scores higher.
     """
     if cfg.type == "none" or epoch <= cfg.warmup_epochs:
         return False
@@ -78,10 +80,15 @@ def dominated_at_epoch(
         peers.append((theirs, best_up_to(record.curve, epoch)))
     if len(peers) < cfg.min_trials:
         return False
+    known = [name for name, mine in costs.items() if mine is not None]
+
+    def point(value: float, quantities: Mapping[str, float | None]) -> list[float]:
+        return [-value, *(quantities[name] for name in known)]
+
+    mine = point(iou, costs)
+    # Dominance with a strictly higher IoU: a smaller network that only ties it stops no one.
     better = sum(
-        1
-        for theirs, value in peers
-        if value > iou and all(theirs[n] <= mine for n, mine in costs.items() if mine is not None)
+        1 for theirs, value in peers if value > iou and dominates(point(value, theirs), mine)
     )
     return better >= cfg.k
 
