@@ -26,6 +26,7 @@ from nas.record import (
     CONSTRAINTS_ATTR,
     OBJECTIVES_ATTR,
 )
+from nas.sampler import LineageSampler
 from nas.space import StudySection
 from nas.storage import load_study, open_storage
 
@@ -48,20 +49,22 @@ def make_sampler(
     seed = (cfg.seed + n_existing_trials + 1_000_003 * worker_salt) % 2**32
     if cfg.sampler == "nsga2":
         kwargs = {"population_size": cfg.population_size} if cfg.population_size else {}
-        return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
+        return LineageSampler(optuna.samplers.NSGAIISampler(seed=seed, **kwargs))
     if cfg.sampler == "tpe":
         # multivariate + group: one joint model per set of parameters that occur together,
         # so the parameters drawn under a `when` (3D kernels, deeper skips) are modelled too;
         # constant_liar: workers running at once do not all pick the same promising region.
         with warnings.catch_warnings():  # Optuna marks these options experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(
+            tpe = optuna.samplers.TPESampler(
                 seed=seed,
                 multivariate=True,
                 group=True,
                 constant_liar=True,
                 n_startup_trials=cfg.startup_trials,
             )
+        # One observation per candidate, at the fidelity it reached (nas/sampler.py).
+        return LineageSampler(tpe)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
