@@ -11,8 +11,9 @@ The only module that reads YAML. A file has four sections:
 A spec with `when: {param: value-or-list}` is sampled only when the named, earlier parameter
 took one of those values; otherwise the field keeps its `default` (or the config's default).
 `per_stage: true` samples one value per stage (kernel_size, skips). A field may also take a
-list of specs, each with its own `when` (e.g. smaller kernels for 3D). Every mistake becomes a
-`NasError` naming the file and the key path, before anything trains.
+list of specs, each with its own `when` (e.g. smaller kernels for 3D). A patch size is searched
+as categorical choices of lists ([96, 96]), which Optuna records as "96x96". Every mistake
+becomes a `NasError` naming the file and the key path, before anything trains.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class FloatSpec(_Spec):
 
 class CategoricalSpec(_Spec):
     """Choices are scalars, or for a field that holds a fixed-length tuple (a patch size)
-    lists such as [96, 96], which Optuna sees as the string "96x96" (`optuna_choice`)."""
+    lists such as [96, 96], which Optuna sees as the string "96x96" (`_optuna_choice`)."""
 
     type: Literal["categorical"]
     choices: list[Scalar | tuple[Scalar, ...]] = Field(min_length=1)
@@ -462,7 +463,7 @@ def param_distribution(
     return optuna.distributions.CategoricalDistribution(_optuna_choices(spec))
 
 
-def optuna_choice(value: Any) -> Scalar:
+def _optuna_choice(value: Any) -> Scalar:
     """A categorical choice as Optuna stores it. Optuna's CategoricalDistribution takes only
     None, bool, int, float and str, so a patch (96, 96) is stored as "96x96", which is also
     how optuna-dashboard and trials.csv show it; any other value is itself."""
@@ -472,12 +473,12 @@ def optuna_choice(value: Any) -> Scalar:
 
 
 def _optuna_choices(spec: CategoricalSpec) -> list[Scalar]:
-    return [optuna_choice(choice) for choice in spec.choices]
+    return [_optuna_choice(choice) for choice in spec.choices]
 
 
 def _from_optuna(spec: CategoricalSpec, drawn: Scalar) -> Any:
     """The choice of `spec` that Optuna stored as `drawn`: a patch back as its tuple."""
-    patches = {optuna_choice(c): c for c in spec.choices if isinstance(c, tuple)}
+    patches = {_optuna_choice(c): c for c in spec.choices if isinstance(c, tuple)}
     return patches.get(drawn, drawn)
 
 
@@ -637,7 +638,7 @@ def warm_start_params(space: SearchSpace, fields: dict[str, Any]) -> dict[str, A
             if not _in_spec(value, spec):
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ValueError(f"{field}: {shown!r} is outside the search space of {param}")
-            params[param] = optuna_choice(value)
+            params[param] = _optuna_choice(value)
         return value
 
     unknown = sorted(set(fields) - set(space.search) - set(space.train))
