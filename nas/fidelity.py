@@ -10,19 +10,25 @@ the top continues in the same trial; one that climbs into the top later, as wors
 arrive, is continued by a new trial. Ranking by sorting rather than by IoU alone keeps a small
 or cheap network with a modest IoU climbing if nothing smaller or cheaper beats it.
 
+Each segment of training ends at a rung with its learning rate decayed (nas/objective.py
+trains one segment per rung), so the weights a rung ranks are annealed; a promoted candidate
+restarts its decay (warm restarts, as in SGDR). Rungs rank, and "still learning" compares,
+the mean of the last SMOOTHING_EPOCHS validations, not a single epoch's IoU.
+
 The budget: total optimiser steps (`study.budget`), or, with only a timeout, the steps the
-remaining time allows at the speed measured so far. FINAL_SHARE of it is kept for the endgame,
-training the best candidates long; successive halving over the rungs gets the rest. It spends
-about the same on every rung, so new candidates may use 1 / (1 + K (1 - 1/eta)) of that (K
-rungs above the lowest) and the rest is kept for promotions. While new candidates may start, a
-promotion may take at most 1/eta of what is left, so that one slow candidate cannot spend the
-search on itself. When no more new candidates may start, the best candidates still below the
-top rung are promoted while the budget lasts, so a search never ends with its best candidates
-at the lowest fidelity. In the endgame the candidate with the best IoU at the top rung that
-is still learning (IoU up by MIN_GAIN over its last rung) comes first: it trains eta times
-longer again, or, when that no longer fits, for all that is left (`final_extension`); the
-others at the top, then the rungs below, get what it cannot use. The front's best end trained
-to convergence for their size, or for the budget.
+remaining time allows at the speed measured so far. FINAL_SHARE of it is kept for the endgame;
+successive halving over the rungs gets the rest. It spends about the same on every rung, so
+new candidates may use 1 / (1 + K (1 - 1/eta)) of that (K rungs above the lowest) and the rest
+is kept for promotions. While new candidates may start, a promotion may take at most 1/eta of
+what is left, so that one slow candidate cannot spend the search on itself.
+
+The endgame (no more new candidates) gives the front fidelity parity rather than one winner:
+every candidate that no other beats at equal fidelity (IoU compared at the epoch both reached,
+parameters) and that may train on climbs one level (the next rung, or eta times longer beyond
+the top while still learning), the least trained first (`parity_promotions`). When no level
+fits what is left, the best of them trains on for the rest, but not past 1/PARITY_SHARE times
+the steps of the least trained front member of similar cost (`final_fill`). A front member
+trained fewer than PARITY_SHARE of the steps of such a neighbour is marked (`undertrained`).
 
 Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
 nas/objective.py and nas/schedule.py (`lineage`, `continues`, `until`, `epochs_run`, `steps`,
@@ -33,14 +39,14 @@ nas/objective.py and nas/schedule.py (`lineage`, `continues`, `until`, `epochs_r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
-from nas.objectives import TIMED
+from nas.objectives import TIMED, dominates
 
 
 class FidelityConfig(BaseModel):
@@ -80,12 +86,13 @@ def exploration_share(rungs: Sequence[int], eta: int) -> float:
     return (1.0 - FINAL_SHARE) * new_candidate_share(rungs, eta)
 
 
-# The share of a multi-fidelity budget kept for training the best candidates beyond the top
-# rung. On real MRI (benchmarks/search_vs_hand.py, B = 480 s) a search that spent its whole
-# budget on successive halving trained its best for 300 steps, where a hand-made U-Net trained
-# for the budget took 3,980 and beat it. Half kept (with promotions capped at 1/eta of what
-# is left) raised the front's best held-out IoU from 0.767 to 0.814; ranking on cost too, 0.841;
-# at B = 960 s, with the share counted in seconds and the best trained on first, 0.856.
+# The share of a multi-fidelity budget kept for the endgame, training the front's candidates
+# beyond where successive halving left them. On real MRI (benchmarks/search_vs_hand.py,
+# B = 480 s) a search that spent its whole budget on successive halving trained its best for
+# 300 steps, where a hand-made U-Net trained for the budget took 3,980 and beat it. Half kept
+# (with promotions capped at 1/eta of what is left) raised the front's best held-out IoU from
+# 0.767 to 0.814; ranking on cost too, 0.841; at B = 960 s, with the share counted in seconds
+# and the best trained on first, 0.856.
 FINAL_SHARE = 0.5
 # A final extension shorter than this fraction of what the candidate has trained is not
 # worth its restart of the learning-rate schedule.
@@ -141,17 +148,38 @@ def continued(trials: Sequence[FrozenTrial]) -> set[int]:
     return {int(t.user_attrs["continues"]) for t in trials if "continues" in t.user_attrs}
 
 
+def superseded_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Completed trials whose candidate a later trial continued and completed."""
+    return {
+        int(t.user_attrs["continues"])
+        for t in trials
+        if t.state == TrialState.COMPLETE and "continues" in t.user_attrs
+    }
+
+
 def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
     """One member per candidate that reached `epoch`, from the latest trial of its lineage."""
     members: dict[int, Member] = {}
     for trial in sorted(trials, key=lambda t: t.number):
         if trial.state not in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED):
             continue
-        iou = trial.intermediate_values.get(epoch)
-        if iou is None or "n_params" not in trial.user_attrs:
+        if epoch not in trial.intermediate_values or "n_params" not in trial.user_attrs:
             continue
-        members[lineage(trial)] = member(trial, iou)
+        members[lineage(trial)] = member(trial, smoothed(trial.intermediate_values, epoch))
     return list(members.values())
+
+
+# How many of the last validations a decision averages: a single epoch's IoU on two or three
+# validation cases swings by 0.2 for a small network early in training (the default run
+# measured it), so the rungs rank, and "still learning" compares, the mean of the last ones.
+SMOOTHING_EPOCHS = 2
+
+
+def smoothed(curve: Mapping[int, float], epoch: int) -> float:
+    """The mean validation IoU of the last SMOOTHING_EPOCHS epochs up to `epoch` that the
+    curve holds (`epoch` itself must be one)."""
+    values = [curve[e] for e in range(epoch - SMOOTHING_EPOCHS + 1, epoch + 1) if e in curve]
+    return sum(values) / len(values)
 
 
 def rank(members: Sequence[Member]) -> list[Member]:
@@ -178,8 +206,7 @@ def _criteria(member: Member, width: int) -> tuple[float, ...]:
 
 def _dominates(one: Member, other: Member) -> bool:
     width = len(one.costs) if len(one.costs) == len(other.costs) else 0
-    better, worse = _criteria(one, width), _criteria(other, width)
-    return all(b >= w for b, w in zip(better, worse, strict=True)) and better != worse
+    return dominates([-c for c in _criteria(one, width)], [-c for c in _criteria(other, width)])
 
 
 def _crowding(front: Sequence[Member]) -> dict[int, float]:
@@ -261,56 +288,146 @@ def promotions(
             if waiting:
                 here.append(Promotion(waiting[0].number, epoch, rungs[index + 1]))
         due += here
-    return (extensions(trials, rungs, eta) if endgame and budgeted else []) + due
+    return due
 
 
-def extensions(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> list[Promotion]:
-    """Candidates at the top rung or beyond that are still learning, best IoU first: each
-    may train eta times longer (another rung above the top) while a budget lasts, so that
-    the best candidates end trained to convergence for their size. Still learning: its IoU
-    rose by at least MIN_GAIN over its last rung. Beyond the top the ranking is by IoU, not
-    by sorting: on real MRI the smallest network of a front (a boundary, so first by
-    crowding) took 112 s of a 960 s search and got worse, ahead of the best one."""
-    if len(rungs) == 1:  # one fidelity: every candidate trains train.epochs, no more
-        return []
+def next_level(epoch: int, rungs: Sequence[int], eta: int) -> int:
+    """Where a candidate at `epoch` trains to next: the next rung, or eta times longer at the
+    top rung or beyond."""
+    return next((r for r in rungs if r > epoch), epoch * eta)
+
+
+# Fidelity parity on the front. A front member trained fewer than PARITY_SHARE of the steps
+# of the longest-trained member of similar cost (parameters within a factor of SIMILAR_COST)
+# is marked as trained far less (`undertrained` in pareto.csv), and the endgame's last fill
+# stops short of making one.
+PARITY_SHARE = 0.25
+SIMILAR_COST = 10.0
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where one candidate's training stands, read from the latest trial of its lineage."""
+
+    trial: FrozenTrial
+    epoch: int  # epochs trained
+    steps: int  # optimiser steps trained
+    n_params: int
+    open: bool  # the search may train it on now: stopped, not continued, not converged
+
+    def score(self, epoch: int | None = None) -> float:
+        """Its smoothed validation IoU at `epoch` (default: the last), or at the last epoch
+        before it that the curve holds."""
+        curve = self.trial.intermediate_values
+        limit = self.epoch if epoch is None else epoch
+        at = max((e for e in curve if e <= limit), default=min(curve))
+        return smoothed(curve, at)
+
+
+def standings(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> list[Standing]:
+    """One standing per candidate that has trained at least an epoch."""
     taken = continued(trials)
-    top = rungs[-1]
-    waiting: list[Member] = []
-    for trial in trials:
+    latest: dict[int, FrozenTrial] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
         epoch = trial.user_attrs.get("epochs_run")
-        usable = (
+        if (
+            trial.state in (TrialState.COMPLETE, TrialState.RUNNING)
+            and epoch in trial.intermediate_values
+            and "n_params" in trial.user_attrs
+        ):
+            latest[lineage(trial)] = trial
+    return [
+        Standing(
+            trial,
+            trial.user_attrs["epochs_run"],
+            trial.user_attrs["epochs_run"] * batches_per_epoch(trial),
+            int(trial.user_attrs["n_params"]),
             trial.state == TrialState.COMPLETE
             and trial.number not in taken
-            and not trial.user_attrs.get("stopped_by_time")
-            and isinstance(epoch, int)
-            and _is_rung_at_or_above(epoch, top, eta)
-            and "n_params" in trial.user_attrs
+            and _trainable(trial, rungs, eta),
         )
-        if not usable:
-            continue
-        if not still_learning(trial, rungs, eta):
-            continue
-        iou = trial.intermediate_values[epoch]
-        waiting.append(member(trial, iou))
-    by_number = {t.number: t for t in trials}
-    return [
-        Promotion(m.number, e, e * eta, extends=True)
-        for m in sorted(waiting, key=lambda m: -m.iou)
-        for e in [by_number[m.number].user_attrs["epochs_run"]]
+        for trial in latest.values()
     ]
 
 
-def final_extension(
-    best: Promotion, trial: FrozenTrial, affordable_epochs: Callable[[FrozenTrial], int]
+def _beats_at_equal_fidelity(one: Standing, other: Standing) -> bool:
+    """Whether `one` dominates `other` on (IoU, parameters), the IoUs compared at the epoch
+    both reached: a large network stopped early is not beaten by a small one trained long."""
+    epoch = min(one.epoch, other.epoch)
+    return dominates((-one.score(epoch), one.n_params), (-other.score(epoch), other.n_params))
+
+
+def equal_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:
+    """The candidates no other beats at equal fidelity: those worth training on."""
+    return [s for s in everyone if not any(_beats_at_equal_fidelity(o, s) for o in everyone)]
+
+
+def own_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:
+    """The candidates no other beats as each stands: the front a run would report now."""
+
+    def point(s: Standing) -> tuple[float, int]:
+        return (-s.score(), s.n_params)
+
+    return [s for s in everyone if not any(dominates(point(o), point(s)) for o in everyone)]
+
+
+def parity_promotions(
+    trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int
+) -> list[Promotion]:
+    """The endgame's order: every candidate on the front at equal fidelity that may train on,
+    the least trained first (ties: best IoU first), each to its next level (the next rung,
+    or eta times longer). Shared this way, the front's members climb together, so that the
+    front a run reports compares networks trained alike; small networks are cheap per step,
+    so their share costs the best little."""
+    front = [s for s in equal_fidelity_front(standings(trials, rungs, eta)) if s.open]
+    front.sort(key=lambda s: (s.steps, -s.score()))
+    return [
+        Promotion(s.trial.number, s.epoch, next_level(s.epoch, rungs, eta), extends=True)
+        for s in front
+    ]
+
+
+def final_fill(
+    trials: Sequence[FrozenTrial],
+    rungs: Sequence[int],
+    eta: int,
+    affordable_epochs: Callable[[FrozenTrial], int],
 ) -> Promotion | None:
-    """The last use of a budget: the best still-learning candidate (`best`, the first of
-    `extensions`, continuing `trial`) trains on for as many epochs as are left
-    (`affordable_epochs(trial)`), when that is at least MIN_FINAL_GROWTH of what it has
-    trained."""
-    more = affordable_epochs(trial)
-    if more >= max(1, MIN_FINAL_GROWTH * best.rung):
-        return Promotion(best.number, best.rung, best.rung + more, True)
+    """The last use of a budget, once no next level fits: the best candidate on the front
+    that may train on trains for what is left (`affordable_epochs(trial)`), at most until it
+    has 1/PARITY_SHARE times the steps of the least trained front member of similar cost,
+    and only if that is at least MIN_FINAL_GROWTH of what it has trained; else the next
+    best may."""
+    everyone = standings(trials, rungs, eta)
+    reported = own_fidelity_front(everyone)
+    for best in sorted(equal_fidelity_front(everyone), key=lambda s: -s.score()):
+        if not best.open:
+            continue
+        more = affordable_epochs(best.trial)
+        neighbours = [o.steps for o in reported if o is not best and similar_cost(o, best)]
+        if neighbours:
+            cap = int(min(neighbours) / PARITY_SHARE) // batches_per_epoch(best.trial)
+            more = min(more, cap - best.epoch)
+        if more >= max(1, MIN_FINAL_GROWTH * best.epoch):
+            return Promotion(best.trial.number, best.epoch, best.epoch + more, True)
     return None
+
+
+def similar_cost(one: Standing, other: Standing) -> bool:
+    return _within(one.n_params, other.n_params)
+
+
+def _within(one: int, other: int) -> bool:
+    return max(one, other) <= SIMILAR_COST * max(1, min(one, other))
+
+
+def undertrained(members: Sequence[tuple[int, int]]) -> list[bool]:
+    """For front members given as (parameters, steps trained): whether each trained fewer
+    than PARITY_SHARE of the steps of the longest-trained member of similar cost."""
+    return [
+        steps < PARITY_SHARE * max(s for p, s in members if _within(p, params))
+        for params, steps in members
+    ]
 
 
 def still_learning(trial: FrozenTrial, rungs: Sequence[int], eta: int) -> bool:
@@ -320,7 +437,7 @@ def still_learning(trial: FrozenTrial, rungs: Sequence[int], eta: int) -> bool:
     if epoch not in curve:
         return False
     below = rungs[rungs.index(epoch) - 1] if epoch in rungs[1:] else epoch // eta
-    return below not in curve or curve[epoch] - curve[below] >= MIN_GAIN
+    return below not in curve or smoothed(curve, epoch) - smoothed(curve, below) >= MIN_GAIN
 
 
 def may_continue(trial: FrozenTrial) -> bool:
@@ -328,17 +445,19 @@ def may_continue(trial: FrozenTrial) -> bool:
     rung below the top, or at the top or beyond while still learning (multi-fidelity only).
     Its weights and training state are kept while it may."""
     rungs = trial.user_attrs.get("rungs")
+    if not rungs or len(rungs) == 1:
+        return False
+    eta = max(2, round(rungs[-1] / rungs[-2]))  # the schedule's eta, as recorded by its rungs
+    return _trainable(trial, rungs, eta)
+
+
+def _trainable(trial: FrozenTrial, rungs: Sequence[int], eta: int) -> bool:
     epoch = trial.user_attrs.get("epochs_run")
-    if not rungs or len(rungs) == 1 or trial.user_attrs.get("stopped_by_time"):
+    if len(rungs) == 1 or trial.user_attrs.get("stopped_by_time") or not isinstance(epoch, int):
         return False
     if epoch in rungs[:-1]:
         return True
-    eta = max(2, round(rungs[-1] / rungs[-2]))  # the schedule's eta, as recorded by its rungs
-    return (
-        isinstance(epoch, int)
-        and _is_rung_at_or_above(epoch, rungs[-1], eta)
-        and (still_learning(trial, rungs, eta))
-    )
+    return _is_rung_at_or_above(epoch, rungs[-1], eta) and still_learning(trial, rungs, eta)
 
 
 def _is_rung_at_or_above(epoch: int, top: int, eta: int) -> bool:

@@ -28,12 +28,7 @@ from nas.artifacts import example_case, overlay_path, upload, write_overlay
 from nas.builder import UNetConfig, count_parameters
 from nas.candidate import TrainingData, TrainingState, load_state, save_state, train_candidate
 from nas.describe import count_macs, summary, trial_note
-from nas.fidelity import (
-    in_top,
-    lineage,
-    rung_members,
-    spending,
-)
+from nas.fidelity import lineage
 from nas.liveness import JournalHeartbeat, is_journal, worker_id
 from nas.measure import MB, cuda_peak_mb, measure_latency
 from nas.memory import (
@@ -51,7 +46,6 @@ from nas.objectives import (
     values_of,
     violations,
 )
-from nas.pruning import best_up_to, dominated_at_epoch
 from nas.record import (
     LATENCY_IQR_ATTR,
     QUANTITY_ATTRS,
@@ -60,7 +54,7 @@ from nas.record import (
     records,
 )
 from nas.results import checkpoint_path, save_checkpoint
-from nas.schedule import Schedule
+from nas.schedule import EpochReport, Schedule
 from nas.space import Candidate, SearchSpace, StudySection, sample
 from nas.study import INTERRUPTED
 from nas.train import (
@@ -300,7 +294,9 @@ def make_objective(
         epoch_seconds: list[float] = list(history.get("epoch_seconds", []))
         curve: dict[int, float] = dict(parent.intermediate_values) if parent else {}
         pruned: list[str] = []
-        spent = {"steps": 0, "seconds": 0.0}
+        # Over the trial's segments: steps, and seconds of training and validation.
+        spent = {"steps": 0, "seconds": 0.0, "before_segment": 0.0}
+        promoted = [True]  # the last rung's answer: train on to the next
 
         def on_epoch(result: EpochResult) -> bool:
             """Record the epoch; answer whether training goes on."""
@@ -308,7 +304,7 @@ def make_objective(
             epoch_seconds.append(round(result.train_seconds, 3))
             spent["steps"] += steps_per_epoch
             # Training and validation: what a step really costs the budget's clock.
-            spent["seconds"] = result.seconds
+            spent["seconds"] = spent["before_segment"] + result.seconds
             trial.set_user_attr("train_loss", train_losses)
             trial.set_user_attr("epoch_seconds", epoch_seconds)
             trial.set_user_attr("steps", spent["steps"])
@@ -320,30 +316,29 @@ def make_objective(
             )
             curve[result.epoch] = result.scores.iou
             trial.set_user_attr("epochs_run", result.epoch)
-            peers = trial.study.get_trials(deepcopy=False)
-            if result.epoch in schedule.rungs[:-1]:
-                return promote_now(peers, result)
-            best = best_up_to(curve, result.epoch)
-            costs = {name: quantities[name] for name in cost_names}
-            if dominated_at_epoch(
-                space.study.pruner, peers, trial.number, costs, result.epoch, best
-            ):
-                pruned.append(f"stopped at epoch {result.epoch}: dominated by cheaper networks")
-                return False
-            return True
+            report = EpochReport(
+                trial.number,
+                own,
+                result.epoch,
+                curve,
+                {name: quantities[name] for name in cost_names},
+                steps_per_epoch,
+                spent["seconds"] / spent["steps"],
+            )
+            verdict = schedule.after_epoch(trial.study.get_trials(deepcopy=False), report)
+            if verdict.pruned:
+                pruned.append(verdict.pruned)
+            promoted[0] = verdict.go_on
+            return verdict.go_on
 
-        def promote_now(peers: Sequence[FrozenTrial], result: EpochResult) -> bool:
-            """At a rung: go on while in its top 1/eta and the next rung takes at most 1/eta
-            of the budget left."""
-            rung = schedule.rungs.index(result.epoch)
-            if not in_top(rung_members(peers, result.epoch), schedule.eta, own):
-                return False
-            steps = (schedule.rungs[rung + 1] - result.epoch) * steps_per_epoch
-            speed = spent["seconds"] / spent["steps"]
-            return schedule.budget().affords(spending(peers), steps, speed, 1.0 / schedule.eta)
-
-        outcome = train_candidate(candidate, data, device, until, state, on_epoch)
-        result = outcome.fit
+        # One segment per rung, each with its own learning-rate decay: the weights a rung
+        # ranks (and export may take) are annealed, whether or not the candidate goes on.
+        for end in segment_ends(state.epoch if state else 0, until, schedule.rungs):
+            outcome = train_candidate(candidate, data, device, end, state, on_epoch)
+            state, result = outcome.state, outcome.fit
+            spent["before_segment"] = spent["seconds"]
+            if pruned or result.stopped_by_time or state.epoch < end or not promoted[0]:
+                break
         reached = outcome.state.epoch
         # The scores first: whatever fails after training, they stay with the trial.
         _record_scores(trial, result.scores, reached, start)
@@ -385,6 +380,12 @@ def make_objective(
         return values
 
     return objective
+
+
+def segment_ends(epoch: int, until: int, rungs: Sequence[int]) -> list[int]:
+    """Where the segments of a training from `epoch` to `until` end: at each rung between
+    them, and at `until`."""
+    return [r for r in rungs if epoch < r < until] + [until]
 
 
 def _fail(trial: optuna.Trial, reason: str, start: float) -> None:

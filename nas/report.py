@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 REPORT_FILE = "report.html"
 FRONT_COLUMNS = [
     "number", "val_iou", "val_dice", "test_iou", "test_dice", "n_params", "macs",
-    "latency_ms", "memory_mb", "epochs_run", "fidelity_steps", "continues", "seconds", "summary",
+    "latency_ms", "memory_mb", "epochs_run", "fidelity_steps", "undertrained", "continues",
+    "seconds", "summary",
 ]  # fmt: skip
 # Measured only when an objective or a constraint names them: shown only then.
 MEASURED_ONLY_WHEN_ASKED = ("latency_ms", "memory_mb")
@@ -418,7 +419,8 @@ def render(
 
     from nas.objectives import OBJECTIVES
     from nas.record import TrialRecord, study_objectives
-    from nas.results import TEST_SCORES_ATTR, front_of, panels, trials_table
+    from nas.results import TEST_SCORES_ATTR, front_of, panels
+    from nas.results import front_table as front_table_of
 
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     objectives = study_objectives(study).names
@@ -442,7 +444,7 @@ def render(
             continue
         parts.append(figure.to_html(full_html=False, include_plotlyjs=not script_embedded))
         script_embedded = True
-    front_table = _front_table(trials_table(front, study.user_attrs.get(TEST_SCORES_ATTR, {})))
+    front_table = _front_table(front_table_of(front, study.user_attrs.get(TEST_SCORES_ATTR, {})))
     dataset = study.user_attrs.get("data_config", {}).get("path", "?")
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary_line = (

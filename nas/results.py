@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from nas.fidelity import may_continue  # noqa: E402
+from nas.fidelity import may_continue, superseded_numbers, undertrained  # noqa: E402
 from nas.objectives import (  # noqa: E402
     DEFAULT_OBJECTIVES,
     OBJECTIVES,
@@ -114,15 +114,6 @@ def _cost_first(low: np.ndarray, objectives: Sequence[str]) -> list[float]:
     return [float(low[i]) for i in [*costs, *scores]]
 
 
-def superseded_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    """Completed trials whose candidate a later trial continued and completed."""
-    return {
-        int(t.user_attrs["continues"])
-        for t in trials
-        if t.state == TrialState.COMPLETE and "continues" in t.user_attrs
-    }
-
-
 def _promotable(trial: FrozenTrial, superseded: set[int]) -> bool:
     """A completed trial the search may still train further (`fidelity.may_continue`)."""
     return (
@@ -175,6 +166,31 @@ def trials_table(trials: list[FrozenTrial], test_scores: dict | None = None) -> 
     return pd.DataFrame(
         rows, columns=list(dict.fromkeys([*METRIC_COLUMNS, *(k for r in rows for k in r)]))
     )
+
+
+def front_table(front: list[FrozenTrial], test_scores: dict | None = None) -> pd.DataFrame:
+    """The front's rows, with `undertrained`: trained far fewer steps than a member of
+    similar cost (nas.fidelity.undertrained), so its score says less about its capacity."""
+    table = trials_table(front, test_scores)
+    marked = undertrained_numbers(front)
+    table.insert(
+        table.columns.get_loc("fidelity_steps") + 1,
+        "undertrained",
+        [n in marked for n in table["number"]],
+    )
+    return table
+
+
+def undertrained_numbers(front: Sequence[FrozenTrial]) -> set[int]:
+    """Front members trained fewer than a quarter of the steps of the longest-trained member
+    within a factor of ten in parameters (a trial without either recorded is not judged)."""
+    known = [
+        (r.number, r.n_params, r.fidelity_steps)
+        for r in records(front)
+        if r.n_params is not None and r.fidelity_steps is not None
+    ]
+    marks = undertrained([(params, steps) for _, params, steps in known])
+    return {number for (number, _, _), marked in zip(known, marks, strict=True) if marked}
 
 
 def panels(objectives: Sequence[str]) -> tuple[str, list[str]]:
@@ -255,7 +271,7 @@ def write_results(
         study_dir / "trials.csv", lambda p: trials_table(trials, test).to_csv(p, index=False)
     )
     atomic_write(
-        study_dir / "pareto.csv", lambda p: trials_table(front, test).to_csv(p, index=False)
+        study_dir / "pareto.csv", lambda p: front_table(front, test).to_csv(p, index=False)
     )
     atomic_write(
         study_dir / "pareto.png",

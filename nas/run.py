@@ -130,9 +130,11 @@ def _trial_line(trial: FrozenTrial) -> str:
     params = f"{record.n_params:>10,}" if record.n_params is not None else " " * 10
     iou = f"{record.iou:.3f}" if record.iou is not None else "  -  "
     epochs = record.epochs_run
+    steps = record.fidelity_steps
     line = (
         f"trial {trial.number:3d}  {dims}D  params {params}  IoU {iou}  "
         f"epochs {epochs if epochs is not None else '-':>3}  "
+        f"steps {steps if steps is not None else '-':>5}  "
         f"{record.seconds or 0.0:6.1f}s  {trial.state.name}"
     )
     if record.quantity("latency_ms") is not None:
@@ -267,12 +269,15 @@ def _summary(
 ) -> None:
     from optuna.trial import TrialState
 
+    from nas.results import undertrained_numbers
     from nas.storage import redact
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     print(f"{len(completed)} completed trials; Pareto front of {len(front)}:")
+    marked = undertrained_numbers(front)
     for trial in front:
-        print("  " + _trial_line(trial))
+        far_less = "  (trained far less than a front member of similar size)"
+        print("  " + _trial_line(trial) + (far_less if trial.number in marked else ""))
     print(
         f"results in {study_dir}/ (report.html, trials.csv, pareto.csv, pareto.png, "
         "checkpoints/, artifacts/)"

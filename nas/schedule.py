@@ -8,7 +8,7 @@ is due) or stops the worker once the study has no more work. Reads trials, never
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -18,33 +18,84 @@ from nas.fidelity import (
     Budget,
     Promotion,
     batches_per_epoch,
-    final_extension,
+    final_fill,
+    in_top,
     lineage,
+    parity_promotions,
     promotions,
     rung_epochs,
+    rung_members,
     spending,
 )
+from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
 from nas.space import SearchSpace
 from nas.study import is_new, settled_count
 from nas.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
+class EpochReport:
+    """What a training candidate reports after an epoch, for `Schedule.after_epoch`."""
+
+    number: int  # its trial
+    lineage: int  # the trial it started in
+    epoch: int
+    curve: Mapping[int, float]  # its validation IoU by epoch, across rungs
+    costs: Mapping[str, float | None]  # its objectives to minimise (for the pruner)
+    steps_per_epoch: int
+    seconds_per_step: float  # measured in this trial, validation included
+
+
+@dataclass(frozen=True)
+class Verdict:
+    go_on: bool
+    pruned: str | None = None  # why the pruner stopped it (None: not pruned)
+
+
+@dataclass(frozen=True)
 class Schedule:
     """How a run spends its trials: at most `n_trials` new candidates, promoted through
-    `rungs` (epochs) within `budget_steps` and the run's deadline (time.monotonic())."""
+    `rungs` (epochs) within `budget_steps` and the run's deadline (time.monotonic()).
+
+    The one home of the stop-or-promote policy, with two questions: `after_epoch` (does a
+    training candidate go on?) and `next_promotion` (which stopped candidate trains on
+    next?). nas/fidelity.py ranks and shares, nas/pruning.py holds the pruner's rule; both
+    answer only through here."""
 
     rungs: tuple[int, ...]
     eta: int
     n_trials: int
     budget_steps: int | None = None
     deadline: float | None = None
+    pruner: PrunerConfig = PrunerConfig(type="none")
 
     @classmethod
     def of(cls, space: SearchSpace, deadline: float | None = None) -> Schedule:
         cfg = space.study
         rungs = rung_epochs(cfg.fidelity, max_epochs(space))
-        return cls(rungs, cfg.fidelity.eta, cfg.n_trials, cfg.budget, deadline)
+        return cls(rungs, cfg.fidelity.eta, cfg.n_trials, cfg.budget, deadline, cfg.pruner)
+
+    def after_epoch(self, trials: Sequence[FrozenTrial], report: EpochReport) -> Verdict:
+        """At a rung below the top: go on while in its top 1/eta (by non-dominated sorting)
+        and the next rung takes at most 1/eta of the budget left. Elsewhere: go on unless the
+        pruner finds it dominated at equal fidelity."""
+        if report.epoch in self.rungs[:-1]:
+            if not in_top(rung_members(trials, report.epoch), self.eta, report.lineage):
+                return Verdict(False)
+            index = self.rungs.index(report.epoch)
+            steps = (self.rungs[index + 1] - report.epoch) * report.steps_per_epoch
+            fits = self.budget().affords(
+                spending(trials), steps, report.seconds_per_step, 1.0 / self.eta
+            )
+            return Verdict(fits)
+        best = best_up_to(report.curve, report.epoch)
+        if dominated_at_epoch(self.pruner, trials, report.number, report.costs, report.epoch,
+                              best):  # fmt: skip
+            return Verdict(False, f"stopped at epoch {report.epoch}: dominated by cheaper networks")
+        return Verdict(True)
+
+    def next_promotion(self, trials: Sequence[FrozenTrial]) -> Promotion | None:
+        return _next_promotion(trials, self)
 
     def budget(self) -> Budget:
         left = None if self.deadline is None else self.deadline - time.monotonic()
@@ -70,35 +121,36 @@ def has_work(trials: Sequence[FrozenTrial], schedule: Schedule) -> bool:
     candidate may start."""
     if any(t.state == TrialState.WAITING for t in trials):
         return True
-    return schedule.allows_new(trials) or _next_promotion(trials, schedule) is not None
+    return schedule.allows_new(trials) or schedule.next_promotion(trials) is not None
 
 
 def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promotion | None:
-    """The first due promotion that fits the budget: below the top rung, in at most 1/eta of
-    what is left. In the endgame the best candidate still learning at the top trains on first:
-    eta times longer, or else for all that is left; the others only once it has converged or
-    nothing it could use is left."""
+    """The first due promotion that fits the budget. While new candidates may start:
+    successive halving's, below the top rung, each in at most 1/eta of what is left. In the
+    endgame with a budget: the front's members, the least trained first, each to its next
+    level; when none fits, the best takes what is left (`fidelity.final_fill`)."""
     endgame = not schedule.allows_new(trials)
     budget, spent = schedule.budget(), spending(trials)
     budgeted = budget.steps is not None or budget.seconds_left is not None
     by_number = {t.number: t for t in trials}
 
-    def affordable_epochs(trial: FrozenTrial) -> int:
-        steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
-        return int(steps // batches_per_epoch(trial))
-
-    due = promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted)
-    for index, promotion in enumerate(due):
+    def fits(promotion: Promotion, share: float) -> bool:
         trial = by_number[promotion.number]
         steps = (promotion.to_epoch - promotion.rung) * batches_per_epoch(trial)
-        share = 1.0 if promotion.extends else 1.0 / schedule.eta
-        if budget.affords(spent, steps, _seconds_per_step(trial), share):
-            return promotion
-        if promotion.extends and index == 0:
-            fill = final_extension(promotion, trial, affordable_epochs)
-            if fill is not None:
-                return fill
-    return None
+        return budget.affords(spent, steps, _seconds_per_step(trial), share)
+
+    if endgame and budgeted:
+        for promotion in parity_promotions(trials, schedule.rungs, schedule.eta):
+            if fits(promotion, 1.0):
+                return promotion
+
+        def affordable_epochs(trial: FrozenTrial) -> int:
+            steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
+            return int(steps // batches_per_epoch(trial))
+
+        return final_fill(trials, schedule.rungs, schedule.eta, affordable_epochs)
+    due = promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted)
+    return next((p for p in due if fits(p, 1.0 / schedule.eta)), None)
 
 
 def enqueue_promotion(
@@ -107,11 +159,11 @@ def enqueue_promotion(
     """Enqueue the continuation of the stopped candidate most due for promotion, if any;
     `trials`: the study's trials when the caller has just read them."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    promotion = _next_promotion(trials, schedule)
+    promotion = schedule.next_promotion(trials)
     if promotion is not None:
         parent = next(t for t in trials if t.number == promotion.number)
         attrs = {"continues": parent.number, "lineage": lineage(parent)}
-        if promotion.extends:  # a promotion below the top trains on to the top rung
+        if promotion.extends:  # else successive halving's: on to the top rung, rung by rung
             attrs["until"] = promotion.to_epoch
         study.enqueue_trial(parent.params, user_attrs=attrs)
     return promotion

@@ -17,13 +17,15 @@ from nas.fidelity import (
     FidelityConfig,
     Member,
     exploration_share,
-    extensions,
-    final_extension,
+    final_fill,
     new_candidate_share,
+    parity_promotions,
     promotions,
     rank,
     rung_epochs,
+    rung_members,
     spending,
+    undertrained,
 )
 from nas.labels import LabelScheme
 from nas.results import checkpoint_path, save_checkpoint, state_path
@@ -115,13 +117,12 @@ def test_the_top_third_of_a_rung_is_promoted_once():
     went = _trial(8, 1000, {2: 0.1, 6: 0.2}, 6, continues=0, lineage=0)
     two = (2, 6)
     assert promotions([*fewer, went], two, 3, endgame=True, budgeted=False) == []
-    # With a budget, first the top rung's candidate that is still learning (0.1 -> 0.2) may
-    # train eta times longer, then rung 2's best continues.
-    due = promotions([*fewer, went], two, 3, endgame=True)
-    assert [(p.number, p.to_epoch) for p in due] == [(8, 18), (1, 6)]
-    converged = _trial(9, 1000, {2: 0.1, 6: 0.102}, 6, continues=1, lineage=1)
-    assert extensions([went, converged], two, 3)[0].number == 8
-    assert [p.number for p in extensions([converged], two, 3)] == []
+
+    # Rungs rank the mean of the last two validations, not one epoch's swing.
+    swung = _trial(10, 1000, {1: 0.6, 2: 0.2}, 2)
+    steady = _trial(11, 1000, {1: 0.35, 2: 0.35}, 2)
+    scores = {m.number: m.iou for m in rung_members([swung, steady], 2)}
+    assert scores == {10: pytest.approx(0.4), 11: pytest.approx(0.35)}
 
 
 def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit():
@@ -152,58 +153,73 @@ def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit()
     assert Budget(None, 100.0).steps_left(spent, 0.5) == pytest.approx(190)
 
 
-def test_the_endgame_offers_every_rung_and_counts_new_candidates_to_their_lowest_rung():
+def test_new_candidates_count_to_their_lowest_rung():
     rungs = (2, 6, 18)
     # A new candidate promoted within its trial to rung 6, and stopped there; two at rung 2.
     climbed = _trial(0, 9_000, {2: 0.6, 6: 0.7}, 6, steps=60, rungs=list(rungs))
     waiting = [_trial(n, 1_000 * n, {2: 0.1 * n}, 2, steps=20, rungs=list(rungs)) for n in (1, 2)]
-    trials = [climbed, *waiting]
-    due = promotions(trials, rungs, 3, endgame=True)
-    # Rung 6's best, and rung 2's best waiting one: if the first does not fit, the second may.
-    assert [(p.number, p.to_epoch) for p in due] == [(0, 18), (1, 6)]
     # The share of new candidates counts what successive halving spends on the lowest rung:
     # the 40 steps trial 0 trained beyond rung 2 are a promotion's.
-    assert spending(trials).new_steps == 20 + 20 + 20
+    assert spending([climbed, *waiting]).new_steps == 20 + 20 + 20
 
 
-def test_the_last_of_the_budget_trains_the_best_still_learning_candidate_on():
+def test_the_endgame_lifts_the_front_least_trained_first():
     rungs = (2, 6)
-    best = _trial(3, 50_000, {2: 0.5, 6: 0.7}, 6, continues=0, lineage=0)
-    small = _trial(4, 1_000, {2: 0.3, 6: 0.4}, 6, continues=1, lineage=1)
-    converged = _trial(5, 90_000, {2: 0.797, 6: 0.8}, 6, continues=2, lineage=2)
-    trials = [best, small, converged]
-    # The converged one (+0.003) trains no longer; the other two may go eta times longer,
-    # the best IoU first (by sorting the smallest would be first: a boundary of the front).
-    waiting = extensions(trials, rungs, 3)
-    assert [p.number for p in waiting] == [3, 4]
-    # When eta times longer does not fit, the best trains on for as long as what is left.
-    fill = final_extension(waiting[0], best, lambda trial: 40)
-    assert (fill.number, fill.rung, fill.to_epoch, fill.extends) == (3, 6, 46, True)
-    # Less than half again of what it trained is not worth a restart.
-    assert final_extension(waiting[0], best, lambda trial: 2) is None
+    made = {"rungs": list(rungs)}
+    # A large network stopped at rung 2 with 0.5; a small one trained to 18 epochs has 0.8
+    # now but had only 0.3 at epoch 2: at equal fidelity it does not beat the large one.
+    large = _trial(0, 500_000, {1: 0.4, 2: 0.5}, 2, **made)
+    small = _trial(1, 2_000, {1: 0.2, 2: 0.3, 6: 0.6, 18: 0.8, 17: 0.79}, 18, **made)
+    # Beaten at equal fidelity by the small one (fewer parameters, better at epoch 2): out.
+    beaten = _trial(2, 3_000, {1: 0.1, 2: 0.2}, 2, **made)
+    due = parity_promotions([large, small, beaten], rungs, 3)
+    assert [(p.number, p.rung, p.to_epoch) for p in due] == [(0, 2, 6), (1, 18, 54)]
+    # A converged one (+0.003 over its last level) climbs no more.
+    converged = _trial(1, 2_000, {2: 0.3, 6: 0.797, 5: 0.797, 18: 0.8, 17: 0.8}, 18, **made)
+    assert [p.number for p in parity_promotions([large, converged], rungs, 3)] == [0]
 
 
-def test_the_endgame_trains_the_best_on_before_the_others():
+def test_the_last_of_the_budget_goes_to_the_best_without_leaving_a_neighbour_far_behind():
+    rungs = (2, 6)
+    made = {"rungs": list(rungs)}
+    best = _trial(0, 50_000, {5: 0.7, 6: 0.7}, 6, **made)
+    small = _trial(1, 20_000, {5: 0.4, 6: 0.4}, 6, **made)
+    tiny = _trial(2, 100, {5: 0.3, 6: 0.3}, 6, **made)  # 500 times smaller: not a neighbour
+    trials = [best, small, tiny]
+    # The best could use 100 more epochs; its neighbour has 6, so it stops at 4 x 6 = 24.
+    fill = final_fill(trials, rungs, 3, lambda trial: 100)
+    assert (fill.number, fill.rung, fill.to_epoch, fill.extends) == (0, 6, 24, True)
+    # Without the neighbour, all that is left; less than half again is not worth a restart.
+    assert final_fill([best, tiny], rungs, 3, lambda trial: 100).to_epoch == 106
+    assert final_fill([best], rungs, 3, lambda trial: 2) is None
+
+
+def test_members_trained_far_less_than_their_neighbours_are_marked():
+    # (parameters, steps): 3,000 trained 100 steps beside 20,000 trained 1,000 is a stub;
+    # 1,000,000 is more than ten times larger than any other, compared with itself only.
+    front = [(3_000, 100), (20_000, 1_000), (90_000, 400), (1_000_000, 10)]
+    assert undertrained(front) == [True, False, False, False]
+
+
+def test_the_endgame_shares_the_budget_across_the_front():
     rungs = (2, 6)
     made = {"steps": 60, "segment_seconds": 6.0, "rungs": list(rungs)}
-    best = _trial(0, 50_000, {2: 0.5, 6: 0.7}, 6, **made)  # eta times longer: 120 steps
-    small = _trial(1, 1_000, {2: 0.3, 6: 0.4}, 6, **made, train_config={"batches_per_epoch": 2})
-    # 100 steps left: eta times longer would fit the smaller one (24 steps), not the best;
-    # yet the best, not the smaller, trains on, for all that is left (10 epochs).
+    best = _trial(0, 50_000, {2: 0.5, 5: 0.7, 6: 0.7}, 6, **made)  # eta times longer: 120 steps
+    small = _trial(1, 1_000, {1: 0.3, 2: 0.4}, 2, **{**made, "steps": 20})
+    # Room for both: the least trained (small, to rung 6) comes first, then the best.
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.add_trials([best, small])
-    promotion = enqueue_promotion(study, Schedule(rungs, 3, n_trials=2, budget_steps=120 + 100))
-    assert (promotion.number, promotion.to_epoch) == (0, 16)
+    schedule = Schedule(rungs, 3, n_trials=2, budget_steps=80 + 1000)
+    promotion = enqueue_promotion(study, schedule)
+    assert (promotion.number, promotion.to_epoch) == (1, 6)
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [(t.user_attrs["continues"], t.user_attrs["until"]) for t in waiting] == [(0, 16)]
-    # With room for eta times longer, the best goes eta times longer; with too little left
-    # for it to grow by half, the smaller one may use what is left.
+    assert [(t.user_attrs["continues"], t.user_attrs["until"]) for t in waiting] == [(1, 6)]
+    # With 30 steps left, no level fits (the small one's takes 40), and the best fills what
+    # is left: 3 epochs, half again of its 6.
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.add_trials([best, small])
-    assert enqueue_promotion(study, Schedule(rungs, 3, 2, 120 + 1000)).to_epoch == 18
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    study.add_trials([best, small])
-    assert enqueue_promotion(study, Schedule(rungs, 3, 2, 120 + 25)).number == 1
+    promotion = enqueue_promotion(study, Schedule(rungs, 3, 2, 80 + 30))
+    assert (promotion.number, promotion.to_epoch) == (0, 9)
 
 
 def test_a_continued_segment_starts_from_the_saved_state(tmp_path, tiny_cases):
