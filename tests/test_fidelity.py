@@ -28,8 +28,10 @@ from nas.fidelity import (
     undertrained,
 )
 from nas.labels import LabelScheme
+from nas.objective import segment_ends
+from nas.pruning import PrunerConfig
 from nas.results import checkpoint_path, save_checkpoint, state_path
-from nas.schedule import Schedule, enqueue_promotion
+from nas.schedule import EpochReport, Schedule, Verdict, enqueue_promotion
 from nas.space import Candidate
 from nas.train_config import TrainConfig
 from nas.unet_config import UNetConfig
@@ -311,3 +313,29 @@ def test_an_interrupted_continuation_is_rerun_as_a_continuation(tmp_path):
     waiting = again.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1
     assert waiting[0].user_attrs == {"retry_of": 1, "continues": 0, "lineage": 0}
+
+
+def test_training_ends_a_segment_at_every_rung_it_passes():
+    assert segment_ends(0, 30, (3, 10, 30)) == [3, 10, 30]
+    assert segment_ends(3, 30, (3, 10, 30)) == [10, 30]
+    assert segment_ends(30, 90, (3, 10, 30)) == [90]  # beyond the top: one segment
+
+
+def test_the_schedule_decides_after_each_epoch_at_rungs_and_with_the_pruner():
+    rungs = (2, 6, 18)
+    peers = [_trial(n, 1000, {1: 0.1 * n, 2: 0.1 * n}, 2) for n in range(6)]
+    schedule = Schedule(rungs, 3, n_trials=10, budget_steps=100_000)
+
+    def report(number, epoch, curve, costs=None):
+        return EpochReport(number, number, epoch, curve, costs or {"params": 1000}, 10, 0.1)
+
+    # At rung 2 the top third of six (trials 5 and 4) go on; trial 1 stops, unpruned.
+    assert schedule.after_epoch(peers, report(5, 2, {2: 0.5})) == Verdict(True)
+    assert schedule.after_epoch(peers, report(1, 2, {2: 0.1})) == Verdict(False)
+    # Between rungs the pruner decides: off by default, on when the space asks for it.
+    later = [_trial(n, 1000, {1: 0.1, 2: 0.1, 3: 0.5 + 0.1 * n}, 3) for n in range(3)]
+    behind = report(9, 3, {3: 0.2}, {"params": 5000})
+    assert schedule.after_epoch(later, behind) == Verdict(True)
+    pruning = Schedule(rungs, 3, 10, 100_000, pruner=PrunerConfig(warmup_epochs=1, k=2))
+    verdict = pruning.after_epoch(later, behind)
+    assert not verdict.go_on and "dominated by cheaper networks" in verdict.pruned
