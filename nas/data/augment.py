@@ -46,7 +46,8 @@ def augment(
     image: np.ndarray, label: np.ndarray, settings: Augmentation, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """image (C, *spatial) float32, label (*spatial): the sample with transforms drawn from
-    `rng`, in nnU-Net's order; shapes and dtypes are kept."""
+    `rng`, in nnU-Net's order but for mirroring, which comes first as it always did here
+    (it commutes with the rest: their ranges are symmetric); shapes and dtypes are kept."""
     image, label = mirror(image, label, rng)
     applies = settings.probability
     if settings.rotation_deg > 0 and rng.random() < applies:
