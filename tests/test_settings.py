@@ -23,7 +23,8 @@ from .conftest import run_cli, tiny_space_yaml, user_error
     [
         (
             "train.epochs=0",
-            "error: --set: train.epochs: Input should be greater than or equal to 1",
+            "error: --set: train.epochs: invalid value 0: "
+            "Input should be greater than or equal to 1",
         ),
         ("train.epochs", "error: --set: 'train.epochs' is not key.path=value"),
         ("study..seed=1", "error: --set: 'study..seed=1' is not key.path=value"),
