@@ -521,10 +521,30 @@ class Budget:
         in steps when the budget is in steps, else in seconds (a 3D step may cost ten 2D
         ones: under a deadline the share is of the time)."""
         share = exploration_share(rungs, eta)
+        half = 1.0 if len(rungs) == 1 else 1.0 - FINAL_SHARE
         if self.steps is None and self.seconds_left is not None:
-            return spent.new_seconds < share * (spent.seconds + self.seconds_left)
+            total_seconds = spent.seconds + self.seconds_left
+            return (
+                spent.new_seconds < share * total_seconds and spent.seconds < half * total_seconds
+            )
         total = self.total_steps(spent)
-        return total is None or spent.new_steps < share * total
+        return total is None or (spent.new_steps < share * total and spent.steps < half * total)
+
+    def affords_while_exploring(
+        self, spent: Spending, steps: int, seconds_per_step: float | None, eta: int
+    ) -> bool:
+        """Whether a promotion while new candidates may still start fits: at most 1/eta of
+        what is left, and within the share successive halving gets (1 - FINAL_SHARE), so that
+        the endgame keeps its half for the front."""
+        if not self.affords(spent, steps, seconds_per_step, 1.0 / eta):
+            return False
+        if self.steps is not None and spent.steps + steps > (1 - FINAL_SHARE) * self.steps:
+            return False
+        speed = seconds_per_step or spent.seconds_per_step
+        if self.seconds_left is not None and speed is not None:
+            total_seconds = spent.seconds + self.seconds_left
+            return spent.seconds + steps * speed <= (1 - FINAL_SHARE) * total_seconds
+        return True
 
     def affords(
         self, spent: Spending, steps: int, seconds_per_step: float | None, share: float = 1.0

@@ -84,8 +84,8 @@ class Schedule:
                 return Verdict(False)
             index = self.rungs.index(report.epoch)
             steps = (self.rungs[index + 1] - report.epoch) * report.steps_per_epoch
-            fits = self.budget().affords(
-                spending(trials), steps, report.seconds_per_step, 1.0 / self.eta
+            fits = self.budget().affords_while_exploring(
+                spending(trials), steps, report.seconds_per_step, self.eta
             )
             return Verdict(fits)
         best = best_up_to(report.curve, report.epoch)
@@ -134,14 +134,17 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
     budgeted = budget.steps is not None or budget.seconds_left is not None
     by_number = {t.number: t for t in trials}
 
-    def fits(promotion: Promotion, share: float) -> bool:
-        trial = by_number[promotion.number]
-        steps = (promotion.to_epoch - promotion.rung) * batches_per_epoch(trial)
-        return budget.affords(spent, steps, _seconds_per_step(trial), share)
+    def steps(promotion: Promotion) -> int:
+        return (promotion.to_epoch - promotion.rung) * batches_per_epoch(
+            by_number[promotion.number]
+        )
+
+    def speed(promotion: Promotion) -> float | None:
+        return _seconds_per_step(by_number[promotion.number])
 
     if endgame and budgeted:
         for promotion in parity_promotions(trials, schedule.rungs, schedule.eta):
-            if fits(promotion, 1.0):
+            if budget.affords(spent, steps(promotion), speed(promotion)):
                 return promotion
 
         def affordable_epochs(trial: FrozenTrial) -> int:
@@ -150,7 +153,12 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
 
         return final_fill(trials, schedule.rungs, schedule.eta, affordable_epochs)
     due = promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted)
-    return next((p for p in due if fits(p, 1.0 / schedule.eta)), None)
+    if endgame:  # without a budget: nothing to keep for later
+        return next(iter(due), None)
+    return next(
+        (p for p in due if budget.affords_while_exploring(spent, steps(p), speed(p), schedule.eta)),
+        None,
+    )
 
 
 def enqueue_promotion(

@@ -150,6 +150,13 @@ def test_the_budget_keeps_a_share_for_promotions_and_refuses_what_does_not_fit()
     assert Budget(None, seconds_left=30.0).affords(spent, 40, 0.2, share=1 / 3) is True
     assert Budget(None, seconds_left=30.0).affords(spent, 60, 0.2, share=1 / 3) is False
     assert Budget(400, None).affords(spent, 120, None, share=1 / 3) is False  # 340 left
+    # Successive halving gets half the budget: once it is spent, or a promotion would pass it,
+    # the endgame begins and keeps the other half for the front.
+    assert not Budget(steps=110, seconds_left=None).allows_new(spent, rungs, 3)  # 60 of 110
+    assert Budget(steps=400, seconds_left=None).affords_while_exploring(spent, 100, None, 3)
+    assert not Budget(400, None).affords_while_exploring(spent, 150, None, 3)  # 60 + 150 > 200
+    assert Budget(None, 12.0).affords_while_exploring(spent, 30, 0.1, 3)  # 6 + 3 of 18 s
+    assert not Budget(None, 12.0).affords_while_exploring(spent, 40, 0.1, 3)  # 6 + 4 > 9 s
     # What a final extension may use: the steps left, the time left less a margin.
     assert Budget(400, None).steps_left(spent, None) == 340
     assert Budget(None, 100.0).steps_left(spent, 0.5) == pytest.approx(190)
