@@ -35,6 +35,7 @@ from nas.record import OBJECTIVES_ATTR, TrialRecord, rerun_trial
 from nas.staging import atomic_write
 from nas.train import CandidateFailed, TrainConfig, fit, init_model
 from nas.validate import predict_case
+from nas.weights import fold_path
 
 FOLD_ATTR, SOURCE_ATTR = "fold", "source_trial"
 POSTPROCESSING_ATTR = "postprocessing"  # crossval study attr: {trial: [class names]}
@@ -43,10 +44,6 @@ ENSEMBLE_ATTR = "heldout_ensemble"  # crossval study attr: {trial: [rows of comp
 
 def crossval_study_name(study_name: str) -> str:
     return f"{study_name}-crossval"
-
-
-def weights_path(study_dir: Path, trial_number: int, fold: int) -> Path:
-    return study_dir / "crossval" / f"trial_{trial_number:04d}" / f"fold_{fold}.pt"
 
 
 def all_folds(data: DataConfig) -> list[int]:
@@ -173,7 +170,7 @@ def cross_validate(
         done = done_runs(crossval, train.epochs)
         by_number[member.number] = member
         for fold in folds:
-            path = weights_path(study_dir, member.number, fold)
+            path = fold_path(study_dir, member.number, fold)
             if (member.number, fold) in done and path.is_file():
                 continue
             jobs.append(

@@ -1,15 +1,15 @@
 """`python -m nas.export results/<study>`: write one architecture of the front as a model folder.
 
 Pick the trial with --best (highest IoU on the front, the default), --max-params P (highest
-IoU among front members with at most P parameters) or --trial N. The folder (default
-results/<study>/export/trial_NNNN) gets architecture.yaml, weights.pt, README.md, and the
-formats asked for with --format: pt2 (torch.export, the default) and onnx. Each exported
-program is run on a random input and compared with the eager model before the folder is
-written; the largest difference is recorded. The folder is built beside its destination and
-renamed into place. A folder holding a different model is only replaced with --force, and
-only an empty folder or an earlier export is ever replaced: never a file, a link, a folder
-with anything an export does not write, or the study's own results.
-"""
+IoU among front members with at most P parameters) or --trial N, and its weights with
+--weights (default: wherever nas trained it longest; see nas/weights.py). The folder
+(default results/<study>/export/trial_NNNN) gets architecture.yaml, weights.pt, README.md,
+and the formats asked for with --format: pt2 (torch.export, the default) and onnx. Each
+exported program is run on a random input and compared with the eager model before the folder
+is written; the largest difference is recorded. The folder is built beside its destination
+and renamed into place. A folder holding a different model is only replaced with --force,
+and only an empty folder or an earlier export is ever replaced: never a file, a link, a
+folder with anything an export does not write, or the study's own results."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from nas.cli import exit_code
 from nas.errors import NasError
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
+from nas.weights import KINDS, find_weights
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,8 +62,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--force", action="store_true", help="replace an earlier export of a different model"
     )
     parser.add_argument(
+        "--weights", choices=["auto", *KINDS], default="auto",
+        help="which weights: nas retrain's, the search's, or the fold ensemble of nas retrain "
+        "--folds (auto: the first of these that exists)",
+    )  # fmt: skip
+    parser.add_argument(
         "--ensemble", choices=["folds"],
-        help="every fold's weights from python -m nas.retrain --folds, averaged by predict",
+        help="every fold's weights from nas retrain --folds, averaged by predict (the same as "
+        "--weights folds)",
     )  # fmt: skip
     parser.add_argument(
         "--tta", choices=["none", "mirror"], default="none",
@@ -243,11 +250,19 @@ def _readme(card: ModelCard, formats: Sequence[str]) -> str:
         "earlier ones)",
     }[inf.output]
     multiple = " x ".join(str(m) for m in inf.size_multiple)
+    weights = source["weights"]
+    trained = [f"{weights['epochs_run']} epochs"] if weights.get("epochs_run") else []
+    trained += [
+        f"{label} {weights[key]:.4f}"
+        for key, label in (("val_iou", "validation IoU"), ("val_dice", "Dice"))
+        if weights.get(key) is not None
+    ]
     return f"""# {source["study"]} trial {source["trial"]}: a {inf.spatial_dims}D U-Net
 
 - Parameters: {source["n_params"]:,}
-- Validation IoU {source["val_iou"]:.4f}, Dice {source["val_dice"]:.4f} \
+- Validation IoU {source["val_iou"]:.4f}, Dice {source["val_dice"]:.4f} in the search \
 (fold {source["fold"]} of {source["dataset"]})
+- Weights: {weights["kind"]} (`{weights["path"]}`){": " + ", ".join(trained) if trained else ""}
 - Labels (mask voxel values): {labels}
 - Exported {source["exported_at"]} from {source["storage"]}
 
@@ -351,6 +366,13 @@ def _check_destination(out: Path, source: dict, force: bool, keep: dict[Path, st
         )
 
 
+def _given_weights(weights: Path | dict[str, Path]) -> dict:
+    """source.weights for weights handed to `export` without a description."""
+    if isinstance(weights, Path):
+        return {"kind": "file", "path": str(weights)}
+    return {"kind": "files", "path": {name: str(path) for name, path in weights.items()}}
+
+
 def export(
     study: optuna.Study,
     trial: FrozenTrial,
@@ -362,11 +384,14 @@ def export(
     results: Path | None = None,
     tta: str = "none",
     postprocessing: Sequence[str] = (),
+    weights_source: dict | None = None,
 ) -> ModelCard:
     """Write `trial` with `weights` as a model folder at `out`. `weights`: one file, or an
-    ensemble's members by subfolder name. `tta` and `postprocessing` (class names reduced to
-    their largest component) go into the card. `storage` is only recorded, without its
-    password; `results`, the study's folder, is never replaced or deleted."""
+    ensemble's members by subfolder name. `tta`, `postprocessing` (class names reduced to
+    their largest component) and `weights_source` (which weights these are, as
+    `TrialWeights.describe` gives it; default: the file's path) go into the card. `storage`
+    is only recorded, without its password; `results`, the study's folder, is never replaced
+    or deleted."""
     import torch
 
     from nas.builder import UNetConfig, build_unet, count_parameters, deployed
@@ -425,6 +450,8 @@ def export(
         "dataset": data_config.get("path"),
         "fold": data_config.get("fold"),
         "epochs_run": record.epochs_run,
+        # The weights exported: kind, path (relative to the results folder), their scores.
+        "weights": weights_source or _given_weights(weights),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
@@ -468,51 +495,23 @@ def export(
     return card
 
 
-def fold_weights(results: Path, crossval: optuna.Study | None, trial: int) -> dict[str, Path]:
-    """{fold_K: weights} of every cross-validated fold of `trial`."""
-    from nas.crossval import FOLD_ATTR, member_runs, weights_path
-
-    runs = member_runs(crossval, trial) if crossval is not None else []
-    weights = {}
-    for run in runs:
-        fold = run.user_attrs[FOLD_ATTR]
-        path = weights_path(results, trial, fold)
-        if path.is_file():
-            weights[f"fold_{fold}"] = path
-    if len(weights) < 2:
-        raise NasError(
-            "--ensemble",
-            f"trial {trial} has {len(weights)} cross-validated fold(s) with weights; run "
-            f"python -m nas.retrain {results} --trials {trial} --folds all first",
-        )
-    return weights
-
-
 def run(args: argparse.Namespace) -> int:
     from nas.model_card import CARD_FILE, WEIGHTS_FILE
-    from nas.storage import open_storage
     from nas.study import default_storage, load_results_study
 
     formats = parse_formats(args.format)
+    if args.ensemble and args.weights not in ("auto", "folds"):
+        raise NasError(
+            "--weights", f"--ensemble folds exports the folds' weights, not the {args.weights}'s"
+        )
     study = load_results_study(args.results, args.storage)
     trial = choose_trial(study, args.trial, args.max_params)
+    weights = find_weights(study, args.results, trial, "folds" if args.ensemble else args.weights)
 
-    from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study  # torch: trial found
-    from nas.results import checkpoint_path
+    from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study  # torch: weights found
 
     storage = args.storage or default_storage(args.results)
-    crossval = find_crossval_study(open_storage(storage), study.study_name)
-    if args.ensemble:
-        weights = fold_weights(args.results, crossval, trial.number)
-    else:
-        weights = checkpoint_path(args.results, trial.number)
-        if not weights.exists():
-            raise NasError(
-                weights,
-                f"not found: weights are kept for Pareto-front trials only (trial "
-                f"{trial.number} is not on it); retrain it with python -m nas.retrain "
-                f"{args.results} --trials {trial.number}",
-            )
+    crossval = find_crossval_study(study._storage, study.study_name)
     postprocessing = []
     if crossval is not None:
         postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {}).get(str(trial.number), [])
@@ -520,16 +519,16 @@ def run(args: argparse.Namespace) -> int:
     if args.storage is None:  # recorded absolute, for use from any folder
         storage = default_storage(args.results.resolve())
     card = export(
-        study, trial, weights, out, formats, storage, args.force, args.results, args.tta,
-        postprocessing,
+        study, trial, weights.files, out, formats, storage, args.force, args.results, args.tta,
+        postprocessing, weights.describe(args.results),
     )  # fmt: skip
     files = [WEIGHTS_FILE, *(f"model.{f}" for f in formats)]
     if card.members:
         files = [f"{{{','.join(card.members)}}}/{{{','.join(files)}}}"]
     print(
         f"exported trial {trial.number} ({card.source['n_params']:,} params, "
-        f"IoU {card.source['val_iou']:.4f}) to {out}/: "
-        + ", ".join([CARD_FILE, *files, README_FILE])
+        f"IoU {card.source['val_iou']:.4f}) with its {weights.kind} weights ({weights.path}) "
+        f"to {out}/: " + ", ".join([CARD_FILE, *files, README_FILE])
     )
     if card.postprocessing.largest_component:
         print(

@@ -31,6 +31,7 @@ from nas.objectives import (  # noqa: E402
 )
 from nas.record import TrialRecord, records, study_objectives  # noqa: E402
 from nas.staging import atomic_write  # noqa: E402
+from nas.weights import checkpoint_path  # noqa: E402
 
 # Always present, so an empty table still has its header.
 METRIC_COLUMNS = [
@@ -58,10 +59,6 @@ METRIC_COLUMNS = [
 ]
 # The study's user attr holding held-out test scores by trial number (written by nas.heldout).
 TEST_SCORES_ATTR = "test_scores"
-
-
-def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
-    return study_dir / "checkpoints" / f"trial_{trial_number:04d}.pt"
 
 
 def state_path(weights: Path) -> Path:

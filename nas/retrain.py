@@ -88,7 +88,6 @@ def run_crossval(
         open_crossval_study,
         record_ensemble,
         summary_rows,
-        weights_path,
     )
     from nas.data import load_dataset
     from nas.data.test_split import find_test_split
@@ -96,6 +95,7 @@ def run_crossval(
     from nas.record import study_objectives
     from nas.report import write_report
     from nas.storage import open_storage, redact
+    from nas.weights import fold_path
 
     folds = parse_folds(args.folds, data_cfg)
     if args.workers < 1:
@@ -118,7 +118,7 @@ def run_crossval(
         postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {})
         rows = []
         for trial in chosen:
-            weights = {f"fold_{f}": weights_path(args.results, trial.number, f) for f in folds}
+            weights = {f"fold_{f}": fold_path(args.results, trial.number, f) for f in folds}
             single = f"fold_{data_cfg.fold if data_cfg.fold in folds else folds[0]}"
             compared = compare_ensemble(
                 study, trial, weights, single, split, device,

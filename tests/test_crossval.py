@@ -123,9 +123,9 @@ def test_bad_crossval_and_ensemble_requests_are_one_line_errors(crossvalidated, 
     copy = tmp_path / "copy"
     shutil.copytree(root / "results", copy / "results")
     shutil.rmtree(copy / "results/held/crossval")
-    assert "has 0 cross-validated fold(s) with weights" in user_error(
-        run_cli("nas.export", "results/held", "--ensemble", "folds", cwd=copy)
-    )
+    message = user_error(run_cli("nas.export", "results/held", "--ensemble", "folds", cwd=copy))
+    assert "trial 0 has no cross-validated folds with weights" in message
+    assert "train them with nas retrain results/held --trials 0 --folds all" in message
     plain = tmp_path / "plain"
     assert run_cli("nas.export", "results/held", "--format", "none", "--out", str(plain),
                    cwd=root).returncode == 0  # fmt: skip

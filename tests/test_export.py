@@ -454,9 +454,14 @@ def test_bad_export_requests_are_one_line_errors(studies, tmp_path):
     assert "is PRUNED, not COMPLETE" in user_error(
         run_cli("nas.export", str(results), "--trial", "0", cwd=tmp_path)
     )
-    assert "weights are kept for Pareto-front trials only" in user_error(
-        run_cli("nas.export", str(results), "--trial", "1", cwd=tmp_path)
+    # Trial 1 was never trained by nas: no weights anywhere, and nothing is written.
+    assert user_error(run_cli("nas.export", str(results), "--trial", "1", cwd=tmp_path)) == (
+        f"error: {results}: trial 1 has no weights (the search keeps only its front's, and "
+        "neither nas retrain nor nas retrain --folds trained it); train them with nas retrain "
+        f"{results} --trials 1, or cross-validate it with nas retrain {results} --trials 1 "
+        "--folds all"
     )
+    assert [p.name for p in results.iterdir() if p.is_dir()] == []
 
 
 def test_a_missing_or_broken_description_is_named(tmp_path):
@@ -506,3 +511,90 @@ def test_bad_predict_inputs_are_one_line_errors(exported, datasets, tmp_path):
         run_cli("nas.predict", str(mismatched), str(t2), "out.nii.gz", cwd=tmp_path)
     )
     assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "out").exists()
+
+
+def _off_the_front(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """A completed trial the front does not hold: the search's trial 0 recorded again with a
+    lower IoU, as a dominated candidate would be (a tiny search cannot be relied on to leave
+    one), so the search kept no weights of it."""
+    (source,) = study.trials
+    iou = source.values[0] - 0.5
+    study.add_trial(
+        create_trial(
+            values=[iou, source.values[1]],
+            params=source.params,
+            distributions=source.distributions,
+            user_attrs={**source.user_attrs, "val_iou": iou},
+        )
+    )
+    return study.trials[-1]
+
+
+def _same_state(path: Path, folder: Path) -> bool:
+    exported = torch.load(folder / "weights.pt", weights_only=True)
+    return all(torch.equal(exported[k], v) for k, v in torch.load(path, weights_only=True).items()
+               if k in exported)  # fmt: skip
+
+
+def test_a_retrained_trial_off_the_front_exports_and_segments(tmp_path, tiny_dataset):
+    """search -> retrain a trial off the front -> export it -> predict: nas.export finds the
+    weights wherever nas put them, prefers the retrained ones and records which it took."""
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, "tiny", 1, TWO_D))
+    assert run_cli("nas.run", "space.yaml", cwd=tmp_path).returncode == 0
+    results = tmp_path / "results" / "tiny"
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{results / 'study.db'}")
+    off = _off_the_front(study).number
+    assert not checkpoint_path(results, off).exists()
+    # Before the retrain: one line naming the command that trains the weights.
+    message = user_error(run_cli("nas.export", "results/tiny", "--trial", str(off), cwd=tmp_path))
+    assert f"train them with nas retrain results/tiny --trials {off}," in message
+    assert not (results / "export").exists()
+
+    retrained = run_cli(
+        "nas.retrain", "results/tiny", "--trials", f"0,{off}", "--epochs", "1", cwd=tmp_path
+    )
+    assert retrained.returncode == 0, retrained.stderr
+    exported = run_cli(
+        "nas.export", "results/tiny", "--trial", str(off), "--out", "models/off", cwd=tmp_path
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "with its retrained weights" in exported.stdout
+    folder = tmp_path / "models" / "off"
+    card = read_card(folder)
+    path = f"retrained/checkpoints/trial_{off:04d}.pt"
+    assert card.source["trial"] == off
+    assert card.source["weights"]["kind"] == "retrained"
+    assert card.source["weights"]["path"] == path
+    assert card.source["weights"]["epochs_run"] == 1
+    assert _same_state(results / path, folder)
+    assert f"Weights: retrained (`{path}`): 1 epochs" in (folder / "README.md").read_text()
+
+    # Trial 0 has both: the retrained weights unless the search's are asked for.
+    for wanted, path in (
+        ("auto", "retrained/checkpoints/trial_0000.pt"),
+        ("search", "checkpoints/trial_0000.pt"),
+    ):
+        out = f"models/zero_{wanted}"
+        result = run_cli("nas.export", "results/tiny", "--trial", "0", "--weights", wanted,
+                         "--format", "none", "--out", out, cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert read_card(tmp_path / out).source["weights"]["path"] == path
+        assert _same_state(results / path, tmp_path / out)
+    # The search kept none of the trial off the front, and it has no folds.
+    for wanted, reason in (("search", "the search kept no weights"), ("folds", "--folds all")):
+        message = user_error(run_cli("nas.export", "results/tiny", "--trial", str(off),
+                                     "--weights", wanted, "--out", "x", cwd=tmp_path))  # fmt: skip
+        assert message.startswith("error: --weights: ") and reason in message
+    assert not (tmp_path / "x").exists()
+
+    images = tiny_dataset / "imagesTr"
+    predicted = run_cli("nas.predict", "models/off", str(images), "masks", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    scans = sorted(images.glob("*_0000.nii.gz"))
+    assert len(scans) == len(list((tmp_path / "masks").iterdir())) == 6
+    for scan in scans:
+        image = nib.load(scan)
+        mask = nib.load(tmp_path / "masks" / scan.name.replace("_0000", ""))
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}

@@ -1,0 +1,168 @@
+"""Where nas keeps a trial's weights, and which of them an export takes.
+
+Three commands train a search's trial and keep its weights under results/<study>/: the
+search itself, for the members of its front (checkpoints/trial_NNNN.pt); nas.retrain, which
+trains chosen trials again at full budget (retrained/checkpoints/trial_NNNN.pt); and
+nas.retrain --folds, one model per fold of the split (crossval/trial_NNNN/fold_K.pt). An
+export takes, unless told which, the retrained weights (trained longest, on every training
+slice, by a deliberate request), then the search's, then the folds' ensemble (a single
+network first: an ensemble costs one pass per fold). Paths only and the storage's records:
+no torch (nor Optuna when only paths are asked for), so a trial without weights is refused
+before torch loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas.errors import NasError
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+# The kinds of weights, in the order an export prefers them.
+KINDS = ("retrained", "search", "folds")
+
+
+def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
+    """The search's weights of a trial (`study_dir`: the results folder)."""
+    return study_dir / "checkpoints" / f"trial_{trial_number:04d}.pt"
+
+
+def retrained_path(study_dir: Path, trial_number: int) -> Path:
+    """nas.retrain's weights of a trial."""
+    return checkpoint_path(study_dir / "retrained", trial_number)
+
+
+def folds_folder(study_dir: Path, trial_number: int) -> Path:
+    return study_dir / "crossval" / f"trial_{trial_number:04d}"
+
+
+def fold_path(study_dir: Path, trial_number: int, fold: int) -> Path:
+    """nas.retrain --folds's weights of a trial trained on one fold."""
+    return folds_folder(study_dir, trial_number) / f"fold_{fold}.pt"
+
+
+@dataclass(frozen=True)
+class TrialWeights:
+    """The weights of one trial an export takes: one file, or one per fold."""
+
+    kind: str  # one of KINDS
+    path: Path  # the file, or the folds' folder
+    members: dict[str, Path]  # {"": file} for one network, {"fold_K": file} for the folds
+    # What training these weights recorded: epochs_run, val_iou, val_dice (folds: means).
+    scores: dict[str, Any]
+
+    @property
+    def files(self) -> Path | dict[str, Path]:
+        """As nas.export.export takes them: one file, or the members by name."""
+        return self.members[""] if "" in self.members else dict(self.members)
+
+    def describe(self, study_dir: Path) -> dict[str, Any]:
+        """For architecture.yaml's source.weights: the kind, the path relative to the
+        results folder, and the scores these weights were trained to."""
+        try:
+            path = self.path.relative_to(study_dir)
+        except ValueError:
+            path = self.path
+        return {"kind": self.kind, "path": path.as_posix(), **self.scores}
+
+
+def _scores(trial: FrozenTrial) -> dict[str, Any]:
+    from nas.record import TrialRecord
+
+    record = TrialRecord.of(trial)
+    return {
+        "epochs_run": record.epochs_run,
+        "val_iou": record.iou,
+        "val_dice": record.quantity("dice"),
+    }
+
+
+def _search(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+    path = checkpoint_path(study_dir, trial.number)
+    if not path.is_file():
+        return None
+    return TrialWeights("search", path, {"": path}, _scores(trial))
+
+
+def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+    import optuna
+    from optuna.trial import TrialState
+
+    path = retrained_path(study_dir, trial.number)
+    if not path.is_file():
+        return None
+    name = f"{study.study_name}-retrain"
+    scores: dict[str, Any] = {}
+    if name in optuna.get_all_study_names(study._storage):
+        runs = optuna.load_study(study_name=name, storage=study._storage).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,)
+        )
+        mine = [t for t in runs if t.user_attrs.get("source_trial") == trial.number]
+        if mine:  # the file holds the latest retrain that finished
+            scores = _scores(mine[-1])
+    return TrialWeights("retrained", path, {"": path}, scores)
+
+
+def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+    folder = folds_folder(study_dir, trial.number)
+    if not any(folder.glob("fold_*.pt")):  # before the crossval study (and torch) is read
+        return None
+    from nas.crossval import FOLD_ATTR, find_crossval_study, member_runs
+
+    crossval = find_crossval_study(study._storage, study.study_name)
+    runs = member_runs(crossval, trial.number) if crossval is not None else []
+    members, kept = {}, []
+    for run in runs:
+        path = fold_path(study_dir, trial.number, run.user_attrs[FOLD_ATTR])
+        if path.is_file():
+            members[f"fold_{run.user_attrs[FOLD_ATTR]}"] = path
+            kept.append(run)
+    if len(members) < 2:
+        return None
+    per_fold = [_scores(run) for run in kept]
+    scores = {
+        "epochs_run": per_fold[0]["epochs_run"],
+        **{
+            key: sum(s[key] for s in per_fold) / len(per_fold)
+            for key in ("val_iou", "val_dice")
+            if all(s[key] is not None for s in per_fold)
+        },
+    }
+    return TrialWeights("folds", folder, members, scores)
+
+
+FINDERS = {"retrained": _retrained, "search": _search, "folds": _folds}
+
+
+def find_weights(
+    study: optuna.Study, study_dir: Path, trial: FrozenTrial, wanted: str = "auto"
+) -> TrialWeights:
+    """The weights of `trial` of kind `wanted` (one of KINDS), or with "auto" the first kind
+    in KINDS that exists; a NasError naming the commands that would train them otherwise."""
+    for kind in KINDS if wanted == "auto" else (wanted,):
+        found = FINDERS[kind](study, study_dir, trial)
+        if found is not None:
+            return found
+    n = trial.number
+    retrain = f"nas retrain {study_dir} --trials {n}"
+    folds = f"{retrain} --folds all"
+    if wanted == "auto":
+        raise NasError(
+            study_dir,
+            f"trial {n} has no weights (the search keeps only its front's, and neither nas "
+            f"retrain nor nas retrain --folds trained it); train them with {retrain}, or "
+            f"cross-validate it with {folds}",
+        )
+    missing = {
+        "search": f"the search kept no weights of trial {n} (it keeps only its front's)",
+        "retrained": f"trial {n} has no retrained weights ({retrained_path(study_dir, n)})",
+        "folds": f"trial {n} has no cross-validated folds with weights (at least 2 in "
+        f"{folds_folder(study_dir, n)})",
+    }[wanted]
+    command = folds if wanted == "folds" else retrain
+    raise NasError("--weights", f"{missing}; train them with {command}")
