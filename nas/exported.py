@@ -18,6 +18,7 @@ in the target device's memory is refused before any network is built.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from nas.builder import build_unet
 from nas.errors import NasError
-from nas.inference import TTA, Engine, Predictor, choose_engine, load_runner
+from nas.inference import TTA, Engine, Predictor, choose_engine, load_runner, onnx_fallback
 from nas.inference import predictor as make_predictor
 from nas.memory import default_memory_limit_bytes
 from nas.model_card import CARD_FILE, WEIGHTS_FILE, ModelCard, check_memory, read_card
@@ -71,7 +72,8 @@ def load_predictor(
     tta: TTA | None = None,
 ) -> Predictor:
     """Every member of the exported model on `engine`, averaged, with the card's mirroring
-    unless `tta` says otherwise."""
+    unless `tta` says otherwise. Where ONNX Runtime cannot use `device` and runs on the CPU
+    instead, one line on stderr says so."""
     folder = Path(folder)
     card = read_card(folder)
     device = torch.device(device)
@@ -79,11 +81,13 @@ def load_predictor(
         limit = default_memory_limit_bytes(device)
         check_memory(folder / CARD_FILE, card, limit, device.type)
     cfg = card.unet_config()
-    runners = []
+    runners, engines = [], set()
     for member in card.member_folders(folder):
-        chosen = choose_engine(engine, member, device)
+        engines.add(chosen := choose_engine(engine, member, device))
         # Loaded whatever the engine, so that a missing or foreign weights.pt is refused.
         network = _load_network(card, member, device)
         runners.append(load_runner(member, cfg, chosen, device, network))
+    if "onnx" in engines and (fallback := onnx_fallback(device)):
+        print(fallback, file=sys.stderr)
     inference = card.inference
     return make_predictor(runners, inference.output, cfg.spatial_dims, tta or inference.tta)

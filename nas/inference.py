@@ -29,6 +29,7 @@ TTA = Literal["none", "mirror"]
 ENGINES = ("auto", "eager", "pt2", "onnx")
 PT2_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 Runner = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *spatial) -> logits (B, K, *spatial)
 
 
@@ -102,18 +103,35 @@ def onnx_available() -> bool:
     return True
 
 
+def onnx_providers(device: torch.device) -> list[str]:
+    """ONNX Runtime's execution providers for `device`: CUDA's, then the CPU's, on a CUDA
+    device where this onnxruntime has it (the onnxruntime-gpu build); else the CPU's."""
+    import onnxruntime
+
+    if device.type == "cuda" and CUDA_PROVIDER in onnxruntime.get_available_providers():
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def onnx_fallback(device: torch.device) -> str | None:
+    """The line to print when ONNX Runtime cannot run on `device` and runs on the CPU."""
+    if device.type == "cpu" or CUDA_PROVIDER in onnx_providers(device):
+        return None
+    need = " (pip install onnxruntime-gpu)" if device.type == "cuda" else ""
+    return f"onnxruntime has no {device.type} provider here{need}; running model.onnx on the CPU"
+
+
 def choose_engine(requested: Engine, folder: Path, device: torch.device) -> str:
     """The engine a member folder runs on. `auto`: ONNX Runtime on a CPU when the folder has
-    model.onnx and onnxruntime is installed, else eager. The pt2 program is used only when
-    asked for: loading it unpickles data, which should be a deliberate choice."""
+    model.onnx and onnxruntime is installed, else eager (on a GPU, PyTorch itself). `onnx`
+    on a CUDA device uses ONNX Runtime's CUDA provider where installed, else the CPU. The pt2
+    program is used only when asked for: loading it unpickles data, which should be a
+    deliberate choice."""
     if requested == "auto":
         onnx = (folder / ONNX_FILE).is_file() and onnx_available()
         return "onnx" if onnx and device.type == "cpu" else "eager"
-    if requested == "onnx":
-        if device.type != "cpu":
-            raise NasError("--engine", "onnx runs on the CPU here; use --device cpu")
-        if not onnx_available():
-            raise NasError("--engine", 'onnx needs onnxruntime: pip install "nas[onnx]"')
+    if requested == "onnx" and not onnx_available():
+        raise NasError("--engine", 'onnx needs onnxruntime: pip install "nas[onnx]"')
     if requested in ("onnx", "pt2"):
         path = folder / (ONNX_FILE if requested == "onnx" else PT2_FILE)
         if not path.is_file():
@@ -138,10 +156,11 @@ def load_runner(
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(
-        str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        str(folder / ONNX_FILE), options, providers=onnx_providers(device)
     )
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"image": x.cpu().numpy()})[0])
+        logits = session.run(None, {"image": x.cpu().numpy()})[0]
+        return torch.from_numpy(logits).to(x.device)
 
     return _padded_runner(run, cfg)

@@ -4,18 +4,18 @@ INPUT is a .nii/.nii.gz file or a folder of them: nnU-Net style channel files
 (`case_0000.nii.gz`, `case_0001.nii.gz`, ...) or one file per case (4D when the model takes
 several channels). Each scan goes through the preprocessing the model was trained with
 (RAS, nonzero crop, resampling, normalisation, all recorded in architecture.yaml), then 2D
-slice-wise or 3D sliding-window inference. An ensemble averages its members' probabilities,
-those of mirrored passes too with `--tta mirror`; `--engine` runs the members on ONNX Runtime
-or the exported program (auto: ONNX on a CPU when the export wrote it). The probabilities are
-resampled back to the cropped box (linear, as nnU-Net does), turned into labels (argmax,
-or for region-based training each region's regions_class_order value where its sigmoid >
-0.5, in order),
-postprocessed as the card records (largest connected component of the classes where
-cross-validation showed it helps), placed in the full volume and reoriented to the scan's
-own orientation. Each mask is a NIfTI with exactly the scan's shape and affine, holding the
-dataset's label values (uint8, or uint16/uint32 where a value needs it). OUTPUT is a file
-for a single-file INPUT (or a folder to write `<case>.nii.gz` into); for a folder INPUT, a
-folder.
+slice-wise or 3D sliding-window inference (windows overlapping by --overlap). An ensemble
+averages its members' probabilities, those of mirrored passes too with `--tta mirror`;
+`--engine` runs the members on ONNX Runtime (its CUDA provider on a CUDA device where the
+onnxruntime-gpu build is installed) or the exported program (auto: ONNX on a CPU when the
+export wrote it). The probabilities are resampled back to the cropped box (linear, as
+nnU-Net does), turned into labels (argmax, or for region-based training each region's
+regions_class_order value where its sigmoid > 0.5, in order), postprocessed as the card
+records (largest connected component of the classes where cross-validation showed it helps),
+placed in the full volume and reoriented to the scan's own orientation. Each mask is a
+NIfTI with exactly the scan's shape and affine, holding the dataset's label values (uint8,
+or uint16/uint32 where a value needs it). OUTPUT is a file for a single-file INPUT (or a
+folder to write `<case>.nii.gz` into); for a folder INPUT, a folder.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ if TYPE_CHECKING:
     from nas.inference import Predictor
     from nas.model_card import ModelCard
 
-# nas.inference.ENGINES, spelled out so that --help does not import torch (tests/test_cli.py
-# checks that the two agree).
+# nas.inference.ENGINES and nas.validate.DEFAULT_OVERLAP, spelled out so that --help does not
+# import torch (tests/test_cli.py checks that they agree).
 ENGINES = ("auto", "eager", "pt2", "onnx")
+DEFAULT_OVERLAP = 0.25
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -124,10 +125,15 @@ def postprocess(classes: np.ndarray, card: ModelCard) -> np.ndarray:
 
 
 def segment_classes(
-    predictor: Predictor, card: ModelCard, scan: Scan, device: torch.device
+    predictor: Predictor,
+    card: ModelCard,
+    scan: Scan,
+    device: torch.device,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """Class indices (uint8, 0 = background, in the order of `card.labels`) of one scan in
-    its own voxel order, and the scan's first image. `predictor` runs on `device`."""
+    its own voxel order, and the scan's first image. `predictor` runs on `device`, on
+    sliding windows that overlap by `overlap`."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -148,6 +154,7 @@ def segment_classes(
             device,
             inference.slice_axis,
             windows_per_batch=8,
+            overlap=overlap,
         )
         box_shape = tuple(s.stop - s.start for s in box)
         if tuple(probs.shape[1:]) != box_shape:
@@ -161,10 +168,14 @@ def segment_classes(
 
 
 def segment(
-    predictor: Predictor, card: ModelCard, scan: Scan, device: torch.device
+    predictor: Predictor,
+    card: ModelCard,
+    scan: Scan,
+    device: torch.device,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """The label mask of one scan in its own voxel order, and the scan's first image."""
-    classes, first = segment_classes(predictor, card, scan, device)
+    classes, first = segment_classes(predictor, card, scan, device, overlap)
     return mask_values(card.labels)[classes], first
 
 
@@ -212,6 +223,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tta", choices=["none", "mirror"], help="test-time mirroring (default: as exported)"
     )
+    parser.add_argument(
+        "--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
+        help="share of each sliding window its neighbours overlap, in [0, 1) (default: "
+        f"{DEFAULT_OVERLAP}); more is smoother and slower",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -220,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
 
     from nas.model_card import read_card
 
+    if not 0 <= args.overlap < 1:
+        raise NasError("--overlap", f"must be at least 0 and below 1, not {args.overlap}")
     card = read_card(args.model)
     scans = find_scans(args.input, len(card.preprocessing.input_channels))
     outputs = output_paths(args.input, args.output, scans)
@@ -232,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     progress = tqdm(list(zip(scans, outputs, strict=True)), unit="scan", leave=False, disable=None)
     for scan, path in progress:
         progress.set_postfix_str(scan.name)
-        mask, like = segment(predictor, card, scan, device)
+        mask, like = segment(predictor, card, scan, device, args.overlap)
         write_mask(mask, like, path)
     print(f"wrote {len(outputs)} mask{'s' if len(outputs) != 1 else ''} to {args.output}")
     return 0

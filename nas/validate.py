@@ -22,6 +22,9 @@ from torch import nn
 from nas.data import Case
 from nas.labels import LabelScheme
 
+# Of a sliding window, the share its neighbours overlap: validation always, predict by default.
+DEFAULT_OVERLAP = 0.25
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -38,12 +41,13 @@ def predict_logits(
     device: torch.device,
     slice_axis: int = 2,
     windows_per_batch: int = 16,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> torch.Tensor:
     """Logits (K, X, Y, Z) on `device` for one preprocessed image (C, X, Y, Z); what `model`
     returns per window, so probabilities for a nas.inference.Predictor.
 
     patch_size: in-plane size for a 2D network (which sees slices along `slice_axis`),
-    (X, Y, Z) for a 3D one.
+    (X, Y, Z) for a 3D one. overlap: the share of a window its neighbours cover, in [0, 1).
     """
     # A copy: cached arrays are read-only memory maps.
     inputs = torch.from_numpy(np.array(image, dtype=np.float32)).to(device)
@@ -51,7 +55,7 @@ def predict_logits(
     # 2D: the slices are the batch, (S, C, a, b); 3D: one volume, (1, C, X, Y, Z).
     inputs = inputs.movedim(slice_axis + 1, 0) if two_d else inputs.unsqueeze(0)
     logits = sliding_window_inference(
-        inputs, tuple(patch_size), windows_per_batch, model, overlap=0.25, mode="gaussian"
+        inputs, tuple(patch_size), windows_per_batch, model, overlap=overlap, mode="gaussian"
     )
     return logits.movedim(0, slice_axis + 1) if two_d else logits[0]
 

@@ -79,11 +79,14 @@ print(json.dumps(sorted(name for name in {HEAVY!r} if name in sys.modules)))
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
-def test_predict_engines_match_inference():
+def test_predict_engines_and_overlap_match_inference():
     from nas.inference import ENGINES
+    from nas.predict import DEFAULT_OVERLAP as PREDICT_OVERLAP
     from nas.predict import ENGINES as PREDICT_ENGINES
+    from nas.validate import DEFAULT_OVERLAP
 
     assert PREDICT_ENGINES == ENGINES
+    assert PREDICT_OVERLAP == DEFAULT_OVERLAP
 
 
 def test_package_names_load_on_first_use():
@@ -144,7 +147,8 @@ def test_bad_input_is_reported_before_torch_loads(tmp_path, tiny_dataset):
     (tmp_path / "results" / "empty").mkdir(parents=True)
     known = tmp_path / "results" / "known"
     known.mkdir()
-    optuna.create_study(storage=f"sqlite:///{known / 'study.db'}", study_name="known")
+    study = optuna.create_study(storage=f"sqlite:///{known / 'study.db'}", study_name="known")
+    study.add_trial(optuna.trial.create_trial(value=0.5))  # completed, never trained by nas
     model = tmp_path / "model"
     model.mkdir()
     (model / "architecture.yaml").write_text("format_version: 1\narchitecture: {depth: 0}\n")
@@ -172,6 +176,7 @@ def test_bad_input_is_reported_before_torch_loads(tmp_path, tiny_dataset):
         ),
         ("export", "results/empty"): "results/empty: holds no study.db",
         ("export", "results/known", "--trial", "7"): "--trial: study 'known' has no trial 7",
+        ("export", "results/known", "--trial", "0"): "results/known: trial 0 has no weights",
         (
             "retrain",
             "results/known",
@@ -182,6 +187,9 @@ def test_bad_input_is_reported_before_torch_loads(tmp_path, tiny_dataset):
         ("dashboard", "results/empty"): "results/empty: holds no study.db",
         ("predict", "missing", "pred", "out"): "missing: not found",
         ("predict", "model", "pred", "out"): "model/architecture.yaml: not a valid model",
+        ("predict", "model", "pred", "out", "--overlap", "1"): (
+            "--overlap: must be at least 0 and below 1, not 1.0"
+        ),
         ("evaluate", "pred", "ref"): "pred/a.nii.gz: shape",
     }
     argvs = [list(argv) for argv in cases]

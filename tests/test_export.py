@@ -295,6 +295,65 @@ def test_predict_keeps_shape_and_affine_and_matches_the_eager_model(
             assert (mask == expected_fine).mean() > 0.99
 
 
+def test_predict_takes_an_overlap_and_a_device(exported, datasets, tmp_path):
+    channels = _ras_scan(datasets["three_d"])
+    (t2, _) = _write_scan(channels, np.diag([0.8, 0.8, 2.4, 1.0]), tmp_path / "scans")
+    model = str(exported["three_d"])
+    result = run_cli("nas.predict", model, "scans", "masks", "--overlap", "0.5", "--device", "cpu",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    mask, image = nib.load(tmp_path / "masks" / "scan.nii.gz"), nib.load(t2)
+    assert mask.shape == image.shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+    for bad in ("1", "-0.1", "nan"):
+        message = user_error(
+            run_cli("nas.predict", model, "scans", "out", "--overlap", bad, cwd=tmp_path)
+        )
+        assert message.startswith("error: --overlap: must be at least 0 and below 1"), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_overlap_decides_how_many_windows_are_run():
+    """64 voxels in windows of 32: 2 windows along the axis without overlap, 3 at half."""
+    from nas.validate import predict_logits
+
+    def windows(overlap: float) -> int:
+        calls = []
+
+        def model(x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return torch.ones(x.shape[0], 1, *x.shape[2:])
+
+        image = np.zeros((1, 64, 32, 16), np.float32)
+        logits = predict_logits(model, image, (32, 32, 16), torch.device("cpu"), 2, 1, overlap)
+        assert logits.shape == (1, 64, 32, 16)
+        torch.testing.assert_close(logits, torch.ones_like(logits))
+        return sum(calls)
+
+    assert windows(0.0) == 2 and windows(0.5) == 3
+
+
+def test_onnx_runs_on_cuda_where_onnxruntime_can_and_says_when_it_cannot():
+    import onnxruntime
+
+    from nas.inference import onnx_fallback, onnx_providers
+
+    cuda = torch.device("cuda")  # a device name: no GPU is needed to ask
+    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    assert onnx_providers(cuda)[0] == (
+        "CUDAExecutionProvider" if has_cuda else "CPUExecutionProvider"
+    )
+    assert onnx_fallback(torch.device("cpu")) is None
+    if has_cuda:
+        assert onnx_fallback(cuda) is None
+    else:
+        assert onnx_fallback(cuda) == (
+            "onnxruntime has no cuda provider here (pip install onnxruntime-gpu); running "
+            "model.onnx on the CPU"
+        )
+
+
 def test_predict_reads_a_single_file_and_writes_a_single_file(exported, datasets, tmp_path):
     channels = _ras_scan(datasets["two_d"])
     (path,) = _write_scan(channels, np.diag([1.5, 1.5, 3.0, 1.0]), tmp_path)
