@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     import torch
 
 
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of `nas COMMAND`, its usage line spelled as the user typed it:
+    `nas COMMAND`, or `python -m nas.COMMAND` when run as that module."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    as_module = spec is not None and spec.name == f"nas.{command}"
+    prog = f"python -m nas.{command}" if as_module else f"nas {command}"
+    return argparse.ArgumentParser(prog=prog, description=description)
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",

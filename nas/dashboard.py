@@ -17,20 +17,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nas.cli import exit_code
+from nas.cli import command_parser, exit_code
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m nas.dashboard", description=__doc__.split("\n")[0]
-    )
+def make_parser() -> argparse.ArgumentParser:
+    parser = command_parser("dashboard", __doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=8080, help="port to serve on (default: 8080)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="default: this machine only (there is no login)"
     )
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def is_loopback(host: str) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import exit_code
+from nas.cli import command_parser, exit_code
 from nas.errors import NasError
 from nas.staging import atomic_write
 
@@ -248,10 +248,8 @@ def format_summary(summary: dict) -> str:
     )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m nas.evaluate", description=__doc__.split("\n")[0]
-    )
+def make_parser() -> argparse.ArgumentParser:
+    parser = command_parser("evaluate", __doc__.split("\n")[0])
     parser.add_argument("predictions", type=Path, help="a folder of <case>.nii.gz, or one file")
     parser.add_argument("labels", type=Path, help="the reference labels, named as PREDICTIONS")
     parser.add_argument(
@@ -266,7 +264,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out", type=Path,
         help="folder for metrics.csv and summary.json (default: the PREDICTIONS folder)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import exit_code
+from nas.cli import command_parser, exit_code
 from nas.errors import NasError
 from nas.staging import remove_stale_staging, replace_folder, staging_folder
 from nas.weights import KINDS, find_weights
@@ -46,10 +46,8 @@ MEMBER_FOLDER = re.compile(r"^fold_\d+$")
 RTOL, ATOL = 1e-3, 1e-4
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m nas.export", description=__doc__.split("\n")[0]
-    )
+def make_parser() -> argparse.ArgumentParser:
+    parser = command_parser("export", __doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--best", action="store_true", help="highest IoU on the front (default)")
@@ -75,7 +73,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tta", choices=["none", "mirror"], default="none",
         help="predict averages over mirrored inputs too (nnU-Net's test-time augmentation)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:

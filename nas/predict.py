@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import add_device_option, device_option, exit_code
+from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 
 if TYPE_CHECKING:
@@ -207,10 +207,8 @@ def output_paths(source: Path, output: Path, scans: Sequence[Scan]) -> list[Path
     return paths
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m nas.predict", description=__doc__.split("\n")[0]
-    )
+def make_parser() -> argparse.ArgumentParser:
+    parser = command_parser("predict", __doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a folder written by nas.export")
     parser.add_argument("input", type=Path, help="a .nii/.nii.gz file or a folder of them")
     parser.add_argument("output", type=Path, help="mask file, or folder for <case>.nii.gz")
@@ -228,7 +226,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="share of each sliding window its neighbours overlap, in [0, 1) (default: "
         f"{DEFAULT_OVERLAP}); more is smoother and slower",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:

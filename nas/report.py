@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import exit_code
+from nas.cli import command_parser, exit_code
 from nas.staging import atomic_write
 
 if TYPE_CHECKING:
@@ -500,13 +500,15 @@ def write_report(
     return path
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m nas.report", description=__doc__.split("\n")[0]
-    )
+def make_parser() -> argparse.ArgumentParser:
+    parser = command_parser("report", __doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:

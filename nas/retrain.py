@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import add_device_option, device_option, exit_code
+from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 from nas.staging import atomic_write
 
@@ -34,10 +34,8 @@ if TYPE_CHECKING:
     from nas.data import DataConfig
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m nas.retrain", description=__doc__.split("\n")[0]
-    )
+def make_parser() -> argparse.ArgumentParser:
+    parser = command_parser("retrain", __doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--top", type=int, default=3, help="the K front members of highest IoU")
@@ -51,7 +49,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=1, help="folds trained at once, in processes (--folds)"
     )
     add_device_option(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def parse_folds(text: str, data: DataConfig) -> list[int]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import add_device_option, device_option, exit_code
+from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 from nas.locking import file_lock
 from nas.staging import atomic_write, remove_stale_staging
@@ -59,10 +59,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m nas.run",
-        description="Search U-Net architectures: a Pareto front of validation IoU vs parameters. "
+def make_parser() -> argparse.ArgumentParser:
+    parser = command_parser(
+        "run",
+        "Search U-Net architectures: a Pareto front of validation IoU vs parameters. "
         "Running the same command again continues the same study.",
     )
     parser.add_argument("space", type=Path, help="search-space YAML, e.g. search_spaces/unet.yaml")
@@ -91,7 +91,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"Optuna storage URL (default: ${STORAGE_ENV}, else "
         "sqlite:///RESULTS_DIR/NAME/study.db)",
     )
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--results-dir", type=Path, default=Path("results"),
+        help="where the study's folder (RESULTS_DIR/NAME) goes (default: results)",
+    )  # fmt: skip
     add_device_option(parser)
     parser.add_argument("--seed", type=int, help="sampler and training seed")
     parser.add_argument(
@@ -116,7 +119,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     loudness.add_argument("-v", "--verbose", action="store_true", help="Optuna's own log too")
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = make_parser().parse_args(argv)
     # The command as typed, for run.log (argv is not sys.argv when called in-process).
     args.command_line = shlex.join(["nas", "run", *(sys.argv[1:] if argv is None else argv)])
     return args

@@ -4,6 +4,8 @@ reported without loading torch."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -49,7 +51,31 @@ def test_a_command_keeps_its_own_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--no-such-option"])
     assert exit_info.value.code == 2
-    assert "nas.export" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("usage: nas export ")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_of_every_command_says_what_it_is(command):
+    parser = importlib.import_module(f"nas.{command}").make_parser()
+    assert parser.format_usage().startswith(f"usage: nas {command} ")
+    for action in parser._actions:  # argparse keeps no public list of them
+        if action.help == argparse.SUPPRESS:  # internal (nas run --worker-index)
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help.strip(), f"nas {command} {name} has no help"
+
+
+def test_usage_names_the_command_as_it_was_typed():
+    commands = {
+        "nas run --help": [sys.executable, "-m", "nas", "run", "--help"],
+        "python -m nas.run --help": [sys.executable, "-m", "nas.run", "--help"],
+    }
+    usages = {
+        typed: subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        for typed, argv in commands.items()
+    }
+    assert usages["nas run --help"].startswith("usage: nas run ")
+    assert usages["python -m nas.run --help"].startswith("usage: python -m nas.run ")
 
 
 def test_unknown_command_is_a_usage_error(capsys):
