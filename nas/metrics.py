@@ -12,7 +12,9 @@ finite and a miss scores as badly as it can:
 - exactly one empty (a missed or an invented region): Dice, IoU and NSD 0, and HD95 the
   diagonal of the image's field of view in mm, longer than any distance inside the image.
 
-Pure functions on arrays: no file reading, no command line.
+Dice and IoU from voxel counts are defined here once (`dice_from_counts`, `iou_from_counts`)
+for every caller: these metrics, validation's pooled scores and the postprocessing's per-case
+Dice. Pure functions on arrays: no file reading, no command line.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from numpy.typing import ArrayLike
 
 METRICS = (
     "dice",
@@ -35,6 +41,24 @@ METRICS = (
     "volume_ref_ml",
     "volume_diff_ml",
 )
+
+
+def dice_from_counts(
+    intersection: ArrayLike, predicted: ArrayLike, reference: ArrayLike
+) -> np.ndarray:
+    """Dice, 2 |P & R| / (|P| + |R|), from voxel counts (numbers or arrays of them, one per
+    class); 1.0 where the prediction and the reference are both empty."""
+    both = np.asarray(predicted) + np.asarray(reference)
+    return np.where(both > 0, 2 * np.asarray(intersection) / np.maximum(both, 1), 1.0)
+
+
+def iou_from_counts(
+    intersection: ArrayLike, predicted: ArrayLike, reference: ArrayLike
+) -> np.ndarray:
+    """IoU (Jaccard), |P & R| / |P | R|, from voxel counts as `dice_from_counts` takes them;
+    1.0 where both are empty."""
+    union = np.asarray(predicted) + np.asarray(reference) - np.asarray(intersection)
+    return np.where(union > 0, np.asarray(intersection) / np.maximum(union, 1), 1.0)
 
 
 @dataclass(frozen=True)
@@ -104,8 +128,8 @@ def region_metrics(
     return ClassMetrics(
         case,
         region,
-        dice=2 * n_both / (n_pred + n_ref),
-        iou=n_both / (n_pred + n_ref - n_both),
+        dice=float(dice_from_counts(n_both, n_pred, n_ref)),
+        iou=float(iou_from_counts(n_both, n_pred, n_ref)),
         hd95_mm=hd95,
         nsd=nsd,
         volume_pred_ml=volume_pred,
@@ -149,6 +173,8 @@ def case_metrics(
 
 def as_table(rows: Iterable[ClassMetrics]) -> pd.DataFrame:
     """One row per case and region, with the columns of ClassMetrics."""
+    import pandas as pd
+
     return pd.DataFrame(
         [dataclasses.asdict(row) for row in rows],
         columns=[field.name for field in dataclasses.fields(ClassMetrics)],

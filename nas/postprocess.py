@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from nas.metrics import dice_from_counts
+
 
 def keep_largest_component(classes: np.ndarray, class_indices: Iterable[int]) -> np.ndarray:
     """`classes` (a class-index map) with every voxel of the named classes outside their
@@ -31,8 +33,7 @@ def dice_per_class(prediction: np.ndarray, reference: np.ndarray, n_classes: int
     scores = []
     for k in range(1, n_classes + 1):
         p, r = prediction == k, reference == k
-        both = p.sum() + r.sum()
-        scores.append(1.0 if both == 0 else float(2 * np.logical_and(p, r).sum() / both))
+        scores.append(float(dice_from_counts(np.logical_and(p, r).sum(), p.sum(), r.sum())))
     return scores
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from nas.data import Case
 from nas.labels import LabelScheme
+from nas.metrics import dice_from_counts, iou_from_counts
 
 # Of a sliding window, the share its neighbours overlap: validation always, predict by default.
 DEFAULT_OVERLAP = 0.25
@@ -109,12 +110,10 @@ class PooledCounts:
             self.truth[k] += t.sum()
 
     def scores(self) -> Scores:
-        inter, both = self.intersection, self.predicted + self.truth
-        union = both - inter
+        counts = self.intersection, self.predicted, self.truth
         # A class absent from both prediction and truth everywhere is perfectly segmented
         # (split_dataset keeps every class in validation, so a search never scores this way).
-        iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-        dice = np.where(both > 0, 2 * inter / np.maximum(both, 1), 1.0)
+        iou, dice = iou_from_counts(*counts), dice_from_counts(*counts)
         return Scores(float(iou.mean()), float(dice.mean()), tuple(float(v) for v in iou))
 
 

@@ -336,3 +336,25 @@ def test_a_bad_input_is_one_line_naming_the_file_and_nothing_is_written(folders,
     assert reason in captured.err
     assert captured.err.count("\n") == 1
     assert sorted(predictions.iterdir()) == before  # no metrics.csv, summary.json or leftovers
+
+
+def test_validation_postprocessing_and_evaluate_score_one_dice():
+    """Dice is defined once (nas.metrics): validation's pooled scores of one case, the
+    postprocessing's per-case Dice and nas.evaluate's agree on the same two-class masks."""
+    from nas.labels import LabelScheme
+    from nas.postprocess import dice_per_class
+    from nas.validate import PooledCounts
+
+    shape = (16, 16, 16)
+    reference = cube(shape, (2, 2, 2), 6) * 1 + cube(shape, (9, 9, 9), 5) * 2
+    prediction = cube(shape, (3, 2, 2), 6) * 1 + cube(shape, (9, 9, 8), 4) * 2
+    rows = case_metrics("c", prediction, reference, (1.0, 1.0, 1.0), {"a": (1,), "b": (2,)})
+    per_class = dice_per_class(prediction, reference, 2)
+    counts = PooledCounts(LabelScheme.build({0: 0, 1: 1, 2: 2}, ("a", "b")))
+    counts.add(prediction, reference)
+    scores = counts.scores()
+    assert per_class == pytest.approx([row.dice for row in rows])
+    assert scores.dice == pytest.approx(np.mean(per_class))
+    assert scores.iou_per_class == pytest.approx(tuple(row.iou for row in rows))
+    # 5 of 6 slabs of class a's cube overlap: Dice 5/6, IoU 5/7.
+    assert per_class[0] == pytest.approx(5 / 6) and rows[0].iou == pytest.approx(5 / 7)
