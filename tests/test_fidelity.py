@@ -281,6 +281,10 @@ def test_a_search_promotes_candidates_that_continue_their_own_training(tmp_path,
     front = pd.read_csv(results / "pareto.csv")
     continued = {t.user_attrs["continues"] for t in trials if "continues" in t.user_attrs}
     assert not continued & set(front.number)  # each candidate at the fidelity it reached
+    # Each member's steps, and whether it trained far less than a member of similar size.
+    for row in front.itertuples():
+        similar = front[front.n_params.between(row.n_params / 10, row.n_params * 10)]
+        assert row.undertrained == (row.fidelity_steps < 0.25 * similar.fidelity_steps.max())
     for number in continued:  # superseded: neither weights nor state are kept
         assert not checkpoint_path(results, number).exists()
         assert not state_path(checkpoint_path(results, number)).exists()
