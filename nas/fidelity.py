@@ -23,12 +23,14 @@ is kept for promotions. While new candidates may start, a promotion may take at 
 what is left, so that one slow candidate cannot spend the search on itself.
 
 The endgame (no more new candidates) gives the front fidelity parity rather than one winner:
-every candidate that no other beats at equal fidelity (IoU compared at the epoch both reached,
-parameters) and that may train on climbs one level (the next rung, or eta times longer beyond
-the top while still learning), the least trained first (`parity_promotions`). When no level
-fits what is left, the best of them trains on for the rest, but not past 1/PARITY_SHARE times
-the steps of the least trained front member of similar cost (`final_fill`). A front member
-trained fewer than PARITY_SHARE of the steps of such a neighbour is marked (`undertrained`).
+every candidate that no other beats at equal fidelity (one trained at least as long, with no
+more parameters and a higher IoU at the epoch it reached) and that may train on climbs one
+level (the next rung, or eta times longer beyond the top while still learning), the least
+trained first (`parity_promotions`). When no level fits what is left, the best of them trains
+on for the rest, but not past 1/PARITY_SHARE times the steps of the least trained front
+member of similar cost (`final_fill`); when the front has nothing that fits, successive
+halving's due promotions use the rest. A front member trained fewer than PARITY_SHARE of the
+steps of such a neighbour is marked (`undertrained`).
 
 Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
 nas/objective.py and nas/schedule.py (`lineage`, `continues`, `until`, `epochs_run`, `steps`,
@@ -351,10 +353,15 @@ def standings(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> 
 
 
 def _beats_at_equal_fidelity(one: Standing, other: Standing) -> bool:
-    """Whether `one` dominates `other` on (IoU, parameters), the IoUs compared at the epoch
-    both reached: a large network stopped early is not beaten by a small one trained long."""
-    epoch = min(one.epoch, other.epoch)
-    return dominates((-one.score(epoch), one.n_params), (-other.score(epoch), other.n_params))
+    """Whether `one`, trained at least as long as `other`, dominates it on (IoU, parameters)
+    with its IoU taken at the epoch `other` reached: a large network stopped early is not
+    beaten by a small one trained long. A less trained candidate beats none: on real MRI
+    nearly every network scores about 0.5 after three epochs, and the smallest stub, compared
+    at that epoch, "beat" the whole front."""
+    if one.epoch < other.epoch:
+        return False
+    epoch = other.epoch
+    return dominates((-one.score(epoch), one.n_params), (-other.score(), other.n_params))
 
 
 def equal_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:

@@ -151,10 +151,14 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
             steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
             return int(steps // batches_per_epoch(trial))
 
-        return final_fill(trials, schedule.rungs, schedule.eta, affordable_epochs)
+        fill = final_fill(trials, schedule.rungs, schedule.eta, affordable_epochs)
+        if fill is not None:
+            return fill
+        # The front has nothing left to train that fits: successive halving's due promotions,
+        # each rung's best, rather than ending with the budget unspent.
     due = promotions(trials, schedule.rungs, schedule.eta, endgame, budgeted)
-    if endgame:  # without a budget: nothing to keep for later
-        return next(iter(due), None)
+    if endgame:  # nothing to keep for later
+        return next((p for p in due if budget.affords(spent, steps(p), speed(p))), None)
     return next(
         (p for p in due if budget.affords_while_exploring(spent, steps(p), speed(p), schedule.eta)),
         None,

@@ -183,6 +183,11 @@ def test_the_endgame_lifts_the_front_least_trained_first():
     beaten = _trial(2, 3_000, {1: 0.1, 2: 0.2}, 2, **made)
     due = parity_promotions([large, small, beaten], rungs, 3)
     assert [(p.number, p.rung, p.to_epoch) for p in due] == [(0, 2, 6), (1, 18, 54)]
+    # A stub beats no one trained longer: 1,000 parameters at 0.35 after 2 epochs does not
+    # push out the small network trained to 18 (0.3 at epoch 2); it is on the front too.
+    stub = _trial(3, 1_000, {1: 0.35, 2: 0.35}, 2, **made)
+    due = parity_promotions([large, small, stub], rungs, 3)
+    assert [p.number for p in due] == [0, 3, 1]  # equal steps: the better first
     # A converged one (+0.003 over its last level) climbs no more.
     converged = _trial(1, 2_000, {2: 0.3, 6: 0.797, 5: 0.797, 18: 0.8, 17: 0.8}, 18, **made)
     assert [p.number for p in parity_promotions([large, converged], rungs, 3)] == [0]
