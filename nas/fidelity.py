@@ -379,14 +379,14 @@ def own_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:
 
 
 def parity_promotions(
-    trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int
+    everyone: Sequence[Standing], rungs: Sequence[int], eta: int
 ) -> list[Promotion]:
     """The endgame's order: every candidate on the front at equal fidelity that may train on,
     the least trained first (ties: best IoU first), each to its next level (the next rung,
     or eta times longer). Shared this way, the front's members climb together, so that the
     front a run reports compares networks trained alike; small networks are cheap per step,
     so their share costs the best little."""
-    front = [s for s in equal_fidelity_front(standings(trials, rungs, eta)) if s.open]
+    front = [s for s in equal_fidelity_front(everyone) if s.open]
     front.sort(key=lambda s: (s.steps, -s.score()))
     return [
         Promotion(s.trial.number, s.epoch, next_level(s.epoch, rungs, eta), extends=True)
@@ -395,17 +395,13 @@ def parity_promotions(
 
 
 def final_fill(
-    trials: Sequence[FrozenTrial],
-    rungs: Sequence[int],
-    eta: int,
-    affordable_epochs: Callable[[FrozenTrial], int],
+    everyone: Sequence[Standing], affordable_epochs: Callable[[FrozenTrial], int]
 ) -> Promotion | None:
     """The last use of a budget, once no next level fits: the best candidate on the front
     that may train on trains for what is left (`affordable_epochs(trial)`), at most until it
     has 1/PARITY_SHARE times the steps of the least trained front member of similar cost,
     and only if that is at least MIN_FINAL_GROWTH of what it has trained; else the next
     best may."""
-    everyone = standings(trials, rungs, eta)
     reported = own_fidelity_front(everyone)
     for best in sorted(equal_fidelity_front(everyone), key=lambda s: -s.score()):
         if not best.open:

@@ -26,6 +26,7 @@ from nas.fidelity import (
     rung_epochs,
     rung_members,
     spending,
+    standings,
 )
 from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
 from nas.space import SearchSpace
@@ -143,7 +144,9 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
         return _seconds_per_step(by_number[promotion.number])
 
     if endgame and budgeted:
-        for promotion in parity_promotions(trials, schedule.rungs, schedule.eta):
+        # Read once for both questions: after every trial, and in `has_work`.
+        everyone = standings(trials, schedule.rungs, schedule.eta)
+        for promotion in parity_promotions(everyone, schedule.rungs, schedule.eta):
             if budget.affords(spent, steps(promotion), speed(promotion)):
                 return promotion
 
@@ -151,7 +154,7 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
             steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
             return int(steps // batches_per_epoch(trial))
 
-        fill = final_fill(trials, schedule.rungs, schedule.eta, affordable_epochs)
+        fill = final_fill(everyone, affordable_epochs)
         if fill is not None:
             return fill
         # The front has nothing left to train that fits: successive halving's due promotions,

@@ -25,6 +25,7 @@ from nas.fidelity import (
     rung_epochs,
     rung_members,
     spending,
+    standings,
     undertrained,
 )
 from nas.labels import LabelScheme
@@ -181,16 +182,18 @@ def test_the_endgame_lifts_the_front_least_trained_first():
     small = _trial(1, 2_000, {1: 0.2, 2: 0.3, 6: 0.6, 18: 0.8, 17: 0.79}, 18, **made)
     # Beaten at equal fidelity by the small one (fewer parameters, better at epoch 2): out.
     beaten = _trial(2, 3_000, {1: 0.1, 2: 0.2}, 2, **made)
-    due = parity_promotions([large, small, beaten], rungs, 3)
+    due = parity_promotions(standings([large, small, beaten], rungs, 3), rungs, 3)
     assert [(p.number, p.rung, p.to_epoch) for p in due] == [(0, 2, 6), (1, 18, 54)]
     # A stub beats no one trained longer: 1,000 parameters at 0.35 after 2 epochs does not
     # push out the small network trained to 18 (0.3 at epoch 2); it is on the front too.
     stub = _trial(3, 1_000, {1: 0.35, 2: 0.35}, 2, **made)
-    due = parity_promotions([large, small, stub], rungs, 3)
+    due = parity_promotions(standings([large, small, stub], rungs, 3), rungs, 3)
     assert [p.number for p in due] == [0, 3, 1]  # equal steps: the better first
     # A converged one (+0.003 over its last level) climbs no more.
     converged = _trial(1, 2_000, {2: 0.3, 6: 0.797, 5: 0.797, 18: 0.8, 17: 0.8}, 18, **made)
-    assert [p.number for p in parity_promotions([large, converged], rungs, 3)] == [0]
+    assert [
+        p.number for p in parity_promotions(standings([large, converged], rungs, 3), rungs, 3)
+    ] == [0]
 
 
 def test_the_last_of_the_budget_goes_to_the_best_without_leaving_a_neighbour_far_behind():
@@ -201,11 +204,11 @@ def test_the_last_of_the_budget_goes_to_the_best_without_leaving_a_neighbour_far
     tiny = _trial(2, 100, {5: 0.3, 6: 0.3}, 6, **made)  # 500 times smaller: not a neighbour
     trials = [best, small, tiny]
     # The best could use 100 more epochs; its neighbour has 6, so it stops at 4 x 6 = 24.
-    fill = final_fill(trials, rungs, 3, lambda trial: 100)
+    fill = final_fill(standings(trials, rungs, 3), lambda trial: 100)
     assert (fill.number, fill.rung, fill.to_epoch, fill.extends) == (0, 6, 24, True)
     # Without the neighbour, all that is left; less than half again is not worth a restart.
-    assert final_fill([best, tiny], rungs, 3, lambda trial: 100).to_epoch == 106
-    assert final_fill([best], rungs, 3, lambda trial: 2) is None
+    assert final_fill(standings([best, tiny], rungs, 3), lambda trial: 100).to_epoch == 106
+    assert final_fill(standings([best], rungs, 3), lambda trial: 2) is None
 
 
 def test_members_trained_far_less_than_their_neighbours_are_marked():
