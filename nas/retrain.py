@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 from nas.staging import atomic_write
+from nas.weights import retrained_dir
 
 if TYPE_CHECKING:
     import optuna
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"  trial {trial.number}: failed ({failure.reason})")
             continue
-        save_checkpoint(args.results / "retrained", trial.number, model.state_dict())
+        save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
         scores = {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
         attrs = {
             "source_trial": trial.number,

@@ -32,9 +32,14 @@ def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
     return study_dir / "checkpoints" / f"trial_{trial_number:04d}.pt"
 
 
+def retrained_dir(study_dir: Path) -> Path:
+    """Where nas.retrain keeps what it trains, laid out as a results folder."""
+    return study_dir / "retrained"
+
+
 def retrained_path(study_dir: Path, trial_number: int) -> Path:
     """nas.retrain's weights of a trial."""
-    return checkpoint_path(study_dir / "retrained", trial_number)
+    return checkpoint_path(retrained_dir(study_dir), trial_number)
 
 
 def folds_folder(study_dir: Path, trial_number: int) -> Path:
