@@ -18,6 +18,7 @@ COMMANDS = {
     "run": "start or resume a search of a space (SPACE.yaml)",
     "export": "write one architecture of the front as a model folder",
     "predict": "segment NIfTI scans with an exported model",
+    "ensemble": "average the probabilities of several models' predictions into masks",
     "evaluate": "score predicted masks against reference labels",
     "retrain": "retrain front members at the full budget, or cross-validate them",
     "report": "rewrite results/<study>/report.html",

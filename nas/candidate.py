@@ -22,7 +22,7 @@ from nas.labels import LabelScheme
 from nas.results import state_path
 from nas.space import Candidate
 from nas.staging import atomic_write
-from nas.train import EpochResult, FitResult, fit, init_model
+from nas.train import EpochResult, FitResult, fit, init_model, initial_model
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,13 @@ def train_candidate(
     state: TrainingState | None = None,
     on_epoch: Callable[[EpochResult], bool | None] | None = None,
 ) -> Outcome:
-    """Train `candidate` from `state` (None: fresh weights from its seed) until `until_epoch`
-    or until `on_epoch` answers False. Raises CandidateFailed as `fit` does."""
-    model = init_model(candidate.unet, candidate.train.seed)
-    if state is not None:
+    """Train `candidate` from `state` (None: fresh weights, from its seed or its
+    init_weights) until `until_epoch` or until `on_epoch` answers False. Raises
+    CandidateFailed as `fit` does."""
+    if state is None:
+        model = initial_model(candidate.unet, candidate.train)
+    else:
+        model = init_model(candidate.unet, candidate.train.seed)
         model.load_state_dict(state.weights)
     result = fit(
         model,

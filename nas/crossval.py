@@ -33,7 +33,7 @@ from nas.objectives import directions
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
 from nas.record import OBJECTIVES_ATTR, TrialRecord, rerun_trial
 from nas.staging import atomic_write
-from nas.train import CandidateFailed, TrainConfig, fit, init_model
+from nas.train import CandidateFailed, TrainConfig, fit, initial_model
 from nas.validate import predict_case
 from nas.weights import fold_path
 
@@ -79,9 +79,9 @@ def run_fold(job: FoldJob) -> dict:
     unet = UNetConfig.from_dict(job.unet)
     train = TrainConfig(**job.train)
     device = torch.device(job.device)
-    model = init_model(unet, train.seed)
     slicing = dataclasses.replace(data.slicing, per_case=None)  # every training slice
     try:
+        model = initial_model(unet, train)
         result = fit(model, train_cases, val_cases, dataset.scheme, train, device, None, slicing)
     except CandidateFailed as failure:
         return {"fail_reason": failure.reason}

@@ -1,7 +1,9 @@
 """`python -m nas.export results/<study>`: write one architecture of the front as a model folder.
 
 Pick the trial with --best (highest IoU on the front, the default), --max-params P (highest
-IoU among front members with at most P parameters) or --trial N, and its weights with
+IoU among front members with at most P parameters) or --trial N; with --by cv, --best and
+--max-params choose among the members `nas retrain --folds` cross-validated, by their mean
+over the folds (as nnU-Net's find_best_configuration does). Its weights are chosen with
 --weights (default: wherever nas trained it longest; see nas/weights.py). The folder
 (default results/<study>/export/trial_NNNN) gets architecture.yaml, weights.pt, README.md,
 and the formats asked for with --format: pt2 (torch.export, the default) and onnx. Each
@@ -53,6 +55,11 @@ def make_parser() -> argparse.ArgumentParser:
     choice.add_argument("--best", action="store_true", help="highest IoU on the front (default)")
     choice.add_argument("--max-params", type=int, metavar="P", help="best with at most P params")
     choice.add_argument("--trial", type=int, metavar="N", help="this trial")
+    parser.add_argument(
+        "--by", choices=["search", "cv"], default="search",
+        help="--best and --max-params rank by the search's validation score (search) or by the "
+        "cross-validated mean of nas retrain --folds (cv)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="default: results/<study>/export/trial_NNNN")
     parser.add_argument("--format", default="pt2", help="comma-separated: pt2, onnx (or none)")
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
@@ -61,8 +68,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--weights", choices=["auto", *KINDS], default="auto",
-        help="which weights: nas retrain's, the search's, or the fold ensemble of nas retrain "
-        "--folds (auto: the first of these that exists)",
+        help="which weights: nas retrain --all-cases's, nas retrain's, the search's, or the "
+        "fold ensemble of nas retrain --folds (auto: the first of these that exists)",
     )  # fmt: skip
     parser.add_argument(
         "--ensemble", choices=["folds"],
@@ -88,11 +95,17 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None) -> FrozenTrial:
+def choose_trial(
+    study: optuna.Study, trial: int | None, max_params: int | None, by: str = "search"
+) -> FrozenTrial:
+    """--trial N, or the best (the smaller on a tie) with at most `max_params` parameters:
+    of the front by the search's score, or of the cross-validated members by their mean."""
     from optuna.trial import TrialState
 
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial is not None:
-        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        if by != "search":
+            raise NasError("--by", "--trial names the trial; --by chooses for --best")
         if trial not in by_number:
             raise NasError("--trial", f"study {study.study_name!r} has no trial {trial}")
         chosen = by_number[trial]
@@ -100,26 +113,49 @@ def choose_trial(study: optuna.Study, trial: int | None, max_params: int | None)
             raise NasError("--trial", f"trial {trial} is {chosen.state.name}, not COMPLETE")
         return chosen
 
-    from nas.record import TrialRecord, study_objectives
+    from nas.record import study_objectives
+
+    score = study_objectives(study).score.name  # IoU unless the study optimises Dice alone
+    candidates = _cv_candidates(study, score) if by == "cv" else _front_candidates(study, score)
+    if max_params is not None:
+        fitting = [c for c in candidates if c[2] <= max_params]
+        if not fitting:
+            smallest = min(c[2] for c in candidates)
+            among = "cross-validated member" if by == "cv" else "front member"
+            raise NasError(
+                "--max-params",
+                f"no {among} has at most {max_params:,} parameters (the smallest has {smallest:,})",
+            )
+        candidates = fitting
+    number = max(candidates, key=lambda c: (c[1], -c[2]))[0]
+    return by_number[number]
+
+
+def _front_candidates(study: optuna.Study, score: str) -> list[tuple[int, float, int]]:
+    """(trial, the search's score, params) of each front member."""
+    from nas.record import TrialRecord
     from nas.results import pareto_front
 
     front = pareto_front(study)
     if not front:
         raise NasError(study.study_name, "has no completed trial to export")
-    members = [(t, TrialRecord.of(t)) for t in front]
-    if max_params is not None:
-        fitting = [(t, r) for t, r in members if (r.n_params or 0) <= max_params]
-        if not fitting:
-            smallest = min(r.n_params or 0 for _, r in members)
-            raise NasError(
-                "--max-params",
-                f"no front member has at most {max_params:,} parameters "
-                f"(the smallest has {smallest:,})",
-            )
-        members = fitting
-    # The best score (IoU unless the study optimises Dice alone), the smaller on a tie.
-    score = study_objectives(study).score.name
-    return max(members, key=lambda m: (m[1].quantity(score), -(m[1].n_params or 0)))[0]
+    records = [(t.number, TrialRecord.of(t)) for t in front]
+    return [(n, r.quantity(score), r.n_params or 0) for n, r in records]
+
+
+def _cv_candidates(study: optuna.Study, score: str) -> list[tuple[int, float, int]]:
+    """(trial, mean over the folds, params) of each cross-validated member."""
+    from nas.crossval import find_crossval_study, summary_rows
+
+    crossval = find_crossval_study(study._storage, study.study_name)
+    rows = summary_rows(crossval, study) if crossval is not None else []
+    if not rows:
+        raise NasError(
+            "--by cv",
+            f"study {study.study_name!r} has no cross-validation: run nas retrain RESULTS "
+            "--folds all first",
+        )
+    return [(r["trial"], r[f"cv_{score}_mean"], r["n_params"]) for r in rows]
 
 
 def _data_description(study: optuna.Study) -> dict:
@@ -507,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
             "--weights", f"--ensemble folds exports the folds' weights, not the {args.weights}'s"
         )
     study = load_results_study(args.results, args.storage)
-    trial = choose_trial(study, args.trial, args.max_params)
+    trial = choose_trial(study, args.trial, args.max_params, args.by)
     weights = find_weights(study, args.results, trial, "folds" if args.ensemble else args.weights)
 
     from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study  # torch: weights found
@@ -527,8 +563,9 @@ def run(args: argparse.Namespace) -> int:
     files = [WEIGHTS_FILE, *(f"model.{f}" for f in formats)]
     if card.members:
         files = [f"{{{','.join(card.members)}}}/{{{','.join(files)}}}"]
+    chosen_by = " chosen by cross-validation," if args.by == "cv" and args.trial is None else ""
     print(
-        f"exported trial {trial.number} ({card.source['n_params']:,} params, "
+        f"exported trial {trial.number}{chosen_by} ({card.source['n_params']:,} params, "
         f"IoU {card.source['val_iou']:.4f}) with its {weights.kind} weights ({weights.path}) "
         f"to {out}/: " + ", ".join([CARD_FILE, *files, README_FILE])
     )

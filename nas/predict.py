@@ -12,7 +12,9 @@ export wrote it). The probabilities are resampled back to the cropped box (linea
 nnU-Net does), turned into labels (argmax, or for region-based training each region's
 regions_class_order value where its sigmoid > 0.5, in order), postprocessed as the card
 records (largest connected component of the classes where cross-validation showed it helps),
-placed in the full volume and reoriented to the scan's own orientation. Each mask is a
+placed in the full volume and reoriented to the scan's own orientation; with
+--save-probabilities the probabilities too, as `<case>.npz` beside the mask (see
+nas/probabilities.py), for `nas ensemble`. Each mask is a
 NIfTI with exactly the scan's shape and affine, holding the dataset's label values (uint8,
 or uint16/uint32 where a value needs it). OUTPUT is a file for a single-file INPUT (or a
 folder to write `<case>.nii.gz` into); for a folder INPUT, a folder.
@@ -124,18 +126,47 @@ def postprocess(classes: np.ndarray, card: ModelCard) -> np.ndarray:
     return keep_largest_component(classes, chosen) if chosen else classes
 
 
-def segment_classes(
+@dataclass
+class ScanPrediction:
+    """One scan's probabilities in its preprocessed (RAS, cropped, resampled-back) box."""
+
+    probabilities: torch.Tensor  # (K, *box shape): what the predictor gives, per output
+    box: tuple[slice, ...]  # where the box lies in the RAS volume
+    shape: tuple[int, ...]  # of the RAS volume
+    image: nib.spatialimages.SpatialImage  # the scan's first image, as read
+
+    def classes(self, card: ModelCard) -> np.ndarray:
+        """Class indices (uint8, 0 = background, in the order of `card.labels`) in the
+        scan's own voxel order, postprocessed as the card says."""
+        import numpy as np
+
+        classes = np.zeros(self.shape, np.uint8)
+        in_box = card.scheme().classes_from_probabilities(self.probabilities)
+        classes[self.box] = postprocess(in_box.cpu().numpy(), card)
+        return _from_ras(classes, self.image)
+
+    def full_probabilities(self, card: ModelCard) -> np.ndarray:
+        """(K, X, Y, Z) float32 in the scan's own voxel order; outside the box, background
+        (softmax: probability 1 on channel 0; sigmoid: 0 everywhere)."""
+        import numpy as np
+
+        full = np.zeros((*self.shape, self.probabilities.shape[0]), np.float32)
+        if card.scheme().output == "softmax":
+            full[..., 0] = 1.0
+        full[self.box] = self.probabilities.movedim(0, -1).float().cpu().numpy()
+        return np.ascontiguousarray(np.moveaxis(_from_ras(full, self.image), -1, 0))
+
+
+def predict_scan(
     predictor: Predictor,
     card: ModelCard,
     scan: Scan,
     device: torch.device,
     overlap: float = DEFAULT_OVERLAP,
-) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
-    """Class indices (uint8, 0 = background, in the order of `card.labels`) of one scan in
-    its own voxel order, and the scan's first image. `predictor` runs on `device`, on
-    sliding windows that overlap by `overlap`."""
+) -> ScanPrediction:
+    """`predictor`'s probabilities for one scan, run on `device` on sliding windows that
+    overlap by `overlap`."""
     import nibabel as nib
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -159,24 +190,20 @@ def segment_classes(
         box_shape = tuple(s.stop - s.start for s in box)
         if tuple(probs.shape[1:]) != box_shape:
             probs = F.interpolate(probs[None], size=box_shape, mode="trilinear")[0]
-        classes = np.zeros(channels[0].shape, np.uint8)
-        classes[box] = postprocess(
-            card.scheme().classes_from_probabilities(probs).cpu().numpy(), card
-        )
-    first = nib.load(paths[0])
-    return _from_ras(classes, first), first
+    return ScanPrediction(probs, tuple(box), tuple(channels[0].shape), nib.load(paths[0]))
 
 
-def segment(
+def segment_classes(
     predictor: Predictor,
     card: ModelCard,
     scan: Scan,
     device: torch.device,
     overlap: float = DEFAULT_OVERLAP,
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
-    """The label mask of one scan in its own voxel order, and the scan's first image."""
-    classes, first = segment_classes(predictor, card, scan, device, overlap)
-    return mask_values(card.labels)[classes], first
+    """Class indices (uint8, 0 = background, in the order of `card.labels`) of one scan in
+    its own voxel order, and the scan's first image."""
+    prediction = predict_scan(predictor, card, scan, device, overlap)
+    return prediction.classes(card), prediction.image
 
 
 def write_mask(mask: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:
@@ -226,6 +253,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="share of each sliding window its neighbours overlap, in [0, 1) (default: "
         f"{DEFAULT_OVERLAP}); more is smoother and slower",
     )  # fmt: skip
+    parser.add_argument(
+        "--save-probabilities", action="store_true",
+        help="also write each scan's probabilities as <case>.npz beside its mask, for nas "
+        "ensemble",
+    )  # fmt: skip
     return parser
 
 
@@ -250,11 +282,19 @@ def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args.model, device, args.engine, args.tta)
     # disable=None: a progress bar on a terminal, nothing in a log file.
     progress = tqdm(list(zip(scans, outputs, strict=True)), unit="scan", leave=False, disable=None)
+    values = mask_values(card.labels)
     for scan, path in progress:
         progress.set_postfix_str(scan.name)
-        mask, like = segment(predictor, card, scan, device, args.overlap)
-        write_mask(mask, like, path)
-    print(f"wrote {len(outputs)} mask{'s' if len(outputs) != 1 else ''} to {args.output}")
+        prediction = predict_scan(predictor, card, scan, device, args.overlap)
+        write_mask(values[prediction.classes(card)], prediction.image, path)
+        if args.save_probabilities:
+            from nas import probabilities
+
+            full = prediction.full_probabilities(card)
+            probabilities.save(probabilities.probabilities_path(path), full, prediction.image, card)
+    n = len(outputs)
+    saved = " and their probabilities" if args.save_probabilities else ""
+    print(f"wrote {n} mask{'s' if n != 1 else ''}{saved} to {args.output}")
     return 0
 
 

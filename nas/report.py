@@ -387,6 +387,7 @@ def _crossval_section(study: optuna.Study) -> str:
         "<p>Each member trained again on every fold (nas.retrain --folds); the search's own "
         "scores come from the one fold it selected on.</p>",
         members.to_html(index=False, border=0),
+        _choices(study),
     ]
     ensemble = pd.DataFrame(ensemble_rows(crossval))
     if not ensemble.empty:
@@ -395,6 +396,20 @@ def _crossval_section(study: optuna.Study) -> str:
             ensemble.to_html(index=False, float_format="{:.4f}".format, border=0),
         ]
     return "\n".join(parts)
+
+
+def _choices(study: optuna.Study) -> str:
+    """Which member `nas export --best` exports by the search's score and by cross-validation,
+    and a warning when they differ."""
+    from nas.export import choose_trial
+
+    search, cv = (choose_trial(study, None, None, by).number for by in ("search", "cv"))
+    if search == cv:
+        return f"<p>The search and the cross-validation choose the same member: trial {cv}.</p>"
+    return (
+        f"<p><strong>The choices differ:</strong> the search's best is trial {search}, the "
+        f"cross-validation's trial {cv} (<code>nas export RESULTS --best --by cv</code>).</p>"
+    )
 
 
 STYLE = """

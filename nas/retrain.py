@@ -6,6 +6,11 @@ more epochs, no time limit and every training slice, and records each result as 
 its own study, `<study>-retrain`, in the same storage, labelled with the trial it came from.
 The search's own values are never touched. Weights go to results/<study>/retrained/.
 
+With `--all-cases`, each chosen member is trained once more on every training case, the
+validation fold's too, for the epochs it reached in the search (or --epochs), with nothing
+left to validate on: nnU-Net's fold "all", the model to ship once cross-validation has chosen.
+Its weights go to results/<study>/retrained/all_cases/ and nas export takes them first.
+
 With `--folds`, each chosen member is instead cross-validated (nas.crossval): trained on
 every fold, recorded in `<study>-crossval`, summarised as mean +- sd per member in
 results/<study>/crossval.csv with the postprocessing the out-of-fold predictions chose; where
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING
 from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 from nas.staging import atomic_write
-from nas.weights import retrained_dir
+from nas.weights import ALL_CASES_ATTR, all_cases_dir, retrain_study_name, retrained_dir
 
 if TYPE_CHECKING:
     import optuna
@@ -49,6 +54,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers", type=int, default=1, help="folds trained at once, in processes (--folds)"
     )
+    parser.add_argument(
+        "--all-cases", action="store_true",
+        help="train the final model on every training case, none held for validation, for the "
+        "epochs the search trained it (or --epochs)",
+    )  # fmt: skip
     add_device_option(parser)
     return parser
 
@@ -140,6 +150,68 @@ def run_crossval(
     return 0
 
 
+def run_all_cases(
+    args: argparse.Namespace,
+    study: optuna.Study,
+    chosen: list[FrozenTrial],
+    data_cfg: DataConfig,
+    storage: str,
+    device: torch.device,
+) -> int:
+    import optuna
+
+    from nas.data import load_dataset
+    from nas.objectives import directions
+    from nas.record import OBJECTIVES_ATTR, TrialRecord, study_objectives
+    from nas.results import save_checkpoint
+    from nas.storage import open_storage, redact
+    from nas.train import CandidateFailed, fit, initial_model
+    from nas.train_config import TrainConfig
+    from nas.unet_config import UNetConfig
+
+    dataset = load_dataset(data_cfg)
+    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
+    objectives = study_objectives(study).names
+    retrain_study = optuna.create_study(
+        storage=open_storage(storage),
+        study_name=retrain_study_name(study.study_name),
+        directions=directions(objectives),
+        load_if_exists=True,
+    )
+    retrain_study.set_user_attr(OBJECTIVES_ATTR, objectives)
+    failed = 0
+    for trial in chosen:
+        record = TrialRecord.of(trial)
+        unet = UNetConfig.from_dict(record.unet_config)
+        search_train = TrainConfig(**record.train_config)
+        epochs = args.epochs or record.epochs_run or search_train.epochs
+        train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
+        print(
+            f"training trial {trial.number} on all {len(dataset.cases)} cases for {epochs} epochs"
+        )
+        try:
+            model = initial_model(unet, train)
+            result = fit(model, dataset.cases, (), dataset.scheme, train, device, None, slicing)
+        except CandidateFailed as failure:
+            print(f"  trial {trial.number}: failed ({failure.reason})")
+            failed += 1
+            continue
+        path = save_checkpoint(all_cases_dir(args.results), trial.number, model.state_dict())
+        recorded = dict(retrain_study.user_attrs.get(ALL_CASES_ATTR, {}))
+        recorded[str(trial.number)] = {
+            "epochs_run": len(result.history),
+            "cases": len(dataset.cases),
+            "seconds": round(result.seconds, 2),
+            "train_loss": result.history[-1].train_loss,
+            "device": str(device),
+        }
+        retrain_study.set_user_attr(ALL_CASES_ATTR, recorded)
+        print(f"  trial {trial.number}: {path} (final training loss "
+              f"{result.history[-1].train_loss:.4f})")  # fmt: skip
+    print(f"recorded in study {retrain_study.study_name!r} of {redact(storage)}")
+    return 1 if failed == len(chosen) else 0
+
+
 def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[FrozenTrial]:
     from optuna.trial import TrialState
 
@@ -183,11 +255,15 @@ def run(args: argparse.Namespace) -> int:
     if "data_config" not in study.user_attrs:
         raise NasError(storage, f"study {name!r} does not record its data settings")
     data_cfg = DataConfig(**study.user_attrs["data_config"])
+    if args.all_cases and args.folds is not None:
+        raise NasError("--all-cases", "trains one model on every case; --folds one per fold")
+    if args.epochs is not None and args.epochs < 1:
+        raise NasError("--epochs", f"must be at least 1, not {args.epochs}")
     chosen = choose_trials(study, args.top, args.trials)
 
     from nas.builder import count_parameters  # torch: once the trials are found
     from nas.results import save_checkpoint
-    from nas.train import CandidateFailed, fit, init_model
+    from nas.train import CandidateFailed, fit, init_model, initial_model
     from nas.train_config import TrainConfig
     from nas.unet_config import UNetConfig
 
@@ -195,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.folds is not None:
         return run_crossval(args, study, chosen, data_cfg, storage, device)
+    if args.all_cases:
+        return run_all_cases(args, study, chosen, data_cfg, storage, device)
     dataset = load_dataset(data_cfg)
     train_cases, val_cases = split_dataset(dataset, data_cfg)
     # Every training slice: the search may have used a few per case.
@@ -202,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     objectives = study_objectives(study).names
     retrain_study = optuna.create_study(
         storage=open_storage(storage),
-        study_name=f"{name}-retrain",
+        study_name=retrain_study_name(name),
         directions=directions(objectives),
         load_if_exists=True,
     )
@@ -214,10 +292,10 @@ def run(args: argparse.Namespace) -> int:
         search_train = TrainConfig(**record.train_config)
         epochs = args.epochs or 3 * search_train.epochs
         train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
-        model = init_model(unet, train.seed)
-        n_params = count_parameters(model)
+        n_params = count_parameters(init_model(unet, train.seed))
         print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
         try:
+            model = initial_model(unet, train)
             result = fit(
                 model, train_cases, val_cases, dataset.scheme, train, device, None, slicing
             )
@@ -258,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     table = pd.DataFrame(rows)
     atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
     print(
-        f"recorded in study {name + '-retrain'!r} of {redact(storage)} "
+        f"recorded in study {retrain_study_name(name)!r} of {redact(storage)} "
         f"and {args.results}/retrained.csv"
     )
     return 0

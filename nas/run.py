@@ -323,6 +323,36 @@ def _dry_run(
     return 0
 
 
+def _check_init_weights(
+    space: SearchSpace, warm_start: list[dict], in_channels: int, out_channels: int
+) -> None:
+    """train.init_weights, before the study opens: each file named must be a checkpoint, and
+    fit the architecture of the space where it is fixed and of each enqueued candidate that
+    fixes every field. A sampled candidate it does not fit fails as a trial."""
+    import optuna
+
+    from nas.exported import first_mismatch, read_weights
+    from nas.space import sample
+    from nas.train import init_model
+
+    entry = space.train.get("init_weights")
+    paths = [c for spec in entry for c in spec.choices] if isinstance(entry, tuple) else [entry]
+    states = {path: read_weights(Path(path)) for path in paths if path is not None}
+    if not states:
+        return
+    for params in [{}, *warm_start]:
+        for path, state in states.items():
+            try:
+                fixed = optuna.trial.FixedTrial({**params, "init_weights": path})
+                candidate = sample(space, fixed, in_channels, out_channels, 0)
+            except ValueError:  # a field left to the sampler: checked when sampled
+                continue
+            problem = first_mismatch(init_model(candidate.unet, 0), state)
+            if problem is not None:
+                which = "an enqueued candidate" if params else "the space's architecture"
+                raise NasError(path, f"does not fit {which} (train.init_weights): {problem}")
+
+
 def _schedule(space: SearchSpace, args: argparse.Namespace, deadline: float | None) -> Schedule:
     """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
     from nas.schedule import Schedule
@@ -443,6 +473,8 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     device = device_option(args.device)
     patch_plan = plan_patches(space, dataset, device)  # `auto` patch and batch sizes
     space = patch_plan.apply(space)
+    warm_start = [warm_start_params(space, fields) for fields in space.study.enqueue]
+    _check_init_weights(space, warm_start, dataset.in_channels, dataset.scheme.out_channels)
     if args.dry_run:
         return _dry_run(space, dataset, train_cases, val_cases, test_split, patch_plan,
                         schedule, device)  # fmt: skip
@@ -453,7 +485,6 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     if not is_worker:
         log.attach(study_dir / RUN_LOG)
     storage = args.storage or default_storage(study_dir)
-    warm_start = [warm_start_params(space, fields) for fields in study_cfg.enqueue]
     # Workers started by --workers find the study their parent opened (and re-enqueued).
     study = open_study(study_cfg, storage, warm_start, not is_worker, _worker_salt(args, storage))
     if not is_worker:

@@ -17,16 +17,18 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from nas.builder import UNet, UNetConfig, build_unet
 from nas.data import Case, PatchSampler, Slicing
+from nas.errors import NasError
 from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, make_loss
 from nas.train_config import TrainConfig
-from nas.validate import Scores, evaluate
+from nas.validate import NO_VALIDATION, Scores, evaluate
 
 
 def training_loss(unet: UNetConfig, scheme: LabelScheme) -> nn.Module:
@@ -98,6 +100,21 @@ def init_model(unet: UNetConfig, seed: int) -> UNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_unet(unet)
+
+
+def initial_model(unet: UNetConfig, cfg: TrainConfig) -> UNet:
+    """The network a training run starts from: random weights from `cfg.seed`, or where
+    `cfg.init_weights` names a checkpoint, its tensors (fine-tuning). A checkpoint that does
+    not fit this network fails the candidate, naming the first tensor that differs."""
+    model = init_model(unet, cfg.seed)
+    if cfg.init_weights is not None:
+        from nas.exported import load_weights
+
+        try:
+            load_weights(model, Path(cfg.init_weights))
+        except NasError as err:
+            raise CandidateFailed(f"init_weights: {err.reason}") from None
+    return model
 
 
 def memory_format(spatial_dims: int, device: torch.device) -> torch.memory_format:
@@ -196,7 +213,8 @@ def fit(
     until_epoch: int | None = None,
     optimizer_state: dict | None = None,
 ) -> FitResult:
-    """Train `model` in place and validate on whole cases after every epoch.
+    """Train `model` in place and validate on whole cases after every epoch (no validation
+    cases: each epoch scores NO_VALIDATION).
 
     scheme: what the network outputs (classes or regions): its loss and its scores.
     slicing: the slice axis (and slice budget) 2D networks train and predict with.
@@ -255,7 +273,11 @@ def fit(
             # The loss is computed before each step, so a step that diverges shows only here.
             if not _weights_are_finite(model):
                 raise CandidateFailed(f"non-finite weights after training (epoch {epoch})")
-            scores = evaluate(model, val_cases, scheme, patch_size, device, slicing.axis)
+            scores = (
+                evaluate(model, val_cases, scheme, patch_size, device, slicing.axis)
+                if val_cases
+                else NO_VALIDATION
+            )
             result = EpochResult(
                 epoch, train_loss, scores, train_seconds, time.perf_counter() - start
             )

@@ -32,6 +32,9 @@ class TrainConfig:
         rotation as common as it always was here. 0 leaves mirroring and intensity scaling.
         Searchable like any float ({type: float, low: 0.0, high: 0.5}).
     max_seconds: the trial's training budget in wall-clock seconds (None: epochs only).
+    init_weights: fine-tuning: a checkpoint (.pt state_dict, or a folder nas export wrote)
+        whose tensors the network starts from instead of random weights; every tensor must
+        have the network's shape (deep supervision's heads may be missing).
     """
 
     # Upper bounds, so that a typo fails one config instead of exhausting the machine; nnU-Net
@@ -51,6 +54,7 @@ class TrainConfig:
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     max_seconds: float | None = Field(None, gt=0.0)
+    init_weights: str | None = None
     seed: int = 0
 
     @field_validator(

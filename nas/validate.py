@@ -34,6 +34,10 @@ class Scores:
     iou_per_class: tuple[float, ...]  # one per class, or per region of a region-based dataset
 
 
+# What an epoch scores when nothing is held out for validation (nas retrain --all-cases).
+NO_VALIDATION = Scores(float("nan"), float("nan"), ())
+
+
 @torch.no_grad()
 def predict_logits(
     model: Callable[[torch.Tensor], torch.Tensor],

@@ -1,12 +1,14 @@
 """Where nas keeps a trial's weights, and which of them an export takes.
 
-Three commands train a search's trial and keep its weights under results/<study>/: the
+Four commands train a search's trial and keep its weights under results/<study>/: the
 search itself, for the members of its front (checkpoints/trial_NNNN.pt); nas.retrain, which
-trains chosen trials again at full budget (retrained/checkpoints/trial_NNNN.pt); and
-nas.retrain --folds, one model per fold of the split (crossval/trial_NNNN/fold_K.pt). An
-export takes, unless told which, the retrained weights (trained longest, on every training
-slice, by a deliberate request), then the search's, then the folds' ensemble (a single
-network first: an ensemble costs one pass per fold). Paths only and the storage's records:
+trains chosen trials again at full budget (retrained/checkpoints/trial_NNNN.pt);
+nas.retrain --all-cases, the final model on every training case, validation fold included
+(retrained/all_cases/checkpoints/trial_NNNN.pt, nnU-Net's fold "all"); and nas.retrain --folds, one
+model per fold of the split (crossval/trial_NNNN/fold_K.pt). An export takes, unless told
+which, the all-cases model (trained on the most data, by a deliberate request), then the
+retrained weights, then the search's, then the folds' ensemble (a single network first: an
+ensemble costs one pass per fold). Paths only and the storage's records:
 no torch (nor Optuna when only paths are asked for), so a trial without weights is refused
 before torch loads.
 """
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 # The kinds of weights, in the order an export prefers them.
-KINDS = ("retrained", "search", "folds")
+KINDS = ("all-cases", "retrained", "search", "folds")
+# The retrain study's attribute recording each all-cases model: {trial: {epochs_run, ...}}.
+ALL_CASES_ATTR = "all_cases"
 
 
 def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
@@ -40,6 +44,20 @@ def retrained_dir(study_dir: Path) -> Path:
 def retrained_path(study_dir: Path, trial_number: int) -> Path:
     """nas.retrain's weights of a trial."""
     return checkpoint_path(retrained_dir(study_dir), trial_number)
+
+
+def all_cases_dir(study_dir: Path) -> Path:
+    """Where nas.retrain --all-cases keeps its final models, laid out as a results folder."""
+    return retrained_dir(study_dir) / "all_cases"
+
+
+def all_cases_path(study_dir: Path, trial_number: int) -> Path:
+    """nas.retrain --all-cases's weights of a trial."""
+    return checkpoint_path(all_cases_dir(study_dir), trial_number)
+
+
+def retrain_study_name(study_name: str) -> str:
+    return f"{study_name}-retrain"
 
 
 def folds_folder(study_dir: Path, trial_number: int) -> Path:
@@ -94,23 +112,39 @@ def _search(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWe
     return TrialWeights("search", path, {"": path}, _scores(trial))
 
 
-def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+def _retrain_study(study: optuna.Study) -> optuna.Study | None:
     import optuna
+
+    name = retrain_study_name(study.study_name)
+    if name not in optuna.get_all_study_names(study._storage):
+        return None
+    return optuna.load_study(study_name=name, storage=study._storage)
+
+
+def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
     from optuna.trial import TrialState
 
     path = retrained_path(study_dir, trial.number)
     if not path.is_file():
         return None
-    name = f"{study.study_name}-retrain"
     scores: dict[str, Any] = {}
-    if name in optuna.get_all_study_names(study._storage):
-        runs = optuna.load_study(study_name=name, storage=study._storage).get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE,)
-        )
+    retrain = _retrain_study(study)
+    if retrain is not None:
+        runs = retrain.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         mine = [t for t in runs if t.user_attrs.get("source_trial") == trial.number]
         if mine:  # the file holds the latest retrain that finished
             scores = _scores(mine[-1])
     return TrialWeights("retrained", path, {"": path}, scores)
+
+
+def _all_cases(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+    path = all_cases_path(study_dir, trial.number)
+    if not path.is_file():
+        return None
+    retrain = _retrain_study(study)
+    recorded = retrain.user_attrs.get(ALL_CASES_ATTR, {}) if retrain is not None else {}
+    # No validation case is left: the scores are the training's, not a validation's.
+    return TrialWeights("all-cases", path, {"": path}, dict(recorded.get(str(trial.number), {})))
 
 
 def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
@@ -141,7 +175,7 @@ def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWei
     return TrialWeights("folds", folder, members, scores)
 
 
-FINDERS = {"retrained": _retrained, "search": _search, "folds": _folds}
+FINDERS = {"all-cases": _all_cases, "retrained": _retrained, "search": _search, "folds": _folds}
 
 
 def find_weights(
@@ -164,10 +198,12 @@ def find_weights(
             f"cross-validate it with {folds}",
         )
     missing = {
+        "all-cases": f"trial {n} has no model trained on all cases "
+        f"({all_cases_path(study_dir, n)})",
         "search": f"the search kept no weights of trial {n} (it keeps only its front's)",
         "retrained": f"trial {n} has no retrained weights ({retrained_path(study_dir, n)})",
         "folds": f"trial {n} has no cross-validated folds with weights (at least 2 in "
         f"{folds_folder(study_dir, n)})",
     }[wanted]
-    command = folds if wanted == "folds" else retrain
+    command = {"folds": folds, "all-cases": f"{retrain} --all-cases"}.get(wanted, retrain)
     raise NasError("--weights", f"{missing}; train them with {command}")

@@ -3,6 +3,7 @@ three label values), from real finished studies, through the command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -22,10 +23,13 @@ from monai.inferers import sliding_window_inference
 from optuna.trial import TrialState, create_trial
 
 import nas
+from nas.data import DataConfig, load_dataset
+from nas.errors import NasError
 from nas.export import choose_trial, export
 from nas.exported import load_predictor
 from nas.model_card import read_card
 from nas.results import checkpoint_path
+from nas.train import init_model
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 from .datasets import write_nnunet
@@ -388,6 +392,44 @@ def test_best_and_a_size_budget_pick_from_the_front(studies):
     assert "no front member has at most 10 parameters" in user_error(result)
 
 
+def test_by_cv_picks_the_best_cross_validated_mean_not_the_search_score(tmp_path):
+    from nas.crossval import open_crossval_study
+    from nas.record import rerun_trial
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(
+        study_name="s", storage=storage, directions=["maximize", "minimize"]
+    )
+    for iou, n_params in ((0.6, 1_000), (0.8, 5_000), (0.9, 20_000)):
+        attrs = {"val_iou": iou, "n_params": n_params}
+        study.add_trial(create_trial(values=[iou, n_params], user_attrs=attrs))
+    crossval = open_crossval_study(storage, "s", ["iou", "params"])
+    # Across two folds trial 1 is better than trial 2, though one fold ranked them the other way.
+    for number, fold_ious in ((1, (0.78, 0.80)), (2, (0.70, 0.74)), (0, (0.6, 0.6))):
+        for fold, iou in enumerate(fold_ious):
+            case = {"case": f"c{fold}", "dice": [iou], "dice_largest": [iou]}
+            attrs = {"source_trial": number, "fold": fold, "train_config": {"epochs": 3},
+                     "out_of_fold": [case]}  # fmt: skip
+            scores = {"iou": iou, "dice": iou, "params": study.trials[number].values[1]}
+            crossval.add_trial(
+                rerun_trial(study.trials[number], scores, ["iou", "params"], attrs, {})
+            )
+    assert choose_trial(study, None, None).number == 2
+    assert choose_trial(study, None, None, by="cv").number == 1
+    assert choose_trial(study, None, 2_000, by="cv").number == 0
+    with pytest.raises(NasError, match="no cross-validated member has at most 10"):
+        choose_trial(study, None, 10, by="cv")
+    with pytest.raises(NasError, match="--trial names the trial"):
+        choose_trial(study, 1, None, by="cv")
+    # The report says that the two choices differ.
+    from nas.report import _choices
+
+    assert "the search's best is trial 2, the cross-validation's trial 1" in _choices(study)
+    optuna.delete_study(study_name="s-crossval", storage=storage)
+    with pytest.raises(NasError, match="has no cross-validation: run nas retrain"):
+        choose_trial(study, None, None, by="cv")
+
+
 def test_export_refuses_to_overwrite_another_model_without_force(exported, studies):
     other = str(exported["two_d"].relative_to(studies))
     result = run_cli(
@@ -657,3 +699,160 @@ def test_a_retrained_trial_off_the_front_exports_and_segments(tmp_path, tiny_dat
         assert mask.shape == image.shape
         np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+def test_saved_probabilities_average_into_masks_on_the_scans_grid(exported, studies, tmp_path):
+    """nas predict --save-probabilities, then nas ensemble over two models' folders."""
+    images = studies / "Dataset002_TwoChannels" / "imagesTr"
+    mirroring = tmp_path / "mirroring_model"
+    result = run_cli("nas.export", "results/three_d", "--tta", "mirror", "--format", "none",
+                     "--out", str(mirroring), cwd=studies)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    mirrored = tmp_path / "mirrored"
+    for name, model in (("plain", exported["three_d"]), ("mirrored", mirroring)):
+        result = run_cli("nas.predict", str(model), str(images), str(tmp_path / name),
+                         "--save-probabilities", cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (tmp_path / "plain").glob("*.nii.gz"))
+    assert cases and cases == sorted(p.stem for p in (tmp_path / "plain").glob("*.npz"))
+    saved = np.load(tmp_path / "plain" / f"{cases[0]}.npz", allow_pickle=False)
+    image = nib.load(images / f"{cases[0]}_0000.nii.gz")
+    assert saved["probabilities"].shape == (3, *image.shape)  # softmax over 3 classes
+    np.testing.assert_allclose(saved["probabilities"].sum(0), 1.0, atol=1e-4)
+    np.testing.assert_allclose(saved["affine"], image.affine)
+
+    # One model's probabilities, ensembled with themselves, give exactly its masks.
+    alone = tmp_path / "alone"
+    plain = str(tmp_path / "plain")
+    assert run_cli("nas.ensemble", plain, plain, str(alone), cwd=tmp_path).returncode == 0
+    for case in cases:
+        ensembled, predicted = (
+            nib.load(alone / f"{case}.nii.gz"),
+            nib.load(f"{plain}/{case}.nii.gz"),
+        )
+        np.testing.assert_array_equal(np.asarray(ensembled.dataobj), np.asarray(predicted.dataobj))
+        np.testing.assert_allclose(ensembled.affine, predicted.affine)
+    # Two models: their mean probabilities, turned into labels by argmax.
+    both = tmp_path / "both"
+    result = run_cli("nas.ensemble", plain, str(mirrored), str(both), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for case in cases:
+        mean = sum(np.load(f / f"{case}.npz")["probabilities"] for f in (tmp_path / "plain",
+                   mirrored)) / 2  # fmt: skip
+        mask = np.asarray(nib.load(both / f"{case}.nii.gz").dataobj)
+        np.testing.assert_array_equal(mask, mean.argmax(0))  # labels 0, 1, 2 are the classes
+        assert mask.shape == nib.load(images / f"{case}_0000.nii.gz").shape
+    labels = studies / "Dataset002_TwoChannels" / "labelsTr"
+    result = run_cli("nas.evaluate", str(both), str(labels), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_ensembles_of_mismatched_probabilities_are_refused(exported, studies, tmp_path):
+    images = studies / "Dataset002_TwoChannels" / "imagesTr"
+    plain = tmp_path / "plain"
+    result = run_cli("nas.predict", str(exported["three_d"]), str(images), str(plain),
+                     "--save-probabilities", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cases = sorted(p.stem for p in plain.glob("*.npz"))
+
+    def variant(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(plain, folder)
+        change(folder)
+        return folder
+
+    fewer = variant("fewer", lambda f: (f / f"{cases[0]}.npz").unlink())
+
+    # The same case on another grid, and from a model with other labels.
+    def reshape(folder: Path) -> None:
+        saved = dict(np.load(folder / f"{cases[0]}.npz"))
+        np.savez_compressed(folder / f"{cases[0]}.npz", **saved | {
+            "probabilities": saved["probabilities"][:, :-1]})  # fmt: skip
+
+    def relabel(folder: Path) -> None:
+        saved = dict(np.load(folder / f"{cases[0]}.npz"))
+        labels = json.loads(str(saved["labels"])) | {"labels": {"background": 0, "x": 1, "y": 2}}
+        np.savez_compressed(folder / f"{cases[0]}.npz", **saved | {
+            "labels": np.array(json.dumps(labels))})  # fmt: skip
+
+    def corrupt(folder: Path) -> None:
+        (folder / f"{cases[0]}.npz").write_bytes(b"not a zip")
+
+    out = tmp_path / "out"
+    errors = {
+        name: user_error(run_cli("nas.ensemble", str(plain), str(folder), str(out), cwd=tmp_path))
+        for name, folder in (
+            ("fewer", fewer),
+            ("shape", variant("shape", reshape)),
+            ("labels", variant("labels", relabel)),
+            ("corrupt", variant("corrupt", corrupt)),
+        )
+    }
+    assert f"holds other cases than {plain}: it lacks {cases[0]}" in errors["fewer"]
+    assert "has probabilities of shape" in errors["shape"]
+    assert "comes from a model with other labels" in errors["labels"]
+    assert "is not a probability map written by nas predict" in errors["corrupt"]
+    assert "give at least two folders" in user_error(
+        run_cli("nas.ensemble", str(plain), str(out), cwd=tmp_path)
+    )
+    assert not out.exists()  # nothing written by any of them
+
+
+def _fine_tuning_space(data: Path, card: dict, init_weights: str, name: str = "tuned") -> str:
+    """A space fixed to an exported model's architecture, on another dataset, starting from
+    `init_weights` with a learning rate too small to move the weights far."""
+    fixed = {
+        k: v for k, v in card["architecture"].items() if k not in ("in_channels", "out_channels")
+    }
+    space = {
+        "data": {"path": str(data), "n_folds": 3, "synthetic": {
+            "n_cases": 6, "shape": [32, 32, 16], "spacing_mm": [1.5, 1.5, 3.0], "seed": 11}},
+        "search": fixed,
+        "train": {"epochs": 2, "batches_per_epoch": 3, "batch_size_2d": 4,
+                  "patch_size_2d": list(card["inference"]["patch_size"]), "learning_rate": 1e-7,
+                  "weight_decay": 0.0, "init_weights": init_weights},
+        # Another seed than the export's, so that the network's own start differs from it.
+        "study": {"name": name, "sampler": "random", "n_trials": 1, "seed": 5},
+    }  # fmt: skip
+    return yaml.safe_dump(space, sort_keys=False)
+
+
+def test_a_candidate_fine_tunes_an_exported_model_on_another_dataset(exported, tmp_path):
+    folder = exported["two_d"]
+    card = yaml.safe_load((folder / "architecture.yaml").read_text())
+    (tmp_path / "space.yaml").write_text(_fine_tuning_space(tmp_path / "other", card, str(folder)))
+    result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(
+        study_name="tuned", storage=f"sqlite:///{tmp_path / 'results/tuned/study.db'}"
+    )
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["train_config"]["init_weights"] == str(folder)
+    start = torch.load(folder / "weights.pt", weights_only=True)
+    tuned = torch.load(checkpoint_path(tmp_path / "results/tuned", 0), weights_only=True)
+    unet = nas.UNetConfig.from_dict(card["architecture"])
+    own_start = init_model(unet, seed=5).state_dict()  # where the trial starts without them
+    parameters = [k for k, _ in init_model(unet, seed=5).named_parameters()]
+    assert parameters and all(k in start for k in parameters)
+    # The tuned weights start from the export's: a learning rate of 1e-7 leaves them there.
+    for k in parameters:
+        torch.testing.assert_close(tuned[k], start[k], rtol=0, atol=1e-4)
+    assert max(float((own_start[k] - start[k]).abs().max()) for k in parameters) > 0.1
+
+
+def test_init_weights_that_do_not_fit_are_refused_before_the_study_opens(exported, tmp_path):
+    card = yaml.safe_load((exported["two_d"] / "architecture.yaml").read_text())
+    other = exported["three_d"] / "weights.pt"
+    space = _fine_tuning_space(tmp_path / "other", card, str(other))
+    load_dataset(DataConfig(**yaml.safe_load(space)["data"]))  # generated and cached first
+    (tmp_path / "space.yaml").write_text(space)
+    message = user_error(run_cli("nas.run", "space.yaml", cwd=tmp_path))
+    assert message.startswith(f"error: {other}: does not fit the space's architecture")
+    assert "encoder" in message or "is (" in message  # names the first tensor and its shapes
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    (tmp_path / "space.yaml").write_text(_fine_tuning_space(tmp_path / "other", card, str(text)))
+    message = user_error(run_cli("nas.run", "space.yaml", cwd=tmp_path))
+    assert f"{text}: cannot be read as PyTorch weights" in message
+    assert not (tmp_path / "results").exists()

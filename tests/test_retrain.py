@@ -5,8 +5,12 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 import pytest
+import torch
+import yaml
 
-from .conftest import run_cli, tiny_space_yaml
+from nas.data import DataConfig, load_dataset
+
+from .conftest import run_cli, tiny_space_yaml, user_error
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +51,33 @@ def test_retrain_refuses_unknown_trials_and_folders(tmp_path, tiny_dataset):
     assert unknown.stderr.strip() == "error: --trials: study 'tiny' has no trial '7'"
     missing = run_cli("nas.retrain", "results/nothing", cwd=tmp_path)
     assert missing.returncode == 2 and "holds no study.db" in missing.stderr
+
+
+def test_all_cases_trains_the_final_model_that_export_then_takes(tmp_path, tiny_dataset):
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset, n_trials=1))
+    assert run_cli("nas.run", "space.yaml", cwd=tmp_path).returncode == 0
+    assert "--all-cases: trains one model on every case; --folds one per fold" in user_error(
+        run_cli("nas.retrain", "results/tiny", "--all-cases", "--folds", "all", cwd=tmp_path)
+    )
+    assert not (tmp_path / "results/tiny/retrained").exists()
+    result = run_cli(
+        "nas.retrain", "results/tiny", "--trials", "0", "--all-cases", "--epochs", "2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    weights = tmp_path / "results/tiny/retrained/all_cases/checkpoints/trial_0000.pt"
+    assert weights.is_file()
+    retrain = optuna.load_study(study_name="tiny-retrain", storage=_storage(tmp_path))
+    recorded = retrain.user_attrs["all_cases"]["0"]
+    cases = len(load_dataset(DataConfig(path=tiny_dataset)).cases)  # the validation fold's too
+    assert recorded["cases"] == cases and recorded["epochs_run"] == 2
+    assert retrain.trials == []  # nothing validated, so nothing to rank among the retrained
+    exported = tmp_path / "model"
+    result = run_cli("nas.export", "results/tiny", "--format", "none", "--out", str(exported),
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    card = yaml.safe_load((exported / "architecture.yaml").read_text())
+    assert card["source"]["weights"]["kind"] == "all-cases"
+    assert card["source"]["weights"]["epochs_run"] == 2
+    state = torch.load(weights, weights_only=True)
+    saved = torch.load(exported / "weights.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in state.items() if k in saved)
