@@ -53,25 +53,34 @@ from nas.objectives import TIMED, dominates
 
 class FidelityConfig(BaseModel):
     """type: asha (multi-fidelity), or none to train every candidate for `train.epochs`.
-    min_epochs: the lowest rung; eta: a rung promotes 1/eta of its candidates, each rung
-    trains eta times longer than the one below it.
+    min_epochs: the lowest rung; min_steps: and at least this many optimiser steps
+    (epochs x batches_per_epoch), so that the first ranking sees networks past their first
+    few steps; eta: a rung promotes 1/eta of its candidates, each rung trains eta times
+    longer than the one below it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["asha", "none"] = "asha"
     min_epochs: int = Field(2, ge=1)
+    min_steps: int | None = Field(None, ge=1)
     eta: int = Field(3, ge=2, le=10)
 
+    def lowest_epochs(self, batches_per_epoch: int) -> int:
+        """The lowest rung, in epochs of `batches_per_epoch` steps."""
+        from_steps = math.ceil((self.min_steps or 0) / batches_per_epoch)
+        return max(self.min_epochs, from_steps)
 
-def rung_epochs(cfg: FidelityConfig, max_epochs: int) -> tuple[int, ...]:
+
+def rung_epochs(
+    cfg: FidelityConfig, max_epochs: int, batches_per_epoch: int = 1
+) -> tuple[int, ...]:
     """The epochs at which candidates are compared: max_epochs / eta^k for k = K .. 0, the
-    lowest at least `min_epochs` (anchored at the top, as Hyperband does)."""
-    if cfg.type == "none" or cfg.min_epochs >= max_epochs:
+    lowest at least `min_epochs` and `min_steps` (anchored at the top, as Hyperband does)."""
+    lowest = cfg.lowest_epochs(batches_per_epoch)
+    if cfg.type == "none" or lowest >= max_epochs:
         return (max_epochs,)
-    levels = int(math.floor(math.log(max_epochs / cfg.min_epochs) / math.log(cfg.eta) + 1e-9))
-    rungs = {
-        max(cfg.min_epochs, round(max_epochs / cfg.eta ** (levels - k))) for k in range(levels + 1)
-    }
+    levels = int(math.floor(math.log(max_epochs / lowest) / math.log(cfg.eta) + 1e-9))
+    rungs = {max(lowest, round(max_epochs / cfg.eta ** (levels - k))) for k in range(levels + 1)}
     return tuple(sorted(rungs))
 
 

@@ -355,7 +355,7 @@ def _check_init_weights(
 
 def _schedule(space: SearchSpace, args: argparse.Namespace, deadline: float | None) -> Schedule:
     """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
-    from nas.schedule import Schedule
+    from nas.schedule import Schedule, fewest_batches_per_epoch
     from nas.space import source_of
 
     try:
@@ -363,7 +363,7 @@ def _schedule(space: SearchSpace, args: argparse.Namespace, deadline: float | No
     except ValueError as err:
         where = source_of("train.epochs", args.space, args.settings)
         raise NasError(where, f"train.epochs: {err}") from None
-    lowest = schedule.rungs[0] * _fewest_batches_per_epoch(space)
+    lowest = schedule.rungs[0] * fewest_batches_per_epoch(space)
     if schedule.budget_steps is not None and schedule.budget_steps < lowest:
         raise NasError(
             "--budget"
@@ -373,16 +373,6 @@ def _schedule(space: SearchSpace, args: argparse.Namespace, deadline: float | No
             f"lowest rung ({schedule.rungs[0]} epochs, {lowest} steps)",
         )
     return schedule
-
-
-def _fewest_batches_per_epoch(space: SearchSpace) -> int:
-    from nas.space import IntSpec
-    from nas.train_config import TrainConfig
-
-    entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
-    if isinstance(entry, int):
-        return entry
-    return min(spec.low if isinstance(spec, IntSpec) else min(spec.choices) for spec in entry)
 
 
 def _plan_line(schedule: Schedule, space: SearchSpace) -> str:

@@ -73,7 +73,7 @@ class Schedule:
     @classmethod
     def of(cls, space: SearchSpace, deadline: float | None = None) -> Schedule:
         cfg = space.study
-        rungs = rung_epochs(cfg.fidelity, max_epochs(space))
+        rungs = rung_epochs(cfg.fidelity, max_epochs(space), fewest_batches_per_epoch(space))
         return cls(rungs, cfg.fidelity.eta, cfg.n_trials, cfg.budget, deadline, cfg.pruner)
 
     def after_epoch(self, trials: Sequence[FrozenTrial], report: EpochReport) -> Verdict:
@@ -115,6 +115,16 @@ def max_epochs(space: SearchSpace) -> int:
     if not isinstance(epochs, int):
         raise ValueError("is the top rung of the search's fidelity: give one value, not a spec")
     return epochs
+
+
+def fewest_batches_per_epoch(space: SearchSpace) -> int:
+    """The shortest epoch, in optimiser steps, of any candidate the space draws."""
+    from nas.space import IntSpec
+
+    entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
+    if isinstance(entry, int):
+        return entry
+    return min(spec.low if isinstance(spec, IntSpec) else min(spec.choices) for spec in entry)
 
 
 def has_work(trials: Sequence[FrozenTrial], schedule: Schedule) -> bool:

@@ -47,6 +47,10 @@ def test_rungs_are_anchored_at_the_top_and_grow_by_eta():
     assert rung_epochs(FidelityConfig(min_epochs=1, eta=2), 8) == (1, 2, 4, 8)
     assert rung_epochs(FidelityConfig(min_epochs=2, eta=3), 2) == (2,)
     assert rung_epochs(FidelityConfig(type="none"), 24) == (24,)
+    # A floor in optimiser steps: 100 steps of 10-batch epochs put the lowest rung at 10.
+    assert rung_epochs(FidelityConfig(min_epochs=3, min_steps=100, eta=3), 30, 10) == (10, 30)
+    assert rung_epochs(FidelityConfig(min_epochs=3, min_steps=100, eta=3), 30, 50) == (3, 10, 30)
+    assert rung_epochs(FidelityConfig(min_epochs=3, min_steps=400, eta=3), 30, 10) == (30,)
     # Successive halving spends about as much on each rung: 3 rungs, eta 3 -> 3/7 on new ones.
     assert new_candidate_share((3, 8, 24), 3) == pytest.approx(3 / 7)
     # Half of a multi-fidelity budget is kept for training the best long; one fidelity: none.
