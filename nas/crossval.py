@@ -301,4 +301,6 @@ def record_ensemble(crossval: optuna.Study, trial_number: int, rows: list[dict])
 
 def ensemble_rows(crossval: optuna.Study) -> list[dict]:
     stored = crossval.user_attrs.get(ENSEMBLE_ATTR, {})
-    return [row for number in sorted(stored, key=int) for row in stored[number]]
+    # A cross-member ensemble (key -1) after the members it combines.
+    order = sorted(stored, key=lambda n: (int(n) < 0, int(n)))
+    return [row for number in order for row in stored[number]]

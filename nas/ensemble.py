@@ -20,7 +20,7 @@ import numpy as np
 
 from nas.cli import command_parser, exit_code
 from nas.errors import NasError
-from nas.probabilities import SUFFIX, SavedProbabilities, load
+from nas.probabilities import SUFFIX, SavedProbabilities, classes_of_mean, load
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -74,17 +74,12 @@ def check_compatible(saved: Sequence[SavedProbabilities]) -> None:
 
 
 def average(saved: Sequence[SavedProbabilities]) -> np.ndarray:
-    """The class map (uint8) of the mean probabilities, postprocessed."""
-    import torch
-
-    from nas.postprocess import keep_largest_component
-
-    mean = np.mean([s.probabilities for s in saved], axis=0)
-    classes = saved[0].scheme().classes_from_probabilities(torch.from_numpy(mean)).numpy()
-    names = list(saved[0].labels["labels"])
+    """The class map (uint8) of the mean probabilities, reduced to the largest component
+    where every model's card says so."""
     common = set.intersection(*(set(s.labels["largest_component"]) for s in saved))
-    chosen = [names.index(name) for name in names if name in common]
-    return keep_largest_component(classes, chosen) if chosen else classes
+    names = list(saved[0].labels["labels"])
+    labels = saved[0].labels | {"largest_component": [n for n in names if n in common]}
+    return classes_of_mean([s.probabilities for s in saved], labels)
 
 
 def run(args: argparse.Namespace) -> int:

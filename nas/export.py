@@ -72,9 +72,10 @@ def make_parser() -> argparse.ArgumentParser:
         "fold ensemble of nas retrain --folds (auto: the first of these that exists)",
     )  # fmt: skip
     parser.add_argument(
-        "--ensemble", choices=["folds"],
-        help="every fold's weights from nas retrain --folds, averaged by predict (the same as "
-        "--weights folds)",
+        "--ensemble", choices=["folds", "members"],
+        help="folds: every fold's weights from nas retrain --folds, averaged by predict (the "
+        "same as --weights folds); members: the ensemble of different trials that nas retrain "
+        "--folds chose out of fold, one model folder each",
     )  # fmt: skip
     parser.add_argument(
         "--tta", choices=["none", "mirror"], default="none",
@@ -533,18 +534,169 @@ def export(
     return card
 
 
+ENSEMBLE_MEMBER = re.compile(r"^trial_\d{4,}$")
+
+
+def _check_ensemble_destination(
+    out: Path, source: dict, force: bool, keep: dict[Path, str]
+) -> None:
+    """An ensemble goes only into a new or empty folder, or over an earlier ensemble export
+    (of other members only with --force); never over anything else."""
+    from nas.model_card import ENSEMBLE_FILE, read_ensemble_card
+
+    instead = "give --out a new or empty folder"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise NasError(out, f"is not a folder; {instead}")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    target = out.resolve()
+    for path, what in {**keep, Path.cwd(): "working folder"}.items():
+        if path.resolve() == target or target in path.resolve().parents:
+            raise NasError(out, f"is or holds the {what} ({path}); {instead}")
+    for entry in out.iterdir():
+        member = entry.is_dir() and not entry.is_symlink() and ENSEMBLE_MEMBER.match(entry.name)
+        ours = member and all(_written_by_export(e) for e in entry.iterdir())
+        if not ours and entry.name not in (ENSEMBLE_FILE, README_FILE):
+            raise NasError(out, f"holds {entry.name!r}, which an export does not write; {instead}")
+    try:
+        previous = read_ensemble_card(out)
+    except NasError:
+        previous = None
+    if previous is None:
+        raise NasError(out, f"has no {ENSEMBLE_FILE}, so it is not an earlier export; {instead}")
+    same = ("storage", "study", "trials")
+    if not force and any(previous.source.get(key) != source[key] for key in same):
+        raise NasError(
+            out, f"holds another ensemble ({previous.source.get('trials')}); use --force to "
+            "replace it",
+        )  # fmt: skip
+
+
+def _member_weights(study: optuna.Study, results: Path, trial: FrozenTrial, wanted: str):
+    """An ensemble member's weights: with "auto", its all-cases model where nas retrain
+    --all-cases trained one, else its folds, the models the ensemble was chosen on."""
+    if wanted != "auto":
+        return find_weights(study, results, trial, wanted)
+    try:
+        return find_weights(study, results, trial, "all-cases")
+    except NasError:
+        return find_weights(study, results, trial, "folds")
+
+
+def export_members(
+    study: optuna.Study,
+    results: Path,
+    trials: Sequence[FrozenTrial],
+    out: Path,
+    formats: Sequence[str],
+    storage: str,
+    weights_kind: str = "auto",
+    force: bool = False,
+    tta: str = "none",
+    postprocessing: Sequence[str] = (),
+    scores: dict | None = None,
+) -> list[str]:
+    """Write different networks as one ensemble folder: a model folder per trial (each as
+    `export` writes it, with its `weights_kind` weights; auto: its all-cases model, else its
+    folds) and ensemble.yaml; nas.predict averages their probabilities. The member folders'
+    names."""
+    from nas.model_card import EnsembleCard, Postprocessing, write_ensemble_card
+    from nas.storage import redact
+
+    source = {
+        "study": study.study_name,
+        "trials": [t.number for t in trials],
+        "storage": redact(storage),
+        "chosen_by": "cross-validation, out of fold",
+        **(scores or {}),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    keep = {results: "results folder"}
+    found = [_member_weights(study, results, t, weights_kind) for t in trials]
+    _check_ensemble_destination(out, source, force, keep)
+    remove_stale_staging(out.parent)
+    names = [f"trial_{t.number:04d}" for t in trials]
+    with staging_folder(out) as staging:
+        for trial, weights, name in zip(trials, found, names, strict=True):
+            export(study, trial, weights.files, staging / name, formats, storage, True, results,
+                   tta, (), weights.describe(results))  # fmt: skip
+        card = EnsembleCard(
+            members=tuple(names),
+            postprocessing=Postprocessing(largest_component=tuple(postprocessing)),
+            source=source,
+        )
+        write_ensemble_card(staging, card)
+        (staging / README_FILE).write_text(
+            f"# An ensemble of {len(trials)} networks of study {study.study_name!r}\n\n"
+            f"Members (each a model folder of its own): {', '.join(names)}. `nas predict` "
+            "averages their probabilities on each scan's grid, then labels them"
+            + (
+                f" and keeps the largest component of {', '.join(postprocessing)}"
+                if postprocessing
+                else ""
+            )
+            + ".\n\n```bash\npython -m nas.predict THIS_FOLDER scans/ masks/\n```\n"
+        )
+        _check_ensemble_destination(out, source, force, keep)
+        replace_folder(staging, out)
+    return names
+
+
+def _run_members(args: argparse.Namespace, study: optuna.Study) -> int:
+    """--ensemble members: the ensemble nas retrain --folds chose out of fold."""
+    from nas.crossval import find_crossval_study
+    from nas.member_ensemble import chosen_trials, recorded
+    from nas.study import default_storage
+
+    if args.trial is not None or args.max_params is not None:
+        raise NasError(
+            "--ensemble members",
+            "exports the ensemble chosen out of fold; drop --trial and --max-params",
+        )
+    _, chosen = recorded(find_crossval_study(study._storage, study.study_name))
+    if chosen is None:
+        raise NasError(
+            "--ensemble members",
+            f"study {study.study_name!r} has no ensemble chosen out of fold: run nas retrain "
+            f"{args.results} --trials A,B --folds all first",
+        )
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trials = [by_number[n] for n in chosen_trials(chosen)]
+    if len(trials) == 1:
+        raise NasError(
+            "--ensemble members",
+            f"out of fold, trial {trials[0].number} alone beat every ensemble; export it with "
+            f"--trial {trials[0].number}",
+        )
+    name = "ensemble_" + "_".join(str(t.number) for t in trials)
+    out = args.out or args.results / "export" / name
+    storage = args.storage or default_storage(args.results.resolve())
+    postprocessing = chosen["largest_component"].split()
+    scores = {"oof_iou": chosen["oof_iou"], "oof_dice": chosen["oof_dice"]}
+    export_members(study, args.results, trials, out, parse_formats(args.format), storage,
+                   args.weights, args.force, args.tta, postprocessing, scores)  # fmt: skip
+    print(
+        f"exported the ensemble of trials {', '.join(str(t.number) for t in trials)} "
+        f"(out-of-fold IoU {chosen['oof_iou']:.4f}) to {out}/"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from nas.model_card import CARD_FILE, WEIGHTS_FILE
     from nas.study import default_storage, load_results_study
 
     formats = parse_formats(args.format)
-    if args.ensemble and args.weights not in ("auto", "folds"):
+    if args.ensemble == "folds" and args.weights not in ("auto", "folds"):
         raise NasError(
             "--weights", f"--ensemble folds exports the folds' weights, not the {args.weights}'s"
         )
     study = load_results_study(args.results, args.storage)
+    if args.ensemble == "members":
+        return _run_members(args, study)
     trial = choose_trial(study, args.trial, args.max_params, args.by)
-    weights = find_weights(study, args.results, trial, "folds" if args.ensemble else args.weights)
+    wanted = "folds" if args.ensemble == "folds" else args.weights
+    weights = find_weights(study, args.results, trial, wanted)
 
     from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study  # torch: weights found
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -55,10 +55,7 @@ def test_cases(
 ) -> Iterator[tuple[CaseFiles, np.ndarray, np.ndarray]]:
     """Each test case with its predicted and its reference class indices (the file's own
     voxel order), predicted by `predictor` (on `device`) as `card` describes."""
-    scheme = card.scheme()
-    if scheme.covers != split.scheme.covers:
-        theirs = split.scheme.scored_names
-        raise ValueError(f"the model scores {scheme.scored_names}, the test split {theirs}")
+    _check_scheme(card, split)
     for case in split.cases:
         classes, _ = segment_classes(predictor, card, Scan(case.name, case.images), device)
         yield case, classes, _label_classes(case.label, split.class_of_value)
@@ -150,6 +147,41 @@ def score_trials(
     return scored
 
 
+def _score_with_times(
+    classes_of: Callable[[CaseFiles], np.ndarray], split: TestSplit
+) -> dict[str, float]:
+    """Dice, IoU (pooled as validation pools them), mean HD95 and the median seconds per case
+    of a segmenter (`classes_of`: a test case's class indices in its file's voxel order)."""
+    from nas.metrics import case_metrics  # noqa: PLC0415 (only these comparisons need MONAI)
+
+    scheme = split.scheme  # scored per class, or per region, as validation scores
+    regions = dict(zip(scheme.scored_names, scheme.covers, strict=True))
+    counts, hd95, seconds = PooledCounts(scheme), [], []
+    for case in split.cases:
+        start = time.perf_counter()
+        prediction = classes_of(case)
+        seconds.append(time.perf_counter() - start)
+        reference = _label_classes(case.label, split.class_of_value)
+        counts.add(prediction, reference)
+        spacing = nib.load(case.label).header.get_zooms()[:3]
+        metrics = case_metrics(case.name, prediction, reference, spacing, regions)
+        hd95.append(np.mean([m.hd95_mm for m in metrics]))
+    scores = counts.scores()
+    return {
+        "test_dice": scores.dice,
+        "test_iou": scores.iou,
+        "test_hd95_mm": float(np.mean(hd95)),
+        "seconds_per_case": float(np.median(seconds)),
+    }
+
+
+def _check_scheme(card: ModelCard, split: TestSplit) -> None:
+    scheme = card.scheme()
+    if scheme.covers != split.scheme.covers:
+        theirs = split.scheme.scored_names
+        raise ValueError(f"the model scores {scheme.scored_names}, the test split {theirs}")
+
+
 def compare_ensemble(
     study: optuna.Study,
     trial: FrozenTrial,
@@ -162,8 +194,6 @@ def compare_ensemble(
     """Held-out scores and inference time per case of one cross-validated member: the
     model of fold `single` alone, the ensemble of all `fold_weights`, and the ensemble with
     mirroring, each exported as nas.export would export it (eager engine)."""
-    from nas.metrics import case_metrics  # noqa: PLC0415 (only this comparison needs MONAI)
-
     variants = {
         "single": ({single: fold_weights[single]}, "none"),
         "ensemble": (fold_weights, "none"),
@@ -175,29 +205,35 @@ def compare_ensemble(
             folder = Path(scratch) / variant.replace(" + ", "_")
             export(study, trial, members, folder, (), "", tta=tta, postprocessing=postprocessing)
             card = read_card(folder)
+            _check_scheme(card, split)
             model = load_predictor(folder, device, engine="eager")
-            scheme = split.scheme  # scored per class, or per region, as validation scores
-            regions = dict(zip(scheme.scored_names, scheme.covers, strict=True))
-            counts, hd95, seconds = PooledCounts(scheme), [], []
-            start = time.perf_counter()
-            for case, prediction, reference in test_cases(model, card, split, device):
-                seconds.append(time.perf_counter() - start)
-                counts.add(prediction, reference)
-                spacing = nib.load(case.label).header.get_zooms()[:3]
-                metrics = case_metrics(case.name, prediction, reference, spacing, regions)
-                hd95.append(np.mean([m.hd95_mm for m in metrics]))
-                start = time.perf_counter()
-            scores = counts.scores()
-            rows.append(
-                {
-                    "trial": trial.number,
-                    "variant": variant,
-                    "members": len(members),
-                    "passes_per_window": model.passes,
-                    "test_dice": scores.dice,
-                    "test_iou": scores.iou,
-                    "test_hd95_mm": float(np.mean(hd95)),
-                    "seconds_per_case": float(np.median(seconds)),
-                }
-            )
+
+            def classes_of(case: CaseFiles, model=model, card=card) -> np.ndarray:
+                return segment_classes(model, card, Scan(case.name, case.images), device)[0]
+
+            row = {"trial": trial.number, "variant": variant, "members": len(members),
+                   "passes_per_window": model.passes}  # fmt: skip
+            rows.append(row | _score_with_times(classes_of, split))
     return rows
+
+
+def score_member_ensemble(folder: Path, split: TestSplit, device: torch.device) -> dict:
+    """Held-out scores and seconds per case of an ensemble folder of different networks
+    (nas export --ensemble members), predicted as nas.predict predicts it (eager engine)."""
+    from nas.predict import read_members, segment_scan
+    from nas.probabilities import label_description
+
+    folders, cards, postprocessing = read_members(folder)
+    _check_scheme(cards[0], split)
+    predictors = [load_predictor(f, device, engine="eager") for f in folders]
+    labels = label_description(cards[0], postprocessing)
+
+    def classes_of(case: CaseFiles) -> np.ndarray:
+        scan = Scan(case.name, case.images)
+        return segment_scan(predictors, cards, labels, scan, device)[0]
+
+    return {
+        "members": len(folders),
+        "passes_per_window": sum(p.passes for p in predictors),
+        **_score_with_times(classes_of, split),
+    }

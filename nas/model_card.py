@@ -33,6 +33,7 @@ from nas.unet_config import UNetConfig
 from nas.yaml_file import read_yaml
 
 CARD_FILE = "architecture.yaml"
+ENSEMBLE_FILE = "ensemble.yaml"
 WEIGHTS_FILE = "weights.pt"
 MEMBER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 FORMAT_VERSION = 1
@@ -181,6 +182,41 @@ def read_card(folder: Path) -> ModelCard:
         )
     # The network is built on the CPU whatever the target device, so the host's limit applies.
     check_memory(path, card, host_memory_limit_bytes(), "cpu")
+    return card
+
+
+class EnsembleCard(_Strict):
+    """ensemble.yaml: different networks (front members) used together: each subfolder named
+    in `members` is a model folder of its own (architecture.yaml, weights); their
+    probabilities on a scan's grid are averaged, then labelled and postprocessed as here."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    members: tuple[str, ...]
+    postprocessing: Postprocessing = Postprocessing()
+    source: dict[str, Any]  # study, trials, how they were chosen and scored, date
+
+    @field_validator("members")
+    @classmethod
+    def _plain_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if len(names) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        return ModelCard._plain_names(names)
+
+
+def write_ensemble_card(folder: Path, card: EnsembleCard) -> None:
+    text = yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False)
+    (folder / ENSEMBLE_FILE).write_text(text)
+
+
+def read_ensemble_card(folder: Path) -> EnsembleCard | None:
+    """The ensemble a folder describes; None when it is a single model's folder."""
+    path = Path(folder) / ENSEMBLE_FILE
+    if not path.is_file():
+        return None
+    try:
+        card = EnsembleCard.model_validate(read_yaml(path))
+    except (ValidationError, TypeError, ValueError) as err:
+        raise NasError(path, f"not a valid ensemble description ({_first_error(err)})") from None
     return card
 
 

@@ -265,33 +265,86 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return make_parser().parse_args(argv)
 
 
+def read_members(folder: Path) -> tuple[list[Path], list[ModelCard], tuple[str, ...] | None]:
+    """The model folders a MODEL stands for, their cards, and for an ensemble of different
+    networks (ensemble.yaml) its postprocessing (None for a single model's folder). The
+    members must take the same channels and give the same labels."""
+    from nas.model_card import read_card, read_ensemble_card
+
+    ensemble = read_ensemble_card(folder)
+    if ensemble is None:
+        return [folder], [read_card(folder)], None
+    folders = [folder / name for name in ensemble.members]
+    cards = [read_card(member) for member in folders]
+    first = cards[0]
+    for member, card in zip(folders[1:], cards[1:], strict=True):
+        if card.preprocessing.input_channels != first.preprocessing.input_channels:
+            raise NasError(member, f"takes other input channels than {folders[0].name}")
+        if (card.labels, card.regions) != (first.labels, first.regions):
+            raise NasError(member, f"gives other labels than {folders[0].name}")
+    return folders, cards, ensemble.postprocessing.largest_component
+
+
+def segment_scan(
+    predictors: Sequence[Predictor],
+    cards: Sequence[ModelCard],
+    labels: dict,
+    scan: Scan,
+    device: torch.device,
+    overlap: float = DEFAULT_OVERLAP,
+    with_probabilities: bool = False,
+) -> tuple[np.ndarray, nib.spatialimages.SpatialImage, np.ndarray | None]:
+    """Class indices of one scan in its own voxel order, its first image, and with
+    `with_probabilities` the probabilities (K, X, Y, Z) they came from. One model (or its
+    folds) runs one pass per window; different networks (an ensemble.yaml folder) each run
+    on their own windows and are averaged on the scan's grid, then labelled as `labels`
+    (probabilities.label_description) says."""
+    from nas.probabilities import classes_of_mean
+
+    if len(predictors) == 1:
+        prediction = predict_scan(predictors[0], cards[0], scan, device, overlap)
+        probs = prediction.full_probabilities(cards[0]) if with_probabilities else None
+        return prediction.classes(cards[0]), prediction.image, probs
+    predictions = [
+        predict_scan(predictor, card, scan, device, overlap)
+        for predictor, card in zip(predictors, cards, strict=True)
+    ]
+    full = [p.full_probabilities(card) for p, card in zip(predictions, cards, strict=True)]
+    mean = sum(full) / len(full)
+    return (
+        classes_of_mean([mean], labels),
+        predictions[0].image,
+        mean if with_probabilities else None,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from nas.model_card import read_card
-
     if not 0 <= args.overlap < 1:
         raise NasError("--overlap", f"must be at least 0 and below 1, not {args.overlap}")
-    card = read_card(args.model)
+    folders, cards, ensemble_postprocessing = read_members(args.model)
+    card = cards[0]
     scans = find_scans(args.input, len(card.preprocessing.input_channels))
     outputs = output_paths(args.input, args.output, scans)
 
-    from nas.exported import load_predictor  # torch: once the card and the scans are found
+    from nas import probabilities  # torch: once the cards and the scans are found
+    from nas.exported import load_predictor
 
     device = device_option(args.device)
-    predictor = load_predictor(args.model, device, args.engine, args.tta)
+    predictors = [load_predictor(f, device, args.engine, args.tta) for f in folders]
+    labels = probabilities.label_description(card, ensemble_postprocessing)
     # disable=None: a progress bar on a terminal, nothing in a log file.
     progress = tqdm(list(zip(scans, outputs, strict=True)), unit="scan", leave=False, disable=None)
     values = mask_values(card.labels)
     for scan, path in progress:
         progress.set_postfix_str(scan.name)
-        prediction = predict_scan(predictor, card, scan, device, args.overlap)
-        write_mask(values[prediction.classes(card)], prediction.image, path)
-        if args.save_probabilities:
-            from nas import probabilities
-
-            full = prediction.full_probabilities(card)
-            probabilities.save(probabilities.probabilities_path(path), full, prediction.image, card)
+        classes, image, probs = segment_scan(
+            predictors, cards, labels, scan, device, args.overlap, args.save_probabilities
+        )
+        write_mask(values[classes], image, path)
+        if probs is not None:
+            probabilities.save(probabilities.probabilities_path(path), probs, image, labels)
     n = len(outputs)
     saved = " and their probabilities" if args.save_probabilities else ""
     print(f"wrote {n} mask{'s' if n != 1 else ''}{saved} to {args.output}")

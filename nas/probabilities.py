@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,6 @@ from nas.errors import NasError
 if TYPE_CHECKING:
     import nibabel as nib
 
-    from nas.labels import LabelScheme
     from nas.model_card import ModelCard
 
 SUFFIX = ".npz"
@@ -39,20 +39,29 @@ def probabilities_path(mask: Path) -> Path:
     return mask.with_name(f"{nifti_stem(mask.name) or mask.stem}{SUFFIX}")
 
 
-def label_description(card: ModelCard) -> dict[str, Any]:
-    """What turns a card's probabilities into a mask: its labels, regions and postprocessing."""
+def label_description(
+    card: ModelCard, largest_component: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """What turns a card's probabilities into a mask: its labels, regions and postprocessing
+    (or, for an ensemble of different networks, the ensemble's `largest_component`)."""
+    if largest_component is None:
+        largest_component = card.postprocessing.largest_component
     return {
         "labels": dict(card.labels),
         "regions": {k: list(v) for k, v in card.regions.items()} if card.regions else None,
         "regions_class_order": list(card.regions_class_order or []) or None,
-        "largest_component": list(card.postprocessing.largest_component),
+        "largest_component": list(largest_component),
     }
 
 
 def save(
-    path: Path, probabilities: np.ndarray, image: nib.spatialimages.SpatialImage, card: ModelCard
+    path: Path,
+    probabilities: np.ndarray,
+    image: nib.spatialimages.SpatialImage,
+    labels: dict[str, Any],
 ) -> None:
-    """Write one scan's probabilities (K, *image shape) with the geometry of `image`."""
+    """Write one scan's probabilities (K, *image shape) with the geometry of `image` and the
+    `labels` (label_description's form) that turn them into a mask."""
     header = image.header
     if type(header).__name__ not in _HEADERS:
         header = image.header.from_header(image.header)  # e.g. an Analyze scan: as NIfTI-1
@@ -62,7 +71,7 @@ def save(
         affine=np.asarray(image.affine, np.float64),
         header=np.frombuffer(header.binaryblock, np.uint8),
         header_class=np.array(type(header).__name__),
-        labels=np.array(json.dumps(label_description(card))),
+        labels=np.array(json.dumps(labels)),
     )
 
 
@@ -78,11 +87,6 @@ class SavedProbabilities:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.probabilities.shape)
-
-    def scheme(self) -> LabelScheme:
-        from nas.labels import LabelScheme
-
-        return LabelScheme.from_description(self.labels)
 
     def like(self) -> nib.spatialimages.SpatialImage:
         """An image with the scan's affine and header, for nas.predict.write_mask."""
@@ -117,3 +121,20 @@ def load(path: Path) -> SavedProbabilities:
         path, probabilities.astype(np.float32, copy=False), affine,
         fields["header"].tobytes(), header_class, labels,
     )  # fmt: skip
+
+
+def classes_of_mean(probabilities: Sequence[np.ndarray], labels: dict[str, Any]) -> np.ndarray:
+    """The class map (uint8, 0 = background) of the mean of several models' probabilities
+    (each (K, X, Y, Z)), labelled as `labels` (label_description's form) says: argmax, or
+    each region above 0.5 in order, then its classes reduced to their largest component."""
+    import torch
+
+    from nas.labels import LabelScheme
+    from nas.postprocess import keep_largest_component
+
+    mean = np.mean(probabilities, axis=0) if len(probabilities) > 1 else probabilities[0]
+    scheme = LabelScheme.from_description(labels)
+    classes = scheme.classes_from_probabilities(torch.from_numpy(mean)).numpy()
+    names = list(labels["labels"])
+    chosen = [names.index(name) for name in labels["largest_component"]]
+    return keep_largest_component(classes, chosen) if chosen else classes

@@ -389,6 +389,16 @@ def _crossval_section(study: optuna.Study) -> str:
         members.to_html(index=False, border=0),
         _choices(study),
     ]
+    from nas.member_ensemble import recorded
+
+    oof, chosen = recorded(crossval)
+    if oof:
+        parts += [
+            "<h3>Members and their ensembles, out of fold</h3>",
+            f"<p>Chosen: {chosen['members']} (nas export --ensemble members exports an "
+            "ensemble).</p>",
+            pd.DataFrame(oof).to_html(index=False, float_format="{:.4f}".format, border=0),
+        ]
     ensemble = pd.DataFrame(ensemble_rows(crossval))
     if not ensemble.empty:
         parts += [

@@ -125,6 +125,7 @@ def run_crossval(
             f"(search: {row.search_val_iou:.4f}); largest component: "
             f"{row.largest_component or 'not applied'}"
         )
+    chosen_ensemble = _choose_member_ensemble(args, study, crossval, table, folds, device)
     dataset = load_dataset(data_cfg)
     split = find_test_split(data_cfg, dataset)
     if split is not None and len(folds) > 1:
@@ -139,6 +140,9 @@ def run_crossval(
             )  # fmt: skip
             record_ensemble(crossval, trial.number, compared)
             rows += compared
+        if chosen_ensemble is not None and chosen_ensemble["n_members"] > 1:
+            rows.append(_score_member_ensemble(study, args.results, chosen_ensemble, split, device))
+            record_ensemble(crossval, -1, rows[-1:])
         ensemble = pd.DataFrame(rows)
         atomic_write(args.results / "ensemble.csv", lambda p: ensemble.to_csv(p, index=False))
         print(ensemble.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -210,6 +214,57 @@ def run_all_cases(
               f"{result.history[-1].train_loss:.4f})")  # fmt: skip
     print(f"recorded in study {retrain_study.study_name!r} of {redact(storage)}")
     return 1 if failed == len(chosen) else 0
+
+
+def _choose_member_ensemble(
+    args: argparse.Namespace,
+    study: optuna.Study,
+    crossval: optuna.Study,
+    table,
+    folds: list[int],
+    device: torch.device,
+) -> dict | None:
+    """With two or more members cross-validated on every fold asked for: each member alone
+    and the ensembles of the best 2 and 3, scored out of fold, the best chosen
+    (results/<study>/member_ensembles.csv, and the crossval study for nas export)."""
+    import pandas as pd
+
+    from nas.member_ensemble import record, score_out_of_fold
+
+    complete = [r for r in table.itertuples() if len(str(r.folds).split()) == len(folds)]
+    if len(complete) < 2 or len(folds) < 2:
+        return None
+    ranked = [r.trial for r in sorted(complete, key=lambda r: -r.cv_iou_mean)]
+    rows, chosen = score_out_of_fold(study, ranked, folds, args.results, device)
+    record(crossval, rows, chosen)
+    frame = pd.DataFrame(rows)
+    atomic_write(args.results / "member_ensembles.csv", lambda p: frame.to_csv(p, index=False))
+    print("out of fold, members and their ensembles:")
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    how = "alone" if chosen["n_members"] == 1 else "(nas export --ensemble members)"
+    print(f"chosen: {chosen['members']} {how}")
+    return chosen
+
+
+def _score_member_ensemble(
+    study: optuna.Study, results: Path, chosen: dict, split, device: torch.device
+) -> dict:
+    """The chosen ensemble of different members on the held-out cases, exported and
+    predicted as a user would (each member with the weights nas export takes by default)."""
+    import tempfile
+
+    from nas.export import export_members
+    from nas.heldout import score_member_ensemble
+    from nas.member_ensemble import chosen_trials
+
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trials = [by_number[n] for n in chosen_trials(chosen)]
+    with tempfile.TemporaryDirectory(prefix="nas-members-") as scratch:
+        folder = Path(scratch) / "ensemble"
+        export_members(study, results, trials, folder, (), "", "folds", False, "none",
+                       chosen["largest_component"].split())  # fmt: skip
+        scores = score_member_ensemble(folder, split, device)
+    return {"trial": chosen["members"], "variant": "members' fold ensembles", **scores}
 
 
 def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[FrozenTrial]:
