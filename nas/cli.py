@@ -25,7 +25,15 @@ def command_parser(command: str, description: str) -> argparse.ArgumentParser:
     spec = getattr(main, "__spec__", None)
     as_module = spec is not None and spec.name == f"nas.{command}"
     prog = f"python -m nas.{command}" if as_module else f"nas {command}"
-    return argparse.ArgumentParser(prog=prog, description=description)
+    return _Parser(prog=prog, description=description)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake as two lines (what is wrong, where the options are), exit code 2,
+    rather than argparse's whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help for the options\n")
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,9 @@ from nas.cli import command_parser, exit_code
 def make_parser() -> argparse.ArgumentParser:
     parser = command_parser("dashboard", __doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
-    parser.add_argument("--port", type=int, default=8080, help="port to serve on (default: 8080)")
+    parser.add_argument(
+        "--port", type=_port, default=8080, help="port to serve on, 1-65535 (default: 8080)"
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="default: this machine only (there is no login)"
     )
@@ -47,6 +49,13 @@ def is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def _port(text: str) -> int:
+    port = int(text)  # argparse turns the ValueError into a usage error
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
 
 
 def exposure_warning(host: str, port: int) -> str | None:

@@ -21,6 +21,7 @@ import numpy as np
 from nas.cli import command_parser, exit_code
 from nas.errors import NasError
 from nas.probabilities import SUFFIX, SavedProbabilities, classes_of_mean, load
+from nas.staging import check_output_folder
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -88,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.folders) < 3:
         raise NasError("nas ensemble", "give at least two folders of probabilities and OUT")
     *folders, out = args.folders
-    if out.exists() and not out.is_dir():
-        raise NasError(out, "exists and is not a folder")
+    check_output_folder(out)
     if out.resolve() in {f.resolve() for f in folders}:
         raise NasError(out, "is one of the input folders; choose another OUT")
     names = case_names(folders)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from nas.cli import command_parser, exit_code
 from nas.errors import NasError
-from nas.staging import atomic_write
+from nas.staging import atomic_write, check_output_folder
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -122,12 +122,9 @@ def _spatial_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _open(path: Path) -> nib.spatialimages.SpatialImage:
-    import nibabel as nib
+    from nas.data.preprocess import open_nifti
 
-    try:
-        return nib.load(path)
-    except Exception as err:  # nibabel raises many types for files that are not NIfTI
-        raise NasError(path, f"cannot be read as NIfTI ({err})") from None
+    return open_nifti(path)
 
 
 def check_grid(pair: Pair) -> tuple[float, ...]:
@@ -281,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     regions = read_regions(args.dataset_json) if args.dataset_json is not None else None
     pairs, extra = find_pairs(args.predictions, args.labels)
     out = args.out or (args.predictions if args.predictions.is_dir() else args.predictions.parent)
+    check_output_folder(out)
     if out.exists() and not out.is_dir():
         raise NasError(out, "exists and is not a folder")
     if extra:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from nas.cli import command_parser, exit_code
 from nas.errors import NasError
-from nas.staging import remove_stale_staging, replace_folder, staging_folder
+from nas.staging import check_output_folder, remove_stale_staging, replace_folder, staging_folder
 from nas.weights import KINDS, find_weights
 
 if TYPE_CHECKING:
@@ -670,6 +670,7 @@ def _run_members(args: argparse.Namespace, study: optuna.Study) -> int:
         )
     name = "ensemble_" + "_".join(str(t.number) for t in trials)
     out = args.out or args.results / "export" / name
+    check_output_folder(out.parent)
     storage = args.storage or default_storage(args.results.resolve())
     postprocessing = chosen["largest_component"].split()
     scores = {"oof_iou": chosen["oof_iou"], "oof_dice": chosen["oof_dice"]}
@@ -706,6 +707,7 @@ def run(args: argparse.Namespace) -> int:
     if crossval is not None:
         postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {}).get(str(trial.number), [])
     out = args.out or args.results / "export" / f"trial_{trial.number:04d}"
+    check_output_folder(out.parent)
     if args.storage is None:  # recorded absolute, for use from any folder
         storage = default_storage(args.results.resolve())
     card = export(

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from nas.data.layouts import CaseFiles
+from nas.data.preprocess import open_nifti
 from nas.data.test_split import TestSplit
 from nas.export import export
 from nas.exported import load_predictor
@@ -41,7 +42,7 @@ from nas.validate import PooledCounts, Scores
 
 def _label_classes(path: Path, class_of_value: dict[int, int]) -> np.ndarray:
     """A test label as class indices, in the file's own voxel order (as predicted masks)."""
-    label = np.asanyarray(nib.load(path).dataobj)
+    label = np.asanyarray(open_nifti(path).dataobj)
     while label.ndim > 3 and label.shape[-1] == 1:
         label = label[..., 0]
     lookup = np.zeros(max(class_of_value) + 1, np.uint8)

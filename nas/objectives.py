@@ -25,10 +25,10 @@ class LatencyConfig(BaseModel):
     threads: CPU threads for the measurement (default: as the search runs); batch: windows
     per forward pass."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     device: str | None = Field(None, pattern=r"^(cpu|mps|cuda(:[0-9]+)?)$")
-    threads: int | None = Field(None, ge=1)
-    batch: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
+    batch: int = Field(1, ge=1, le=1024)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ Name = Literal["iou", "dice", "params", "macs", "latency_ms", "memory_mb"]
 class Bound(BaseModel):
     """A constraint on one quantity: at least `min`, at most `max`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     min: float | None = None
     max: float | None = None
 

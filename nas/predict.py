@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
+from nas.staging import check_output_folder
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -95,6 +96,12 @@ def find_scans(source: Path, n_channels: int) -> list[Scan]:
         scans.append(Scan(case, tuple(channels[c] for c in expected)))
     if not scans:
         raise NasError(source, "holds no .nii or .nii.gz file")
+    by_name: dict[str, Scan] = {}
+    for scan in scans:  # x.nii and x.nii.gz would both write x.nii.gz
+        if scan.name in by_name:
+            first, second = by_name[scan.name].images[0], scan.images[0]
+            raise NasError(second, f"is case {scan.name!r} again (as {first.name}): one mask each")
+        by_name[scan.name] = scan
     return sorted(scans, key=lambda s: s.name)
 
 
@@ -227,6 +234,7 @@ def output_paths(source: Path, output: Path, scans: Sequence[Scan]) -> list[Path
         if output.exists() and not output.is_dir():
             raise NasError(output, "exists and is not a folder")
         paths = [output / f"{scan.name}.nii.gz" for scan in scans]
+    check_output_folder(paths[0].parent)
     inputs = {p.resolve() for scan in scans for p in scan.images}
     for path in paths:
         if path.resolve() in inputs:

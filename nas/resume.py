@@ -99,6 +99,21 @@ def check(
                 "--extend-space to continue it with this one, or choose a new --study-name",
             )
         _check_compatible(study, space, source)
+    # Constraints decide which trials count (feasibility): changing them silently would
+    # rewrite the front and the report of what the study found.
+    constraints = _plain(
+        {k: b.model_dump(exclude_none=True) for k, b in space.study.constraints.items()}
+    )
+    changed = "constraints" in stored and stored["constraints"] != constraints
+    if changed and not extend_space:
+        raise NasError(
+            source,
+            f"study {name!r} was made with other constraints: "
+            f"{_say(_differences(stored['constraints'], constraints, 'constraints'))}; pass "
+            "--extend-space to continue it with these, or choose a new --study-name",
+        )
+    if stored.get("constraints") != constraints:
+        study.set_user_attr("constraints", constraints)
     missing = {k: v for k, v in data.items() if k not in stored}
     if missing or stored.get("space") != space_now:
         record(study, space, missing)

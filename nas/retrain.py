@@ -314,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
         raise NasError("--all-cases", "trains one model on every case; --folds one per fold")
     if args.epochs is not None and args.epochs < 1:
         raise NasError("--epochs", f"must be at least 1, not {args.epochs}")
+    if args.top < 1:
+        raise NasError("--top", f"must be at least 1, not {args.top}")
     chosen = choose_trials(study, args.top, args.trials)
 
     from nas.builder import count_parameters  # torch: once the trials are found

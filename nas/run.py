@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 from nas.locking import file_lock
-from nas.staging import atomic_write, remove_stale_staging
+from nas.staging import atomic_write, check_output_folder, remove_stale_staging
 
 if TYPE_CHECKING:
     import optuna
@@ -323,6 +323,27 @@ def _dry_run(
     return 0
 
 
+def _check_latency_device(space: SearchSpace, args: argparse.Namespace) -> None:
+    """study.latency.device must exist here, before the study is created."""
+    import torch
+
+    from nas.space import source_of
+
+    name = space.study.latency.device
+    if name is None:
+        return
+    device = torch.device(name)
+    if device.type == "cuda":
+        present = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    elif device.type == "mps":
+        present = torch.backends.mps.is_available()
+    else:
+        present = True
+    if not present:
+        where = source_of("study.latency", args.space, args.settings)
+        raise NasError(where, f"study.latency.device: {name} is not on this machine")
+
+
 def _check_init_weights(
     space: SearchSpace, warm_start: list[dict], in_channels: int, out_channels: int
 ) -> None:
@@ -465,10 +486,12 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     space = patch_plan.apply(space)
     warm_start = [warm_start_params(space, fields) for fields in space.study.enqueue]
     _check_init_weights(space, warm_start, dataset.in_channels, dataset.scheme.out_channels)
+    _check_latency_device(space, args)
     if args.dry_run:
         return _dry_run(space, dataset, train_cases, val_cases, test_split, patch_plan,
                         schedule, device)  # fmt: skip
     study_dir = args.results_dir / study_cfg.name
+    check_output_folder(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     for folder in (study_dir, checkpoint_path(study_dir, 0).parent):
         remove_stale_staging(folder)  # what a killed process was writing

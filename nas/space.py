@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ from nas.pruning import PrunerConfig
 from nas.storage import HeartbeatConfig
 from nas.train_config import MAX_PATCH_SIZE, TrainConfig
 from nas.unet_config import PER_STAGE_FIELDS, UNetConfig, per_stage_length
-from nas.yaml_file import parse_yaml, read_yaml
+from nas.yaml_file import MAX_DEPTH, parse_yaml, read_yaml
 
 Scalar = bool | int | float | str | None
 # Filled from the data, never searched.
@@ -128,7 +129,8 @@ class StudySection(BaseModel):
     # limit but n_trials and the timeout, from which the search plans its steps itself).
     budget: int | None = Field(None, ge=1)
     fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
-    seed: int = 0
+    # Trial seeds are this plus the trial's number, and numpy takes seeds below 2**32.
+    seed: int = Field(0, ge=0, lt=2**31)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     # Architectures (builder and training fields) that run first in a new study.
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
@@ -182,6 +184,27 @@ def _fields(config_type: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_type)]
 
 
+def _number_type(config_type: type, field: str) -> type | None:
+    """int or float where `field` holds a number (or None), else None."""
+    annotation = config_type.__pydantic_fields__[field].annotation
+    members = set(getattr(annotation, "__args__", ())) - {type(None)} or {annotation}
+    return next((t for t in (int, float) if members == {t}), None)
+
+
+def _check_number(where: str, number_type: type | None, value: Any) -> None:
+    """What pydantic's lax mode would let through: a YAML boolean (yes, no, true) or a
+    fraction for a whole number, NaN or infinity."""
+    if number_type is None:
+        return
+    if isinstance(value, bool):
+        raise _SpaceError(where, f"invalid value {value!r}: a boolean (yes/no/true/false), "
+                          "not a number")  # fmt: skip
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _SpaceError(where, f"invalid value {value!r}: give a finite number")
+    if number_type is int and isinstance(value, float):
+        raise _SpaceError(where, f"invalid value {value!r}: give a whole number")
+
+
 def _field_adapter(config_type: type, field: str) -> TypeAdapter:
     """Validates one value of `field`, bounds included (Field(ge=0, le=1) and the like), so a
     spec's low, high or choices outside them is refused before any trial draws them."""
@@ -202,11 +225,12 @@ def _parse_entries(
         if name not in allowed:
             raise _SpaceError(where, f"unknown parameter; expected one of {', '.join(allowed)}")
         adapter = _field_adapter(config_type, name)
+        number = _number_type(config_type, name)
         if _is_spec(raw):
-            parsed[name] = (_parse_spec(where, name, raw, adapter, known),)
+            parsed[name] = (_parse_spec(where, name, raw, adapter, known, number),)
         elif isinstance(raw, list) and raw and all(_is_spec(item) for item in raw):
             variants = tuple(
-                _parse_spec(f"{where}[{i}]", name, item, adapter, known)
+                _parse_spec(f"{where}[{i}]", name, item, adapter, known, number)
                 for i, item in enumerate(raw)
             )
             for i, variant in enumerate(variants):
@@ -222,6 +246,7 @@ def _parse_entries(
                 )
             parsed[name] = AUTO
         else:
+            _check_number(where, number, raw)
             parsed[name] = _check_value(where, adapter, raw)
         known.append(name)
     return parsed
@@ -236,11 +261,27 @@ def _is_searched(entry: Any) -> bool:
     return isinstance(entry, tuple) and bool(entry) and isinstance(entry[0], _Spec)
 
 
-def _parse_spec(where: str, name: str, raw: dict, adapter: TypeAdapter, known: list[str]) -> _Spec:
+def _parse_spec(
+    where: str,
+    name: str,
+    raw: dict,
+    adapter: TypeAdapter,
+    known: list[str],
+    number: type | None = None,
+) -> _Spec:
+    for key in ("low", "high", "step"):  # before pydantic turns true into 1
+        if key in raw and not isinstance(raw[key], str):
+            _check_number(f"{where}.{key}", float, raw[key])
     try:
         spec = _PARAM_SPEC.validate_python(raw)
     except ValidationError as err:
         raise _SpaceError.from_validation(where, err) from None
+    if isinstance(spec, FloatSpec) and number is int:
+        raise _SpaceError(
+            where, f"{name} is a whole number: use {{type: int, ...}} or categorical choices"
+        )
+    if isinstance(spec, IntSpec) and any(isinstance(raw.get(k), float) for k in ("low", "high")):
+        raise _SpaceError(where, "an int spec takes whole numbers for low and high")
     if spec.per_stage and name not in PER_STAGE_FIELDS:
         raise _SpaceError(
             f"{where}.per_stage", f"only {', '.join(PER_STAGE_FIELDS)} can take one value per stage"
@@ -249,6 +290,8 @@ def _parse_spec(where: str, name: str, raw: dict, adapter: TypeAdapter, known: l
         _check_list_choices(where, name, spec.choices)
     values = spec.choices if isinstance(spec, CategoricalSpec) else [spec.low, spec.high]
     for value in values + ([spec.default] if spec.default is not None else []):
+        if not isinstance(spec, FloatSpec):  # a float range over a float field is what it is
+            _check_number(where, number, value)
         _check_value(where, adapter, value)
     for other in spec.when or {}:
         if other not in known:
@@ -323,7 +366,11 @@ def apply_settings(raw: dict[str, Any], settings: Sequence[str]) -> dict[str, An
         key, sep, text = setting.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
-            raise NasError("--set", f"{setting!r} is not key.path=value (e.g. train.epochs=3)")
+            shown = setting if len(setting) <= 80 else setting[:77] + "..."
+            raise NasError("--set", f"{shown!r} is not key.path=value (e.g. train.epochs=3)")
+        if len(parts) > MAX_DEPTH:
+            raise NasError("--set", f"{key[:60]}...: a key path of {len(parts)} parts; a space "
+                           f"is at most {MAX_DEPTH} deep")  # fmt: skip
         value = parse_yaml(text, f"--set {key}")
         node = raw
         for part in parts[:-1]:

@@ -102,3 +102,22 @@ def remove_stale_staging(folder: Path) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: one that is
+    a file, lies below a file, or whose nearest existing folder is not writable."""
+    from nas.errors import NasError
+
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.is_symlink() and not path.exists():
+            raise NasError(folder, f"cannot be made: {path} is a dangling link")
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == folder else f"lies below the file {path}"
+            raise NasError(folder, f"{where}, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise NasError(folder, f"cannot be written: {path} is not writable")
+        return

@@ -51,7 +51,11 @@ def test_a_command_keeps_its_own_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--no-such-option"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("usage: nas export ")
+    # Two lines, not argparse's usage block: what is wrong, and where the options are.
+    assert capsys.readouterr().err.splitlines() == [
+        "nas export: error: the following arguments are required: results",
+        "see nas export --help for the options",
+    ]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

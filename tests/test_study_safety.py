@@ -257,11 +257,11 @@ def test_a_candidate_too_large_for_memory_fails_before_training(tmp_path, tiny_d
 # --- crashes and interrupts -------------------------------------------------------------
 
 
-def _slow_space(tiny_dataset, n_trials: int, grace_period: int = 600) -> str:
+def _slow_space(tiny_dataset, n_trials: int, grace_period: int = 600, batches: int = 4) -> str:
     extra = f"  heartbeat: {{heartbeat_interval: 1, grace_period: {grace_period}, retries: 1}}\n"
     space = tiny_space_yaml(tiny_dataset, "many", n_trials, extra)
     return space.replace("epochs: 2", "epochs: 8").replace(
-        "batches_per_epoch: 3", "batches_per_epoch: 4"
+        "batches_per_epoch: 3", f"batches_per_epoch: {batches}"
     )
 
 
@@ -321,7 +321,9 @@ def test_a_killed_run_then_the_same_command_ends_with_every_trial_settled(
 
 
 def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_dataset):
-    (tmp_path / "space.yaml").write_text(_slow_space(tiny_dataset, n_trials=4))
+    # Epochs long enough (a second or more) that two workers' trials surely overlap in
+    # training between two looks at the storage, however busy the machine.
+    (tmp_path / "space.yaml").write_text(_slow_space(tiny_dataset, n_trials=4, batches=16))
     storage = _storage(tmp_path, "many")
     # Its own session, so that the terminal-like signal below reaches it and not pytest.
     run = subprocess.Popen([sys.executable, "-m", "nas.run", "space.yaml", "--workers", "2"],
@@ -349,7 +351,7 @@ def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_datase
     trials = _load(tmp_path, "many").trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     abandoned = [t for t in trials if t.state == TrialState.FAIL]
-    assert abandoned
+    assert abandoned, output
     assert all(t.user_attrs["fail_reason"].startswith("interrupted") for t in abandoned)
     # Each trial seen in training was abandoned, unless it finished its last epochs in the
     # moment between that look and the signal.

@@ -57,7 +57,7 @@ class DataConfig:
     slices_per_case: int | None = Field(None, ge=1)
     n_folds: int = Field(5, ge=2)
     fold: int = Field(0, ge=0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, lt=2**32)  # numpy takes seeds below 2**32
     splits_file: Path | None = None
     cache_dir: Path | None = None
     test: Path | None = None

@@ -39,18 +39,50 @@ class CasePlan:
     target_spacing_mm: tuple[float, float, float]
 
 
-def load_volume(path, as_float32: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels in RAS order and the RAS affine; a 4D file keeps its last (channel) axis.
+# Deflate cannot shrink data by more than about 1032:1; a .nii.gz whose header declares more
+# voxels than that lies about its contents (and would make a reader allocate for them).
+MAX_DEFLATE_RATIO = 1100
 
-    as_float32: read intensities straight into float32 (scaled int16 files would otherwise
-    become float64, twice the memory); labels keep their stored integer type.
-    """
+
+def open_nifti(path) -> nib.spatialimages.SpatialImage:
+    """A NIfTI image, header only, refused in one line where it cannot be read or where its
+    header declares more voxel bytes than the file can hold (uncompressed: the file's size;
+    .gz: the most deflate can pack) or than this machine's memory limit."""
+    from nas.memory import format_gb, host_memory_limit_bytes
+
     try:
         image = nib.load(path)
     except FileNotFoundError:
         raise NasError(path, "not found") from None
     except Exception as err:  # nibabel raises many types for files that are not NIfTI
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None
+    declared = int(np.prod(image.shape, dtype=np.float64)) * image.get_data_dtype().itemsize
+    size = Path(path).stat().st_size
+    gzipped = str(path).endswith(".gz")
+    holds = size * MAX_DEFLATE_RATIO if gzipped else size
+    if declared > holds + 352 * MAX_DEFLATE_RATIO:  # header and extensions aside
+        raise NasError(
+            path,
+            f"its header declares {image.shape} voxels ({format_gb(declared)}), more than a "
+            f"file of {size:,} bytes can hold: truncated or not what it claims",
+        )
+    as_float = int(np.prod(image.shape, dtype=np.float64)) * 4
+    if as_float > host_memory_limit_bytes():
+        raise NasError(
+            path,
+            f"its {image.shape} voxels need {format_gb(as_float)} as float32, more than this "
+            f"machine's limit of {format_gb(host_memory_limit_bytes())}",
+        )
+    return image
+
+
+def load_volume(path, as_float32: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels in RAS order and the RAS affine; a 4D file keeps its last (channel) axis.
+
+    as_float32: read intensities straight into float32 (scaled int16 files would otherwise
+    become float64, twice the memory); labels keep their stored integer type.
+    """
+    image = open_nifti(path)
     try:
         canonical = nib.as_closest_canonical(image)
         data = (
@@ -76,8 +108,8 @@ def _stored_zooms(image: nib.spatialimages.SpatialImage) -> tuple[float, ...]:
 
 def spacing_of(path) -> tuple[float, float, float]:
     """RAS voxel spacing from the header alone (no voxels read); positive and finite."""
+    image = open_nifti(path)
     try:
-        image = nib.load(path)
         zooms = _stored_zooms(image)
     except Exception as err:
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None

@@ -44,7 +44,7 @@ class SyntheticSpec:
     n_cases: int = Field(24, ge=1, le=MAX_CASES)
     shape: tuple[int, int, int] = (64, 64, 32)
     spacing_mm: tuple[float, float, float] = (1.5, 1.5, 3.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy takes seeds below 2**32
 
     @field_validator("shape")
     @classmethod
