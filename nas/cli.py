@@ -1,7 +1,9 @@
 """What every `python -m nas.*` command shares: user mistakes as one line and exit code 2,
 Ctrl-C as one line and exit code 130.
 
-Anything other than a NasError is a bug and keeps its traceback. Torch and Optuna are
+A NasError, or an OSError about a path (the system's reason and the path: a name too long, a
+file where a folder should be, no permission, a full disk), is the user's to fix; anything
+else is a bug and keeps its traceback. Torch and Optuna are
 imported only when a command runs, so that `--help` answers at once.
 """
 
@@ -33,7 +35,15 @@ class _Parser(argparse.ArgumentParser):
     rather than argparse's whole usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help for the options\n")
+        self.exit(
+            2, f"{self.prog}: error: {one_line(message)}\nsee {self.prog} --help for the options\n"
+        )
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters (a path may hold them)
+    escaped, so that an error stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +73,15 @@ def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace
     try:
         return run(args)
     except NasError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a bug, with its traceback
+            raise
+        # A path the system refuses (name too long, not a folder, no permission, disk full):
+        # the user's to fix, named with the system's reason.
+        where = one_line(str(err.filename))
+        print(f"error: {where}: {err.strerror or type(err).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: what finished is kept (files renamed into place)
         print("interrupted: finished work is kept; run the same command to continue",
