@@ -21,6 +21,7 @@ from torch import nn  # noqa: E402
 from nas.data import Case  # noqa: E402
 from nas.labels import LabelScheme  # noqa: E402
 from nas.validate import predict_case  # noqa: E402
+from nas.weights import trial_name  # noqa: E402
 
 ARTIFACTS_DIR = "artifacts"
 OVERLAYS_DIR = "overlays"
@@ -33,7 +34,7 @@ def artifact_store(study_dir: Path) -> FileSystemArtifactStore:
 
 
 def overlay_path(study_dir: Path, trial_number: int) -> Path:
-    return study_dir / OVERLAYS_DIR / f"trial_{trial_number:04d}.png"
+    return study_dir / OVERLAYS_DIR / f"{trial_name(trial_number)}.png"
 
 
 def example_case(cases: Sequence[Case]) -> Case:

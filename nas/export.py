@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from nas.cli import command_parser, exit_code
 from nas.errors import NasError
 from nas.staging import check_output_folder, remove_stale_staging, replace_folder, staging_folder
-from nas.weights import KINDS, find_weights
+from nas.weights import KINDS, find_weights, trial_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -615,7 +615,7 @@ def export_members(
     found = [_member_weights(study, results, t, weights_kind) for t in trials]
     _check_ensemble_destination(out, source, force, keep)
     remove_stale_staging(out.parent)
-    names = [f"trial_{t.number:04d}" for t in trials]
+    names = [trial_name(t.number) for t in trials]
     with staging_folder(out) as staging:
         for trial, weights, name in zip(trials, found, names, strict=True):
             export(study, trial, weights.files, staging / name, formats, storage, True, results,
@@ -706,7 +706,7 @@ def run(args: argparse.Namespace) -> int:
     postprocessing = []
     if crossval is not None:
         postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {}).get(str(trial.number), [])
-    out = args.out or args.results / "export" / f"trial_{trial.number:04d}"
+    out = args.out or args.results / "export" / trial_name(trial.number)
     check_output_folder(out.parent)
     if args.storage is None:  # recorded absolute, for use from any folder
         storage = default_storage(args.results.resolve())

@@ -28,16 +28,17 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from nas.data.layouts import CaseFiles
+from nas.data.layouts import CaseFiles, Scan
 from nas.data.preprocess import open_nifti
 from nas.data.test_split import TestSplit
 from nas.export import export
 from nas.exported import load_predictor
 from nas.inference import Predictor, predictor
 from nas.model_card import ModelCard, read_card
-from nas.predict import Scan, segment_classes
+from nas.predict import segment_classes
 from nas.results import TEST_SCORES_ATTR, checkpoint_path
 from nas.validate import PooledCounts, Scores
+from nas.weights import trial_name
 
 
 def _label_classes(path: Path, class_of_value: dict[int, int]) -> np.ndarray:
@@ -96,7 +97,7 @@ def score_trial(
 ) -> Scores:
     """Scores of a completed trial with `weights`, exported as nas.export would export it."""
     with tempfile.TemporaryDirectory(prefix="nas-heldout-") as scratch:
-        folder = Path(scratch) / f"trial_{trial.number:04d}"
+        folder = Path(scratch) / trial_name(trial.number)
         export(study, trial, weights, folder, formats=(), storage="", results=study_dir)
         single = load_predictor(folder, device, engine="eager")
         return score_predictor(single, read_card(folder), split, device)

@@ -31,9 +31,14 @@ KINDS = ("all-cases", "retrained", "search", "folds")
 ALL_CASES_ATTR = "all_cases"
 
 
+def trial_name(trial_number: int) -> str:
+    """How every file and folder of one trial is named: trial_0007."""
+    return f"trial_{trial_number:04d}"
+
+
 def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
     """The search's weights of a trial (`study_dir`: the results folder)."""
-    return study_dir / "checkpoints" / f"trial_{trial_number:04d}.pt"
+    return study_dir / "checkpoints" / f"{trial_name(trial_number)}.pt"
 
 
 def retrained_dir(study_dir: Path) -> Path:
@@ -61,7 +66,7 @@ def retrain_study_name(study_name: str) -> str:
 
 
 def folds_folder(study_dir: Path, trial_number: int) -> Path:
-    return study_dir / "crossval" / f"trial_{trial_number:04d}"
+    return study_dir / "crossval" / trial_name(trial_number)
 
 
 def fold_path(study_dir: Path, trial_number: int, fold: int) -> Path:

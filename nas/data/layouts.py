@@ -13,6 +13,7 @@ Only file names and dataset.json are read here; voxels are the preprocessing's b
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -285,3 +286,61 @@ def discover(root: Path, layout: Layout = "auto") -> DatasetIndex:
         raise NasError(root, "dataset folder not found")
     layout = detect_layout(root) if layout == "auto" else layout
     return {"nnunet": _nnunet, "msd": _msd, "pairs": _pairs}[layout](root)
+
+
+# A channel file of nnU-Net's naming: <case>_0000.nii.gz, <case>_0001.nii.gz, ...
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Scan:
+    name: str
+    images: tuple[Path, ...]  # one file per channel, or a single (4D) file
+
+
+def find_scans(source: Path, n_channels: int) -> list[Scan]:
+    """The scans in a file or folder, channel files grouped by case."""
+    if source.is_file():
+        stem = nifti_stem(source.name)
+        if stem is None:
+            raise NasError(source, "not a NIfTI file (.nii or .nii.gz)")
+        match = CHANNEL_FILE.match(stem)
+        name = match["case"] if match and match["channel"] == "0000" else stem
+        return [Scan(name, (source,))]
+    if not source.is_dir():
+        raise NasError(source, "not found")
+    groups: dict[str, dict[int, Path]] = {}
+    singles = []
+    for path in sorted(source.iterdir()):
+        stem = nifti_stem(path.name)
+        if stem is None or not path.is_file():
+            continue
+        match = CHANNEL_FILE.match(stem)
+        if match:
+            groups.setdefault(match["case"], {})[int(match["channel"])] = path
+        else:
+            singles.append(Scan(stem, (path,)))
+    scans = list(singles)
+    for case, channels in groups.items():
+        if n_channels == 1 and len(channels) == 1 and 0 not in channels:
+            channel, path = next(iter(channels.items()))  # a lone `name_1234`: a plain name
+            scans.append(Scan(f"{case}_{channel:04d}", (path,)))
+            continue
+        expected = list(range(n_channels))
+        if sorted(channels) != expected:
+            first = next(iter(channels.values()))
+            raise NasError(
+                first,
+                f"case {case!r} has channel files {sorted(channels)}; the model takes "
+                f"{n_channels} ({', '.join(f'_{c:04d}' for c in expected)})",
+            )
+        scans.append(Scan(case, tuple(channels[c] for c in expected)))
+    if not scans:
+        raise NasError(source, "holds no .nii or .nii.gz file")
+    by_name: dict[str, Scan] = {}
+    for scan in scans:  # x.nii and x.nii.gz would both write x.nii.gz
+        if scan.name in by_name:
+            first, second = by_name[scan.name].images[0], scan.images[0]
+            raise NasError(second, f"is case {scan.name!r} again (as {first.name}): one mask each")
+        by_name[scan.name] = scan
+    return sorted(scans, key=lambda s: s.name)

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from nas.data import DataConfig, Dataset
-from nas.data.layouts import CaseFiles, nifti_files
+from nas.data.layouts import CaseFiles, find_scans, nifti_files
 from nas.data.preprocess import check_finite, read_channels, read_label
 from nas.errors import NasError
 from nas.labels import LabelScheme
-from nas.predict import find_scans
 
 IMAGES, LABELS = "imagesTs", "labelsTs"
 
