@@ -12,6 +12,7 @@ nas.validate and nas.predict; this module only turns one batch of windows into p
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,11 @@ def choose_engine(requested: Engine, folder: Path, device: torch.device) -> str:
     return requested
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def load_runner(
     folder: Path, cfg: UNetConfig, engine: str, device: torch.device, eager: nn.Module | None
 ) -> Runner:
@@ -149,15 +155,28 @@ def load_runner(
             raise ValueError("the eager engine needs the network")
         return eager
     if engine == "pt2":
-        module = torch.export.load(folder / PT2_FILE).module().to(device)
+        quiet = logging.getLogger("torch.export")  # it logs a damaged file before raising
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            module = torch.export.load(folder / PT2_FILE).module().to(device)
+        except Exception as err:  # zip, pickle and graph errors of a damaged program
+            raise NasError(folder / PT2_FILE, f"cannot be loaded as a torch.export program "
+                           f"({_first_line(err)}); export it again") from None  # fmt: skip
+        finally:
+            quiet.setLevel(level)
         return _padded_runner(module, cfg)
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(
-        str(folder / ONNX_FILE), options, providers=onnx_providers(device)
-    )
+    try:
+        session = onnxruntime.InferenceSession(
+            str(folder / ONNX_FILE), options, providers=onnx_providers(device)
+        )
+    except Exception as err:  # ONNX Runtime's own errors of a damaged or foreign file
+        raise NasError(folder / ONNX_FILE, f"cannot be loaded by ONNX Runtime "
+                       f"({_first_line(err)}); export it again") from None  # fmt: skip
 
     def run(x: torch.Tensor) -> torch.Tensor:
         logits = session.run(None, {"image": x.cpu().numpy()})[0]

@@ -155,6 +155,27 @@ def test_corpus_of_arguments_paths_and_lying_files(workspace, tmp_path):
     ]  # fmt: skip
     shutil.copytree(model, tmp_path / "broken")
     (tmp_path / "broken" / "weights.pt").write_bytes(b"PK\x03\x04 not a zip at all")
+    # Damaged exported programs, asked for by name, and a scan that is a dangling link.
+    programs = tmp_path / "programs"
+    assert run_cli("nas.export", results, "--format", "pt2,onnx", "--out", str(programs),
+                   cwd=workspace).returncode == 0  # fmt: skip
+    for name in ("model.pt2", "model.onnx"):
+        (programs / name).write_bytes(b"garbage, not a program")
+    cases += [
+        (
+            ["nas.predict", str(programs), str(one), str(tmp_path / "m4"), "--engine", "pt2"],
+            "model.pt2: cannot be loaded as a torch.export program",
+        ),
+        (
+            ["nas.predict", str(programs), str(one), str(tmp_path / "m4"), "--engine", "onnx"],
+            "model.onnx: cannot be loaded by ONNX Runtime",
+        ),
+    ]
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "y_0000.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    cases.append((["nas.predict", str(model), str(dangling), str(tmp_path / "m4")],
+                  "is a link to a file that does not exist"))  # fmt: skip
     # Two files of one case name: x.nii and x.nii.gz.
     twins = tmp_path / "twins"
     twins.mkdir()
@@ -167,7 +188,7 @@ def test_corpus_of_arguments_paths_and_lying_files(workspace, tmp_path):
         result = run_cli(module, *args, cwd=tmp_path)
         _clean_outcome(result)
         assert result.returncode == 2 and message in result.stderr, (argv, result.stderr)
-    assert not any((tmp_path / name).exists() for name in ("masks", "m2", "m3"))
+    assert not any((tmp_path / name).exists() for name in ("masks", "m2", "m3", "m4"))
     unchanged()
 
 

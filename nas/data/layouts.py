@@ -313,6 +313,8 @@ def find_scans(source: Path, n_channels: int) -> list[Scan]:
     singles = []
     for path in sorted(source.iterdir()):
         stem = nifti_stem(path.name)
+        if stem is not None and path.is_symlink() and not path.exists():
+            raise NasError(path, "is a link to a file that does not exist")
         if stem is None or not path.is_file():
             continue
         match = CHANNEL_FILE.match(stem)
