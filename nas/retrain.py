@@ -154,27 +154,14 @@ def run_crossval(
     return 0
 
 
-def run_all_cases(
-    args: argparse.Namespace,
-    study: optuna.Study,
-    chosen: list[FrozenTrial],
-    data_cfg: DataConfig,
-    storage: str,
-    device: torch.device,
-) -> int:
+def open_retrain_study(study: optuna.Study, storage: str) -> optuna.Study:
+    """`<study>-retrain` in the search's storage, with the search's objectives."""
     import optuna
 
-    from nas.data import load_dataset
     from nas.objectives import directions
-    from nas.record import OBJECTIVES_ATTR, TrialRecord, study_objectives
-    from nas.results import save_checkpoint
-    from nas.storage import open_storage, redact
-    from nas.train import CandidateFailed, fit, initial_model
-    from nas.train_config import TrainConfig
-    from nas.unet_config import UNetConfig
+    from nas.record import OBJECTIVES_ATTR, study_objectives
+    from nas.storage import open_storage
 
-    dataset = load_dataset(data_cfg)
-    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
     objectives = study_objectives(study).names
     retrain_study = optuna.create_study(
         storage=open_storage(storage),
@@ -183,6 +170,28 @@ def run_all_cases(
         load_if_exists=True,
     )
     retrain_study.set_user_attr(OBJECTIVES_ATTR, objectives)
+    return retrain_study
+
+
+def run_all_cases(
+    args: argparse.Namespace,
+    study: optuna.Study,
+    chosen: list[FrozenTrial],
+    data_cfg: DataConfig,
+    storage: str,
+    device: torch.device,
+) -> int:
+    from nas.data import load_dataset
+    from nas.record import TrialRecord
+    from nas.results import save_checkpoint
+    from nas.storage import redact
+    from nas.train import CandidateFailed, fit, initial_model
+    from nas.train_config import TrainConfig
+    from nas.unet_config import UNetConfig
+
+    dataset = load_dataset(data_cfg)
+    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
+    retrain_study = open_retrain_study(study, storage)
     failed = 0
     for trial in chosen:
         record = TrialRecord.of(trial)
@@ -294,14 +303,12 @@ def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[Fr
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
     import pandas as pd
     from optuna.trial import TrialState, create_trial
 
     from nas.data import DataConfig, load_dataset, split_dataset
-    from nas.objectives import directions
-    from nas.record import OBJECTIVES_ATTR, TrialRecord, rerun_trial, study_objectives
-    from nas.storage import open_storage, redact
+    from nas.record import TrialRecord, rerun_trial, study_objectives
+    from nas.storage import redact
     from nas.study import default_storage, load_results_study
 
     name = args.results.name
@@ -335,13 +342,7 @@ def run(args: argparse.Namespace) -> int:
     # Every training slice: the search may have used a few per case.
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
     objectives = study_objectives(study).names
-    retrain_study = optuna.create_study(
-        storage=open_storage(storage),
-        study_name=retrain_study_name(name),
-        directions=directions(objectives),
-        load_if_exists=True,
-    )
-    retrain_study.set_user_attr(OBJECTIVES_ATTR, objectives)
+    retrain_study = open_retrain_study(study, storage)
     rows = []
     for trial in chosen:
         record = TrialRecord.of(trial)
