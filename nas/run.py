@@ -487,11 +487,11 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     warm_start = [warm_start_params(space, fields) for fields in space.study.enqueue]
     _check_init_weights(space, warm_start, dataset.in_channels, dataset.scheme.out_channels)
     _check_latency_device(space, args)
+    check_output_folder(args.results_dir / study_cfg.name)  # a dry run says so too
     if args.dry_run:
         return _dry_run(space, dataset, train_cases, val_cases, test_split, patch_plan,
                         schedule, device)  # fmt: skip
     study_dir = args.results_dir / study_cfg.name
-    check_output_folder(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     for folder in (study_dir, checkpoint_path(study_dir, 0).parent):
         remove_stale_staging(folder)  # what a killed process was writing

@@ -99,6 +99,10 @@ CORPUS = {
     "negative seed": (["--set", "study.seed=-1"], "greater than or equal to 0"),
     "seed wider than 64 bits": (["--set", "study.seed=99999999999999999999999"], "less than"),
     "negative split seed": (["--set", "data.split_seed=-5"], "greater than or equal to 0"),
+    # paths
+    "cache below a file": (["--set", "data.cache_dir=notes.txt/cache"], "lies below the file"),
+    "cache is a file": (["--set", "data.cache_dir=notes.txt"], "is a file, not a folder"),
+    "results below a file": (["--results-dir", "notes.txt/results"], "lies below the file"),
     # hostile --set
     "deep key path": (["--set", ".".join(["a"] * 5000) + "=1"], "a key path of 5000 parts"),
     "billion laughs": (

@@ -31,7 +31,7 @@ from nas.data.preprocess import CasePlan, ChannelNorm, preprocess_case
 from nas.errors import NasError
 from nas.labels import LabelScheme
 from nas.locking import file_lock
-from nas.staging import remove_stale_staging, replace_folder, staging_folder
+from nas.staging import check_output_folder, remove_stale_staging, replace_folder, staging_folder
 
 # Bump when preprocessing changes what it writes, so older caches are not reused.
 CACHE_VERSION = 3
@@ -218,6 +218,7 @@ def cached_dataset(index: DatasetIndex, settings: dict, cache_root: Path | None 
     """Open the preprocessed dataset, building it first if this exact one is not cached, or
     rebuilding it (once) if it is damaged."""
     cache_root = cache_root or default_cache_root()
+    check_output_folder(cache_root)
     folder = cache_root / f"{index.root.name}-{cache_key(index, settings)[:16]}"
     if (folder / "manifest.json").exists():
         try:
