@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import optuna
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -203,6 +204,16 @@ def test_resuming_with_other_constraints_is_refused(workspace, tmp_path):
                      cwd=root)  # fmt: skip
     _clean_outcome(result)
     assert result.returncode == 2 and "was made with other constraints" in result.stderr
+    result = run_cli("nas.run", "space.yaml", "--set", "study.constraints={iou: {min: .nan}}",
+                     cwd=root)  # fmt: skip
+    assert result.returncode == 2 and "finite number" in result.stderr
+    # Asked for with --extend-space, the change is recorded and the study goes on.
+    result = run_cli("nas.run", "space.yaml", "--set", "study.constraints={params: {max: 10}}",
+                     "--extend-space", cwd=root)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    storage = f"sqlite:///{root / 'results' / 'tiny' / 'study.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert study.user_attrs["constraints"] == {"params": {"max": 10.0}}
 
 
 # --- the fuzzer ---------------------------------------------------------------------------
