@@ -31,13 +31,12 @@ from nas.builder import UNetConfig, count_parameters
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.objectives import directions
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
-from nas.record import OBJECTIVES_ATTR, TrialRecord, rerun_trial
+from nas.record import OBJECTIVES_ATTR, TrialRecord, carried, rerun_trial
 from nas.staging import atomic_write
 from nas.train import CandidateFailed, TrainConfig, fit, initial_model
 from nas.validate import predict_case
 from nas.weights import fold_path
 
-FOLD_ATTR, SOURCE_ATTR = "fold", "source_trial"
 POSTPROCESSING_ATTR = "postprocessing"  # crossval study attr: {trial: [class names]}
 ENSEMBLE_ATTR = "heldout_ensemble"  # crossval study attr: {trial: [rows of compare_ensemble]}
 
@@ -118,8 +117,9 @@ def done_runs(study: optuna.Study, epochs: int) -> dict[tuple[int, int], FrozenT
     """{(member, fold): trial} of the runs already recorded with `epochs`."""
     runs = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("train_config", {}).get("epochs") == epochs:
-            runs[(t.user_attrs[SOURCE_ATTR], t.user_attrs[FOLD_ATTR])] = t
+        record = TrialRecord.of(t)
+        if record.epochs == epochs:
+            runs[(record.source_trial, record.fold)] = t
     return runs
 
 
@@ -194,23 +194,23 @@ def cross_validate(
             crossval.add_trial(
                 create_trial(
                     state=TrialState.FAIL,
-                    user_attrs={SOURCE_ATTR: job.trial, FOLD_ATTR: job.fold, **outcome},
+                    user_attrs=carried(source_trial=job.trial, fold=job.fold, **outcome),
                 )
             )
             print(f"trial {job.trial} fold {job.fold}: failed ({outcome['fail_reason']})")
             return
         scores = {"iou": outcome["iou"], "dice": outcome["dice"], "params": outcome["n_params"]}
-        attrs = {
-            SOURCE_ATTR: job.trial,
-            FOLD_ATTR: job.fold,
-            "epochs_run": outcome["epochs_run"],
-            "seconds": round(outcome["seconds"], 2),
-            "unet_config": job.unet,
-            "train_config": job.train,
-            "out_of_fold": outcome["out_of_fold"],
-            "class_names": outcome["class_names"],
-            "device": job.device,
-        }
+        attrs = carried(
+            source_trial=job.trial,
+            fold=job.fold,
+            epochs_run=outcome["epochs_run"],
+            seconds=round(outcome["seconds"], 2),
+            unet_config=job.unet,
+            train_config=job.train,
+            out_of_fold=outcome["out_of_fold"],
+            class_names=outcome["class_names"],
+            device=job.device,
+        )
         crossval.add_trial(rerun_trial(member, scores, objectives, attrs, outcome["curve"]))
         print(f"trial {job.trial} fold {job.fold}: IoU {outcome['iou']:.4f}")
 
@@ -230,15 +230,15 @@ def member_runs(crossval: optuna.Study, trial_number: int) -> list[FrozenTrial]:
     completed = [
         t
         for t in crossval.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get(SOURCE_ATTR) == trial_number
+        if TrialRecord.of(t).source_trial == trial_number
     ]
     if not completed:
         return []
-    epochs = completed[-1].user_attrs["train_config"]["epochs"]
+    epochs = TrialRecord.of(completed[-1]).epochs
     runs = {
-        t.user_attrs[FOLD_ATTR]: t
-        for t in completed
-        if t.user_attrs["train_config"]["epochs"] == epochs
+        record.fold: t
+        for t, record in zip(completed, map(TrialRecord.of, completed), strict=True)
+        if record.epochs == epochs
     }
     return [runs[fold] for fold in sorted(runs)]
 
@@ -249,10 +249,10 @@ def choose_postprocessing(crossval: optuna.Study, trial_numbers: Sequence[int]) 
     chosen = dict(crossval.user_attrs.get(POSTPROCESSING_ATTR, {}))
     for number in trial_numbers:
         runs = member_runs(crossval, number)
-        cases = [case for run in runs for case in run.user_attrs["out_of_fold"]]
+        cases = [case for run in runs for case in TrialRecord.of(run).out_of_fold]
         if not cases:
             continue
-        names = runs[0].user_attrs["class_names"]
+        names = TrialRecord.of(runs[0]).class_names
         helped = classes_helped([c["dice"] for c in cases], [c["dice_largest"] for c in cases])
         chosen[str(number)] = [names[k - 1] for k in helped]
     crossval.set_user_attr(POSTPROCESSING_ATTR, chosen)
@@ -263,7 +263,7 @@ def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:
     and with the largest component, and the postprocessing chosen."""
     by_number = {t.number: t for t in search.get_trials(deepcopy=False)}
     postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {})
-    numbers = sorted({t.user_attrs[SOURCE_ATTR] for t in crossval.get_trials(deepcopy=False)})
+    numbers = sorted({TrialRecord.of(t).source_trial for t in crossval.get_trials(deepcopy=False)})
     rows = []
     for number in numbers:
         runs = member_runs(crossval, number)
@@ -271,14 +271,14 @@ def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:
             continue
         iou = np.array([TrialRecord.of(r).iou for r in runs], float)
         dice = np.array([TrialRecord.of(r).quantity("dice") for r in runs], float)
-        cases = [case for run in runs for case in run.user_attrs["out_of_fold"]]
+        cases = [case for run in runs for case in TrialRecord.of(run).out_of_fold]
         search_trial = by_number.get(number)
         rows.append(
             {
                 "trial": number,
                 "n_params": TrialRecord.of(runs[0]).n_params,
-                "folds": " ".join(str(r.user_attrs[FOLD_ATTR]) for r in runs),
-                "epochs": runs[0].user_attrs["train_config"]["epochs"],
+                "folds": " ".join(str(TrialRecord.of(r).fold) for r in runs),
+                "epochs": TrialRecord.of(runs[0]).epochs,
                 "search_val_iou": TrialRecord.of(search_trial).iou if search_trial else None,
                 "cv_iou_mean": float(iou.mean()),
                 "cv_iou_sd": float(iou.std(ddof=1)) if len(iou) > 1 else None,

@@ -32,10 +32,9 @@ member of similar cost (`final_fill`); when the front has nothing that fits, suc
 halving's due promotions use the rest. A front member trained fewer than PARITY_SHARE of the
 steps of such a neighbour is marked (`undertrained`).
 
-Pure functions over Optuna's FrozenTrial records: the trial attributes read here are written by
-nas/objective.py and nas/schedule.py (`lineage`, `continues`, `until`, `epochs_run`, `steps`,
-`segment_seconds` (training and validation), `n_params`, `macs`, `rungs`, `unet_config`,
-`train_config`).
+Pure functions over Optuna's FrozenTrial records, read through nas/record.py's TrialRecord
+(`lineage`, `continues`, `until`, `epochs_run`, `steps`, `segment_seconds` (training and
+validation), `n_params`, `macs`, `rungs`, `train_config`).
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
 from nas.objectives import TIMED, dominates
+from nas.record import TrialRecord, carried
 
 
 class FidelityConfig(BaseModel):
@@ -126,46 +126,41 @@ class Member:
 
 
 def member(trial: FrozenTrial, iou: float) -> Member:
-    attrs = trial.user_attrs
-    costs = tuple(float(attrs[name]) for name in TIMED if name in attrs)
-    return Member(
-        trial.number, lineage(trial), int(attrs["n_params"]), iou, step_macs(trial), costs
-    )
+    record = TrialRecord.of(trial)
+    costs = tuple(c for c in map(record.quantity, TIMED) if c is not None)
+    return Member(trial.number, record.candidate, record.n_params, iou, step_macs(trial), costs)
 
 
 def step_macs(trial: FrozenTrial) -> float:
     """Multiply-accumulates of one training step's forward pass (one patch's times the batch):
     what a step costs, the same on every machine. A 3D network, or a wide first stage, may
     cost ten times a 2D network of the same size."""
-    attrs = trial.user_attrs
-    dims = attrs.get("unet_config", {}).get("spatial_dims", 2)
-    batch = attrs.get("train_config", {}).get(f"batch_size_{dims}d", 1)
-    return float(attrs.get("macs", 0)) * batch
+    record = TrialRecord.of(trial)
+    batch = record.train_config.get(f"batch_size_{record.spatial_dims or 2}d", 1)
+    return (record.quantity("macs") or 0.0) * batch
 
 
 def lineage(trial: FrozenTrial) -> int:
-    return int(trial.user_attrs.get("lineage", trial.number))
+    return TrialRecord.of(trial).candidate
 
 
 def lineage_attrs(trial: FrozenTrial) -> dict[str, int]:
     """The attributes a rerun of `trial` (after an interrupt or a lost worker) carries, so
     that a continuation is rerun as a continuation."""
-    keys = ("continues", "lineage", "until")
-    return {k: int(trial.user_attrs[k]) for k in keys if k in trial.user_attrs}
+    record = TrialRecord.of(trial)
+    return carried(continues=record.continues, lineage=record.lineage, until=record.until)
 
 
 def continued(trials: Sequence[FrozenTrial]) -> set[int]:
     """Trials whose state another trial continues (or is about to)."""
-    return {int(t.user_attrs["continues"]) for t in trials if "continues" in t.user_attrs}
+    continuing = (TrialRecord.of(t).continues for t in trials)
+    return {int(n) for n in continuing if n is not None}
 
 
 def superseded_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     """Completed trials whose candidate a later trial continued and completed."""
-    return {
-        int(t.user_attrs["continues"])
-        for t in trials
-        if t.state == TrialState.COMPLETE and "continues" in t.user_attrs
-    }
+    completed = (TrialRecord.of(t) for t in trials if t.state == TrialState.COMPLETE)
+    return {int(r.continues) for r in completed if r.continues is not None}
 
 
 def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
@@ -174,7 +169,7 @@ def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
     for trial in sorted(trials, key=lambda t: t.number):
         if trial.state not in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED):
             continue
-        if epoch not in trial.intermediate_values or "n_params" not in trial.user_attrs:
+        if epoch not in trial.intermediate_values or TrialRecord.of(trial).n_params is None:
             continue
         members[lineage(trial)] = member(trial, smoothed(trial.intermediate_values, epoch))
     return list(members.values())
@@ -281,12 +276,12 @@ def promotions(
         members = rung_members(trials, epoch)
 
         def stopped_here(member: Member, epoch: int = epoch) -> bool:
-            trial = by_number[member.number]
+            record = TrialRecord.of(by_number[member.number])
             return (
-                trial.state == TrialState.COMPLETE
-                and trial.user_attrs.get("epochs_run") == epoch
-                and not trial.user_attrs.get("stopped_by_time")
-                and trial.number not in taken
+                record.complete
+                and record.epochs_run == epoch
+                and not record.stopped_by_time
+                and record.number not in taken
             )
 
         ranked = rank(members)
@@ -338,26 +333,24 @@ class Standing:
 def standings(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> list[Standing]:
     """One standing per candidate that has trained at least an epoch."""
     taken = continued(trials)
-    latest: dict[int, FrozenTrial] = {}
+    latest: dict[int, tuple[FrozenTrial, TrialRecord]] = {}
     for trial in sorted(trials, key=lambda t: t.number):
-        epoch = trial.user_attrs.get("epochs_run")
+        record = TrialRecord.of(trial)
         if (
             trial.state in (TrialState.COMPLETE, TrialState.RUNNING)
-            and epoch in trial.intermediate_values
-            and "n_params" in trial.user_attrs
+            and record.epochs_run in trial.intermediate_values
+            and record.n_params is not None
         ):
-            latest[lineage(trial)] = trial
+            latest[record.candidate] = (trial, record)
     return [
         Standing(
             trial,
-            trial.user_attrs["epochs_run"],
-            trial.user_attrs["epochs_run"] * batches_per_epoch(trial),
-            int(trial.user_attrs["n_params"]),
-            trial.state == TrialState.COMPLETE
-            and trial.number not in taken
-            and _trainable(trial, rungs, eta),
+            record.epochs_run,
+            record.epochs_run * record.batches_per_epoch,
+            record.n_params,
+            record.complete and trial.number not in taken and _trainable(trial, rungs, eta),
         )
-        for trial in latest.values()
+        for trial, record in latest.values()
     ]
 
 
@@ -444,7 +437,7 @@ def undertrained(members: Sequence[tuple[int, int]]) -> list[bool]:
 
 def still_learning(trial: FrozenTrial, rungs: Sequence[int], eta: int) -> bool:
     """Whether a candidate that ended at a rung rose by MIN_GAIN over the rung below it."""
-    epoch = trial.user_attrs.get("epochs_run")
+    epoch = TrialRecord.of(trial).epochs_run
     curve = trial.intermediate_values
     if epoch not in curve:
         return False
@@ -456,16 +449,17 @@ def may_continue(trial: FrozenTrial) -> bool:
     """Whether the search may still train this completed candidate further: it stopped at a
     rung below the top, or at the top or beyond while still learning (multi-fidelity only).
     Its weights and training state are kept while it may."""
-    rungs = trial.user_attrs.get("rungs")
-    if not rungs or len(rungs) == 1:
+    rungs = TrialRecord.of(trial).rungs
+    if len(rungs) <= 1:
         return False
     eta = max(2, round(rungs[-1] / rungs[-2]))  # the schedule's eta, as recorded by its rungs
     return _trainable(trial, rungs, eta)
 
 
 def _trainable(trial: FrozenTrial, rungs: Sequence[int], eta: int) -> bool:
-    epoch = trial.user_attrs.get("epochs_run")
-    if len(rungs) == 1 or trial.user_attrs.get("stopped_by_time") or not isinstance(epoch, int):
+    record = TrialRecord.of(trial)
+    epoch = record.epochs_run
+    if len(rungs) == 1 or record.stopped_by_time or not isinstance(epoch, int):
         return False
     if epoch in rungs[:-1]:
         return True
@@ -494,21 +488,20 @@ class Spending:
 def spending(trials: Sequence[FrozenTrial]) -> Spending:
     steps = new_steps = 0
     seconds = new_seconds = 0.0
-    for trial in trials:
-        attrs = trial.user_attrs
-        trial_steps = int(attrs.get("steps", 0))
-        trial_seconds = float(attrs.get("segment_seconds", 0.0))
+    for record in map(TrialRecord.of, trials):
+        trial_steps, trial_seconds = record.steps, record.segment_seconds
         steps += trial_steps
         seconds += trial_seconds
-        if "continues" not in attrs and trial_steps:  # new, perhaps promoted in the same trial
-            lowest = min(trial_steps, attrs.get("rungs", [math.inf])[0] * batches_per_epoch(trial))
+        if record.continues is None and trial_steps:  # new, perhaps promoted in the same trial
+            lowest_rung = record.rungs[0] if record.rungs else math.inf
+            lowest = min(trial_steps, lowest_rung * record.batches_per_epoch)
             new_steps += lowest
             new_seconds += trial_seconds * lowest / trial_steps
     return Spending(steps, new_steps, seconds, new_seconds)
 
 
 def batches_per_epoch(trial: FrozenTrial) -> int:
-    return int(trial.user_attrs.get("train_config", {}).get("batches_per_epoch", 1))
+    return TrialRecord.of(trial).batches_per_epoch
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,9 @@ from optuna.storages import JournalStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.fidelity import lineage_attrs
+from nas.record import HEARTBEAT_ATTR, TrialRecord, attr_name, carried, write
 from nas.staging import process_alive
 from nas.storage import HeartbeatConfig
-
-HEARTBEAT_ATTR = "heartbeat_at"  # journal storages only: seconds since the epoch
 
 
 def worker_id() -> str:
@@ -37,7 +36,7 @@ def worker_id() -> str:
 
 
 def _owner(trial: FrozenTrial) -> tuple[str, int] | None:
-    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    host, _, pid = str(TrialRecord.of(trial).worker or "").rpartition(":")
     return (host, int(pid)) if host and pid.isdigit() else None
 
 
@@ -67,7 +66,7 @@ class JournalHeartbeat:
     def _beat(self) -> None:
         while True:
             try:
-                self._trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+                write(self._trial, heartbeat_at=time.time())
             except UpdateFinishedTrialError:
                 return
             if self._stop.wait(self._interval):
@@ -83,7 +82,7 @@ class JournalHeartbeat:
 
 
 def _journal_stale(trial: FrozenTrial, grace_period: float, now: float) -> bool:
-    last = trial.user_attrs.get(HEARTBEAT_ATTR)
+    last = TrialRecord.of(trial).heartbeat_at
     if last is None:
         last = trial.datetime_start.timestamp() if trial.datetime_start else now
     return now - float(last) > grace_period
@@ -93,7 +92,7 @@ def _retry_depth(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> int:
     """How many retries came before `trial` along its chain."""
     depth, current = 0, trial
     while True:
-        source = current.system_attrs.get("failed_trial", current.user_attrs.get("retry_of"))
+        source = current.system_attrs.get("failed_trial", TrialRecord.of(current).retry_of)
         if source is None or int(source) not in by_number:
             return depth
         depth, current = depth + 1, by_number[int(source)]
@@ -106,7 +105,7 @@ def fail_and_retry(
     False when another process settled it first."""
     storage = study._storage
     try:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        storage.set_trial_user_attr(trial._trial_id, attr_name("fail_reason"), reason)
         if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
             return False
     except UpdateFinishedTrialError:
@@ -123,7 +122,7 @@ def fail_and_retry(
         }
         callback(study, source)
     else:
-        attrs = {"retry_of": trial.number, **lineage_attrs(trial)}
+        attrs = carried(retry_of=trial.number) | lineage_attrs(trial)
         study.enqueue_trial(trial.params, user_attrs=attrs)
     return True
 
@@ -152,7 +151,7 @@ def settle_orphans(study: optuna.Study, heartbeat: HeartbeatConfig) -> Settled:
         if state == "alive":
             continue
         if state == "dead":
-            reason = f"its worker ({trial.user_attrs['worker']}) died"
+            reason = f"its worker ({TrialRecord.of(trial).worker}) died"
         elif journal and _journal_stale(trial, heartbeat.grace_period, now):
             reason = f"its worker sent no heartbeat for {heartbeat.grace_period} s"
         else:

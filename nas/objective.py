@@ -46,13 +46,7 @@ from nas.objectives import (
     values_of,
     violations,
 )
-from nas.record import (
-    LATENCY_IQR_ATTR,
-    QUANTITY_ATTRS,
-    REJECTED_ATTR,
-    TrialRecord,
-    records,
-)
+from nas.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, records, write
 from nas.results import checkpoint_path, save_checkpoint
 from nas.schedule import EpochReport, Schedule
 from nas.space import Candidate, SearchSpace, StudySection, sample
@@ -127,11 +121,8 @@ def measure(
 
 def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: float) -> None:
     """The last validation scores, kept as user attrs (a pruned trial has no values)."""
-    trial.set_user_attr("val_iou", scores.iou)
-    trial.set_user_attr("val_dice", scores.dice)
-    trial.set_user_attr("val_iou_per_class", list(scores.iou_per_class))
-    trial.set_user_attr("epochs_run", epochs)
-    trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+    write(trial, iou=scores.iou, dice=scores.dice, val_iou_per_class=tuple(scores.iou_per_class),
+          epochs_run=epochs, seconds=round(time.perf_counter() - start, 2))  # fmt: skip
 
 
 def _parent(trial: optuna.Trial, number: int) -> FrozenTrial:
@@ -144,7 +135,7 @@ def _parent(trial: optuna.Trial, number: int) -> FrozenTrial:
 def _claimed_before(trial: optuna.Trial, parent: int) -> int | None:
     """An earlier live trial continuing the same parent (two workers promoting at once)."""
     for other in trial.study.get_trials(deepcopy=False):
-        same = other.user_attrs.get("continues") == parent and other.number < trial.number
+        same = TrialRecord.of(other).continues == parent and other.number < trial.number
         if same and other.state in (TrialState.RUNNING, TrialState.COMPLETE):
             return other.number
     return None
@@ -182,14 +173,14 @@ def make_objective(
     def objective(trial: optuna.Trial) -> list[float]:
         start = time.perf_counter()
         try:
-            trial.set_user_attr("worker", worker_id())  # first: who owns this trial
-            trial.set_user_attr("device", str(device))
+            write(trial, worker=worker_id())  # first: who owns this trial
+            write(trial, device=str(device))
             journal = is_journal(trial.study)
             interval = space.study.heartbeat.heartbeat_interval
             with JournalHeartbeat(trial, interval) if journal else contextlib.nullcontext():
                 return run_trial(trial, start)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
-            trial.set_user_attr("fail_reason", INTERRUPTED)
+            write(trial, fail_reason=INTERRUPTED)
             raise
         except optuna.TrialPruned:
             raise
@@ -215,7 +206,7 @@ def make_objective(
         too_large = check_fits(candidate.unet, candidate.train, in_channels, memory_limit)
         if too_large:
             raise CandidateFailed(too_large)
-        trial.set_user_attr("lineage", trial.number)
+        write(trial, lineage=trial.number)
         return candidate
 
     def continued_candidate(
@@ -227,9 +218,9 @@ def make_objective(
             raise CandidateFailed(f"trial {earlier} already continues trial {number}")
         with contextlib.suppress(ValidationError):  # the parameters, for the tables
             sample(space, trial, in_channels, out_channels, space.study.seed + trial.number)
-        attrs = parent.user_attrs
+        record = TrialRecord.of(parent)
         candidate = Candidate(
-            UNetConfig.from_dict(attrs["unet_config"]), TrainConfig(**attrs["train_config"])
+            UNetConfig.from_dict(record.unet_config), TrainConfig(**record.train_config)
         )
         try:
             state = load_state(checkpoint_path(study_dir, number), device)
@@ -241,15 +232,16 @@ def make_objective(
         return candidate, state, parent
 
     def run_trial(trial: optuna.Trial, start: float) -> list[float]:
-        continues = trial.user_attrs.get("continues")
+        carried = TrialRecord.of_running(trial)  # what the trial was enqueued with
+        continues = carried.continues
         parent, until = None, top
         if continues is None:
             candidate, state, own = new_candidate(trial), None, trial.number
         else:
             candidate, state, parent = continued_candidate(trial, int(continues))
             own = lineage(parent)
-            if "until" in trial.user_attrs:  # trained beyond the top rung, as the schedule says
-                until = int(trial.user_attrs["until"])
+            if carried.until is not None:  # trained beyond the top rung, as the schedule says
+                until = carried.until
             elif state.epoch >= top:  # (a study from before `until` was recorded)
                 until = state.epoch * schedule.eta
         patch = candidate.train.patch_size(candidate.unet.spatial_dims)
@@ -264,13 +256,10 @@ def make_objective(
             }
             quantities[LATENCY_IQR_ATTR] = record.latency_iqr_ms
         n_params, macs = int(quantities["params"]), int(quantities["macs"] or 0)
-        trial.set_user_attr("unet_config", candidate.unet.to_dict())
-        trial.set_user_attr("train_config", dataclasses.asdict(candidate.train))
-        for name, value in quantities.items():
-            if value is not None:
-                trial.set_user_attr(QUANTITY_ATTRS.get(name, name), value)
-        trial.set_user_attr("summary", summary(candidate.unet, n_params))
-        trial.set_user_attr("rungs", list(schedule.rungs))
+        write(trial, unet_config=candidate.unet.to_dict(),
+              train_config=dataclasses.asdict(candidate.train))  # fmt: skip
+        write(trial, **{name: value for name, value in quantities.items() if value is not None})
+        write(trial, summary=summary(candidate.unet, n_params), rungs=tuple(schedule.rungs))
         steps_per_epoch = candidate.train.batches_per_epoch
 
         def note(state: str, **outcome) -> None:
@@ -285,13 +274,13 @@ def make_objective(
             broken = rejection(quantities, constraints)
             if broken:  # known before training: none is spent on it
                 _set_constraints(trial, quantities, constraints, before_training=False)
-                trial.set_user_attr(REJECTED_ATTR, broken)
+                write(trial, rejected=broken)
                 note("PRUNED", reason=f"rejected before training: {broken}")
                 raise optuna.TrialPruned(f"rejected before training: {broken}")
 
-        history = parent.user_attrs if parent is not None else {}
-        train_losses: list[float] = list(history.get("train_loss", []))
-        epoch_seconds: list[float] = list(history.get("epoch_seconds", []))
+        history = TrialRecord.of(parent) if parent is not None else None
+        train_losses: list[float] = list(history.train_loss) if history else []
+        epoch_seconds: list[float] = list(history.epoch_seconds) if history else []
         curve: dict[int, float] = dict(parent.intermediate_values) if parent else {}
         pruned: list[str] = []
         # Over the trial's segments: steps, and seconds of training and validation.
@@ -305,17 +294,15 @@ def make_objective(
             spent["steps"] += steps_per_epoch
             # Training and validation: what a step really costs the budget's clock.
             spent["seconds"] = spent["before_segment"] + result.seconds
-            trial.set_user_attr("train_loss", train_losses)
-            trial.set_user_attr("epoch_seconds", epoch_seconds)
-            trial.set_user_attr("steps", spent["steps"])
-            trial.set_user_attr("segment_seconds", round(spent["seconds"], 3))
+            write(trial, train_loss=tuple(train_losses), epoch_seconds=tuple(epoch_seconds),
+                  steps=spent["steps"], segment_seconds=round(spent["seconds"], 3))  # fmt: skip
             # Trial.report refuses multi-objective studies; the storage still keeps the curve,
             # which is what optuna-dashboard draws and the schedule and pruner compare.
             trial.storage.set_trial_intermediate_value(
                 trial._trial_id, result.epoch, result.scores.iou
             )
             curve[result.epoch] = result.scores.iou
-            trial.set_user_attr("epochs_run", result.epoch)
+            write(trial, epochs_run=result.epoch)
             report = EpochReport(
                 trial.number,
                 own,
@@ -342,8 +329,8 @@ def make_objective(
         reached = outcome.state.epoch
         # The scores first: whatever fails after training, they stay with the trial.
         _record_scores(trial, result.scores, reached, start)
-        trial.set_user_attr("stopped_by_time", result.stopped_by_time)
-        trial.set_user_attr("fidelity_steps", reached * steps_per_epoch)
+        write(trial, stopped_by_time=result.stopped_by_time,
+              fidelity_steps=reached * steps_per_epoch)  # fmt: skip
         if pruned:
             note("PRUNED", val_iou=result.scores.iou, val_dice=result.scores.dice,
                  epochs_run=reached, reason=pruned[0])  # fmt: skip
@@ -374,7 +361,7 @@ def make_objective(
         except Exception as err:  # the overlay and the uploads are for looking, not results
             if not (isinstance(err, OSError) or is_out_of_memory(err)):
                 raise
-            trial.set_user_attr("artifact_error", f"{type(err).__name__}: {err}")
+            write(trial, artifact_error=f"{type(err).__name__}: {err}")
         note("COMPLETE", val_iou=result.scores.iou, val_dice=result.scores.dice,
              epochs_run=reached)  # fmt: skip
         return values
@@ -389,5 +376,4 @@ def segment_ends(epoch: int, until: int, rungs: Sequence[int]) -> list[int]:
 
 
 def _fail(trial: optuna.Trial, reason: str, start: float) -> None:
-    trial.set_user_attr("fail_reason", reason)
-    trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+    write(trial, fail_reason=reason, seconds=round(time.perf_counter() - start, 2))

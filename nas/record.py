@@ -1,10 +1,13 @@
 """One typed record of a trial, read from Optuna's FrozenTrial, and the study's objectives.
 
-The objective (nas/objective.py) writes a trial's measurements, scores and training history as
-Optuna user attrs, under the names below; results, report, export, retrain, the pruner and the
-hypervolume read them through `TrialRecord` alone, and never a trial's `values` by position:
-`record.quantity(name)` is an objective's value whatever the study's objectives are. Studies
-written before a field existed read it as None.
+A trial's measurements, scores, training history and lineage are kept as Optuna user attrs.
+This module is where their names live: `write` stores fields on a running trial (the
+objective, the heartbeat), `carried` builds the attrs a trial is enqueued or added with (a
+promotion, a retry, a retrain or a fold), and `TrialRecord.of` reads them back, for the
+schedule, the sampler, liveness, results, report, export, retrain and cross-validation; no
+one reads a trial's `values` by position: `record.quantity(name)` is an objective's value
+whatever the study's objectives are. Studies written before a field existed read it as None
+(or empty).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ QUANTITY_ATTRS = {
 }
 LATENCY_IQR_ATTR = "latency_iqr_ms"
 REJECTED_ATTR = "rejected"  # the constraint a candidate broke before it trained
+HEARTBEAT_ATTR = "heartbeat_at"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,32 @@ class TrialRecord:
     violations: tuple[float, ...] = ()  # Optuna's constraint values: <= 0 when one holds
     latency_iqr_ms: float | None = None
     completed_at: datetime | None = None
+    # Multi-fidelity lineage (nas/fidelity.py, nas/schedule.py): the trial the candidate
+    # started in (None: this one), the epoch a continuation trains until, the rungs it was
+    # scheduled on, and what its own segment of training spent.
+    lineage: int | None = None
+    until: int | None = None
+    rungs: tuple[int, ...] = ()
+    stopped_by_time: bool = False
+    steps: int = 0
+    segment_seconds: float = 0.0
+    # Who ran it (host:pid, nas/liveness.py), and the trial a rerun repeats.
+    worker: str | None = None
+    heartbeat_at: float | None = None  # journal storages: seconds since the epoch
+    retry_of: int | None = None
+    warm_start: bool = False  # enqueued from the space's warm_start list
+    # Training history, across the lineage's segments, and the last validation per class.
+    train_loss: tuple[float, ...] = ()
+    epoch_seconds: tuple[float, ...] = ()
+    val_iou_per_class: tuple[float, ...] = ()
+    artifact_error: str | None = None  # the overlay or an upload failed (the scores stand)
+    # A rerun of a search trial (nas.retrain, a fold of nas.crossval): which, on which fold,
+    # its search validation IoU, and each validation case scored out of fold.
+    source_trial: int | None = None
+    fold: int | None = None
+    search_val_iou: float | None = None
+    out_of_fold: tuple[Mapping[str, Any], ...] = ()
+    class_names: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
@@ -96,7 +126,36 @@ class TrialRecord:
             violations=tuple(trial.constraints.values()),
             latency_iqr_ms=_number(attrs.get(LATENCY_IQR_ATTR)),
             completed_at=trial.datetime_complete,
+            lineage=_integer(attrs.get("lineage")),
+            until=_integer(attrs.get("until")),
+            rungs=tuple(int(r) for r in attrs.get("rungs") or ()),
+            stopped_by_time=bool(attrs.get("stopped_by_time", False)),
+            steps=int(attrs.get("steps", 0)),
+            segment_seconds=float(attrs.get("segment_seconds", 0.0)),
+            worker=attrs.get("worker"),
+            heartbeat_at=_number(attrs.get(HEARTBEAT_ATTR)),
+            retry_of=_integer(attrs.get("retry_of")),
+            warm_start=bool(attrs.get("warm_start", False)),
+            train_loss=tuple(attrs.get("train_loss", ())),
+            epoch_seconds=tuple(attrs.get("epoch_seconds", ())),
+            val_iou_per_class=tuple(attrs.get("val_iou_per_class", ())),
+            artifact_error=attrs.get("artifact_error"),
+            source_trial=_integer(attrs.get("source_trial")),
+            fold=_integer(attrs.get("fold")),
+            search_val_iou=_number(attrs.get("search_val_iou")),
+            out_of_fold=tuple(attrs.get("out_of_fold", ())),
+            class_names=tuple(attrs.get("class_names", ())),
         )
+
+    @property
+    def epochs(self) -> int | None:
+        """The epochs its training was configured for."""
+        return self.train_config.get("epochs")
+
+    @classmethod
+    def of_running(cls, trial: optuna.Trial) -> TrialRecord:
+        """The record of a trial while it runs, as stored now."""
+        return cls._read(trial.storage.get_trial(trial._trial_id))
 
     def quantity(self, name: str) -> float | None:
         return self.quantities[name]
@@ -113,6 +172,15 @@ class TrialRecord:
     @property
     def spatial_dims(self) -> int | None:
         return self.unet_config.get("spatial_dims")
+
+    @property
+    def candidate(self) -> int:
+        """The trial the candidate started in: continuations share their first trial's."""
+        return self.number if self.lineage is None else self.lineage
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return int(self.train_config.get("batches_per_epoch", 1))
 
     @property
     def complete(self) -> bool:
@@ -134,8 +202,42 @@ def records(trials: Sequence[FrozenTrial]) -> list[TrialRecord]:
     return [TrialRecord.of(t) for t in trials]
 
 
+# The fields of TrialRecord a trial stores under its own name, and those stored under another.
+_DERIVED = {"number", "state", "params", "quantities", "curve", "violations", "completed_at"}
+_RENAMED = {"rejected": REJECTED_ATTR, "heartbeat_at": HEARTBEAT_ATTR}
+
+
+def attr_name(field: str) -> str:
+    """The user attr under which a trial keeps `field`: a TrialRecord field, or a quantity
+    (iou, params, ..., latency_iqr_ms)."""
+    if field in QUANTITY_ATTRS:
+        return QUANTITY_ATTRS[field]
+    if field == LATENCY_IQR_ATTR:
+        return field
+    if field in _DERIVED or field not in TrialRecord.__dataclass_fields__:
+        raise KeyError(f"a trial records no {field!r}")
+    return _RENAMED.get(field, field)
+
+
+def write(trial: optuna.Trial, **fields: Any) -> None:
+    """Store `fields` (TrialRecord's names, or quantities) on a running trial; tuples are
+    stored as lists, as Optuna keeps JSON."""
+    for field, value in fields.items():
+        trial.set_user_attr(attr_name(field), list(value) if isinstance(value, tuple) else value)
+
+
+def carried(**fields: Any) -> dict[str, Any]:
+    """The user attrs a trial is enqueued with (`study.enqueue_trial(..., user_attrs=)`):
+    `fields` by TrialRecord's names, those that are None left out."""
+    return {attr_name(k): v for k, v in fields.items() if v is not None}
+
+
 def _number(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _integer(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,8 @@ def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> g
     import numpy as np
     import plotly.graph_objects as go
 
+    from nas.record import TrialRecord
+
     on_front = {t.number for t in front}
     fig = go.Figure()
     others: dict[str, tuple[list, list, list]] = {}
@@ -247,7 +249,7 @@ def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> g
         if not curve:
             continue
         label = f"#{trial.number} {trial.state.name.lower()}"
-        hover = f"{label}: {trial.user_attrs.get('summary', '')}"
+        hover = f"{label}: {TrialRecord.of(trial).summary}"
         if trial.number in on_front:
             fig.add_trace(
                 go.Scatter(
@@ -329,7 +331,7 @@ def _overlays(study_dir: Path, front: list[FrozenTrial]) -> str:
             images.append(
                 f'<figure><img alt="overlay of trial {trial.number}" '
                 f'src="data:image/png;base64,{data}"><figcaption>trial {trial.number}: '
-                f"{html.escape(trial.user_attrs.get('summary', ''))}</figcaption></figure>"
+                f"{html.escape(TrialRecord.of(trial).summary)}</figcaption></figure>"
             )
     return "\n".join(images) or "<p>No overlay yet.</p>"
 

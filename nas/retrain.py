@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState, create_trial
 
     from nas.data import DataConfig, load_dataset, split_dataset
-    from nas.record import TrialRecord, rerun_trial, study_objectives
+    from nas.record import TrialRecord, carried, rerun_trial, study_objectives
     from nas.storage import redact
     from nas.study import default_storage, load_results_study
 
@@ -361,22 +361,22 @@ def run(args: argparse.Namespace) -> int:
             retrain_study.add_trial(
                 create_trial(
                     state=TrialState.FAIL,
-                    user_attrs={"source_trial": trial.number, "fail_reason": failure.reason},
+                    user_attrs=carried(source_trial=trial.number, fail_reason=failure.reason),
                 )
             )
             print(f"  trial {trial.number}: failed ({failure.reason})")
             continue
         save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
         scores = {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
-        attrs = {
-            "source_trial": trial.number,
-            "search_val_iou": record.iou,
-            "epochs_run": len(result.history),
-            "seconds": round(result.seconds, 2),
-            "unet_config": unet.to_dict(),
-            "train_config": dataclasses.asdict(train),
-            "device": str(device),
-        }
+        attrs = carried(
+            source_trial=trial.number,
+            search_val_iou=record.iou,
+            epochs_run=len(result.history),
+            seconds=round(result.seconds, 2),
+            unet_config=unet.to_dict(),
+            train_config=dataclasses.asdict(train),
+            device=str(device),
+        )
         curve = {e.epoch: e.scores.iou for e in result.history}
         retrain_study.add_trial(rerun_trial(trial, scores, objectives, attrs, curve))
         rows.append(

@@ -197,11 +197,12 @@ def _abandon_own_trials(study: optuna.Study) -> None:
     from optuna.trial import TrialState
 
     from nas.liveness import fail_and_retry, worker_id
+    from nas.record import TrialRecord
     from nas.study import INTERRUPTED
 
     me = worker_id()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker") == me:  # rerun by the next run, as any interrupted
+        if TrialRecord.of(trial).worker == me:  # rerun by the next run, as any interrupted
             fail_and_retry(study, trial, INTERRUPTED, retries=0, by_number={})
 
 

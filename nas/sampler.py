@@ -20,6 +20,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.fidelity import superseded_numbers
+from nas.record import TrialRecord
 
 
 def latest_observations(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -30,7 +31,7 @@ def latest_observations(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         t
         for t in trials
         if t.number not in superseded
-        and not (t.state == TrialState.RUNNING and "continues" in t.user_attrs)
+        and not (t.state == TrialState.RUNNING and TrialRecord.of(t).continues is not None)
     ]
 
 

@@ -29,6 +29,7 @@ from nas.fidelity import (
     standings,
 )
 from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
+from nas.record import TrialRecord, carried
 from nas.space import SearchSpace
 from nas.study import is_new, settled_count
 from nas.train_config import TrainConfig
@@ -187,16 +188,16 @@ def enqueue_promotion(
     promotion = schedule.next_promotion(trials)
     if promotion is not None:
         parent = next(t for t in trials if t.number == promotion.number)
-        attrs = {"continues": parent.number, "lineage": lineage(parent)}
-        if promotion.extends:  # else successive halving's: on to the top rung, rung by rung
-            attrs["until"] = promotion.to_epoch
+        # Beyond the top rung it trains `until`; successive halving's go on rung by rung.
+        until = promotion.to_epoch if promotion.extends else None
+        attrs = carried(continues=parent.number, lineage=lineage(parent), until=until)
         study.enqueue_trial(parent.params, user_attrs=attrs)
     return promotion
 
 
 def _seconds_per_step(trial: FrozenTrial) -> float | None:
-    steps = trial.user_attrs.get("steps", 0)
-    return trial.user_attrs.get("segment_seconds", 0.0) / steps if steps else None
+    record = TrialRecord.of(trial)
+    return record.segment_seconds / record.steps if record.steps else None
 
 
 class StopAtTotal:

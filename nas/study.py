@@ -22,10 +22,7 @@ from nas.objectives import (
     DEFAULT_OBJECTIVES,
     directions,
 )
-from nas.record import (
-    CONSTRAINTS_ATTR,
-    OBJECTIVES_ATTR,
-)
+from nas.record import CONSTRAINTS_ATTR, OBJECTIVES_ATTR, TrialRecord, carried
 from nas.sampler import LineageSampler
 from nas.space import StudySection
 from nas.storage import load_study, open_storage
@@ -108,7 +105,7 @@ def open_study(
         raise NasError(storage, f"cannot open the study storage ({err})") from None
     if study_id is None:
         for params in warm_start:
-            study.enqueue_trial(params, user_attrs={"warm_start": True})
+            study.enqueue_trial(params, user_attrs=carried(warm_start=True))
     elif requeue_interrupted:
         _retry_interrupted(study)
     return study
@@ -138,7 +135,7 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of FAIL trials that another trial reruns (a lost worker's, or interrupted)."""
     retried = set()
     for trial in trials:
-        source = trial.system_attrs.get("failed_trial", trial.user_attrs.get("retry_of"))
+        source = trial.system_attrs.get("failed_trial", TrialRecord.of(trial).retry_of)
         if source is not None:
             retried.add(int(source))
     return retried
@@ -148,9 +145,9 @@ def _retry_interrupted(study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     for trial in trials:
-        interrupted = trial.user_attrs.get("fail_reason") == INTERRUPTED
+        interrupted = TrialRecord.of(trial).fail_reason == INTERRUPTED
         if trial.state == TrialState.FAIL and interrupted and trial.number not in retried:
-            attrs = {"retry_of": trial.number, **lineage_attrs(trial)}
+            attrs = carried(retry_of=trial.number) | lineage_attrs(trial)
             study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
@@ -171,7 +168,7 @@ def n_settled(study: optuna.Study) -> int:
 
 def is_new(trial: FrozenTrial) -> bool:
     """A new candidate, not a promoted one's continuation."""
-    return "continues" not in trial.user_attrs
+    return TrialRecord.of(trial).continues is None
 
 
 def settled_count(trials: Sequence[FrozenTrial]) -> int:

@@ -129,6 +129,8 @@ def _retrain_study(study: optuna.Study) -> optuna.Study | None:
 def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
     from optuna.trial import TrialState
 
+    from nas.record import TrialRecord
+
     path = retrained_path(study_dir, trial.number)
     if not path.is_file():
         return None
@@ -136,7 +138,7 @@ def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> Tria
     retrain = _retrain_study(study)
     if retrain is not None:
         runs = retrain.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        mine = [t for t in runs if t.user_attrs.get("source_trial") == trial.number]
+        mine = [t for t in runs if TrialRecord.of(t).source_trial == trial.number]
         if mine:  # the file holds the latest retrain that finished
             scores = _scores(mine[-1])
     return TrialWeights("retrained", path, {"": path}, scores)
@@ -156,15 +158,17 @@ def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWei
     folder = folds_folder(study_dir, trial.number)
     if not any(folder.glob("fold_*.pt")):  # before the crossval study (and torch) is read
         return None
-    from nas.crossval import FOLD_ATTR, find_crossval_study, member_runs
+    from nas.crossval import find_crossval_study, member_runs
+    from nas.record import TrialRecord
 
     crossval = find_crossval_study(study._storage, study.study_name)
     runs = member_runs(crossval, trial.number) if crossval is not None else []
     members, kept = {}, []
     for run in runs:
-        path = fold_path(study_dir, trial.number, run.user_attrs[FOLD_ATTR])
+        fold = TrialRecord.of(run).fold
+        path = fold_path(study_dir, trial.number, fold)
         if path.is_file():
-            members[f"fold_{run.user_attrs[FOLD_ATTR]}"] = path
+            members[f"fold_{fold}"] = path
             kept.append(run)
     if len(members) < 2:
         return None

@@ -20,6 +20,7 @@ from nas.cli import exit_code
 from nas.inference import mirror_axes, predictor
 from nas.model_card import read_card
 from nas.postprocess import classes_helped, keep_largest_component
+from nas.record import TrialRecord
 from nas.train import CandidateFailed
 
 from .conftest import run_cli, user_error
@@ -63,8 +64,8 @@ def test_every_fold_is_recorded_apart_from_the_search_and_summarised(crossvalida
     search = _study(root, "held")
     (member,) = search.trials
     runs = _study(root, "held-crossval").trials
-    assert sorted(t.user_attrs["fold"] for t in runs) == [0, 1]
-    assert {t.user_attrs["source_trial"] for t in runs} == {member.number}
+    assert sorted(TrialRecord.of(t).fold for t in runs) == [0, 1]
+    assert {TrialRecord.of(t).source_trial for t in runs} == {member.number}
     assert all(t.values[1] == member.values[1] for t in runs)  # the same network
     for fold in (0, 1):
         assert (root / f"results/held/crossval/trial_{member.number:04d}/fold_{fold}.pt").is_file()
@@ -74,7 +75,7 @@ def test_every_fold_is_recorded_apart_from_the_search_and_summarised(crossvalida
     assert row.cv_iou_sd == pytest.approx(np.std(ious, ddof=1))
     assert row.search_val_iou == pytest.approx(member.values[0])
     # Every validation case of both folds, out of fold, without and with postprocessing.
-    cases = [c["case"] for t in runs for c in t.user_attrs["out_of_fold"]]
+    cases = [c["case"] for t in runs for c in TrialRecord.of(t).out_of_fold]
     assert sorted(cases) == [f"case_{i:03d}" for i in range(4)]
 
     again = run_cli("nas.retrain", "results/held", "--folds", "0,1", "--epochs", "1", cwd=root)
@@ -197,10 +198,10 @@ def test_a_fold_that_cannot_be_trained_is_recorded_failed_and_the_others_go_on(
     storage = f"sqlite:///{copy / 'results/held/study.db'}"
     runs = optuna.load_study(study_name="held-crossval", storage=storage).trials
     held_out_by = {  # the fold whose validation holds case_001, from the first runs
-        c["case"]: t.user_attrs["fold"] for t in runs[:2] for c in t.user_attrs["out_of_fold"]
+        c["case"]: TrialRecord.of(t).fold for t in runs[:2] for c in TrialRecord.of(t).out_of_fold
     }
     failing = held_out_by["case_001"]
-    states = {t.user_attrs["fold"]: t.state.name for t in runs[2:]}
+    states = {TrialRecord.of(t).fold: t.state.name for t in runs[2:]}
     assert states == {failing: "FAIL", 1 - failing: "COMPLETE"}
     assert (
         "out of memory"
@@ -227,7 +228,7 @@ def test_a_retrain_that_cannot_train_fails_its_trial_and_goes_on(
     assert "failed (out of memory: a test)" in result.stdout
     storage = f"sqlite:///{copy / 'results/held/study.db'}"
     (failed,) = optuna.load_study(study_name="held-retrain", storage=storage).trials
-    assert failed.state.name == "FAIL" and "out of memory" in failed.user_attrs["fail_reason"]
+    assert failed.state.name == "FAIL" and "out of memory" in TrialRecord.of(failed).fail_reason
 
 
 def test_ctrl_c_in_any_command_is_one_line_and_exit_code_130(capsys):

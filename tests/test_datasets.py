@@ -18,6 +18,7 @@ import pytest
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.errors import NasError
 from nas.locking import file_lock
+from nas.record import TrialRecord
 
 from . import datasets
 from .conftest import run_cli
@@ -364,9 +365,9 @@ def test_search_on_a_three_label_dataset_in_each_layout(tmp_path, writer, in_cha
     assert len(study.trials) == 2
     for trial in study.trials:
         assert trial.state == optuna.trial.TrialState.COMPLETE
-        assert trial.user_attrs["unet_config"]["in_channels"] == in_channels
-        assert trial.user_attrs["unet_config"]["out_channels"] == 3  # softmax over 0, 1, 2
-        assert len(trial.user_attrs["val_iou_per_class"]) == 2
+        assert TrialRecord.of(trial).unet_config["in_channels"] == in_channels
+        assert TrialRecord.of(trial).unet_config["out_channels"] == 3  # softmax over 0, 1, 2
+        assert len(TrialRecord.of(trial).val_iou_per_class) == 2
 
 
 def test_the_file_lock_keeps_a_second_process_out_until_it_is_released(tmp_path):

@@ -28,6 +28,7 @@ from nas.errors import NasError
 from nas.export import choose_trial, export
 from nas.exported import load_predictor
 from nas.model_card import read_card
+from nas.record import TrialRecord
 from nas.results import checkpoint_path
 from nas.train import init_model
 
@@ -828,7 +829,7 @@ def test_a_candidate_fine_tunes_an_exported_model_on_another_dataset(exported, t
     )
     trial = study.trials[0]
     assert trial.state == TrialState.COMPLETE
-    assert trial.user_attrs["train_config"]["init_weights"] == str(folder)
+    assert TrialRecord.of(trial).train_config["init_weights"] == str(folder)
     start = torch.load(folder / "weights.pt", weights_only=True)
     tuned = torch.load(checkpoint_path(tmp_path / "results/tuned", 0), weights_only=True)
     unet = nas.UNetConfig.from_dict(card["architecture"])

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from nas.record import TrialRecord
 from nas.results import checkpoint_path, front_of
 
 from .conftest import run_cli, tiny_space_yaml
@@ -58,7 +59,7 @@ def _in_phase(pid: int, phase: str, study_dir: Path, storage: str) -> bool:
     except Exception:
         return False
     me = f"{socket.gethostname()}:{pid}"
-    return any(t.user_attrs.get("worker") == me and t.intermediate_values for t in running)
+    return any(TrialRecord.of(t).worker == me and t.intermediate_values for t in running)
 
 
 def _start(tmp_path: Path) -> subprocess.Popen:
@@ -113,7 +114,7 @@ def test_a_worker_killed_five_times_loses_nothing(tmp_path, tiny_dataset):
     assert len(settled) >= N_TRIALS
     for trial in trials:
         if trial.state == TrialState.FAIL:
-            assert trial.user_attrs.get("fail_reason"), trial.number
+            assert TrialRecord.of(trial).fail_reason, trial.number
 
     front = front_of(trials)
     assert front

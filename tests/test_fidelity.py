@@ -31,6 +31,7 @@ from nas.fidelity import (
 from nas.labels import LabelScheme
 from nas.objective import segment_ends
 from nas.pruning import PrunerConfig
+from nas.record import TrialRecord
 from nas.results import checkpoint_path, save_checkpoint, state_path
 from nas.schedule import EpochReport, Schedule, Verdict, enqueue_promotion
 from nas.space import Candidate
@@ -234,7 +235,7 @@ def test_the_endgame_shares_the_budget_across_the_front():
     promotion = enqueue_promotion(study, schedule)
     assert (promotion.number, promotion.to_epoch) == (1, 6)
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [(t.user_attrs["continues"], t.user_attrs["until"]) for t in waiting] == [(1, 6)]
+    assert [(TrialRecord.of(t).continues, TrialRecord.of(t).until) for t in waiting] == [(1, 6)]
     # With 30 steps left, no level fits (the small one's takes 40), and the best fills what
     # is left: 3 epochs, half again of its 6.
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -275,23 +276,25 @@ def test_a_search_promotes_candidates_that_continue_their_own_training(tmp_path,
         study_name="tiny", storage=f"sqlite:///{tmp_path / 'results/tiny/study.db'}"
     )
     trials = study.get_trials(states=(TrialState.COMPLETE,))
-    new = [t for t in trials if "continues" not in t.user_attrs]
+    new = [t for t in trials if TrialRecord.of(t).continues is None]
     assert len(new) == 4
-    top = [t for t in trials if t.user_attrs["epochs_run"] == 3]
+    top = [t for t in trials if TrialRecord.of(t).epochs_run == 3]
     assert top, "no candidate reached the top rung"
-    assert all(t.user_attrs["epochs_run"] in (1, 3) for t in trials)
+    assert all(TrialRecord.of(t).epochs_run in (1, 3) for t in trials)
     by_number = {t.number: t for t in study.trials}
     for trial in trials:
-        if "continues" in trial.user_attrs:  # continued from its parent's state, not retrained
-            parent = by_number[trial.user_attrs["continues"]]
+        if TrialRecord.of(trial).continues is not None:  # from its parent's state, not retrained
+            parent = by_number[TrialRecord.of(trial).continues]
             assert trial.params == parent.params
-            assert trial.user_attrs["unet_config"] == parent.user_attrs["unet_config"]
+            assert TrialRecord.of(trial).unet_config == TrialRecord.of(parent).unet_config
             assert sorted(trial.intermediate_values) == [1, 2, 3]
             assert trial.intermediate_values[1] == parent.intermediate_values[1]
-            assert trial.user_attrs["steps"] == 2 * 2  # epochs 2 and 3 only
+            assert TrialRecord.of(trial).steps == 2 * 2  # epochs 2 and 3 only
     results = tmp_path / "results" / "tiny"
     front = pd.read_csv(results / "pareto.csv")
-    continued = {t.user_attrs["continues"] for t in trials if "continues" in t.user_attrs}
+    continued = {
+        TrialRecord.of(t).continues for t in trials if TrialRecord.of(t).continues is not None
+    }
     assert not continued & set(front.number)  # each candidate at the fidelity it reached
     # Each member's steps, and whether it trained far less than a member of similar size.
     for row in front.itertuples():

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from nas.dashboard import exposure_warning
+from nas.record import TrialRecord
 
 from .conftest import require, require_module, run_cli, tiny_space_yaml
 
@@ -115,7 +116,7 @@ def test_every_trial_has_a_note_curve_and_overlay_and_the_front_its_weights(fini
     front = {t.number for t in study.best_trials}
     assert front
     for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-        assert trial.user_attrs["macs"] > 0 and trial.user_attrs["summary"]
+        assert TrialRecord.of(trial).quantity("macs") > 0 and TrialRecord.of(trial).summary
         assert (finished / "overlays" / f"trial_{trial.number:04d}.png").exists()
     report = (finished / "report.html").read_text()
     assert "Pareto front" in report and "data:image/png;base64," in report

@@ -86,7 +86,9 @@ def test_latency_is_the_median_of_repeats_until_the_spread_is_small():
 def _non_dominated_from_storage(study: optuna.Study, names: list[str]) -> set[int]:
     """The front computed from the storage's own values, independently of nas.results."""
     done = [t for t in study.get_trials(states=(TrialState.COMPLETE,))]
-    superseded = {t.user_attrs["continues"] for t in done if "continues" in t.user_attrs}
+    superseded = {
+        TrialRecord.of(t).continues for t in done if TrialRecord.of(t).continues is not None
+    }
     done = [t for t in done if t.number not in superseded]
     signs = np.array([-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0
                       for d in study.directions])  # fmt: skip

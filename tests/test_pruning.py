@@ -8,6 +8,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
+from nas.record import TrialRecord
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -142,9 +143,9 @@ def test_search_prunes_dominated_trials_and_keeps_their_curves(tmp_path, tiny_da
     for trial in pruned:
         assert 2 <= max(trial.intermediate_values) < 4  # stopped after warm-up, before the end
         assert (
-            trial.user_attrs["val_iou"] == trial.intermediate_values[max(trial.intermediate_values)]
+            TrialRecord.of(trial).iou == trial.intermediate_values[max(trial.intermediate_values)]
         )
-        assert len(trial.user_attrs["epoch_seconds"]) == max(trial.intermediate_values)
+        assert len(TrialRecord.of(trial).epoch_seconds) == max(trial.intermediate_values)
     table = pd.read_csv(tmp_path / "results" / "tiny" / "trials.csv")
     assert set(table[table.state == "PRUNED"].number) == {t.number for t in pruned}
     assert table[table.state == "PRUNED"].val_iou.notna().all()
@@ -164,11 +165,11 @@ def test_enqueued_architectures_run_first(tmp_path, tiny_dataset):
     trials = optuna.load_study(
         study_name="tiny", storage=f"sqlite:///{tmp_path / 'results/tiny/study.db'}"
     ).trials
-    first, second = (t.user_attrs["unet_config"] for t in trials[:2])
+    first, second = (TrialRecord.of(t).unet_config for t in trials[:2])
     assert (first["spatial_dims"], first["depth"], first["skips"]) == (2, 3, [False, True])
     assert trials[0].params["learning_rate"] == 0.005
     assert (second["spatial_dims"], second["depth"], second["anisotropic_stages"]) == (3, 1, 1)
-    assert trials[0].user_attrs["warm_start"] and "warm_start" not in trials[2].user_attrs
+    assert TrialRecord.of(trials[0]).warm_start and "warm_start" not in trials[2].user_attrs
 
 
 def test_an_enqueued_value_outside_the_space_is_refused(tmp_path, tiny_dataset):

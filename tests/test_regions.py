@@ -20,6 +20,7 @@ from nas.errors import NasError
 from nas.labels import LabelScheme, Region
 from nas.losses import DiceCELoss, make_loss
 from nas.model_card import read_card
+from nas.record import TrialRecord
 from nas.validate import PooledCounts
 
 from .conftest import run_cli
@@ -229,8 +230,8 @@ def test_a_region_dataset_searches_exports_and_predicts_its_label_values(tmp_pat
         study_name="regions", storage=f"sqlite:///{tmp_path / 'results/regions/study.db'}"
     )
     (trial,) = study.trials
-    assert trial.user_attrs["unet_config"]["out_channels"] == 3
-    assert len(trial.user_attrs["val_iou_per_class"]) == 3
+    assert TrialRecord.of(trial).unet_config["out_channels"] == 3
+    assert len(TrialRecord.of(trial).val_iou_per_class) == 3
     described = study.user_attrs["data_description"]
     assert described["regions"] == {"whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]}
     assert described["regions_class_order"] == REGIONS_CLASS_ORDER

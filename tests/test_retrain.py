@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from nas.data import DataConfig, load_dataset
+from nas.record import TrialRecord
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 
@@ -32,8 +33,8 @@ def test_retrain_records_a_labelled_study_and_leaves_the_search_alone(tmp_path, 
     retrained = optuna.load_study(study_name="tiny-retrain", storage=_storage(tmp_path)).trials
     assert len(retrained) == 1
     entry = retrained[0]
-    assert entry.user_attrs["source_trial"] == best.number
-    assert entry.user_attrs["epochs_run"] == 3 and sorted(entry.intermediate_values) == [1, 2, 3]
+    assert TrialRecord.of(entry).source_trial == best.number
+    assert TrialRecord.of(entry).epochs_run == 3 and sorted(entry.intermediate_values) == [1, 2, 3]
     assert entry.values[1] == best.values[1]  # the same architecture
     assert entry.params == best.params
     after = optuna.load_study(study_name="tiny", storage=_storage(tmp_path))

@@ -9,6 +9,7 @@ import torch
 from optuna.trial import TrialState
 
 from nas import UNetConfig, build_unet
+from nas.record import TrialRecord
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -51,12 +52,12 @@ def test_tiny_search_writes_study_and_results(tmp_path, tiny_dataset):
     completed = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(completed) == 4
     for trial in completed:
-        cfg = UNetConfig.from_dict(trial.user_attrs["unet_config"])
-        assert trial.values[1] == trial.user_attrs["n_params"]
+        cfg = UNetConfig.from_dict(TrialRecord.of(trial).unet_config)
+        assert trial.values[1] == TrialRecord.of(trial).n_params
         assert trial.values[1] == sum(p.numel() for p in build_unet(cfg).parameters())
         assert sorted(trial.intermediate_values) == [1, 2]  # the learning curve, per epoch
         # The objective is the last epoch's validation IoU, as the curve and the attrs say.
-        assert trial.values[0] == trial.intermediate_values[2] == trial.user_attrs["val_iou"]
+        assert trial.values[0] == trial.intermediate_values[2] == TrialRecord.of(trial).iou
 
     out = tmp_path / "results" / "tiny"
     trials = pd.read_csv(out / "trials.csv")
@@ -77,7 +78,7 @@ def test_tiny_search_writes_study_and_results(tmp_path, tiny_dataset):
     # The best IoU (the smallest network among ties) is never dominated: it is on the front.
     best = max(completed, key=lambda t: (t.values[0], -t.values[1]))
     assert best.number in set(pareto.number)
-    model = build_unet(UNetConfig.from_dict(best.user_attrs["unet_config"]))
+    model = build_unet(UNetConfig.from_dict(TrialRecord.of(best).unet_config))
     path = out / "checkpoints" / f"trial_{best.number:04d}.pt"
     model.load_state_dict(torch.load(path, weights_only=True))
 
@@ -143,7 +144,7 @@ def test_a_failing_candidate_fails_its_trial_and_the_study_goes_on(tmp_path, tin
     for trial in study.trials:
         if trial.params["learning_rate"] > 1:
             assert states[trial.number] == TrialState.FAIL
-            assert "non-finite" in trial.user_attrs["fail_reason"]
+            assert "non-finite" in TrialRecord.of(trial).fail_reason
             assert "FAIL" in result.stdout
         else:
             assert states[trial.number] == TrialState.COMPLETE
@@ -175,7 +176,7 @@ def test_an_invalid_sampled_combination_fails_only_its_trial(tmp_path, tiny_data
         invalid = trial.params["anisotropic_stages"] == 1
         assert (trial.state == TrialState.FAIL) == invalid
         if invalid:
-            assert "invalid combination: anisotropic_stages" in trial.user_attrs["fail_reason"]
+            assert "invalid combination: anisotropic_stages" in TrialRecord.of(trial).fail_reason
     assert {t.state for t in trials} == {TrialState.FAIL, TrialState.COMPLETE}
 
 

@@ -21,6 +21,7 @@ from optuna.trial import TrialState, create_trial
 
 from nas import resume
 from nas.errors import NasError
+from nas.record import TrialRecord
 from nas.results import checkpoint_path, save_checkpoint, write_results
 from nas.run import _worker_command, main, parse_args
 from nas.space import load_space
@@ -238,8 +239,8 @@ def test_a_checkpoint_or_refresh_failure_keeps_the_reason_and_the_search_goes_on
     trials = _load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
     for trial in trials:
-        assert trial.user_attrs["fail_reason"].startswith("trained, but its weights could not")
-        assert trial.user_attrs["val_iou"] >= 0  # the scores stay with the trial
+        assert TrialRecord.of(trial).fail_reason.startswith("trained, but its weights could not")
+        assert TrialRecord.of(trial).iou >= 0  # the scores stay with the trial
     assert len(pd.read_csv(out / "trials.csv")) == 2  # the other views are still written
 
 
@@ -250,7 +251,7 @@ def test_a_candidate_too_large_for_memory_fails_before_training(tmp_path, tiny_d
     assert result.returncode == 0, result.stdout + result.stderr
     for trial in _load(tmp_path).trials:
         assert trial.state == TrialState.FAIL
-        assert "max_memory_gb" in trial.user_attrs["fail_reason"]
+        assert "max_memory_gb" in TrialRecord.of(trial).fail_reason
         assert "epochs_run" not in trial.user_attrs and not trial.intermediate_values
 
 
@@ -308,16 +309,16 @@ def test_a_killed_run_then_the_same_command_ends_with_every_trial_settled(
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     dead = trials[victim.number]
     assert dead.state == TrialState.FAIL
-    assert dead.user_attrs["fail_reason"].endswith("died")
+    assert TrialRecord.of(dead).fail_reason.endswith("died")
     reruns = [
         t
         for t in trials
-        if victim.number in (t.system_attrs.get("failed_trial"), t.user_attrs.get("retry_of"))
+        if victim.number in (t.system_attrs.get("failed_trial"), TrialRecord.of(t).retry_of)
     ]
     assert len(reruns) == 1 and reruns[0].params == dead.params
     assert reruns[0].state == TrialState.COMPLETE
     settled = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len([t for t in settled if "continues" not in t.user_attrs]) == 2  # new candidates
+    assert len([t for t in settled if TrialRecord.of(t).continues is None]) == 2  # new candidates
 
 
 def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_dataset):
@@ -352,7 +353,7 @@ def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_datase
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     abandoned = [t for t in trials if t.state == TrialState.FAIL]
     assert abandoned, output
-    assert all(t.user_attrs["fail_reason"].startswith("interrupted") for t in abandoned)
+    assert all(TrialRecord.of(t).fail_reason.startswith("interrupted") for t in abandoned)
     # Each trial seen in training was abandoned, unless it finished its last epochs in the
     # moment between that look and the signal.
     for seen in training:

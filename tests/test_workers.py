@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from nas.record import TrialRecord
 from nas.results import pareto_front
 
 from .conftest import require, require_module, run_cli, tiny_space_yaml, wait_for
@@ -76,24 +77,26 @@ def postgres_url():
 def _check_accounted_for(study: optuna.Study, n_trials: int, results: Path) -> None:
     trials = study.trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    retried = {t.system_attrs.get("failed_trial", t.user_attrs.get("retry_of")) for t in trials}
+    retried = {t.system_attrs.get("failed_trial", TrialRecord.of(t).retry_of) for t in trials}
     settled = [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
     assert len(settled) >= n_trials  # every requested trial ran to an end
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     # No candidate ran twice: every new one has its own sampled learning rate, and every
     # promoted one (8 epochs: rungs at 3 and 8) was continued by one trial, from its own rung.
-    new = [t for t in done if "continues" not in t.user_attrs]
+    new = [t for t in done if TrialRecord.of(t).continues is None]
     rates = [t.params["learning_rate"] for t in new]
     assert len(rates) == len(set(rates))
-    continued = [t.user_attrs["continues"] for t in done if "continues" in t.user_attrs]
+    continued = [
+        TrialRecord.of(t).continues for t in done if TrialRecord.of(t).continues is not None
+    ]
     assert len(continued) == len(set(continued))
     by_number = {t.number: t for t in trials}
     for trial in done:
-        if "continues" in trial.user_attrs:
-            parent = by_number[trial.user_attrs["continues"]]
+        if TrialRecord.of(trial).continues is not None:
+            parent = by_number[TrialRecord.of(trial).continues]
             assert trial.params == parent.params
             assert min(trial.intermediate_values) == 1  # the parent's curve, continued
-            assert parent.user_attrs["epochs_run"] == 3 < trial.user_attrs["epochs_run"]
+            assert TrialRecord.of(parent).epochs_run == 3 < TrialRecord.of(trial).epochs_run
     table = pd.read_csv(results / "pareto.csv")
     assert sorted(table.number) == sorted(t.number for t in pareto_front(study))
 
@@ -125,7 +128,7 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
             return running[0] if running else None
 
         victim = wait_for(trial_in_its_second_epoch, 240, "a trial in its second epoch", parent)
-        pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+        pid = int(TrialRecord.of(victim).worker.rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
         output, _ = parent.communicate(timeout=400)
     finally:
@@ -143,7 +146,7 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
-    assert len({t.user_attrs.get("worker") for t in study.trials}) >= 3
+    assert len({TrialRecord.of(t).worker for t in study.trials}) >= 3
     _check_accounted_for(study, 6, tmp_path / "results" / "many")
 
 
@@ -155,7 +158,7 @@ def test_two_workers_share_sqlite_without_locking_errors(tmp_path, tiny_dataset)
     study = optuna.load_study(
         study_name="many", storage=f"sqlite:///{tmp_path / 'results/many/study.db'}"
     )
-    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert len({TrialRecord.of(t).worker for t in study.trials}) == 2
     _check_accounted_for(study, 6, tmp_path / "results" / "many")
 
 
@@ -186,14 +189,14 @@ def test_ctrl_c_abandons_the_trial_writes_results_and_the_rerun_retries_it(tmp_p
     study = optuna.load_study(study_name="many", storage=storage)
     abandoned = study.trials[-1]
     assert abandoned.state == TrialState.FAIL
-    assert abandoned.user_attrs["fail_reason"].startswith("interrupted")
+    assert TrialRecord.of(abandoned).fail_reason.startswith("interrupted")
     table = pd.read_csv(tmp_path / "results/many/trials.csv")
     assert len(table) == len(study.trials)  # results/ written on the way out
 
     result = run_cli("nas.run", "space.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="many", storage=storage)
-    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == abandoned.number]
+    (retry,) = [t for t in study.trials if TrialRecord.of(t).retry_of == abandoned.number]
     assert retry.params == abandoned.params and retry.state == TrialState.COMPLETE
     _check_accounted_for(study, 4, tmp_path / "results" / "many")
 
