@@ -16,10 +16,19 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+from nas.builder import count_parameters
+from nas.describe import count_macs
+from nas.memory import BYTES_PER_VALUE, SAFETY_FACTOR, estimate_inference_bytes
+from nas.train import init_model
+
+if TYPE_CHECKING:
+    from nas.space import Candidate, StudySection
 
 WARMUP = 3
 MIN_REPEATS = 10
@@ -116,3 +125,36 @@ def cuda_peak_mb(model: nn.Module, window: Sequence[int], in_channels: int, batc
         model.train(was_training)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return (peak + weights) / MB
+
+
+def measure_candidate(
+    candidate: Candidate,
+    window: Sequence[int],
+    in_channels: int,
+    device: torch.device,
+    cfg: StudySection,
+) -> dict[str, float | None]:
+    """What `candidate`'s built network costs, before it trains: parameters and MACs always;
+    latency and peak memory when an objective or a constraint of `cfg` names them."""
+    model = init_model(candidate.unet, candidate.train.seed)
+    quantities: dict[str, float | None] = {
+        "params": count_parameters(model),
+        "macs": count_macs(model, in_channels, window),
+    }
+    needed = {*cfg.objectives, *cfg.constraints}
+    where = torch.device(cfg.latency.device) if cfg.latency.device else device
+    batch = cfg.latency.batch
+    if "latency_ms" in needed:
+        latency = measure_latency(model.to(where), window, in_channels, where,
+                                  cfg.latency.threads, batch)  # fmt: skip
+        quantities["latency_ms"] = round(latency.median_ms, 4)
+        quantities["latency_iqr_ms"] = round(latency.iqr_ms, 4)
+    if "memory_mb" in needed:
+        if where.type == "cuda":
+            quantities["memory_mb"] = cuda_peak_mb(model.to(where), window, in_channels, batch)
+        else:  # no allocator peak on a CPU: the estimate, for `batch` windows
+            one = estimate_inference_bytes(candidate.unet, window, in_channels)
+            weights = quantities["params"] * BYTES_PER_VALUE * SAFETY_FACTOR  # as in `one`
+            quantities["memory_mb"] = (weights + batch * (one - weights)) / MB
+    del model
+    return quantities

@@ -25,18 +25,15 @@ from optuna_dashboard import save_note
 from pydantic import ValidationError
 
 from nas.artifacts import example_case, overlay_path, upload, write_overlay
-from nas.builder import UNetConfig, count_parameters
+from nas.builder import UNetConfig
 from nas.candidate import TrainingData, TrainingState, load_state, save_state, train_candidate
-from nas.describe import count_macs, summary, trial_note
+from nas.describe import summary, trial_note
 from nas.fidelity import lineage
 from nas.liveness import JournalHeartbeat, is_journal, worker_id
-from nas.measure import MB, cuda_peak_mb, measure_latency
+from nas.measure import measure_candidate
 from nas.memory import (
-    BYTES_PER_VALUE,
-    SAFETY_FACTOR,
     check_fits,
     default_memory_limit_bytes,
-    estimate_inference_bytes,
 )
 from nas.objectives import (
     OBJECTIVES,
@@ -49,12 +46,11 @@ from nas.objectives import (
 from nas.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, records, write
 from nas.results import checkpoint_path, save_checkpoint
 from nas.schedule import EpochReport, Schedule
-from nas.space import Candidate, SearchSpace, StudySection, sample
+from nas.space import Candidate, SearchSpace, sample
 from nas.study import INTERRUPTED
 from nas.train import (
     CandidateFailed,
     EpochResult,
-    init_model,
     is_out_of_memory,
     out_of_memory_reason,
 )
@@ -84,39 +80,6 @@ def _set_constraints(
     for name, value in zip(sorted(constraints), violations(quantities, constraints), strict=True):
         if OBJECTIVES[name].before_training == before_training:
             trial.set_constraint(name, value)
-
-
-def measure(
-    candidate: Candidate,
-    window: Sequence[int],
-    in_channels: int,
-    device: torch.device,
-    cfg: StudySection,
-) -> dict[str, float | None]:
-    """What the built network costs, before it trains: parameters and MACs always; latency
-    and peak memory (nas.measure) when an objective or a constraint names them."""
-    model = init_model(candidate.unet, candidate.train.seed)
-    quantities: dict[str, float | None] = {
-        "params": count_parameters(model),
-        "macs": count_macs(model, in_channels, window),
-    }
-    needed = {*cfg.objectives, *cfg.constraints}
-    where = torch.device(cfg.latency.device) if cfg.latency.device else device
-    batch = cfg.latency.batch
-    if "latency_ms" in needed:
-        latency = measure_latency(model.to(where), window, in_channels, where,
-                                  cfg.latency.threads, batch)  # fmt: skip
-        quantities["latency_ms"] = round(latency.median_ms, 4)
-        quantities[LATENCY_IQR_ATTR] = round(latency.iqr_ms, 4)
-    if "memory_mb" in needed:
-        if where.type == "cuda":
-            quantities["memory_mb"] = cuda_peak_mb(model.to(where), window, in_channels, batch)
-        else:  # no allocator peak on a CPU: the estimate, for `batch` windows
-            one = estimate_inference_bytes(candidate.unet, window, in_channels)
-            weights = quantities["params"] * BYTES_PER_VALUE * SAFETY_FACTOR  # as in `one`
-            quantities["memory_mb"] = (weights + batch * (one - weights)) / MB
-    del model
-    return quantities
 
 
 def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: float) -> None:
@@ -246,7 +209,7 @@ def make_objective(
                 until = state.epoch * schedule.eta
         patch = candidate.train.patch_size(candidate.unet.spatial_dims)
         if parent is None:
-            quantities = measure(candidate, patch, in_channels, device, space.study)
+            quantities = measure_candidate(candidate, patch, in_channels, device, space.study)
         else:  # the same network: its costs as measured when it started (latency varies)
             record = TrialRecord.of(parent)
             quantities = {

@@ -18,9 +18,9 @@ from nas.describe import summary
 from nas.export import export
 from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_target
+from nas.measure import measure_candidate
 from nas.memory import estimate_inference_bytes, estimate_training_bytes, parameter_count
 from nas.model_card import WEIGHTS_FILE
-from nas.objective import measure
 from nas.space import Candidate, StudySection, load_space, sample
 from nas.train import TrainConfig, fit, init_model
 
@@ -138,7 +138,7 @@ def test_params_and_macs_count_the_deployed_network(tmp_path):
     assert parameter_count(supervised, 1) == count_parameters(model)
     train = TrainConfig(**TINY_TRAIN)
     costs = [
-        measure(Candidate(unet, train), (32, 32), 1, CPU, StudySection())
+        measure_candidate(Candidate(unet, train), (32, 32), 1, CPU, StudySection())
         for unet in (plain, supervised)
     ]
     assert costs[0] == costs[1]  # params and MACs
