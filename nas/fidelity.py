@@ -10,7 +10,7 @@ the top continues in the same trial; one that climbs into the top later, as wors
 arrive, is continued by a new trial. Ranking by sorting rather than by IoU alone keeps a small
 or cheap network with a modest IoU climbing if nothing smaller or cheaper beats it.
 
-Each segment of training ends at a rung with its learning rate decayed (nas/objective.py
+Each segment of training ends at a rung with its learning rate decayed (nas/search_trial.py
 trains one segment per rung), so the weights a rung ranks are annealed; a promoted candidate
 restarts its decay (warm restarts, as in SGDR). Rungs rank, and "still learning" compares,
 the mean of the last SMOOTHING_EPOCHS validations, not a single epoch's IoU.

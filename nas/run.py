@@ -472,10 +472,10 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     from nas.fidelity import spending
     from nas.liveness import settle_orphans
     from nas.model_card import describe_data
-    from nas.objective import make_objective
     from nas.patch_plan import plan_patches
     from nas.results import checkpoint_path
     from nas.schedule import has_work
+    from nas.search_trial import make_objective
     from nas.space import warm_start_params
     from nas.storage import redact
     from nas.study import default_storage, n_settled, open_study, settled_count

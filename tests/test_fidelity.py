@@ -29,11 +29,11 @@ from nas.fidelity import (
     undertrained,
 )
 from nas.labels import LabelScheme
-from nas.objective import segment_ends
 from nas.pruning import PrunerConfig
 from nas.record import TrialRecord
 from nas.results import checkpoint_path, save_checkpoint, state_path
 from nas.schedule import EpochReport, Schedule, Verdict, enqueue_promotion
+from nas.search_trial import segment_ends
 from nas.space import Candidate
 from nas.train_config import TrainConfig
 from nas.unet_config import UNetConfig

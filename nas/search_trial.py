@@ -1,4 +1,5 @@
-"""The objective: what Optuna calls per trial, turning a sampled candidate into its values.
+"""One search trial: what Optuna calls per trial (the study's objective function), turning a
+sampled candidate into its values.
 
 The values are the study's objectives (nas/objectives.py; [validation IoU, parameters] by
 default), in the order `study.objectives` gives. Each trial stores its full builder and
