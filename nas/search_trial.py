@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,15 @@ from pydantic import ValidationError
 
 from nas.artifacts import example_case, overlay_path, upload, write_overlay
 from nas.builder import UNetConfig
-from nas.candidate import TrainingData, TrainingState, load_state, save_state, train_candidate
+from nas.candidate import (
+    Outcome,
+    TrainingData,
+    TrainingState,
+    load_state,
+    save_state,
+    train_candidate,
+)
+from nas.data import Case
 from nas.describe import summary, trial_note
 from nas.fidelity import lineage
 from nas.liveness import JournalHeartbeat, is_journal, worker_id
@@ -52,6 +62,7 @@ from nas.study import INTERRUPTED
 from nas.train import (
     CandidateFailed,
     EpochResult,
+    FitResult,
     is_out_of_memory,
     out_of_memory_reason,
 )
@@ -105,6 +116,29 @@ def _claimed_before(trial: optuna.Trial, parent: int) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """What every trial of a run shares."""
+
+    space: SearchSpace
+    data: TrainingData
+    in_channels: int
+    device: torch.device
+    study_dir: Path
+    schedule: Schedule
+    shown_case: Case  # the validation case each trial's overlay shows
+    memory_limit: int  # bytes a candidate's training may need
+
+    @property
+    def cost_names(self) -> list[str]:
+        """What the pruner compares a candidate on besides its curve: the objectives to
+        minimise."""
+        return [name for name in self.space.study.objectives if not OBJECTIVES[name].maximise]
+
+    def seed(self, trial: optuna.Trial) -> int:
+        return self.space.study.seed + trial.number
+
+
 def make_objective(
     space: SearchSpace,
     data: TrainingData,
@@ -113,224 +147,320 @@ def make_objective(
     study_dir: Path,
     schedule: Schedule,
 ) -> Callable[[optuna.Trial], list[float]]:
-    """The function Optuna calls per trial: a thin adapter between a trial and
-    `train_candidate`. A new trial samples a candidate, checks its memory, counts it and
-    trains it to the lowest rung; a trial enqueued with `continues` loads that trial's state
-    and trains it on. At each rung the schedule decides whether it goes on; the trial ends
-    with its scores at the fidelity it reached and, below the top rung, the state to be
-    promoted from later.
+    """The function Optuna calls per trial (`objective` over this run's `SearchRun`)."""
+    gb = space.study.max_memory_gb
+    memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
+    shown_case = example_case(data.val_cases)
+    run = SearchRun(space, data, in_channels, device, study_dir, schedule, shown_case, memory_limit)
+    return functools.partial(objective, run)
+
+
+def objective(run: SearchRun, trial: optuna.Trial) -> list[float]:
+    """One trial, a thin adapter between a trial and `train_candidate`. A new trial samples a
+    candidate, checks its memory, counts it and trains it to the lowest rung; a trial
+    enqueued with `continues` loads that trial's state and trains it on. At each rung the
+    schedule decides whether it goes on; the trial ends with its scores at the fidelity it
+    reached and, below the top rung, the state to be promoted from later.
 
     Whatever ends a trial early leaves its reason in `fail_reason`: a candidate that cannot
     be trained (too large, out of memory, diverged) raises CandidateFailed, which the caller
     catches so the study goes on; Ctrl-C or SIGTERM anywhere in the trial records
     INTERRUPTED, so the next run reruns it.
     """
-    out_channels = data.scheme.out_channels
-    shown_case = example_case(data.val_cases)
-    gb = space.study.max_memory_gb
-    memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
-    top = schedule.rungs[-1]
-    objectives = space.study.objectives
-    # What the pruner compares a candidate on besides its curve: the objectives to minimise.
-    cost_names = [name for name in objectives if not OBJECTIVES[name].maximise]
-
-    def objective(trial: optuna.Trial) -> list[float]:
-        start = time.perf_counter()
-        try:
-            write(trial, worker=worker_id())  # first: who owns this trial
-            write(trial, device=str(device))
-            journal = is_journal(trial.study)
-            interval = space.study.heartbeat.heartbeat_interval
-            with JournalHeartbeat(trial, interval) if journal else contextlib.nullcontext():
-                return run_trial(trial, start)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
-            write(trial, fail_reason=INTERRUPTED)
-            raise
-        except optuna.TrialPruned:
-            raise
-        except CandidateFailed as err:
-            _fail(trial, err.reason, start)
-            raise
-        except Exception as err:
-            if is_out_of_memory(err):
-                reason = out_of_memory_reason(err)
-                _fail(trial, reason, start)
-                raise CandidateFailed(reason) from err
-            _fail(trial, f"{type(err).__name__}: {err}", start)  # a bug: the run stops
-            raise
-
-    def new_candidate(trial: optuna.Trial) -> Candidate:
-        try:
-            candidate = sample(
-                space, trial, in_channels, out_channels, space.study.seed + trial.number
-            )
-        except ValidationError as err:
-            message = err.errors()[0]["msg"].removeprefix("Value error, ")
-            raise CandidateFailed(f"invalid combination: {message}") from None
-        too_large = check_fits(candidate.unet, candidate.train, in_channels, memory_limit)
-        if too_large:
-            raise CandidateFailed(too_large)
-        write(trial, lineage=trial.number)
-        return candidate
-
-    def continued_candidate(
-        trial: optuna.Trial, number: int
-    ) -> tuple[Candidate, TrainingState, FrozenTrial]:
-        parent = _parent(trial, number)
-        earlier = _claimed_before(trial, number)
-        if earlier is not None:
-            raise CandidateFailed(f"trial {earlier} already continues trial {number}")
-        with contextlib.suppress(ValidationError):  # the parameters, for the tables
-            sample(space, trial, in_channels, out_channels, space.study.seed + trial.number)
-        record = TrialRecord.of(parent)
-        candidate = Candidate(
-            UNetConfig.from_dict(record.unet_config), TrainConfig(**record.train_config)
-        )
-        try:
-            state = load_state(checkpoint_path(study_dir, number), device)
-        except (OSError, RuntimeError, KeyError) as err:
-            reason = f"cannot continue trial {number}: its state is lost ({err})"
+    start = time.perf_counter()
+    try:
+        write(trial, worker=worker_id())  # first: who owns this trial
+        write(trial, device=str(run.device))
+        journal = is_journal(trial.study)
+        interval = run.space.study.heartbeat.heartbeat_interval
+        with JournalHeartbeat(trial, interval) if journal else contextlib.nullcontext():
+            return run_trial(run, trial, start)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
+        write(trial, fail_reason=INTERRUPTED)
+        raise
+    except optuna.TrialPruned:
+        raise
+    except CandidateFailed as err:
+        _fail(trial, err.reason, start)
+        raise
+    except Exception as err:
+        if is_out_of_memory(err):
+            reason = out_of_memory_reason(err)
+            _fail(trial, reason, start)
             raise CandidateFailed(reason) from err
-        for epoch, value in parent.intermediate_values.items():  # one curve across rungs
-            trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
-        return candidate, state, parent
+        _fail(trial, f"{type(err).__name__}: {err}", start)  # a bug: the run stops
+        raise
 
-    def run_trial(trial: optuna.Trial, start: float) -> list[float]:
-        carried = TrialRecord.of_running(trial)  # what the trial was enqueued with
-        continues = carried.continues
-        parent, until = None, top
-        if continues is None:
-            candidate, state, own = new_candidate(trial), None, trial.number
-        else:
-            candidate, state, parent = continued_candidate(trial, int(continues))
-            own = lineage(parent)
-            if carried.until is not None:  # trained beyond the top rung, as the schedule says
-                until = carried.until
-            elif state.epoch >= top:  # (a study from before `until` was recorded)
-                until = state.epoch * schedule.eta
-        patch = candidate.train.patch_size(candidate.unet.spatial_dims)
-        if parent is None:
-            quantities = measure_candidate(candidate, patch, in_channels, device, space.study)
-        else:  # the same network: its costs as measured when it started (latency varies)
-            record = TrialRecord.of(parent)
-            quantities = {
-                name: record.quantity(name)
-                for name in QUANTITY_ATTRS
-                if OBJECTIVES[name].before_training  # its scores are this trial's to find
-            }
-            quantities[LATENCY_IQR_ATTR] = record.latency_iqr_ms
-        n_params, macs = int(quantities["params"]), int(quantities["macs"] or 0)
-        write(trial, unet_config=candidate.unet.to_dict(),
-              train_config=dataclasses.asdict(candidate.train))  # fmt: skip
-        write(trial, **{name: value for name, value in quantities.items() if value is not None})
-        write(trial, summary=summary(candidate.unet, n_params), rungs=tuple(schedule.rungs))
-        steps_per_epoch = candidate.train.batches_per_epoch
 
-        def note(state: str, **outcome) -> None:
-            outcome |= {"state": state, "device": str(device)}
-            outcome.setdefault("seconds", time.perf_counter() - start)
-            text = trial_note(trial.number, candidate.unet, n_params, macs, patch, outcome)
-            save_note(trial, text)
+@dataclass(frozen=True)
+class Started:
+    """A trial's candidate, where its training starts, and where it may end."""
 
-        constraints = space.study.constraints
-        if constraints:
-            _set_constraints(trial, quantities, constraints, before_training=True)
-            broken = rejection(quantities, constraints)
-            if broken:  # known before training: none is spent on it
-                _set_constraints(trial, quantities, constraints, before_training=False)
-                write(trial, rejected=broken)
-                note("PRUNED", reason=f"rejected before training: {broken}")
-                raise optuna.TrialPruned(f"rejected before training: {broken}")
+    candidate: Candidate
+    state: TrainingState | None  # None: fresh weights
+    parent: FrozenTrial | None  # the trial it continues
+    lineage: int  # the trial the candidate started in
+    until: int  # the epoch its training may reach
 
-        history = TrialRecord.of(parent) if parent is not None else None
-        train_losses: list[float] = list(history.train_loss) if history else []
-        epoch_seconds: list[float] = list(history.epoch_seconds) if history else []
-        curve: dict[int, float] = dict(parent.intermediate_values) if parent else {}
-        pruned: list[str] = []
-        # Over the trial's segments: steps, and seconds of training and validation.
-        spent = {"steps": 0, "seconds": 0.0, "before_segment": 0.0}
-        promoted = [True]  # the last rung's answer: train on to the next
 
-        def on_epoch(result: EpochResult) -> bool:
-            """Record the epoch; answer whether training goes on."""
-            train_losses.append(result.train_loss)
-            epoch_seconds.append(round(result.train_seconds, 3))
-            spent["steps"] += steps_per_epoch
-            # Training and validation: what a step really costs the budget's clock.
-            spent["seconds"] = spent["before_segment"] + result.seconds
-            write(trial, train_loss=tuple(train_losses), epoch_seconds=tuple(epoch_seconds),
-                  steps=spent["steps"], segment_seconds=round(spent["seconds"], 3))  # fmt: skip
-            # Trial.report refuses multi-objective studies; the storage still keeps the curve,
-            # which is what optuna-dashboard draws and the schedule and pruner compare.
-            trial.storage.set_trial_intermediate_value(
-                trial._trial_id, result.epoch, result.scores.iou
-            )
-            curve[result.epoch] = result.scores.iou
-            write(trial, epochs_run=result.epoch)
-            report = EpochReport(
-                trial.number,
-                own,
-                result.epoch,
-                curve,
-                {name: quantities[name] for name in cost_names},
-                steps_per_epoch,
-                spent["seconds"] / spent["steps"],
-            )
-            verdict = schedule.after_epoch(trial.study.get_trials(deepcopy=False), report)
-            if verdict.pruned:
-                pruned.append(verdict.pruned)
-            promoted[0] = verdict.go_on
-            return verdict.go_on
+@dataclass(frozen=True)
+class Measured:
+    """What a trial's network is, as its notes show it."""
 
-        # One segment per rung, each with its own learning-rate decay: the weights a rung
-        # ranks (and export may take) are annealed, whether or not the candidate goes on.
-        for end in segment_ends(state.epoch if state else 0, until, schedule.rungs):
-            outcome = train_candidate(candidate, data, device, end, state, on_epoch)
-            state, result = outcome.state, outcome.fit
-            spent["before_segment"] = spent["seconds"]
-            if pruned or result.stopped_by_time or state.epoch < end or not promoted[0]:
-                break
-        reached = outcome.state.epoch
-        # The scores first: whatever fails after training, they stay with the trial.
-        _record_scores(trial, result.scores, reached, start)
-        write(trial, stopped_by_time=result.stopped_by_time,
-              fidelity_steps=reached * steps_per_epoch)  # fmt: skip
-        if pruned:
-            note("PRUNED", val_iou=result.scores.iou, val_dice=result.scores.dice,
-                 epochs_run=reached, reason=pruned[0])  # fmt: skip
-            raise optuna.TrialPruned(pruned[0])
-        try:
-            weights = save_checkpoint(study_dir, trial.number, outcome.state.weights)
-            if not result.stopped_by_time:  # may be promoted, or trained longer, later
-                save_state(weights, outcome.state)
-        except OSError as err:  # a full disk, a lost mount: a front member needs its weights
-            reason = f"trained, but its weights could not be saved ({err.strerror or err})"
-            note("FAIL", reason=reason, val_iou=result.scores.iou)
-            raise CandidateFailed(reason) from err
-        quantities |= {"iou": result.scores.iou, "dice": result.scores.dice}
-        if constraints:  # on scores too: a trial that breaks one is infeasible
+    number: int
+    candidate: Candidate
+    n_params: int
+    macs: int
+    patch: tuple[int, ...]
+    start: float  # time.perf_counter() when the trial began
+
+
+def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
+    """Start (sample, or continue a parent), measure, check the constraints, train segment by
+    segment as the schedule allows, record the scores, save the weights and the artifacts."""
+    started = start_trial(run, trial)
+    candidate = started.candidate
+    patch = candidate.train.patch_size(candidate.unet.spatial_dims)
+    quantities = trial_costs(run, started, patch)
+    n_params, macs = int(quantities["params"]), int(quantities["macs"] or 0)
+    write(trial, unet_config=candidate.unet.to_dict(),
+          train_config=dataclasses.asdict(candidate.train))  # fmt: skip
+    write(trial, **{name: value for name, value in quantities.items() if value is not None})
+    write(trial, summary=summary(candidate.unet, n_params), rungs=tuple(run.schedule.rungs))
+    measured = Measured(trial.number, candidate, n_params, macs, patch, start)
+    constraints = run.space.study.constraints
+    if constraints:
+        _set_constraints(trial, quantities, constraints, before_training=True)
+        broken = rejection(quantities, constraints)
+        if broken:  # known before training: none is spent on it
             _set_constraints(trial, quantities, constraints, before_training=False)
-        values = values_of(quantities, objectives)
-        title = f"trial {trial.number}, IoU {result.scores.iou:.3f}"
-        try:
-            overlay = overlay_path(study_dir, trial.number)
-            write_overlay(outcome.model, shown_case, data.scheme, patch, device,
-                          data.slicing.axis, overlay, title)  # fmt: skip
-            upload(trial, study_dir, overlay)
-            feasible = not constraints or max(violations(quantities, constraints)) <= 0
-            if feasible and not _dominated(trial.study, values, objectives):
-                # On the front now: the only moment its weights can still join the trial (a
-                # finished trial is read-only), and every final front member passes here.
-                upload(trial, study_dir, weights)
-        except Exception as err:  # the overlay and the uploads are for looking, not results
-            if not (isinstance(err, OSError) or is_out_of_memory(err)):
-                raise
-            write(trial, artifact_error=f"{type(err).__name__}: {err}")
-        note("COMPLETE", val_iou=result.scores.iou, val_dice=result.scores.dice,
-             epochs_run=reached)  # fmt: skip
-        return values
+            write(trial, rejected=broken)
+            _note(run, trial, measured, "PRUNED", reason=f"rejected before training: {broken}")
+            raise optuna.TrialPruned(f"rejected before training: {broken}")
 
-    return objective
+    progress = Progress.after(run, trial, started, quantities)
+    state, outcome = started.state, None
+    # One segment per rung, each with its own learning-rate decay: the weights a rung ranks
+    # (and export may take) are annealed, whether or not the candidate goes on.
+    for end in segment_ends(state.epoch if state else 0, started.until, run.schedule.rungs):
+        outcome = train_candidate(candidate, run.data, run.device, end, state, progress.on_epoch)
+        state, result = outcome.state, outcome.fit
+        progress.end_segment()
+        if progress.pruned or result.stopped_by_time or state.epoch < end or not progress.go_on:
+            break
+    reached = outcome.state.epoch
+    # The scores first: whatever fails after training, they stay with the trial.
+    _record_scores(trial, result.scores, reached, start)
+    steps_per_epoch = candidate.train.batches_per_epoch
+    write(trial, stopped_by_time=result.stopped_by_time,
+          fidelity_steps=reached * steps_per_epoch)  # fmt: skip
+    scores = {"val_iou": result.scores.iou, "val_dice": result.scores.dice, "epochs_run": reached}
+    if progress.pruned:
+        _note(run, trial, measured, "PRUNED", **scores, reason=progress.pruned[0])
+        raise optuna.TrialPruned(progress.pruned[0])
+    weights = _save_weights(run, trial, measured, outcome, result)
+    quantities |= {"iou": result.scores.iou, "dice": result.scores.dice}
+    if constraints:  # on scores too: a trial that breaks one is infeasible
+        _set_constraints(trial, quantities, constraints, before_training=False)
+    values = values_of(quantities, run.space.study.objectives)
+    _save_artifacts(run, trial, measured, outcome, weights, quantities, values)
+    _note(run, trial, measured, "COMPLETE", **scores)
+    return values
+
+
+def start_trial(run: SearchRun, trial: optuna.Trial) -> Started:
+    """A new candidate sampled for `trial`, or the candidate it was enqueued to continue,
+    loaded from its parent's state."""
+    carried = TrialRecord.of_running(trial)  # what the trial was enqueued with
+    top = run.schedule.rungs[-1]
+    if carried.continues is None:
+        return Started(new_candidate(run, trial), None, None, trial.number, top)
+    candidate, state, parent = continued_candidate(run, trial, int(carried.continues))
+    until = top
+    if carried.until is not None:  # trained beyond the top rung, as the schedule says
+        until = carried.until
+    elif state.epoch >= top:  # (a study from before `until` was recorded)
+        until = state.epoch * run.schedule.eta
+    return Started(candidate, state, parent, lineage(parent), until)
+
+
+def new_candidate(run: SearchRun, trial: optuna.Trial) -> Candidate:
+    out_channels = run.data.scheme.out_channels
+    try:
+        candidate = sample(run.space, trial, run.in_channels, out_channels, run.seed(trial))
+    except ValidationError as err:
+        message = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise CandidateFailed(f"invalid combination: {message}") from None
+    too_large = check_fits(candidate.unet, candidate.train, run.in_channels, run.memory_limit)
+    if too_large:
+        raise CandidateFailed(too_large)
+    write(trial, lineage=trial.number)
+    return candidate
+
+
+def continued_candidate(
+    run: SearchRun, trial: optuna.Trial, number: int
+) -> tuple[Candidate, TrainingState, FrozenTrial]:
+    parent = _parent(trial, number)
+    earlier = _claimed_before(trial, number)
+    if earlier is not None:
+        raise CandidateFailed(f"trial {earlier} already continues trial {number}")
+    out_channels = run.data.scheme.out_channels
+    with contextlib.suppress(ValidationError):  # the parameters, for the tables
+        sample(run.space, trial, run.in_channels, out_channels, run.seed(trial))
+    record = TrialRecord.of(parent)
+    candidate = Candidate(
+        UNetConfig.from_dict(record.unet_config), TrainConfig(**record.train_config)
+    )
+    try:
+        state = load_state(checkpoint_path(run.study_dir, number), run.device)
+    except (OSError, RuntimeError, KeyError) as err:
+        reason = f"cannot continue trial {number}: its state is lost ({err})"
+        raise CandidateFailed(reason) from err
+    for epoch, value in parent.intermediate_values.items():  # one curve across rungs
+        trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
+    return candidate, state, parent
+
+
+def trial_costs(
+    run: SearchRun, started: Started, patch: tuple[int, ...]
+) -> dict[str, float | None]:
+    """A new network's costs, measured; a continued one's as measured when it started
+    (latency varies), less its scores, which are this trial's to find."""
+    if started.parent is None:
+        return measure_candidate(
+            started.candidate, patch, run.in_channels, run.device, run.space.study
+        )
+    record = TrialRecord.of(started.parent)
+    quantities = {
+        name: record.quantity(name) for name in QUANTITY_ATTRS if OBJECTIVES[name].before_training
+    }
+    quantities[LATENCY_IQR_ATTR] = record.latency_iqr_ms
+    return quantities
+
+
+@dataclass
+class Progress:
+    """A trial's training as it goes: recorded after each epoch, which the schedule then
+    judges (`on_epoch`, handed to `train_candidate`)."""
+
+    trial: optuna.Trial
+    schedule: Schedule
+    lineage: int
+    costs: dict[str, float | None]  # the pruner's, by objective name
+    steps_per_epoch: int
+    train_losses: list[float]
+    epoch_seconds: list[float]
+    curve: dict[int, float]
+    pruned: list[str] = dataclasses.field(default_factory=list)
+    steps: int = 0  # over the trial's segments
+    seconds: float = 0.0  # of training and validation, over the trial's segments
+    before_segment: float = 0.0  # `seconds` when the current segment began
+    go_on: bool = True  # the last rung's answer: train on to the next
+
+    @classmethod
+    def after(
+        cls, run: SearchRun, trial: optuna.Trial, started: Started, quantities: dict
+    ) -> Progress:
+        """The progress a trial starts from: its parent's history, or none."""
+        parent = started.parent
+        history = TrialRecord.of(parent) if parent is not None else None
+        return cls(
+            trial,
+            run.schedule,
+            started.lineage,
+            {name: quantities[name] for name in run.cost_names},
+            started.candidate.train.batches_per_epoch,
+            list(history.train_loss) if history else [],
+            list(history.epoch_seconds) if history else [],
+            dict(parent.intermediate_values) if parent else {},
+        )
+
+    def on_epoch(self, result: EpochResult) -> bool:
+        """Record the epoch; answer whether training goes on."""
+        trial = self.trial
+        self.train_losses.append(result.train_loss)
+        self.epoch_seconds.append(round(result.train_seconds, 3))
+        self.steps += self.steps_per_epoch
+        # Training and validation: what a step really costs the budget's clock.
+        self.seconds = self.before_segment + result.seconds
+        write(trial, train_loss=tuple(self.train_losses), epoch_seconds=tuple(self.epoch_seconds),
+              steps=self.steps, segment_seconds=round(self.seconds, 3))  # fmt: skip
+        # Trial.report refuses multi-objective studies; the storage still keeps the curve,
+        # which is what optuna-dashboard draws and the schedule and pruner compare.
+        trial.storage.set_trial_intermediate_value(trial._trial_id, result.epoch, result.scores.iou)
+        self.curve[result.epoch] = result.scores.iou
+        write(trial, epochs_run=result.epoch)
+        report = EpochReport(
+            trial.number,
+            self.lineage,
+            result.epoch,
+            self.curve,
+            self.costs,
+            self.steps_per_epoch,
+            self.seconds / self.steps,
+        )
+        verdict = self.schedule.after_epoch(trial.study.get_trials(deepcopy=False), report)
+        if verdict.pruned:
+            self.pruned.append(verdict.pruned)
+        self.go_on = verdict.go_on
+        return verdict.go_on
+
+    def end_segment(self) -> None:
+        self.before_segment = self.seconds
+
+
+def _save_weights(
+    run: SearchRun, trial: optuna.Trial, measured: Measured, outcome: Outcome, result: FitResult
+) -> Path:
+    """The trained weights, and the state a later promotion continues from."""
+    try:
+        weights = save_checkpoint(run.study_dir, trial.number, outcome.state.weights)
+        if not result.stopped_by_time:  # may be promoted, or trained longer, later
+            save_state(weights, outcome.state)
+    except OSError as err:  # a full disk, a lost mount: a front member needs its weights
+        reason = f"trained, but its weights could not be saved ({err.strerror or err})"
+        _note(run, trial, measured, "FAIL", reason=reason, val_iou=result.scores.iou)
+        raise CandidateFailed(reason) from err
+    return weights
+
+
+def _save_artifacts(
+    run: SearchRun,
+    trial: optuna.Trial,
+    measured: Measured,
+    outcome: Outcome,
+    weights: Path,
+    quantities: dict[str, float | None],
+    values: list[float],
+) -> None:
+    """The overlay, and the weights of a trial on the front now, as Optuna artifacts."""
+    constraints = run.space.study.constraints
+    title = f"trial {trial.number}, IoU {outcome.fit.scores.iou:.3f}"
+    try:
+        overlay = overlay_path(run.study_dir, trial.number)
+        write_overlay(outcome.model, run.shown_case, run.data.scheme, measured.patch, run.device,
+                      run.data.slicing.axis, overlay, title)  # fmt: skip
+        upload(trial, run.study_dir, overlay)
+        feasible = not constraints or max(violations(quantities, constraints)) <= 0
+        objectives = run.space.study.objectives
+        if feasible and not _dominated(trial.study, values, objectives):
+            # On the front now: the only moment its weights can still join the trial (a
+            # finished trial is read-only), and every final front member passes here.
+            upload(trial, run.study_dir, weights)
+    except Exception as err:  # the overlay and the uploads are for looking, not results
+        if not (isinstance(err, OSError) or is_out_of_memory(err)):
+            raise
+        write(trial, artifact_error=f"{type(err).__name__}: {err}")
+
+
+def _note(run: SearchRun, trial: optuna.Trial, measured: Measured, state: str, **outcome) -> None:
+    """The trial's note in optuna-dashboard: its network and how it ended."""
+    outcome |= {"state": state, "device": str(run.device)}
+    outcome.setdefault("seconds", time.perf_counter() - measured.start)
+    unet = measured.candidate.unet
+    text = trial_note(trial.number, unet, measured.n_params, measured.macs, measured.patch, outcome)
+    save_note(trial, text)
 
 
 def segment_ends(epoch: int, until: int, rungs: Sequence[int]) -> list[int]:
