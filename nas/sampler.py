@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.fidelity import superseded_numbers
@@ -43,6 +44,15 @@ class _LatestView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
+
+    @property
+    def direction(self) -> StudyDirection:
+        """Optuna's TPE ranks pruned trials by their last intermediate value through
+        `study.direction`, which a multi-objective study refuses with a RuntimeError (Optuna
+        5.1): here intermediate values are validation IoU, higher better."""
+        if len(self._study.directions) > 1:
+            return StudyDirection.MAXIMIZE
+        return self._study.direction
 
     def _get_trials(
         self,

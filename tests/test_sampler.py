@@ -62,3 +62,26 @@ def test_tpe_behind_the_lineage_view_samples_and_sees_no_repeats(tmp_path):
     # Three trials completed before the first new one, of which two are one candidate.
     assert seen == [2, 3]
     assert all(1e-4 <= t.params["lr"] <= 1e-1 for t in study.trials)
+
+
+def test_tpe_learns_from_pruned_trials_of_a_multi_objective_study(tmp_path):
+    # Optuna's TPE ranks pruned trials by their last intermediate value through
+    # `study.direction`, which a multi-objective study refuses: the run died with a
+    # RuntimeError once pruned trials had to fill TPE's "below" group (a tiny search with
+    # asha and the pruner found it). Their curves are validation IoU: higher is better.
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+        directions=["maximize", "minimize"],
+        sampler=LineageSampler(optuna.samplers.TPESampler(n_startup_trials=2, seed=0)),
+    )
+    for lr, iou in [(0.001, 0.3), (0.01, 0.6), (0.05, 0.1), (0.002, 0.5)]:
+        study.add_trial(
+            create_trial(
+                state=TrialState.PRUNED, params={"lr": lr}, distributions=LR,
+                intermediate_values={1: iou / 2, 2: iou},
+            )
+        )  # fmt: skip
+    study.add_trial(_trial(0.02, 0.7))
+    trial = study.ask(LR)
+    assert 1e-4 <= trial.params["lr"] <= 1e-1
+    assert _LatestView(study).direction == optuna.study.StudyDirection.MAXIMIZE
