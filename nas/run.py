@@ -18,6 +18,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     import torch
     from optuna.trial import FrozenTrial
 
-    from nas.console import RunLog
+    from nas.console import RunLog, RunProgress
     from nas.data import Case, Dataset
     from nas.data.test_split import TestSplit
     from nas.patch_plan import PatchPlan
@@ -294,32 +295,25 @@ def _summary(
     print(f"inspect with: python -m nas.dashboard {study_dir}{custom}")
 
 
-def _dry_run(
-    space: SearchSpace,
-    dataset: Dataset,
-    train_cases: list[Case],
-    val_cases: list[Case],
-    test_split: TestSplit | None,
-    patch_plan: PatchPlan,
-    schedule: Schedule,
-    device: torch.device,
-) -> int:
+def _dry_run(setup: _Setup) -> int:
     """Print what the search would do; no study, no results folder."""
     from nas.dry_run import describe_candidate, sample_candidate
 
+    space, dataset, test_split = setup.space, setup.dataset, setup.test_split
+    train_cases, val_cases = setup.train_cases, setup.val_cases
     data, study = space.data, space.study
     split = f"splits file {data.splits_file}" if data.splits_file else f"{data.n_folds} folds"
     held_out = f", {len(test_split.cases)} held-out" if test_split else ""
     print(f"data {dataset.root}: {len(dataset.cases)} cases, {len(train_cases)} training / "
           f"{len(val_cases)} validation (fold {data.fold} of {split}){held_out}; "
           f"classes {', '.join(dataset.scheme.scored_names)}; cache {dataset.cache}")  # fmt: skip
-    print(patch_plan.describe())
+    print(setup.patch_plan.describe())
     print(f"study {study.name!r}: objectives {', '.join(study.objectives)}, sampler "
           f"{study.sampler}, up to {study.n_trials} trials")  # fmt: skip
-    print(_plan_line(schedule, space))
+    print(_plan_line(setup.schedule, space))
     candidate = sample_candidate(space, dataset.in_channels, dataset.scheme.out_channels)
     print(describe_candidate(candidate, dataset.in_channels, train_cases, dataset.scheme,
-                             data.slicing, device))  # fmt: skip
+                             data.slicing, setup.device))  # fmt: skip
     print("dry run: no study was created")
     return 0
 
@@ -434,16 +428,65 @@ def run(args: argparse.Namespace) -> int:
         return _search(args, log)
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What a run searches, on which cases and device, as this command and its space say."""
+
+    effective: dict  # the space as read, --set and --data included
+    space: SearchSpace  # validated, with the study overrides and the patch plan applied
+    schedule: Schedule
+    dataset: Dataset
+    train_cases: list[Case]
+    val_cases: list[Case]
+    test_split: TestSplit | None  # scored after the search, never used to select
+    patch_plan: PatchPlan
+    warm_start: list[dict]  # the parameters of the space's enqueued candidates
+    device: torch.device
+    start: float  # time.monotonic() when the run began
+    results_dir: Path
+
+    @property
+    def study_dir(self) -> Path:
+        return self.results_dir / self.space.study.name
+
+
 def _search(args: argparse.Namespace, log: RunLog) -> int:
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    is_worker = args.worker_index is not None
+    setup = _set_up(args)
+    check_output_folder(setup.study_dir)  # a dry run says so too
+    if args.dry_run:
+        return _dry_run(setup)
+    study, storage = _open_run_study(args, log, setup)
+    from nas.schedule import has_work
+    from nas.study import n_settled
+
+    working = has_work(study.get_trials(deepcopy=False), setup.schedule)
+    if not is_worker:
+        _announce(setup, study, storage, n_settled(study))
+    if working and args.workers > 1:
+        return _run_workers(args, study, setup.study_dir, storage, setup.device, setup.test_split)
+    if working:
+        interrupted = _run_trials(args, log, setup, study)
+        if interrupted is not None:
+            return interrupted
+    if is_worker:
+        return 0
+    _score_held_out(study, setup.study_dir, setup.test_split, setup.device)
+    front = _refresh(study, setup.study_dir) or []
+    _summary(study, setup.study_dir, front, args)
+    return 0
+
+
+def _set_up(args: argparse.Namespace) -> _Setup:
+    """The space, schedule, cases and device of this run. What a user can get wrong in the
+    space, the settings or the data is found before torch loads, so the one-line error comes
+    at once."""
     from nas.data import load_dataset, split_dataset
     from nas.data.test_split import find_test_split
     from nas.space import read_effective_space, validate_space, with_study_overrides
 
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    is_worker = args.worker_index is not None
-    # What a user can get wrong in the space, the settings or the data is found before torch
-    # loads, so the one-line error comes at once.
     effective = read_effective_space(args.space, args.settings, args.data)
     space = validate_space(effective, args.space, args.settings)
     overrides = {
@@ -454,31 +497,19 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
         "seed": args.seed,
     }
     space = with_study_overrides(space, overrides)
-    study_cfg = space.study
     start = time.monotonic()
-    deadline = None if study_cfg.timeout is None else start + study_cfg.timeout
+    deadline = None if space.study.timeout is None else start + space.study.timeout
     schedule = _schedule(space, args, deadline)
     dataset = load_dataset(space.data)
     train_cases, val_cases = split_dataset(dataset, space.data)
     # Checked before the study is touched; scored after the search, never used to select.
+    is_worker = args.worker_index is not None
     test_split = None if is_worker else find_test_split(space.data, dataset)
 
     import torch
-    import yaml
 
-    from nas import resume
-    from nas.candidate import TrainingData
-    from nas.console import RunProgress
-    from nas.fidelity import spending
-    from nas.liveness import settle_orphans
-    from nas.model_card import describe_data
     from nas.patch_plan import plan_patches
-    from nas.results import checkpoint_path
-    from nas.schedule import has_work
-    from nas.search_trial import make_objective
     from nas.space import warm_start_params
-    from nas.storage import redact
-    from nas.study import default_storage, n_settled, open_study, settled_count
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -488,11 +519,26 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     warm_start = [warm_start_params(space, fields) for fields in space.study.enqueue]
     _check_init_weights(space, warm_start, dataset.in_channels, dataset.scheme.out_channels)
     _check_latency_device(space, args)
-    check_output_folder(args.results_dir / study_cfg.name)  # a dry run says so too
-    if args.dry_run:
-        return _dry_run(space, dataset, train_cases, val_cases, test_split, patch_plan,
-                        schedule, device)  # fmt: skip
-    study_dir = args.results_dir / study_cfg.name
+    return _Setup(effective, space, schedule, dataset, train_cases, val_cases, test_split,
+                  patch_plan, warm_start, device, start, args.results_dir)  # fmt: skip
+
+
+def _open_run_study(
+    args: argparse.Namespace, log: RunLog, setup: _Setup
+) -> tuple[optuna.Study, str]:
+    """The run's study, created or resumed (a worker finds the one its parent opened); the
+    first process also checks the study accepts this space and data, and settles the trials
+    a crashed run left."""
+    import yaml
+
+    from nas import resume
+    from nas.liveness import settle_orphans
+    from nas.model_card import describe_data
+    from nas.results import checkpoint_path
+    from nas.study import default_storage, open_study
+
+    space, study_dir = setup.space, setup.study_dir
+    is_worker = args.worker_index is not None
     study_dir.mkdir(parents=True, exist_ok=True)
     for folder in (study_dir, checkpoint_path(study_dir, 0).parent):
         remove_stale_staging(folder)  # what a killed process was writing
@@ -500,74 +546,99 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
         log.attach(study_dir / RUN_LOG)
     storage = args.storage or default_storage(study_dir)
     # Workers started by --workers find the study their parent opened (and re-enqueued).
-    study = open_study(study_cfg, storage, warm_start, not is_worker, _worker_salt(args, storage))
-    if not is_worker:
-        data = {
-            "data_config": space.data.to_dict(),
-            "data_description": describe_data(dataset),
-            "patch_plan": patch_plan.to_dict(),
-            "data_cases": {
-                "train": [case.name for case in train_cases],
-                "validation": [case.name for case in val_cases],
-            },
-        }
-        resume.check(study, space, data, args.space, args.extend_space)
-        # What this run searches, --set and --data included; once the study accepted it.
-        text = yaml.safe_dump(effective, sort_keys=False)
-        atomic_write(study_dir / SPACE_FILE, lambda tmp: tmp.write_text(text))
-        orphans = settle_orphans(study, study_cfg.heartbeat)  # a crashed run's trials
-        if orphans.failed:
-            numbers = ", ".join(str(n) for n in orphans.failed)
-            print(f"trial(s) {numbers} lost their worker: marked FAIL and run again", flush=True)
-
-    already = n_settled(study)
-    remaining = study_cfg.n_trials - already
-    working = has_work(study.get_trials(deepcopy=False), schedule)
-    if not is_worker:
-        print(
-            f"study {study_cfg.name!r} in {redact(storage)}: {already} finished trials, "
-            f"{max(remaining, 0)} to run on {device} "
-            f"({len(train_cases)} training / {len(val_cases)} validation cases, "
-            f"preprocessed in {dataset.cache})",
-            flush=True,
-        )
-        print(patch_plan.describe(), flush=True)
-        print(_plan_line(schedule, space), flush=True)
-    if working and args.workers > 1:
-        return _run_workers(args, study, study_dir, storage, device, test_split)
-    if working:
-        data = TrainingData(train_cases, val_cases, dataset.scheme, space.data.slicing)
-        objective = make_objective(space, data, dataset.in_channels, device, study_dir, schedule)
-        prefix = f"[worker {args.worker_index}] " if is_worker else ""
-        limits = (study_cfg.n_trials, study_cfg.timeout, schedule.budget_steps, start)
-        bar = RunProgress(*limits, disable=is_worker or args.quiet, stream=log.console_err)
-
-        def show_progress(study: optuna.Study) -> None:
-            trials = study.get_trials(deepcopy=False)  # one read for both counts
-            bar.update(settled_count(trials), spending(trials).steps)
-
-        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-            _refresh(study, study_dir)
-            if not args.quiet:
-                bar.write(prefix + _trial_line(trial))
-            show_progress(study)
-
-        show_progress(study)
-        with contextlib.closing(bar):
-            try:
-                _optimize(study, objective, study_cfg, schedule, [after_trial], prefix)
-            except Interrupted as err:
-                _abandon_own_trials(study)
-                _refresh(study, study_dir)
-                print(prefix + "interrupted: finished trials are kept; run the same command "
-                      "to continue")  # fmt: skip
-                return err.exit_code
+    salt = _worker_salt(args, storage)
+    study = open_study(space.study, storage, setup.warm_start, not is_worker, salt)
     if is_worker:
-        return 0
-    _score_held_out(study, study_dir, test_split, device)
-    front = _refresh(study, study_dir) or []
-    _summary(study, study_dir, front, args)
-    return 0
+        return study, storage
+    data = {
+        "data_config": space.data.to_dict(),
+        "data_description": describe_data(setup.dataset),
+        "patch_plan": setup.patch_plan.to_dict(),
+        "data_cases": {
+            "train": [case.name for case in setup.train_cases],
+            "validation": [case.name for case in setup.val_cases],
+        },
+    }
+    resume.check(study, space, data, args.space, args.extend_space)
+    # What this run searches, --set and --data included; once the study accepted it.
+    text = yaml.safe_dump(setup.effective, sort_keys=False)
+    atomic_write(study_dir / SPACE_FILE, lambda tmp: tmp.write_text(text))
+    orphans = settle_orphans(study, space.study.heartbeat)  # a crashed run's trials
+    if orphans.failed:
+        numbers = ", ".join(str(n) for n in orphans.failed)
+        print(f"trial(s) {numbers} lost their worker: marked FAIL and run again", flush=True)
+    return study, storage
+
+
+def _announce(setup: _Setup, study: optuna.Study, storage: str, already: int) -> None:
+    from nas.storage import redact
+
+    study_cfg = setup.space.study
+    remaining = study_cfg.n_trials - already
+    print(
+        f"study {study_cfg.name!r} in {redact(storage)}: {already} finished trials, "
+        f"{max(remaining, 0)} to run on {setup.device} "
+        f"({len(setup.train_cases)} training / {len(setup.val_cases)} validation cases, "
+        f"preprocessed in {setup.dataset.cache})",
+        flush=True,
+    )
+    print(setup.patch_plan.describe(), flush=True)
+    print(_plan_line(setup.schedule, setup.space), flush=True)
+
+
+def _run_trials(
+    args: argparse.Namespace, log: RunLog, setup: _Setup, study: optuna.Study
+) -> int | None:
+    """Run trials in this process until the schedule has no more work, with a progress bar
+    and a line per trial; the exit code when interrupted, else None."""
+    from nas.candidate import TrainingData
+    from nas.console import RunProgress
+    from nas.search_trial import make_objective
+
+    space, study_dir, study_cfg = setup.space, setup.study_dir, setup.space.study
+    is_worker = args.worker_index is not None
+    data = TrainingData(setup.train_cases, setup.val_cases, setup.dataset.scheme,
+                        space.data.slicing)  # fmt: skip
+    objective = make_objective(space, data, setup.dataset.in_channels, setup.device, study_dir,
+                               setup.schedule)  # fmt: skip
+    prefix = f"[worker {args.worker_index}] " if is_worker else ""
+    limits = (study_cfg.n_trials, study_cfg.timeout, setup.schedule.budget_steps, setup.start)
+    bar = RunProgress(*limits, disable=is_worker or args.quiet, stream=log.console_err)
+    progress = _TrialProgress(bar, study_dir, prefix, args.quiet)
+    progress.show(study)
+    with contextlib.closing(bar):
+        try:
+            _optimize(study, objective, study_cfg, setup.schedule, [progress.after_trial], prefix)
+        except Interrupted as err:
+            _abandon_own_trials(study)
+            _refresh(study, study_dir)
+            print(prefix + "interrupted: finished trials are kept; run the same command "
+                  "to continue")  # fmt: skip
+            return err.exit_code
+    return None
+
+
+@dataclass(frozen=True)
+class _TrialProgress:
+    """After each trial: the results folder refreshed, the trial's line, the bar moved."""
+
+    bar: RunProgress
+    study_dir: Path
+    prefix: str
+    quiet: bool
+
+    def show(self, study: optuna.Study) -> None:
+        from nas.fidelity import spending
+        from nas.study import settled_count
+
+        trials = study.get_trials(deepcopy=False)  # one read for both counts
+        self.bar.update(settled_count(trials), spending(trials).steps)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        _refresh(study, self.study_dir)
+        if not self.quiet:
+            self.bar.write(self.prefix + _trial_line(trial))
+        self.show(study)
 
 
 def _score_held_out(
