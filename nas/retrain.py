@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
     from optuna.trial import FrozenTrial
 
-    from nas.data import DataConfig
+    from nas.data import Case, DataConfig, Dataset
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -303,12 +303,7 @@ def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[Fr
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-    from optuna.trial import TrialState, create_trial
-
-    from nas.data import DataConfig, load_dataset, split_dataset
-    from nas.record import TrialRecord, carried, rerun_trial, study_objectives
-    from nas.storage import redact
+    from nas.data import DataConfig
     from nas.study import default_storage, load_results_study
 
     name = args.results.name
@@ -324,80 +319,109 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise NasError("--top", f"must be at least 1, not {args.top}")
     chosen = choose_trials(study, args.top, args.trials)
+    device = device_option(args.device)  # torch: once the trials are found
+    if args.folds is not None:
+        return run_crossval(args, study, chosen, data_cfg, storage, device)
+    if args.all_cases:
+        return run_all_cases(args, study, chosen, data_cfg, storage, device)
+    return run_retrain(args, study, chosen, data_cfg, storage, device)
 
-    from nas.builder import count_parameters  # torch: once the trials are found
+
+def run_retrain(
+    args: argparse.Namespace,
+    study: optuna.Study,
+    chosen: list[FrozenTrial],
+    data_cfg: DataConfig,
+    storage: str,
+    device: torch.device,
+) -> int:
+    """Train each chosen member again on the search's split for longer (3x the search's
+    epochs, or --epochs), recorded in the retrain study and retrained.csv."""
+    import pandas as pd
+
+    from nas.data import load_dataset, split_dataset
+    from nas.storage import redact
+
+    dataset = load_dataset(data_cfg)
+    train_cases, val_cases = split_dataset(dataset, data_cfg)
+    retrain_study = open_retrain_study(study, storage)
+    rows = []
+    for trial in chosen:
+        row = _retrain_one(args, study, retrain_study, trial, dataset, (train_cases, val_cases),
+                           data_cfg, device)  # fmt: skip
+        if row is not None:
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
+    print(
+        f"recorded in study {retrain_study_name(args.results.name)!r} of {redact(storage)} "
+        f"and {args.results}/retrained.csv"
+    )
+    return 0
+
+
+def _retrain_one(
+    args: argparse.Namespace,
+    study: optuna.Study,
+    retrain_study: optuna.Study,
+    trial: FrozenTrial,
+    dataset: Dataset,
+    cases: tuple[list[Case], list[Case]],
+    data_cfg: DataConfig,
+    device: torch.device,
+) -> dict | None:
+    """One member retrained and recorded: its row of retrained.csv, or None when it failed
+    (recorded as a FAIL, as nas.run would)."""
+    from optuna.trial import TrialState, create_trial
+
+    from nas.builder import count_parameters
+    from nas.record import TrialRecord, carried, rerun_trial, study_objectives
     from nas.results import save_checkpoint
     from nas.train import CandidateFailed, fit, init_model, initial_model
     from nas.train_config import TrainConfig
     from nas.unet_config import UNetConfig
 
-    device = device_option(args.device)
-
-    if args.folds is not None:
-        return run_crossval(args, study, chosen, data_cfg, storage, device)
-    if args.all_cases:
-        return run_all_cases(args, study, chosen, data_cfg, storage, device)
-    dataset = load_dataset(data_cfg)
-    train_cases, val_cases = split_dataset(dataset, data_cfg)
+    record = TrialRecord.of(trial)
+    unet = UNetConfig.from_dict(record.unet_config)
+    search_train = TrainConfig(**record.train_config)
+    epochs = args.epochs or 3 * search_train.epochs
+    train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
+    n_params = count_parameters(init_model(unet, train.seed))
+    print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
     # Every training slice: the search may have used a few per case.
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
-    objectives = study_objectives(study).names
-    retrain_study = open_retrain_study(study, storage)
-    rows = []
-    for trial in chosen:
-        record = TrialRecord.of(trial)
-        unet = UNetConfig.from_dict(record.unet_config)
-        search_train = TrainConfig(**record.train_config)
-        epochs = args.epochs or 3 * search_train.epochs
-        train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
-        n_params = count_parameters(init_model(unet, train.seed))
-        print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
-        try:
-            model = initial_model(unet, train)
-            result = fit(
-                model, train_cases, val_cases, dataset.scheme, train, device, None, slicing
-            )
-        except CandidateFailed as failure:  # as nas.run: the trial fails, the others go on
-            retrain_study.add_trial(
-                create_trial(
-                    state=TrialState.FAIL,
-                    user_attrs=carried(source_trial=trial.number, fail_reason=failure.reason),
-                )
-            )
-            print(f"  trial {trial.number}: failed ({failure.reason})")
-            continue
-        save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
-        scores = {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
-        attrs = carried(
-            source_trial=trial.number,
-            search_val_iou=record.iou,
-            epochs_run=len(result.history),
-            seconds=round(result.seconds, 2),
-            unet_config=unet.to_dict(),
-            train_config=dataclasses.asdict(train),
-            device=str(device),
-        )
-        curve = {e.epoch: e.scores.iou for e in result.history}
-        retrain_study.add_trial(rerun_trial(trial, scores, objectives, attrs, curve))
-        rows.append(
-            {
-                "trial": trial.number,
-                "n_params": n_params,
-                "search_val_iou": record.iou,
-                "retrained_val_iou": result.scores.iou,
-                "retrained_val_dice": result.scores.dice,
-                "epochs": len(result.history),
-                "seconds": round(result.seconds, 1),
-            }
-        )
-        print(f"  trial {trial.number}: IoU {record.iou:.3f} -> {result.scores.iou:.3f}")
-    table = pd.DataFrame(rows)
-    atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
-    print(
-        f"recorded in study {retrain_study_name(name)!r} of {redact(storage)} "
-        f"and {args.results}/retrained.csv"
+    try:
+        model = initial_model(unet, train)
+        result = fit(model, *cases, dataset.scheme, train, device, None, slicing)
+    except CandidateFailed as failure:  # as nas.run: the trial fails, the others go on
+        attrs = carried(source_trial=trial.number, fail_reason=failure.reason)
+        retrain_study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=attrs))
+        print(f"  trial {trial.number}: failed ({failure.reason})")
+        return None
+    save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
+    scores = {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
+    attrs = carried(
+        source_trial=trial.number,
+        search_val_iou=record.iou,
+        epochs_run=len(result.history),
+        seconds=round(result.seconds, 2),
+        unet_config=unet.to_dict(),
+        train_config=dataclasses.asdict(train),
+        device=str(device),
     )
-    return 0
+    curve = {e.epoch: e.scores.iou for e in result.history}
+    objectives = study_objectives(study).names
+    retrain_study.add_trial(rerun_trial(trial, scores, objectives, attrs, curve))
+    print(f"  trial {trial.number}: IoU {record.iou:.3f} -> {result.scores.iou:.3f}")
+    return {
+        "trial": trial.number,
+        "n_params": n_params,
+        "search_val_iou": record.iou,
+        "retrained_val_iou": result.scores.iou,
+        "retrained_val_dice": result.scores.dice,
+        "epochs": len(result.history),
+        "seconds": round(result.seconds, 1),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
