@@ -13,6 +13,7 @@ training there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -239,52 +240,29 @@ def fit(
         optimizer.load_state_dict(optimizer_state)
     loss_fn = training_loss(model.config, scheme)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    total_steps = (until_epoch - start_epoch) * cfg.batches_per_epoch
+    clock = _SegmentClock((until_epoch - start_epoch) * cfg.batches_per_epoch, cfg.max_seconds)
     history: list[EpochResult] = []
-    start = time.perf_counter()
-    stopped_by_time = False
-    steps_taken = 0
     try:
         model.train()
         for epoch in range(start_epoch + 1, until_epoch + 1):
-            loss_sum = torch.zeros((), device=device)
-            steps = 0
             epoch_start = time.perf_counter()
-            for _ in range(cfg.batches_per_epoch):
-                elapsed = time.perf_counter() - start
-                fraction = steps_taken / total_steps
-                if cfg.max_seconds is not None:
-                    if elapsed >= cfg.max_seconds:
-                        stopped_by_time = True
-                        break
-                    fraction = max(fraction, elapsed / cfg.max_seconds)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.learning_rate * (1 - fraction) ** 0.9
-                images, labels = device_batch(sampler, device)
-                loss_sum += train_step(model, optimizer, loss_fn, images, labels, scaler)
-                steps += 1
-                steps_taken += 1
+            loss_sum, steps = _train_epoch(model, optimizer, loss_fn, sampler, cfg, device,
+                                           scaler, clock)  # fmt: skip
             if steps == 0:
                 break
             train_loss = float(loss_sum) / steps  # waits for the device: timing is complete
             train_seconds = time.perf_counter() - epoch_start
-            if not math.isfinite(train_loss):
-                raise CandidateFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
-            # The loss is computed before each step, so a step that diverges shows only here.
-            if not _weights_are_finite(model):
-                raise CandidateFailed(f"non-finite weights after training (epoch {epoch})")
+            _check_finite(model, train_loss, epoch)
             scores = (
                 evaluate(model, val_cases, scheme, patch_size, device, slicing.axis)
                 if val_cases
                 else NO_VALIDATION
             )
-            result = EpochResult(
-                epoch, train_loss, scores, train_seconds, time.perf_counter() - start
-            )
+            result = EpochResult(epoch, train_loss, scores, train_seconds, clock.elapsed())
             history.append(result)
             if on_epoch is not None and on_epoch(result) is False:
                 break
-            if stopped_by_time:
+            if clock.stopped_by_time:
                 break
     except Exception as err:
         if is_out_of_memory(err):
@@ -298,8 +276,70 @@ def fit(
     return FitResult(
         history[-1].scores,
         tuple(history),
-        time.perf_counter() - start,
-        stopped_by_time,
+        clock.elapsed(),
+        clock.stopped_by_time,
         optimizer.state_dict(),
-        steps_taken,
+        clock.steps_taken,
     )
+
+
+@dataclass
+class _SegmentClock:
+    """How far a segment of training has gone: optimiser steps of `total_steps`, and seconds
+    within `max_seconds` (None: no cap), which set the learning rate's polynomial decay."""
+
+    total_steps: int
+    max_seconds: float | None
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    steps_taken: int = 0
+    stopped_by_time: bool = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def fraction(self) -> float | None:
+        """The share of the segment done, by steps or by time, whichever is further; None
+        (and stopped_by_time) once the time is up."""
+        elapsed = self.elapsed()
+        fraction = self.steps_taken / self.total_steps
+        if self.max_seconds is not None:
+            if elapsed >= self.max_seconds:
+                self.stopped_by_time = True
+                return None
+            fraction = max(fraction, elapsed / self.max_seconds)
+        return fraction
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    sampler: PatchSampler,
+    cfg: TrainConfig,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None,
+    clock: _SegmentClock,
+) -> tuple[torch.Tensor, int]:
+    """One epoch's steps (fewer when the segment's time is up): the summed loss, on the
+    device, and how many steps were taken."""
+    loss_sum = torch.zeros((), device=device)
+    steps = 0
+    for _ in range(cfg.batches_per_epoch):
+        fraction = clock.fraction()
+        if fraction is None:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * (1 - fraction) ** 0.9
+        images, labels = device_batch(sampler, device)
+        loss_sum += train_step(model, optimizer, loss_fn, images, labels, scaler)
+        steps += 1
+        clock.steps_taken += 1
+    return loss_sum, steps
+
+
+def _check_finite(model: nn.Module, train_loss: float, epoch: int) -> None:
+    if not math.isfinite(train_loss):
+        raise CandidateFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
+    # The loss is computed before each step, so a step that diverges shows only here.
+    if not _weights_are_finite(model):
+        raise CandidateFailed(f"non-finite weights after training (epoch {epoch})")
