@@ -412,6 +412,78 @@ def _given_weights(weights: Path | dict[str, Path]) -> dict:
     return {"kind": "files", "path": {name: str(path) for name, path in weights.items()}}
 
 
+def _deployed_networks(unet, members: dict[str, Path]) -> tuple:
+    """(the deployed UNetConfig, {member name: network in eval mode}): each member's weights
+    loaded into the trained network, then deep supervision's heads dropped."""
+    from nas.builder import build_unet, deployed
+    from nas.exported import load_weights
+
+    networks = {}
+    deployed_unet = unet
+    for name, path in members.items():
+        trained = build_unet(unet)
+        load_weights(trained, path)
+        deployed_unet, state = deployed(unet, trained.state_dict())
+        networks[name] = build_unet(deployed_unet)
+        networks[name].load_state_dict(state)
+        networks[name].eval()
+    return deployed_unet, networks
+
+
+def _source(study, trial, record, model, storage: str, weights_source: dict) -> dict:
+    """The card's `source`: where the model came from and what the search measured."""
+    import torch
+
+    from nas.builder import count_parameters
+    from nas.objectives import OBJECTIVES
+    from nas.record import study_objectives
+    from nas.storage import redact
+
+    data_config = study.user_attrs.get("data_config", {})
+    return {
+        "study": study.study_name,
+        "trial": trial.number,
+        "storage": redact(storage),
+        "n_params": count_parameters(model),
+        "val_iou": record.iou,
+        "val_dice": record.quantity("dice"),
+        "objectives": study_objectives(study).names,
+        # Every measured objective, as the search recorded it (None: not measured).
+        "measured": {name: record.quantity(name) for name in OBJECTIVES},
+        "dataset": data_config.get("path"),
+        "fold": data_config.get("fold"),
+        "epochs_run": record.epochs_run,
+        # The weights exported: kind, path (relative to the results folder), their scores.
+        "weights": weights_source,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+def _write_networks(staging: Path, networks: dict, example, formats: Sequence[str]) -> dict:
+    """Each member's weights (and pt2/onnx programs) into its subfolder of `staging` ("" is
+    the folder itself); returns each program's largest difference from eager."""
+    import torch
+
+    from nas.inference import ONNX_FILE, PT2_FILE
+    from nas.model_card import WEIGHTS_FILE
+
+    checks = {}
+    for name, network in networks.items():
+        folder = staging / name
+        folder.mkdir(exist_ok=True)
+        torch.save(network.state_dict(), folder / WEIGHTS_FILE)
+        if "pt2" in formats:
+            checks[f"{name}/{PT2_FILE}".lstrip("/")] = export_pt2(
+                network, example, folder / PT2_FILE
+            )
+        if "onnx" in formats:
+            checks[f"{name}/{ONNX_FILE}".lstrip("/")] = export_onnx(
+                network, example, folder / ONNX_FILE
+            )
+    return checks
+
+
 def export(
     study: optuna.Study,
     trial: FrozenTrial,
@@ -431,16 +503,11 @@ def export(
     `TrialWeights.describe` gives it; default: the file's path) go into the card. `storage`
     is only recorded, without its password; `results`, the study's folder, is never replaced
     or deleted."""
-    import torch
-
-    from nas.builder import UNetConfig, build_unet, count_parameters, deployed
-    from nas.exported import load_weights
-    from nas.inference import ONNX_FILE, PT2_FILE
+    from nas.builder import UNetConfig
     from nas.labels import LabelScheme
-    from nas.model_card import WEIGHTS_FILE, Inference, ModelCard, Postprocessing, write_card
-    from nas.objectives import OBJECTIVES
-    from nas.record import TrialRecord, study_objectives
-    from nas.storage import local_file, redact
+    from nas.model_card import Inference, ModelCard, Postprocessing, write_card
+    from nas.record import TrialRecord
+    from nas.storage import local_file
     from nas.train_config import TrainConfig
 
     record = TrialRecord.of(trial)
@@ -455,45 +522,19 @@ def export(
             f"{scheme.out_channels} ({scheme.output})",
         )
     members = {"": weights} if isinstance(weights, Path) else dict(weights)
-    networks = {}
-    for name, path in members.items():
-        trained = build_unet(unet)
-        load_weights(trained, path)
-        deployed_unet, state = deployed(
-            unet, trained.state_dict()
-        )  # drops deep supervision's heads
-        networks[name] = build_unet(deployed_unet)
-        networks[name].load_state_dict(state)
-        networks[name].eval()
-    unet = deployed_unet
+    unet, networks = _deployed_networks(unet, members)
     model = next(iter(networks.values()))
-    data_config = study.user_attrs.get("data_config", {})
     inference = Inference(
         spatial_dims=unet.spatial_dims,
-        slice_axis=data_config.get("slice_axis", 2),
+        slice_axis=study.user_attrs.get("data_config", {}).get("slice_axis", 2),
         patch_size=train.patch_size(unet.spatial_dims),
         size_multiple=model.size_multiple,
         output=scheme.output,
         tta=tta,
     )
-    source = {
-        "study": study.study_name,
-        "trial": trial.number,
-        "storage": redact(storage),
-        "n_params": count_parameters(model),
-        "val_iou": record.iou,
-        "val_dice": record.quantity("dice"),
-        "objectives": study_objectives(study).names,
-        # Every measured objective, as the search recorded it (None: not measured).
-        "measured": {name: record.quantity(name) for name in OBJECTIVES},
-        "dataset": data_config.get("path"),
-        "fold": data_config.get("fold"),
-        "epochs_run": record.epochs_run,
-        # The weights exported: kind, path (relative to the results folder), their scores.
-        "weights": weights_source or _given_weights(weights),
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-    }
+    source = _source(
+        study, trial, record, model, storage, weights_source or _given_weights(weights)
+    )
     keep = {results: "results folder"} if results is not None else {}
     database = local_file(storage)
     keep |= {database: "database"} if database else {}
@@ -502,20 +543,9 @@ def export(
     remove_stale_staging(out.parent)
     with staging_folder(out) as staging:
         example = _example_input(model, inference, unet.in_channels)
-        checks = {}
-        for name, network in networks.items():
-            folder = staging / name
-            folder.mkdir(exist_ok=True)
-            torch.save(network.state_dict(), folder / WEIGHTS_FILE)
-            if "pt2" in formats:
-                checks[f"{name}/{PT2_FILE}".lstrip("/")] = export_pt2(
-                    network, example, folder / PT2_FILE
-                )
-            if "onnx" in formats:
-                checks[f"{name}/{ONNX_FILE}".lstrip("/")] = export_onnx(
-                    network, example, folder / ONNX_FILE
-                )
-        source["max_abs_difference_from_eager"] = checks
+        source["max_abs_difference_from_eager"] = _write_networks(
+            staging, networks, example, formats
+        )
         card = ModelCard(
             architecture=unet.to_dict(),
             preprocessing=data["preprocessing"],
