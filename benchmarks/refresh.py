@@ -27,7 +27,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from nas.objectives import directions, values_of
-from nas.record import OBJECTIVES_ATTR
+from nas.record import write_study
 from nas.run import _refresh
 
 REPEATS = 3
@@ -90,7 +90,7 @@ def time_refresh(n_trials: int, objectives: list[str], workdir: Path) -> float:
     study = optuna.create_study(
         storage=storage, study_name=study_dir.name, directions=directions(objectives)
     )
-    study.set_user_attr(OBJECTIVES_ATTR, objectives)
+    write_study(study, objectives=objectives)
     rng = np.random.default_rng(n_trials)
     study.add_trials([synthetic_trial(rng, n, objectives) for n in range(n_trials)])
     best = float("inf")

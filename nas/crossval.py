@@ -28,21 +28,14 @@ import torch
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.builder import UNetConfig, count_parameters
+from nas.companions import member_runs
 from nas.data import DataConfig, load_dataset, split_dataset
-from nas.objectives import directions
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
-from nas.record import OBJECTIVES_ATTR, TrialRecord, carried, rerun_trial
+from nas.record import StudyRecord, TrialRecord, carried, merge_study, rerun_trial
 from nas.staging import atomic_write
 from nas.train import CandidateFailed, TrainConfig, fit, initial_model
 from nas.validate import predict_case
 from nas.weights import fold_path
-
-POSTPROCESSING_ATTR = "postprocessing"  # crossval study attr: {trial: [class names]}
-ENSEMBLE_ATTR = "heldout_ensemble"  # crossval study attr: {trial: [rows of compare_ensemble]}
-
-
-def crossval_study_name(study_name: str) -> str:
-    return f"{study_name}-crossval"
 
 
 def all_folds(data: DataConfig) -> list[int]:
@@ -123,27 +116,6 @@ def done_runs(study: optuna.Study, epochs: int) -> dict[tuple[int, int], FrozenT
     return runs
 
 
-def find_crossval_study(
-    storage: optuna.storages.BaseStorage | str, study_name: str
-) -> optuna.Study | None:
-    """The cross-validation of the search `study_name`, if nas.retrain --folds ran."""
-    name = crossval_study_name(study_name)
-    if name not in optuna.get_all_study_names(storage):
-        return None
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def open_crossval_study(storage: optuna.storages.BaseStorage | str, name: str, objectives):
-    study = optuna.create_study(
-        storage=storage,
-        study_name=crossval_study_name(name),
-        directions=directions(objectives),
-        load_if_exists=True,
-    )
-    study.set_user_attr(OBJECTIVES_ATTR, list(objectives))
-    return study
-
-
 def cross_validate(
     search: optuna.Study,
     members: Sequence[FrozenTrial],
@@ -156,11 +128,10 @@ def cross_validate(
 ) -> None:
     """Train each member on each fold not yet recorded in `crossval`, `workers` at a time,
     and record every run there as it ends."""
-    data = search.user_attrs["data_config"]
+    data = StudyRecord.of(search).data_config
     dataset = load_dataset(DataConfig(**data))
     for fold in folds:  # a fold that cannot be validated is refused before any training
         split_dataset(dataset, DataConfig(**{**data, "fold": fold}))
-    objectives = list(crossval.user_attrs[OBJECTIVES_ATTR])
     jobs, by_number = [], {}
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     for member in members:
@@ -188,65 +159,49 @@ def cross_validate(
     for job in jobs:
         print(f"trial {job.trial} fold {job.fold}: training {job.train['epochs']} epochs")
 
-    def record_run(job: FoldJob, outcome: dict) -> None:
-        member = by_number[job.trial]
-        if "fail_reason" in outcome:  # recorded, so the report can say so; trained again next time
-            crossval.add_trial(
-                create_trial(
-                    state=TrialState.FAIL,
-                    user_attrs=carried(source_trial=job.trial, fold=job.fold, **outcome),
-                )
-            )
-            print(f"trial {job.trial} fold {job.fold}: failed ({outcome['fail_reason']})")
-            return
-        scores = {"iou": outcome["iou"], "dice": outcome["dice"], "params": outcome["n_params"]}
-        attrs = carried(
-            source_trial=job.trial,
-            fold=job.fold,
-            epochs_run=outcome["epochs_run"],
-            seconds=round(outcome["seconds"], 2),
-            unet_config=job.unet,
-            train_config=job.train,
-            out_of_fold=outcome["out_of_fold"],
-            class_names=outcome["class_names"],
-            device=job.device,
-        )
-        crossval.add_trial(rerun_trial(member, scores, objectives, attrs, outcome["curve"]))
-        print(f"trial {job.trial} fold {job.fold}: IoU {outcome['iou']:.4f}")
-
     if workers <= 1:
         for job in jobs:
-            record_run(job, run_fold(job))
+            _record_run(crossval, by_number[job.trial], job, run_fold(job))
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             for job, outcome in zip(jobs, pool.map(run_fold, jobs), strict=True):
-                record_run(job, outcome)
+                _record_run(crossval, by_number[job.trial], job, outcome)
     choose_postprocessing(crossval, [m.number for m in members])
 
 
-def member_runs(crossval: optuna.Study, trial_number: int) -> list[FrozenTrial]:
-    """One member's completed runs, by fold, trained with the epochs of its latest run: runs
-    of another length are not mixed into its mean (a fold that failed is left out)."""
-    completed = [
-        t
-        for t in crossval.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if TrialRecord.of(t).source_trial == trial_number
-    ]
-    if not completed:
-        return []
-    epochs = TrialRecord.of(completed[-1]).epochs
-    runs = {
-        record.fold: t
-        for t, record in zip(completed, map(TrialRecord.of, completed), strict=True)
-        if record.epochs == epochs
-    }
-    return [runs[fold] for fold in sorted(runs)]
+def _record_run(crossval: optuna.Study, member: FrozenTrial, job: FoldJob, outcome: dict):
+    """Add one fold's run to `crossval` as it ends: a finished trial with its scores, or a
+    failed one (recorded so the report can say so; trained again next time)."""
+    if "fail_reason" in outcome:
+        crossval.add_trial(
+            create_trial(
+                state=TrialState.FAIL,
+                user_attrs=carried(source_trial=job.trial, fold=job.fold, **outcome),
+            )
+        )
+        print(f"trial {job.trial} fold {job.fold}: failed ({outcome['fail_reason']})")
+        return
+    scores = {"iou": outcome["iou"], "dice": outcome["dice"], "params": outcome["n_params"]}
+    attrs = carried(
+        source_trial=job.trial,
+        fold=job.fold,
+        epochs_run=outcome["epochs_run"],
+        seconds=round(outcome["seconds"], 2),
+        unet_config=job.unet,
+        train_config=job.train,
+        out_of_fold=outcome["out_of_fold"],
+        class_names=outcome["class_names"],
+        device=job.device,
+    )
+    objectives = StudyRecord.of(crossval).objectives
+    crossval.add_trial(rerun_trial(member, scores, objectives, attrs, outcome["curve"]))
+    print(f"trial {job.trial} fold {job.fold}: IoU {outcome['iou']:.4f}")
 
 
 def choose_postprocessing(crossval: optuna.Study, trial_numbers: Sequence[int]) -> None:
     """Store, per member, the classes whose out-of-fold mean Dice the largest component
     raises (nnU-Net's rule)."""
-    chosen = dict(crossval.user_attrs.get(POSTPROCESSING_ATTR, {}))
+    chosen = {}
     for number in trial_numbers:
         runs = member_runs(crossval, number)
         cases = [case for run in runs for case in TrialRecord.of(run).out_of_fold]
@@ -255,52 +210,9 @@ def choose_postprocessing(crossval: optuna.Study, trial_numbers: Sequence[int]) 
         names = TrialRecord.of(runs[0]).class_names
         helped = classes_helped([c["dice"] for c in cases], [c["dice_largest"] for c in cases])
         chosen[str(number)] = [names[k - 1] for k in helped]
-    crossval.set_user_attr(POSTPROCESSING_ATTR, chosen)
-
-
-def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:
-    """One row per cross-validated member: mean and sd over folds, out-of-fold Dice without
-    and with the largest component, and the postprocessing chosen."""
-    by_number = {t.number: t for t in search.get_trials(deepcopy=False)}
-    postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {})
-    numbers = sorted({TrialRecord.of(t).source_trial for t in crossval.get_trials(deepcopy=False)})
-    rows = []
-    for number in numbers:
-        runs = member_runs(crossval, number)
-        if not runs:
-            continue
-        iou = np.array([TrialRecord.of(r).iou for r in runs], float)
-        dice = np.array([TrialRecord.of(r).quantity("dice") for r in runs], float)
-        cases = [case for run in runs for case in TrialRecord.of(run).out_of_fold]
-        search_trial = by_number.get(number)
-        rows.append(
-            {
-                "trial": number,
-                "n_params": TrialRecord.of(runs[0]).n_params,
-                "folds": " ".join(str(TrialRecord.of(r).fold) for r in runs),
-                "epochs": TrialRecord.of(runs[0]).epochs,
-                "search_val_iou": TrialRecord.of(search_trial).iou if search_trial else None,
-                "cv_iou_mean": float(iou.mean()),
-                "cv_iou_sd": float(iou.std(ddof=1)) if len(iou) > 1 else None,
-                "cv_dice_mean": float(dice.mean()),
-                "cv_dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else None,
-                "oof_case_dice": float(np.mean([c["dice"] for c in cases])),
-                "oof_case_dice_largest": float(np.mean([c["dice_largest"] for c in cases])),
-                "largest_component": " ".join(postprocessing.get(str(number), [])),
-            }
-        )
-    return rows
+    merge_study(crossval, "postprocessing", chosen)
 
 
 def record_ensemble(crossval: optuna.Study, trial_number: int, rows: list[dict]) -> None:
     """Keep a member's held-out single vs ensemble comparison in the storage, for the report."""
-    stored = dict(crossval.user_attrs.get(ENSEMBLE_ATTR, {}))
-    stored[str(trial_number)] = rows
-    crossval.set_user_attr(ENSEMBLE_ATTR, stored)
-
-
-def ensemble_rows(crossval: optuna.Study) -> list[dict]:
-    stored = crossval.user_attrs.get(ENSEMBLE_ATTR, {})
-    # A cross-member ensemble (key -1) after the members it combines.
-    order = sorted(stored, key=lambda n: (int(n) < 0, int(n)))
-    return [row for number in order for row in stored[number]]
+    merge_study(crossval, "heldout_ensemble", {str(trial_number): rows})

@@ -146,9 +146,9 @@ def _front_candidates(study: optuna.Study, score: str) -> list[tuple[int, float,
 
 def _cv_candidates(study: optuna.Study, score: str) -> list[tuple[int, float, int]]:
     """(trial, mean over the folds, params) of each cross-validated member."""
-    from nas.crossval import find_crossval_study, summary_rows
+    from nas.companions import find_crossval_study, summary_rows
 
-    crossval = find_crossval_study(study._storage, study.study_name)
+    crossval = find_crossval_study(study)
     rows = summary_rows(crossval, study) if crossval is not None else []
     if not rows:
         raise NasError(
@@ -162,12 +162,14 @@ def _cv_candidates(study: optuna.Study, score: str) -> list[tuple[int, float, in
 def _data_description(study: optuna.Study) -> dict:
     from nas.data import DataConfig, load_dataset
     from nas.model_card import describe_data
+    from nas.record import StudyRecord
 
-    if "data_description" in study.user_attrs:
-        return study.user_attrs["data_description"]
-    if "data_config" not in study.user_attrs:  # a study from before nas.run recorded either
+    recorded = StudyRecord.of(study)
+    if recorded.data_description is not None:
+        return dict(recorded.data_description)
+    if recorded.data_config is None:  # a study from before nas.run recorded either
         raise NasError(study.study_name, "does not record its data settings")
-    return describe_data(load_dataset(DataConfig(**study.user_attrs["data_config"])))
+    return describe_data(load_dataset(DataConfig(**recorded.data_config)))
 
 
 def _example_input(model: UNet, inference: Inference, in_channels: int) -> torch.Tensor:
@@ -436,10 +438,10 @@ def _source(study, trial, record, model, storage: str, weights_source: dict) -> 
 
     from nas.builder import count_parameters
     from nas.objectives import OBJECTIVES
-    from nas.record import study_objectives
+    from nas.record import StudyRecord, study_objectives
     from nas.storage import redact
 
-    data_config = study.user_attrs.get("data_config", {})
+    data_config = StudyRecord.of(study).data_config or {}
     return {
         "study": study.study_name,
         "trial": trial.number,
@@ -506,7 +508,7 @@ def export(
     from nas.builder import UNetConfig
     from nas.labels import LabelScheme
     from nas.model_card import Inference, ModelCard, Postprocessing, write_card
-    from nas.record import TrialRecord
+    from nas.record import StudyRecord, TrialRecord
     from nas.storage import local_file
     from nas.train_config import TrainConfig
 
@@ -526,7 +528,7 @@ def export(
     model = next(iter(networks.values()))
     inference = Inference(
         spatial_dims=unet.spatial_dims,
-        slice_axis=study.user_attrs.get("data_config", {}).get("slice_axis", 2),
+        slice_axis=(StudyRecord.of(study).data_config or {}).get("slice_axis", 2),
         patch_size=train.patch_size(unet.spatial_dims),
         size_multiple=model.size_multiple,
         output=scheme.output,
@@ -674,7 +676,7 @@ def export_members(
 
 def _run_members(args: argparse.Namespace, study: optuna.Study) -> int:
     """--ensemble members: the ensemble nas retrain --folds chose out of fold."""
-    from nas.crossval import find_crossval_study
+    from nas.companions import find_crossval_study
     from nas.member_ensemble import chosen_trials, recorded
     from nas.study import default_storage
 
@@ -683,7 +685,7 @@ def _run_members(args: argparse.Namespace, study: optuna.Study) -> int:
             "--ensemble members",
             "exports the ensemble chosen out of fold; drop --trial and --max-params",
         )
-    _, chosen = recorded(find_crossval_study(study._storage, study.study_name))
+    _, chosen = recorded(find_crossval_study(study))
     if chosen is None:
         raise NasError(
             "--ensemble members",
@@ -729,13 +731,14 @@ def run(args: argparse.Namespace) -> int:
     wanted = "folds" if args.ensemble == "folds" else args.weights
     weights = find_weights(study, args.results, trial, wanted)
 
-    from nas.crossval import POSTPROCESSING_ATTR, find_crossval_study  # torch: weights found
+    from nas.companions import find_crossval_study
+    from nas.record import StudyRecord
 
     storage = args.storage or default_storage(args.results)
-    crossval = find_crossval_study(study._storage, study.study_name)
+    crossval = find_crossval_study(study)
     postprocessing = []
     if crossval is not None:
-        postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {}).get(str(trial.number), [])
+        postprocessing = StudyRecord.of(crossval).postprocessing.get(str(trial.number), [])
     out = args.out or args.results / "export" / trial_name(trial.number)
     check_output_folder(out.parent)
     if args.storage is None:  # recorded absolute, for use from any folder

@@ -80,15 +80,22 @@ def _load_network(card: ModelCard, member: Path, device: torch.device) -> nn.Mod
     return model.to(device).eval()
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The exported network in eval mode, with its weights, on `device` (for an ensemble,
-    its first member; `load_predictor` uses them all)."""
+def _open(folder: str | Path, device: str | torch.device) -> tuple[Path, ModelCard, torch.device]:
+    """The folder, its card and the device, once the card is read and, on an accelerator,
+    its weights and one inference window are known to fit the device's memory."""
     folder = Path(folder)
     card = read_card(folder)
     device = torch.device(device)
     if device.type != "cpu":
         limit = default_memory_limit_bytes(device)
         check_memory(folder / CARD_FILE, card, limit, device.type)
+    return folder, card, device
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The exported network in eval mode, with its weights, on `device` (for an ensemble,
+    its first member; `load_predictor` uses them all)."""
+    folder, card, device = _open(folder, device)
     return _load_network(card, card.member_folders(folder)[0], device)
 
 
@@ -101,12 +108,7 @@ def load_predictor(
     """Every member of the exported model on `engine`, averaged, with the card's mirroring
     unless `tta` says otherwise. Where ONNX Runtime cannot use `device` and runs on the CPU
     instead, one line on stderr says so."""
-    folder = Path(folder)
-    card = read_card(folder)
-    device = torch.device(device)
-    if device.type != "cpu":
-        limit = default_memory_limit_bytes(device)
-        check_memory(folder / CARD_FILE, card, limit, device.type)
+    folder, card, device = _open(folder, device)
     cfg = card.unet_config()
     runners, engines = [], set()
     for member in card.member_folders(folder):

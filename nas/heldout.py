@@ -36,7 +36,8 @@ from nas.exported import load_predictor
 from nas.inference import Predictor, predictor
 from nas.model_card import ModelCard, read_card
 from nas.predict import segment_classes
-from nas.results import TEST_SCORES_ATTR, checkpoint_path
+from nas.record import StudyRecord, merge_study
+from nas.results import checkpoint_path
 from nas.validate import PooledCounts, Scores
 from nas.weights import trial_name
 
@@ -122,7 +123,7 @@ def score_trials(
     weights are in `study_dir`, stored in the study's "test_scores" attr. A trial already
     scored with the same weights and test files is not scored again; one without weights
     (off the front, or never saved) is left out."""
-    stored = study.user_attrs.get(TEST_SCORES_ATTR, {})
+    stored = StudyRecord.of(study).test_scores
     scored, fresh = {}, {}
     for trial in trials:
         weights = checkpoint_path(study_dir, trial.number)
@@ -144,8 +145,7 @@ def score_trials(
             fresh[str(trial.number)] = entry
         scored[trial.number] = {"test_iou": entry["test_iou"], "test_dice": entry["test_dice"]}
     if fresh:  # read again: another process may have stored other trials meanwhile
-        merged = {**study.user_attrs.get(TEST_SCORES_ATTR, {}), **fresh}
-        study.set_user_attr(TEST_SCORES_ATTR, merged)
+        merge_study(study, "test_scores", fresh)
     return scored
 
 

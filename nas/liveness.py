@@ -11,7 +11,6 @@ never ends with a dead trial counted as running.
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import threading
@@ -26,7 +25,7 @@ from optuna.storages import JournalStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.fidelity import lineage_attrs
-from nas.record import HEARTBEAT_ATTR, TrialRecord, attr_name, carried, write
+from nas.record import TrialRecord, attr_name, carried, without_owner, write
 from nas.staging import process_alive
 from nas.storage import HeartbeatConfig
 
@@ -116,11 +115,7 @@ def fail_and_retry(
     if callback is not None:  # Optuna's retry: the same record as a heartbeat failure
         # The rerun copies the user attrs: not the dead worker's name, or its rerun would
         # look orphaned until it records its own.
-        source = copy.deepcopy(trial)
-        source.user_attrs = {
-            k: v for k, v in trial.user_attrs.items() if k not in ("worker", HEARTBEAT_ATTR)
-        }
-        callback(study, source)
+        callback(study, without_owner(trial))
     else:
         attrs = carried(retry_of=trial.number) | lineage_attrs(trial)
         study.enqueue_trial(trial.params, user_attrs=attrs)

@@ -27,13 +27,12 @@ from nas.data import Case, DataConfig, load_dataset, split_dataset
 from nas.exported import load_weights
 from nas.inference import predictor
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
-from nas.record import TrialRecord
+from nas.record import StudyRecord, TrialRecord, write_study
 from nas.train import init_model
 from nas.train_config import TrainConfig
 from nas.validate import PooledCounts, predict_logits
 from nas.weights import fold_path
 
-MEMBER_ENSEMBLES_ATTR = "member_ensembles"  # crossval study attr: {"rows": [...], "chosen": {...}}
 LARGEST_ENSEMBLE = 3
 
 
@@ -92,7 +91,7 @@ def score_out_of_fold(
 ) -> tuple[list[dict], dict]:
     """Rows (one per candidate of `candidate_ensembles(ranked)`: IoU and Dice pooled over the
     out-of-fold cases, without and with the chosen postprocessing) and the chosen row."""
-    data = DataConfig(**search.user_attrs["data_config"])
+    data = DataConfig(**StudyRecord.of(search).data_config)
     dataset = load_dataset(data)
     scheme = dataset.scheme
     members = {m.trial: m for m in _members(search, ranked)}
@@ -139,11 +138,11 @@ def score_out_of_fold(
 
 
 def record(crossval: optuna.Study, rows: list[dict], chosen: dict) -> None:
-    crossval.set_user_attr(MEMBER_ENSEMBLES_ATTR, {"rows": rows, "chosen": chosen})
+    write_study(crossval, member_ensembles={"rows": rows, "chosen": chosen})
 
 
 def recorded(crossval: optuna.Study | None) -> tuple[list[dict], dict | None]:
-    stored = crossval.user_attrs.get(MEMBER_ENSEMBLES_ATTR, {}) if crossval is not None else {}
+    stored = StudyRecord.of(crossval).member_ensembles if crossval is not None else {}
     return stored.get("rows", []), stored.get("chosen")
 
 

@@ -12,8 +12,9 @@ whatever the study's objectives are. Studies written before a field existed read
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -23,10 +24,6 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from nas.errors import NasError
 from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of, values_of
 
-# The study's user attrs holding its objectives and, for the record, its constraints (a study
-# from before they were configurable has neither: [iou, params], no constraints).
-OBJECTIVES_ATTR = "objectives"
-CONSTRAINTS_ATTR = "constraints"
 # Where each quantity is kept among a trial's user attrs.
 QUANTITY_ATTRS = {
     "iou": "val_iou",
@@ -222,14 +219,23 @@ def attr_name(field: str) -> str:
 def write(trial: optuna.Trial, **fields: Any) -> None:
     """Store `fields` (TrialRecord's names, or quantities) on a running trial; tuples are
     stored as lists, as Optuna keeps JSON."""
-    for field, value in fields.items():
-        trial.set_user_attr(attr_name(field), list(value) if isinstance(value, tuple) else value)
+    for name, value in fields.items():
+        trial.set_user_attr(attr_name(name), list(value) if isinstance(value, tuple) else value)
 
 
 def carried(**fields: Any) -> dict[str, Any]:
     """The user attrs a trial is enqueued with (`study.enqueue_trial(..., user_attrs=)`):
     `fields` by TrialRecord's names, those that are None left out."""
     return {attr_name(k): v for k, v in fields.items() if v is not None}
+
+
+def without_owner(trial: FrozenTrial) -> FrozenTrial:
+    """A copy of `trial` whose attrs leave out who ran it (worker, heartbeat), for a rerun
+    that copies them (Optuna's retry of a stale trial)."""
+    owner = {attr_name("worker"), attr_name("heartbeat_at")}
+    source = copy.deepcopy(trial)
+    source.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in owner}
+    return source
 
 
 def _number(value: Any) -> float | None:
@@ -257,11 +263,77 @@ class StudyObjectives:
 
 
 def study_objectives(study: optuna.Study) -> StudyObjectives:
-    names = study.user_attrs.get(OBJECTIVES_ATTR, list(DEFAULT_OBJECTIVES))
+    names = StudyRecord.of(study).objectives or DEFAULT_OBJECTIVES
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
         raise NasError(study.study_name, f"records unknown objective(s) {unknown}")
     return StudyObjectives(tuple(OBJECTIVES[n] for n in names))
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What a study keeps about itself, by the same names as its user attrs. The search
+    study: its objectives and constraints, what it is made of (space, data settings, the
+    preprocessed data's description, the planned patch and batch sizes, its cases) and the held-out scores of its members.
+    `<study>-crossval`: the postprocessing chosen per member, held-out fold ensembles and
+    the ensembles across members. `<study>-retrain`: the all-cases models. Fields a study
+    has not written are None (objectives, constraints, what it is made of) or empty; a study
+    from before objectives were configurable has none: [iou, params], no constraints."""
+
+    objectives: tuple[str, ...] | None = None
+    constraints: Mapping[str, Any] | None = None
+    space: Mapping[str, Any] | None = None
+    data_config: Mapping[str, Any] | None = None
+    data_description: Mapping[str, Any] | None = None
+    patch_plan: Mapping[str, Any] | None = None  # the `auto` sizes planned (nas/patch_plan.py)
+    data_cases: Mapping[str, Any] | None = None
+    # Mappings by trial number: held-out scores (nas/heldout.py), the classes whose largest
+    # component is kept, held-out fold ensembles (rows of compare_ensemble), the all-cases
+    # models ({epochs_run, ...}); and the ensembles across members ({"rows", "chosen"}).
+    test_scores: Mapping[str, Any] = field(default_factory=dict)
+    postprocessing: Mapping[str, list[str]] = field(default_factory=dict)
+    heldout_ensemble: Mapping[str, list] = field(default_factory=dict)
+    all_cases: Mapping[str, Any] = field(default_factory=dict)
+    member_ensembles: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> StudyRecord:
+        return cls.from_attrs(study.user_attrs)
+
+    @classmethod
+    def in_storage(cls, storage: optuna.storages.BaseStorage, study_id: int) -> StudyRecord:
+        """The record of a study not yet opened (nas/study.py checks it first)."""
+        return cls.from_attrs(storage.get_study_user_attrs(study_id))
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StudyRecord:
+        fields = {k: v for k, v in attrs.items() if k in cls.__dataclass_fields__}
+        if fields.get("objectives") is not None:
+            fields["objectives"] = tuple(fields["objectives"])
+        return cls(**fields)
+
+    def dataset(self) -> str:
+        """The dataset's path as the search recorded it ("?" for a study without it)."""
+        return (self.data_config or {}).get("path", "?")
+
+
+def _study_field(name: str) -> str:
+    if name not in StudyRecord.__dataclass_fields__:
+        raise KeyError(f"a study records no {name!r}")
+    return name
+
+
+def write_study(study: optuna.Study, **fields: Any) -> None:
+    """Store `fields` (StudyRecord's names) on `study`; tuples are stored as lists."""
+    for name, value in fields.items():
+        study.set_user_attr(_study_field(name), list(value) if isinstance(value, tuple) else value)
+
+
+def merge_study(study: optuna.Study, name: str, entries: Mapping[str, Any]) -> None:
+    """Add `entries` ({trial: ...}) to a mapping a study keeps by trial, keeping the other
+    trials' entries as stored now (another process may have added some)."""
+    stored = getattr(StudyRecord.of(study), _study_field(name))
+    write_study(study, **{name: {**stored, **entries}})
 
 
 def rerun_trial(

@@ -363,10 +363,9 @@ def _crossval_section(study: optuna.Study) -> str:
     ensemble with mirroring side by side with their inference time."""
     import pandas as pd
 
-    from nas.crossval import ensemble_rows, find_crossval_study, summary_rows
+    from nas.companions import ensemble_rows, find_crossval_study, summary_rows
 
-    # Optuna has no public accessor for a study's storage; the cross-validation lives in it.
-    crossval = find_crossval_study(study._storage, study.study_name)
+    crossval = find_crossval_study(study)
     if crossval is None:
         return ""
     rows = summary_rows(crossval, study)
@@ -445,8 +444,8 @@ def render(
     from optuna.trial import TrialState
 
     from nas.objectives import OBJECTIVES
-    from nas.record import TrialRecord, study_objectives
-    from nas.results import TEST_SCORES_ATTR, front_of, panels
+    from nas.record import StudyRecord, TrialRecord, study_objectives
+    from nas.results import front_of, panels
     from nas.results import front_table as front_table_of
 
     trials = study.get_trials(deepcopy=False) if trials is None else trials
@@ -471,8 +470,9 @@ def render(
             continue
         parts.append(figure.to_html(full_html=False, include_plotlyjs=not script_embedded))
         script_embedded = True
-    front_table = _front_table(front_table_of(front, study.user_attrs.get(TEST_SCORES_ATTR, {})))
-    dataset = study.user_attrs.get("data_config", {}).get("path", "?")
+    recorded = StudyRecord.of(study)
+    front_table = _front_table(front_table_of(front, recorded.test_scores))
+    dataset = recorded.dataset()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary_line = (
         f"{counts or 'no trials'}; objectives {', '.join(objectives)}; best "

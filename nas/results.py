@@ -29,7 +29,7 @@ from nas.objectives import (  # noqa: E402
     non_dominated,
     score_of,
 )
-from nas.record import TrialRecord, records, study_objectives  # noqa: E402
+from nas.record import StudyRecord, TrialRecord, records, study_objectives  # noqa: E402
 from nas.staging import atomic_write  # noqa: E402
 from nas.weights import checkpoint_path  # noqa: E402
 
@@ -57,8 +57,6 @@ METRIC_COLUMNS = [
     "feasible",
     "summary",
 ]
-# The study's user attr holding held-out test scores by trial number (written by nas.heldout).
-TEST_SCORES_ATTR = "test_scores"
 
 
 def state_path(weights: Path) -> Path:
@@ -157,7 +155,7 @@ def _row(trial: FrozenTrial, test_scores: dict) -> dict:
 
 
 def trials_table(trials: list[FrozenTrial], test_scores: dict | None = None) -> pd.DataFrame:
-    """One row per trial; `test_scores`: the study's TEST_SCORES_ATTR, held-out scores by
+    """One row per trial; `test_scores`: the study's recorded test_scores, held-out scores by
     trial number, which only report: the front is chosen on validation alone."""
     rows = [_row(t, test_scores or {}) for t in trials]
     return pd.DataFrame(
@@ -263,7 +261,7 @@ def write_results(
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     objectives = study_objectives(study).names
     front = front_of(trials, objectives)
-    test = study.user_attrs.get(TEST_SCORES_ATTR, {})
+    test = StudyRecord.of(study).test_scores
     atomic_write(
         study_dir / "trials.csv", lambda p: trials_table(trials, test).to_csv(p, index=False)
     )

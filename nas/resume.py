@@ -20,6 +20,7 @@ import optuna
 from optuna.distributions import check_distribution_compatibility
 
 from nas.errors import NasError
+from nas.record import StudyRecord, write_study
 from nas.space import SearchSpace, describe_space, param_distribution
 
 
@@ -60,9 +61,7 @@ def _say(differences: Sequence[str]) -> str:
 
 def record(study: optuna.Study, space: SearchSpace, data: dict[str, Any]) -> None:
     """Store what the study is made of; `data`: data_config, data_description, data_cases."""
-    study.set_user_attr("space", describe_space(space))
-    for key, value in data.items():
-        study.set_user_attr(key, _plain(value))
+    write_study(study, space=describe_space(space), **_plain(data))
 
 
 def check(
@@ -74,7 +73,7 @@ def check(
 ) -> None:
     """Refuse to resume `study` with other data, or another space unless `extend_space`;
     store what is missing (a study from an earlier release) or what was extended."""
-    stored = study.user_attrs
+    stored = StudyRecord.of(study)
     data = _plain(data)
     name = study.study_name
     for key, where, what in (
@@ -82,16 +81,17 @@ def check(
         ("data_description", "", "preprocessing or labels (the dataset changed on disk?)"),
         ("data_cases", "cases", "training and validation cases"),
     ):
-        if key in stored and stored[key] != data[key]:
+        kept = getattr(stored, key)
+        if kept is not None and kept != data[key]:
             raise NasError(
                 source,
                 f"study {name!r} was made with other {what}: "
-                f"{_say(_differences(stored[key], data[key], where))}; "
+                f"{_say(_differences(kept, data[key], where))}; "
                 "resume it with its own data, or choose a new --study-name",
             )
     space_now = describe_space(space)
-    if "space" in stored and stored["space"] != space_now:
-        differences = _say(_differences(stored["space"], space_now, ""))
+    if stored.space is not None and stored.space != space_now:
+        differences = _say(_differences(stored.space, space_now, ""))
         if not extend_space:
             raise NasError(
                 source,
@@ -104,18 +104,18 @@ def check(
     constraints = _plain(
         {k: b.model_dump(exclude_none=True) for k, b in space.study.constraints.items()}
     )
-    changed = "constraints" in stored and stored["constraints"] != constraints
+    changed = stored.constraints is not None and stored.constraints != constraints
     if changed and not extend_space:
         raise NasError(
             source,
             f"study {name!r} was made with other constraints: "
-            f"{_say(_differences(stored['constraints'], constraints, 'constraints'))}; pass "
+            f"{_say(_differences(stored.constraints, constraints, 'constraints'))}; pass "
             "--extend-space to continue it with these, or choose a new --study-name",
         )
-    if stored.get("constraints") != constraints:
-        study.set_user_attr("constraints", constraints)
-    missing = {k: v for k, v in data.items() if k not in stored}
-    if missing or stored.get("space") != space_now:
+    if stored.constraints != constraints:
+        write_study(study, constraints=constraints)
+    missing = {k: v for k, v in data.items() if getattr(stored, k) is None}
+    if missing or stored.space != space_now:
         record(study, space, missing)
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 from nas.staging import atomic_write
-from nas.weights import ALL_CASES_ATTR, all_cases_dir, retrain_study_name, retrained_dir
+from nas.weights import all_cases_dir, retrained_dir
 
 if TYPE_CHECKING:
     import optuna
@@ -95,17 +95,12 @@ def run_crossval(
 ) -> int:
     import pandas as pd
 
-    from nas.crossval import (
-        POSTPROCESSING_ATTR,
-        cross_validate,
-        open_crossval_study,
-        record_ensemble,
-        summary_rows,
-    )
+    from nas.companions import open_crossval_study, summary_rows
+    from nas.crossval import cross_validate, record_ensemble
     from nas.data import load_dataset
     from nas.data.test_split import find_test_split
     from nas.heldout import compare_ensemble
-    from nas.record import study_objectives
+    from nas.record import StudyRecord, study_objectives
     from nas.report import write_report
     from nas.storage import open_storage, redact
     from nas.weights import fold_path
@@ -129,7 +124,7 @@ def run_crossval(
     dataset = load_dataset(data_cfg)
     split = find_test_split(data_cfg, dataset)
     if split is not None and len(folds) > 1:
-        postprocessing = crossval.user_attrs.get(POSTPROCESSING_ATTR, {})
+        postprocessing = StudyRecord.of(crossval).postprocessing
         rows = []
         for trial in chosen:
             weights = {f"fold_{f}": fold_path(args.results, trial.number, f) for f in folds}
@@ -156,21 +151,11 @@ def run_crossval(
 
 def open_retrain_study(study: optuna.Study, storage: str) -> optuna.Study:
     """`<study>-retrain` in the search's storage, with the search's objectives."""
-    import optuna
-
-    from nas.objectives import directions
-    from nas.record import OBJECTIVES_ATTR, study_objectives
+    from nas.companions import open_retrain_study as open_study
+    from nas.record import study_objectives
     from nas.storage import open_storage
 
-    objectives = study_objectives(study).names
-    retrain_study = optuna.create_study(
-        storage=open_storage(storage),
-        study_name=retrain_study_name(study.study_name),
-        directions=directions(objectives),
-        load_if_exists=True,
-    )
-    retrain_study.set_user_attr(OBJECTIVES_ATTR, objectives)
-    return retrain_study
+    return open_study(open_storage(storage), study.study_name, study_objectives(study).names)
 
 
 def run_all_cases(
@@ -182,7 +167,7 @@ def run_all_cases(
     device: torch.device,
 ) -> int:
     from nas.data import load_dataset
-    from nas.record import TrialRecord
+    from nas.record import TrialRecord, merge_study
     from nas.results import save_checkpoint
     from nas.storage import redact
     from nas.train import CandidateFailed, fit, initial_model
@@ -210,15 +195,14 @@ def run_all_cases(
             failed += 1
             continue
         path = save_checkpoint(all_cases_dir(args.results), trial.number, model.state_dict())
-        recorded = dict(retrain_study.user_attrs.get(ALL_CASES_ATTR, {}))
-        recorded[str(trial.number)] = {
+        recorded = {
             "epochs_run": len(result.history),
             "cases": len(dataset.cases),
             "seconds": round(result.seconds, 2),
             "train_loss": result.history[-1].train_loss,
             "device": str(device),
         }
-        retrain_study.set_user_attr(ALL_CASES_ATTR, recorded)
+        merge_study(retrain_study, "all_cases", {str(trial.number): recorded})
         print(f"  trial {trial.number}: {path} (final training loss "
               f"{result.history[-1].train_loss:.4f})")  # fmt: skip
     print(f"recorded in study {retrain_study.study_name!r} of {redact(storage)}")
@@ -304,14 +288,16 @@ def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[Fr
 
 def run(args: argparse.Namespace) -> int:
     from nas.data import DataConfig
+    from nas.record import StudyRecord
     from nas.study import default_storage, load_results_study
 
     name = args.results.name
     storage = args.storage or default_storage(args.results)
     study = load_results_study(args.results, args.storage)
-    if "data_config" not in study.user_attrs:
+    recorded = StudyRecord.of(study).data_config
+    if recorded is None:
         raise NasError(storage, f"study {name!r} does not record its data settings")
-    data_cfg = DataConfig(**study.user_attrs["data_config"])
+    data_cfg = DataConfig(**recorded)
     if args.all_cases and args.folds is not None:
         raise NasError("--all-cases", "trains one model on every case; --folds one per fold")
     if args.epochs is not None and args.epochs < 1:
@@ -354,7 +340,7 @@ def run_retrain(
     table = pd.DataFrame(rows)
     atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
     print(
-        f"recorded in study {retrain_study_name(args.results.name)!r} of {redact(storage)} "
+        f"recorded in study {retrain_study.study_name!r} of {redact(storage)} "
         f"and {args.results}/retrained.csv"
     )
     return 0

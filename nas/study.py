@@ -22,7 +22,7 @@ from nas.objectives import (
     DEFAULT_OBJECTIVES,
     directions,
 )
-from nas.record import CONSTRAINTS_ATTR, OBJECTIVES_ATTR, TrialRecord, carried
+from nas.record import StudyRecord, TrialRecord, carried, write_study
 from nas.sampler import LineageSampler
 from nas.space import StudySection
 from nas.storage import load_study, open_storage
@@ -96,9 +96,8 @@ def open_study(
             load_if_exists=True,
         )
         if study_id is None:
-            study.set_user_attr(OBJECTIVES_ATTR, list(cfg.objectives))
             constraints = {k: v.model_dump(exclude_none=True) for k, v in cfg.constraints.items()}
-            study.set_user_attr(CONSTRAINTS_ATTR, constraints)
+            write_study(study, objectives=list(cfg.objectives), constraints=constraints)
     except NasError:
         raise
     except Exception as err:  # SQLAlchemy and Optuna raise many types for a bad URL
@@ -116,8 +115,7 @@ def _check_objectives(
 ) -> None:
     """A study keeps the objectives it was created with (one from before they were
     configurable: [iou, params])."""
-    attrs = storage_obj.get_study_user_attrs(study_id)
-    kept = attrs.get(OBJECTIVES_ATTR)
+    kept = StudyRecord.in_storage(storage_obj, study_id).objectives
     if kept is None:
         found = [d.name.lower() for d in storage_obj.get_study_directions(study_id)]
         if found != directions(DEFAULT_OBJECTIVES):  # not a study nas wrote

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 # The kinds of weights, in the order an export prefers them.
 KINDS = ("all-cases", "retrained", "search", "folds")
-# The retrain study's attribute recording each all-cases model: {trial: {epochs_run, ...}}.
-ALL_CASES_ATTR = "all_cases"
 
 
 def trial_name(trial_number: int) -> str:
@@ -59,10 +57,6 @@ def all_cases_dir(study_dir: Path) -> Path:
 def all_cases_path(study_dir: Path, trial_number: int) -> Path:
     """nas.retrain --all-cases's weights of a trial."""
     return checkpoint_path(all_cases_dir(study_dir), trial_number)
-
-
-def retrain_study_name(study_name: str) -> str:
-    return f"{study_name}-retrain"
 
 
 def folds_folder(study_dir: Path, trial_number: int) -> Path:
@@ -117,51 +111,39 @@ def _search(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWe
     return TrialWeights("search", path, {"": path}, _scores(trial))
 
 
-def _retrain_study(study: optuna.Study) -> optuna.Study | None:
-    import optuna
-
-    name = retrain_study_name(study.study_name)
-    if name not in optuna.get_all_study_names(study._storage):
-        return None
-    return optuna.load_study(study_name=name, storage=study._storage)
-
-
 def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
-    from optuna.trial import TrialState
-
-    from nas.record import TrialRecord
+    from nas.companions import find_retrain_study, retrained_runs
 
     path = retrained_path(study_dir, trial.number)
     if not path.is_file():
         return None
-    scores: dict[str, Any] = {}
-    retrain = _retrain_study(study)
-    if retrain is not None:
-        runs = retrain.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        mine = [t for t in runs if TrialRecord.of(t).source_trial == trial.number]
-        if mine:  # the file holds the latest retrain that finished
-            scores = _scores(mine[-1])
-    return TrialWeights("retrained", path, {"": path}, scores)
+    retrain = find_retrain_study(study)
+    runs = retrained_runs(retrain, trial.number) if retrain is not None else []
+    # The file holds the latest retrain that finished.
+    return TrialWeights("retrained", path, {"": path}, _scores(runs[-1]) if runs else {})
 
 
 def _all_cases(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+    from nas.companions import find_retrain_study
+    from nas.record import StudyRecord
+
     path = all_cases_path(study_dir, trial.number)
     if not path.is_file():
         return None
-    retrain = _retrain_study(study)
-    recorded = retrain.user_attrs.get(ALL_CASES_ATTR, {}) if retrain is not None else {}
+    retrain = find_retrain_study(study)
+    recorded = StudyRecord.of(retrain).all_cases if retrain is not None else {}
     # No validation case is left: the scores are the training's, not a validation's.
     return TrialWeights("all-cases", path, {"": path}, dict(recorded.get(str(trial.number), {})))
 
 
 def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
     folder = folds_folder(study_dir, trial.number)
-    if not any(folder.glob("fold_*.pt")):  # before the crossval study (and torch) is read
+    if not any(folder.glob("fold_*.pt")):  # before the crossval study is read
         return None
-    from nas.crossval import find_crossval_study, member_runs
+    from nas.companions import find_crossval_study, member_runs
     from nas.record import TrialRecord
 
-    crossval = find_crossval_study(study._storage, study.study_name)
+    crossval = find_crossval_study(study)
     runs = member_runs(crossval, trial.number) if crossval is not None else []
     members, kept = {}, []
     for run in runs:

@@ -394,7 +394,7 @@ def test_best_and_a_size_budget_pick_from_the_front(studies):
 
 
 def test_by_cv_picks_the_best_cross_validated_mean_not_the_search_score(tmp_path):
-    from nas.crossval import open_crossval_study
+    from nas.companions import open_crossval_study
     from nas.record import rerun_trial
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"

@@ -18,8 +18,9 @@ from nas.data import DataConfig, load_dataset
 from nas.data.test_split import find_test_split
 from nas.errors import NasError
 from nas.heldout import score_trials
+from nas.record import StudyRecord, write_study
 from nas.report import HELD_OUT
-from nas.results import TEST_SCORES_ATTR, checkpoint_path, pareto_front
+from nas.results import checkpoint_path, pareto_front
 from nas.validate import Scores
 
 from .conftest import run_cli
@@ -121,7 +122,7 @@ def test_an_unchanged_trial_is_not_scored_again(searched, monkeypatch):
     study = _study(searched)
     study_dir = searched / "results" / "held"
     front = pareto_front(study)
-    stored = study.user_attrs[TEST_SCORES_ATTR]
+    stored = StudyRecord.of(study).test_scores
     scored = []
 
     def fake_score(study, trial, weights, split, device, study_dir=None):
@@ -155,7 +156,7 @@ def test_an_unchanged_trial_is_not_scored_again(searched, monkeypatch):
         rescored = score_trials(study, study_dir, front, split, torch.device("cpu"))
     finally:
         weights.write_bytes(backup)
-        study.set_user_attr(TEST_SCORES_ATTR, stored)
+        write_study(study, test_scores=stored)
     assert scored == [changed]
     assert rescored[changed] == {"test_iou": 0.5, "test_dice": 0.6}
 

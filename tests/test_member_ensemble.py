@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from nas.member_ensemble import MEMBER_ENSEMBLES_ATTR, candidate_ensembles
+from nas.member_ensemble import candidate_ensembles
+from nas.record import StudyRecord, write_study
 
 from .conftest import run_cli, user_error
 from .datasets import write_nnunet
@@ -54,7 +55,7 @@ def test_members_and_their_ensemble_are_scored_out_of_fold_and_the_best_chosen(t
     assert list(table.members) == [*best_first, " + ".join(best_first)]
     assert list(table.n_members) == [1, 1, 2]
     assert table.oof_iou.between(0, 1).all()
-    chosen = _crossval(two_members).user_attrs[MEMBER_ENSEMBLES_ATTR]["chosen"]
+    chosen = StudyRecord.of(_crossval(two_members)).member_ensembles["chosen"]
     assert chosen["oof_iou"] == pytest.approx(table.oof_iou.max())
 
 
@@ -64,10 +65,10 @@ def test_an_ensemble_of_two_members_is_exported_predicted_ensembled_and_evaluate
     root = tmp_path / "study"
     shutil.copytree(two_members, root)
     crossval = _crossval(root)
-    stored = crossval.user_attrs[MEMBER_ENSEMBLES_ATTR]
+    stored = StudyRecord.of(crossval).member_ensembles
     pair = next(row for row in stored["rows"] if row["n_members"] == 2)
     # Whichever won out of fold on these tiny runs, the pair is what this path exports.
-    crossval.set_user_attr(MEMBER_ENSEMBLES_ATTR, stored | {"chosen": pair})
+    write_study(crossval, member_ensembles=stored | {"chosen": pair})
     model = tmp_path / "ensemble"
     result = run_cli("nas.export", "results/held", "--ensemble", "members", "--format", "none",
                      "--out", str(model), cwd=root)  # fmt: skip
@@ -125,19 +126,19 @@ def test_member_ensembles_that_cannot_be_made_are_refused(two_members, tmp_path)
     root = tmp_path / "study"
     shutil.copytree(two_members, root)
     crossval = _crossval(root)
-    stored = crossval.user_attrs[MEMBER_ENSEMBLES_ATTR]
+    stored = StudyRecord.of(crossval).member_ensembles
     single = next(row for row in stored["rows"] if row["n_members"] == 1)
-    crossval.set_user_attr(MEMBER_ENSEMBLES_ATTR, stored | {"chosen": single})
+    write_study(crossval, member_ensembles=stored | {"chosen": single})
     assert "alone beat every ensemble; export it with --trial" in user_error(
         run_cli("nas.export", "results/held", "--ensemble", "members", cwd=root)
     )
-    crossval.set_user_attr(MEMBER_ENSEMBLES_ATTR, {})
+    write_study(crossval, member_ensembles={})
     assert "has no ensemble chosen out of fold: run nas retrain" in user_error(
         run_cli("nas.export", "results/held", "--ensemble", "members", cwd=root)
     )
     # An ensemble folder whose members give other labels.
     pair = next(row for row in stored["rows"] if row["n_members"] == 2)
-    crossval.set_user_attr(MEMBER_ENSEMBLES_ATTR, stored | {"chosen": pair})
+    write_study(crossval, member_ensembles=stored | {"chosen": pair})
     model = tmp_path / "ensemble"
     assert run_cli("nas.export", "results/held", "--ensemble", "members", "--format", "none",
                    "--out", str(model), cwd=root).returncode == 0  # fmt: skip
