@@ -82,8 +82,8 @@ STUDY_NAME = "mniwm"
 # The code a hand network's result depends on: a change to any of it reruns the hand arms.
 CODE_FILES = (
     "nas/train.py", "nas/builder.py", "nas/validate.py", "nas/losses.py", "nas/patch_plan.py",
-    "nas/heldout.py", "nas/predict.py", "nas/exported.py", "nas/model_card.py",
-    "nas/unet_config.py", "nas/train_config.py",
+    "nas/heldout.py", "nas/predict.py", "nas/exported.py", "nas/state_dict.py",
+    "nas/model_card.py", "nas/unet_config.py", "nas/train_config.py",
 )  # fmt: skip
 HAND_NETWORKS = {
     "nnU-Net-like 2D": UNetConfig(

@@ -418,7 +418,7 @@ def _deployed_networks(unet, members: dict[str, Path]) -> tuple:
     """(the deployed UNetConfig, {member name: network in eval mode}): each member's weights
     loaded into the trained network, then deep supervision's heads dropped."""
     from nas.builder import build_unet, deployed
-    from nas.exported import load_weights
+    from nas.state_dict import load_weights
 
     networks = {}
     deployed_unet = unet

@@ -24,10 +24,10 @@ import torch
 
 from nas.builder import UNetConfig
 from nas.data import Case, DataConfig, load_dataset, split_dataset
-from nas.exported import load_weights
 from nas.inference import predictor
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
 from nas.record import StudyRecord, TrialRecord, write_study
+from nas.state_dict import load_weights
 from nas.train import init_model
 from nas.train_config import TrainConfig
 from nas.validate import PooledCounts, predict_logits

@@ -274,11 +274,12 @@ def study_objectives(study: optuna.Study) -> StudyObjectives:
 class StudyRecord:
     """What a study keeps about itself, by the same names as its user attrs. The search
     study: its objectives and constraints, what it is made of (space, data settings, the
-    preprocessed data's description, the planned patch and batch sizes, its cases) and the held-out scores of its members.
-    `<study>-crossval`: the postprocessing chosen per member, held-out fold ensembles and
-    the ensembles across members. `<study>-retrain`: the all-cases models. Fields a study
-    has not written are None (objectives, constraints, what it is made of) or empty; a study
-    from before objectives were configurable has none: [iou, params], no constraints."""
+    preprocessed data's description, the planned patch and batch sizes, its cases) and the
+    held-out scores of its members. `<study>-crossval`: the postprocessing chosen per
+    member, held-out fold ensembles and the ensembles across members. `<study>-retrain`: the
+    all-cases models. Fields a study has not written are None (objectives, constraints,
+    what it is made of) or empty; a study from before objectives were configurable has
+    none: [iou, params], no constraints."""
 
     objectives: tuple[str, ...] | None = None
     constraints: Mapping[str, Any] | None = None

@@ -347,8 +347,8 @@ def _check_init_weights(
     fixes every field. A sampled candidate it does not fit fails as a trial."""
     import optuna
 
-    from nas.exported import first_mismatch, read_weights
     from nas.space import sample
+    from nas.state_dict import first_mismatch, read_weights
     from nas.train import init_model
 
     entry = space.train.get("init_weights")

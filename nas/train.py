@@ -109,7 +109,7 @@ def initial_model(unet: UNetConfig, cfg: TrainConfig) -> UNet:
     not fit this network fails the candidate, naming the first tensor that differs."""
     model = init_model(unet, cfg.seed)
     if cfg.init_weights is not None:
-        from nas.exported import load_weights
+        from nas.state_dict import load_weights
 
         try:
             load_weights(model, Path(cfg.init_weights))
