@@ -203,10 +203,8 @@ def test_a_fold_that_cannot_be_trained_is_recorded_failed_and_the_others_go_on(
     failing = held_out_by["case_001"]
     states = {TrialRecord.of(t).fold: t.state.name for t in runs[2:]}
     assert states == {failing: "FAIL", 1 - failing: "COMPLETE"}
-    assert (
-        "out of memory"
-        in next(t for t in runs[2:] if t.state.name == "FAIL").user_attrs["fail_reason"]
-    )
+    failed = next(t for t in runs[2:] if t.state.name == "FAIL")
+    assert "out of memory" in TrialRecord.of(failed).fail_reason
     # The summary is of the new runs alone: a fold trained for 1 epoch is not mixed in.
     row = pd.read_csv(copy / "results/held/crossval.csv").iloc[0]
     assert str(row.folds) == str(1 - failing) and row.epochs == 2

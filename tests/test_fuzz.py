@@ -23,6 +23,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nas.record import StudyRecord
+
 from .conftest import run_cli, tiny_space_yaml
 
 EXAMPLES = int(os.environ.get("NAS_FUZZ_EXAMPLES", "15"))
@@ -213,7 +215,7 @@ def test_resuming_with_other_constraints_is_refused(workspace, tmp_path):
     assert result.returncode == 0, result.stderr
     storage = f"sqlite:///{root / 'results' / 'tiny' / 'study.db'}"
     study = optuna.load_study(study_name="tiny", storage=storage)
-    assert study.user_attrs["constraints"] == {"params": {"max": 10.0}}
+    assert StudyRecord.of(study).constraints == {"params": {"max": 10.0}}
 
 
 # --- the fuzzer ---------------------------------------------------------------------------

@@ -254,5 +254,5 @@ def test_a_bad_test_split_is_one_error_naming_the_file(plain, tmp_path, case):
 @pytest.mark.slow
 def test_the_test_split_is_never_used_by_the_search(searched):
     """Its cases are in neither the training nor the validation cases the study records."""
-    cases = _study(searched).user_attrs["data_cases"]
+    cases = StudyRecord.of(_study(searched)).data_cases
     assert not {"test_010", "test_011"} & {*cases["train"], *cases["validation"]}

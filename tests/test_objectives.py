@@ -18,7 +18,7 @@ from nas.builder import UNetConfig, build_unet
 from nas.measure import FEW_REPEATS, MAX_REPEATS, measure_latency
 from nas.model_card import read_card
 from nas.objectives import Bound, hypervolume, non_dominated, rejection, violations
-from nas.record import TrialRecord, study_objectives
+from nas.record import StudyRecord, TrialRecord, study_objectives, write_study
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -167,8 +167,8 @@ def test_a_study_written_by_the_first_release_still_reports_exports_and_retrains
     study = optuna.load_study(study_name="v1", storage=storage)
     assert study_objectives(study).names == ["iou", "params"]  # no attr: the default
     # The data moved since (as a user's may): point the study at where it is now.
-    data = dict(study.user_attrs["data_config"], path=str(tiny_dataset))
-    study.set_user_attr("data_config", data)
+    data = dict(StudyRecord.of(study).data_config, path=str(tiny_dataset))
+    write_study(study, data_config=data)
 
     report = run_cli("nas.report", "results/v1", cwd=tmp_path)
     assert report.returncode == 0, report.stderr

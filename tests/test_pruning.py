@@ -8,20 +8,20 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
-from nas.record import TrialRecord
+from nas.record import TrialRecord, carried
 
 from .conftest import run_cli, tiny_space_yaml
 
 CFG = PrunerConfig(warmup_epochs=2, k=2, min_trials=3)
 
 
-def _history(n_params: int, curve: list[float], state=TrialState.COMPLETE):
-    """A finished trial with a validation IoU per epoch (1-based)."""
+def _history(n_params: int, curve: list[float], state=TrialState.COMPLETE, **quantities):
+    """A finished trial with a validation IoU per epoch (1-based), and other `quantities`."""
     values = [curve[-1], n_params] if state == TrialState.COMPLETE else None
     return create_trial(
         state=state,
         values=values,
-        user_attrs={"n_params": n_params},
+        user_attrs=carried(params=n_params, **quantities),
         intermediate_values={epoch: iou for epoch, iou in enumerate(curve, start=1)},
     )
 
@@ -87,9 +87,7 @@ def test_with_more_costs_a_peer_must_cost_no_more_on_every_one():
     # Three objectives to minimise besides IoU: a peer with fewer parameters but a slower
     # forward pass does not count against a fast candidate.
     def timed(n_params, latency, curve):
-        trial = _history(n_params, curve)
-        trial.user_attrs["latency_ms"] = latency
-        return trial
+        return _history(n_params, curve, latency_ms=latency)
 
     peers = _numbered([timed(1_000, 9.0, [0.6, 0.7]), timed(2_000, 8.0, [0.6, 0.7])])
     lenient = PrunerConfig(warmup_epochs=0, k=2, min_trials=2)

@@ -20,7 +20,7 @@ from nas.errors import NasError
 from nas.labels import LabelScheme, Region
 from nas.losses import DiceCELoss, make_loss
 from nas.model_card import read_card
-from nas.record import TrialRecord
+from nas.record import StudyRecord, TrialRecord
 from nas.validate import PooledCounts
 
 from .conftest import run_cli
@@ -232,10 +232,10 @@ def test_a_region_dataset_searches_exports_and_predicts_its_label_values(tmp_pat
     (trial,) = study.trials
     assert TrialRecord.of(trial).unet_config["out_channels"] == 3
     assert len(TrialRecord.of(trial).val_iou_per_class) == 3
-    described = study.user_attrs["data_description"]
+    described = StudyRecord.of(study).data_description
     assert described["regions"] == {"whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]}
     assert described["regions_class_order"] == REGIONS_CLASS_ORDER
-    assert len(study.user_attrs["test_scores"]["0"]["test_iou_per_class"]) == 3
+    assert len(StudyRecord.of(study).test_scores["0"]["test_iou_per_class"]) == 3
     # The cached dataset reopens with its regions.
     dataset = load_dataset(DataConfig(path=root, n_folds=2))
     assert dataset.scheme == NESTED

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from nas.data import DataConfig, load_dataset
-from nas.record import TrialRecord
+from nas.record import StudyRecord, TrialRecord
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 
@@ -68,7 +68,7 @@ def test_all_cases_trains_the_final_model_that_export_then_takes(tmp_path, tiny_
     weights = tmp_path / "results/tiny/retrained/all_cases/checkpoints/trial_0000.pt"
     assert weights.is_file()
     retrain = optuna.load_study(study_name="tiny-retrain", storage=_storage(tmp_path))
-    recorded = retrain.user_attrs["all_cases"]["0"]
+    recorded = StudyRecord.of(retrain).all_cases["0"]
     cases = len(load_dataset(DataConfig(path=tiny_dataset)).cases)  # the validation fold's too
     assert recorded["cases"] == cases and recorded["epochs_run"] == 2
     assert retrain.trials == []  # nothing validated, so nothing to rank among the retrained

@@ -21,7 +21,7 @@ from optuna.trial import TrialState, create_trial
 
 from nas import resume
 from nas.errors import NasError
-from nas.record import TrialRecord
+from nas.record import StudyRecord, TrialRecord
 from nas.results import checkpoint_path, save_checkpoint, write_results
 from nas.run import _worker_command, main, parse_args
 from nas.space import load_space
@@ -163,8 +163,9 @@ def test_resuming_with_another_space_or_data_is_refused_and_changes_nothing(
     assert result.returncode == 0, result.stdout + result.stderr
     extended = _load(tmp_path)
     assert len(extended.trials) == 2
-    assert extended.user_attrs["space"]["search"]["depth"] == [{"type": "int", "low": 1, "high": 4}]
-    assert extended.user_attrs["data_config"] == stored["data_config"]
+    recorded = StudyRecord.of(extended)
+    assert recorded.space["search"]["depth"] == [{"type": "int", "low": 1, "high": 4}]
+    assert recorded.data_config == stored["data_config"]
 
 
 # --- the front's weights ----------------------------------------------------------------
@@ -409,4 +410,4 @@ def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
     assert "other training and validation cases: cases.train: 2 (d, e) added, 0 removed" in str(
         refused.value
     )
-    assert study.user_attrs["data_cases"] == data["data_cases"]  # nothing overwritten
+    assert StudyRecord.of(study).data_cases == data["data_cases"]  # nothing overwritten
