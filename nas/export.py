@@ -750,9 +750,9 @@ def run(args: argparse.Namespace) -> int:
     files = [WEIGHTS_FILE, *(f"model.{f}" for f in formats)]
     if card.members:
         files = [f"{{{','.join(card.members)}}}/{{{','.join(files)}}}"]
-    chosen_by = " chosen by cross-validation," if args.by == "cv" and args.trial is None else ""
+    chosen_by = "chosen by cross-validation; " if args.by == "cv" and args.trial is None else ""
     print(
-        f"exported trial {trial.number}{chosen_by} ({card.source['n_params']:,} params, "
+        f"exported trial {trial.number} ({chosen_by}{card.source['n_params']:,} params, "
         f"IoU {card.source['val_iou']:.4f}) with its {weights.kind} weights ({weights.path}) "
         f"to {out}/: " + ", ".join([CARD_FILE, *files, README_FILE])
     )
