@@ -99,9 +99,12 @@ class Schedule:
     def next_promotion(self, trials: Sequence[FrozenTrial]) -> Promotion | None:
         return _next_promotion(trials, self)
 
+    def time_left(self) -> float | None:
+        """Seconds to the run's deadline (negative once past); None without a timeout."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
     def budget(self) -> Budget:
-        left = None if self.deadline is None else self.deadline - time.monotonic()
-        return Budget(self.budget_steps, left)
+        return Budget(self.budget_steps, self.time_left())
 
     def allows_new(self, trials: Sequence[FrozenTrial]) -> bool:
         running = sum(1 for t in trials if t.state == TrialState.RUNNING and is_new(t))

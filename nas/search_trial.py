@@ -243,7 +243,10 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
     # One segment per rung, each with its own learning-rate decay: the weights a rung ranks
     # (and export may take) are annealed, whether or not the candidate goes on.
     for end in segment_ends(state.epoch if state else 0, started.until, run.schedule.rungs):
-        outcome = train_candidate(candidate, run.data, run.device, end, state, progress.on_epoch)
+        segment = within_timeout(candidate, run.schedule, first=outcome is None)
+        if segment is None:  # the run's time is up: the candidate stays at its rung
+            break
+        outcome = train_candidate(segment, run.data, run.device, end, state, progress.on_epoch)
         state, result = outcome.state, outcome.fit
         progress.end_segment()
         if progress.pruned or result.stopped_by_time or state.epoch < end or not progress.go_on:
@@ -461,6 +464,22 @@ def _note(run: SearchRun, trial: optuna.Trial, measured: Measured, state: str, *
     unet = measured.candidate.unet
     text = trial_note(trial.number, unet, measured.n_params, measured.macs, measured.patch, outcome)
     save_note(trial, text)
+
+
+def within_timeout(candidate: Candidate, schedule: Schedule, first: bool) -> Candidate | None:
+    """`candidate` for its next segment of training, with the segment's time capped at what
+    is left of the run's timeout: a run ends when it said it would even when training slows
+    down, the segment's learning rate decaying by time and the segment stopping by time.
+    None when the time is up before a later segment starts; a first segment that starts
+    after it (a trial begun as the time ran out) is not capped."""
+    left = schedule.time_left()
+    if left is None or (left <= 0 and first):
+        return candidate
+    if left <= 0:
+        return None
+    cap = left if candidate.train.max_seconds is None else min(left, candidate.train.max_seconds)
+    train = dataclasses.replace(candidate.train, max_seconds=cap)
+    return dataclasses.replace(candidate, train=train)
 
 
 def segment_ends(epoch: int, until: int, rungs: Sequence[int]) -> list[int]:

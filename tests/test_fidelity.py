@@ -3,6 +3,8 @@ a tiny search whose candidates are promoted and continue from their own state.""
 
 from __future__ import annotations
 
+import time
+
 import optuna
 import pandas as pd
 import pytest
@@ -33,7 +35,7 @@ from nas.pruning import PrunerConfig
 from nas.record import TrialRecord
 from nas.results import checkpoint_path, save_checkpoint, state_path
 from nas.schedule import EpochReport, Schedule, Verdict, enqueue_promotion
-from nas.search_trial import segment_ends
+from nas.search_trial import segment_ends, within_timeout
 from nas.space import Candidate
 from nas.train_config import TrainConfig
 from nas.unet_config import UNetConfig
@@ -345,6 +347,23 @@ def test_training_ends_a_segment_at_every_rung_it_passes():
     assert segment_ends(0, 30, (3, 10, 30)) == [3, 10, 30]
     assert segment_ends(3, 30, (3, 10, 30)) == [10, 30]
     assert segment_ends(30, 90, (3, 10, 30)) == [90]  # beyond the top: one segment
+
+
+def test_a_segment_is_capped_at_the_time_left_to_the_run():
+    """A run with a timeout ends when it said: each segment may take at most the time left,
+    and a later segment does not start once the time is up."""
+    candidate = Candidate(UNetConfig(spatial_dims=2, depth=2), TrainConfig(epochs=30))
+    rungs = (3, 10, 30)
+    assert within_timeout(candidate, Schedule(rungs, 3, 10, 1000), first=False) is candidate
+    ahead = Schedule(rungs, 3, 10, deadline=time.monotonic() + 100)
+    capped = within_timeout(candidate, ahead, first=False)
+    assert 90 < capped.train.max_seconds <= 100
+    assert (capped.unet, capped.train.epochs) == (candidate.unet, candidate.train.epochs)
+    own_cap = Candidate(candidate.unet, TrainConfig(epochs=30, max_seconds=20))
+    assert within_timeout(own_cap, ahead, first=True).train.max_seconds == 20
+    past = Schedule(rungs, 3, 10, deadline=time.monotonic() - 1)
+    assert within_timeout(candidate, past, first=False) is None
+    assert within_timeout(candidate, past, first=True) is candidate  # begun as time ran out
 
 
 def test_the_schedule_decides_after_each_epoch_at_rungs_and_with_the_pruner():
