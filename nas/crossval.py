@@ -33,7 +33,7 @@ from nas.data import DataConfig, load_dataset, split_dataset
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
 from nas.record import StudyRecord, TrialRecord, carried, merge_study, rerun_trial
 from nas.staging import atomic_write
-from nas.train import CandidateFailed, TrainConfig, fit, initial_model
+from nas.train import CandidateFailed, TrainConfig, fit, flush_denormals, initial_model
 from nas.validate import predict_case
 from nas.weights import fold_path
 
@@ -63,6 +63,8 @@ def run_fold(job: FoldJob) -> dict:
     """Train `job`'s member on its fold, save the weights, and score the fold's validation
     cases one by one without and with the largest-component postprocessing. A member that
     cannot be trained (out of memory, diverging) gives {"fail_reason": ...}."""
+    device = torch.device(job.device)
+    flush_denormals(device)  # a fresh process: before anything runs on the CPU
     if job.threads:
         torch.set_num_threads(job.threads)
     data = DataConfig(**{**job.data, "fold": job.fold})
@@ -70,7 +72,6 @@ def run_fold(job: FoldJob) -> dict:
     train_cases, val_cases = split_dataset(dataset, data)
     unet = UNetConfig.from_dict(job.unet)
     train = TrainConfig(**job.train)
-    device = torch.device(job.device)
     slicing = dataclasses.replace(data.slicing, per_case=None)  # every training slice
     try:
         model = initial_model(unet, train)

@@ -68,7 +68,8 @@ class FitResult:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for "auto"; an explicit choice must be available."""
+    """cuda, then mps, then cpu for "auto"; an explicit choice must be available. The CPU
+    is readied for training (`flush_denormals`) before anything runs on it."""
     available = {
         "cuda": torch.cuda.is_available(),
         "mps": getattr(torch.backends, "mps", None) is not None
@@ -76,10 +77,23 @@ def pick_device(requested: str = "auto") -> torch.device:
         "cpu": True,
     }
     if requested == "auto":
-        return torch.device(next(name for name, ok in available.items() if ok))
+        requested = next(name for name, ok in available.items() if ok)
     if not available.get(requested, False):
         raise ValueError(f"device {requested!r} is not available on this machine")
-    return torch.device(requested)
+    device = torch.device(requested)
+    flush_denormals(device)
+    return device
+
+
+def flush_denormals(device: torch.device) -> None:
+    """On the CPU, flush denormal floats to zero, as TensorFlow does by default: a network
+    without normalisation otherwise fills with them as it trains, and its epochs slowed
+    fivefold on the default run (benchmarks/denormals.py). The setting is per thread and
+    threads inherit it when they start, so it must come before the first parallel operation
+    of the process starts PyTorch's CPU threads: `pick_device` makes it, and `fit` again for
+    callers that did not pick a device."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -126,12 +140,8 @@ def memory_format(spatial_dims: int, device: torch.device) -> torch.memory_forma
 
 
 def prepare_model(model: nn.Module, spatial_dims: int, device: torch.device) -> nn.Module:
-    """Move to `device`, in the memory format its batches will have there. On the CPU,
-    denormal floats are flushed to zero from here on, as TensorFlow does by default: a
-    network without normalisation otherwise fills with them as it trains, and its epochs
-    slowed fivefold on the default run (benchmarks/denormals.py)."""
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
+    """Move to `device`, in the memory format its batches will have there."""
+    flush_denormals(device)
     return model.to(device, memory_format=memory_format(spatial_dims, device))
 
 
