@@ -71,6 +71,18 @@ def preprocessing_cache(tmp_path_factory):
         yield cache
 
 
+@pytest.fixture(autouse=True)
+def default_float_state():
+    """Each test starts with PyTorch's default float state: picking the CPU or training
+    flushes denormal floats to zero in the test's process (nas.train.flush_denormals), and a
+    later test in that process (hypothesis draws subnormal floats) must not depend on which
+    tests ran before it. Torch is not imported for tests that do not use it."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", TINY_SPEC)
