@@ -62,14 +62,17 @@ def open_crossval_study(storage: Storage, study_name: str, objectives: Sequence[
     return _open(storage, crossval_study_name(study_name), objectives)
 
 
+def completed_runs(companion: optuna.Study, trial_number: int) -> list[FrozenTrial]:
+    """The completed runs of search trial `trial_number` in a companion study (retrained,
+    or one per fold), oldest first."""
+    runs = companion.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in runs if TrialRecord.of(t).source_trial == trial_number]
+
+
 def member_runs(crossval: optuna.Study, trial_number: int) -> list[FrozenTrial]:
     """One member's completed runs, by fold, trained with the epochs of its latest run: runs
     of another length are not mixed into its mean (a fold that failed is left out)."""
-    completed = [
-        t
-        for t in crossval.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if TrialRecord.of(t).source_trial == trial_number
-    ]
+    completed = completed_runs(crossval, trial_number)
     if not completed:
         return []
     epochs = TrialRecord.of(completed[-1]).epochs
@@ -79,12 +82,6 @@ def member_runs(crossval: optuna.Study, trial_number: int) -> list[FrozenTrial]:
         if record.epochs == epochs
     }
     return [runs[fold] for fold in sorted(runs)]
-
-
-def retrained_runs(retrain: optuna.Study, trial_number: int) -> list[FrozenTrial]:
-    """The completed retrainings of search trial `trial_number`, oldest first."""
-    runs = retrain.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in runs if TrialRecord.of(t).source_trial == trial_number]
 
 
 def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:

@@ -133,6 +133,7 @@ def cross_validate(
     dataset = load_dataset(DataConfig(**data))
     for fold in folds:  # a fold that cannot be validated is refused before any training
         split_dataset(dataset, DataConfig(**{**data, "fold": fold}))
+    objectives = StudyRecord.of(crossval).objectives
     jobs, by_number = [], {}
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     for member in members:
@@ -162,15 +163,21 @@ def cross_validate(
 
     if workers <= 1:
         for job in jobs:
-            _record_run(crossval, by_number[job.trial], job, run_fold(job))
+            _record_run(crossval, objectives, by_number[job.trial], job, run_fold(job))
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             for job, outcome in zip(jobs, pool.map(run_fold, jobs), strict=True):
-                _record_run(crossval, by_number[job.trial], job, outcome)
+                _record_run(crossval, objectives, by_number[job.trial], job, outcome)
     choose_postprocessing(crossval, [m.number for m in members])
 
 
-def _record_run(crossval: optuna.Study, member: FrozenTrial, job: FoldJob, outcome: dict):
+def _record_run(
+    crossval: optuna.Study,
+    objectives: Sequence[str],
+    member: FrozenTrial,
+    job: FoldJob,
+    outcome: dict,
+) -> None:
     """Add one fold's run to `crossval` as it ends: a finished trial with its scores, or a
     failed one (recorded so the report can say so; trained again next time)."""
     if "fail_reason" in outcome:
@@ -194,7 +201,6 @@ def _record_run(crossval: optuna.Study, member: FrozenTrial, job: FoldJob, outco
         class_names=outcome["class_names"],
         device=job.device,
     )
-    objectives = StudyRecord.of(crossval).objectives
     crossval.add_trial(rerun_trial(member, scores, objectives, attrs, outcome["curve"]))
     print(f"trial {job.trial} fold {job.fold}: IoU {outcome['iou']:.4f}")
 

@@ -432,16 +432,18 @@ def _deployed_networks(unet, members: dict[str, Path]) -> tuple:
     return deployed_unet, networks
 
 
-def _source(study, trial, record, model, storage: str, weights_source: dict) -> dict:
-    """The card's `source`: where the model came from and what the search measured."""
+def _source(
+    study, trial, record, model, data_config: dict, storage: str, weights_source: dict
+) -> dict:
+    """The card's `source`: where the model came from (`data_config`: the study's data
+    settings) and what the search measured."""
     import torch
 
     from nas.builder import count_parameters
     from nas.objectives import OBJECTIVES
-    from nas.record import StudyRecord, study_objectives
+    from nas.record import study_objectives
     from nas.storage import redact
 
-    data_config = StudyRecord.of(study).data_config or {}
     return {
         "study": study.study_name,
         "trial": trial.number,
@@ -526,17 +528,17 @@ def export(
     members = {"": weights} if isinstance(weights, Path) else dict(weights)
     unet, networks = _deployed_networks(unet, members)
     model = next(iter(networks.values()))
+    data_config = StudyRecord.of(study).data_config or {}
     inference = Inference(
         spatial_dims=unet.spatial_dims,
-        slice_axis=(StudyRecord.of(study).data_config or {}).get("slice_axis", 2),
+        slice_axis=data_config.get("slice_axis", 2),
         patch_size=train.patch_size(unet.spatial_dims),
         size_multiple=model.size_multiple,
         output=scheme.output,
         tta=tta,
     )
-    source = _source(
-        study, trial, record, model, storage, weights_source or _given_weights(weights)
-    )
+    given = weights_source or _given_weights(weights)
+    source = _source(study, trial, record, model, data_config, storage, given)
     keep = {results: "results folder"} if results is not None else {}
     database = local_file(storage)
     keep |= {database: "database"} if database else {}

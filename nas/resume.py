@@ -60,7 +60,8 @@ def _say(differences: Sequence[str]) -> str:
 
 
 def record(study: optuna.Study, space: SearchSpace, data: dict[str, Any]) -> None:
-    """Store what the study is made of; `data`: data_config, data_description, data_cases."""
+    """Store what the study is made of; `data`: data_config, data_description, patch_plan,
+    data_cases."""
     write_study(study, space=describe_space(space), **_plain(data))
 
 

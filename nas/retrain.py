@@ -149,13 +149,15 @@ def run_crossval(
     return 0
 
 
-def open_retrain_study(study: optuna.Study, storage: str) -> optuna.Study:
+def _retrain_study(study: optuna.Study, storage: str) -> optuna.Study:
     """`<study>-retrain` in the search's storage, with the search's objectives."""
-    from nas.companions import open_retrain_study as open_study
+    from nas.companions import open_retrain_study
     from nas.record import study_objectives
     from nas.storage import open_storage
 
-    return open_study(open_storage(storage), study.study_name, study_objectives(study).names)
+    return open_retrain_study(
+        open_storage(storage), study.study_name, study_objectives(study).names
+    )
 
 
 def run_all_cases(
@@ -176,7 +178,7 @@ def run_all_cases(
 
     dataset = load_dataset(data_cfg)
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
-    retrain_study = open_retrain_study(study, storage)
+    retrain_study = _retrain_study(study, storage)
     failed = 0
     for trial in chosen:
         record = TrialRecord.of(trial)
@@ -330,7 +332,7 @@ def run_retrain(
 
     dataset = load_dataset(data_cfg)
     train_cases, val_cases = split_dataset(dataset, data_cfg)
-    retrain_study = open_retrain_study(study, storage)
+    retrain_study = _retrain_study(study, storage)
     rows = []
     for trial in chosen:
         row = _retrain_one(args, study, retrain_study, trial, dataset, (train_cases, val_cases),

@@ -112,13 +112,13 @@ def _search(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWe
 
 
 def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
-    from nas.companions import find_retrain_study, retrained_runs
+    from nas.companions import completed_runs, find_retrain_study
 
     path = retrained_path(study_dir, trial.number)
     if not path.is_file():
         return None
     retrain = find_retrain_study(study)
-    runs = retrained_runs(retrain, trial.number) if retrain is not None else []
+    runs = completed_runs(retrain, trial.number) if retrain is not None else []
     # The file holds the latest retrain that finished.
     return TrialWeights("retrained", path, {"": path}, _scores(runs[-1]) if runs else {})
 
