@@ -22,7 +22,15 @@ from nas.labels import LabelScheme
 from nas.results import state_path
 from nas.space import Candidate
 from nas.staging import atomic_write
-from nas.train import EpochResult, FitResult, fit, init_model, initial_model
+from nas.train import (
+    EVERY_EPOCH,
+    EpochResult,
+    FitResult,
+    ValidationPlan,
+    fit,
+    init_model,
+    initial_model,
+)
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,11 @@ def train_candidate(
     until_epoch: int,
     state: TrainingState | None = None,
     on_epoch: Callable[[EpochResult], bool | None] | None = None,
+    validation: ValidationPlan = EVERY_EPOCH,
 ) -> Outcome:
     """Train `candidate` from `state` (None: fresh weights, from its seed or its
-    init_weights) until `until_epoch` or until `on_epoch` answers False. Raises
-    CandidateFailed as `fit` does."""
+    init_weights) until `until_epoch` or until `on_epoch` answers False, validating as
+    `validation` says. Raises CandidateFailed as `fit` does."""
     if state is None:
         model = initial_model(candidate.unet, candidate.train)
     else:
@@ -77,6 +86,7 @@ def train_candidate(
         start_epoch=state.epoch if state else 0,
         until_epoch=until_epoch,
         optimizer_state=state.optimizer if state else None,
+        validation=validation,
     )
     reached = result.history[-1].epoch
     return Outcome(

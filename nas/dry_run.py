@@ -3,8 +3,9 @@
 Everything a search checks before its first trial has been checked by the time this runs
 (space, data, the preprocessing cache, the patch plan). It then draws one candidate (the
 first of `study.enqueue`, else a random draw) from a throwaway in-memory study, builds it,
-counts its parameters and MACs, and times a few training steps on the real batches, so that
-the printed plan says what one step of the search costs on this machine.
+counts its parameters and MACs, and times a few training steps on the real batches, and one
+validation on the search's validation patches, so that the printed plan says what one step
+of the search costs on this machine and what share of it validation takes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nas.builder import count_parameters
 from nas.data import Case, Slicing
 from nas.describe import count_macs, summary
 from nas.labels import LabelScheme
+from nas.scoring import decision_epochs
 from nas.space import Candidate, SearchSpace, sample, warm_start_params
 from nas.train import (
     device_batch,
@@ -29,6 +31,7 @@ from nas.train import (
     training_loss,
     training_sampler,
 )
+from nas.validate import ValidationPatches, evaluate_patches
 
 TIMED_STEPS = 3  # after one warm-up step
 
@@ -64,6 +67,39 @@ def seconds_per_step(
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def validation_share(
+    candidate: Candidate,
+    val_cases: Sequence[Case],
+    scheme: LabelScheme,
+    space: SearchSpace,
+    rungs: Sequence[int],
+    step_seconds: float,
+    device: torch.device,
+) -> str:
+    """What validating the search's way costs a candidate trained through every rung: one
+    validation timed on the validation patches, times the validations its segments make."""
+    cfg = space.study.validation
+    every = cfg.every or (1 if space.study.pruner.type != "none" else None)
+    ends = [0, *rungs]
+    count = sum(len(decision_epochs(a, b, every)) for a, b in zip(ends, ends[1:], strict=False))
+    patches = ValidationPatches(val_cases, cfg.patches_per_case, space.study.seed,
+                                space.data.slicing.axis, cfg.foreground_fraction)  # fmt: skip
+    unet, train = candidate.unet, candidate.train
+    model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device)
+    window = train.patch_size(unet.spatial_dims)
+    evaluate_patches(model, patches, scheme, window, device)  # warm-up
+    start = time.perf_counter()
+    evaluate_patches(model, patches, scheme, window, device)
+    one = time.perf_counter() - start
+    steps = rungs[-1] * train.batches_per_epoch
+    share = count * one / (count * one + steps * step_seconds)
+    return (
+        f"validation: {len(patches)} patches ({cfg.patches_per_case} per case) in "
+        f"{one * 1000:.0f} ms, {count} times to the top rung ({rungs[-1]} epochs, "
+        f"{steps:,} steps): projected {share:.0%} of a candidate's time"
+    )
+
+
 def describe_candidate(
     candidate: Candidate,
     in_channels: int,
@@ -71,15 +107,17 @@ def describe_candidate(
     scheme: LabelScheme,
     slicing: Slicing,
     device: torch.device,
-) -> str:
+) -> tuple[str, float]:
+    """The candidate in a line, and its measured seconds per training step."""
     unet, train = candidate.unet, candidate.train
     window = train.patch_size(unet.spatial_dims)
     model = init_model(unet, train.seed)
     n_params = count_parameters(model)
     macs = count_macs(model, in_channels, window)
     step = seconds_per_step(candidate, cases, scheme, slicing, device)
-    return (
+    line = (
         f"first candidate: {summary(unet, n_params)}; {n_params:,} params, "
         f"{macs / 1e9:.2f} GMACs per {'x'.join(map(str, window))} window; "
         f"one training step {step * 1000:.0f} ms on {device}"
     )
+    return line, step

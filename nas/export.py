@@ -1,10 +1,13 @@
 """`python -m nas.export results/<study>`: write one architecture of the front as a model folder.
 
-Pick the trial with --best (highest IoU on the front, the default), --max-params P (highest
-IoU among front members with at most P parameters) or --trial N; with --by cv, --best and
---max-params choose among the members `nas retrain --folds` cross-validated, by their mean
-over the folds (as nnU-Net's find_best_configuration does). Its weights are chosen with
---weights (default: wherever nas trained it longest; see nas/weights.py). The folder
+Pick the trial with --best (the default: the smallest front member whose score is within one
+standard error of the best score, the one-standard-error rule of model selection, the error
+bootstrapped over the validation cases), --best-score (the highest score on the front),
+--max-params P (highest score among front members with at most P parameters) or --trial N;
+with --by cv, --best and --max-params choose among the members `nas retrain --folds`
+cross-validated, by their mean over the folds (as nnU-Net's find_best_configuration does).
+Its weights are chosen with --weights (default: wherever nas trained it longest; see
+nas/weights.py). The folder
 (default results/<study>/export/trial_NNNN) gets architecture.yaml, weights.pt, README.md,
 and the formats asked for with --format: pt2 (torch.export, the default) and onnx. Each
 exported program is run on a random input and compared with the eager model before the folder
@@ -52,7 +55,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser = command_parser("export", __doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/unet")
     choice = parser.add_mutually_exclusive_group()
-    choice.add_argument("--best", action="store_true", help="highest IoU on the front (default)")
+    choice.add_argument(
+        "--best", action="store_true",
+        help="the smallest front member within one standard error of the best score (default)",
+    )  # fmt: skip
+    choice.add_argument("--best-score", action="store_true", help="the highest score on the front")
     choice.add_argument("--max-params", type=int, metavar="P", help="best with at most P params")
     choice.add_argument("--trial", type=int, metavar="N", help="this trial")
     parser.add_argument(
@@ -97,12 +104,20 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def choose_trial(
-    study: optuna.Study, trial: int | None, max_params: int | None, by: str = "search"
+    study: optuna.Study,
+    trial: int | None,
+    max_params: int | None,
+    by: str = "search",
+    best_score: bool = False,
 ) -> FrozenTrial:
     """--trial N, or the best (the smaller on a tie) with at most `max_params` parameters:
-    of the front by the search's score, or of the cross-validated members by their mean."""
+    of the front by the search's score, or of the cross-validated members by their mean.
+    --best on the front (no `max_params`, not `best_score`): the one-standard-error rule
+    (`one_standard_error`)."""
     from optuna.trial import TrialState
 
+    if best_score and by == "cv":
+        raise NasError("--best-score", "ranks the search's front; with --by cv use --best")
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial is not None:
         if by != "search":
@@ -128,8 +143,32 @@ def choose_trial(
                 f"no {among} has at most {max_params:,} parameters (the smallest has {smallest:,})",
             )
         candidates = fitting
+    elif by == "search" and not best_score:
+        return by_number[one_standard_error(study)[1]]
     number = max(candidates, key=lambda c: (c[1], -c[2]))[0]
     return by_number[number]
+
+
+def one_standard_error(study: optuna.Study) -> tuple[int, int, dict]:
+    """(the front's best by score, the member the one-standard-error rule chooses, the
+    front's intervals by trial) over the search's one score."""
+    from nas.record import TrialRecord, study_objectives
+    from nas.results import pareto_front
+    from nas.scoring import front_intervals, one_standard_error_choice
+
+    front = pareto_front(study)
+    if not front:
+        raise NasError(study.study_name, "has no completed trial to export")
+    score = study_objectives(study).score.name
+    intervals = front_intervals(study, front) if score == "iou" else {}
+    members = []
+    for trial in front:
+        record = TrialRecord.of(trial)
+        known = intervals.get(trial.number)
+        members.append((trial.number, record.quantity(score), known.se if known else 0.0,
+                        record.n_params or 0))  # fmt: skip
+    best, chosen = one_standard_error_choice(members)
+    return best, chosen, intervals
 
 
 def _front_candidates(study: optuna.Study, score: str) -> list[tuple[int, float, int]]:
@@ -729,7 +768,7 @@ def run(args: argparse.Namespace) -> int:
     study = load_results_study(args.results, args.storage)
     if args.ensemble == "members":
         return _run_members(args, study)
-    trial = choose_trial(study, args.trial, args.max_params, args.by)
+    trial = choose_trial(study, args.trial, args.max_params, args.by, args.best_score)
     wanted = "folds" if args.ensemble == "folds" else args.weights
     weights = find_weights(study, args.results, trial, wanted)
 
@@ -763,9 +802,31 @@ def run(args: argparse.Namespace) -> int:
             "  postprocessing: largest connected component of "
             + ", ".join(card.postprocessing.largest_component)
         )
+    if args.trial is None and args.max_params is None and args.by == "search":
+        print("  " + _why_chosen(study, trial.number, args.best_score))
     for name, difference in card.source["max_abs_difference_from_eager"].items():
         print(f"  {name}: max |difference| from the eager model {difference:.2e}")
     return 0
+
+
+def _why_chosen(study: optuna.Study, number: int, best_score: bool) -> str:
+    """The line that says how --best or --best-score chose."""
+    best, chosen, intervals = one_standard_error(study)
+
+    def scored(n: int) -> str:
+        known = intervals.get(n)
+        return f"trial {n} ({known.score:.4f} +- {known.se:.4f})" if known else f"trial {n}"
+
+    if best_score:
+        other = "" if chosen == best else f"; --best would take {scored(chosen)}"
+        return f"chosen by the highest score: {scored(best)}{other}"
+    if chosen == best:
+        return f"chosen: {scored(best)}, the best score, and no smaller member within its error"
+    return (
+        f"chosen by the one-standard-error rule: {scored(chosen)}, the smallest front member "
+        f"whose score reaches the best, {scored(best)}, within its standard error over the "
+        f"validation cases; --best-score exports trial {best}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

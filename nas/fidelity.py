@@ -13,7 +13,7 @@ or cheap network with a modest IoU climbing if nothing smaller or cheaper beats 
 Each segment of training ends at a rung with its learning rate decayed (nas/search_trial.py
 trains one segment per rung), so the weights a rung ranks are annealed; a promoted candidate
 restarts its decay (warm restarts, as in SGDR). Rungs rank, and "still learning" compares,
-the mean of the last SMOOTHING_EPOCHS validations, not a single epoch's IoU.
+the search score (nas/scoring.py: the mean of the last validations), not a single epoch's.
 
 The budget: total optimiser steps (`study.budget`), or, with only a timeout, the steps the
 remaining time allows at the speed measured so far. FINAL_SHARE of it is kept for the endgame;
@@ -40,7 +40,7 @@ validation), `n_params`, `macs`, `rungs`, `train_config`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nas.objectives import TIMED, dominates
 from nas.record import TrialRecord, carried
+from nas.scoring import front_of, search_score, smoothed
 
 
 class FidelityConfig(BaseModel):
@@ -157,12 +158,6 @@ def continued(trials: Sequence[FrozenTrial]) -> set[int]:
     return {int(n) for n in continuing if n is not None}
 
 
-def superseded_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    """Completed trials whose candidate a later trial continued and completed."""
-    completed = (TrialRecord.of(t) for t in trials if t.state == TrialState.COMPLETE)
-    return {int(r.continues) for r in completed if r.continues is not None}
-
-
 def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
     """One member per candidate that reached `epoch`, from the latest trial of its lineage."""
     members: dict[int, Member] = {}
@@ -173,19 +168,6 @@ def rung_members(trials: Sequence[FrozenTrial], epoch: int) -> list[Member]:
             continue
         members[lineage(trial)] = member(trial, smoothed(trial.intermediate_values, epoch))
     return list(members.values())
-
-
-# How many of the last validations a decision averages: a single epoch's IoU on two or three
-# validation cases swings by 0.2 for a small network early in training (the default run
-# measured it), so the rungs rank, and "still learning" compares, the mean of the last ones.
-SMOOTHING_EPOCHS = 2
-
-
-def smoothed(curve: Mapping[int, float], epoch: int) -> float:
-    """The mean validation IoU of the last SMOOTHING_EPOCHS epochs up to `epoch` that the
-    curve holds (`epoch` itself must be one)."""
-    values = [curve[e] for e in range(epoch - SMOOTHING_EPOCHS + 1, epoch + 1) if e in curve]
-    return sum(values) / len(values)
 
 
 def rank(members: Sequence[Member]) -> list[Member]:
@@ -322,12 +304,8 @@ class Standing:
     open: bool  # the search may train it on now: stopped, not continued, not converged
 
     def score(self, epoch: int | None = None) -> float:
-        """Its smoothed validation IoU at `epoch` (default: the last), or at the last epoch
-        before it that the curve holds."""
-        curve = self.trial.intermediate_values
-        limit = self.epoch if epoch is None else epoch
-        at = max((e for e in curve if e <= limit), default=min(curve))
-        return smoothed(curve, at)
+        """Its search score (`scoring.search_score`) at `epoch`, default the last."""
+        return search_score(self.trial.intermediate_values, self.epoch if epoch is None else epoch)
 
 
 def standings(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> list[Standing]:
@@ -372,12 +350,9 @@ def equal_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:
 
 
 def own_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:
-    """The candidates no other beats as each stands: the front a run would report now."""
-
-    def point(s: Standing) -> tuple[float, int]:
-        return (-s.score(), s.n_params)
-
-    return [s for s in everyone if not any(dominates(point(o), point(s)) for o in everyone)]
+    """The candidates on the front a run would report now (`scoring.front_of`)."""
+    on_front = {t.number for t in front_of([s.trial for s in everyone])}
+    return [s for s in everyone if s.trial.number in on_front]
 
 
 def parity_promotions(

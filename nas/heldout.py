@@ -1,4 +1,5 @@
-"""Held-out test scores: the front's models on test cases that the search never saw.
+"""Held-out test scores: the front's models on test cases that the search never saw; and
+the front's whole validation volumes, predicted once per member after the search.
 
 A dataset's test split (nas/data/test_split.py) is `imagesTs/` + `labelsTs/` beside
 imagesTr/, or the folder `data.test` names. Each trial is scored through its export: the
@@ -28,6 +29,8 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from nas.builder import UNetConfig, build_unet
+from nas.candidate import TrainingData
 from nas.data.layouts import CaseFiles, Scan
 from nas.data.preprocess import open_nifti
 from nas.data.test_split import TestSplit
@@ -36,9 +39,10 @@ from nas.exported import load_predictor
 from nas.inference import Predictor, predictor
 from nas.model_card import ModelCard, read_card
 from nas.predict import segment_classes
-from nas.record import StudyRecord, merge_study
+from nas.record import StudyRecord, TrialRecord, merge_study
 from nas.results import checkpoint_path
-from nas.validate import PooledCounts, Scores
+from nas.train_config import TrainConfig
+from nas.validate import PooledCounts, Scores, evaluate
 from nas.weights import trial_name
 
 
@@ -147,6 +151,41 @@ def score_trials(
     if fresh:  # read again: another process may have stored other trials meanwhile
         merge_study(study, "test_scores", fresh)
     return scored
+
+
+def score_validation_volumes(
+    study: optuna.Study,
+    study_dir: Path,
+    trials: Sequence[FrozenTrial],
+    data: TrainingData,
+    device: torch.device,
+) -> float:
+    """Each completed trial of `trials` on the whole validation volumes (sliding windows, as
+    predict), stored in the study's "volume_scores" attr beside the patch score the search
+    decided on; a trial already scored is not scored again (its weights never change). The
+    seconds it took."""
+    start = time.perf_counter()
+    stored = StudyRecord.of(study).volume_scores
+    fresh = {}
+    for trial in trials:
+        weights = checkpoint_path(study_dir, trial.number)
+        if str(trial.number) in stored or trial.state != TrialState.COMPLETE:
+            continue
+        if not weights.is_file() or not data.val_cases:
+            continue
+        record = TrialRecord.of(trial)
+        unet = UNetConfig.from_dict(record.unet_config)
+        patch = TrainConfig(**record.train_config).patch_size(unet.spatial_dims)
+        model = build_unet(unet)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        began = time.perf_counter()
+        scores = evaluate(model.to(device), data.val_cases, data.scheme, patch, device,
+                          data.slicing.axis)  # fmt: skip
+        fresh[str(trial.number)] = {"iou": scores.iou, "dice": scores.dice,
+                                    "seconds": round(time.perf_counter() - began, 2)}  # fmt: skip
+    if fresh:  # read again: another process may have stored other trials meanwhile
+        merge_study(study, "volume_scores", fresh)
+    return time.perf_counter() - start
 
 
 def _score_with_times(

@@ -8,8 +8,9 @@ parameters (no more of every objective to minimise: MACs, latency, memory) had a
 validation IoU by the same epoch. A candidate that is the best seen
 at its size is never stopped, however low its IoU. Learning curves are read from the trials'
 intermediate values, which the objective stores through the study's storage. Both sides are
-compared on their best IoU up to that epoch: the curves of small networks trained for a few
-epochs jump by 0.2 from one epoch to the next, and one bad epoch should not end a candidate.
+compared on the search's one score at that epoch (nas/scoring.py: the mean of the last
+validations), as the rungs and the front compare them: the curves of small networks trained
+for a few epochs jump by 0.2 from one epoch to the next, and one bad epoch should not decide.
 
 Why this rule rather than successive halving within size strata: it needs no strata
 boundaries or rung schedule, and it can only stop a candidate that k smaller-or-equal
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nas.objectives import dominates
 from nas.record import TrialRecord
+from nas.scoring import search_score
 
 
 class PrunerConfig(BaseModel):
@@ -65,8 +67,8 @@ def dominated_at_epoch(
     """Whether trial `number` should stop now.
 
     costs: its objectives to minimise (parameters by default; MACs, latency or memory as the
-    study says), all known before training; iou: its best validation IoU up to and
-    including `epoch`. A peer counts against it when it dominates it with a higher IoU: costs
+    study says), all known before training; iou: its search score at `epoch`
+    (`scoring.search_score`). A peer counts against it when it dominates it with a higher IoU: costs
     no more on every one of them and scores higher.
     """
     if cfg.type == "none" or epoch <= cfg.warmup_epochs:
@@ -77,7 +79,7 @@ def dominated_at_epoch(
         theirs = {name: record.quantity(name) for name in costs}
         if trial.number == number or epoch not in record.curve or None in theirs.values():
             continue
-        peers.append((theirs, best_up_to(record.curve, epoch)))
+        peers.append((theirs, search_score(record.curve, epoch)))
     if len(peers) < cfg.min_trials:
         return False
     known = [name for name, mine in costs.items() if mine is not None]
@@ -91,8 +93,3 @@ def dominated_at_epoch(
         1 for theirs, value in peers if value > iou and dominates(point(value, theirs), mine)
     )
     return better >= cfg.k
-
-
-def best_up_to(curve: Mapping[int, float], epoch: int) -> float:
-    """The best value of a learning curve {epoch: IoU} up to and including `epoch`."""
-    return max(value for step, value in curve.items() if step <= epoch)

@@ -76,6 +76,9 @@ class TrialRecord:
     train_loss: tuple[float, ...] = ()
     epoch_seconds: tuple[float, ...] = ()
     val_iou_per_class: tuple[float, ...] = ()
+    # Voxel counts per validation case of its last validations, by epoch (as text):
+    # [case][intersection, predicted, truth][class], for the score's bootstrap interval.
+    val_case_counts: Mapping[str, Any] = field(default_factory=dict)
     artifact_error: str | None = None  # the overlay or an upload failed (the scores stand)
     # A rerun of a search trial (nas.retrain, a fold of nas.crossval): which, on which fold,
     # its search validation IoU, and each validation case scored out of fold.
@@ -136,6 +139,7 @@ class TrialRecord:
             train_loss=tuple(attrs.get("train_loss", ())),
             epoch_seconds=tuple(attrs.get("epoch_seconds", ())),
             val_iou_per_class=tuple(attrs.get("val_iou_per_class", ())),
+            val_case_counts=attrs.get("val_case_counts") or {},
             artifact_error=attrs.get("artifact_error"),
             source_trial=_integer(attrs.get("source_trial")),
             fold=_integer(attrs.get("fold")),
@@ -287,6 +291,7 @@ class StudyRecord:
     data_config: Mapping[str, Any] | None = None
     data_description: Mapping[str, Any] | None = None
     patch_plan: Mapping[str, Any] | None = None  # the `auto` sizes planned (nas/patch_plan.py)
+    validation: Mapping[str, Any] | None = None  # how the search validated (scoring.py)
     data_cases: Mapping[str, Any] | None = None
     # Mappings by trial number: held-out scores (nas/heldout.py), the classes whose largest
     # component is kept, held-out fold ensembles (rows of compare_ensemble), the all-cases
@@ -296,6 +301,12 @@ class StudyRecord:
     heldout_ensemble: Mapping[str, list] = field(default_factory=dict)
     all_cases: Mapping[str, Any] = field(default_factory=dict)
     member_ensembles: Mapping[str, Any] = field(default_factory=dict)
+    # The front's whole validation volumes, predicted once per member after the search
+    # ({iou, dice, seconds} by trial), beside the patch score the search decided on.
+    volume_scores: Mapping[str, Any] = field(default_factory=dict)
+    # How well each rung's ranking foretold the next one's, as the last run ended
+    # (scoring.rung_correlations).
+    rung_correlations: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:

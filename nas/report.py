@@ -15,7 +15,7 @@ import html
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "report.html"
 FRONT_COLUMNS = [
-    "number", "val_iou", "val_dice", "test_iou", "test_dice", "n_params", "macs",
-    "latency_ms", "memory_mb", "epochs_run", "fidelity_steps", "undertrained", "continues",
-    "seconds", "summary",
+    "number", "val_iou", "val_iou_se", "volume_val_iou", "val_dice", "test_iou", "test_dice",
+    "n_params", "macs", "latency_ms", "memory_mb", "epochs_run", "fidelity_steps",
+    "undertrained", "below_top_rung", "continues", "seconds", "summary",
 ]  # fmt: skip
 # Measured only when an objective or a constraint names them: shown only then.
 MEASURED_ONLY_WHEN_ASKED = ("latency_ms", "memory_mb")
@@ -132,9 +132,13 @@ def _hover(record: TrialRecord, objectives: Sequence[str]) -> str:
 
 
 def _front_figure(
-    trials: Sequence[FrozenTrial], front: list[FrozenTrial], objectives: Sequence[str]
+    trials: Sequence[FrozenTrial],
+    front: list[FrozenTrial],
+    objectives: Sequence[str],
+    errors: Mapping[int, float],
 ) -> go.Figure:
-    """The score against each other objective, one panel each (two objectives: one)."""
+    """The score against each other objective, one panel each (two objectives: one); the
+    front's members with `errors` (their score's standard error, by trial) as error bars."""
     import numpy as np
     import plotly.graph_objects as go
     from optuna.trial import TrialState
@@ -188,6 +192,11 @@ def _front_figure(
                 marker={"size": 12, "symbol": "star", "color": "#d62728"},
                 name="Pareto front",
                 legendgroup="front",
+                error_y={
+                    "type": "data",
+                    "array": [errors.get(r.number, 0.0) for r in by_x],
+                    "visible": score == "iou" and bool(errors),
+                },  # fmt: skip
                 showlegend=column == 1,
                 text=[_hover(r, objectives) for r in by_x],
                 hoverinfo="text",
@@ -353,6 +362,33 @@ def _front_table(table: pd.DataFrame) -> str:
     return shown.to_html(index=False, float_format="{:.4f}".format, na_rep="", border=0)
 
 
+def _choice_line(study: optuna.Study, front: Sequence[FrozenTrial]) -> str:
+    from nas.export import one_standard_error
+
+    if not front:
+        return "no member yet"
+    best, chosen, _ = one_standard_error(study)
+    return f"trial {chosen}; the best score is trial {best}'s"
+
+
+def _rungs_section(trials: Sequence[FrozenTrial]) -> str:
+    """How well each rung's ranking foretold the next one's (Spearman over the candidates that
+    reached both): a weak first cut discards candidates on noise."""
+    import pandas as pd
+
+    from nas.scoring import rung_correlations
+
+    rows = rung_correlations(trials)
+    if not rows:
+        return ""
+    table = pd.DataFrame(rows).rename(
+        columns={"lower": "rung (epochs)", "upper": "next rung", "candidates": "at both"}
+    )
+    return "<h3>How well each rung foretells the next</h3>" + table.to_html(
+        index=False, float_format="{:.2f}".format, na_rep="", border=0
+    )
+
+
 def _mean_sd(mean: float, sd: float | None) -> str:
     return f"{mean:.4f}" if sd is None or math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
@@ -445,8 +481,9 @@ def render(
 
     from nas.objectives import OBJECTIVES
     from nas.record import StudyRecord, TrialRecord, study_objectives
-    from nas.results import front_of, panels
     from nas.results import front_table as front_table_of
+    from nas.results import panels
+    from nas.scoring import front_intervals, front_of
 
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     objectives = study_objectives(study).names
@@ -457,8 +494,10 @@ def render(
         states[trial.state.name] += 1
     counts = ", ".join(f"{n} {name.lower()}" for name, n in states.items() if n)
     best = max((TrialRecord.of(t).quantity(score) for t in front), default=None)
+    recorded = StudyRecord.of(study)
+    intervals = front_intervals(study, front)
     figures: list[go.Figure | str] = [
-        _front_figure(trials, front, objectives),
+        _front_figure(trials, front, objectives, {n: i.se for n, i in intervals.items()}),
         _hypervolume_figure(trials, objectives),
         _curves_figure(trials, front),
         _importance_figure(study, score),
@@ -470,8 +509,8 @@ def render(
             continue
         parts.append(figure.to_html(full_html=False, include_plotlyjs=not script_embedded))
         script_embedded = True
-    recorded = StudyRecord.of(study)
-    front_table = _front_table(front_table_of(front, recorded.test_scores))
+    table = front_table_of(front, recorded.test_scores, intervals, recorded.volume_scores)
+    front_table = _front_table(table)
     dataset = recorded.dataset()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary_line = (
@@ -488,7 +527,13 @@ def render(
 <p>{html.escape(summary_line)}. Data: {html.escape(str(dataset))}. Written {created}.</p>
 {"".join(parts)}
 <h2>The front</h2>
+<p>val_iou is the search's score (smoothed over the last validations, on the fixed validation
+patches) at each member's fidelity, +- val_iou_se its standard error over the validation
+cases (bootstrap); volume_val_iou the whole validation volumes, predicted once after the
+search. <code>nas export --best</code> takes the smallest member within one standard error of
+the best score ({_choice_line(study, front)}).</p>
 {front_table}
+{_rungs_section(trials)}
 {_crossval_section(study)}
 <h2>Validation overlays of the front (green: ground truth, red: prediction)</h2>
 {_overlays(study_dir, front)}
@@ -506,7 +551,7 @@ def publish_curves(study: optuna.Study, front: list[FrozenTrial] | None = None) 
     from optuna_dashboard import save_plotly_graph_object
 
     from nas.record import study_objectives
-    from nas.results import front_of
+    from nas.scoring import front_of
 
     if front is None:
         front = front_of(study.get_trials(deepcopy=False), study_objectives(study).names)

@@ -7,29 +7,24 @@ so a crash mid-write never leaves a truncated table. Knows nothing of training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from nas.fidelity import may_continue, superseded_numbers, undertrained  # noqa: E402
-from nas.objectives import (  # noqa: E402
-    DEFAULT_OBJECTIVES,
-    OBJECTIVES,
-    as_minimised,
-    non_dominated,
-    score_of,
-)
+from nas.fidelity import may_continue, undertrained  # noqa: E402
+from nas.objectives import OBJECTIVES, score_of  # noqa: E402
 from nas.record import StudyRecord, TrialRecord, records, study_objectives  # noqa: E402
+from nas.scoring import Interval, front_intervals, front_of, superseded_numbers  # noqa: E402
 from nas.staging import atomic_write  # noqa: E402
 from nas.weights import checkpoint_path  # noqa: E402
 
@@ -74,39 +69,6 @@ def save_checkpoint(study_dir: Path, trial_number: int, state_dict: dict) -> Pat
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     """The non-dominated feasible completed trials over the study's objectives."""
     return front_of(study.get_trials(deepcopy=False), study_objectives(study).names)
-
-
-def front_of(
-    trials: Sequence[FrozenTrial], objectives: Sequence[str] = DEFAULT_OBJECTIVES
-) -> list[FrozenTrial]:
-    """The non-dominated completed, feasible trials among `trials` over `objectives` (as
-    Optuna's best_trials: equal values are all kept), sorted by the first objective to
-    minimise, then best score first. A candidate that a later trial trained further is
-    represented by that trial only (each member at the fidelity it reached)."""
-    superseded = superseded_numbers(trials)
-    completed = [
-        (t, r)
-        for t, r in zip(trials, records(trials), strict=True)
-        if r.complete and r.feasible and t.number not in superseded
-        and all(r.quantity(n) is not None for n in objectives)  # (not a trial nas wrote)
-    ]  # fmt: skip
-    if not completed:
-        return []
-    points = np.array([[r.quantity(n) for n in objectives] for _, r in completed], dtype=float)
-    mask = non_dominated(points, objectives)
-    front = [pair for pair, keep in zip(completed, mask, strict=True) if keep]
-    low = as_minimised(points[mask], objectives)
-    order = sorted(
-        range(len(front)), key=lambda i: (*_cost_first(low[i], objectives), front[i][0].number)
-    )
-    return [front[i][0] for i in order]
-
-
-def _cost_first(low: np.ndarray, objectives: Sequence[str]) -> list[float]:
-    """A front member's sort key: its minimised objectives, those to minimise first."""
-    costs = [i for i, n in enumerate(objectives) if not OBJECTIVES[n].maximise]
-    scores = [i for i, n in enumerate(objectives) if OBJECTIVES[n].maximise]
-    return [float(low[i]) for i in [*costs, *scores]]
 
 
 def _promotable(trial: FrozenTrial, superseded: set[int]) -> bool:
@@ -163,16 +125,32 @@ def trials_table(trials: list[FrozenTrial], test_scores: dict | None = None) -> 
     )
 
 
-def front_table(front: list[FrozenTrial], test_scores: dict | None = None) -> pd.DataFrame:
-    """The front's rows, with `undertrained`: trained far fewer steps than a member of
-    similar cost (nas.fidelity.undertrained), so its score says less about its capacity."""
+def front_table(
+    front: list[FrozenTrial],
+    test_scores: dict | None = None,
+    intervals: Mapping[int, Interval] | None = None,
+    volume_scores: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """The front's rows, with: the score's standard error over the validation cases and
+    the interval it spans (`scoring.interval`); the IoU of the whole validation volumes,
+    predicted once per member after the search (`volume_scores`), beside the patch score the
+    search decided on; `undertrained`: trained far fewer steps than a member of similar cost
+    (nas.fidelity.undertrained); `below_top_rung`: stopped below the schedule's top rung."""
     table = trials_table(front, test_scores)
+    intervals, volume_scores = intervals or {}, volume_scores or {}
+    at = table.columns.get_loc("val_iou") + 1
+    known = [intervals.get(n) for n in table["number"]]
+    for offset, (name, value) in enumerate(
+        (("val_iou_se", "se"), ("val_iou_low", "low"), ("val_iou_high", "high"))
+    ):
+        table.insert(at + offset, name, [getattr(i, value) if i else None for i in known])
+    volume = [volume_scores.get(str(n), {}).get("iou") for n in table["number"]]
+    table.insert(at + 3, "volume_val_iou", volume)
     marked = undertrained_numbers(front)
-    table.insert(
-        table.columns.get_loc("fidelity_steps") + 1,
-        "undertrained",
-        [n in marked for n in table["number"]],
-    )
+    at = table.columns.get_loc("fidelity_steps") + 1
+    table.insert(at, "undertrained", [n in marked for n in table["number"]])
+    below = {r.number for r in records(front) if r.rungs and (r.epochs_run or 0) < r.rungs[-1]}
+    table.insert(at + 1, "below_top_rung", [n in below for n in table["number"]])
     return table
 
 
@@ -200,8 +178,12 @@ def _plot_front(
     front: list[FrozenTrial],
     objectives: Sequence[str],
     path: Path,
+    intervals: Mapping[int, Interval] | None = None,
 ) -> None:
+    """The score against each other objective; the front's members with their score's
+    standard error over the validation cases as error bars."""
     completed = [r for r in records(trials) if r.complete]
+    intervals = intervals or {}
     on_front = [TrialRecord.of(t) for t in front]
     score, others = panels(objectives)
     fig, axes = plt.subplots(1, len(others), figsize=(7 * len(others), 4.5), squeeze=False)
@@ -215,6 +197,10 @@ def _plot_front(
             xs, ys = [r.quantity(other) for r in by_x], [r.quantity(score) for r in by_x]
             ax.scatter(xs, ys, color="tab:red", marker="*", s=140, label="Pareto front",
                        zorder=3)  # fmt: skip
+            errors = [intervals[r.number].se if r.number in intervals else 0.0 for r in by_x]
+            if score == "iou" and any(errors):
+                ax.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="tab:red", capsize=3,
+                            zorder=2)  # fmt: skip
             if len(objectives) == 2:  # the front is a staircase only in two objectives
                 ax.step(xs, ys, where="post", color="tab:red")
             for r in by_x:
@@ -261,16 +247,16 @@ def write_results(
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     objectives = study_objectives(study).names
     front = front_of(trials, objectives)
-    test = StudyRecord.of(study).test_scores
+    recorded = StudyRecord.of(study)
+    test, intervals = recorded.test_scores, front_intervals(study, front)
     atomic_write(
         study_dir / "trials.csv", lambda p: trials_table(trials, test).to_csv(p, index=False)
     )
-    atomic_write(
-        study_dir / "pareto.csv", lambda p: front_table(front, test).to_csv(p, index=False)
-    )
+    table = front_table(front, test, intervals, recorded.volume_scores)
+    atomic_write(study_dir / "pareto.csv", lambda p: table.to_csv(p, index=False))
     atomic_write(
         study_dir / "pareto.png",
-        lambda p: _plot_front(study.study_name, trials, front, objectives, p),
+        lambda p: _plot_front(study.study_name, trials, front, objectives, p, intervals),
     )
     on_front = {t.number for t in front}
     superseded = superseded_numbers(trials)

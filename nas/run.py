@@ -224,14 +224,7 @@ def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[
     return command  # the storage goes through the environment: no password in `ps`
 
 
-def _run_workers(
-    args: argparse.Namespace,
-    study: optuna.Study,
-    study_dir: Path,
-    storage: str,
-    device: torch.device,
-    test_split: TestSplit | None = None,
-) -> int:
+def _run_workers(args: argparse.Namespace, study: optuna.Study, setup: _Setup, storage: str) -> int:
     """Start `--workers` processes on the study and wait for them; results/ at the end.
 
     Each worker has its own process group, so a Ctrl-C at the terminal reaches this process
@@ -260,7 +253,8 @@ def _run_workers(
                 worker.send_signal(interrupted - 128)
         codes = [worker.wait() for worker in workers]
     if not interrupted:
-        _score_held_out(study, study_dir, test_split, device)
+        _score_front(study, setup)
+    study_dir = setup.study_dir
     front = _refresh(study, study_dir) or []
     lost = [f"worker {i} exited with {code}" for i, code in enumerate(codes) if code]
     if interrupted:
@@ -278,6 +272,7 @@ def _summary(
 ) -> None:
     from optuna.trial import TrialState
 
+    from nas.record import StudyRecord
     from nas.results import undertrained_numbers
     from nas.storage import redact
 
@@ -287,6 +282,10 @@ def _summary(
     for trial in front:
         far_less = "  (trained far less than a front member of similar size)"
         print("  " + _trial_line(trial) + (far_less if trial.number in marked else ""))
+    for row in StudyRecord.of(study).rung_correlations:
+        if row["spearman"] is not None:
+            print(f"rung {row['lower']} foretold rung {row['upper']} with Spearman "
+                  f"{row['spearman']:.2f} over {row['candidates']} candidates")  # fmt: skip
     print(
         f"results in {study_dir}/ (report.html, trials.csv, pareto.csv, pareto.png, "
         "checkpoints/, artifacts/)"
@@ -297,7 +296,7 @@ def _summary(
 
 def _dry_run(setup: _Setup) -> int:
     """Print what the search would do; no study, no results folder."""
-    from nas.dry_run import describe_candidate, sample_candidate
+    from nas.dry_run import describe_candidate, sample_candidate, validation_share
 
     space, dataset, test_split = setup.space, setup.dataset, setup.test_split
     train_cases, val_cases = setup.train_cases, setup.val_cases
@@ -312,8 +311,11 @@ def _dry_run(setup: _Setup) -> int:
           f"{study.sampler}, up to {study.n_trials} trials")  # fmt: skip
     print(_plan_line(setup.schedule, space))
     candidate = sample_candidate(space, dataset.in_channels, dataset.scheme.out_channels)
-    print(describe_candidate(candidate, dataset.in_channels, train_cases, dataset.scheme,
-                             data.slicing, setup.device))  # fmt: skip
+    line, step = describe_candidate(candidate, dataset.in_channels, train_cases, dataset.scheme,
+                                    data.slicing, setup.device)  # fmt: skip
+    print(line)
+    print(validation_share(candidate, val_cases, dataset.scheme, space, setup.schedule.rungs,
+                           step, setup.device))  # fmt: skip
     print("dry run: no study was created")
     return 0
 
@@ -466,14 +468,14 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     if not is_worker:
         _announce(setup, study, storage, n_settled(study))
     if working and args.workers > 1:
-        return _run_workers(args, study, setup.study_dir, storage, setup.device, setup.test_split)
+        return _run_workers(args, study, setup, storage)
     if working:
         interrupted = _run_trials(args, log, setup, study)
         if interrupted is not None:
             return interrupted
     if is_worker:
         return 0
-    _score_held_out(study, setup.study_dir, setup.test_split, setup.device)
+    _score_front(study, setup)
     front = _refresh(study, setup.study_dir) or []
     _summary(study, setup.study_dir, front, args)
     return 0
@@ -534,6 +536,7 @@ def _open_run_study(
     from nas import resume
     from nas.liveness import settle_orphans
     from nas.model_card import describe_data
+    from nas.record import write_study
     from nas.results import checkpoint_path
     from nas.study import default_storage, open_study
 
@@ -560,6 +563,7 @@ def _open_run_study(
         },
     }
     resume.check(study, space, data, args.space, args.extend_space)
+    write_study(study, validation=space.study.validation.model_dump())  # for its intervals
     # What this run searches, --set and --data included; once the study accepted it.
     text = yaml.safe_dump(setup.effective, sort_keys=False)
     atomic_write(study_dir / SPACE_FILE, lambda tmp: tmp.write_text(text))
@@ -641,23 +645,31 @@ class _TrialProgress:
         self.show(study)
 
 
-def _score_held_out(
-    study: optuna.Study, study_dir: Path, test_split: TestSplit | None, device: torch.device
-) -> None:
-    """Held-out test scores of the front members (the study's test split), for the tables
-    and the report; they are never used to select."""
-    from nas.heldout import score_trials
+def _score_front(study: optuna.Study, setup: _Setup) -> None:
+    """The front's members on the whole validation volumes (beside the patch score the
+    search decided on), and on the held-out test cases, for the tables and the report; they
+    are never used to select. Each says how long it took."""
+    from nas.candidate import TrainingData
+    from nas.heldout import score_trials, score_validation_volumes
+    from nas.record import write_study
     from nas.results import pareto_front
+    from nas.scoring import rung_correlations
 
-    if test_split is None:
-        return
-    front = pareto_front(study)
-    print(f"scoring {len(front)} front member(s) on {len(test_split.cases)} held-out test "
-          "case(s)", flush=True)  # fmt: skip
+    front, split = pareto_front(study), setup.test_split
+    write_study(study, rung_correlations=rung_correlations(study.get_trials(deepcopy=False)))
+    data = TrainingData(setup.train_cases, setup.val_cases, setup.dataset.scheme,
+                        setup.space.data.slicing)  # fmt: skip
     try:
-        score_trials(study, study_dir, front, test_split, device)
+        seconds = score_validation_volumes(study, setup.study_dir, front, data, setup.device)
+        print(f"scored {len(front)} front member(s) on {len(setup.val_cases)} whole validation "
+              f"volume(s) in {seconds:.1f} s", flush=True)  # fmt: skip
+        if split is not None:
+            start = time.perf_counter()
+            score_trials(study, setup.study_dir, front, split, setup.device)
+            print(f"scored {len(front)} front member(s) on {len(split.cases)} held-out test "
+                  f"case(s) in {time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
     except Exception as err:  # the search's results stand without them
-        print(f"warning: could not score the front on the held-out cases "
+        print(f"warning: could not score the front after the search "
               f"({type(err).__name__}: {err})", file=sys.stderr, flush=True)  # fmt: skip
 
 

@@ -1,16 +1,25 @@
-"""What the sampler learns from: one observation per candidate, at the fidelity it reached.
+"""What the sampler learns from: one observation per candidate, all at one fidelity.
 
 A promoted candidate continues in a new trial with the same parameters, and its earlier
 trial stays COMPLETE with the value it had at the lower rung (Optuna cannot change a finished
 trial). A sampler reading every trial would count that configuration twice, once at a low and
 once at a high fidelity. `LineageSampler` wraps Optuna's sampler and shows it the study
 without those superseded trials, and without running continuations (their parameters are
-fixed, not the sampler's to spread out), so each candidate is one observation at its latest
-fidelity. Everything else is the wrapped sampler's own.
+fixed, not the sampler's to spread out), so each candidate is one observation.
+
+And all at one fidelity (`at_common_rung`): a candidate's last value may come from 30 or from
+2,700 steps, and a model fit to both learns the schedule rather than the architecture. As
+BOHB fits its model per budget and SMAC uses the highest fidelity with enough samples, the
+sampler sees each candidate's search score at the highest rung that at least MIN_AT_RUNG
+candidates reached; a candidate that stopped below it was not promoted there (it ranked
+below the top 1/eta of its rung) and is shown as pruned, which Optuna's samplers rank below
+every completed trial. Everything else is the wrapped sampler's own.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Container, Sequence
 from typing import Any
 
@@ -20,8 +29,12 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.fidelity import superseded_numbers
-from nas.record import TrialRecord
+from nas.record import TrialRecord, study_objectives
+from nas.scoring import search_score, superseded_numbers
+
+# Candidates a rung needs before the sampler learns at it (TPE's below group is a tenth of
+# the observations, so fewer would leave it nothing to model).
+MIN_AT_RUNG = 5
 
 
 def latest_observations(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -34,6 +47,43 @@ def latest_observations(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         if t.number not in superseded
         and not (t.state == TrialState.RUNNING and TrialRecord.of(t).continues is not None)
     ]
+
+
+def common_rung(trials: Sequence[FrozenTrial]) -> int | None:
+    """The highest rung (epochs) that at least MIN_AT_RUNG candidates reached, else the
+    lowest; None for a study without rungs (trials nas did not write)."""
+    rungs = sorted({r for t in trials for r in TrialRecord.of(t).rungs})
+    if not rungs:
+        return None
+    reached = [
+        sum(1 for t in trials if t.state == TrialState.COMPLETE and r in t.intermediate_values)
+        for r in rungs
+    ]
+    enough = [r for r, n in zip(rungs, reached, strict=True) if n >= MIN_AT_RUNG]
+    return enough[-1] if enough else rungs[0]
+
+
+def at_common_rung(trials: Sequence[FrozenTrial], score_index: int | None) -> list[FrozenTrial]:
+    """`trials` (one per candidate) as the sampler sees them: each completed one with its
+    score objective (at `score_index` of its values; None: not IoU, left as it is) taken at
+    the common rung, or pruned there if it stopped below it."""
+    rung = common_rung(trials)
+    if rung is None or score_index is None:
+        return list(trials)
+    seen = []
+    for trial in trials:
+        if trial.state != TrialState.COMPLETE or not trial.values:
+            seen.append(trial)
+            continue
+        view = copy.copy(trial)
+        if rung in trial.intermediate_values:
+            values = list(trial.values)
+            values[score_index] = search_score(trial.intermediate_values, rung)
+            view.values = values
+        else:
+            view.state, view.values = TrialState.PRUNED, None
+        seen.append(view)
+    return seen
 
 
 class _LatestView:
@@ -61,8 +111,14 @@ class _LatestView:
         use_cache: bool = False,
     ) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, use_cache=use_cache)
-        seen = latest_observations(trials)
+        seen = at_common_rung(latest_observations(trials), self._score_index)
         return seen if states is None else [t for t in seen if t.state in states]
+
+    @functools.cached_property
+    def _score_index(self) -> int | None:
+        """Where IoU stands among the study's values (the curves are IoU); None without."""
+        names = study_objectives(self._study).names
+        return names.index("iou") if "iou" in names else None
 
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None

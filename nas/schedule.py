@@ -28,8 +28,9 @@ from nas.fidelity import (
     spending,
     standings,
 )
-from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
+from nas.pruning import PrunerConfig, dominated_at_epoch
 from nas.record import TrialRecord, carried
+from nas.scoring import search_score
 from nas.space import SearchSpace
 from nas.study import is_new, settled_count
 from nas.train_config import TrainConfig
@@ -90,9 +91,9 @@ class Schedule:
                 spending(trials), steps, report.seconds_per_step, self.eta
             )
             return Verdict(fits)
-        best = best_up_to(report.curve, report.epoch)
+        score = search_score(report.curve, report.epoch)
         if dominated_at_epoch(self.pruner, trials, report.number, report.costs, report.epoch,
-                              best):  # fmt: skip
+                              score):  # fmt: skip
             return Verdict(False, f"stopped at epoch {report.epoch}: dominated by cheaper networks")
         return Verdict(True)
 

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -49,35 +48,26 @@ from nas.memory import (
 from nas.objectives import (
     OBJECTIVES,
     Bound,
-    non_dominated,
     rejection,
     values_of,
     violations,
 )
-from nas.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, records, write
+from nas.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
 from nas.results import checkpoint_path, save_checkpoint
 from nas.schedule import EpochReport, Schedule
+from nas.scoring import decision_epochs, joins_front, kept_counts, search_score
 from nas.space import Candidate, SearchSpace, sample
 from nas.study import INTERRUPTED
 from nas.train import (
     CandidateFailed,
     EpochResult,
     FitResult,
+    ValidationPlan,
     is_out_of_memory,
     out_of_memory_reason,
 )
 from nas.train_config import TrainConfig
-from nas.validate import Scores
-
-
-def _dominated(study: optuna.Study, values: Sequence[float], objectives: Sequence[str]) -> bool:
-    """Whether a completed feasible trial is at least as good on every objective and better
-    on one."""
-    others = [r for r in records(study.get_trials(deepcopy=False)) if r.complete and r.feasible]
-    if not others:
-        return False
-    points = np.array([[r.quantity(n) for n in objectives] for r in others] + [list(values)])
-    return not bool(non_dominated(points, objectives)[-1])
+from nas.validate import Scores, ValidationPatches
 
 
 def _set_constraints(
@@ -94,9 +84,12 @@ def _set_constraints(
             trial.set_constraint(name, value)
 
 
-def _record_scores(trial: optuna.Trial, scores: Scores, epochs: int, start: float) -> None:
-    """The last validation scores, kept as user attrs (a pruned trial has no values)."""
-    write(trial, iou=scores.iou, dice=scores.dice, val_iou_per_class=tuple(scores.iou_per_class),
+def _record_scores(
+    trial: optuna.Trial, score: float, scores: Scores, epochs: int, start: float
+) -> None:
+    """The search score (`scoring.search_score`) as the trial's IoU, and the last
+    validation's Dice and per-class IoU, kept as user attrs (a pruned trial has no values)."""
+    write(trial, iou=score, dice=scores.dice, val_iou_per_class=tuple(scores.iou_per_class),
           epochs_run=epochs, seconds=round(time.perf_counter() - start, 2))  # fmt: skip
 
 
@@ -128,6 +121,14 @@ class SearchRun:
     schedule: Schedule
     shown_case: Case  # the validation case each trial's overlay shows
     memory_limit: int  # bytes a candidate's training may need
+    patches: ValidationPatches  # what every candidate's decisions are validated on
+
+    def validation(self, start: int, end: int) -> ValidationPlan:
+        """How a segment from epoch `start` to `end` validates: on the run's patches, after
+        the epochs decisions read (every epoch with the pruner on, which compares curves)."""
+        cfg = self.space.study.validation
+        every = cfg.every or (1 if self.schedule.pruner.type != "none" else None)
+        return ValidationPlan(decision_epochs(start, end, every), self.patches)
 
     @property
     def cost_names(self) -> list[str]:
@@ -151,7 +152,11 @@ def make_objective(
     gb = space.study.max_memory_gb
     memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
     shown_case = example_case(data.val_cases)
-    run = SearchRun(space, data, in_channels, device, study_dir, schedule, shown_case, memory_limit)
+    cfg = space.study.validation
+    patches = ValidationPatches(data.val_cases, cfg.patches_per_case, space.study.seed,
+                                data.slicing.axis, cfg.foreground_fraction)  # fmt: skip
+    run = SearchRun(space, data, in_channels, device, study_dir, schedule, shown_case,
+                    memory_limit, patches)  # fmt: skip
     return functools.partial(objective, run)
 
 
@@ -246,23 +251,26 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
         segment = within_timeout(candidate, run.schedule, first=outcome is None)
         if segment is None:  # the run's time is up: the candidate stays at its rung
             break
-        outcome = train_candidate(segment, run.data, run.device, end, state, progress.on_epoch)
+        validation = run.validation(state.epoch if state else 0, end)
+        outcome = train_candidate(segment, run.data, run.device, end, state, progress.on_epoch,
+                                  validation)  # fmt: skip
         state, result = outcome.state, outcome.fit
         progress.end_segment()
         if progress.pruned or result.stopped_by_time or state.epoch < end or not progress.go_on:
             break
     reached = outcome.state.epoch
+    score = search_score(progress.curve, reached)
     # The scores first: whatever fails after training, they stay with the trial.
-    _record_scores(trial, result.scores, reached, start)
+    _record_scores(trial, score, result.scores, reached, start)
     steps_per_epoch = candidate.train.batches_per_epoch
     write(trial, stopped_by_time=result.stopped_by_time,
           fidelity_steps=reached * steps_per_epoch)  # fmt: skip
-    scores = {"val_iou": result.scores.iou, "val_dice": result.scores.dice, "epochs_run": reached}
+    scores = {"val_iou": score, "val_dice": result.scores.dice, "epochs_run": reached}
     if progress.pruned:
         _note(run, trial, measured, "PRUNED", **scores, reason=progress.pruned[0])
         raise optuna.TrialPruned(progress.pruned[0])
     weights = _save_weights(run, trial, measured, outcome, result)
-    quantities |= {"iou": result.scores.iou, "dice": result.scores.dice}
+    quantities |= {"iou": score, "dice": result.scores.dice}
     if constraints:  # on scores too: a trial that breaks one is infeasible
         _set_constraints(trial, quantities, constraints, before_training=False)
     values = values_of(quantities, run.space.study.objectives)
@@ -355,6 +363,8 @@ class Progress:
     train_losses: list[float]
     epoch_seconds: list[float]
     curve: dict[int, float]
+    # Per-case counts of this trial's validations, by epoch (`scoring.kept_counts` keeps them).
+    case_counts: dict[int, tuple] = dataclasses.field(default_factory=dict)
     pruned: list[str] = dataclasses.field(default_factory=list)
     steps: int = 0  # over the trial's segments
     seconds: float = 0.0  # of training and validation, over the trial's segments
@@ -389,6 +399,11 @@ class Progress:
         self.seconds = self.before_segment + result.seconds
         write(trial, train_loss=tuple(self.train_losses), epoch_seconds=tuple(self.epoch_seconds),
               steps=self.steps, segment_seconds=round(self.seconds, 3))  # fmt: skip
+        if result.scores is None:  # not validated: nothing to judge
+            write(trial, epochs_run=result.epoch)
+            return True
+        self.case_counts[result.epoch] = result.scores.case_counts
+        write(trial, val_case_counts=kept_counts(self.case_counts, result.epoch))
         # Trial.report refuses multi-objective studies; the storage still keeps the curve,
         # which is what optuna-dashboard draws and the schedule and pruner compare.
         trial.storage.set_trial_intermediate_value(trial._trial_id, result.epoch, result.scores.iou)
@@ -439,7 +454,7 @@ def _save_artifacts(
 ) -> None:
     """The overlay, and the weights of a trial on the front now, as Optuna artifacts."""
     constraints = run.space.study.constraints
-    title = f"trial {trial.number}, IoU {outcome.fit.scores.iou:.3f}"
+    title = f"trial {trial.number}, IoU {quantities['iou']:.3f}"
     try:
         overlay = overlay_path(run.study_dir, trial.number)
         write_overlay(outcome.model, run.shown_case, run.data.scheme, measured.patch, run.device,
@@ -447,7 +462,8 @@ def _save_artifacts(
         upload(trial, run.study_dir, overlay)
         feasible = not constraints or max(violations(quantities, constraints)) <= 0
         objectives = run.space.study.objectives
-        if feasible and not _dominated(trial.study, values, objectives):
+        trials = trial.study.get_trials(deepcopy=False)
+        if feasible and joins_front(trials, trial.number, values, objectives):
             # On the front now: the only moment its weights can still join the trial (a
             # finished trial is read-only), and every final front member passes here.
             upload(trial, run.study_dir, weights)

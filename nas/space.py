@@ -44,6 +44,7 @@ from nas.fidelity import FidelityConfig
 from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound, LatencyConfig
 from nas.objectives import Name as ObjectiveName
 from nas.pruning import PrunerConfig
+from nas.scoring import ValidationConfig
 from nas.storage import HeartbeatConfig
 from nas.train_config import MAX_PATCH_SIZE, TrainConfig
 from nas.unet_config import PER_STAGE_FIELDS, UNetConfig, per_stage_length
@@ -132,6 +133,8 @@ class StudySection(BaseModel):
     # Trial seeds are this plus the trial's number, and numpy takes seeds below 2**32.
     seed: int = Field(0, ge=0, lt=2**31)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    # What validation costs while searching: fixed patches per case, after which epochs.
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     # Architectures (builder and training fields) that run first in a new study.
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     # How a trial whose worker died is noticed (FAIL after grace_period) and retried.
@@ -434,6 +437,7 @@ def _validate(raw: dict[str, Any]) -> SearchSpace:
         space = space.model_copy(update={"search": search, "train": train})
         _check_defaults_build(space)
         _check_patches_span_stride(space)
+        _check_validation_every(space)
         for i, entry in enumerate(space.study.enqueue):
             try:
                 warm_start_params(space, entry)
@@ -542,6 +546,19 @@ def _check_defaults_build(space: SearchSpace) -> None:
             # A bound on one field (epochs >= 1) names it; a rule across fields the section.
             where = f"{section}.{loc[0]}" if loc and loc[0] in fixed else section
             raise _SpaceError(where, _first_message(err).removeprefix("Value error, ")) from None
+
+
+def _check_validation_every(space: SearchSpace) -> None:
+    """A validation every N epochs needs N within the training's epochs."""
+    every = space.study.validation.every
+    epochs = space.train.get("epochs", TrainConfig.__pydantic_fields__["epochs"].default)
+    top = epochs
+    if not isinstance(epochs, int):  # searched: the most any candidate trains
+        top = max(max(s.choices) if isinstance(s, CategoricalSpec) else s.high for s in epochs)
+    if every is not None and every > top:
+        raise _SpaceError(
+            "study.validation.every", f"is {every}, more than the {top} epochs candidates train"
+        )
 
 
 def _check_patches_span_stride(space: SearchSpace) -> None:

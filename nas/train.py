@@ -1,4 +1,4 @@
-"""Train one candidate network and report validation scores after every epoch.
+"""Train one candidate network and report validation scores after the epochs asked for.
 
 A plain loop: sample a batch, forward, Dice+CE loss (Dice+BCE per region for a region-based
 dataset), backward, step. The device is chosen once (cuda, then mps, then cpu); AMP and
@@ -6,7 +6,9 @@ channels-last are used only on CUDA. Training can run in segments (the rungs of 
 multi-fidelity search): `fit` continues from a given epoch and optimizer state, and the
 learning rate decays polynomially over each segment, whichever of its epochs or seconds runs
 out first (warm restarts, as in SGDR), so the weights at the end of every segment are
-annealed. A candidate that runs out of memory or diverges raises `CandidateFailed`. Knows
+annealed. Validation follows every epoch, or only the epochs a `ValidationPlan` names (and
+always a segment's last), on whole cases or on a search's fixed validation patches. A
+candidate that runs out of memory or diverges raises `CandidateFailed`. Knows
 nothing of Optuna: the caller sees each epoch through `on_epoch`, whose answer False stops
 training there.
 """
@@ -14,9 +16,10 @@ training there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from nas.errors import NasError
 from nas.labels import LabelScheme
 from nas.losses import DeepSupervisionLoss, make_loss
 from nas.train_config import TrainConfig
-from nas.validate import NO_VALIDATION, Scores, evaluate
+from nas.validate import NO_VALIDATION, Scores, ValidationPatches, evaluate, evaluate_patches
 
 
 def training_loss(unet: UNetConfig, scheme: LabelScheme) -> nn.Module:
@@ -49,10 +52,27 @@ class CandidateFailed(Exception):
 
 
 @dataclass(frozen=True)
+class ValidationPlan:
+    """How `fit` validates: after the epochs in `epochs` (None: every epoch), and always
+    after a segment's last; on `patches` (None: the whole validation cases)."""
+
+    epochs: Container[int] | None = None
+    patches: ValidationPatches | None = None
+
+    def after(self, epoch: int) -> bool:
+        """Whether `epoch` is validated (a segment's last always is, whatever this says)."""
+        return self.epochs is None or epoch in self.epochs
+
+
+# Whole validation cases after every epoch: what retraining and cross-validation use.
+EVERY_EPOCH = ValidationPlan()
+
+
+@dataclass(frozen=True)
 class EpochResult:
     epoch: int  # 1-based
     train_loss: float
-    scores: Scores
+    scores: Scores | None  # None: not validated after this epoch
     train_seconds: float  # in this epoch's training steps, data sampling included
     seconds: float  # since training started, validation included
 
@@ -228,16 +248,17 @@ def fit(
     start_epoch: int = 0,
     until_epoch: int | None = None,
     optimizer_state: dict | None = None,
+    validation: ValidationPlan = EVERY_EPOCH,
 ) -> FitResult:
-    """Train `model` in place and validate on whole cases after every epoch (no validation
-    cases: each epoch scores NO_VALIDATION).
+    """Train `model` in place and validate as `validation` says: by default on whole cases
+    after every epoch (no validation cases: each epoch scores NO_VALIDATION).
 
     scheme: what the network outputs (classes or regions): its loss and its scores.
     slicing: the slice axis (and slice budget) 2D networks train and predict with.
     start_epoch, until_epoch: the segment to train, epochs start_epoch + 1 .. until_epoch
         (default: all of cfg.epochs); a continued segment passes the optimizer state the
         previous one returned. `cfg.max_seconds` caps each segment.
-    on_epoch: called after each epoch's validation; returning False stops training there.
+    on_epoch: called after each epoch (validated or not); answering False stops training.
     """
     slicing = slicing or Slicing()
     spatial_dims = model.config.spatial_dims
@@ -249,6 +270,8 @@ def fit(
     torch.manual_seed(seed)
     model = prepare_model(model, spatial_dims, device)
     patch_size = cfg.patch_size(spatial_dims)
+    validate = functools.partial(_validate, model, val_cases, scheme, patch_size, device,
+                                 slicing, validation.patches)  # fmt: skip
     sampler = training_sampler(train_cases, cfg, spatial_dims, seed, slicing)
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
@@ -268,16 +291,11 @@ def fit(
             train_loss = float(loss_sum) / steps  # waits for the device: timing is complete
             train_seconds = time.perf_counter() - epoch_start
             _check_finite(model, train_loss, epoch)
-            scores = (
-                evaluate(model, val_cases, scheme, patch_size, device, slicing.axis)
-                if val_cases
-                else NO_VALIDATION
-            )
+            last = epoch == until_epoch or clock.time_up()
+            scores = validate() if last or validation.after(epoch) else None
             result = EpochResult(epoch, train_loss, scores, train_seconds, clock.elapsed())
             history.append(result)
-            if on_epoch is not None and on_epoch(result) is False:
-                break
-            if clock.stopped_by_time:
+            if (on_epoch is not None and on_epoch(result) is False) or clock.stopped_by_time:
                 break
     except Exception as err:
         if is_out_of_memory(err):
@@ -288,6 +306,8 @@ def fit(
             torch.cuda.empty_cache()
     if not history:
         raise CandidateFailed("the time budget ended before the first training step")
+    if history[-1].scores is None:  # stopped by on_epoch where it was not validated
+        history[-1] = dataclasses.replace(history[-1], scores=validate())
     return FitResult(
         history[-1].scores,
         tuple(history),
@@ -296,6 +316,22 @@ def fit(
         optimizer.state_dict(),
         clock.steps_taken,
     )
+
+
+def _validate(
+    model: nn.Module,
+    val_cases: Sequence[Case],
+    scheme: LabelScheme,
+    patch_size: tuple[int, ...],
+    device: torch.device,
+    slicing: Slicing,
+    patches: ValidationPatches | None,
+) -> Scores:
+    if patches is not None:
+        return evaluate_patches(model, patches, scheme, patch_size, device)
+    if not val_cases:
+        return NO_VALIDATION
+    return evaluate(model, val_cases, scheme, patch_size, device, slicing.axis)
 
 
 @dataclass
@@ -311,6 +347,12 @@ class _SegmentClock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def time_up(self) -> bool:
+        """Whether the segment's time is up (and so stopped_by_time)."""
+        if self.max_seconds is not None and self.elapsed() >= self.max_seconds:
+            self.stopped_by_time = True
+        return self.stopped_by_time
 
     def fraction(self) -> float | None:
         """The share of the segment done, by steps or by time, whichever is further; None

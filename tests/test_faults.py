@@ -20,7 +20,8 @@ import pytest
 from optuna.trial import TrialState
 
 from nas.record import TrialRecord
-from nas.results import checkpoint_path, front_of
+from nas.results import checkpoint_path
+from nas.scoring import front_of
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -59,7 +60,7 @@ def _in_phase(pid: int, phase: str, study_dir: Path, storage: str) -> bool:
     except Exception:
         return False
     me = f"{socket.gethostname()}:{pid}"
-    return any(TrialRecord.of(t).worker == me and t.intermediate_values for t in running)
+    return any(TrialRecord.of(t).worker == me and TrialRecord.of(t).epochs_run for t in running)
 
 
 def _start(tmp_path: Path) -> subprocess.Popen:

@@ -97,12 +97,13 @@ def test_ranking_counts_what_a_step_costs():
 def _trial(number, params, iou_by_epoch, epochs_run, state=TrialState.COMPLETE, **attrs):
     curve = dict(iou_by_epoch)
     values = [curve[max(curve)], params] if state == TrialState.COMPLETE else None
+    scores = {"val_iou": values[0]} if values else {}  # as a search trial records its score
     trial = create_trial(
         state=state,
         values=values,
         params={"lr": 0.01},
         distributions={"lr": FloatDistribution(0.001, 0.1)},
-        user_attrs={"n_params": params, "epochs_run": epochs_run, "lineage": number,
+        user_attrs={"n_params": params, "epochs_run": epochs_run, "lineage": number, **scores,
                     "train_config": {"batches_per_epoch": 10}, **attrs},
         intermediate_values=curve,
     )  # fmt: skip

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from nas.pruning import PrunerConfig, best_up_to, dominated_at_epoch
+from nas.pruning import PrunerConfig, dominated_at_epoch
 from nas.record import TrialRecord, carried
+from nas.scoring import search_score
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -97,15 +98,16 @@ def test_with_more_costs_a_peer_must_cost_no_more_on_every_one():
     assert dominated_at_epoch(lenient, peers, 99, slow, epoch=2, iou=0.5)
 
 
-def test_peers_are_compared_on_their_best_iou_so_far():
-    # Two smaller peers reached 0.7 at epoch 2 and dipped to 0.1 at epoch 3: by epoch 3 they
-    # have still shown 0.7, so a larger candidate at 0.5 is dominated.
-    dipping = _numbered([_history(1_000, [0.2, 0.7, 0.1]), _history(2_000, [0.3, 0.7, 0.1])])
+def test_peers_are_compared_on_the_search_score():
+    # Two smaller peers reached 0.7 at epoch 2 and 0.5 at epoch 3: their score at epoch 3 is
+    # the mean of the last two validations, 0.6, so a larger candidate at 0.55 is dominated
+    # and one at 0.6 is not (a tie stops no one).
+    dipping = _numbered([_history(1_000, [0.2, 0.7, 0.5]), _history(2_000, [0.3, 0.7, 0.5])])
     lenient = PrunerConfig(warmup_epochs=1, k=2, min_trials=2)
-    assert dominated_at_epoch(lenient, dipping, 99, costs={"params": 3_000}, epoch=3, iou=0.5)
-    assert not dominated_at_epoch(lenient, dipping, 99, costs={"params": 3_000}, epoch=3, iou=0.7)
+    assert dominated_at_epoch(lenient, dipping, 99, costs={"params": 3_000}, epoch=3, iou=0.55)
+    assert not dominated_at_epoch(lenient, dipping, 99, costs={"params": 3_000}, epoch=3, iou=0.6)
     # A later epoch does not leak into an earlier comparison.
-    assert best_up_to({1: 0.2, 2: 0.7, 3: 0.1}, 1) == 0.2
+    assert search_score({1: 0.2, 2: 0.7, 3: 0.1}, 1) == 0.2
 
 
 def test_histories_from_a_single_direction_study_work_too(tmp_path):
@@ -140,9 +142,8 @@ def test_search_prunes_dominated_trials_and_keeps_their_curves(tmp_path, tiny_da
     assert pruned, "expected at least one pruned trial"
     for trial in pruned:
         assert 2 <= max(trial.intermediate_values) < 4  # stopped after warm-up, before the end
-        assert (
-            TrialRecord.of(trial).iou == trial.intermediate_values[max(trial.intermediate_values)]
-        )
+        curve = trial.intermediate_values
+        assert TrialRecord.of(trial).iou == pytest.approx(search_score(curve, max(curve)))
         assert len(TrialRecord.of(trial).epoch_seconds) == max(trial.intermediate_values)
     table = pd.read_csv(tmp_path / "results" / "tiny" / "trials.csv")
     assert set(table[table.state == "PRUNED"].number) == {t.number for t in pruned}

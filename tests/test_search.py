@@ -56,8 +56,11 @@ def test_tiny_search_writes_study_and_results(tmp_path, tiny_dataset):
         assert trial.values[1] == TrialRecord.of(trial).n_params
         assert trial.values[1] == sum(p.numel() for p in build_unet(cfg).parameters())
         assert sorted(trial.intermediate_values) == [1, 2]  # the learning curve, per epoch
-        # The objective is the last epoch's validation IoU, as the curve and the attrs say.
-        assert trial.values[0] == trial.intermediate_values[2] == TrialRecord.of(trial).iou
+        # The objective is the search score, the mean of the last two validations, as the
+        # curve and the attrs say.
+        curve = trial.intermediate_values
+        assert trial.values[0] == pytest.approx((curve[1] + curve[2]) / 2)
+        assert trial.values[0] == TrialRecord.of(trial).iou
 
     out = tmp_path / "results" / "tiny"
     trials = pd.read_csv(out / "trials.csv")

@@ -274,7 +274,7 @@ def _epoch_running(storage: str, name: str, epoch: int = 1):
         running = [
             t
             for t in _trials(storage, name)
-            if t.state == TrialState.RUNNING and len(t.intermediate_values) >= epoch
+            if t.state == TrialState.RUNNING and (TrialRecord.of(t).epochs_run or 0) >= epoch
         ]
         return running[0] if running else None
 
@@ -336,7 +336,7 @@ def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_datase
         running = [
             t
             for t in _trials(storage, "many")
-            if t.state == TrialState.RUNNING and 1 <= len(t.intermediate_values) <= 4
+            if t.state == TrialState.RUNNING and 1 <= (TrialRecord.of(t).epochs_run or 0) <= 4
         ]
         return running if len(running) >= 2 else None
 

@@ -11,8 +11,15 @@ from nas import build_unet
 from nas.data import Case
 from nas.labels import LabelScheme
 from nas.losses import DiceCELoss
-from nas.train import CandidateFailed, TrainConfig, fit, init_model, pick_device
-from nas.validate import evaluate
+from nas.train import (
+    CandidateFailed,
+    TrainConfig,
+    ValidationPlan,
+    fit,
+    init_model,
+    pick_device,
+)
+from nas.validate import ValidationPatches, evaluate, evaluate_patches
 
 CPU = torch.device("cpu")
 LESION = LabelScheme(("lesion",), (0, 1))  # the tiny dataset's one class
@@ -65,13 +72,26 @@ def test_fit_reports_every_epoch_and_trains(tiny_cases):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_fit_validates_on_patches_only_after_the_epochs_asked_and_the_last(tiny_cases):
+    train, val = tiny_cases[:4], tiny_cases[4:]
+    model = build_unet(spatial_dims=2, depth=2, base_channels=4)
+    patches = ValidationPatches(val, per_case=4, seed=0)
+    cfg = TrainConfig(**{**TINY_TRAIN, "epochs": 4})
+    result = fit(model, train, val, LESION, cfg, CPU, validation=ValidationPlan({2}, patches))
+    validated = [e.epoch for e in result.history if e.scores is not None]
+    assert validated == [2, 4]  # 2 as asked, 4 as the segment's last
+    assert result.scores == evaluate_patches(model, patches, LESION, (32, 32), CPU)
+    assert len(result.scores.case_counts) == len(val)  # per case, for the bootstrap
+
+
 def test_time_budget_stops_training_and_still_validates(tiny_cases):
     cases = tiny_cases
     model = build_unet(spatial_dims=3, depth=2, base_channels=4)
     cfg = TrainConfig(epochs=50, batches_per_epoch=2, patch_size_3d=(16, 16, 16), max_seconds=0.5)
-    result = fit(model, cases[:4], cases[4:], LESION, cfg, CPU)
+    result = fit(model, cases[:4], cases[4:], LESION, cfg, CPU, validation=ValidationPlan(()))
     assert result.stopped_by_time
     assert 1 <= len(result.history) < 50
+    assert result.history[-1].scores is not None  # asked for none: the last is validated
 
 
 def test_divergence_raises_candidate_failed(tiny_cases):

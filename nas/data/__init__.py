@@ -16,7 +16,7 @@ from pydantic_core import ArgsKwargs
 
 from nas.data.cache import Case, Dataset, cached_dataset
 from nas.data.layouts import discover
-from nas.data.sampling import PatchSampler, Slicing, split_cases
+from nas.data.sampling import PatchSampler, Slicing, patch_at, split_cases, validation_centres
 from nas.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from nas.errors import NasError
 
@@ -163,6 +163,8 @@ __all__ = [
     "SyntheticSpec",
     "ensure_synthetic_dataset",
     "load_dataset",
+    "patch_at",
     "split_cases",
     "split_dataset",
+    "validation_centres",
 ]

@@ -74,6 +74,42 @@ def _read_split(path: Path, fold: int, by_name: dict[str, Case]) -> set[str]:
     return val
 
 
+def validation_centres(
+    cases: Sequence[Case], per_case: int, foreground_fraction: float, seed: int
+) -> list[np.ndarray]:
+    """Per case, `per_case` voxels (n, 3) drawn once with `seed`: a share foreground_fraction
+    of them on foreground (where the case has any), the rest anywhere in the volume. Every
+    candidate of a search is validated on patches centred on the same voxels."""
+    rng = np.random.default_rng(seed)
+    centres = []
+    for case in cases:
+        shape = np.asarray(case.label).shape
+        foreground = np.argwhere(np.asarray(case.label) > 0)
+        n_foreground = round(foreground_fraction * per_case) if len(foreground) else 0
+        on = foreground[rng.integers(len(foreground), size=n_foreground)] if n_foreground else []
+        anywhere = [[rng.integers(d) for d in shape] for _ in range(per_case - n_foreground)]
+        centres.append(np.array([*on, *anywhere], dtype=np.int64).reshape(-1, 3))
+    return centres
+
+
+def patch_at(
+    case: Case, centre: Sequence[int], patch_size: Sequence[int], slice_axis: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image (C, *patch) and label (*patch) of the patch centred on `centre`: a slice of
+    the centre's plane along `slice_axis` for a 2D patch, zero-padded where outside."""
+    size = list(patch_size)
+    if len(size) == 2:
+        size.insert(slice_axis, 1)
+    shape, size_ = np.asarray(case.label.shape), np.asarray(size)
+    start = np.asarray(centre) - size_ // 2  # inside the volume where it fits, as training's
+    start = np.clip(start, np.minimum(0, shape - size_), np.maximum(0, shape - size_))
+    image = _crop(case.image, start, size)
+    label = _crop(case.label, start, size)
+    if len(patch_size) == 2:
+        image, label = np.take(image, 0, axis=slice_axis + 1), np.take(label, 0, axis=slice_axis)
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
+
+
 def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
     """array[..., start:start+size] over the last len(size) axes, zero-padded where outside."""
     lead = array.ndim - len(size)

@@ -1,0 +1,225 @@
+"""The search's one score, its one front, and how noisy each score is.
+
+A candidate's score is its smoothed validation IoU at the fidelity it reached: the mean of
+its last SMOOTHING_EPOCHS validations (`search_score`). A trial stores it as its IoU value, so
+the rungs, the endgame, the sampler, the pruner, pareto.csv, the report and `export --best`
+all read the same number. The front is computed in one place (`front_of`): the completed,
+feasible trials no other dominates, each candidate represented by its latest trial.
+
+Validation while searching is on a fixed set of patches per validation case
+(`ValidationConfig`, nas/validate.py), after the epochs decisions read (`decision_epochs`),
+and its counts are kept per case, so a score's noise over the validation cases is estimated
+by the bootstrap (`interval`): the cases are resampled with replacement and the score taken
+again. `one_standard_error_choice` applies the one-standard-error rule of model selection:
+the smallest member whose score is within one standard error of the best score. Pure
+functions over Optuna's FrozenTrial records (nas/record.py); no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import spearmanr
+
+from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, as_minimised, non_dominated
+from nas.record import StudyRecord, TrialRecord, records
+
+# How many of the last validations a score averages: a single epoch's IoU on two or three
+# validation cases swings by 0.2 for a small network early in training (the default run
+# measured it), so the rungs rank, and "still learning" compares, the mean of the last ones.
+SMOOTHING_EPOCHS = 2
+
+
+class ValidationConfig(BaseModel):
+    """What the search's validation costs: patches_per_case fixed patches of each validation
+    case (a share foreground_fraction of them centred on foreground), predicted after the
+    epochs a decision reads (the last SMOOTHING_EPOCHS before each rung or extension end) and,
+    with `every`, after every `every`-th epoch too (the curves optuna-dashboard draws);
+    bootstrap: resamples of the validation cases behind each front member's interval."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    patches_per_case: int = Field(16, ge=1, le=4096)
+    foreground_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    every: int | None = Field(None, ge=1)
+    bootstrap: int = Field(1000, ge=1, le=100_000)
+
+
+def smoothed(curve: Mapping[int, float], epoch: int) -> float:
+    """The mean validation IoU of the last SMOOTHING_EPOCHS epochs up to `epoch` that the
+    curve holds (`epoch` itself must be one)."""
+    values = [curve[e] for e in range(epoch - SMOOTHING_EPOCHS + 1, epoch + 1) if e in curve]
+    return sum(values) / len(values)
+
+
+def search_score(curve: Mapping[int, float], epoch: int) -> float:
+    """A candidate's score at `epoch`: smoothed at the last validated epoch up to it."""
+    at = max((e for e in curve if e <= epoch), default=min(curve))
+    return smoothed(curve, at)
+
+
+def decision_epochs(start: int, end: int, every: int | None) -> frozenset[int]:
+    """The epochs of a segment (start + 1 .. end) after which the search validates: the
+    window its end's score averages, and every `every`-th epoch."""
+    window = range(max(start + 1, end - SMOOTHING_EPOCHS + 1), end + 1)
+    periodic = range(every * (start // every + 1), end + 1, every) if every else ()
+    return frozenset([*window, *periodic])
+
+
+def kept_counts(counts: Mapping[int, Sequence], epoch: int) -> dict[str, list]:
+    """The per-case counts a trial keeps: those of its last SMOOTHING_EPOCHS validations up
+    to `epoch`, by epoch (as text, for JSON)."""
+    window = [e for e in sorted(counts) if e <= epoch][-SMOOTHING_EPOCHS:]
+    return {str(e): [list(map(list, case)) for case in counts[e]] for e in window}
+
+
+@dataclass(frozen=True)
+class Interval:
+    score: float
+    se: float  # the bootstrap's standard error over validation cases (0: one case, or none kept)
+
+    @property
+    def low(self) -> float:
+        return self.score - self.se
+
+    @property
+    def high(self) -> float:
+        return self.score + self.se
+
+
+def interval(trial: FrozenTrial, resamples: int = 1000, seed: int = 0) -> Interval | None:
+    """The trial's score and its standard error over its validation cases, by the bootstrap
+    over the per-case counts of its last validations; None where it kept none (a study from
+    before they were kept, or whole-case validation)."""
+    record = TrialRecord.of(trial)
+    if record.iou is None or not record.val_case_counts:
+        return None
+    counts = np.array([record.val_case_counts[e] for e in sorted(record.val_case_counts, key=int)],
+                      dtype=float)  # fmt: skip  # (epochs, cases, 3, K)
+    if counts.ndim != 4 or counts.shape[1] == 0:
+        return None
+    n_cases = counts.shape[1]
+    picks = np.random.default_rng(seed).integers(n_cases, size=(resamples, n_cases))
+    pooled = counts[:, picks].sum(axis=2)  # (epochs, resamples, 3, K)
+    intersection, predicted, truth = pooled[:, :, 0], pooled[:, :, 1], pooled[:, :, 2]
+    union = predicted + truth - intersection
+    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+    scores = iou.mean(axis=2).mean(axis=0)  # over classes, then over the window's epochs
+    se = float(scores.std(ddof=1)) if resamples > 1 and n_cases > 1 else 0.0
+    return Interval(record.iou, se)
+
+
+def resamples(study: optuna.Study) -> int:
+    """The bootstrap's resamples for `study`'s intervals, as its last run set them."""
+    recorded = StudyRecord.of(study).validation or {}
+    return int(recorded.get("bootstrap", ValidationConfig().bootstrap))
+
+
+def front_intervals(study: optuna.Study, front: Sequence[FrozenTrial]) -> dict[int, Interval]:
+    """Each front member's interval, by trial number (members without counts left out)."""
+    count = resamples(study)
+    found = {t.number: interval(t, count) for t in front}
+    return {n: i for n, i in found.items() if i is not None}
+
+
+def one_standard_error_choice(
+    members: Sequence[tuple[int, float, float, int]],
+) -> tuple[int, int]:
+    """Of members (trial, score, standard error, params): (the best, the chosen). The best
+    scores highest (the smaller on a tie); the chosen is the smallest member whose score
+    plus its standard error reaches the best's score (the one-standard-error rule)."""
+    best = max(members, key=lambda m: (m[1], -m[3]))
+    reaching = [m for m in members if m[1] + m[2] >= best[1]]
+    chosen = min(reaching, key=lambda m: (m[3], -m[1]))
+    return best[0], chosen[0]
+
+
+def superseded_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Completed trials whose candidate a later trial continued and completed."""
+    completed = (r for r in records(trials) if r.complete)
+    return {int(r.continues) for r in completed if r.continues is not None}
+
+
+def front_of(
+    trials: Sequence[FrozenTrial], objectives: Sequence[str] = DEFAULT_OBJECTIVES
+) -> list[FrozenTrial]:
+    """The one front: the non-dominated completed, feasible trials among `trials` over
+    `objectives` (as Optuna's best_trials: equal values are all kept), sorted by the first
+    objective to minimise, then best score first. A candidate that a later trial trained
+    further is represented by that trial only (each member at the fidelity it reached)."""
+    superseded = superseded_numbers(trials)
+    completed = [
+        (t, r)
+        for t, r in zip(trials, records(trials), strict=True)
+        if r.complete and r.feasible and t.number not in superseded
+        and all(r.quantity(n) is not None for n in objectives)  # (not a trial nas wrote)
+    ]  # fmt: skip
+    if not completed:
+        return []
+    points = np.array([[r.quantity(n) for n in objectives] for _, r in completed], dtype=float)
+    mask = non_dominated(points, objectives)
+    front = [pair for pair, keep in zip(completed, mask, strict=True) if keep]
+    low = as_minimised(points[mask], objectives)
+    order = sorted(
+        range(len(front)), key=lambda i: (*_cost_first(low[i], objectives), front[i][0].number)
+    )
+    return [front[i][0] for i in order]
+
+
+def joins_front(
+    trials: Sequence[FrozenTrial], number: int, values: Sequence[float], objectives: Sequence[str]
+) -> bool:
+    """Whether trial `number`, completing with `values`, is on the front `front_of` will
+    report: the trial it continues (if any) no longer counts, as it will be superseded."""
+    parent = next((TrialRecord.of(t).continues for t in trials if t.number == number), None)
+    left_out = {number, parent, *superseded_numbers(trials)}
+    others = [r for r in records(trials)
+              if r.complete and r.feasible and r.number not in left_out
+              and all(r.quantity(n) is not None for n in objectives)]  # fmt: skip
+    points = np.array([[r.quantity(n) for n in objectives] for r in others] + [list(values)])
+    return bool(non_dominated(points, objectives)[-1])
+
+
+def _cost_first(low: np.ndarray, objectives: Sequence[str]) -> list[float]:
+    """A front member's sort key: its minimised objectives, those to minimise first."""
+    costs = [i for i, n in enumerate(objectives) if not OBJECTIVES[n].maximise]
+    scores = [i for i, n in enumerate(objectives) if OBJECTIVES[n].maximise]
+    return [float(low[i]) for i in [*costs, *scores]]
+
+
+def rung_correlations(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """For each pair of consecutive rungs (epochs): how many candidates reached both, and the
+    rank correlation of their scores at the two (`rank_correlation`): how well a rung
+    foretells the next, the first cut's above all."""
+    latest: dict[int, FrozenTrial] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        record = TrialRecord.of(trial)
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.intermediate_values:
+            latest[record.candidate] = trial
+    rungs = sorted({r for t in latest.values() for r in TrialRecord.of(t).rungs})
+    rows = []
+    for lower, upper in zip(rungs, rungs[1:], strict=False):
+        curves = [t.intermediate_values for t in latest.values()]
+        pairs = [(smoothed(c, lower), smoothed(c, upper)) for c in curves
+                 if lower in c and upper in c]  # fmt: skip
+        rows.append({"lower": lower, "upper": upper, "candidates": len(pairs),
+                     "spearman": rank_correlation(pairs)})  # fmt: skip
+    return rows
+
+
+def rank_correlation(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Spearman's rank correlation of (score at one rung, score at the next) over the
+    candidates that reached both; None below three pairs or where either side is constant."""
+    if len(pairs) < 3:
+        return None
+    lower, upper = zip(*pairs, strict=True)
+    if len(set(lower)) == 1 or len(set(upper)) == 1:
+        return None
+    value = float(spearmanr(lower, upper).statistic)
+    return None if math.isnan(value) else value
