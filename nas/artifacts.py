@@ -20,7 +20,7 @@ from torch import nn  # noqa: E402
 
 from nas.data import Case  # noqa: E402
 from nas.labels import LabelScheme  # noqa: E402
-from nas.validate import predict_case  # noqa: E402
+from nas.validate import predict_logits  # noqa: E402
 from nas.weights import trial_name  # noqa: E402
 
 ARTIFACTS_DIR = "artifacts"
@@ -42,6 +42,32 @@ def example_case(cases: Sequence[Case]) -> Case:
     return max(cases, key=lambda case: (int(np.count_nonzero(case.label)), case.name))
 
 
+@torch.no_grad()
+def _shown_prediction(
+    model: nn.Module,
+    case: Case,
+    scheme: LabelScheme,
+    patch_size: Sequence[int],
+    device: torch.device,
+    slice_axis: int,
+    index: int,
+) -> np.ndarray:
+    """The class map of slice `index` alone: a 2D network predicts that slice, a 3D one the
+    slab of its patch's depth around it. The whole case would cost a whole-volume prediction
+    per trial for one slice shown (on whole brains, most of a trial's time outside training)."""
+    depth = 1 if len(patch_size) == 2 else patch_size[slice_axis]
+    size = case.label.shape[slice_axis]
+    start = max(0, min(index - depth // 2, size - depth))
+    stop = min(size, start + depth)
+    slab = np.take(np.asarray(case.image), range(start, stop), axis=slice_axis + 1)
+    was_training = model.training
+    model.eval()
+    logits = predict_logits(model, slab, patch_size, device, slice_axis)
+    model.train(was_training)
+    classes = scheme.classes_from_logits(logits).cpu().numpy()
+    return np.take(classes, index - start, axis=slice_axis)
+
+
 def write_overlay(
     model: nn.Module,
     case: Case,
@@ -53,10 +79,6 @@ def write_overlay(
     title: str,
 ) -> Path:
     """Image, ground truth and prediction on the slice with most ground-truth foreground."""
-    was_training = model.training
-    model.eval()
-    prediction = predict_case(model, case, scheme, patch_size, device, slice_axis)
-    model.train(was_training)
     label = np.asarray(case.label)
     other = tuple(a for a in range(3) if a != slice_axis)
     index = int(np.argmax((label > 0).sum(axis=other)))
@@ -64,7 +86,8 @@ def write_overlay(
     def cut(volume: np.ndarray) -> np.ndarray:
         return np.take(volume, index, axis=slice_axis).T  # rows: second in-plane axis
 
-    image, truth, predicted = cut(np.asarray(case.image[0])), cut(label), cut(prediction)
+    predicted = _shown_prediction(model, case, scheme, patch_size, device, slice_axis, index)
+    image, truth, predicted = cut(np.asarray(case.image[0])), cut(label), predicted.T
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
     for ax, (name, mask, colour) in zip(
         axes,

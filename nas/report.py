@@ -376,7 +376,7 @@ def _rungs_section(trials: Sequence[FrozenTrial]) -> str:
     reached both): a weak first cut discards candidates on noise."""
     import pandas as pd
 
-    from nas.scoring import rung_correlations
+    from nas.scoring import raised_first_cut, rung_correlations
 
     rows = rung_correlations(trials)
     if not rows:
@@ -384,8 +384,17 @@ def _rungs_section(trials: Sequence[FrozenTrial]) -> str:
     table = pd.DataFrame(rows).rename(
         columns={"lower": "rung (epochs)", "upper": "next rung", "candidates": "at both"}
     )
-    return "<h3>How well each rung foretells the next</h3>" + table.to_html(
-        index=False, float_format="{:.2f}".format, na_rep="", border=0
+    raised = raised_first_cut(trials)
+    note = (
+        f"<p>The first cut foretold the next rung weakly: new candidates from trial {raised[0]} "
+        f"on trained to epoch {raised[1]} before their first ranking.</p>"
+        if raised
+        else ""
+    )
+    return (
+        "<h3>How well each rung foretells the next</h3>"
+        + note
+        + table.to_html(index=False, float_format="{:.2f}".format, na_rep="", border=0)
     )
 
 

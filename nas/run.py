@@ -274,6 +274,7 @@ def _summary(
 
     from nas.record import StudyRecord
     from nas.results import undertrained_numbers
+    from nas.scoring import raised_first_cut
     from nas.storage import redact
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -286,6 +287,12 @@ def _summary(
         if row["spearman"] is not None:
             print(f"rung {row['lower']} foretold rung {row['upper']} with Spearman "
                   f"{row['spearman']:.2f} over {row['candidates']} candidates")  # fmt: skip
+    raised = raised_first_cut(study.get_trials(deepcopy=False))
+    if raised is not None:
+        print(
+            f"the first cut foretold the next rung weakly: new candidates from trial "
+            f"{raised[0]} on trained to epoch {raised[1]} before their first ranking"
+        )
     print(
         f"results in {study_dir}/ (report.html, trials.csv, pareto.csv, pareto.png, "
         "checkpoints/, artifacts/)"

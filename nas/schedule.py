@@ -30,7 +30,7 @@ from nas.fidelity import (
 )
 from nas.pruning import PrunerConfig, dominated_at_epoch
 from nas.record import TrialRecord, carried
-from nas.scoring import search_score
+from nas.scoring import first_cut_is_weak, search_score
 from nas.space import SearchSpace
 from nas.study import is_new, settled_count
 from nas.train_config import TrainConfig
@@ -47,6 +47,7 @@ class EpochReport:
     costs: Mapping[str, float | None]  # its objectives to minimise (for the pruner)
     steps_per_epoch: int
     seconds_per_step: float  # measured in this trial, validation included
+    rungs: tuple[int, ...]  # where its segments end (`Schedule.new_candidate_rungs`)
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,11 @@ class Schedule:
         """At a rung below the top: go on while in its top 1/eta (by non-dominated sorting)
         and the next rung takes at most 1/eta of the budget left. Elsewhere: go on unless the
         pruner finds it dominated at equal fidelity."""
-        if report.epoch in self.rungs[:-1]:
+        if report.epoch in report.rungs[:-1]:
             if not in_top(rung_members(trials, report.epoch), self.eta, report.lineage):
                 return Verdict(False)
-            index = self.rungs.index(report.epoch)
-            steps = (self.rungs[index + 1] - report.epoch) * report.steps_per_epoch
+            index = report.rungs.index(report.epoch)
+            steps = (report.rungs[index + 1] - report.epoch) * report.steps_per_epoch
             fits = self.budget().affords_while_exploring(
                 spending(trials), steps, report.seconds_per_step, self.eta
             )
@@ -96,6 +97,12 @@ class Schedule:
                               score):  # fmt: skip
             return Verdict(False, f"stopped at epoch {report.epoch}: dominated by cheaper networks")
         return Verdict(True)
+
+    def new_candidate_rungs(self, trials: Sequence[FrozenTrial]) -> tuple[int, ...]:
+        """The rungs a new candidate trains through: all of them, or from the second where
+        the first cut predicts the next rung's ranking weakly (`scoring.first_cut_is_weak`),
+        so that new candidates are first ranked where ranking means something."""
+        return self.rungs[1:] if first_cut_is_weak(trials, self.rungs) else self.rungs
 
     def next_promotion(self, trials: Sequence[FrozenTrial]) -> Promotion | None:
         return _next_promotion(trials, self)

@@ -206,6 +206,7 @@ class Started:
     parent: FrozenTrial | None  # the trial it continues
     lineage: int  # the trial the candidate started in
     until: int  # the epoch its training may reach
+    rungs: tuple[int, ...]  # where its segments end (a new one may start past a weak first cut)
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
     write(trial, unet_config=candidate.unet.to_dict(),
           train_config=dataclasses.asdict(candidate.train))  # fmt: skip
     write(trial, **{name: value for name, value in quantities.items() if value is not None})
-    write(trial, summary=summary(candidate.unet, n_params), rungs=tuple(run.schedule.rungs))
+    write(trial, summary=summary(candidate.unet, n_params), rungs=started.rungs)
     measured = Measured(trial.number, candidate, n_params, macs, patch, start)
     constraints = run.space.study.constraints
     if constraints:
@@ -247,7 +248,7 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
     state, outcome = started.state, None
     # One segment per rung, each with its own learning-rate decay: the weights a rung ranks
     # (and export may take) are annealed, whether or not the candidate goes on.
-    for end in segment_ends(state.epoch if state else 0, started.until, run.schedule.rungs):
+    for end in segment_ends(state.epoch if state else 0, started.until, started.rungs):
         segment = within_timeout(candidate, run.schedule, first=outcome is None)
         if segment is None:  # the run's time is up: the candidate stays at its rung
             break
@@ -259,6 +260,7 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
         if progress.pruned or result.stopped_by_time or state.epoch < end or not progress.go_on:
             break
     reached = outcome.state.epoch
+    progress.validated(reached, result.scores)
     score = search_score(progress.curve, reached)
     # The scores first: whatever fails after training, they stay with the trial.
     _record_scores(trial, score, result.scores, reached, start)
@@ -285,14 +287,15 @@ def start_trial(run: SearchRun, trial: optuna.Trial) -> Started:
     carried = TrialRecord.of_running(trial)  # what the trial was enqueued with
     top = run.schedule.rungs[-1]
     if carried.continues is None:
-        return Started(new_candidate(run, trial), None, None, trial.number, top)
+        rungs = run.schedule.new_candidate_rungs(trial.study.get_trials(deepcopy=False))
+        return Started(new_candidate(run, trial), None, None, trial.number, top, rungs)
     candidate, state, parent = continued_candidate(run, trial, int(carried.continues))
     until = top
     if carried.until is not None:  # trained beyond the top rung, as the schedule says
         until = carried.until
     elif state.epoch >= top:  # (a study from before `until` was recorded)
         until = state.epoch * run.schedule.eta
-    return Started(candidate, state, parent, lineage(parent), until)
+    return Started(candidate, state, parent, lineage(parent), until, run.schedule.rungs)
 
 
 def new_candidate(run: SearchRun, trial: optuna.Trial) -> Candidate:
@@ -360,6 +363,7 @@ class Progress:
     lineage: int
     costs: dict[str, float | None]  # the pruner's, by objective name
     steps_per_epoch: int
+    rungs: tuple[int, ...]  # where its segments end
     train_losses: list[float]
     epoch_seconds: list[float]
     curve: dict[int, float]
@@ -384,6 +388,7 @@ class Progress:
             started.lineage,
             {name: quantities[name] for name in run.cost_names},
             started.candidate.train.batches_per_epoch,
+            started.rungs,
             list(history.train_loss) if history else [],
             list(history.epoch_seconds) if history else [],
             dict(parent.intermediate_values) if parent else {},
@@ -402,12 +407,7 @@ class Progress:
         if result.scores is None:  # not validated: nothing to judge
             write(trial, epochs_run=result.epoch)
             return True
-        self.case_counts[result.epoch] = result.scores.case_counts
-        write(trial, val_case_counts=kept_counts(self.case_counts, result.epoch))
-        # Trial.report refuses multi-objective studies; the storage still keeps the curve,
-        # which is what optuna-dashboard draws and the schedule and pruner compare.
-        trial.storage.set_trial_intermediate_value(trial._trial_id, result.epoch, result.scores.iou)
-        self.curve[result.epoch] = result.scores.iou
+        self.validated(result.epoch, result.scores)
         write(trial, epochs_run=result.epoch)
         report = EpochReport(
             trial.number,
@@ -417,6 +417,7 @@ class Progress:
             self.costs,
             self.steps_per_epoch,
             self.seconds / self.steps,
+            self.rungs,
         )
         verdict = self.schedule.after_epoch(trial.study.get_trials(deepcopy=False), report)
         if verdict.pruned:
@@ -426,6 +427,20 @@ class Progress:
 
     def end_segment(self) -> None:
         self.before_segment = self.seconds
+
+    def validated(self, epoch: int, scores: Scores) -> None:
+        """Record a validation: on the curve, and its per-case counts. Called after each
+        validated epoch, and once more after training for the last epoch, which `fit`
+        validates after the fact where its time ran out just after an epoch it did not."""
+        if epoch in self.curve and epoch in self.case_counts:
+            return
+        trial = self.trial
+        self.case_counts[epoch] = scores.case_counts
+        write(trial, val_case_counts=kept_counts(self.case_counts, epoch))
+        # Trial.report refuses multi-objective studies; the storage still keeps the curve,
+        # which is what optuna-dashboard draws and the schedule and pruner compare.
+        trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, scores.iou)
+        self.curve[epoch] = scores.iou
 
 
 def _save_weights(

@@ -857,3 +857,18 @@ def test_init_weights_that_do_not_fit_are_refused_before_the_study_opens(exporte
     message = user_error(run_cli("nas.run", "space.yaml", cwd=tmp_path))
     assert f"{text}: cannot be read as PyTorch weights" in message
     assert not (tmp_path / "results").exists()
+
+
+def test_export_says_how_it_chose_and_best_score_with_by_cv_is_refused(studies):
+    best = run_cli("nas.export", "results/two_d", "--format", "none", "--out", "by_rule",
+                   cwd=studies)  # fmt: skip
+    assert best.returncode == 0, best.stderr
+    assert "  chosen" in best.stdout  # by the one-standard-error rule, or the best itself
+    top = run_cli("nas.export", "results/two_d", "--best-score", "--format", "none", "--out",
+                  "by_score", cwd=studies)  # fmt: skip
+    assert top.returncode == 0, top.stderr
+    assert "chosen by the highest score: trial" in top.stdout
+    before = sorted(p.name for p in (studies / "results" / "two_d").rglob("*"))
+    refused = run_cli("nas.export", "results/two_d", "--best-score", "--by", "cv", cwd=studies)
+    assert "--best-score: ranks the search's front; with --by cv use --best" in user_error(refused)
+    assert sorted(p.name for p in (studies / "results" / "two_d").rglob("*")) == before

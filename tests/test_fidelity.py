@@ -35,6 +35,7 @@ from nas.pruning import PrunerConfig
 from nas.record import TrialRecord
 from nas.results import checkpoint_path, save_checkpoint, state_path
 from nas.schedule import EpochReport, Schedule, Verdict, enqueue_promotion
+from nas.scoring import raised_first_cut
 from nas.search_trial import segment_ends, within_timeout
 from nas.space import Candidate
 from nas.train_config import TrainConfig
@@ -373,7 +374,8 @@ def test_the_schedule_decides_after_each_epoch_at_rungs_and_with_the_pruner():
     schedule = Schedule(rungs, 3, n_trials=10, budget_steps=100_000)
 
     def report(number, epoch, curve, costs=None):
-        return EpochReport(number, number, epoch, curve, costs or {"params": 1000}, 10, 0.1)
+        return EpochReport(number, number, epoch, curve, costs or {"params": 1000}, 10, 0.1,
+                           rungs)  # fmt: skip
 
     # At rung 2 the top third of six (trials 5 and 4) go on; trial 1 stops, unpruned.
     assert schedule.after_epoch(peers, report(5, 2, {2: 0.5})) == Verdict(True)
@@ -385,3 +387,29 @@ def test_the_schedule_decides_after_each_epoch_at_rungs_and_with_the_pruner():
     pruning = Schedule(rungs, 3, 10, 100_000, pruner=PrunerConfig(warmup_epochs=1, k=2))
     verdict = pruning.after_epoch(later, behind)
     assert not verdict.go_on and "dominated by cheaper networks" in verdict.pruned
+
+
+def test_a_weak_first_cut_is_raised_for_new_candidates():
+    rungs = (2, 6, 18)
+    schedule = Schedule(rungs, 3, n_trials=20, budget_steps=100_000)
+    made = {"rungs": list(rungs)}
+
+    def climbed(number, at_2, at_6):
+        return _trial(number, 1000 + number, {1: at_2, 2: at_2, 5: at_6, 6: at_6}, 6, **made)
+
+    # Six candidates whose rung-2 ranking foretells rung 6's exactly: the cut stays.
+    agreeing = [climbed(n, 0.1 * n, 0.1 * n + 0.3) for n in range(6)]
+    assert schedule.new_candidate_rungs(agreeing) == rungs
+    # Reversed: the first cut ranks on noise, so new candidates train to rung 6 first.
+    reversed_ = [climbed(n, 0.1 * n, 0.8 - 0.1 * n) for n in range(6)]
+    assert schedule.new_candidate_rungs(reversed_) == (6, 18)
+    # Too few candidates to tell: the cut stays.
+    assert schedule.new_candidate_rungs(reversed_[:5]) == rungs
+    # Once a new candidate started past it, it stays raised whatever comes next.
+    raised = _trial(9, 500, {5: 0.5, 6: 0.5}, 6, rungs=[6, 18])
+    assert schedule.new_candidate_rungs([*agreeing, raised]) == (6, 18)
+    assert raised_first_cut([*agreeing, raised]) == (9, 6)  # what the run's summary says
+    assert raised_first_cut(agreeing) is None
+    # A raised candidate is not stopped at the rung it skipped.
+    report = EpochReport(9, 9, 2, {2: 0.0}, {"params": 500}, 10, 0.1, (6, 18))
+    assert schedule.after_epoch(reversed_, report) == Verdict(True)

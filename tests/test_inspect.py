@@ -207,3 +207,27 @@ def test_dashboard_draws_the_pareto_front_in_chromium(finished, dashboard, brows
     assert page.get_by_text("multiply-accumulates").count() >= 1
     assert page.get_by_text("Intermediate Values").count() >= 1
     page.close()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_an_overlay_predicts_only_the_slice_it_shows(tiny_cases, spatial_dims):
+    import numpy as np
+    import torch
+
+    from nas import build_unet
+    from nas.artifacts import _shown_prediction
+    from nas.labels import LabelScheme
+    from nas.validate import predict_case
+
+    scheme = LabelScheme(("lesion",), (0, 1))
+    model = build_unet(spatial_dims=spatial_dims, depth=2, base_channels=4).eval()
+    patch = (32, 32) if spatial_dims == 2 else (32, 32, 8)
+    case, cpu = tiny_cases[0], torch.device("cpu")
+    whole = predict_case(model, case, scheme, patch, cpu, slice_axis=2)
+    for index in (0, 7, case.label.shape[2] - 1):
+        shown = _shown_prediction(model, case, scheme, patch, cpu, 2, index)
+        assert shown.shape == whole[:, :, index].shape
+        if spatial_dims == 2:  # the very slice the whole case's prediction holds
+            assert np.array_equal(shown, whole[:, :, index])
+        else:  # a slab of one patch's depth around it, windows blended over fewer neighbours
+            assert set(np.unique(shown)) <= {0, 1}

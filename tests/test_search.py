@@ -74,6 +74,14 @@ def test_tiny_search_writes_study_and_results(tmp_path, tiny_dataset):
     assert set(pareto.number) == _non_dominated(trials[trials.state == "COMPLETE"])
     assert list(pareto.n_params) == sorted(pareto.n_params)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Beside the search's score: its error over the validation cases, and the whole
+    # validation volumes, predicted once per member after the search.
+    assert {"val_iou_se", "val_iou_low", "val_iou_high", "volume_val_iou"} <= set(pareto)
+    assert pareto.volume_val_iou.between(0, 1).all() and pareto.val_iou_se.notna().all()
+    assert (pareto.val_iou_low <= pareto.val_iou).all()
+    assert (pareto.val_iou <= pareto.val_iou_high).all()
+    assert not pareto.below_top_rung.any()  # one fidelity: every member trained to the end
+    assert f"scored {len(pareto)} front member(s) on 2 whole validation volume(s)" in result.stdout
 
     # Weights are kept for exactly the front, and load into the architecture they came from.
     saved = sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
