@@ -5,7 +5,9 @@ the preprocessing and labels they gave (`data_description`) and the cases on eac
 split (`data_cases`). Resuming with other data is refused: the front would mix datasets and
 older trials would export with the wrong preprocessing. Resuming with another search space
 is refused too, unless the user asks to extend it (`--extend-space`) and every parameter the
-study already drew keeps a distribution Optuna can continue. Each refusal is one line saying
+study already drew keeps a distribution Optuna can continue. Resuming with other validation
+patches (their count, foreground share or seed) is refused: new scores would not compare
+with the study's. Each refusal is one line saying
 what differs. Studies written before these records existed get them on their next run.
 """
 
@@ -115,9 +117,42 @@ def check(
         )
     if stored.constraints != constraints:
         write_study(study, constraints=constraints)
+    _check_validation(stored.validation, validation_record(space), name, source)
     missing = {k: v for k, v in data.items() if getattr(stored, k) is None}
     if missing or stored.space != space_now:
         record(study, space, missing)
+
+
+# What makes two validation scores comparable: the same fixed patches (nas.validate's
+# ValidationPatches), drawn from these. `every` and `bootstrap` may change on a resume.
+_PATCH_FIELDS = {
+    "patches_per_case": "study.validation.patches_per_case",
+    "foreground_fraction": "study.validation.foreground_fraction",
+    "seed": "study.seed",
+}
+
+
+def validation_record(space: SearchSpace) -> dict[str, Any]:
+    """How a run validates, as its study keeps it: the space's validation settings and the
+    seed its patches are drawn with."""
+    return space.study.validation.model_dump() | {"seed": space.study.seed}
+
+
+def _check_validation(kept: Any, now: dict[str, Any], name: str, source: Path) -> None:
+    """Refuse a resume that would score new candidates on other patches than the study's:
+    their scores, ranked against the old ones, would compare different tests."""
+    changed = [
+        f"{where} {kept[key]} -> {now[key]}"
+        for key, where in _PATCH_FIELDS.items()
+        if kept and key in kept and kept[key] != now[key]
+    ]
+    if changed:
+        raise NasError(
+            source,
+            f"study {name!r} was validated on other patches: {'; '.join(changed)}; its scores "
+            "would not compare with new ones: resume it with its own values, or choose a new "
+            "--study-name",
+        )
 
 
 def _check_compatible(study: optuna.Study, space: SearchSpace, source: Path) -> None:

@@ -570,7 +570,7 @@ def _open_run_study(
         },
     }
     resume.check(study, space, data, args.space, args.extend_space)
-    write_study(study, validation=space.study.validation.model_dump())  # for its intervals
+    write_study(study, validation=resume.validation_record(space))  # for resumes, intervals
     # What this run searches, --set and --data included; once the study accepted it.
     text = yaml.safe_dump(setup.effective, sort_keys=False)
     atomic_write(study_dir / SPACE_FILE, lambda tmp: tmp.write_text(text))

@@ -21,7 +21,7 @@ from optuna.trial import TrialState, create_trial
 
 from nas import resume
 from nas.errors import NasError
-from nas.record import StudyRecord, TrialRecord
+from nas.record import StudyRecord, TrialRecord, write_study
 from nas.results import checkpoint_path, save_checkpoint, write_results
 from nas.run import _worker_command, main, parse_args
 from nas.space import load_space
@@ -411,3 +411,37 @@ def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
         refused.value
     )
     assert StudyRecord.of(study).data_cases == data["data_cases"]  # nothing overwritten
+
+
+def test_a_resume_on_other_validation_patches_is_refused(tmp_path, tiny_dataset):
+    """Scores on other validation patches do not compare with the study's: another patch
+    count or seed is refused with what changed; another bootstrap count is not."""
+    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
+    space = load_space(tmp_path / "space.yaml")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    data = {
+        "data_config": space.data.to_dict(),
+        "data_description": {"labels": {"background": 0, "lesion": 1}},
+        "data_cases": {"train": ["a", "b"], "validation": ["c"]},
+    }
+    resume.record(study, space, data)
+    write_study(study, validation=resume.validation_record(space))
+    kept = dict(StudyRecord.of(study).validation)
+    validation = space.study.validation
+    fewer = space.study.model_copy(update={"validation": validation.model_copy(
+        update={"patches_per_case": validation.patches_per_case // 2})})  # fmt: skip
+    for study_section, said in (
+        (fewer, f"study.validation.patches_per_case {validation.patches_per_case} -> "),
+        (space.study.model_copy(update={"seed": space.study.seed + 1}), "study.seed "),
+    ):
+        other = space.model_copy(update={"study": study_section})
+        with pytest.raises(NasError) as refused:
+            resume.check(study, other, data, tmp_path / "space.yaml", extend_space=True)
+        assert "was validated on other patches" in str(refused.value)
+        assert said in str(refused.value)
+    assert StudyRecord.of(study).validation == kept  # nothing overwritten
+    more = validation.model_copy(update={"bootstrap": validation.bootstrap + 1})
+    resampled = space.model_copy(
+        update={"study": space.study.model_copy(update={"validation": more})}
+    )
+    resume.check(study, resampled, data, tmp_path / "space.yaml", extend_space=False)
