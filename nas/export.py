@@ -337,11 +337,13 @@ def _readme(card: ModelCard, formats: Sequence[str]) -> str:
         for key, label in (("val_iou", "validation IoU"), ("val_dice", "Dice"))
         if weights.get(key) is not None
     ]
+    volume = source.get("volume_val_iou")
+    whole = "" if volume is None else f"; IoU {volume:.4f} on the whole validation volumes"
     return f"""# {source["study"]} trial {source["trial"]}: a {inf.spatial_dims}D U-Net
 
 - Parameters: {source["n_params"]:,}
 - Validation IoU {source["val_iou"]:.4f}, Dice {source["val_dice"]:.4f} in the search \
-(fold {source["fold"]} of {source["dataset"]})
+(fold {source["fold"]} of {source["dataset"]}){whole}
 - Weights: {weights["kind"]} (`{weights["path"]}`){": " + ", ".join(trained) if trained else ""}
 - Labels (mask voxel values): {labels}
 - Exported {source["exported_at"]} from {source["storage"]}
@@ -471,11 +473,10 @@ def _deployed_networks(unet, members: dict[str, Path]) -> tuple:
     return deployed_unet, networks
 
 
-def _source(
-    study, trial, record, model, data_config: dict, storage: str, weights_source: dict
-) -> dict:
-    """The card's `source`: where the model came from (`data_config`: the study's data
-    settings) and what the search measured."""
+def _source(study, trial, record, model, recorded, storage: str, weights_source: dict) -> dict:
+    """The card's `source`: where the model came from (`recorded`: the study's StudyRecord)
+    and what the search measured: its score on the validation patches and, once the run
+    scored its front on the whole validation volumes, that score too."""
     import torch
 
     from nas.builder import count_parameters
@@ -483,6 +484,8 @@ def _source(
     from nas.record import study_objectives
     from nas.storage import redact
 
+    data_config = recorded.data_config or {}
+    whole_volumes = recorded.volume_scores.get(str(trial.number), {})
     return {
         "study": study.study_name,
         "trial": trial.number,
@@ -490,6 +493,7 @@ def _source(
         "n_params": count_parameters(model),
         "val_iou": record.iou,
         "val_dice": record.quantity("dice"),
+        "volume_val_iou": whole_volumes.get("iou"),
         "objectives": study_objectives(study).names,
         # Every measured objective, as the search recorded it (None: not measured).
         "measured": {name: record.quantity(name) for name in OBJECTIVES},
@@ -567,7 +571,8 @@ def export(
     members = {"": weights} if isinstance(weights, Path) else dict(weights)
     unet, networks = _deployed_networks(unet, members)
     model = next(iter(networks.values()))
-    data_config = StudyRecord.of(study).data_config or {}
+    recorded = StudyRecord.of(study)
+    data_config = recorded.data_config or {}
     inference = Inference(
         spatial_dims=unet.spatial_dims,
         slice_axis=data_config.get("slice_axis", 2),
@@ -577,7 +582,7 @@ def export(
         tta=tta,
     )
     given = weights_source or _given_weights(weights)
-    source = _source(study, trial, record, model, data_config, storage, given)
+    source = _source(study, trial, record, model, recorded, storage, given)
     keep = {results: "results folder"} if results is not None else {}
     database = local_file(storage)
     keep |= {database: "database"} if database else {}

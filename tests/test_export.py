@@ -28,7 +28,7 @@ from nas.errors import NasError
 from nas.export import choose_trial, export
 from nas.exported import load_predictor
 from nas.model_card import read_card
-from nas.record import TrialRecord
+from nas.record import StudyRecord, TrialRecord
 from nas.results import checkpoint_path
 from nas.train import init_model
 
@@ -105,6 +105,12 @@ def test_export_writes_a_described_self_contained_folder(exported, studies, name
     assert len(card["preprocessing"]["target_spacing_mm"]) == 3
     readme = (folder / "README.md").read_text()
     assert f"{card['source']['n_params']:,}" in readme and "nas.predict" in readme
+    # The whole-volume score the run took after the search, beside the patch score.
+    storage = f"sqlite:///{studies / 'results' / name / 'study.db'}"
+    study = optuna.load_study(study_name=name, storage=storage)
+    volume = StudyRecord.of(study).volume_scores["0"]["iou"]
+    assert card["source"]["volume_val_iou"] == pytest.approx(volume)
+    assert f"; IoU {volume:.4f} on the whole validation volumes" in readme
 
     model = nas.load(folder)
     assert not model.training
