@@ -151,22 +151,25 @@ def choose_trial(
 
 def one_standard_error(study: optuna.Study) -> tuple[int, int, dict]:
     """(the front's best by score, the member the one-standard-error rule chooses, the
-    front's intervals by trial) over the search's one score."""
+    front's intervals by trial) over the search's one score; each member's error is that of
+    its difference from the best, the validation cases resampled together."""
     from nas.record import TrialRecord, study_objectives
     from nas.results import pareto_front
-    from nas.scoring import front_intervals, one_standard_error_choice
+    from nas.scoring import difference_error, front_intervals, one_standard_error_choice
 
     front = pareto_front(study)
     if not front:
         raise NasError(study.study_name, "has no completed trial to export")
     score = study_objectives(study).score.name
     intervals = front_intervals(study, front) if score == "iou" else {}
-    members = []
-    for trial in front:
-        record = TrialRecord.of(trial)
-        known = intervals.get(trial.number)
-        members.append((trial.number, record.quantity(score), known.se if known else 0.0,
-                        record.n_params or 0))  # fmt: skip
+    records = {trial.number: TrialRecord.of(trial) for trial in front}
+    scores = {n: record.quantity(score) for n, record in records.items()}
+    top = max(front, key=lambda t: (scores[t.number], -(records[t.number].n_params or 0)))
+    members = [
+        (n, scores[n], difference_error(intervals.get(top.number), intervals.get(n)),
+         record.n_params or 0)
+        for n, record in records.items()
+    ]  # fmt: skip
     best, chosen = one_standard_error_choice(members)
     return best, chosen, intervals
 
@@ -829,8 +832,8 @@ def _why_chosen(study: optuna.Study, number: int, best_score: bool) -> str:
         return f"chosen: {scored(best)}, the best score, and no smaller member within its error"
     return (
         f"chosen by the one-standard-error rule: {scored(chosen)}, the smallest front member "
-        f"whose score reaches the best, {scored(best)}, within its standard error over the "
-        f"validation cases; --best-score exports trial {best}"
+        f"whose score reaches the best, {scored(best)}, within the standard error of their "
+        f"difference over the validation cases; --best-score exports trial {best}"
     )
 
 

@@ -11,7 +11,8 @@ Validation while searching is on a fixed set of patches per validation case
 and its counts are kept per case, so a score's noise over the validation cases is estimated
 by the bootstrap (`interval`): the cases are resampled with replacement and the score taken
 again. `one_standard_error_choice` applies the one-standard-error rule of model selection:
-the smallest member whose score is within one standard error of the best score. Pure
+the smallest member whose score is within one standard error of the best score, the error
+of its difference from the best with the cases resampled together (`difference_error`). Pure
 functions over Optuna's FrozenTrial records (nas/record.py); no torch.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,9 @@ def kept_counts(counts: Mapping[int, Sequence], epoch: int) -> dict[str, list]:
 class Interval:
     score: float
     se: float  # the bootstrap's standard error over validation cases (0: one case, or none kept)
+    # The score on each bootstrap resample of the cases: the same resamples for every trial
+    # of a study (one seed, the same cases), so two members' differences can be paired.
+    resampled: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def low(self) -> float:
@@ -112,7 +116,21 @@ def interval(trial: FrozenTrial, resamples: int = 1000, seed: int = 0) -> Interv
     iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
     scores = iou.mean(axis=2).mean(axis=0)  # over classes, then over the window's epochs
     se = float(scores.std(ddof=1)) if resamples > 1 and n_cases > 1 else 0.0
-    return Interval(record.iou, se)
+    return Interval(record.iou, se, scores)
+
+
+def difference_error(best: Interval | None, member: Interval | None) -> float:
+    """The standard error of `best`'s score minus `member`'s over the validation cases, the
+    cases resampled together (paired): what is hard for one member is hard for the other, and
+    that shared part of each member's own error says nothing about which is better. Unpaired
+    (the member's own error) where the two were not scored on the same resamples."""
+    if member is None:
+        return 0.0
+    if best is None or best.resampled is None or member.resampled is None:
+        return member.se
+    if best.resampled.shape != member.resampled.shape or len(member.resampled) < 2:
+        return member.se
+    return float((best.resampled - member.resampled).std(ddof=1))
 
 
 def resamples(study: optuna.Study) -> int:
@@ -131,9 +149,10 @@ def front_intervals(study: optuna.Study, front: Sequence[FrozenTrial]) -> dict[i
 def one_standard_error_choice(
     members: Sequence[tuple[int, float, float, int]],
 ) -> tuple[int, int]:
-    """Of members (trial, score, standard error, params): (the best, the chosen). The best
-    scores highest (the smaller on a tie); the chosen is the smallest member whose score
-    plus its standard error reaches the best's score (the one-standard-error rule)."""
+    """Of members (trial, score, standard error of its difference from the best, params):
+    (the best, the chosen). The best scores highest (the smaller on a tie); the chosen is the
+    smallest member whose score plus that error reaches the best's score (the
+    one-standard-error rule, on paired differences: `difference_error`)."""
     best = max(members, key=lambda m: (m[1], -m[3]))
     reaching = [m for m in members if m[1] + m[2] >= best[1]]
     chosen = min(reaching, key=lambda m: (m[3], -m[1]))

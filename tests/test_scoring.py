@@ -18,6 +18,7 @@ from nas.record import TrialRecord, write_study
 from nas.sampler import MIN_AT_RUNG, at_common_rung, common_rung
 from nas.scoring import (
     decision_epochs,
+    difference_error,
     front_of,
     interval,
     joins_front,
@@ -92,11 +93,26 @@ def test_the_one_standard_error_rule_takes_the_smallest_member_within_the_best_e
     assert one_standard_error_choice(exact) == (0, 0)
 
 
+def test_the_rule_pairs_the_cases_a_hard_case_shared_is_no_tie():
+    """Seed 2 of search_vs_hand: a hard validation case makes each member's own error large,
+    but the small member is worse on every case, so it is not within the best's error."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(_member(0, 0.80, 50_000, case_ious=[0.95, 0.55, 0.9, 0.9]))
+    study.add_trial(_member(1, 0.75, 5_000, case_ious=[0.9, 0.5, 0.85, 0.85]))
+    best, small = (interval(t) for t in study.trials)
+    assert small.score + small.se >= best.score  # unpaired, it would reach the best
+    assert difference_error(best, small) < 0.01  # paired, the gap of 0.05 is no noise
+    assert choose_trial(study, None, None).number == 0
+    # Without resamples to pair (an older study), the member's own error stands in.
+    assert difference_error(None, small) == small.se
+
+
 def test_export_best_applies_the_rule_and_best_score_keeps_the_maximum(tmp_path):
     study = optuna.create_study(directions=["maximize", "minimize"])
-    # The large member scores 0.80 on cases that disagree; the small one 0.78, well within.
+    # The large member scores 0.80, the small one 0.78; case by case they disagree (one
+    # better here, the other there), so the gap is within the error of their difference.
     study.add_trial(_member(0, 0.80, 50_000, case_ious=[0.95, 0.65, 0.8, 0.8]))
-    study.add_trial(_member(1, 0.78, 5_000, case_ious=[0.9, 0.66, 0.78, 0.78]))
+    study.add_trial(_member(1, 0.78, 5_000, case_ious=[0.85, 0.72, 0.8, 0.75]))
     study.add_trial(_member(2, 0.40, 500, case_ious=[0.4, 0.4, 0.4, 0.4]))
     assert [t.number for t in front_of(study.trials)] == [2, 1, 0]
     assert choose_trial(study, None, None).number == 1
