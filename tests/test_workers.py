@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from nas.record import TrialRecord
@@ -102,6 +103,16 @@ def _check_accounted_for(study: optuna.Study, n_trials: int, results: Path) -> N
     assert sorted(table.number) == sorted(t.number for t in pareto_front(study))
 
 
+def _study_once_created(storage: str) -> optuna.Study | None:
+    """The run's study "many", or None while the run is still creating it. Opening a storage
+    sets up its schema, so this process and the run can both try to stamp Optuna's schema
+    version at once; the loser's IntegrityError only means "not ready yet"."""
+    try:
+        return optuna.load_study(study_name="many", storage=storage)
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        return None
+
+
 def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_dataset, postgres_url):
     (tmp_path / "space.yaml").write_text(_space(tiny_dataset, n_trials=6))
     command = [sys.executable, "-m", "nas.run", "space.yaml", "--storage", postgres_url,
@@ -116,9 +127,8 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tmp_path, tiny_datase
             """A new trial that has trained its first epoch alone: it trains at least two more
             epochs before its first rung (3) can end it, so the kill lands mid-trial
             whatever the machine's speed. A trial that continues another is not chosen."""
-            try:
-                study = optuna.load_study(study_name="many", storage=storage)
-            except KeyError:
+            study = _study_once_created(storage)
+            if study is None:
                 return None
             running = [
                 t
@@ -174,10 +184,10 @@ def test_ctrl_c_abandons_the_trial_writes_results_and_the_rerun_retries_it(tmp_p
     def second_trial_running():
         if not (tmp_path / "results/many/study.db").exists():
             return False
-        try:
-            trials = optuna.load_study(study_name="many", storage=storage).trials
-        except KeyError:
+        study = _study_once_created(storage)
+        if study is None:
             return False
+        trials = study.trials
         # In training (an epoch done), so it has drawn all its parameters: a Ctrl-C while
         # it samples would rerun it with the parameters drawn so far, the rest drawn anew.
         last = trials[-1] if len(trials) >= 2 else None
