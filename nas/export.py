@@ -155,7 +155,12 @@ def one_standard_error(study: optuna.Study) -> tuple[int, int, dict]:
     its difference from the best, the validation cases resampled together."""
     from nas.record import TrialRecord, study_objectives
     from nas.results import pareto_front
-    from nas.scoring import difference_error, front_intervals, one_standard_error_choice
+    from nas.scoring import (
+        best_member,
+        difference_error,
+        front_intervals,
+        one_standard_error_choice,
+    )
 
     front = pareto_front(study)
     if not front:
@@ -163,13 +168,10 @@ def one_standard_error(study: optuna.Study) -> tuple[int, int, dict]:
     score = study_objectives(study).score.name
     intervals = front_intervals(study, front) if score == "iou" else {}
     records = {trial.number: TrialRecord.of(trial) for trial in front}
-    scores = {n: record.quantity(score) for n, record in records.items()}
-    top = max(front, key=lambda t: (scores[t.number], -(records[t.number].n_params or 0)))
-    members = [
-        (n, scores[n], difference_error(intervals.get(top.number), intervals.get(n)),
-         record.n_params or 0)
-        for n, record in records.items()
-    ]  # fmt: skip
+    scored = [(n, r.quantity(score), r.n_params or 0) for n, r in records.items()]
+    top = intervals.get(best_member(scored)[0])
+    members = [(n, value, difference_error(top, intervals.get(n)), params)
+               for n, value, params in scored]  # fmt: skip
     best, chosen = one_standard_error_choice(members)
     return best, chosen, intervals
 

@@ -7,8 +7,8 @@ older trials would export with the wrong preprocessing. Resuming with another se
 is refused too, unless the user asks to extend it (`--extend-space`) and every parameter the
 study already drew keeps a distribution Optuna can continue. Resuming with other validation
 patches (their count, foreground share or seed) is refused: new scores would not compare
-with the study's. Each refusal is one line saying
-what differs. Studies written before these records existed get them on their next run.
+with the study's. Each refusal is one line saying what differs. Studies written before these
+records existed get them on their next run.
 """
 
 from __future__ import annotations

@@ -146,6 +146,11 @@ def front_intervals(study: optuna.Study, front: Sequence[FrozenTrial]) -> dict[i
     return {n: i for n, i in found.items() if i is not None}
 
 
+def best_member(members: Sequence[tuple]) -> tuple:
+    """Of members (trial, score, ..., params): the highest score, the smaller on a tie."""
+    return max(members, key=lambda m: (m[1], -m[-1]))
+
+
 def one_standard_error_choice(
     members: Sequence[tuple[int, float, float, int]],
 ) -> tuple[int, int]:
@@ -153,7 +158,7 @@ def one_standard_error_choice(
     (the best, the chosen). The best scores highest (the smaller on a tie); the chosen is the
     smallest member whose score plus that error reaches the best's score (the
     one-standard-error rule, on paired differences: `difference_error`)."""
-    best = max(members, key=lambda m: (m[1], -m[3]))
+    best = best_member(members)
     reaching = [m for m in members if m[1] + m[2] >= best[1]]
     chosen = min(reaching, key=lambda m: (m[3], -m[1]))
     return best[0], chosen[0]

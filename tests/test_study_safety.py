@@ -393,7 +393,9 @@ def test_results_are_readable_by_others_and_dead_staging_is_removed(
         assert mode == 0o644, f"{name}: {oct(mode)}"
 
 
-def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
+def _recorded_study(tmp_path, tiny_dataset):
+    """The tiny space, a study that recorded it with two training and one validation case,
+    and that data record."""
     (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
     space = load_space(tmp_path / "space.yaml")
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -403,6 +405,11 @@ def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
         "data_cases": {"train": ["a", "b"], "validation": ["c"]},
     }
     resume.record(study, space, data)
+    return space, study, data
+
+
+def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
+    space, study, data = _recorded_study(tmp_path, tiny_dataset)
     resume.check(study, space, data, tmp_path / "space.yaml", extend_space=False)  # the same
     more = data | {"data_cases": {"train": ["a", "b", "d", "e"], "validation": ["c"]}}
     with pytest.raises(NasError) as refused:
@@ -416,15 +423,7 @@ def test_a_resume_with_other_cases_names_them(tmp_path, tiny_dataset):
 def test_a_resume_on_other_validation_patches_is_refused(tmp_path, tiny_dataset):
     """Scores on other validation patches do not compare with the study's: another patch
     count or seed is refused with what changed; another bootstrap count is not."""
-    (tmp_path / "space.yaml").write_text(tiny_space_yaml(tiny_dataset))
-    space = load_space(tmp_path / "space.yaml")
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    data = {
-        "data_config": space.data.to_dict(),
-        "data_description": {"labels": {"background": 0, "lesion": 1}},
-        "data_cases": {"train": ["a", "b"], "validation": ["c"]},
-    }
-    resume.record(study, space, data)
+    space, study, data = _recorded_study(tmp_path, tiny_dataset)
     write_study(study, validation=resume.validation_record(space))
     kept = dict(StudyRecord.of(study).validation)
     validation = space.study.validation
