@@ -41,7 +41,7 @@ import multiprocessing as mp
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.queues import Queue
 from pathlib import Path
 
@@ -50,6 +50,8 @@ import numpy as np
 import torch
 
 from nas import build_unet
+from nas.batches import default_workers, training_batches, training_sampler
+from nas.builder import count_parameters
 from nas.data import (
     Case,
     DataConfig,
@@ -58,16 +60,21 @@ from nas.data import (
     SyntheticSpec,
     ensure_synthetic_dataset,
     load_dataset,
+    split_dataset,
 )
 from nas.data.layouts import CaseFiles, discover
-from nas.losses import DiceCELoss
+from nas.dry_run import sample_candidate
+from nas.labels import LabelScheme
+from nas.losses import make_loss
+from nas.patch_plan import plan_patches
+from nas.space import load_space
 from nas.train import (
     device_batch,
+    init_model,
     make_optimizer,
     pick_device,
     prepare_model,
     train_step,
-    training_sampler,
 )
 from nas.train_config import TrainConfig
 
@@ -80,6 +87,8 @@ SETTINGS: dict[str, tuple[tuple[int, ...], int, int]] = {
 UNET_DEPTH = 4
 SLICING = Slicing()  # the default: axial slices, every slice of a case
 DATASET_NAME = "Dataset002_Big"
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "unet.yaml"
+BINARY = LabelScheme.build({0: 0, 1: 1}, ("lesion",))
 
 
 def make_dataset(folder: Path, n_cases: int, n_distinct: int, shape: tuple[int, int, int]) -> Path:
@@ -187,42 +196,69 @@ def batches_per_second(draw: Callable[[], object], n_batches: int) -> float:
 
 
 def data_wait(
-    cases: Sequence[Case], in_channels: int, setting: str, steps: int, device: torch.device
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: torch.nn.Module,
+    train: TrainConfig,
+    steps: int,
+    device: torch.device,
 ) -> tuple[float, float]:
-    """Mean seconds per step spent sampling (and copying to the device), and training."""
-    patch, _, base_channels = SETTINGS[setting]
-    spatial_dims = len(patch)
-    torch.manual_seed(0)
-    model = build_unet(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=1,
-        depth=UNET_DEPTH,
-        base_channels=base_channels,
-    )
-    model = prepare_model(model, spatial_dims, device)
-    optimizer = make_optimizer(model, TrainConfig())
-    loss_fn = DiceCELoss()
+    """Mean seconds per step spent waiting for the next batch (and its copy to the device),
+    and training, over `steps` steps after one untimed warm-up step (worker start-up,
+    allocator, kernels)."""
+    optimizer = make_optimizer(model, train)
     # As `fit` trains on CUDA: mixed precision and channels-last.
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    sampler = project_sampler(cases, setting, seed=1)
 
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    sample_seconds = train_seconds = 0.0
-    for step in range(steps + 1):  # step 0 warms up (allocator, kernels) and is not counted
+    wait_seconds = train_seconds = 0.0
+    for step in range(steps + 1):
         start = time.perf_counter()
-        images, labels = device_batch(sampler, device)
+        images, labels = device_batch(next(batches), device)
         synchronize()
-        sampled = time.perf_counter()
+        fetched = time.perf_counter()
         train_step(model, optimizer, loss_fn, images, labels, scaler)
         synchronize()
         if step > 0:
-            sample_seconds += sampled - start
-            train_seconds += time.perf_counter() - sampled
-    return sample_seconds / steps, train_seconds / steps
+            wait_seconds += fetched - start
+            train_seconds += time.perf_counter() - fetched
+    return wait_seconds / steps, train_seconds / steps
+
+
+def setting_wait(
+    cases: Sequence[Case], in_channels: int, setting: str, steps: int, device: torch.device,
+    workers: int,
+) -> tuple[float, float]:  # fmt: skip
+    """`data_wait` of a small U-Net of this setting, batches as `fit` makes them."""
+    patch, batch, base_channels = SETTINGS[setting]
+    spatial_dims = len(patch)
+    sizes = {f"patch_size_{spatial_dims}d": patch, f"batch_size_{spatial_dims}d": batch}
+    train = TrainConfig(**sizes)
+    torch.manual_seed(0)
+    model = build_unet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1,
+                       depth=UNET_DEPTH, base_channels=base_channels)  # fmt: skip
+    model = prepare_model(model, spatial_dims, device)
+    batches = training_batches(cases, train, spatial_dims, 1, SLICING, device, workers)
+    return data_wait(model, batches, make_loss(BINARY), train, steps, device)
+
+
+def default_space_wait(steps: int, device: torch.device, workers: int) -> tuple[str, float, float]:
+    """`data_wait` of the default space's first candidate (the one `--dry-run` describes) on
+    its own data, the embedded synthetic dataset, with its own training settings."""
+    space = load_space(DEFAULT_SPACE)
+    dataset = load_dataset(space.data)
+    space = plan_patches(space, dataset, device).apply(space)  # its `auto` sizes
+    candidate = sample_candidate(space, dataset.in_channels, dataset.scheme.out_channels)
+    unet, train = candidate.unet, candidate.train
+    train_cases, _ = split_dataset(dataset, space.data)
+    model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device)
+    batches = training_batches(train_cases, train, unet.spatial_dims, train.seed,
+                               space.data.slicing, device, workers)  # fmt: skip
+    wait, step = data_wait(model, batches, make_loss(dataset.scheme), train, steps, device)
+    return f"{unet.spatial_dims}D {count_parameters(model):,} params", wait, step
 
 
 def main() -> None:
@@ -236,10 +272,23 @@ def main() -> None:
     parser.add_argument(
         "--baseline-batches", type=int, default=5, help="timed batches, nibabel path"
     )
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per setting")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0, default_workers(pick_device())],
+        help="batch workers to compare (default: 0 and what a run takes on this machine)",
+    )
     parser.add_argument("--device", default="auto", help="for the training steps")
+    parser.add_argument(
+        "--default-only", action="store_true", help="only the default space's data wait (4.)"
+    )
     args = parser.parse_args()
     device = pick_device(args.device)
+    if args.default_only:
+        _default_space_waits(args.steps, device, args.workers)
+        return
     shape = (args.shape[0], args.shape[1], args.shape[2])
 
     with tempfile.TemporaryDirectory(prefix="bench_data_loading-") as tmp:
@@ -287,18 +336,17 @@ def main() -> None:
                 flush=True,
             )
 
-        # 2. Data wait within a training step.
-        print(f"{'setting':<9}{'sample ms':>11}{'train ms':>10}{'step ms':>10}{'wait share':>12}")
+        # 2. Data wait within a training step, with batches built on the training thread
+        # and in background workers.
+        print(f"{'setting':<9}{'workers':>8}{'wait ms':>9}{'train ms':>10}{'wait share':>12}")
         for setting in SETTINGS:
-            sample_s, train_s = data_wait(
-                dataset.cases, dataset.in_channels, setting, args.steps, device
-            )
-            step_s = sample_s + train_s
-            print(
-                f"{setting:<9}{sample_s * 1000:>11.1f}{train_s * 1000:>10.1f}"
-                f"{step_s * 1000:>10.1f}{sample_s / step_s:>12.3f}",
-                flush=True,
-            )
+            for workers in args.workers:
+                wait_s, train_s = setting_wait(dataset.cases, dataset.in_channels, setting,
+                                               args.steps, device, workers)  # fmt: skip
+                _print_wait(setting, workers, wait_s, train_s)
+
+    # 4. The same on the default space's first candidate and data.
+    _default_space_waits(args.steps, device, args.workers)
 
     # 3. Cache build memory, measured above.
     build_mib = (peak_kib - before_kib) / 1024
@@ -309,9 +357,22 @@ def main() -> None:
         f"one preprocessed case {case_mib:.1f} MiB; ratio {build_mib / case_mib:.2f}"
     )
     print(
-        "target: cached / nibabel ratio >= 10; wait share <= 0.05; cache build ratio <= 4 "
-        "(peak RSS growth in cases)"
+        "target: cached / nibabel ratio >= 10; with workers, wait share <= 0.10 on the "
+        "default space; cache build ratio <= 4 (peak RSS growth in cases)"
     )
+
+
+def _default_space_waits(steps: int, device: torch.device, workers: Sequence[int]) -> None:
+    print(f"{'setting':<9}{'workers':>8}{'wait ms':>9}{'train ms':>10}{'wait share':>12}")
+    for count in workers:
+        what, wait_s, train_s = default_space_wait(steps, device, count)
+        _print_wait("default", count, wait_s, train_s, what)
+
+
+def _print_wait(setting: str, workers: int, wait_s: float, train_s: float, what: str = "") -> None:
+    share = wait_s / (wait_s + train_s)
+    print(f"{setting:<9}{workers:>8}{wait_s * 1000:>9.1f}{train_s * 1000:>10.1f}{share:>12.3f}"
+          f"  {what}".rstrip(), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class TrainingData:
     val_cases: Sequence[Case]
     scheme: LabelScheme  # what the network outputs: its out_channels, loss and scores
     slicing: Slicing
+    data_workers: int | None = None  # batch workers (nas.batches; None: for the device)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def train_candidate(
         until_epoch=until_epoch,
         optimizer_state=state.optimizer if state else None,
         validation=validation,
+        data_workers=data.data_workers,
     )
     reached = result.history[-1].epoch
     return Outcome(

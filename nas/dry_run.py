@@ -16,10 +16,12 @@ from collections.abc import Sequence
 import optuna
 import torch
 
+from nas.batches import training_batches
 from nas.builder import count_parameters
 from nas.data import Case, Slicing
 from nas.describe import count_macs, summary
 from nas.labels import LabelScheme
+from nas.losses import make_loss
 from nas.scoring import decision_epochs
 from nas.space import Candidate, SearchSpace, sample, warm_start_params
 from nas.train import (
@@ -28,8 +30,6 @@ from nas.train import (
     make_optimizer,
     prepare_model,
     train_step,
-    training_loss,
-    training_sampler,
 )
 from nas.validate import ValidationPatches, evaluate_patches
 
@@ -55,12 +55,12 @@ def seconds_per_step(
     """The median time of a training step of `candidate` on batches of `cases`."""
     unet, train = candidate.unet, candidate.train
     model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device)
-    sampler = training_sampler(cases, train, unet.spatial_dims, train.seed, slicing)
+    batches = training_batches(cases, train, unet.spatial_dims, train.seed, slicing, device, 0)
     optimizer = make_optimizer(model, train)
-    loss = training_loss(unet, scheme)
+    loss = make_loss(scheme)
     times = []
     for _ in range(1 + TIMED_STEPS):
-        images, labels = device_batch(sampler, device)
+        images, labels = device_batch(next(batches), device)
         start = time.perf_counter()
         float(train_step(model, optimizer, loss, images, labels))
         times.append(time.perf_counter() - start)

@@ -44,12 +44,21 @@ if TYPE_CHECKING:
 STORAGE_ENV = "NAS_STORAGE"
 SPACE_FILE = "space.yaml"  # the effective search space, beside the study
 RUN_LOG = "run.log"  # what the run printed, and the warnings raised
+MAX_PROCESSES = 64  # background processes one option may start
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A number of processes to start: 0 up to MAX_PROCESSES."""
+    value = int(text)
+    if not 0 <= value <= MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_PROCESSES}, got {value}")
     return value
 
 
@@ -105,6 +114,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads per worker (default: split)"
     )
+    parser.add_argument(
+        "--data-workers", type=_count,
+        help="background processes building each worker's training batches (0: on the "
+        "training thread; default: the cores left on a GPU machine, 0 on a CPU)",
+    )  # fmt: skip
     parser.add_argument(
         "--extend-space", action="store_true",
         help="resume a study with a changed search space (same data; each parameter drawn "
@@ -207,9 +221,12 @@ def _abandon_own_trials(study: optuna.Study) -> None:
             fail_and_retry(study, trial, INTERRUPTED, retries=0, by_number={})
 
 
-def _worker_command(args: argparse.Namespace, index: int, threads: int) -> list[str]:
+def _worker_command(
+    args: argparse.Namespace, index: int, threads: int, data_workers: int
+) -> list[str]:
     command = [sys.executable, "-m", "nas.run", str(args.space), "--workers", "1",
-               "--threads", str(threads), "--worker-index", str(index),
+               "--threads", str(threads), "--data-workers", str(data_workers),
+               "--worker-index", str(index),
                "--results-dir", str(args.results_dir), "--device", args.device]  # fmt: skip
     for option in ("n_trials", "timeout", "budget", "study_name", "seed"):
         value = getattr(args, option)
@@ -231,15 +248,20 @@ def _run_workers(args: argparse.Namespace, study: optuna.Study, setup: _Setup, s
     only, and each worker gets exactly one signal, passed on from here."""
     import torch
 
+    from nas.batches import default_workers
+
     gpus = torch.cuda.device_count()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    data_workers = args.data_workers
+    if data_workers is None:  # the machine's cores shared among the workers
+        data_workers = default_workers(torch.device("cuda" if gpus else "cpu"), args.workers)
     workers = []
     for index in range(args.workers):
         env = dict(os.environ)
         env[STORAGE_ENV] = storage
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-        command = _worker_command(args, index, threads)
+        command = _worker_command(args, index, threads, data_workers)
         workers.append(subprocess.Popen(command, env=env, start_new_session=True))
     where = f"GPU {', '.join(str(i % gpus) for i in range(args.workers))}" if gpus else "CPU"
     print(f"{args.workers} workers on {where}, {threads} torch thread(s) each", flush=True)
@@ -609,7 +631,7 @@ def _run_trials(
     space, study_dir, study_cfg = setup.space, setup.study_dir, setup.space.study
     is_worker = args.worker_index is not None
     data = TrainingData(setup.train_cases, setup.val_cases, setup.dataset.scheme,
-                        space.data.slicing)  # fmt: skip
+                        space.data.slicing, args.data_workers)  # fmt: skip
     objective = make_objective(space, data, setup.dataset.in_channels, setup.device, study_dir,
                                setup.schedule)  # fmt: skip
     prefix = f"[worker {args.worker_index}] " if is_worker else ""

@@ -1,8 +1,9 @@
 """Train one candidate network and report validation scores after the epochs asked for.
 
-A plain loop: sample a batch, forward, Dice+CE loss (Dice+BCE per region for a region-based
-dataset), backward, step. The device is chosen once (cuda, then mps, then cpu); AMP and
-channels-last are used only on CUDA. Training can run in segments (the rungs of a
+A plain loop: take the next batch (built in background workers, nas.batches), forward,
+Dice+CE loss (Dice+BCE per region for a region-based dataset), backward, step. The device
+is chosen once (cuda, then mps, then cpu); AMP and channels-last are used only on CUDA.
+Training can run in segments (the rungs of a
 multi-fidelity search): `fit` continues from a given epoch and optimizer state, and the
 learning rate decays polynomially over each segment, whichever of its epochs or seconds runs
 out first (warm restarts, as in SGDR), so the weights at the end of every segment are
@@ -19,27 +20,21 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from nas.batches import default_workers, training_batches
 from nas.builder import UNet, UNetConfig, build_unet
-from nas.data import Case, PatchSampler, Slicing
+from nas.data import Case, Slicing
 from nas.errors import NasError
 from nas.labels import LabelScheme
-from nas.losses import DeepSupervisionLoss, make_loss
+from nas.losses import make_loss
 from nas.train_config import TrainConfig
 from nas.validate import NO_VALIDATION, Scores, ValidationPatches, evaluate, evaluate_patches
-
-
-def training_loss(unet: UNetConfig, scheme: LabelScheme) -> nn.Module:
-    """The loss `fit` trains `unet` with: per region or over classes, and over every output
-    of a deeply supervised network."""
-    loss = make_loss(scheme)
-    return DeepSupervisionLoss(loss) if unet.deep_supervision else loss
 
 
 class CandidateFailed(Exception):
@@ -165,31 +160,15 @@ def prepare_model(model: nn.Module, spatial_dims: int, device: torch.device) -> 
     return model.to(device, memory_format=memory_format(spatial_dims, device))
 
 
-def training_sampler(
-    cases: Sequence[Case], cfg: TrainConfig, spatial_dims: int, seed: int, slicing: Slicing
-) -> PatchSampler:
-    """The batches `cfg` trains a 2D or 3D network on: its patch, batch and augmentation."""
-    return PatchSampler(
-        cases,
-        cfg.patch_size(spatial_dims),
-        cfg.batch_size(spatial_dims),
-        cfg.foreground_fraction,
-        cfg.augment,
-        seed,
-        slicing,
-        cfg.rotation_deg,
-        cfg.intensity_scale,
-        cfg.augment_probability,
-    )
-
-
-def device_batch(sampler: PatchSampler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler's next batch as tensors on `device`: images (in the memory format
-    `prepare_model` gives the network there), labels."""
-    images, labels = sampler.sample()
-    fmt = memory_format(images.ndim - 2, device)
-    images = torch.from_numpy(images).to(device, non_blocking=True, memory_format=fmt)
-    return images, torch.from_numpy(labels).to(device, non_blocking=True)
+def device_batch(
+    batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host batch as tensors on `device`: images (in the memory format `prepare_model`
+    gives the network there), labels; the copy overlaps the step where the batch is pinned."""
+    images, labels = batch
+    fmt = memory_format(images.dim() - 2, device)
+    images = images.to(device, non_blocking=True, memory_format=fmt)
+    return images, labels.to(device, non_blocking=True)
 
 
 def train_step(
@@ -249,6 +228,7 @@ def fit(
     until_epoch: int | None = None,
     optimizer_state: dict | None = None,
     validation: ValidationPlan = EVERY_EPOCH,
+    data_workers: int | None = None,
 ) -> FitResult:
     """Train `model` in place and validate as `validation` says: by default on whole cases
     after every epoch (no validation cases: each epoch scores NO_VALIDATION).
@@ -258,6 +238,7 @@ def fit(
     start_epoch, until_epoch: the segment to train, epochs start_epoch + 1 .. until_epoch
         (default: all of cfg.epochs); a continued segment passes the optimizer state the
         previous one returned. `cfg.max_seconds` caps each segment.
+    data_workers: batch worker processes (nas.batches; None: `default_workers`).
     on_epoch: called after each epoch (validated or not); answering False stops training.
     """
     slicing = slicing or Slicing()
@@ -272,11 +253,12 @@ def fit(
     patch_size = cfg.patch_size(spatial_dims)
     validate = functools.partial(_validate, model, val_cases, scheme, patch_size, device,
                                  slicing, validation.patches)  # fmt: skip
-    sampler = training_sampler(train_cases, cfg, spatial_dims, seed, slicing)
+    workers = default_workers(device) if data_workers is None else data_workers
+    batches = training_batches(train_cases, cfg, spatial_dims, seed, slicing, device, workers)
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    loss_fn = training_loss(model.config, scheme)
+    loss_fn = make_loss(scheme)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     clock = _SegmentClock((until_epoch - start_epoch) * cfg.batches_per_epoch, cfg.max_seconds)
     history: list[EpochResult] = []
@@ -284,7 +266,7 @@ def fit(
         model.train()
         for epoch in range(start_epoch + 1, until_epoch + 1):
             epoch_start = time.perf_counter()
-            loss_sum, steps = _train_epoch(model, optimizer, loss_fn, sampler, cfg, device,
+            loss_sum, steps = _train_epoch(model, optimizer, loss_fn, batches, cfg, device,
                                            scaler, clock)  # fmt: skip
             if steps == 0:
                 break
@@ -302,20 +284,15 @@ def fit(
             raise CandidateFailed(out_of_memory_reason(err)) from err
         raise
     finally:
+        del batches  # stops the workers
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not history:
         raise CandidateFailed("the time budget ended before the first training step")
     if history[-1].scores is None:  # stopped by on_epoch where it was not validated
         history[-1] = dataclasses.replace(history[-1], scores=validate())
-    return FitResult(
-        history[-1].scores,
-        tuple(history),
-        clock.elapsed(),
-        clock.stopped_by_time,
-        optimizer.state_dict(),
-        clock.steps_taken,
-    )
+    return FitResult(history[-1].scores, tuple(history), clock.elapsed(), clock.stopped_by_time,
+                     optimizer.state_dict(), clock.steps_taken)  # fmt: skip
 
 
 def _validate(
@@ -371,7 +348,7 @@ def _train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
-    sampler: PatchSampler,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     device: torch.device,
     scaler: torch.amp.GradScaler | None,
@@ -387,7 +364,7 @@ def _train_epoch(
             break
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * (1 - fraction) ** 0.9
-        images, labels = device_batch(sampler, device)
+        images, labels = device_batch(next(batches), device)
         loss_sum += train_step(model, optimizer, loss_fn, images, labels, scaler)
         steps += 1
         clock.steps_taken += 1

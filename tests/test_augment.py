@@ -1,5 +1,6 @@
-"""Augmentation as nnU-Net does it: what each transform does to a sample, and the sampler's
-batches with all of them on, with none, and under a seed."""
+"""Augmentation as nnU-Net does it, with MONAI's transforms: what they do to a sample, the
+sampler's batches with all of them on, with none, and under a seed; and the training loader,
+whose background workers draw reproducible batches."""
 
 from __future__ import annotations
 
@@ -9,17 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from monai import transforms as mt
 
+from nas.batches import training_batches, training_sampler, worker_seed
 from nas.data import PatchSampler, Slicing
-from nas.data.augment import (
-    Augmentation,
-    add_noise,
-    adjust_gamma,
-    augment,
-    blur,
-    simulate_low_resolution,
-    zoom,
-)
+from nas.data.augment import Augmentation, augment, training_transforms
 from nas.train_config import TrainConfig
 
 
@@ -48,50 +44,25 @@ def test_every_transform_keeps_shapes_dtypes_and_label_values(tiny_cases, patch)
         assert set(np.unique(labels)) <= label_values
 
 
-def test_each_transform_keeps_a_sample_its_shape_and_dtype():
-    image, label = square_sample()
-    for transformed in (
-        zoom(image, label, 1.3)[0],
-        add_noise(image, 0.05, np.random.default_rng(0)),
-        blur(image, 0.7),
-        simulate_low_resolution(image, 1.6),
-        adjust_gamma(image, 1.4),
-    ):
-        assert transformed.shape == image.shape and transformed.dtype == np.float32
-    zoomed_label = zoom(image, label, 0.8)[1]
-    assert zoomed_label.dtype == np.uint8 and set(np.unique(zoomed_label)) <= {0, 1, 2}
-
-
-def test_zoom_magnifies_about_the_centre_and_pads_with_background():
-    image, label = square_sample()
-    larger = zoom(image, label, 2.0)[1]
-    smaller_image, smaller = zoom(image, label, 0.7)
-    assert (larger > 0).sum() == pytest.approx(4 * (label > 0).sum(), rel=0.2)
-    assert (smaller > 0).sum() == pytest.approx(0.49 * (label > 0).sum(), rel=0.25)
-    assert smaller_image[0, 0, 0] == 0 and smaller[0, 0] == 0  # padded corner
-
-
-def test_intensity_transforms_do_what_nnunet_does():
-    image, _ = square_sample(64)
-    rng = np.random.default_rng(1)
-    noise = add_noise(image, 0.1, rng) - image
-    assert noise.std() == pytest.approx(np.sqrt(0.1) * image.std(), rel=0.1)
-    assert blur(image, 1.0).std() < 0.5 * image.std()  # white noise averages out
-    gamma = adjust_gamma(image, 1.5)
-    assert not np.allclose(gamma, image)
-    assert gamma.mean() == pytest.approx(image.mean(), abs=1e-4)  # retain_stats
-    assert gamma.std() == pytest.approx(image.std(), rel=1e-4)
-    coarse = simulate_low_resolution(image, 2.0)
-    assert not np.allclose(coarse, image)
-    assert np.abs(np.diff(coarse, axis=1)).mean() < np.abs(np.diff(image, axis=1)).mean()
+def test_the_transforms_are_nnunets_set_in_its_order():
+    transforms = training_transforms(3, Augmentation(), seed=0).transforms
+    kinds = [type(t) for t in transforms]
+    assert kinds == [mt.RandFlipd] * 3 + [
+        mt.RandRotated, mt.RandZoomd, mt.RandGaussianNoised, mt.RandGaussianSmoothd,
+        mt.RandScaleIntensityd, mt.RandSimulateLowResolutiond, mt.RandAdjustContrastd,
+    ]  # fmt: skip
+    assert [t.prob for t in transforms[:3]] == [0.5] * 3  # every axis, half the samples
+    assert all(t.prob == 0.2 for t in transforms[3:] if not isinstance(t, mt.RandScaleIntensityd))
+    no_rotation = training_transforms(2, Augmentation(rotation_deg=0.0), seed=0).transforms
+    assert not any(isinstance(t, mt.RandRotated) for t in no_rotation)
 
 
 def test_with_probability_0_only_mirroring_and_intensity_scaling_remain():
     image, label = square_sample()
-    settings = Augmentation(probability=0.0, rotation_deg=15.0, intensity_scale=0.1)
-    rng = np.random.default_rng(0)
+    transforms = training_transforms(2, Augmentation(0.0, 15.0, 0.1), seed=0)
     for _ in range(20):
-        out_image, out_label = augment(image, label, settings, rng)
+        out_image, out_label = augment(image, label, transforms)
+        assert out_image.dtype == np.float32 and out_label.dtype == label.dtype
         flips = [
             axes
             for n in range(3)
@@ -107,9 +78,11 @@ def test_with_probability_0_only_mirroring_and_intensity_scaling_remain():
 
 def test_with_probability_1_every_sample_is_more_than_mirrored_and_scaled():
     image, label = square_sample()
-    rng = np.random.default_rng(0)
+    transforms = training_transforms(2, Augmentation(probability=1.0), seed=0)
     for _ in range(5):
-        out_image, _ = augment(image, label, Augmentation(probability=1.0), rng)
+        out_image, out_label = augment(image, label, transforms)
+        assert out_image.shape == image.shape and out_label.shape == label.shape
+        assert set(np.unique(out_label)) <= set(np.unique(label))  # nearest neighbour
         ratios = [out_image / np.flip(image, axes) for n in range(3)
                   for axes in itertools.combinations((1, 2), n)]  # fmt: skip
         assert not any(np.allclose(r, r.flat[0], rtol=1e-3) for r in ratios)
@@ -127,8 +100,6 @@ def test_the_sampler_is_deterministic_under_a_seed(tiny_cases):
 
 
 def test_training_sampler_takes_the_probability_from_the_train_config(tiny_cases):
-    from nas.train import training_sampler
-
     cfg = TrainConfig(patch_size_2d=(32, 32), augment_probability=0.35)
     sampler = training_sampler(tiny_cases, cfg, 2, seed=0, slicing=Slicing())
     assert sampler.augmentation == Augmentation(0.35, cfg.rotation_deg, cfg.intensity_scale)
@@ -136,7 +107,27 @@ def test_training_sampler_takes_the_probability_from_the_train_config(tiny_cases
         TrainConfig(augment_probability=1.5)
 
 
-def test_augmentation_loads_without_torch():
-    """Bad input is reported before torch loads, and nas.data is part of that check."""
-    code = "import sys, nas.data.augment, nas.data; assert 'torch' not in sys.modules"
+def test_checking_data_loads_no_torch():
+    """Bad input is reported before torch loads: nas.data is part of that check, and only a
+    sampler that augments loads MONAI (and so torch)."""
+    code = "import sys, nas.data; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _loader_batches(cases, workers: int, seed: int, n: int = 4) -> list[np.ndarray]:
+    cfg = TrainConfig(patch_size_3d=(24, 24, 8), batch_size_3d=2, augment_probability=0.5)
+    batches = training_batches(cases, cfg, 3, seed, Slicing(), torch.device("cpu"), workers)
+    return [array.numpy() for _, batch in zip(range(n), batches, strict=False) for array in batch]
+
+
+def test_background_workers_draw_reproducible_batches(tiny_cases):
+    on_thread = _loader_batches(tiny_cases, 0, seed=3)
+    one_worker = _loader_batches(tiny_cases, 1, seed=3)
+    # Worker 0 draws with the seed itself: one worker serves what the training thread did.
+    assert all(np.array_equal(a, b) for a, b in zip(on_thread, one_worker, strict=True))
+    two, again = _loader_batches(tiny_cases, 2, seed=3), _loader_batches(tiny_cases, 2, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(two, again, strict=True))
+    # The second worker's batches are its own stream, not a copy of the first's.
+    first_images, second_images = two[0], two[2]
+    assert not np.array_equal(first_images, second_images)
+    assert len({worker_seed(3, k) for k in range(4)}) == 4

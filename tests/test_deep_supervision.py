@@ -17,7 +17,7 @@ from nas.builder import UNetConfig, build_unet, count_parameters, deployed
 from nas.describe import summary
 from nas.export import export
 from nas.labels import LabelScheme
-from nas.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, downsample_target
+from nas.losses import DiceCELoss, TrainingLoss, deep_supervision_weights
 from nas.measure import measure_candidate
 from nas.memory import estimate_inference_bytes, estimate_training_bytes, parameter_count
 from nas.model_card import WEIGHTS_FILE
@@ -94,24 +94,18 @@ def test_the_wrapper_is_the_weighted_sum_against_the_target_at_each_size():
     outputs = [torch.randn(2, 3, 16 // 2**i, 12 // 2**i) for i in range(3)]
     target = torch.randint(0, 3, (2, 16, 12))
     base = _Recording()
-    loss = DeepSupervisionLoss(base)(outputs, target)
-    # Output voxel i of a stride-2 stage stands for target voxel 2i.
-    by_hand = 2 / 3 * DiceCELoss()(outputs[0], target)
-    by_hand += 1 / 3 * DiceCELoss()(outputs[1], target[:, ::2, ::2])
+    loss = TrainingLoss(base)(outputs, target)
+    # MONAI shrinks the target by nearest neighbour ("nearest-exact": voxel i of a half-size
+    # output reads target voxel 2i + 1), which keeps class indices as they are.
+    channel = target[:, None].float()
+    by_hand = 2 / 3 * DiceCELoss()(outputs[0], channel)
+    by_hand += 1 / 3 * DiceCELoss()(outputs[1], channel[:, :, 1::2, 1::2])
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
     # The lowest output, weighted 0, is not scored at all.
-    assert base.seen == [((2, 3, 16, 12), (2, 16, 12)), ((2, 3, 8, 6), (2, 8, 6))]
+    assert base.seen == [((2, 3, 16, 12), (2, 1, 16, 12)), ((2, 3, 8, 6), (2, 1, 8, 6))]
     # A plain tensor is the only output.
-    single = DeepSupervisionLoss(DiceCELoss())(outputs[0], target)
-    assert single.item() == pytest.approx(DiceCELoss()(outputs[0], target).item())
-
-
-def test_targets_shrink_by_nearest_neighbour_with_or_without_a_channel_axis():
-    labels = torch.randint(0, 4, (2, 16, 16, 8))
-    assert torch.equal(downsample_target(labels, (8, 8, 8)), labels[:, ::2, ::2, :])
-    regions = torch.randint(0, 2, (2, 3, 16, 16), dtype=torch.uint8)  # (B, regions, X, Y)
-    shrunk = downsample_target(regions, (4, 4))
-    assert shrunk.dtype == torch.uint8 and torch.equal(shrunk, regions[:, :, ::4, ::4])
+    single = TrainingLoss(DiceCELoss())(outputs[0], target)
+    assert single.item() == pytest.approx(DiceCELoss()(outputs[0], channel).item())
 
 
 def test_fit_trains_the_weighted_heads_and_leaves_the_zero_weighted_one(tiny_cases):

@@ -22,7 +22,7 @@ from nas.builder import UNetConfig, build_unet, count_parameters
 from nas.data import SyntheticSpec
 from nas.errors import NasError
 from nas.labels import LabelScheme
-from nas.losses import DeepSupervisionLoss, DiceCELoss
+from nas.losses import DiceCELoss, TrainingLoss
 from nas.memory import (
     check_fits,
     default_memory_limit_bytes,
@@ -298,7 +298,7 @@ def _train_two_steps(unet: UNetConfig, train_values: dict) -> None:
     patch = train.patch_size_2d if two_d else train.patch_size_3d
     images = torch.randn(batch, unet.in_channels, *patch)
     labels = torch.randint(0, max(2, unet.out_channels), (batch, *patch))
-    loss = DeepSupervisionLoss(DiceCELoss()) if unet.deep_supervision else DiceCELoss()
+    loss = TrainingLoss(DiceCELoss())  # on every output of a deeply supervised network
     for _ in range(2):  # the second backward also holds the optimizer's state
         train_step(model, optimizer, loss, images, labels)
 

@@ -101,7 +101,7 @@ def test_scores_are_pooled_per_region_on_the_class_maps():
 
 def test_the_region_loss_trains_each_region_on_its_own_sigmoid():
     loss = make_loss(NESTED)
-    assert isinstance(make_loss(LabelScheme.build({0: 0, 1: 1}, ("lesion",))), DiceCELoss)
+    assert isinstance(make_loss(LabelScheme.build({0: 0, 1: 1}, ("lesion",))).loss, DiceCELoss)
     target = LABEL_MAP.repeat(2, 1)  # (B, *spatial) class indices, as the sampler gives
     nested = NESTED.encode(target)
     assert float(loss(nested * 20 - 10, target)) < 0.01

@@ -10,7 +10,7 @@ from torch import nn
 from nas import build_unet
 from nas.data import Case
 from nas.labels import LabelScheme
-from nas.losses import DiceCELoss
+from nas.losses import DiceCELoss, TrainingLoss
 from nas.train import (
     CandidateFailed,
     TrainConfig,
@@ -72,6 +72,19 @@ def test_fit_reports_every_epoch_and_trains(tiny_cases):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_a_background_worker_trains_the_network_the_training_thread_does(tiny_cases):
+    """Batches built in a worker process are the ones the training thread would build, so
+    the weights after training are the same."""
+    trained = []
+    for workers in (0, 1):
+        model = init_model(build_unet(spatial_dims=2, depth=2, base_channels=4).config, 0)
+        fit(model, tiny_cases[:4], (), LESION, TrainConfig(**TINY_TRAIN), CPU,
+            data_workers=workers)  # fmt: skip
+        trained.append(model.state_dict())
+    for key, value in trained[0].items():
+        assert torch.equal(value, trained[1][key]), key
+
+
 def test_fit_validates_on_patches_only_after_the_epochs_asked_and_the_last(tiny_cases):
     train, val = tiny_cases[:4], tiny_cases[4:]
     model = build_unet(spatial_dims=2, depth=2, base_channels=4)
@@ -130,7 +143,7 @@ def test_loss_is_low_for_confident_correct_logits_and_high_otherwise(classes):
         good = (target.float() * 20 - 10).unsqueeze(1)
     else:
         good = torch.nn.functional.one_hot(target, channels).movedim(-1, 1).float() * 20 - 10
-    loss = DiceCELoss()
+    loss = TrainingLoss(DiceCELoss())
     assert loss(good, target) < 0.05  # absent classes cost a little through the smoothing
     assert loss(-good, target) > 1.0
 

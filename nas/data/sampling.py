@@ -3,11 +3,13 @@
 2D samples are slices along `Slicing.axis`, 3D samples are patches; one crop routine serves
 both by treating a slice as a patch one voxel thick. A fixed fraction of samples is centred
 on a foreground voxel, because lesions are tiny and random crops would rarely see one.
-Each sample is augmented as nnU-Net does (`nas.data.augment`).
+Each sample is augmented as nnU-Net does (`nas.data.augment`, MONAI's transforms, loaded only
+when a sampler augments, so that `import nas.data` stays free of torch).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from nas.data.augment import Augmentation, augment
 from nas.data.cache import Case
 from nas.errors import NasError
 
@@ -173,9 +174,13 @@ class PatchSampler:
         self.crop_size = tuple(size)
         self.batch_size = batch_size
         self.foreground_fraction = foreground_fraction
-        self.augmentation = (
-            Augmentation(augment_probability, rotation_deg, intensity_scale) if augment else None
-        )
+        self.augmentation = None
+        if augment:
+            from nas.data.augment import Augmentation, augment, training_transforms
+
+            self.augmentation = Augmentation(augment_probability, rotation_deg, intensity_scale)
+            transforms = training_transforms(self.spatial_dims, self.augmentation, seed)
+            self._augment = functools.partial(augment, transforms=transforms)
         self.rng = np.random.default_rng(seed)
         # Training slices per case (2D); every voxel of them is a candidate patch centre.
         split_rng = np.random.default_rng(slicing.seed)
@@ -226,7 +231,7 @@ class PatchSampler:
                 image = np.take(image, 0, axis=self.slice_axis + 1)
                 label = np.take(label, 0, axis=self.slice_axis)
             if self.augmentation is not None:
-                image, label = augment(image, label, self.augmentation, self.rng)
+                image, label = self._augment(image, label)
             images.append(np.ascontiguousarray(image, dtype=np.float32))
             labels.append(np.ascontiguousarray(label))
         return np.stack(images), np.stack(labels).astype(np.int64)
