@@ -12,10 +12,10 @@ printed as a ratio:
    slice (2D) or patch (3D) of the same size. The baseline does no augmentation, foreground
    centring, reorientation or normalisation, which only favours it. Both read files that were
    just written, so from a warm page cache; the baseline times few batches, as it is slow.
-2. Data wait: the share of a training step (sample + forward + backward + optimizer step)
-   spent in `sampler.sample()`, for a small U-Net, with the default loader settings. On CUDA
-   every step is synchronised, so the share is an upper bound (`fit` lets the host sample while
-   the device still runs the previous step); on the CPU it is exact.
+2. Data wait: the share of a training step (next batch + forward + backward + optimizer
+   step) spent waiting for the next batch, for a small U-Net, with batches made as `fit`
+   makes them (`nas.batches.training_batches`): on the training thread (0 workers) and in N
+   background workers. On CUDA every step is synchronised, so the share is an upper bound.
 3. Cache build memory: the cache is built in a fresh (spawned) child process, whose peak RSS
    (VmHWM) over its RSS just before building is compared with one preprocessed case in memory
    (float32 image + uint8 label). A build that held the whole dataset would show about
@@ -28,8 +28,13 @@ temporary folder (under $TMPDIR) removed at the end.
     python benchmarks/data_loading.py [--cases 40] [--shape 160 192 160] [--batches 100]
         [--baseline-batches 5] [--steps 5] [--device auto]
     python benchmarks/data_loading.py --cases 6 --shape 64 64 48   # a quick check
+    python benchmarks/data_loading.py --default-only [--workers 0 1 2]   # 4. alone
 
-Targets: cached / nibabel >= 10; data wait <= 5% of a step; cache build peak <= 4 cases.
+4. The data wait of 2., on the default space (search_spaces/unet.yaml) and its embedded
+   dataset, for the first candidate the space samples, with its own training settings.
+
+Targets: cached / nibabel >= 10; with workers, data wait <= 10% of a step on the default
+space; cache build peak <= 4 cases.
 """
 
 from __future__ import annotations

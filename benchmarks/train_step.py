@@ -26,8 +26,8 @@ import torch
 
 from nas import UNetConfig, build_unet
 from nas.data import DataConfig, PatchSampler, SyntheticSpec, load_dataset
-from nas.losses import DiceCELoss
-from nas.train import device_batch, fit, make_optimizer, pick_device
+from nas.losses import make_loss
+from nas.train import fit, make_optimizer, pick_device
 from nas.train_config import TrainConfig
 
 CANDIDATES = {
@@ -74,10 +74,10 @@ def _run_arm(arm: str, name: str, data_root: str, steps: int, device_name: str, 
         patch = train_cfg.patch_size(unet_cfg.spatial_dims)
         batch = train_cfg.batch_size(unet_cfg.spatial_dims)
         sampler = PatchSampler(cases, patch, batch, train_cfg.foreground_fraction, True, seed=0)
-        batches = [device_batch(sampler, torch.device("cpu")) for _ in range(steps)]
+        batches = [tuple(map(torch.from_numpy, sampler.sample())) for _ in range(steps)]
         model = model.to(device)
         optimizer = make_optimizer(model, train_cfg)
-        loss_fn = DiceCELoss()
+        loss_fn = make_loss(dataset.scheme)
         use_amp = device.type == "cuda"
         # One untimed pass over the batches first, as the nas arm's first epoch.
         for i in range(2 * steps):

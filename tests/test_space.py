@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -412,3 +414,16 @@ def test_augment_probability_above_1_from_the_command_line_is_one_line(tmp_path)
         "Input should be less than or equal to 1"
     )
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_shipped_search_space_is_valid(path):
+    space = load_space(path)
+    assert space.study.name and space.study.objectives
+    if "whole_volumes" in path.name:  # 3D only, with the rare validation it is sized for
+        assert space.search["spatial_dims"] == 3 and space.study.pruner.type == "none"
+        assert space.study.validation.patches_per_case < 16
