@@ -72,6 +72,7 @@ from nas.dry_run import sample_candidate
 from nas.labels import LabelScheme
 from nas.losses import make_loss
 from nas.patch_plan import plan_patches
+from nas.precision import gradient_scaler
 from nas.space import load_space
 from nas.train import (
     device_batch,
@@ -213,7 +214,7 @@ def data_wait(
     allocator, kernels)."""
     optimizer = make_optimizer(model, train)
     # As `fit` trains on CUDA: mixed precision and channels-last.
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    scaler = gradient_scaler(device)
 
     def synchronize() -> None:
         if device.type == "cuda":

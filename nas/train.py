@@ -33,6 +33,7 @@ from nas.data import Case, Slicing
 from nas.errors import NasError
 from nas.labels import LabelScheme
 from nas.losses import make_loss
+from nas.precision import autocast, gradient_scaler
 from nas.train_config import TrainConfig
 from nas.validate import NO_VALIDATION, Scores, ValidationPatches, evaluate, evaluate_patches
 
@@ -97,6 +98,8 @@ def pick_device(requested: str = "auto") -> torch.device:
         raise ValueError(f"device {requested!r} is not available on this machine")
     device = torch.device(requested)
     flush_denormals(device)
+    if device.type == "cuda":  # pick the fastest convolution for each shape, as nnU-Net does
+        torch.backends.cudnn.benchmark = True
     return device
 
 
@@ -179,16 +182,16 @@ def train_step(
     labels: torch.Tensor,
     scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
-    """One optimisation step; returns the detached loss (no host sync)."""
+    """One optimisation step, the forward pass under autocast on CUDA (nas.precision) and
+    the loss scaled where float16 needs it; returns the detached loss (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:  # CUDA: mixed precision
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = loss_fn(model(images), labels)
+    with autocast(images.device):
+        loss = loss_fn(model(images), labels)
+    if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss = loss_fn(model(images), labels)
         loss.backward()
         optimizer.step()
     return loss.detach()
@@ -259,7 +262,7 @@ def fit(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     loss_fn = make_loss(scheme)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    scaler = gradient_scaler(device)
     clock = _SegmentClock((until_epoch - start_epoch) * cfg.batches_per_epoch, cfg.max_seconds)
     history: list[EpochResult] = []
     try:

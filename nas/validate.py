@@ -29,6 +29,7 @@ from torch import nn
 from nas.data import Case, patch_at, validation_centres
 from nas.labels import LabelScheme
 from nas.metrics import dice_from_counts, iou_from_counts
+from nas.precision import autocast
 
 # Of a sliding window, the share its neighbours overlap: validation always, predict by default.
 DEFAULT_OVERLAP = 0.25
@@ -158,7 +159,9 @@ def evaluate_patches(
     per_case = np.zeros((len(patches.cases), 3, len(scheme.covers)))
     for first in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[first : first + batch_size]).to(device)
-        for offset, logits in enumerate(model(batch)):
+        with autocast(device):
+            logits_batch = model(batch).float()
+        for offset, logits in enumerate(logits_batch):
             index = first + offset
             classes = scheme.classes_from_logits(logits).cpu().numpy()
             per_case[owners[index]] += counts.counts(classes, labels[index])
