@@ -567,12 +567,14 @@ def publish_curves(study: optuna.Study, front: list[FrozenTrial] | None = None) 
     written into the storage after every trial (report.html draws every curve)."""
     from optuna_dashboard import save_plotly_graph_object
 
+    from nas.objectives import OBJECTIVES, curve_metric
     from nas.record import study_objectives
     from nas.scoring import front_of
 
+    objectives = study_objectives(study).names
     if front is None:
-        front = front_of(study.get_trials(deepcopy=False), study_objectives(study).names)
-    figure = _curves_figure(front, front)
+        front = front_of(study.get_trials(deepcopy=False), objectives)
+    figure = _curves_figure(front, front, OBJECTIVES[curve_metric(objectives)].label)
     save_plotly_graph_object(study, figure, graph_object_id=CURVES_GRAPH_ID)
 
 

@@ -86,15 +86,19 @@ def _set_constraints(
             trial.set_constraint(name, value)
 
 
+def trial_scores(score: float, scores: Scores, metric: str) -> dict[str, float]:
+    """A trial's iou, dice and case_dice: the search score (`scoring.search_score`) as its
+    `metric` (what its curve holds: IoU, or case Dice), the last validation's for the others."""
+    return {"iou": scores.iou, "dice": scores.dice, "case_dice": scores.case_dice, metric: score}
+
+
 def _record_scores(
-    trial: optuna.Trial, score: float, scores: Scores, epochs: int, start: float, metric: str
+    trial: optuna.Trial, found: dict[str, float], scores: Scores, epochs: int, start: float
 ) -> None:
-    """The search score (`scoring.search_score`) as the trial's `metric` (what its curve
-    holds: IoU, or case Dice), and the last validation's other scores (Dice, case Dice or
-    IoU) and per-class IoU, kept as user attrs (a pruned trial has no values)."""
-    last = {"iou": scores.iou, "dice": scores.dice, "case_dice": scores.case_dice}
-    write(trial, **(last | {metric: score}), val_iou_per_class=tuple(scores.iou_per_class),
-          epochs_run=epochs, seconds=round(time.perf_counter() - start, 2))  # fmt: skip
+    """The trial's scores (`trial_scores`) and the last validation's per-class IoU, kept as
+    user attrs (a pruned trial has no values)."""
+    write(trial, **found, val_iou_per_class=tuple(scores.iou_per_class), epochs_run=epochs,
+          seconds=round(time.perf_counter() - start, 2))  # fmt: skip
 
 
 def _parent(trial: optuna.Trial, number: int) -> FrozenTrial:
@@ -271,13 +275,12 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
     reached = outcome.state.epoch
     progress.validated(reached, result.scores)
     score = search_score(progress.curve, reached)
+    found = trial_scores(score, result.scores, run.metric)
     # The scores first: whatever fails after training, they stay with the trial.
-    _record_scores(trial, score, result.scores, reached, start, run.metric)
+    _record_scores(trial, found, result.scores, reached, start)
     steps_per_epoch = candidate.train.batches_per_epoch
     write(trial, stopped_by_time=result.stopped_by_time,
           fidelity_steps=reached * steps_per_epoch)  # fmt: skip
-    found = {"iou": result.scores.iou, "dice": result.scores.dice,
-             "case_dice": result.scores.case_dice} | {run.metric: score}  # fmt: skip
     scores = {"val_iou": found["iou"], "val_dice": found["dice"], "epochs_run": reached}
     if run.metric != "iou":
         scores["val_case_dice"] = found["case_dice"]
