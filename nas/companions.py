@@ -97,6 +97,8 @@ def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:
             continue
         iou = np.array([TrialRecord.of(r).iou for r in runs], float)
         dice = np.array([TrialRecord.of(r).quantity("dice") for r in runs], float)
+        # NaN for folds run before case Dice was recorded.
+        case_dice = np.array([TrialRecord.of(r).quantity("case_dice") for r in runs], float)
         cases = [case for run in runs for case in TrialRecord.of(run).out_of_fold]
         search_trial = by_number.get(number)
         rows.append(
@@ -110,6 +112,8 @@ def summary_rows(crossval: optuna.Study, search: optuna.Study) -> list[dict]:
                 "cv_iou_sd": float(iou.std(ddof=1)) if len(iou) > 1 else None,
                 "cv_dice_mean": float(dice.mean()),
                 "cv_dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else None,
+                "cv_case_dice_mean": float(case_dice.mean()),
+                "cv_case_dice_sd": float(case_dice.std(ddof=1)) if len(case_dice) > 1 else None,
                 "oof_case_dice": float(np.mean([c["dice"] for c in cases])),
                 "oof_case_dice_largest": float(np.mean([c["dice_largest"] for c in cases])),
                 "largest_component": " ".join(postprocessing.get(str(number), [])),

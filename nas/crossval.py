@@ -98,6 +98,7 @@ def run_fold(job: FoldJob) -> dict:
     return {
         "iou": result.scores.iou,
         "dice": result.scores.dice,
+        "case_dice": result.scores.case_dice,
         "n_params": count_parameters(model),
         "curve": {e.epoch: e.scores.iou for e in result.history},
         "seconds": result.seconds,
@@ -189,7 +190,8 @@ def _record_run(
         )
         print(f"trial {job.trial} fold {job.fold}: failed ({outcome['fail_reason']})")
         return
-    scores = {"iou": outcome["iou"], "dice": outcome["dice"], "params": outcome["n_params"]}
+    scores = {"iou": outcome["iou"], "dice": outcome["dice"], "params": outcome["n_params"],
+              "case_dice": outcome["case_dice"]}  # fmt: skip
     attrs = carried(
         source_trial=job.trial,
         fold=job.fold,

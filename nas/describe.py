@@ -66,7 +66,8 @@ def trial_note(
 ) -> str:
     """Markdown for optuna-dashboard: the architecture stage by stage, then how it did.
 
-    outcome: state, and where known val_iou, val_dice, epochs_run, seconds, device, reason.
+    outcome: state, and where known val_iou, val_dice, val_case_dice, epochs_run, seconds,
+    device, reason.
     """
     header = "| stage | channels | kernel | stride | skip |\n|---|---|---|---|---|\n"
     rows = []
@@ -89,6 +90,8 @@ def trial_note(
         scores.append(f"validation IoU **{outcome['val_iou']:.4f}**")
     if outcome.get("val_dice") is not None:
         scores.append(f"Dice {outcome['val_dice']:.4f}")
+    if outcome.get("val_case_dice") is not None:
+        scores.append(f"case Dice **{outcome['val_case_dice']:.4f}**")
     if outcome.get("epochs_run") is not None:
         scores.append(f"{outcome['epochs_run']} epochs")
     if outcome.get("seconds") is not None:

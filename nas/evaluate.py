@@ -5,12 +5,15 @@ name, or two single files. Every label needs a prediction; predictions without a
 ignored, with a note. The regions come from `--dataset-json` (nnU-Net v2 `labels`: name ->
 value, or name -> list of values for a region; background 0 is left out); without it, each
 nonzero value in the files is a region named by its value. Per case and region, nas.metrics
-gives Dice, IoU, HD95 and NSD in mm (spacing from the label's header) and the volumes;
+gives Dice, IoU, HD95 and NSD in mm (spacing from the label's header), the volumes, and what
+lesion studies report: per-case Dice (nnU-Net's: none where both masks are empty), lesion-wise
+detection (precision, recall, F1 of 26-connected components) and the lesion-count difference;
 `metrics.csv` (one row per case and region) and `summary.json` (mean, median and sd per
-region) are written to `--out` (default: the PREDICTIONS folder, as nnU-Net's evaluate_folder
-does) and the summary is printed. A prediction on another grid than its label, a missing
-prediction, a label value that dataset.json does not declare, a file that is not a NIfTI
-label mask: one line naming the file, exit code 2, and nothing written.
+region, and the lesions pooled over cases) are written to `--out` (default: the PREDICTIONS
+folder, as nnU-Net's evaluate_folder does) and the summary is printed. A prediction on
+another grid than its label, a missing prediction, a label value that dataset.json does not
+declare, a file that is not a NIfTI label mask: one line naming the file, exit code 2, and
+nothing written.
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ if TYPE_CHECKING:
 
 # The tolerances nas.data.preprocess uses for "the same grid".
 AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3
-SHOWN_METRICS = (("dice", 3), ("iou", 3), ("nsd", 3), ("hd95_mm", 2), ("volume_diff_ml", 2))
+SHOWN_METRICS = (
+    ("dice", 3), ("iou", 3), ("nsd", 3), ("hd95_mm", 2), ("volume_diff_ml", 2),
+    ("case_dice", 3), ("lesion_f1", 3), ("lesion_count_diff", 1),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -229,13 +235,17 @@ def evaluate(
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as a table: one line per region, mean ± sd of the main metrics."""
+    """The summary as a table: one line per region, mean ± sd of the main metrics ("-" where
+    no case has one: a lesion F1 where no case holds a lesion)."""
     header = ["region", "n", *(metric for metric, _ in SHOWN_METRICS)]
     lines = [header]
     for region, stats in summary.items():
         cells = [region, str(stats["n"])]
         for metric, digits in SHOWN_METRICS:
             mean, sd = stats[metric]["mean"], stats[metric]["sd"]
+            if mean is None:
+                cells.append("-")
+                continue
             cells.append(f"{mean:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}"))
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -131,7 +131,7 @@ def choose_trial(
 
     from nas.record import study_objectives
 
-    score = study_objectives(study).score.name  # IoU unless the study optimises Dice alone
+    score = study_objectives(study).score.name  # IoU unless the study ranks on (case) Dice
     candidates = _cv_candidates(study, score) if by == "cv" else _front_candidates(study, score)
     if max_params is not None:
         fitting = [c for c in candidates if c[2] <= max_params]
@@ -153,6 +153,7 @@ def one_standard_error(study: optuna.Study) -> tuple[int, int, dict]:
     """(the front's best by score, the member the one-standard-error rule chooses, the
     front's intervals by trial) over the search's one score; each member's error is that of
     its difference from the best, the validation cases resampled together."""
+    from nas.objectives import curve_metric, score_of
     from nas.record import TrialRecord, study_objectives
     from nas.results import pareto_front
     from nas.scoring import (
@@ -165,8 +166,10 @@ def one_standard_error(study: optuna.Study) -> tuple[int, int, dict]:
     front = pareto_front(study)
     if not front:
         raise NasError(study.study_name, "has no completed trial to export")
-    score = study_objectives(study).score.name
-    intervals = front_intervals(study, front) if score == "iou" else {}
+    names = study_objectives(study).names
+    score = score_of(names)
+    # The intervals are of what the curves hold: of the score unless the study ranks on Dice.
+    intervals = front_intervals(study, front) if score == curve_metric(names) else {}
     records = {trial.number: TrialRecord.of(trial) for trial in front}
     scored = [(n, r.quantity(score), r.n_params or 0) for n, r in records.items()]
     top = intervals.get(best_member(scored)[0])
@@ -498,6 +501,7 @@ def _source(study, trial, record, model, recorded, storage: str, weights_source:
         "n_params": count_parameters(model),
         "val_iou": record.iou,
         "val_dice": record.quantity("dice"),
+        "val_case_dice": record.quantity("case_dice"),
         "volume_val_iou": whole_volumes.get("iou"),
         "objectives": study_objectives(study).names,
         # Every measured objective, as the search recorded it (None: not measured).

@@ -32,6 +32,9 @@ member of similar cost (`final_fill`); when the front has nothing that fits, suc
 halving's due promotions use the rest. A front member trained fewer than PARITY_SHARE of the
 steps of such a neighbour is marked (`undertrained`).
 
+"IoU" here is what the learning curves hold: per-case Dice in a study whose score objective
+is `case_dice` (`objectives.curve_metric`), which the rungs then rank on.
+
 Pure functions over Optuna's FrozenTrial records, read through nas/record.py's TrialRecord
 (`lineage`, `continues`, `until`, `epochs_run`, `steps`, `segment_seconds` (training and
 validation), `n_params`, `macs`, `rungs`, `train_config`).
@@ -349,9 +352,10 @@ def equal_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:
     return [s for s in everyone if not any(_beats_at_equal_fidelity(o, s) for o in everyone)]
 
 
-def own_fidelity_front(everyone: Sequence[Standing]) -> list[Standing]:
-    """The candidates on the front a run would report now (`scoring.front_of`)."""
-    on_front = {t.number for t in front_of([s.trial for s in everyone])}
+def own_fidelity_front(everyone: Sequence[Standing], metric: str = "iou") -> list[Standing]:
+    """The candidates on the front a run would report now (`scoring.front_of`), on (the
+    search score, parameters); `metric`: what the score is (`objectives.curve_metric`)."""
+    on_front = {t.number for t in front_of([s.trial for s in everyone], (metric, "params"))}
     return [s for s in everyone if s.trial.number in on_front]
 
 
@@ -372,14 +376,16 @@ def parity_promotions(
 
 
 def final_fill(
-    everyone: Sequence[Standing], affordable_epochs: Callable[[FrozenTrial], int]
+    everyone: Sequence[Standing],
+    affordable_epochs: Callable[[FrozenTrial], int],
+    metric: str = "iou",
 ) -> Promotion | None:
     """The last use of a budget, once no next level fits: the best candidate on the front
     that may train on trains for what is left (`affordable_epochs(trial)`), at most until it
     has 1/PARITY_SHARE times the steps of the least trained front member of similar cost,
     and only if that is at least MIN_FINAL_GROWTH of what it has trained; else the next
-    best may."""
-    reported = own_fidelity_front(everyone)
+    best may. `metric`: what the search score is (`objectives.curve_metric`)."""
+    reported = own_fidelity_front(everyone, metric)
     for best in sorted(equal_fidelity_front(everyone), key=lambda s: -s.score()):
         if not best.open:
             continue

@@ -182,6 +182,7 @@ def score_validation_volumes(
         scores = evaluate(model.to(device), data.val_cases, data.scheme, patch, device,
                           data.slicing.axis)  # fmt: skip
         fresh[str(trial.number)] = {"iou": scores.iou, "dice": scores.dice,
+                                    "case_dice": scores.case_dice,
                                     "seconds": round(time.perf_counter() - began, 2)}  # fmt: skip
     if fresh:  # read again: another process may have stored other trials meanwhile
         merge_study(study, "volume_scores", fresh)

@@ -51,6 +51,10 @@ OBJECTIVES: dict[str, Objective] = {
                   "foreground IoU on the validation cases at the fidelity reached"),
         Objective("dice", "maximize", "validation Dice", False,
                   "foreground Dice on the validation cases at the fidelity reached"),
+        Objective("case_dice", "maximize", "validation case Dice", False,
+                  "foreground Dice of each validation case, averaged over the cases (a case "
+                  "holding a class neither in truth nor in prediction left out), at the "
+                  "fidelity reached"),
         Objective("params", "minimize", "parameters", True,
                   "trainable parameters of the built network, counted exactly"),
         Objective("macs", "minimize", "MACs per window", True,
@@ -68,7 +72,9 @@ DEFAULT_OBJECTIVES = ("iou", "params")
 # names them.
 TIMED = ("latency_ms", "memory_mb")
 
-Name = Literal["iou", "dice", "params", "macs", "latency_ms", "memory_mb"]
+Name = Literal["iou", "dice", "case_dice", "params", "macs", "latency_ms", "memory_mb"]
+# The scores a search's learning curves can hold (`curve_metric`).
+CURVE_METRICS = ("iou", "case_dice")
 
 
 class Bound(BaseModel):
@@ -96,9 +102,16 @@ class Bound(BaseModel):
 
 
 def score_of(names: Sequence[str]) -> str:
-    """The objective the tools rank by and draw on the y axis: the first maximised (IoU or
-    Dice), else the first."""
+    """The objective the tools rank by and draw on the y axis: the first maximised (IoU,
+    Dice or case Dice), else the first."""
     return next((n for n in names if OBJECTIVES[n].maximise), names[0])
+
+
+def curve_metric(names: Sequence[str]) -> str:
+    """What a study's learning curves hold, and so what its rungs, pruner and sampler compare
+    and its search score smooths: per-case Dice where the score objective (`score_of`) is
+    `case_dice`, else IoU (`dice` as an objective is its last validation's, ranked on IoU)."""
+    return "case_dice" if score_of(names) == "case_dice" else "iou"
 
 
 def directions(names: Sequence[str]) -> list[str]:

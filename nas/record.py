@@ -28,6 +28,7 @@ from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of, 
 QUANTITY_ATTRS = {
     "iou": "val_iou",
     "dice": "val_dice",
+    "case_dice": "val_case_dice",
     "params": "n_params",
     "macs": "macs",
     "latency_ms": "latency_ms",
@@ -46,7 +47,7 @@ class TrialRecord:
     quantities: Mapping[str, float | None]  # by objective name; None: not measured
     unet_config: Mapping[str, Any]
     train_config: Mapping[str, Any]
-    curve: Mapping[int, float]  # validation IoU by epoch, across rungs
+    curve: Mapping[int, float]  # validation IoU (or case Dice: curve_metric) by epoch
     epochs_run: int | None = None
     fidelity_steps: int | None = None
     continues: int | None = None

@@ -34,17 +34,20 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "report.html"
 FRONT_COLUMNS = [
-    "number", "val_iou", "val_iou_se", "volume_val_iou", "val_dice", "test_iou", "test_dice",
-    "n_params", "macs", "latency_ms", "memory_mb", "epochs_run", "fidelity_steps",
-    "undertrained", "below_top_rung", "continues", "seconds", "summary",
+    "number", "val_iou", "val_iou_se", "volume_val_iou", "val_dice", "val_case_dice",
+    "val_case_dice_se", "volume_val_case_dice", "test_iou", "test_dice", "n_params", "macs",
+    "latency_ms", "memory_mb", "epochs_run", "fidelity_steps", "undertrained",
+    "below_top_rung", "continues", "seconds", "summary",
 ]  # fmt: skip
-# Measured only when an objective or a constraint names them: shown only then.
-MEASURED_ONLY_WHEN_ASKED = ("latency_ms", "memory_mb")
+# Measured only when an objective or a constraint names them, or recorded by studies since
+# case Dice was: shown only where a member has them.
+MEASURED_ONLY_WHEN_ASKED = ("latency_ms", "memory_mb", "val_case_dice")
 # The front table's column groups: validation chose the front, the held-out cases did not.
 HELD_OUT = "held-out test (not used for selection)"
 COLUMN_GROUPS = {
     "val_iou": "validation (selection)",
     "val_dice": "validation (selection)",
+    "val_case_dice": "validation (selection)",
     "test_iou": HELD_OUT,
     "test_dice": HELD_OUT,
 }
@@ -144,7 +147,7 @@ def _front_figure(
     from optuna.trial import TrialState
     from plotly.subplots import make_subplots
 
-    from nas.objectives import OBJECTIVES
+    from nas.objectives import OBJECTIVES, curve_metric
     from nas.record import TrialRecord, records
     from nas.results import panels
 
@@ -195,7 +198,7 @@ def _front_figure(
                 error_y={
                     "type": "data",
                     "array": [errors.get(r.number, 0.0) for r in by_x],
-                    "visible": score == "iou" and bool(errors),
+                    "visible": score == curve_metric(objectives) and bool(errors),
                 },  # fmt: skip
                 showlegend=column == 1,
                 text=[_hover(r, objectives) for r in by_x],
@@ -242,9 +245,12 @@ def _hypervolume_figure(trials: Sequence[FrozenTrial], objectives: Sequence[str]
     return fig
 
 
-def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> go.Figure:
+def _curves_figure(
+    trials: Sequence[FrozenTrial], front: list[FrozenTrial], label: str = "validation IoU"
+) -> go.Figure:
     """Every learning curve: the front's one trace each, the others drawn as one trace per
-    state (curves separated by gaps), so the figure's size does not grow a trace per trial."""
+    state (curves separated by gaps), so the figure's size does not grow a trace per trial;
+    `label`: what the curves hold."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -289,9 +295,9 @@ def _curves_figure(trials: Sequence[FrozenTrial], front: list[FrozenTrial]) -> g
             )
         )
     fig.update_layout(
-        title="Learning curves: validation IoU per epoch (red: front, dotted: pruned)",
+        title=f"Learning curves: {label} per epoch (red: front, dotted: pruned)",
         xaxis={"title": "epoch"},
-        yaxis={"title": "validation IoU", "range": [0, 1]},
+        yaxis={"title": label, "range": [0, 1]},
         height=400,
         template="plotly_white",
     )
@@ -302,6 +308,7 @@ def _importance_figure(study: optuna.Study, score: str) -> go.Figure | str:
     import optuna
     import plotly.graph_objects as go
 
+    from nas.objectives import OBJECTIVES
     from nas.record import TrialRecord
 
     try:
@@ -320,7 +327,7 @@ def _importance_figure(study: optuna.Study, score: str) -> go.Figure | str:
     names = list(importances)[::-1]
     fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
     fig.update_layout(
-        title="Parameter importances for validation IoU (PED-ANOVA)",
+        title=f"Parameter importances for {OBJECTIVES[score].label} (PED-ANOVA)",
         xaxis={"title": "importance"},
         height=max(300, 28 * len(names) + 120),
         template="plotly_white",
@@ -488,15 +495,15 @@ def render(
     """`trials` and their `front`: as the caller has just read and computed them."""
     from optuna.trial import TrialState
 
-    from nas.objectives import OBJECTIVES
-    from nas.record import StudyRecord, TrialRecord, study_objectives
+    from nas.objectives import OBJECTIVES, curve_metric
+    from nas.record import QUANTITY_ATTRS, StudyRecord, TrialRecord, study_objectives
     from nas.results import front_table as front_table_of
     from nas.results import panels
     from nas.scoring import front_intervals, front_of
 
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     objectives = study_objectives(study).names
-    score = panels(objectives)[0]
+    score, metric = panels(objectives)[0], curve_metric(objectives)
     front = front_of(trials, objectives) if front is None else front
     states = {s.name: 0 for s in TrialState}
     for trial in trials:
@@ -508,7 +515,7 @@ def render(
     figures: list[go.Figure | str] = [
         _front_figure(trials, front, objectives, {n: i.se for n, i in intervals.items()}),
         _hypervolume_figure(trials, objectives),
-        _curves_figure(trials, front),
+        _curves_figure(trials, front, OBJECTIVES[metric].label),
         _importance_figure(study, score),
     ]
     parts, script_embedded = [], False
@@ -518,8 +525,9 @@ def render(
             continue
         parts.append(figure.to_html(full_html=False, include_plotlyjs=not script_embedded))
         script_embedded = True
-    table = front_table_of(front, recorded.test_scores, intervals, recorded.volume_scores)
+    table = front_table_of(front, recorded.test_scores, intervals, recorded.volume_scores, metric)
     front_table = _front_table(table)
+    column = QUANTITY_ATTRS[metric]
     dataset = recorded.dataset()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary_line = (
@@ -536,9 +544,9 @@ def render(
 <p>{html.escape(summary_line)}. Data: {html.escape(str(dataset))}. Written {created}.</p>
 {"".join(parts)}
 <h2>The front</h2>
-<p>val_iou is the search's score (smoothed over the last validations, on the fixed validation
-patches) at each member's fidelity, +- val_iou_se its standard error over the validation
-cases (bootstrap); volume_val_iou the whole validation volumes, predicted once after the
+<p>{column} is the search's score (smoothed over the last validations, on the fixed validation
+patches) at each member's fidelity, +- {column}_se its standard error over the validation
+cases (bootstrap); volume_{column} the whole validation volumes, predicted once after the
 search. <code>nas export --best</code> takes the smallest member within one standard error of
 the best score ({_choice_line(study, front)}).</p>
 {front_table}
@@ -559,12 +567,14 @@ def publish_curves(study: optuna.Study, front: list[FrozenTrial] | None = None) 
     written into the storage after every trial (report.html draws every curve)."""
     from optuna_dashboard import save_plotly_graph_object
 
+    from nas.objectives import OBJECTIVES, curve_metric
     from nas.record import study_objectives
     from nas.scoring import front_of
 
+    objectives = study_objectives(study).names
     if front is None:
-        front = front_of(study.get_trials(deepcopy=False), study_objectives(study).names)
-    figure = _curves_figure(front, front)
+        front = front_of(study.get_trials(deepcopy=False), objectives)
+    figure = _curves_figure(front, front, OBJECTIVES[curve_metric(objectives)].label)
     save_plotly_graph_object(study, figure, graph_object_id=CURVES_GRAPH_ID)
 
 

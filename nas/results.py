@@ -22,8 +22,14 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E4
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from nas.fidelity import may_continue, undertrained  # noqa: E402
-from nas.objectives import OBJECTIVES, score_of  # noqa: E402
-from nas.record import StudyRecord, TrialRecord, records, study_objectives  # noqa: E402
+from nas.objectives import OBJECTIVES, curve_metric, score_of  # noqa: E402
+from nas.record import (  # noqa: E402
+    QUANTITY_ATTRS,
+    StudyRecord,
+    TrialRecord,
+    records,
+    study_objectives,
+)
 from nas.scoring import Interval, front_intervals, front_of, superseded_numbers  # noqa: E402
 from nas.staging import atomic_write  # noqa: E402
 from nas.weights import checkpoint_path  # noqa: E402
@@ -34,6 +40,7 @@ METRIC_COLUMNS = [
     "state",
     "val_iou",
     "val_dice",
+    "val_case_dice",
     "test_iou",
     "test_dice",
     "n_params",
@@ -89,6 +96,7 @@ def _row(trial: FrozenTrial, test_scores: dict) -> dict:
         "state": record.state.name,
         "val_iou": record.quantity("iou"),
         "val_dice": record.quantity("dice"),
+        "val_case_dice": record.quantity("case_dice"),
         "test_iou": test.get("test_iou"),
         "test_dice": test.get("test_dice"),
         "n_params": record.n_params,
@@ -130,22 +138,26 @@ def front_table(
     test_scores: dict | None = None,
     intervals: Mapping[int, Interval] | None = None,
     volume_scores: Mapping[str, Any] | None = None,
+    metric: str = "iou",
 ) -> pd.DataFrame:
-    """The front's rows, with: the score's standard error over the validation cases and
-    the interval it spans (`scoring.interval`); the IoU of the whole validation volumes,
-    predicted once per member after the search (`volume_scores`), beside the patch score the
-    search decided on; `undertrained`: trained far fewer steps than a member of similar cost
-    (nas.fidelity.undertrained); `below_top_rung`: stopped below the schedule's top rung."""
+    """The front's rows, with: the search score's standard error over the validation cases
+    and the interval it spans (`scoring.interval`), after the score's column (`metric`, what
+    the curves hold: val_iou_se, ..., or val_case_dice_se, ...); the score of the whole
+    validation volumes, predicted once per member after the search (`volume_scores`: its
+    volume_val_iou, and volume_val_case_dice where that is the score), beside the patch score
+    the search decided on; `undertrained`: trained far fewer steps than a member of similar
+    cost (nas.fidelity.undertrained); `below_top_rung`: stopped below the schedule's top rung."""
     table = trials_table(front, test_scores)
     intervals, volume_scores = intervals or {}, volume_scores or {}
-    at = table.columns.get_loc("val_iou") + 1
+    column = QUANTITY_ATTRS[metric]  # val_iou, val_case_dice
+    at = table.columns.get_loc(column) + 1
     known = [intervals.get(n) for n in table["number"]]
-    for offset, (name, value) in enumerate(
-        (("val_iou_se", "se"), ("val_iou_low", "low"), ("val_iou_high", "high"))
-    ):
-        table.insert(at + offset, name, [getattr(i, value) if i else None for i in known])
-    volume = [volume_scores.get(str(n), {}).get("iou") for n in table["number"]]
-    table.insert(at + 3, "volume_val_iou", volume)
+    for offset, value in enumerate(("se", "low", "high")):
+        table.insert(at + offset, f"{column}_{value}", [getattr(i, value) if i else None
+                                                        for i in known])  # fmt: skip
+    for offset, score in enumerate(dict.fromkeys([metric, "iou"])):
+        volume = [volume_scores.get(str(n), {}).get(score) for n in table["number"]]
+        table.insert(at + 3 + offset, f"volume_{QUANTITY_ATTRS[score]}", volume)
     marked = undertrained_numbers(front)
     at = table.columns.get_loc("fidelity_steps") + 1
     table.insert(at, "undertrained", [n in marked for n in table["number"]])
@@ -198,7 +210,7 @@ def _plot_front(
             ax.scatter(xs, ys, color="tab:red", marker="*", s=140, label="Pareto front",
                        zorder=3)  # fmt: skip
             errors = [intervals[r.number].se if r.number in intervals else 0.0 for r in by_x]
-            if score == "iou" and any(errors):
+            if score == curve_metric(objectives) and any(errors):
                 ax.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="tab:red", capsize=3,
                             zorder=2)  # fmt: skip
             if len(objectives) == 2:  # the front is a staircase only in two objectives
@@ -252,7 +264,8 @@ def write_results(
     atomic_write(
         study_dir / "trials.csv", lambda p: trials_table(trials, test).to_csv(p, index=False)
     )
-    table = front_table(front, test, intervals, recorded.volume_scores)
+    metric = curve_metric(objectives)
+    table = front_table(front, test, intervals, recorded.volume_scores, metric)
     atomic_write(study_dir / "pareto.csv", lambda p: table.to_csv(p, index=False))
     atomic_write(
         study_dir / "pareto.png",

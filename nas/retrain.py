@@ -387,7 +387,8 @@ def _retrain_one(
         print(f"  trial {trial.number}: failed ({failure.reason})")
         return None
     save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
-    scores = {"iou": result.scores.iou, "dice": result.scores.dice, "params": n_params}
+    scores = {"iou": result.scores.iou, "dice": result.scores.dice,
+              "case_dice": result.scores.case_dice, "params": n_params}  # fmt: skip
     attrs = carried(
         source_trial=trial.number,
         search_val_iou=record.iou,

@@ -29,6 +29,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.objectives import curve_metric
 from nas.record import TrialRecord, study_objectives
 from nas.scoring import search_score, superseded_numbers
 
@@ -65,8 +66,8 @@ def common_rung(trials: Sequence[FrozenTrial]) -> int | None:
 
 def at_common_rung(trials: Sequence[FrozenTrial], score_index: int | None) -> list[FrozenTrial]:
     """`trials` (one per candidate) as the sampler sees them: each completed one with its
-    score objective (at `score_index` of its values; None: not IoU, left as it is) taken at
-    the common rung, or pruned there if it stopped below it."""
+    score objective (at `score_index` of its values; None: not what the curves hold, left as
+    it is) taken at the common rung, or pruned there if it stopped below it."""
     rung = common_rung(trials)
     if rung is None or score_index is None:
         return list(trials)
@@ -99,7 +100,7 @@ class _LatestView:
     def direction(self) -> StudyDirection:
         """Optuna's TPE ranks pruned trials by their last intermediate value through
         `study.direction`, which a multi-objective study refuses with a RuntimeError (Optuna
-        5.1): here intermediate values are validation IoU, higher better."""
+        5.1): here intermediate values are validation IoU (or case Dice), higher better."""
         if len(self._study.directions) > 1:
             return StudyDirection.MAXIMIZE
         return self._study.direction
@@ -116,9 +117,11 @@ class _LatestView:
 
     @functools.cached_property
     def _score_index(self) -> int | None:
-        """Where IoU stands among the study's values (the curves are IoU); None without."""
+        """Where the curves' score (IoU, or case Dice: `curve_metric`) stands among the
+        study's values; None where it is not one of them."""
         names = study_objectives(self._study).names
-        return names.index("iou") if "iou" in names else None
+        metric = curve_metric(names)
+        return names.index(metric) if metric in names else None
 
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None

@@ -28,6 +28,7 @@ from nas.fidelity import (
     spending,
     standings,
 )
+from nas.objectives import curve_metric
 from nas.pruning import PrunerConfig, dominated_at_epoch
 from nas.record import TrialRecord, carried
 from nas.scoring import first_cut_is_weak, search_score
@@ -43,7 +44,7 @@ class EpochReport:
     number: int  # its trial
     lineage: int  # the trial it started in
     epoch: int
-    curve: Mapping[int, float]  # its validation IoU by epoch, across rungs
+    curve: Mapping[int, float]  # its validation IoU (or case Dice) by epoch, across rungs
     costs: Mapping[str, float | None]  # its objectives to minimise (for the pruner)
     steps_per_epoch: int
     seconds_per_step: float  # measured in this trial, validation included
@@ -72,12 +73,14 @@ class Schedule:
     budget_steps: int | None = None
     deadline: float | None = None
     pruner: PrunerConfig = PrunerConfig(type="none")
+    metric: str = "iou"  # what the curves hold and the front is on (`curve_metric`)
 
     @classmethod
     def of(cls, space: SearchSpace, deadline: float | None = None) -> Schedule:
         cfg = space.study
         rungs = rung_epochs(cfg.fidelity, max_epochs(space), fewest_batches_per_epoch(space))
-        return cls(rungs, cfg.fidelity.eta, cfg.n_trials, cfg.budget, deadline, cfg.pruner)
+        return cls(rungs, cfg.fidelity.eta, cfg.n_trials, cfg.budget, deadline, cfg.pruner,
+                   curve_metric(cfg.objectives))  # fmt: skip
 
     def after_epoch(self, trials: Sequence[FrozenTrial], report: EpochReport) -> Verdict:
         """At a rung below the top: go on while in its top 1/eta (by non-dominated sorting)
@@ -176,7 +179,7 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
             steps = budget.steps_left(spent, _seconds_per_step(trial)) or 0.0
             return int(steps // batches_per_epoch(trial))
 
-        fill = final_fill(everyone, affordable_epochs)
+        fill = final_fill(everyone, affordable_epochs, schedule.metric)
         if fill is not None:
             return fill
         # The front has nothing left to train that fits: successive halving's due promotions,

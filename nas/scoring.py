@@ -3,8 +3,11 @@
 A candidate's score is its smoothed validation IoU at the fidelity it reached: the mean of
 its last SMOOTHING_EPOCHS validations (`search_score`). A trial stores it as its IoU value, so
 the rungs, the endgame, the sampler, the pruner, pareto.csv, the report and `export --best`
-all read the same number. The front is computed in one place (`front_of`): the completed,
-feasible trials no other dominates, each candidate represented by its latest trial.
+all read the same number. A study whose score objective is `case_dice` does all of this on
+per-case Dice instead (`objectives.curve_metric`: its curves hold case Dice, its trials store
+the smoothed value as their case Dice). The front is computed in one place (`front_of`):
+the completed, feasible trials no other dominates, each candidate represented by its latest
+trial.
 
 Validation while searching is on a fixed set of patches per validation case
 (`ValidationConfig`, nas/validate.py), after the epochs decisions read (`decision_epochs`),
@@ -29,8 +32,15 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
-from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, as_minimised, non_dominated
-from nas.record import StudyRecord, TrialRecord, records
+from nas.metrics import case_dice_from_counts
+from nas.objectives import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    as_minimised,
+    curve_metric,
+    non_dominated,
+)
+from nas.record import StudyRecord, TrialRecord, records, study_objectives
 
 # How many of the last validations a score averages: a single epoch's IoU on two or three
 # validation cases swings by 0.2 for a small network early in training (the default run
@@ -53,8 +63,8 @@ class ValidationConfig(BaseModel):
 
 
 def smoothed(curve: Mapping[int, float], epoch: int) -> float:
-    """The mean validation IoU of the last SMOOTHING_EPOCHS epochs up to `epoch` that the
-    curve holds (`epoch` itself must be one)."""
+    """The mean validation score (IoU, or case Dice: `curve_metric`) of the last
+    SMOOTHING_EPOCHS epochs up to `epoch` that the curve holds (`epoch` itself must be one)."""
     values = [curve[e] for e in range(epoch - SMOOTHING_EPOCHS + 1, epoch + 1) if e in curve]
     return sum(values) / len(values)
 
@@ -97,12 +107,16 @@ class Interval:
         return self.score + self.se
 
 
-def interval(trial: FrozenTrial, resamples: int = 1000, seed: int = 0) -> Interval | None:
-    """The trial's score and its standard error over its validation cases, by the bootstrap
-    over the per-case counts of its last validations; None where it kept none (a study from
-    before they were kept, or whole-case validation)."""
+def interval(
+    trial: FrozenTrial, resamples: int = 1000, seed: int = 0, metric: str = "iou"
+) -> Interval | None:
+    """The trial's score (its `metric`, what its curve holds: `objectives.curve_metric`) and
+    its standard error over its validation cases, by the bootstrap over the per-case counts
+    of its last validations; None where it kept none (a study from before they were kept, or
+    whole-case validation)."""
     record = TrialRecord.of(trial)
-    if record.iou is None or not record.val_case_counts:
+    score = record.quantity(metric)
+    if score is None or not record.val_case_counts:
         return None
     counts = np.array([record.val_case_counts[e] for e in sorted(record.val_case_counts, key=int)],
                       dtype=float)  # fmt: skip  # (epochs, cases, 3, K)
@@ -110,13 +124,22 @@ def interval(trial: FrozenTrial, resamples: int = 1000, seed: int = 0) -> Interv
         return None
     n_cases = counts.shape[1]
     picks = np.random.default_rng(seed).integers(n_cases, size=(resamples, n_cases))
-    pooled = counts[:, picks].sum(axis=2)  # (epochs, resamples, 3, K)
+    scores = resampled_scores(counts[:, picks], metric).mean(axis=0)  # over the window's epochs
+    se = float(scores.std(ddof=1)) if resamples > 1 and n_cases > 1 else 0.0
+    return Interval(score, se, scores)
+
+
+def resampled_scores(counts: np.ndarray, metric: str) -> np.ndarray:
+    """`metric` of per-case counts (epochs, resamples, cases, 3, K): (epochs, resamples).
+    IoU pools each resample's cases before the ratio, then averages over classes; case Dice
+    averages each case's Dice (`nas.metrics.case_dice_from_counts`)."""
+    if metric == "case_dice":
+        return case_dice_from_counts(counts)
+    pooled = counts.sum(axis=2)  # (epochs, resamples, 3, K)
     intersection, predicted, truth = pooled[:, :, 0], pooled[:, :, 1], pooled[:, :, 2]
     union = predicted + truth - intersection
     iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
-    scores = iou.mean(axis=2).mean(axis=0)  # over classes, then over the window's epochs
-    se = float(scores.std(ddof=1)) if resamples > 1 and n_cases > 1 else 0.0
-    return Interval(record.iou, se, scores)
+    return iou.mean(axis=2)  # over classes
 
 
 def difference_error(best: Interval | None, member: Interval | None) -> float:
@@ -140,9 +163,10 @@ def resamples(study: optuna.Study) -> int:
 
 
 def front_intervals(study: optuna.Study, front: Sequence[FrozenTrial]) -> dict[int, Interval]:
-    """Each front member's interval, by trial number (members without counts left out)."""
-    count = resamples(study)
-    found = {t.number: interval(t, count) for t in front}
+    """Each front member's interval of the study's search score (`objectives.curve_metric`),
+    by trial number (members without counts left out)."""
+    count, metric = resamples(study), curve_metric(study_objectives(study).names)
+    found = {t.number: interval(t, count, metric=metric) for t in front}
     return {n: i for n, i in found.items() if i is not None}
 
 

@@ -4,8 +4,9 @@ sampled candidate into its values.
 The values are the study's objectives (nas/objectives.py; [validation IoU, parameters] by
 default), in the order `study.objectives` gives. Each trial stores its full builder and
 training configs, its measurements (parameters, MACs, latency and memory when asked) and its
-scores as user attrs (read back through nas/record.py), and its per-epoch validation IoU as
-intermediate values, so optuna-dashboard can show everything from the storage alone. A
+scores as user attrs (read back through nas/record.py), and its per-epoch validation IoU (or
+case Dice, where that is the study's score: `objectives.curve_metric`) as intermediate
+values, so optuna-dashboard can show everything from the storage alone. A
 candidate that breaks a constraint known before training is rejected (PRUNED) untrained; one
 that cannot be trained ends as a FAIL trial with its reason, and the study goes on.
 """
@@ -48,6 +49,7 @@ from nas.memory import (
 from nas.objectives import (
     OBJECTIVES,
     Bound,
+    curve_metric,
     rejection,
     values_of,
     violations,
@@ -84,13 +86,19 @@ def _set_constraints(
             trial.set_constraint(name, value)
 
 
+def trial_scores(score: float, scores: Scores, metric: str) -> dict[str, float]:
+    """A trial's iou, dice and case_dice: the search score (`scoring.search_score`) as its
+    `metric` (what its curve holds: IoU, or case Dice), the last validation's for the others."""
+    return {"iou": scores.iou, "dice": scores.dice, "case_dice": scores.case_dice, metric: score}
+
+
 def _record_scores(
-    trial: optuna.Trial, score: float, scores: Scores, epochs: int, start: float
+    trial: optuna.Trial, found: dict[str, float], scores: Scores, epochs: int, start: float
 ) -> None:
-    """The search score (`scoring.search_score`) as the trial's IoU, and the last
-    validation's Dice and per-class IoU, kept as user attrs (a pruned trial has no values)."""
-    write(trial, iou=score, dice=scores.dice, val_iou_per_class=tuple(scores.iou_per_class),
-          epochs_run=epochs, seconds=round(time.perf_counter() - start, 2))  # fmt: skip
+    """The trial's scores (`trial_scores`) and the last validation's per-class IoU, kept as
+    user attrs (a pruned trial has no values)."""
+    write(trial, **found, val_iou_per_class=tuple(scores.iou_per_class), epochs_run=epochs,
+          seconds=round(time.perf_counter() - start, 2))  # fmt: skip
 
 
 def _parent(trial: optuna.Trial, number: int) -> FrozenTrial:
@@ -129,6 +137,11 @@ class SearchRun:
         cfg = self.space.study.validation
         every = cfg.every or (1 if self.schedule.pruner.type != "none" else None)
         return ValidationPlan(decision_epochs(start, end, every), self.patches)
+
+    @property
+    def metric(self) -> str:
+        """What the learning curves hold and the search score smooths: iou or case_dice."""
+        return curve_metric(self.space.study.objectives)
 
     @property
     def cost_names(self) -> list[str]:
@@ -262,17 +275,20 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
     reached = outcome.state.epoch
     progress.validated(reached, result.scores)
     score = search_score(progress.curve, reached)
+    found = trial_scores(score, result.scores, run.metric)
     # The scores first: whatever fails after training, they stay with the trial.
-    _record_scores(trial, score, result.scores, reached, start)
+    _record_scores(trial, found, result.scores, reached, start)
     steps_per_epoch = candidate.train.batches_per_epoch
     write(trial, stopped_by_time=result.stopped_by_time,
           fidelity_steps=reached * steps_per_epoch)  # fmt: skip
-    scores = {"val_iou": score, "val_dice": result.scores.dice, "epochs_run": reached}
+    scores = {"val_iou": found["iou"], "val_dice": found["dice"], "epochs_run": reached}
+    if run.metric != "iou":
+        scores["val_case_dice"] = found["case_dice"]
     if progress.pruned:
         _note(run, trial, measured, "PRUNED", **scores, reason=progress.pruned[0])
         raise optuna.TrialPruned(progress.pruned[0])
     weights = _save_weights(run, trial, measured, outcome, result)
-    quantities |= {"iou": score, "dice": result.scores.dice}
+    quantities |= found
     if constraints:  # on scores too: a trial that breaks one is infeasible
         _set_constraints(trial, quantities, constraints, before_training=False)
     values = values_of(quantities, run.space.study.objectives)
@@ -374,6 +390,7 @@ class Progress:
     seconds: float = 0.0  # of training and validation, over the trial's segments
     before_segment: float = 0.0  # `seconds` when the current segment began
     go_on: bool = True  # the last rung's answer: train on to the next
+    metric: str = "iou"  # what the curve holds (`objectives.curve_metric`)
 
     @classmethod
     def after(
@@ -392,6 +409,7 @@ class Progress:
             list(history.train_loss) if history else [],
             list(history.epoch_seconds) if history else [],
             dict(parent.intermediate_values) if parent else {},
+            metric=run.metric,
         )
 
     def on_epoch(self, result: EpochResult) -> bool:
@@ -439,8 +457,9 @@ class Progress:
         write(trial, val_case_counts=kept_counts(self.case_counts, epoch))
         # Trial.report refuses multi-objective studies; the storage still keeps the curve,
         # which is what optuna-dashboard draws and the schedule and pruner compare.
-        trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, scores.iou)
-        self.curve[epoch] = scores.iou
+        value = scores.value(self.metric)
+        trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
+        self.curve[epoch] = value
 
 
 def _save_weights(

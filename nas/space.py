@@ -156,7 +156,7 @@ class StudySection(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"an objective is named twice: {names}")
         if not any(OBJECTIVES[n].maximise for n in names):
-            raise ValueError(f"needs a score to maximise (iou or dice) among {names}")
+            raise ValueError(f"needs a score to maximise (iou, dice or case_dice) among {names}")
         return names
 
 
@@ -358,6 +358,10 @@ class _SpaceError(Exception):
         reason = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             reason = "unknown key"
+        naming = loc[:2] in (["study", "objectives"], ["study", "constraints"])
+        if not prefix and naming and first["type"] == "literal_error":
+            reason = f"unknown objective {first['input']!r} (known: {', '.join(OBJECTIVES)})"
+            where = ".".join(loc[:3])  # without pydantic's "[key]" after a constraint's name
         return cls(where or "(top level)", reason)
 
 

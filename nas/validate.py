@@ -28,7 +28,7 @@ from torch import nn
 
 from nas.data import Case, patch_at, validation_centres
 from nas.labels import LabelScheme
-from nas.metrics import dice_from_counts, iou_from_counts
+from nas.metrics import case_dice_from_counts, dice_from_counts, iou_from_counts
 from nas.precision import autocast
 
 # Of a sliding window, the share its neighbours overlap: validation always, predict by default.
@@ -43,6 +43,13 @@ class Scores:
     # Voxel counts per validation case: (intersection, predicted, truth) per class or region,
     # for bootstrap intervals over cases; empty where not kept.
     case_counts: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    # Dice per case, averaged over the cases (nas.metrics.case_dice_from_counts); NaN where
+    # no per-case counts were kept.
+    case_dice: float = float("nan")
+
+    def value(self, metric: str) -> float:
+        """The score a learning curve holds (`objectives.curve_metric`): iou or case_dice."""
+        return {"iou": self.iou, "case_dice": self.case_dice}[metric]
 
 
 # What an epoch scores when nothing is held out for validation (nas retrain --all-cases).
@@ -194,7 +201,8 @@ class PooledCounts:
     def scores(self) -> Scores:
         per_case = np.array(self.cases).reshape(-1, 3, len(self.covers))
         kept = tuple(tuple(tuple(float(v) for v in row) for row in case) for case in per_case)
-        return Scores(*pooled_scores(per_case), case_counts=kept)
+        case_dice = float(case_dice_from_counts(per_case))
+        return Scores(*pooled_scores(per_case), case_counts=kept, case_dice=case_dice)
 
 
 def pooled_scores(case_counts: np.ndarray) -> tuple[float, float, tuple[float, ...]]:

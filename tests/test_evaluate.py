@@ -202,6 +202,9 @@ def test_the_cli_writes_metrics_and_summary_beside_the_predictions(folders, caps
     assert list(table.columns) == [
         "case", "region", "dice", "iou", "hd95_mm", "nsd",
         "volume_pred_ml", "volume_ref_ml", "volume_diff_ml",
+        # What lesion studies report (test_lesions.py), after the columns of before.
+        "case_dice", "lesion_f1", "lesion_precision", "lesion_recall", "lesions_ref",
+        "lesions_pred", "lesions_found", "false_lesions", "lesion_count_diff",
     ]  # fmt: skip
     assert list(zip(table.case, table.region, table.dice, strict=True)) == [
         ("same", "lesion", 1.0), ("same", "organ", 1.0), ("same", "either", 1.0),

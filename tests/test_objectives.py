@@ -53,7 +53,7 @@ def test_fronts_and_constraints_follow_the_table():
 @pytest.mark.parametrize(
     ("study_section", "message"),
     [
-        ("objectives: [iou, flops]", "study.objectives.1: Input should be 'iou'"),
+        ("objectives: [iou, flops]", "study.objectives.1: unknown objective 'flops' (known: iou,"),
         ("objectives: [iou]", "give 2 or 3 objectives, not 1"),
         ("objectives: [iou, dice, params, macs]", "give 2 or 3 objectives, not 4"),
         ("objectives: [params, macs]", "needs a score to maximise"),
