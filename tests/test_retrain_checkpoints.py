@@ -104,7 +104,7 @@ def test_a_continued_segment_keeps_the_learning_rate_of_one_run(tiny_cases, tmp_
     """fit decays the learning rate over the epochs it is asked for; a run trained in
     segments between checkpoints decays it as fit does over the whole run."""
     unet = build_unet(spatial_dims=2, depth=2, base_channels=4).config
-    cfg = TrainConfig(epochs=5, batches_per_epoch=2, batch_size_2d=4, patch_size_2d=(32, 32))
+    cfg = TrainConfig(epochs=3, batches_per_epoch=2, batch_size_2d=4, patch_size_2d=(32, 32))
     scheme = LabelScheme(("lesion",), (0, 1))
     train_cases, val_cases = tiny_cases[1:], tiny_cases[:1]
     cpu = torch.device("cpu")
@@ -115,15 +115,15 @@ def test_a_continued_segment_keeps_the_learning_rate_of_one_run(tiny_cases, tmp_
         return result.optimizer_state["param_groups"][0]["lr"]
 
     path = tmp_path / "run.latest.pt"
-    identity = {"epochs": 5, "checkpoint_every": 2}
+    identity = {"epochs": 3, "checkpoint_every": 2}
     lines = []
     end = train_resumable(init_model(unet, 0), train_cases, val_cases, scheme, cfg, cpu,
                           Slicing(), path, identity, report=lines.append)  # fmt: skip
-    at_four = read_checkpoint(path)  # the last written: the end is the caller's to write
-    assert at_four.epoch == 4 and end.epoch == 5 and end.steps == 10
-    assert at_four.optimizer["param_groups"][0]["lr"] == pytest.approx(learning_rate_after(4))
-    assert end.optimizer["param_groups"][0]["lr"] == pytest.approx(learning_rate_after(5))
-    assert sum(line.startswith("  epoch ") for line in lines) == 5
+    at_two = read_checkpoint(path)  # the last written: the end is the caller's to write
+    assert at_two.epoch == 2 and end.epoch == 3 and end.steps == 6
+    assert at_two.optimizer["param_groups"][0]["lr"] == pytest.approx(learning_rate_after(2))
+    assert end.optimizer["param_groups"][0]["lr"] == pytest.approx(learning_rate_after(3))
+    assert sum(line.startswith("  epoch ") for line in lines) == 3
 
 
 def test_best_and_final_weights_are_kept_and_exported_as_asked(searched, tmp_path):
@@ -180,8 +180,8 @@ def test_best_and_final_weights_are_kept_and_exported_as_asked(searched, tmp_pat
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under results/tiny but the storage (opened to read the study), and what it
-    holds: the storage is checked by its studies."""
+    """The bytes of every file under results/tiny but the storage, which opening the study
+    may touch (the tests check the storage by its studies)."""
     results = folder / "results/tiny"
     return {
         str(p.relative_to(results)): p.read_bytes()
@@ -201,6 +201,8 @@ def test_bad_continuations_and_counts_are_one_line_errors_that_write_nothing(sea
                                              "than or equal to 100000"),
         (["--continue"], f"error: --continue: trial 0 has no checkpoint to continue ({latest}); "
                          "retrain it without --continue"),
+        (["--all-cases", "--continue"], "error: --continue: trial 0 has no checkpoint to "
+                                        "continue (results/tiny/retrained/all_cases/"),
         (["--continue", "--folds", "all"], "error: --continue: applies to nas retrain and "
                                            "--all-cases, not to --folds"),
     ):  # fmt: skip
