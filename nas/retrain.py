@@ -553,10 +553,11 @@ def _retrain_one(
     if trained is None:
         return None
     model, end = trained
-    best = end.best
+    best, best_file = end.best, best_path(retrained_path(args.results, trial.number))
     if best is not None:
-        weights = best_path(retrained_path(args.results, trial.number))
-        atomic_write(weights, lambda tmp: torch.save(best.weights, tmp))
+        atomic_write(best_file, lambda tmp: torch.save(best.weights, tmp))
+    else:  # no epoch scored (every IoU undefined): an earlier run's best is not this one's
+        best_file.unlink(missing_ok=True)
     save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
     last = end.history[-1]
     scores = {"iou": last["val_iou"], "dice": last["val_dice"], "params": n_params}
