@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from nas.cli import command_parser, exit_code
 from nas.errors import NasError
 from nas.staging import check_output_folder, remove_stale_staging, replace_folder, staging_folder
-from nas.weights import KINDS, find_weights, trial_name
+from nas.weights import KINDS, RETRAINED_BEST, find_weights, trial_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,9 +74,10 @@ def make_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace an earlier export of a different model"
     )
     parser.add_argument(
-        "--weights", choices=["auto", *KINDS], default="auto",
+        "--weights", choices=["auto", *KINDS, RETRAINED_BEST], default="auto",
         help="which weights: nas retrain --all-cases's, nas retrain's, the search's, or the "
-        "fold ensemble of nas retrain --folds (auto: the first of these that exists)",
+        "fold ensemble of nas retrain --folds (auto: the first of these that exists); "
+        "retrained-best: nas retrain's at its best validation epoch",
     )  # fmt: skip
     parser.add_argument(
         "--ensemble", choices=["folds", "members"],

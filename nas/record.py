@@ -88,6 +88,8 @@ class TrialRecord:
     search_val_iou: float | None = None
     out_of_fold: tuple[Mapping[str, Any], ...] = ()
     class_names: tuple[str, ...] = ()
+    # nas.retrain: the epoch of its best validation IoU and that epoch's iou and dice.
+    best: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
@@ -147,6 +149,7 @@ class TrialRecord:
             search_val_iou=_number(attrs.get("search_val_iou")),
             out_of_fold=tuple(attrs.get("out_of_fold", ())),
             class_names=tuple(attrs.get("class_names", ())),
+            best=attrs.get("best") or {},
         )
 
     @property

@@ -4,7 +4,14 @@ The search trains each candidate briefly (a few epochs, a wall-clock budget, per
 slices per case). This command takes members of the Pareto front, trains them again with
 more epochs, no time limit and every training slice, and records each result as a trial of
 its own study, `<study>-retrain`, in the same storage, labelled with the trial it came from.
-The search's own values are never touched. Weights go to results/<study>/retrained/.
+The search's own values are never touched. Weights go to results/<study>/retrained/: the
+final ones, and those of the epoch with the best validation IoU (trial_NNNN.best.pt).
+
+A retrain runs for --epochs of --batches-per-epoch steps (nnU-Net: 1000 of 250), prints a
+line per epoch, and writes a checkpoint every --checkpoint-every epochs and at the end
+(trial_NNNN.latest.pt, nas/resumable.py). After a crash or a kill, the same command with
+--continue goes on from each member's checkpoint and ends with the steps of a run never
+stopped; a checkpoint of another trial or of other settings is refused.
 
 With `--all-cases`, each chosen member is trained once more on every training case, the
 validation fold's too, for the epochs it reached in the search (or --epochs), with nothing
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +38,16 @@ from typing import TYPE_CHECKING
 from nas.cli import add_device_option, command_parser, device_option, exit_code
 from nas.errors import NasError
 from nas.staging import atomic_write
-from nas.weights import all_cases_dir, retrained_dir
+from nas.weights import (
+    all_cases_dir,
+    all_cases_path,
+    latest_checkpoint_path,
+    retrained_dir,
+    retrained_path,
+)
+
+# Epochs between two checkpoints, unless --checkpoint-every says otherwise.
+CHECKPOINT_EVERY = 10
 
 if TYPE_CHECKING:
     import optuna
@@ -38,6 +55,8 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from nas.data import Case, DataConfig, Dataset
+    from nas.resumable import Checkpoint
+    from nas.train_config import TrainConfig
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -47,6 +66,18 @@ def make_parser() -> argparse.ArgumentParser:
     choice.add_argument("--top", type=int, default=3, help="the K front members of highest IoU")
     choice.add_argument("--trials", help="comma-separated trial numbers, e.g. 3,15")
     parser.add_argument("--epochs", type=int, help="epochs (default: 3x the search's)")
+    parser.add_argument(
+        "--batches-per-epoch", type=int, metavar="B",
+        help="optimiser steps per epoch (default: the search's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint-every", type=int, metavar="N",
+        help=f"epochs between checkpoints (default {CHECKPOINT_EVERY}; one at the end as well)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--continue", dest="continue_run", action="store_true",
+        help="go on from each member's last checkpoint to the end its run was started for",
+    )  # fmt: skip
     parser.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
     parser.add_argument(
         "--folds", help="cross-validate on these folds of the search's split: all, or e.g. 0,1"
@@ -169,44 +200,44 @@ def run_all_cases(
     device: torch.device,
 ) -> int:
     from nas.data import load_dataset
-    from nas.record import TrialRecord, merge_study
+    from nas.record import merge_study
     from nas.results import save_checkpoint
+    from nas.resumable import write_checkpoint
     from nas.storage import redact
-    from nas.train import CandidateFailed, fit, initial_model
-    from nas.train_config import TrainConfig
-    from nas.unet_config import UNetConfig
+    from nas.train import CandidateFailed
 
     dataset = load_dataset(data_cfg)
-    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
     retrain_study = _retrain_study(study, storage)
     failed = 0
     for trial in chosen:
-        record = TrialRecord.of(trial)
-        unet = UNetConfig.from_dict(record.unet_config)
-        search_train = TrainConfig(**record.train_config)
-        epochs = args.epochs or record.epochs_run or search_train.epochs
-        train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
-        print(
-            f"training trial {trial.number} on all {len(dataset.cases)} cases for {epochs} epochs"
-        )
+        plan = _run_plan(args, study, trial, data_cfg)
+        train = plan[0]
+        print(f"training trial {trial.number} on all {len(dataset.cases)} cases for "
+              f"{train.epochs} epochs of {train.batches_per_epoch} batches "
+              "(nothing to validate on: final weights only)")  # fmt: skip
         try:
-            model = initial_model(unet, train)
-            result = fit(model, dataset.cases, (), dataset.scheme, train, device, None, slicing)
+            trained = _train_member(args, trial, plan, (dataset.cases, ()), dataset, data_cfg,
+                                    device)  # fmt: skip
         except CandidateFailed as failure:
             print(f"  trial {trial.number}: failed ({failure.reason})")
             failed += 1
             continue
+        if trained is None:
+            continue
+        model, end = trained
         path = save_checkpoint(all_cases_dir(args.results), trial.number, model.state_dict())
         recorded = {
-            "epochs_run": len(result.history),
+            "epochs_run": end.epoch,
+            "steps": end.steps,
             "cases": len(dataset.cases),
-            "seconds": round(result.seconds, 2),
-            "train_loss": result.history[-1].train_loss,
+            "seconds": round(end.seconds, 2),
+            "train_loss": end.history[-1]["train_loss"],
             "device": str(device),
         }
         merge_study(retrain_study, "all_cases", {str(trial.number): recorded})
+        write_checkpoint(_latest_path(args, trial.number), end)  # last: the run is recorded
         print(f"  trial {trial.number}: {path} (final training loss "
-              f"{result.history[-1].train_loss:.4f})")  # fmt: skip
+              f"{recorded['train_loss']:.4f})")  # fmt: skip
     print(f"recorded in study {retrain_study.study_name!r} of {redact(storage)}")
     return 1 if failed == len(chosen) else 0
 
@@ -302,17 +333,148 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(**recorded)
     if args.all_cases and args.folds is not None:
         raise NasError("--all-cases", "trains one model on every case; --folds one per fold")
-    if args.epochs is not None and args.epochs < 1:
-        raise NasError("--epochs", f"must be at least 1, not {args.epochs}")
-    if args.top < 1:
-        raise NasError("--top", f"must be at least 1, not {args.top}")
+    for option in ("epochs", "batches_per_epoch", "checkpoint_every", "top"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise NasError(f"--{option.replace('_', '-')}", f"must be at least 1, not {value}")
+    if args.folds is not None:
+        _refuse_with_folds(args)
     chosen = choose_trials(study, args.top, args.trials)
+    if args.folds is None:  # every member's settings and checkpoint checked before training
+        for trial in chosen:
+            _run_plan(args, study, trial, data_cfg)
     device = device_option(args.device)  # torch: once the trials are found
     if args.folds is not None:
         return run_crossval(args, study, chosen, data_cfg, storage, device)
+    try:
+        if args.all_cases:
+            return run_all_cases(args, study, chosen, data_cfg, storage, device)
+        return run_retrain(args, study, chosen, data_cfg, storage, device)
+    except KeyboardInterrupt:  # Ctrl-C: the same command afresh would start over
+        print("interrupted: the same command with --continue goes on from each member's "
+              "last checkpoint", file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def _refuse_with_folds(args: argparse.Namespace) -> None:
+    given = {
+        "--batches-per-epoch": args.batches_per_epoch is not None,
+        "--checkpoint-every": args.checkpoint_every is not None,
+        "--continue": args.continue_run,
+    }
+    for option, is_given in given.items():
+        if is_given:
+            raise NasError(
+                option,
+                "applies to nas retrain and --all-cases, not to --folds (which continues by "
+                "itself: a fold already recorded is not trained again)",
+            )
+
+
+def _run_plan(
+    args: argparse.Namespace, study: optuna.Study, trial: FrozenTrial, data_cfg: DataConfig
+) -> tuple[TrainConfig, dict, Checkpoint | None]:
+    """How `trial` is trained: its TrainConfig (the search's, for the run's epochs and
+    batches per epoch, with no time limit), the run's identity, and with --continue the
+    checkpoint it goes on from, checked to belong to that run (the epochs, batches per epoch
+    and checkpoint interval not given are the checkpoint's)."""
+    from pydantic import ValidationError
+
+    from nas.record import TrialRecord
+    from nas.resumable import check_identity, read_checkpoint
+    from nas.train_config import TrainConfig
+
+    record = TrialRecord.of(trial)
+    search_train = TrainConfig(**record.train_config)
+    path = _latest_path(args, trial.number)
+    start, recorded = None, {}
+    if args.continue_run:
+        if not path.is_file():
+            raise NasError(
+                "--continue",
+                f"trial {trial.number} has no checkpoint to continue ({path}); "
+                "retrain it without --continue",
+            )
+        start = read_checkpoint(path)
+        recorded = start.identity
     if args.all_cases:
-        return run_all_cases(args, study, chosen, data_cfg, storage, device)
-    return run_retrain(args, study, chosen, data_cfg, storage, device)
+        default_epochs = record.epochs_run or search_train.epochs
+    else:
+        default_epochs = 3 * search_train.epochs
+    epochs = args.epochs or recorded.get("epochs") or default_epochs
+    batches = (
+        args.batches_per_epoch
+        or recorded.get("batches_per_epoch")
+        or search_train.batches_per_epoch
+    )
+    try:
+        train = dataclasses.replace(
+            search_train, epochs=epochs, batches_per_epoch=batches, max_seconds=None
+        )
+    except ValidationError as err:  # beyond TrainConfig's bounds
+        problem = err.errors()[0]
+        raise NasError(f"--{str(problem['loc'][0]).replace('_', '-')}", problem["msg"]) from None
+    identity = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "all_cases": bool(args.all_cases),
+        "fold": None if args.all_cases else data_cfg.fold,
+        "seed": train.seed,
+        "epochs": epochs,
+        "batches_per_epoch": batches,
+        "checkpoint_every": (
+            args.checkpoint_every or recorded.get("checkpoint_every") or CHECKPOINT_EVERY
+        ),
+    }
+    if start is not None:
+        check_identity(path, start.identity, identity)
+    return train, identity, start
+
+
+def _latest_path(args: argparse.Namespace, trial_number: int) -> Path:
+    """The checkpoint of a member's retrain (with --all-cases, of its all-cases training)."""
+    final = all_cases_path if args.all_cases else retrained_path
+    return latest_checkpoint_path(final(args.results, trial_number))
+
+
+def _train_member(
+    args: argparse.Namespace,
+    trial: FrozenTrial,
+    plan: tuple[TrainConfig, dict, Checkpoint | None],
+    cases: tuple[Sequence[Case], Sequence[Case]],
+    dataset: Dataset,
+    data_cfg: DataConfig,
+    device: torch.device,
+) -> tuple[torch.nn.Module, Checkpoint] | None:
+    """Train one member as `plan` (`_run_plan`) says, from scratch or from its checkpoint,
+    writing checkpoints as it goes: the network and the run's last checkpoint (for the
+    caller to write once the run's results are saved). None: its run had finished. Raises
+    CandidateFailed as `fit` does."""
+    from nas.record import TrialRecord
+    from nas.resumable import train_resumable
+    from nas.staging import remove_stale_staging
+    from nas.train import init_model, initial_model
+    from nas.unet_config import UNetConfig
+
+    train, identity, start = plan
+    path = _latest_path(args, trial.number)
+    if start is not None and start.finished:
+        print(f"  its run finished ({start.epoch} epochs): nothing to continue")
+        return None
+    remove_stale_staging(path.parent)  # what a killed run was writing
+    unet = UNetConfig.from_dict(TrialRecord.of(trial).unet_config)
+    if start is not None:
+        print(f"  continuing from the checkpoint at epoch {start.epoch} ({start.steps:,} steps)")
+        model = init_model(unet, train.seed)  # the checkpoint's weights replace these
+    else:
+        path.unlink(missing_ok=True)  # a fresh run: no checkpoint of an earlier one is continued
+        model = initial_model(unet, train)
+    # Every training slice: the search may have used a few per case.
+    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
+    say = functools.partial(print, flush=True)  # a line per epoch, at once even into a log
+    end = train_resumable(model, *cases, dataset.scheme, train, device, slicing,
+                          path, identity, start, say)  # fmt: skip
+    return model, end
 
 
 def run_retrain(
@@ -339,6 +501,9 @@ def run_retrain(
                            data_cfg, device)  # fmt: skip
         if row is not None:
             rows.append(row)
+    if not rows:  # each failed or had finished: the last table stands
+        print(f"recorded in study {retrain_study.study_name!r} of {redact(storage)}")
+        return 0
     table = pd.DataFrame(rows)
     atomic_write(args.results / "retrained.csv", lambda p: table.to_csv(p, index=False))
     print(
@@ -359,57 +524,73 @@ def _retrain_one(
     device: torch.device,
 ) -> dict | None:
     """One member retrained and recorded: its row of retrained.csv, or None when it failed
-    (recorded as a FAIL, as nas.run would)."""
+    (recorded as a FAIL, as nas.run would) or its run had finished before --continue."""
+    import torch
     from optuna.trial import TrialState, create_trial
 
     from nas.builder import count_parameters
     from nas.record import TrialRecord, carried, rerun_trial, study_objectives
     from nas.results import save_checkpoint
-    from nas.train import CandidateFailed, fit, init_model, initial_model
-    from nas.train_config import TrainConfig
+    from nas.resumable import write_checkpoint
+    from nas.train import CandidateFailed, init_model
     from nas.unet_config import UNetConfig
+    from nas.weights import best_path
 
     record = TrialRecord.of(trial)
     unet = UNetConfig.from_dict(record.unet_config)
-    search_train = TrainConfig(**record.train_config)
-    epochs = args.epochs or 3 * search_train.epochs
-    train = dataclasses.replace(search_train, epochs=epochs, max_seconds=None)
+    plan = _run_plan(args, study, trial, data_cfg)
+    train = plan[0]
     n_params = count_parameters(init_model(unet, train.seed))
-    print(f"retraining trial {trial.number} ({n_params:,} params) for {epochs} epochs")
-    # Every training slice: the search may have used a few per case.
-    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
+    print(f"retraining trial {trial.number} ({n_params:,} params) for {train.epochs} epochs "
+          f"of {train.batches_per_epoch} batches")  # fmt: skip
     try:
-        model = initial_model(unet, train)
-        result = fit(model, *cases, dataset.scheme, train, device, None, slicing)
+        trained = _train_member(args, trial, plan, cases, dataset, data_cfg, device)
     except CandidateFailed as failure:  # as nas.run: the trial fails, the others go on
         attrs = carried(source_trial=trial.number, fail_reason=failure.reason)
         retrain_study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=attrs))
         print(f"  trial {trial.number}: failed ({failure.reason})")
         return None
+    if trained is None:
+        return None
+    model, end = trained
+    best, best_file = end.best, best_path(retrained_path(args.results, trial.number))
+    if best is not None:
+        atomic_write(best_file, lambda tmp: torch.save(best.weights, tmp))
+    else:  # no epoch scored (every IoU undefined): an earlier run's best is not this one's
+        best_file.unlink(missing_ok=True)
     save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
-    scores = {"iou": result.scores.iou, "dice": result.scores.dice,
-              "case_dice": result.scores.case_dice, "params": n_params}  # fmt: skip
+    last = end.history[-1]
+    scores = {"iou": last["val_iou"], "dice": last["val_dice"],
+              "case_dice": last.get("val_case_dice"), "params": n_params}  # fmt: skip
     attrs = carried(
         source_trial=trial.number,
         search_val_iou=record.iou,
-        epochs_run=len(result.history),
-        seconds=round(result.seconds, 2),
+        epochs_run=end.epoch,
+        steps=end.steps,
+        seconds=round(end.seconds, 2),
         unet_config=unet.to_dict(),
         train_config=dataclasses.asdict(train),
         device=str(device),
+        best=best.scores() if best else None,
+        train_loss=[row["train_loss"] for row in end.history],
     )
-    curve = {e.epoch: e.scores.iou for e in result.history}
+    curve = {row["epoch"]: row["val_iou"] for row in end.history}
     objectives = study_objectives(study).names
     retrain_study.add_trial(rerun_trial(trial, scores, objectives, attrs, curve))
-    print(f"  trial {trial.number}: IoU {record.iou:.3f} -> {result.scores.iou:.3f}")
+    write_checkpoint(_latest_path(args, trial.number), end)  # last: the run is recorded
+    best_text = f" (best {best.iou:.3f} at epoch {best.epoch})" if best else ""
+    print(f"  trial {trial.number}: IoU {record.iou:.3f} -> {last['val_iou']:.3f}{best_text}")
     return {
         "trial": trial.number,
         "n_params": n_params,
         "search_val_iou": record.iou,
-        "retrained_val_iou": result.scores.iou,
-        "retrained_val_dice": result.scores.dice,
-        "epochs": len(result.history),
-        "seconds": round(result.seconds, 1),
+        "retrained_val_iou": last["val_iou"],
+        "retrained_val_dice": last["val_dice"],
+        "best_val_iou": best.iou if best else None,
+        "best_epoch": best.epoch if best else None,
+        "epochs": end.epoch,
+        "steps": end.steps,
+        "seconds": round(end.seconds, 1),
     }
 
 

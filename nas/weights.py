@@ -2,13 +2,16 @@
 
 Four commands train a search's trial and keep its weights under results/<study>/: the
 search itself, for the members of its front (checkpoints/trial_NNNN.pt); nas.retrain, which
-trains chosen trials again at full budget (retrained/checkpoints/trial_NNNN.pt);
+trains chosen trials again at full budget (retrained/checkpoints/trial_NNNN.pt, and the
+weights of its best validation epoch beside them, trial_NNNN.best.pt);
 nas.retrain --all-cases, the final model on every training case, validation fold included
 (retrained/all_cases/checkpoints/trial_NNNN.pt, nnU-Net's fold "all"); and nas.retrain --folds, one
 model per fold of the split (crossval/trial_NNNN/fold_K.pt). An export takes, unless told
 which, the all-cases model (trained on the most data, by a deliberate request), then the
 retrained weights, then the search's, then the folds' ensemble (a single network first: an
-ensemble costs one pass per fold). Paths only and the storage's records:
+ensemble costs one pass per fold); the best retrained weights only when asked for. Beside
+the weights nas.retrain trains, trial_NNNN.latest.pt is the checkpoint its --continue goes
+on from (nas/resumable.py). Paths only and the storage's records:
 no torch (nor Optuna when only paths are asked for), so a trial without weights is refused
 before torch loads.
 """
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 # The kinds of weights, in the order an export prefers them.
 KINDS = ("all-cases", "retrained", "search", "folds")
+# Taken only when asked for: nas.retrain's weights at their best validation epoch.
+RETRAINED_BEST = "retrained-best"
 
 
 def trial_name(trial_number: int) -> str:
@@ -47,6 +52,17 @@ def retrained_dir(study_dir: Path) -> Path:
 def retrained_path(study_dir: Path, trial_number: int) -> Path:
     """nas.retrain's weights of a trial."""
     return checkpoint_path(retrained_dir(study_dir), trial_number)
+
+
+def best_path(weights: Path) -> Path:
+    """The weights of the best validation epoch, beside a run's final `weights`."""
+    return weights.with_suffix(".best.pt")
+
+
+def latest_checkpoint_path(weights: Path) -> Path:
+    """The checkpoint a run continues from (weights, optimizer, epoch, best so far, the
+    run's identity), beside the final `weights` the run will write."""
+    return weights.with_suffix(".latest.pt")
 
 
 def all_cases_dir(study_dir: Path) -> Path:
@@ -111,16 +127,36 @@ def _search(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWe
     return TrialWeights("search", path, {"": path}, _scores(trial))
 
 
-def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+def _latest_retrain(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
+    """The latest retrain of `trial` that finished: the one whose weights the files hold."""
     from nas.companions import completed_runs, find_retrain_study
 
+    retrain = find_retrain_study(study)
+    runs = completed_runs(retrain, trial.number) if retrain is not None else []
+    return runs[-1] if runs else None
+
+
+def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
     path = retrained_path(study_dir, trial.number)
     if not path.is_file():
         return None
-    retrain = find_retrain_study(study)
-    runs = completed_runs(retrain, trial.number) if retrain is not None else []
-    # The file holds the latest retrain that finished.
-    return TrialWeights("retrained", path, {"": path}, _scores(runs[-1]) if runs else {})
+    run = _latest_retrain(study, trial)
+    return TrialWeights("retrained", path, {"": path}, _scores(run) if run else {})
+
+
+def _retrained_best(
+    study: optuna.Study, study_dir: Path, trial: FrozenTrial
+) -> TrialWeights | None:
+    from nas.record import TrialRecord
+
+    path = best_path(retrained_path(study_dir, trial.number))
+    if not path.is_file():
+        return None
+    run = _latest_retrain(study, trial)
+    best = TrialRecord.of(run).best if run else {}
+    scores = {"epochs_run": best.get("epoch"), "val_iou": best.get("iou"),
+              "val_dice": best.get("dice")}  # fmt: skip
+    return TrialWeights(RETRAINED_BEST, path, {"": path}, scores if best else {})
 
 
 def _all_cases(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
@@ -166,13 +202,19 @@ def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWei
     return TrialWeights("folds", folder, members, scores)
 
 
-FINDERS = {"all-cases": _all_cases, "retrained": _retrained, "search": _search, "folds": _folds}
+FINDERS = {
+    "all-cases": _all_cases,
+    "retrained": _retrained,
+    RETRAINED_BEST: _retrained_best,
+    "search": _search,
+    "folds": _folds,
+}
 
 
 def find_weights(
     study: optuna.Study, study_dir: Path, trial: FrozenTrial, wanted: str = "auto"
 ) -> TrialWeights:
-    """The weights of `trial` of kind `wanted` (one of KINDS), or with "auto" the first kind
+    """The weights of `trial` of kind `wanted` (one of FINDERS), or with "auto" the first kind
     in KINDS that exists; a NasError naming the commands that would train them otherwise."""
     for kind in KINDS if wanted == "auto" else (wanted,):
         found = FINDERS[kind](study, study_dir, trial)
@@ -193,6 +235,9 @@ def find_weights(
         f"({all_cases_path(study_dir, n)})",
         "search": f"the search kept no weights of trial {n} (it keeps only its front's)",
         "retrained": f"trial {n} has no retrained weights ({retrained_path(study_dir, n)})",
+        RETRAINED_BEST: f"trial {n} has no best retrained weights "
+        f"({best_path(retrained_path(study_dir, n))}; nas retrain --all-cases validates "
+        "nothing, so it keeps only its final weights)",
         "folds": f"trial {n} has no cross-validated folds with weights (at least 2 in "
         f"{folds_folder(study_dir, n)})",
     }[wanted]

@@ -319,7 +319,8 @@ COMMAND_OPTIONS = {
     "nas.predict": ["--engine", "--tta", "--overlap", "--device", "--save-probabilities"],
     "nas.evaluate": ["--dataset-json", "--tolerance-mm", "--out"],
     "nas.ensemble": [],
-    "nas.retrain": ["--top", "--trials", "--epochs", "--folds", "--workers", "--all-cases"],
+    "nas.retrain": ["--top", "--trials", "--epochs", "--folds", "--workers", "--all-cases",
+                    "--batches-per-epoch", "--checkpoint-every", "--continue"],
     "nas.report": [],
 }  # fmt: skip
 # What a command line can carry: anything but NUL, which ends a C string (undecodable bytes
