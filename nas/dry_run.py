@@ -22,7 +22,7 @@ from nas.data import Case, Slicing
 from nas.describe import count_macs, summary
 from nas.labels import LabelScheme
 from nas.losses import make_loss
-from nas.scoring import decision_epochs
+from nas.scoring import decision_epochs, search_validation_cases
 from nas.space import Candidate, SearchSpace, sample, warm_start_params
 from nas.train import (
     device_batch,
@@ -82,7 +82,8 @@ def validation_share(
     every = cfg.every or (1 if space.study.pruner.type != "none" else None)
     ends = [0, *rungs]
     count = sum(len(decision_epochs(a, b, every)) for a, b in zip(ends, ends[1:], strict=False))
-    patches = ValidationPatches(val_cases, cfg.patches_per_case, space.study.seed,
+    cases = search_validation_cases(val_cases, cfg.cases, space.study.seed)
+    patches = ValidationPatches(cases, cfg.patches_per_case, space.study.seed,
                                 space.data.slicing.axis, cfg.foreground_fraction)  # fmt: skip
     unet, train = candidate.unet, candidate.train
     model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device)

@@ -126,6 +126,7 @@ def check(
 # What makes two validation scores comparable: the same fixed patches (nas.validate's
 # ValidationPatches), drawn from these. `every` and `bootstrap` may change on a resume.
 _PATCH_FIELDS = {
+    "cases": "study.validation.cases",
     "patches_per_case": "study.validation.patches_per_case",
     "foreground_fraction": "study.validation.foreground_fraction",
     "seed": "study.seed",

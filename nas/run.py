@@ -533,6 +533,7 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     schedule = _schedule(space, args, deadline)
     dataset = load_dataset(space.data)
     train_cases, val_cases = split_dataset(dataset, space.data)
+    _check_validation_cases(args, space, val_cases)
     # Checked before the study is touched; scored after the search, never used to select.
     is_worker = args.worker_index is not None
     test_split = None if is_worker else find_test_split(space.data, dataset)
@@ -552,6 +553,18 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     _check_latency_device(space, args)
     return _Setup(effective, space, schedule, dataset, train_cases, val_cases, test_split,
                   patch_plan, warm_start, device, start, args.results_dir)  # fmt: skip
+
+
+def _check_validation_cases(args: argparse.Namespace, space: SearchSpace, val_cases: list) -> None:
+    """The fold holds the validation cases the space asks the search to validate on."""
+    from nas.scoring import search_validation_cases
+    from nas.space import source_of
+
+    try:
+        search_validation_cases(val_cases, space.study.validation.cases, space.study.seed)
+    except ValueError as err:
+        where = source_of("study.validation.cases", args.space, args.settings)
+        raise NasError(where, f"study.validation.cases {err} (fold {space.data.fold})") from None
 
 
 def _open_run_study(

@@ -53,13 +53,27 @@ class ValidationConfig(BaseModel):
     case (a share foreground_fraction of them centred on foreground), predicted after the
     epochs a decision reads (the last SMOOTHING_EPOCHS before each rung or extension end) and,
     with `every`, after every `every`-th epoch too (the curves optuna-dashboard draws);
-    bootstrap: resamples of the validation cases behind each front member's interval."""
+    bootstrap: resamples of the validation cases behind each front member's interval;
+    cases: validate on this many of the fold's validation cases, drawn once with the study's
+    seed (None: all of them), so that a large fold costs what a small one does."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    cases: int | None = Field(None, ge=1, le=100_000)
     patches_per_case: int = Field(16, ge=1, le=4096)
     foreground_fraction: float = Field(0.5, ge=0.0, le=1.0)
     every: int | None = Field(None, ge=1)
     bootstrap: int = Field(1000, ge=1, le=100_000)
+
+
+def search_validation_cases(cases: Sequence[Any], count: int | None, seed: int) -> list[Any]:
+    """The validation cases a search validates on: `count` of `cases` drawn with `seed`, in
+    their order (all of them for None). Raises ValueError when the fold has fewer."""
+    if count is None:
+        return list(cases)
+    if count > len(cases):
+        raise ValueError(f"is {count}, but the fold has {len(cases)} validation cases")
+    chosen = np.random.default_rng(seed).choice(len(cases), count, replace=False)
+    return [cases[index] for index in sorted(chosen)]
 
 
 def smoothed(curve: Mapping[int, float], epoch: int) -> float:

@@ -57,7 +57,13 @@ from nas.objectives import (
 from nas.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
 from nas.results import checkpoint_path, save_checkpoint
 from nas.schedule import EpochReport, Schedule
-from nas.scoring import decision_epochs, joins_front, kept_counts, search_score
+from nas.scoring import (
+    decision_epochs,
+    joins_front,
+    kept_counts,
+    search_score,
+    search_validation_cases,
+)
 from nas.space import Candidate, SearchSpace, sample
 from nas.study import INTERRUPTED
 from nas.train import (
@@ -166,7 +172,8 @@ def make_objective(
     memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
     shown_case = example_case(data.val_cases)
     cfg = space.study.validation
-    patches = ValidationPatches(data.val_cases, cfg.patches_per_case, space.study.seed,
+    cases = search_validation_cases(data.val_cases, cfg.cases, space.study.seed)
+    patches = ValidationPatches(cases, cfg.patches_per_case, space.study.seed,
                                 data.slicing.axis, cfg.foreground_fraction)  # fmt: skip
     run = SearchRun(space, data, in_channels, device, study_dir, schedule, shown_case,
                     memory_limit, patches)  # fmt: skip

@@ -135,7 +135,7 @@ def test_workers_search_the_same_effective_space(tmp_path):
     args = run_module.parse_args(
         ["space.yaml", "--workers", "2", "--set", "train.epochs=3", "--data", "d", "-q"]
     )
-    command = run_module._worker_command(args, 1, threads=1)
+    command = run_module._worker_command(args, 1, threads=1, data_workers=0)
     assert command[command.index("--set") + 1] == "train.epochs=3"
     assert command[command.index("--data") + 1] == "d" and "-q" in command
     worker = run_module.parse_args(command[3:])  # after `python -m nas.run`

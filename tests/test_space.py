@@ -427,3 +427,29 @@ def test_every_shipped_search_space_is_valid(path):
     if "whole_volumes" in path.name:  # 3D only, with the rare validation it is sized for
         assert space.search["spatial_dims"] == 3 and space.study.pruner.type == "none"
         assert space.study.validation.patches_per_case < 16
+
+
+def test_more_validation_cases_than_the_fold_holds_is_one_line_and_writes_nothing(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(tiny_space_yaml(tmp_path / "data"))  # 6 cases, 3 folds: 2 validate
+    results = tmp_path / "results"
+    result = run_cli("nas.run", str(path), "--set", "study.validation.cases=3",
+                     "--results-dir", str(results), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # after the preprocessing bar
+        "error: --set: study.validation.cases is 3, but the fold has 2 validation cases (fold 0)"
+    )
+    assert not results.exists()
+
+
+def test_the_search_validates_on_a_seeded_subset_of_the_fold():
+    from nas.scoring import search_validation_cases
+
+    cases = [f"case_{i}" for i in range(10)]
+    chosen = search_validation_cases(cases, 4, seed=0)
+    assert len(set(chosen)) == 4 and chosen == sorted(chosen)  # the fold's order kept
+    assert search_validation_cases(cases, 4, seed=0) == chosen
+    assert search_validation_cases(cases, 4, seed=1) != chosen
+    assert search_validation_cases(cases, None, seed=0) == cases
+    with pytest.raises(ValueError, match="is 11, but the fold has 10"):
+        search_validation_cases(cases, 11, seed=0)

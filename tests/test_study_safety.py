@@ -99,7 +99,7 @@ def test_a_study_name_of_dots_in_the_yaml_is_refused(tmp_path, tiny_dataset, mon
 def test_workers_get_the_storage_from_the_environment_not_the_command_line(tmp_path):
     url = "postgresql+psycopg://nas:hunter2@db-host/nas"
     args = parse_args(["space.yaml", "--storage", url, "--workers", "2"])
-    command = _worker_command(args, 0, 1)
+    command = _worker_command(args, 0, 1, 0)
     assert "hunter2" not in " ".join(command) and "--storage" not in command
     os.environ["NAS_STORAGE"] = url
     try:
