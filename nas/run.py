@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import add_device_option, command_parser, device_option, exit_code
+from nas.cli import (
+    add_device_option,
+    add_processes_option,
+    command_parser,
+    device_option,
+    exit_code,
+    processes_option,
+)
 from nas.errors import NasError
 from nas.locking import file_lock
 from nas.staging import atomic_write, check_output_folder, remove_stale_staging
@@ -105,6 +112,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads per worker (default: split)"
     )
+    add_processes_option(parser)
     parser.add_argument(
         "--extend-space", action="store_true",
         help="resume a study with a changed search space (same data; each parameter drawn "
@@ -496,6 +504,7 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     from nas.data.test_split import find_test_split
     from nas.space import read_effective_space, validate_space, with_study_overrides
 
+    processes = processes_option(args.processes)
     effective = read_effective_space(args.space, args.settings, args.data)
     space = validate_space(effective, args.space, args.settings)
     overrides = {
@@ -509,7 +518,7 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     start = time.monotonic()
     deadline = None if space.study.timeout is None else start + space.study.timeout
     schedule = _schedule(space, args, deadline)
-    dataset = load_dataset(space.data)
+    dataset = load_dataset(space.data, processes=processes)
     train_cases, val_cases = split_dataset(dataset, space.data)
     # Checked before the study is touched; scored after the search, never used to select.
     is_worker = args.worker_index is not None
