@@ -311,7 +311,12 @@ def _summary(
 
 def _dry_run(setup: _Setup) -> int:
     """Print what the search would do; no study, no results folder."""
-    from nas.dry_run import describe_candidate, sample_candidate, validation_share
+    from nas.dry_run import (
+        describe_candidate,
+        sample_candidate,
+        validation_share,
+        whole_volume_lines,
+    )
 
     space, dataset, test_split = setup.space, setup.dataset, setup.test_split
     train_cases, val_cases = setup.train_cases, setup.val_cases
@@ -331,6 +336,10 @@ def _dry_run(setup: _Setup) -> int:
     print(line)
     print(validation_share(candidate, val_cases, dataset.scheme, space, setup.schedule.rungs,
                            step, setup.device))  # fmt: skip
+    n_test = len(test_split.cases) if test_split else 0
+    for line in whole_volume_lines(candidate, space, dataset.in_channels, val_cases, n_test,
+                                   setup.device):  # fmt: skip
+        print(line)
     print("dry run: no study was created")
     return 0
 
