@@ -153,9 +153,7 @@ def seconds_per_window(candidate: Candidate, in_channels: int, device: torch.dev
 
 
 def _seconds(value: float) -> str:
-    if value >= 10:
-        return f"{value:,.0f}"
-    return f"{value:.2g}" if value >= 0.01 else "<0.01"
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def whole_volume_lines(

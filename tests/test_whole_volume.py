@@ -80,7 +80,7 @@ def test_a_long_prediction_shows_progress_on_a_terminal_only(stream, monkeypatch
 
 
 def _seconds(text: str) -> float:
-    return float(text.replace(",", ""))
+    return float(text.replace(",", ""))  # 1,234 or 0.0043 or 4.2e-05
 
 
 def test_the_dry_run_projects_whole_volume_and_held_out_scoring(tmp_path, tiny_dataset):
@@ -106,9 +106,9 @@ def test_the_dry_run_projects_whole_volume_and_held_out_scoring(tmp_path, tiny_d
     n_2d, n_3d = int(windows[1]), int(windows[2])
     assert n_2d >= 8 and n_3d >= 1  # 2D: a window for every one of a case's 8+ slices
     line = re.search(
-        r"^whole-volume pass of the first candidate: ~([\d.,]+) s a case \((\d)D, (\d+) "
-        r"windows? of [\dx]+ on cpu\); front scoring ~([\d.,]+) s per member over 2 validation "
-        r"cases; held-out scoring ~([\d.,]+) s per member over 2 cases$",
+        r"^whole-volume pass of the first candidate: ~([\d.,e-]+) s a case \((\d)D, (\d+) "
+        r"windows? of [\dx]+ on cpu\); front scoring ~([\d.,e-]+) s per member over 2 validation "
+        r"cases; held-out scoring ~([\d.,e-]+) s per member over 2 cases$",
         out,
         re.M,
     )
