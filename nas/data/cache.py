@@ -360,7 +360,9 @@ def cached_dataset(
 
     processes: how many processes preprocess the cases (capped by the cases and the memory
     available); default: one per core up to MAX_DEFAULT_PROCESSES, or one for a dataset
-    whose cases need less than SERIAL_BELOW_BYTES in all."""
+    whose cases need less than SERIAL_BELOW_BYTES in all. Workers are fresh interpreters
+    that import the calling script, as multiprocessing's do: a script that builds a cache
+    keeps its work under `if __name__ == "__main__":`."""
     if processes is not None and processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
     cache_root = cache_root or default_cache_root()
