@@ -53,6 +53,21 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_processes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--processes", type=int, metavar="N",
+        help="processes that preprocess the dataset when its cache is built (default: one "
+        "per core up to 8, one for a small dataset; fewer where memory is short)",
+    )  # fmt: skip
+
+
+def processes_option(value: int | None) -> int | None:
+    """The `--processes` value, or a NasError when it is not a positive count."""
+    if value is not None and value < 1:
+        raise NasError("--processes", f"must be at least 1, not {value}")
+    return value
+
+
 def device_option(name: str) -> torch.device:
     """The device a `--device` option asks for, or a NasError saying it is not here."""
     from nas.train import pick_device

@@ -5,7 +5,9 @@ Everything a search checks before its first trial has been checked by the time t
 first of `study.enqueue`, else a random draw) from a throwaway in-memory study, builds it,
 counts its parameters and MACs, and times a few training steps on the real batches, and one
 validation on the search's validation patches, so that the printed plan says what one step
-of the search costs on this machine and what share of it validation takes.
+of the search costs on this machine and what share of it validation takes. Whole volumes are
+priced the same way: one forward pass of a batch of windows, timed, times the windows a whole
+case needs at the planned patch sizes, projects what scoring the front takes after the search.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from nas.data import Case, Slicing
 from nas.describe import count_macs, summary
 from nas.labels import LabelScheme
 from nas.losses import make_loss
+from nas.measure import synchronise
+from nas.precision import autocast
 from nas.scoring import decision_epochs, search_validation_cases
-from nas.space import Candidate, SearchSpace, sample, warm_start_params
+from nas.space import Candidate, SearchSpace, possible_values, sample, warm_start_params
 from nas.train import (
     device_batch,
     init_model,
@@ -31,7 +35,13 @@ from nas.train import (
     prepare_model,
     train_step,
 )
-from nas.validate import ValidationPatches, evaluate_patches
+from nas.validate import (
+    DEFAULT_OVERLAP,
+    WINDOWS_PER_BATCH,
+    ValidationPatches,
+    evaluate_patches,
+    window_count,
+)
 
 TIMED_STEPS = 3  # after one warm-up step
 
@@ -122,3 +132,69 @@ def describe_candidate(
         f"one training step {step * 1000:.0f} ms on {device}"
     )
     return line, step
+
+
+def seconds_per_window(candidate: Candidate, in_channels: int, device: torch.device) -> float:
+    """A window's share of one forward pass of `candidate` over WINDOWS_PER_BATCH windows,
+    run as whole cases are predicted (eval mode, no gradients, mixed precision on CUDA),
+    timed after one pass to warm up."""
+    unet, train = candidate.unet, candidate.train
+    model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device).eval()
+    generator = torch.Generator().manual_seed(train.seed)
+    window = train.patch_size(unet.spatial_dims)
+    windows = torch.randn(WINDOWS_PER_BATCH, in_channels, *window, generator=generator)
+    windows = windows.to(device)
+    with torch.no_grad(), autocast(device):
+        model(windows)
+        synchronise(device)
+        start = time.perf_counter()
+        model(windows)
+        synchronise(device)
+    return (time.perf_counter() - start) / WINDOWS_PER_BATCH
+
+
+def _seconds(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def whole_volume_lines(
+    candidate: Candidate,
+    space: SearchSpace,
+    in_channels: int,
+    val_cases: Sequence[Case],
+    n_test: int,
+    device: torch.device,
+) -> list[str]:
+    """What predicting whole cases costs: the windows a validation case needs, on average,
+    for each kind of network the space draws, at the planned patch sizes; and the seconds
+    `candidate` takes for one case, for a front member's whole validation volumes (scored
+    after the search) and for its held-out cases (taken to be the size of the validation
+    ones). Network time only: reading and resampling the held-out scans come on top."""
+    train = candidate.train
+    mean = {
+        dims: sum(window_count(c.image.shape[1:], train.patch_size(dims), space.data.slice_axis)
+                  for c in val_cases) / len(val_cases)
+        for dims in possible_values(space, "spatial_dims") | {candidate.unet.spatial_dims}
+    }  # fmt: skip
+
+    def windows(dims: int) -> str:
+        plural = "s" if round(mean[dims]) != 1 else ""
+        return f"{mean[dims]:,.0f} window{plural} of {'x'.join(map(str, train.patch_size(dims)))}"
+
+    dims = candidate.unet.spatial_dims
+    per_case = mean[dims] * seconds_per_window(candidate, in_channels, device)
+    kinds = ", ".join(f"{d}D {windows(d)}" for d in sorted(possible_values(space, "spatial_dims")))
+    projection = (
+        f"whole-volume pass of the first candidate: ~{_seconds(per_case)} s a case ({dims}D, "
+        f"{windows(dims)} on {device}); front scoring ~{_seconds(per_case * len(val_cases))} s "
+        f"per member over {len(val_cases)} validation cases"
+    )
+    if n_test:
+        projection += (
+            f"; held-out scoring ~{_seconds(per_case * n_test)} s per member over {n_test} cases"
+        )
+    return [
+        f"whole cases: {kinds} (overlap {DEFAULT_OVERLAP:g}; mean of the {len(val_cases)} "
+        "validation cases)",
+        projection,
+    ]

@@ -61,7 +61,8 @@ def _threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _synchronise(device: torch.device) -> None:
+def synchronise(device: torch.device) -> None:
+    """Wait for the work queued on `device`, so that a clock read after it counts it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -86,11 +87,11 @@ def measure_latency(
         with _threads(threads):
             for _ in range(WARMUP):
                 model(x)
-            _synchronise(device)
+            synchronise(device)
             while len(times) < MAX_REPEATS:
                 start = time.perf_counter()
                 model(x)
-                _synchronise(device)
+                synchronise(device)
                 times.append((time.perf_counter() - start) * 1000)
                 if len(times) >= MIN_REPEATS and _spread(times) <= SPREAD:
                     break

@@ -6,11 +6,14 @@ the machine) down instead of failing one trial. The estimate walks the same stag
 builder's encoder and decoder: parameters are counted exactly, activations are the tensors
 autograd keeps for backward (4 bytes each, as in float32 on CPU; CUDA's mixed precision halves
 most of them, so there it errs on the safe side). Knows nothing of Optuna, YAML or data files.
+It also reads what the host has: its RAM (or a container's limit), what is available now, and
+the most a process has held (what preprocessing's workers are sized by and report).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,10 @@ HOST_SHARE = 0.5
 GB = 1e9  # the unit of the messages (and of a max_memory_gb setting)
 # A container's memory limit (cgroup v2, then v1) kills the process long before the RAM is full.
 CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+CGROUP_USAGE_FILES = (
+    "/sys/fs/cgroup/memory.current",
+    "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+)
 
 
 # PyTorch's CPU convolution has no direct kernel for one thin sample: a batch of 1 whose
@@ -250,6 +257,34 @@ def _host_memory_bytes() -> int:
         if text.isdigit():  # "max" (cgroup v2) means no limit
             total = min(total, int(text))
     return total
+
+
+def available_host_bytes() -> int:
+    """RAM that can be taken now without swapping: what the system reports available, or
+    what is left under the container's limit where that is less."""
+    memory = psutil.virtual_memory()
+    limit = _host_memory_bytes()
+    if limit >= memory.total:  # no container limit below the RAM
+        return memory.available
+    for usage_file in CGROUP_USAGE_FILES:
+        try:
+            text = Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # the cgroup's usage counts its page cache: on the safe side
+            return min(memory.available, max(limit - int(text), 0))
+    return min(memory.available, limit)
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held so far."""
+    try:
+        import resource
+    except ImportError:  # Windows: the peak working set
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def check_fits(

@@ -35,7 +35,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import add_device_option, command_parser, device_option, exit_code
+from nas.cli import (
+    add_device_option,
+    add_processes_option,
+    command_parser,
+    device_option,
+    exit_code,
+    processes_option,
+)
 from nas.errors import NasError
 from nas.staging import atomic_write
 from nas.weights import (
@@ -91,6 +98,7 @@ def make_parser() -> argparse.ArgumentParser:
         "epochs the search trained it (or --epochs)",
     )  # fmt: skip
     add_device_option(parser)
+    add_processes_option(parser)
     return parser
 
 
@@ -320,10 +328,11 @@ def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[Fr
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas.data import DataConfig
+    from nas.data import DataConfig, load_dataset
     from nas.record import StudyRecord
     from nas.study import default_storage, load_results_study
 
+    processes = processes_option(args.processes)
     name = args.results.name
     storage = args.storage or default_storage(args.results)
     study = load_results_study(args.results, args.storage)
@@ -343,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
     if args.folds is None:  # every member's settings and checkpoint checked before training
         for trial in chosen:
             _run_plan(args, study, trial, data_cfg)
+    load_dataset(data_cfg, processes=processes)  # built here if another machine searched
     device = device_option(args.device)  # torch: once the trials are found
     if args.folds is not None:
         return run_crossval(args, study, chosen, data_cfg, storage, device)

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.cli import add_device_option, command_parser, device_option, exit_code
+from nas.cli import (
+    add_device_option,
+    add_processes_option,
+    command_parser,
+    device_option,
+    exit_code,
+    processes_option,
+)
 from nas.errors import NasError
 from nas.locking import file_lock
 from nas.staging import atomic_write, check_output_folder, remove_stale_staging
@@ -114,6 +121,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads per worker (default: split)"
     )
+    add_processes_option(parser)
     parser.add_argument(
         "--data-workers", type=_count,
         help="background processes building each worker's training batches (0: on the "
@@ -325,7 +333,12 @@ def _summary(
 
 def _dry_run(setup: _Setup) -> int:
     """Print what the search would do; no study, no results folder."""
-    from nas.dry_run import describe_candidate, sample_candidate, validation_share
+    from nas.dry_run import (
+        describe_candidate,
+        sample_candidate,
+        validation_share,
+        whole_volume_lines,
+    )
 
     space, dataset, test_split = setup.space, setup.dataset, setup.test_split
     train_cases, val_cases = setup.train_cases, setup.val_cases
@@ -345,6 +358,10 @@ def _dry_run(setup: _Setup) -> int:
     print(line)
     print(validation_share(candidate, val_cases, dataset.scheme, space, setup.schedule.rungs,
                            step, setup.device))  # fmt: skip
+    n_test = len(test_split.cases) if test_split else 0
+    for line in whole_volume_lines(candidate, space, dataset.in_channels, val_cases, n_test,
+                                   setup.device):  # fmt: skip
+        print(line)
     print("dry run: no study was created")
     return 0
 
@@ -518,6 +535,7 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     from nas.data.test_split import find_test_split
     from nas.space import read_effective_space, validate_space, with_study_overrides
 
+    processes = processes_option(args.processes)
     effective = read_effective_space(args.space, args.settings, args.data)
     space = validate_space(effective, args.space, args.settings)
     overrides = {
@@ -531,7 +549,7 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     start = time.monotonic()
     deadline = None if space.study.timeout is None else start + space.study.timeout
     schedule = _schedule(space, args, deadline)
-    dataset = load_dataset(space.data)
+    dataset = load_dataset(space.data, processes=processes)
     train_cases, val_cases = split_dataset(dataset, space.data)
     _check_validation_cases(args, space, val_cases)
     # Checked before the study is touched; scored after the search, never used to select.

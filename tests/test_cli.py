@@ -199,6 +199,7 @@ def test_bad_input_is_reported_before_torch_loads(tmp_path, tiny_dataset):
             "--set",
             "train.patch_size_2d={type: categorical, choices: [[32, 32], [2, 2]]}",
         ): "--set: train.patch_size_2d.choices[1]: [2, 2] is smaller than [4, 4]",
+        ("run", "space.yaml", "--processes", "-1"): "--processes: must be at least 1, not -1",
         ("run", "space.yaml", "--data", "missing"): "missing: dataset folder not found",
         ("run", "space.yaml", "--data", "corrupt"): f"{truncated.relative_to(tmp_path)}: cannot",
         ("run", "space.yaml", "--data", "unlabelled"): (
@@ -213,6 +214,7 @@ def test_bad_input_is_reported_before_torch_loads(tmp_path, tiny_dataset):
             "--trials",
             "7",
         ): "sqlite:///results/known/study.db: study 'known' does not record",
+        ("retrain", "results/known", "--processes", "0"): "--processes: must be at least 1, not 0",
         ("report", "results/empty"): "results/empty: holds no study.db",
         ("dashboard", "results/empty"): "results/empty: holds no study.db",
         ("predict", "missing", "pred", "out"): "missing: not found",

@@ -103,8 +103,9 @@ class DataConfig:
         return Slicing(self.slice_axis, self.slices_per_case, self.split_seed)
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Generate the embedded dataset if asked to, then open it through the preprocessing cache."""
+def load_dataset(cfg: DataConfig, *, processes: int | None = None) -> Dataset:
+    """Generate the embedded dataset if asked to, then open it through the preprocessing
+    cache; `processes` preprocess it if the cache is built (see `cached_dataset`)."""
     if cfg.synthetic is not None:
         ensure_synthetic_dataset(cfg.path, cfg.synthetic)
     index = discover(cfg.path, cfg.format)
@@ -114,7 +115,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         "target_spacing_mm": cfg.target_spacing_mm,
         "normalization": cfg.normalization,
     }
-    return cached_dataset(index, settings, cfg.cache_dir)
+    return cached_dataset(index, settings, cfg.cache_dir, processes=processes)
 
 
 def split_dataset(dataset: Dataset, cfg: DataConfig) -> tuple[list[Case], list[Case]]:

@@ -10,6 +10,7 @@ is a NasError naming the file. Knows nothing of caching, sampling or training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ class CasePlan:
     class_of_value: dict[int, int]  # label value -> class index (0 = background)
     target_spacing_mm: tuple[float, float, float]
 
+
+# Multiplies `footprint_bytes`: numpy's and nibabel's own buffers, and the allocator's slack.
+FOOTPRINT_MARGIN = 1.25
 
 # Deflate cannot shrink data by more than about 1032:1; a .nii.gz whose header declares more
 # voxels than that lies about its contents (and would make a reader allocate for them).
@@ -265,6 +269,28 @@ def preprocess_case(
         lookup[value] = plan.class_of_value[int(value)]
     label = _resample(lookup[label[box]], image.shape[1:], order=0)  # the image's very grid
     return image, label, spacing
+
+
+def footprint_bytes(case: CaseFiles, n_channels: int, plan: CasePlan) -> int:
+    """The most memory `preprocess_case` should need for `case`, from its headers alone (the
+    nonzero crop taken as the whole volume), times FOOTPRINT_MARGIN: per source voxel, each
+    channel in float32, as stored and as decompressed (and in float64 where the header scales
+    it), the label three times (read, sorted for its values, mapped to classes) and three
+    masks; per resampled voxel, the image, one channel's resampling and the label."""
+    images = [open_nifti(path) for path in case.images]
+    shape = images[0].shape[:3]
+    per_channel = 0
+    for image in images:
+        channels = n_channels if len(images) == 1 else 1
+        scaling = (getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0))
+        scaled = 8 if scaling != (1.0, 0.0) else 0
+        per_channel += channels * (4 + 2 * image.get_data_dtype().itemsize + scaled)
+    label = open_nifti(case.label).get_data_dtype().itemsize
+    factors = np.array(spacing_of(case.images[0])) / np.array(plan.target_spacing_mm)
+    resampled = math.prod(_resampled_shape(shape, factors))
+    source = math.prod(shape) * (per_channel + 3 * label + 3)
+    target = resampled * (4 * len(plan.channels) + 4 + 1)
+    return math.ceil(FOOTPRINT_MARGIN * (source + target))
 
 
 def check_finite(channels: list[np.ndarray], paths: list) -> None:
