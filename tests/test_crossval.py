@@ -220,7 +220,10 @@ def test_a_retrain_that_cannot_train_fails_its_trial_and_goes_on(
     def out_of_memory(*args, **kwargs):
         raise CandidateFailed("out of memory: a test")
 
-    monkeypatch.setattr("nas.train.fit", out_of_memory)  # retrain imports it when it runs
+    # Where retrain trains (nas.resumable, which may be imported already) and where the
+    # other paths import it when they run.
+    monkeypatch.setattr("nas.resumable.fit", out_of_memory)
+    monkeypatch.setattr("nas.train.fit", out_of_memory)
     result = run_cli("nas.retrain", "results/held", "--top", "1", "--epochs", "1", cwd=copy)
     assert result.returncode == 0, result.stderr
     assert "failed (out of memory: a test)" in result.stdout
