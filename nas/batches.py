@@ -12,7 +12,6 @@ the same seed and worker count give the same batches. One worker draws what no w
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -21,20 +20,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nas.data import Case, PatchSampler, Slicing
+from nas.memory import available_cores
 from nas.train_config import TrainConfig
 
 # Batches each worker keeps ready ahead of the training loop (PyTorch's default).
 PREFETCH_PER_WORKER = 2
 # nnU-Net's default for its augmentation workers on a GPU machine (nnUNet_n_proc_DA).
 MAX_AUTO_WORKERS = 12
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity where the OS says, else all)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def default_workers(device: torch.device, processes_sharing: int = 1) -> int:

@@ -37,10 +37,10 @@ from nas.train import (
 )
 from nas.validate import (
     DEFAULT_OVERLAP,
-    WINDOWS_PER_BATCH,
     ValidationPatches,
     evaluate_patches,
     window_count,
+    windows_per_batch,
 )
 
 TIMED_STEPS = 3  # after one warm-up step
@@ -135,14 +135,15 @@ def describe_candidate(
 
 
 def seconds_per_window(candidate: Candidate, in_channels: int, device: torch.device) -> float:
-    """A window's share of one forward pass of `candidate` over WINDOWS_PER_BATCH windows,
+    """A window's share of one forward pass of `candidate` over `windows_per_batch` windows,
     run as whole cases are predicted (eval mode, no gradients, mixed precision on CUDA),
     timed after one pass to warm up."""
     unet, train = candidate.unet, candidate.train
     model = prepare_model(init_model(unet, train.seed), unet.spatial_dims, device).eval()
     generator = torch.Generator().manual_seed(train.seed)
     window = train.patch_size(unet.spatial_dims)
-    windows = torch.randn(WINDOWS_PER_BATCH, in_channels, *window, generator=generator)
+    batch = windows_per_batch(unet.spatial_dims, device)
+    windows = torch.randn(batch, in_channels, *window, generator=generator)
     windows = windows.to(device)
     with torch.no_grad(), autocast(device):
         model(windows)
@@ -150,7 +151,7 @@ def seconds_per_window(candidate: Candidate, in_channels: int, device: torch.dev
         start = time.perf_counter()
         model(windows)
         synchronise(device)
-    return (time.perf_counter() - start) / WINDOWS_PER_BATCH
+    return (time.perf_counter() - start) / batch
 
 
 def _seconds(value: float) -> str:

@@ -13,6 +13,7 @@ the most a process has held (what preprocessing's workers are sized by and repor
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -257,6 +258,14 @@ def _host_memory_bytes() -> int:
         if text.isdigit():  # "max" (cgroup v2) means no limit
             total = min(total, int(text))
     return total
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the OS says, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def available_host_bytes() -> int:

@@ -121,7 +121,7 @@ def predict_scan(
     import torch.nn.functional as F
 
     from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
-    from nas.validate import predict_logits
+    from nas.validate import predict_logits, windows_per_batch
 
     with torch.no_grad():
         prep, inference = card.preprocessing, card.inference
@@ -134,7 +134,8 @@ def predict_scan(
             inference.patch_size,
             device,
             inference.slice_axis,
-            windows_per_batch=8,
+            # 8 at most: each window runs through every member and mirroring.
+            min(8, windows_per_batch(len(inference.patch_size), device)),
             overlap=overlap,
         )
         box_shape = tuple(s.stop - s.start for s in box)

@@ -31,7 +31,7 @@ from nas.data import Case, Slicing
 from nas.errors import NasError
 from nas.labels import LabelScheme
 from nas.staging import atomic_write
-from nas.train import EpochResult, fit
+from nas.train import EVERY_EPOCH, EpochResult, ValidationPlan, fit
 from nas.train_config import TrainConfig
 
 # The power of nas.train's polynomial learning-rate decay (nnU-Net's), which `continued`
@@ -192,9 +192,11 @@ def train_resumable(
     identity: dict[str, Any],
     start: Checkpoint | None = None,
     report: Callable[[str], None] = print,
+    validation: ValidationPlan = EVERY_EPOCH,
 ) -> Checkpoint:
     """Train `model` in place for cfg.epochs of cfg.batches_per_epoch steps, from `start`
-    (None: from the model as given), validating every epoch. A checkpoint of the run
+    (None: from the model as given), validating every epoch as `validation` says (on whole
+    cases, or on the search's fixed patches). A checkpoint of the run
     `identity` names is written to `path` every identity["checkpoint_every"] epochs before
     the last; the last one is returned, for the caller to write once it has saved what the
     run produced. Raises CandidateFailed as `fit` does."""
@@ -220,7 +222,8 @@ def train_resumable(
         # Asked to train until the run's end, fit decays the learning rate to its end.
         segment = continued(cfg, epoch)
         result = fit(model, train_cases, val_cases, scheme, segment, device, after_epoch,
-                     slicing, start_epoch=epoch, optimizer_state=optimizer)  # fmt: skip
+                     slicing, start_epoch=epoch, optimizer_state=optimizer,
+                     validation=validation)  # fmt: skip
         epoch, optimizer = result.history[-1].epoch, result.optimizer_state
         steps, seconds = steps + result.steps, seconds + result.seconds
         reached = Checkpoint(identity, epoch, steps, round(seconds, 3), model.state_dict(),

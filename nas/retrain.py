@@ -61,8 +61,10 @@ if TYPE_CHECKING:
     import torch
     from optuna.trial import FrozenTrial
 
-    from nas.data import Case, DataConfig, Dataset
-    from nas.resumable import Checkpoint
+    from nas.data import Case, DataConfig, Dataset, Slicing
+    from nas.labels import LabelScheme
+    from nas.resumable import Best, Checkpoint
+    from nas.train import ValidationPlan
     from nas.train_config import TrainConfig
 
 
@@ -455,6 +457,7 @@ def _train_member(
     dataset: Dataset,
     data_cfg: DataConfig,
     device: torch.device,
+    validation: ValidationPlan | None = None,
 ) -> tuple[torch.nn.Module, Checkpoint] | None:
     """Train one member as `plan` (`_run_plan`) says, from scratch or from its checkpoint,
     writing checkpoints as it goes: the network and the run's last checkpoint (for the
@@ -463,7 +466,7 @@ def _train_member(
     from nas.record import TrialRecord
     from nas.resumable import train_resumable
     from nas.staging import remove_stale_staging
-    from nas.train import init_model, initial_model
+    from nas.train import EVERY_EPOCH, init_model, initial_model
     from nas.unet_config import UNetConfig
 
     train, identity, start = plan
@@ -483,8 +486,66 @@ def _train_member(
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
     say = functools.partial(print, flush=True)  # a line per epoch, at once even into a log
     end = train_resumable(model, *cases, dataset.scheme, train, device, slicing,
-                          path, identity, start, say)  # fmt: skip
+                          path, identity, start, say,
+                          validation or EVERY_EPOCH)  # fmt: skip
     return model, end
+
+
+def _save_best(results: Path, trial_number: int, best: Best | None) -> None:
+    """The best epoch's weights beside the final ones; none where no epoch scored (every IoU
+    undefined), and then no earlier run's either."""
+    import torch
+
+    from nas.weights import best_path
+
+    best_file = best_path(retrained_path(results, trial_number))
+    if best is not None:
+        atomic_write(best_file, lambda tmp: torch.save(best.weights, tmp))
+    else:
+        best_file.unlink(missing_ok=True)
+
+
+def _final_scores(
+    model: torch.nn.Module,
+    last: dict,
+    validation: ValidationPlan,
+    val_cases: Sequence[Case],
+    scheme: LabelScheme,
+    patch_size: tuple[int, ...],
+    device: torch.device,
+    slicing: Slicing,
+) -> dict:
+    """The run's scores: its last epoch's (`last`, a checkpoint history row), or where the
+    epochs validated on patches, those of the whole validation volumes, predicted now."""
+    if validation.patches is None:
+        return last
+    from nas.validate import evaluate
+
+    whole = evaluate(model, val_cases, scheme, patch_size, device, slicing.axis)
+    print(f"  whole validation volumes: IoU {whole.iou:.3f}, Dice {whole.dice:.3f}, "
+          f"case Dice {whole.case_dice:.3f}")  # fmt: skip
+    return {**last, "val_iou": whole.iou, "val_dice": whole.dice, "val_case_dice": whole.case_dice}
+
+
+def epoch_validation(
+    study: optuna.Study, val_cases: Sequence[Case], slicing: Slicing
+) -> ValidationPlan:
+    """How a retrain validates after each epoch: on the fixed patches its search validated
+    on (what nnU-Net's online validation does, at a cost the patch count sets whatever the
+    volumes' size), or on the whole cases where the study records no such patches. The
+    whole cases are predicted once, at the end (`_retrain_one`)."""
+    from nas.record import StudyRecord
+    from nas.scoring import search_validation_cases
+    from nas.train import EVERY_EPOCH, ValidationPlan
+    from nas.validate import ValidationPatches
+
+    recorded = StudyRecord.of(study).validation
+    if not val_cases or not recorded or "seed" not in recorded:
+        return EVERY_EPOCH
+    cases = search_validation_cases(val_cases, recorded.get("cases"), recorded["seed"])
+    patches = ValidationPatches(cases, recorded["patches_per_case"], recorded["seed"],
+                                slicing.axis, recorded["foreground_fraction"])  # fmt: skip
+    return ValidationPlan(None, patches)
 
 
 def run_retrain(
@@ -535,7 +596,6 @@ def _retrain_one(
 ) -> dict | None:
     """One member retrained and recorded: its row of retrained.csv, or None when it failed
     (recorded as a FAIL, as nas.run would) or its run had finished before --continue."""
-    import torch
     from optuna.trial import TrialState, create_trial
 
     from nas.builder import count_parameters
@@ -544,17 +604,19 @@ def _retrain_one(
     from nas.resumable import write_checkpoint
     from nas.train import CandidateFailed, init_model
     from nas.unet_config import UNetConfig
-    from nas.weights import best_path
 
     record = TrialRecord.of(trial)
     unet = UNetConfig.from_dict(record.unet_config)
     plan = _run_plan(args, study, trial, data_cfg)
     train = plan[0]
+    # Every training slice: the search may have used a few per case.
+    slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
+    validation = epoch_validation(study, cases[1], slicing)
     n_params = count_parameters(init_model(unet, train.seed))
     print(f"retraining trial {trial.number} ({n_params:,} params) for {train.epochs} epochs "
           f"of {train.batches_per_epoch} batches")  # fmt: skip
     try:
-        trained = _train_member(args, trial, plan, cases, dataset, data_cfg, device)
+        trained = _train_member(args, trial, plan, cases, dataset, data_cfg, device, validation)
     except CandidateFailed as failure:  # as nas.run: the trial fails, the others go on
         attrs = carried(source_trial=trial.number, fail_reason=failure.reason)
         retrain_study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=attrs))
@@ -563,13 +625,11 @@ def _retrain_one(
     if trained is None:
         return None
     model, end = trained
-    best, best_file = end.best, best_path(retrained_path(args.results, trial.number))
-    if best is not None:
-        atomic_write(best_file, lambda tmp: torch.save(best.weights, tmp))
-    else:  # no epoch scored (every IoU undefined): an earlier run's best is not this one's
-        best_file.unlink(missing_ok=True)
+    best = end.best
+    _save_best(args.results, trial.number, best)
     save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
-    last = end.history[-1]
+    last = _final_scores(model, end.history[-1], validation, cases[1], dataset.scheme,
+                         train.patch_size(unet.spatial_dims), device, slicing)  # fmt: skip
     scores = {"iou": last["val_iou"], "dice": last["val_dice"],
               "case_dice": last.get("val_case_dice"), "params": n_params}  # fmt: skip
     attrs = carried(

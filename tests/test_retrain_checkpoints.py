@@ -130,6 +130,10 @@ def test_best_and_final_weights_are_kept_and_exported_as_asked(searched, tmp_pat
     folder = _copy(searched, tmp_path)
     result = run_cli("nas.retrain", "results/tiny", *RUN, cwd=folder)
     assert result.returncode == 0, result.stderr
+    # Epochs validate on the search's patches; the whole volumes once, at the end, and the
+    # run records those.
+    whole = float(result.stdout.split("whole validation volumes: IoU ")[1].split(",")[0])
+    assert _retrain_study(folder).trials[0].values[0] == pytest.approx(whole, abs=5e-4)
     checkpoints = folder / CHECKPOINTS
 
     # The checkpoint is plain data: tensors, numbers, strings, lists and dicts.

@@ -58,6 +58,15 @@ def test_a_2d_network_sees_windows_of_several_slices_at_once():
     assert network.batches == [8, 8, 4]
 
 
+def test_3d_windows_go_four_at_a_time_on_a_cpu_and_2d_ones_sixteen():
+    cpu = torch.device("cpu")
+    three_d, two_d = Recording(), Recording()
+    predict_logits(three_d, np.ones((1, 40, 40, 40), np.float32), (16, 16, 16), cpu)
+    predict_logits(two_d, np.ones((1, 16, 16, 40), np.float32), (16, 16), cpu)
+    assert max(three_d.batches) == 4 and sum(three_d.batches) > 4
+    assert max(two_d.batches) == 16 and sum(two_d.batches) == 40
+
+
 def test_no_autocast_off_cuda():
     with autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")

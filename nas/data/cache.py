@@ -42,7 +42,13 @@ from nas.data.preprocess import CasePlan, ChannelNorm, footprint_bytes, preproce
 from nas.errors import NasError
 from nas.labels import LabelScheme
 from nas.locking import file_lock
-from nas.memory import HOST_SHARE, available_host_bytes, format_gb, peak_rss_bytes
+from nas.memory import (
+    HOST_SHARE,
+    available_cores,
+    available_host_bytes,
+    format_gb,
+    peak_rss_bytes,
+)
 from nas.staging import check_output_folder, remove_stale_staging, replace_folder, staging_folder
 
 # Bump when preprocessing changes what it writes, so older caches are not reused.
@@ -137,8 +143,7 @@ def _array_entry(array: np.ndarray) -> dict:
 def default_processes() -> int:
     """One preprocessing process per core this process may run on, at most
     MAX_DEFAULT_PROCESSES."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, MAX_DEFAULT_PROCESSES))
+    return max(1, min(available_cores(), MAX_DEFAULT_PROCESSES))
 
 
 def worker_count(asked: int, n_cases: int, footprint: int, available: int) -> int:
