@@ -125,7 +125,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-workers", type=_count,
         help="background processes building each worker's training batches (0: on the "
-        "training thread; default: the cores left on a GPU machine, 0 on a CPU)",
+        "training thread; default: the cores a GPU machine leaves, 1 on 2 or more CPU cores)",
     )  # fmt: skip
     parser.add_argument(
         "--extend-space", action="store_true",
