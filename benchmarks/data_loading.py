@@ -208,9 +208,10 @@ def data_wait(
     train: TrainConfig,
     steps: int,
     device: torch.device,
+    warmup: int = 1,
 ) -> tuple[float, float]:
     """Mean seconds per step spent waiting for the next batch (and its copy to the device),
-    and training, over `steps` steps after one untimed warm-up step (worker start-up,
+    and training, over `steps` steps after `warmup` untimed ones (worker start-up,
     allocator, kernels)."""
     optimizer = make_optimizer(model, train)
     # As `fit` trains on CUDA: mixed precision and channels-last.
@@ -221,14 +222,14 @@ def data_wait(
             torch.cuda.synchronize()
 
     wait_seconds = train_seconds = 0.0
-    for step in range(steps + 1):
+    for step in range(steps + warmup):
         start = time.perf_counter()
         images, labels = device_batch(next(batches), device)
         synchronize()
         fetched = time.perf_counter()
         train_step(model, optimizer, loss_fn, images, labels, scaler)
         synchronize()
-        if step > 0:
+        if step >= warmup:
             wait_seconds += fetched - start
             train_seconds += time.perf_counter() - fetched
     return wait_seconds / steps, train_seconds / steps

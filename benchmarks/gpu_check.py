@@ -21,22 +21,18 @@ from pathlib import Path
 
 import torch
 
+# Run as a script, this folder is on the path: the step timing is data_loading.py's.
+from data_loading import data_wait
+
 from nas.batches import default_workers, training_batches
 from nas.builder import count_parameters
 from nas.data import load_dataset, split_dataset
 from nas.dry_run import sample_candidate
 from nas.losses import make_loss
 from nas.patch_plan import plan_patches
-from nas.precision import amp_dtype, gradient_scaler
+from nas.precision import amp_dtype
 from nas.space import load_space
-from nas.train import (
-    device_batch,
-    init_model,
-    make_optimizer,
-    pick_device,
-    prepare_model,
-    train_step,
-)
+from nas.train import init_model, pick_device, prepare_model
 from nas.validate import ValidationPatches, evaluate_patches, predict_logits
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -59,21 +55,10 @@ def check_space(space_file: Path, data: Path | None, steps: int, device: torch.d
     workers = default_workers(device)
     batches = training_batches(train_cases, train, dims, train.seed, space.data.slicing,
                                device, workers)  # fmt: skip
-    optimizer, loss_fn = make_optimizer(model, train), make_loss(dataset.scheme)
-    scaler = gradient_scaler(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    wait = step = 0.0
-    for index in range(steps + 3):  # 3 warm-up steps: workers, cudnn.benchmark, allocator
-        start = time.perf_counter()
-        images, labels = device_batch(next(batches), device)
-        synchronize(device)
-        fetched = time.perf_counter()
-        train_step(model, optimizer, loss_fn, images, labels, scaler)
-        synchronize(device)
-        if index >= 3:
-            wait += fetched - start
-            step += time.perf_counter() - fetched
+    # 3 warm-up steps: workers, cudnn.benchmark, the allocator.
+    wait, step = data_wait(model, batches, make_loss(dataset.scheme), train, steps, device, 3)
     del batches
     cfg = space.study.validation
     patches = ValidationPatches(val_cases, cfg.patches_per_case, space.study.seed,
@@ -94,7 +79,7 @@ def check_space(space_file: Path, data: Path | None, steps: int, device: torch.d
     print(f"{space_file.name}: {dims}D {count_parameters(model):,} params, batch "
           f"{train.batch_size(dims)} x {'x'.join(map(str, window))}, {workers} data workers, "
           f"precision {amp_dtype(device) or torch.float32}")  # fmt: skip
-    print(f"  step {step / steps * 1000:.1f} ms (data wait {wait / steps * 1000:.1f} ms, "
+    print(f"  step {step * 1000:.1f} ms (data wait {wait * 1000:.1f} ms, "
           f"{wait / (wait + step):.1%} of a step); validation on {len(patches)} patches "
           f"{validation:.2f} s; whole volume {'x'.join(map(str, case.label.shape))} "
           f"{whole:.2f} s; peak GPU memory "
