@@ -6,8 +6,11 @@ import contextlib
 import importlib
 import io
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -157,3 +160,63 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen):
             return value
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
+
+
+# The password of the PostgreSQL server the tests start: a test that runs a command with
+# the storage URL greps everything the command printed or wrote for it.
+POSTGRES_PASSWORD = "pg-Secret-4711"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server from Debian's package, on a free loopback port, that
+    asks for a password: yields a function that creates a new database and returns its URL."""
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    require(
+        bool(initdb),
+        "PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)",
+    )
+    require_module("psycopg", "psycopg is not installed (.[postgres])")
+    bin_dir = initdb[-1].parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="nas-pg-"))  # outside pytest's root-only tmp
+    (data / "pw").write_text(POSTGRES_PASSWORD + "\n")
+    if as_postgres:
+        shutil.chown(data, "postgres", "postgres")
+        shutil.chown(data / "pw", "postgres", "postgres")
+    port = _free_port()
+    env = os.environ | {"PGPASSWORD": POSTGRES_PASSWORD}
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_postgres, *command], check=True, capture_output=True, timeout=120,
+                       env=env)  # fmt: skip
+
+    run(str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "nas", "--auth=scram-sha-256",
+        f"--pwfile={data / 'pw'}")  # fmt: skip
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-o", options, "-l", str(data / "log"),
+        "-w", "start")  # fmt: skip
+    made = iter(range(1_000_000))
+
+    def new_database() -> str:
+        name = f"nas{next(made)}"
+        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "nas", name)
+        return f"postgresql+psycopg://nas:{POSTGRES_PASSWORD}@127.0.0.1:{port}/{name}"
+
+    try:
+        yield new_database
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL, password included, of a new database on the tests' PostgreSQL server."""
+    return postgres_server()

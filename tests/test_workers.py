@@ -4,12 +4,9 @@ journal file; a worker killed with SIGKILL mid-trial, and Ctrl-C."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import optuna
@@ -21,7 +18,7 @@ from optuna.trial import TrialState
 from nas.record import TrialRecord
 from nas.results import pareto_front
 
-from .conftest import require, require_module, run_cli, tiny_space_yaml, wait_for
+from .conftest import run_cli, tiny_space_yaml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,43 +33,6 @@ def _space(tiny_dataset, n_trials: int) -> str:
     return space.replace("epochs: 2", "epochs: 8").replace(
         "batches_per_epoch: 3", "batches_per_epoch: 4"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A throwaway PostgreSQL server from Debian's package, on a free loopback port."""
-    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    require(
-        bool(initdb),
-        "PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)",
-    )
-    require_module("psycopg", "psycopg is not installed (.[postgres])")
-    bin_dir = initdb[-1].parent
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    data = Path(tempfile.mkdtemp(prefix="nas-pg-"))  # outside pytest's root-only tmp
-    if as_postgres:
-        shutil.chown(data, "postgres", "postgres")
-    port = _free_port()
-
-    def run(*command: str) -> None:
-        subprocess.run([*as_postgres, *command], check=True, capture_output=True, timeout=120)
-
-    run(str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "nas", "--auth=trust")
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-o", options, "-l", str(data / "log"),
-        "-w", "start")  # fmt: skip
-    try:
-        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "nas", "nas")
-        yield f"postgresql+psycopg://nas@127.0.0.1:{port}/nas"
-    finally:
-        run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop")
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def _check_accounted_for(study: optuna.Study, n_trials: int, results: Path) -> None:
