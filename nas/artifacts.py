@@ -1,12 +1,14 @@
 """What a trial leaves for people to look at: an overlay PNG of a validation case, and its
-weights, uploaded through `optuna.artifacts` to a file-system store in results/<study>/
-artifacts so that optuna-dashboard shows and serves them beside the trial.
+weights, uploaded through `optuna.artifacts` to the study's artifact store (results/<study>/
+artifacts, or the store the hosts of the study share) so that optuna-dashboard shows and
+serves them beside the trial.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,7 +17,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import torch  # noqa: E402
-from optuna.artifacts import FileSystemArtifactStore  # noqa: E402
 from torch import nn  # noqa: E402
 
 from nas.data import Case  # noqa: E402
@@ -23,14 +24,7 @@ from nas.labels import LabelScheme  # noqa: E402
 from nas.validate import predict_logits  # noqa: E402
 from nas.weights import trial_name  # noqa: E402
 
-ARTIFACTS_DIR = "artifacts"
 OVERLAYS_DIR = "overlays"
-
-
-def artifact_store(study_dir: Path) -> FileSystemArtifactStore:
-    folder = study_dir / ARTIFACTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(folder))
 
 
 def overlay_path(study_dir: Path, trial_number: int) -> Path:
@@ -112,8 +106,9 @@ def _solid(colour: str) -> matplotlib.colors.Colormap:
     return matplotlib.colors.ListedColormap([colour])
 
 
-def upload(trial: optuna.Trial, study_dir: Path, path: Path) -> str:
-    """Attach `path` to the running trial; optuna-dashboard lists and serves it."""
+def upload(trial: optuna.Trial, store: Any, path: Path) -> str:
+    """Attach `path` to the running trial through `store` (the study's artifact store,
+    `TrialFiles.dashboard_store`); optuna-dashboard lists and serves it."""
     return optuna.artifacts.upload_artifact(
-        artifact_store=artifact_store(study_dir), file_path=str(path), study_or_trial=trial
+        artifact_store=store, file_path=str(path), study_or_trial=trial
     )

@@ -34,6 +34,7 @@ from nas.postprocess import classes_helped, dice_per_class, keep_largest_compone
 from nas.record import StudyRecord, TrialRecord, carried, merge_study, rerun_trial
 from nas.staging import atomic_write
 from nas.train import CandidateFailed, TrainConfig, fit, flush_denormals, initial_model
+from nas.trial_files import trial_files
 from nas.validate import predict_case
 from nas.weights import fold_path
 
@@ -135,6 +136,7 @@ def cross_validate(
     for fold in folds:  # a fold that cannot be validated is refused before any training
         split_dataset(dataset, DataConfig(**{**data, "fold": fold}))
     objectives = StudyRecord.of(crossval).objectives
+    files = trial_files(search, study_dir)  # folds another host trained are fetched
     jobs, by_number = [], {}
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     for member in members:
@@ -145,7 +147,7 @@ def cross_validate(
         by_number[member.number] = member
         for fold in folds:
             path = fold_path(study_dir, member.number, fold)
-            if (member.number, fold) in done and path.is_file():
+            if (member.number, fold) in done and files.local(path) is not None:
                 continue
             jobs.append(
                 FoldJob(
@@ -162,13 +164,18 @@ def cross_validate(
     for job in jobs:
         print(f"trial {job.trial} fold {job.fold}: training {job.train['epochs']} epochs")
 
+    def record(job: FoldJob, outcome: dict) -> None:
+        if "fail_reason" not in outcome:  # for every host of the study
+            files.publish(Path(job.weights))
+        _record_run(crossval, objectives, by_number[job.trial], job, outcome)
+
     if workers <= 1:
         for job in jobs:
-            _record_run(crossval, objectives, by_number[job.trial], job, run_fold(job))
+            record(job, run_fold(job))
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             for job, outcome in zip(jobs, pool.map(run_fold, jobs), strict=True):
-                _record_run(crossval, objectives, by_number[job.trial], job, outcome)
+                record(job, outcome)
     choose_postprocessing(crossval, [m.number for m in members])
 
 

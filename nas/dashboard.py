@@ -73,10 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
     from nas.storage import open_storage
     from nas.study import default_storage, load_results_study
+    from nas.trial_files import trial_files
 
-    load_results_study(args.results, args.storage)  # a clear error before the server starts
-
-    from nas.artifacts import artifact_store
+    study = load_results_study(args.results, args.storage)  # a clear error before serving
+    # The study's artifact store (a shared one when recorded): overlays and weights of trials
+    # any host ran.
+    store = trial_files(study, args.results).dashboard_store()
 
     storage = args.storage or default_storage(args.results)
     warning = exposure_warning(args.host, args.port)
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         open_storage(storage),
         host=args.host,
         port=args.port,
-        artifact_store=artifact_store(args.results),
+        artifact_store=store,
     )
     return 0
 

@@ -42,6 +42,7 @@ from nas.predict import segment_classes
 from nas.record import StudyRecord, TrialRecord, merge_study
 from nas.results import checkpoint_path
 from nas.train_config import TrainConfig
+from nas.trial_files import trial_files
 from nas.validate import PooledCounts, Scores, evaluate
 from nas.weights import trial_name
 
@@ -129,9 +130,10 @@ def score_trials(
     (off the front, or never saved) is left out."""
     stored = StudyRecord.of(study).test_scores
     scored, fresh = {}, {}
+    files = trial_files(study, study_dir)
     for trial in trials:
         weights = checkpoint_path(study_dir, trial.number)
-        if trial.state != TrialState.COMPLETE or not weights.is_file():
+        if trial.state != TrialState.COMPLETE or files.local(weights) is None:
             continue
         try:
             stamp = {"checkpoint_sha256": _sha256(weights), "test_split": split.fingerprint}
@@ -167,11 +169,12 @@ def score_validation_volumes(
     start = time.perf_counter()
     stored = StudyRecord.of(study).volume_scores
     fresh = {}
+    files = trial_files(study, study_dir)
     for trial in trials:
         weights = checkpoint_path(study_dir, trial.number)
         if str(trial.number) in stored or trial.state != TrialState.COMPLETE:
             continue
-        if not weights.is_file() or not data.val_cases:
+        if not data.val_cases or files.local(weights) is None:  # another host's: fetched
             continue
         record = TrialRecord.of(trial)
         unet = UNetConfig.from_dict(record.unet_config)

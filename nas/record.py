@@ -311,6 +311,9 @@ class StudyRecord:
     # How well each rung's ranking foretold the next one's, as the last run ended
     # (scoring.rung_correlations).
     rung_correlations: tuple[Mapping[str, Any], ...] = ()
+    # The artifact store every host of the study reaches its trial files through
+    # (nas/trial_files.py); None: each host's results folder, as on one machine.
+    artifacts: str | None = None
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:

@@ -335,14 +335,17 @@ def _importance_figure(study: optuna.Study, score: str) -> go.Figure | str:
     return fig
 
 
-def _overlays(study_dir: Path, front: list[FrozenTrial]) -> str:
+def _overlays(study: optuna.Study, study_dir: Path, front: list[FrozenTrial]) -> str:
     from nas.artifacts import overlay_path
     from nas.record import TrialRecord
+    from nas.trial_files import trial_files
 
+    files = trial_files(study, study_dir)  # another host's overlays are fetched
+    uploaded = files.records()
     images = []
     for trial in sorted(front, key=lambda t: -(TrialRecord.of(t).iou or 0.0)):
         path = overlay_path(study_dir, trial.number)
-        if path.exists():
+        if files.local(path, uploaded) is not None:
             data = base64.b64encode(path.read_bytes()).decode()
             images.append(
                 f'<figure><img alt="overlay of trial {trial.number}" '
@@ -553,7 +556,7 @@ the best score ({_choice_line(study, front)}).</p>
 {_rungs_section(trials)}
 {_crossval_section(study)}
 <h2>Validation overlays of the front (green: ground truth, red: prediction)</h2>
-{_overlays(study_dir, front)}
+{_overlays(study, study_dir, front)}
 </body></html>
 """
 

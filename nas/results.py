@@ -32,6 +32,7 @@ from nas.record import (  # noqa: E402
 )
 from nas.scoring import Interval, front_intervals, front_of, superseded_numbers  # noqa: E402
 from nas.staging import atomic_write  # noqa: E402
+from nas.trial_files import trial_files  # noqa: E402
 from nas.weights import checkpoint_path  # noqa: E402
 
 # Always present, so an empty table still has its header.
@@ -246,7 +247,8 @@ def _plain(value: float, _position: int) -> str:
 def write_results(
     study: optuna.Study, study_dir: Path, trials: Sequence[FrozenTrial] | None = None
 ) -> list[FrozenTrial]:
-    """Rewrite every view of `study` under `study_dir`; drop weights of trials off the front.
+    """Rewrite every view of `study` under `study_dir`; drop weights of trials off the front
+    (here, and from the study's shared artifact store when it has one).
     `trials`: the study's trials, when the caller has just read them.
 
     The table, the front and the weights to drop all come from one read of the storage: a
@@ -273,12 +275,14 @@ def write_results(
     )
     on_front = {t.number for t in front}
     superseded = superseded_numbers(trials)
+    files = trial_files(study, study_dir)
+    uploaded = files.records()  # one read for every file dropped
     for trial in trials:
         if not trial.state.is_finished():
             continue
         weights = checkpoint_path(study_dir, trial.number)
         if not _promotable(trial, superseded):
-            state_path(weights).unlink(missing_ok=True)
+            files.drop(state_path(weights), uploaded)
             if trial.number not in on_front:
-                weights.unlink(missing_ok=True)
+                files.drop(weights, uploaded)
     return front

@@ -193,13 +193,15 @@ def train_resumable(
     start: Checkpoint | None = None,
     report: Callable[[str], None] = print,
     validation: ValidationPlan = EVERY_EPOCH,
+    written: Callable[[Path], None] = lambda path: None,
 ) -> Checkpoint:
     """Train `model` in place for cfg.epochs of cfg.batches_per_epoch steps, from `start`
     (None: from the model as given), validating every epoch as `validation` says (on whole
     cases, or on the search's fixed patches). A checkpoint of the run
     `identity` names is written to `path` every identity["checkpoint_every"] epochs before
-    the last; the last one is returned, for the caller to write once it has saved what the
-    run produced. Raises CandidateFailed as `fit` does."""
+    the last, and `written(path)` called (to share it with other hosts); the last one is
+    returned, for the caller to write once it has saved what the run produced. Raises
+    CandidateFailed as `fit` does."""
     every = identity["checkpoint_every"]
     if start is not None and start.finished:
         raise ValueError(f"the run checkpointed at {path} has finished: nothing to train")
@@ -230,5 +232,6 @@ def train_resumable(
                              optimizer, tuple(progress.history), progress.best)  # fmt: skip
         if epoch < cfg.epochs:
             write_checkpoint(path, reached)
+            written(path)
             report(f"  checkpoint at epoch {epoch}: {path}")
     return reached

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from nas.resumable import Best, Checkpoint
     from nas.train import ValidationPlan
     from nas.train_config import TrainConfig
+    from nas.trial_files import TrialFiles
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -168,7 +169,8 @@ def run_crossval(
         postprocessing = StudyRecord.of(crossval).postprocessing
         rows = []
         for trial in chosen:
-            weights = {f"fold_{f}": fold_path(args.results, trial.number, f) for f in folds}
+            weights = {f"fold_{f}": args.files.local(fold_path(args.results, trial.number, f))
+                       for f in folds}  # fmt: skip
             single = f"fold_{data_cfg.fold if data_cfg.fold in folds else folds[0]}"
             compared = compare_ensemble(
                 study, trial, weights, single, split, device,
@@ -236,6 +238,7 @@ def run_all_cases(
             continue
         model, end = trained
         path = save_checkpoint(all_cases_dir(args.results), trial.number, model.state_dict())
+        args.files.publish(path)
         recorded = {
             "epochs_run": end.epoch,
             "steps": end.steps,
@@ -246,6 +249,7 @@ def run_all_cases(
         }
         merge_study(retrain_study, "all_cases", {str(trial.number): recorded})
         write_checkpoint(_latest_path(args, trial.number), end)  # last: the run is recorded
+        args.files.publish(_latest_path(args, trial.number))
         print(f"  trial {trial.number}: {path} (final training loss "
               f"{recorded['train_loss']:.4f})")  # fmt: skip
     print(f"recorded in study {retrain_study.study_name!r} of {redact(storage)}")
@@ -333,11 +337,15 @@ def run(args: argparse.Namespace) -> int:
     from nas.data import DataConfig, load_dataset
     from nas.record import StudyRecord
     from nas.study import default_storage, load_results_study
+    from nas.trial_files import trial_files
 
     processes = processes_option(args.processes)
     name = args.results.name
     storage = args.storage or default_storage(args.results)
     study = load_results_study(args.results, args.storage)
+    # What this command trains and reads, shared through the study's artifact store when
+    # it has one: every function below writes and finds the trial files through it.
+    args.files = trial_files(study, args.results)
     recorded = StudyRecord.of(study).data_config
     if recorded is None:
         raise NasError(storage, f"study {name!r} does not record its data settings")
@@ -401,7 +409,7 @@ def _run_plan(
     path = _latest_path(args, trial.number)
     start, recorded = None, {}
     if args.continue_run:
-        if not path.is_file():
+        if args.files.local(path) is None:  # written here, or by another host of the study
             raise NasError(
                 "--continue",
                 f"trial {trial.number} has no checkpoint to continue ({path}); "
@@ -480,29 +488,30 @@ def _train_member(
         print(f"  continuing from the checkpoint at epoch {start.epoch} ({start.steps:,} steps)")
         model = init_model(unet, train.seed)  # the checkpoint's weights replace these
     else:
-        path.unlink(missing_ok=True)  # a fresh run: no checkpoint of an earlier one is continued
+        args.files.drop(path)  # a fresh run: no checkpoint of an earlier one is continued
         model = initial_model(unet, train)
     # Every training slice: the search may have used a few per case.
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
     say = functools.partial(print, flush=True)  # a line per epoch, at once even into a log
     end = train_resumable(model, *cases, dataset.scheme, train, device, slicing,
                           path, identity, start, say,
-                          validation or EVERY_EPOCH)  # fmt: skip
+                          validation or EVERY_EPOCH, args.files.publish)  # fmt: skip
     return model, end
 
 
-def _save_best(results: Path, trial_number: int, best: Best | None) -> None:
+def _save_best(files: TrialFiles, trial_number: int, best: Best | None) -> None:
     """The best epoch's weights beside the final ones; none where no epoch scored (every IoU
     undefined), and then no earlier run's either."""
     import torch
 
     from nas.weights import best_path
 
-    best_file = best_path(retrained_path(results, trial_number))
+    best_file = best_path(retrained_path(files.study_dir, trial_number))
     if best is not None:
         atomic_write(best_file, lambda tmp: torch.save(best.weights, tmp))
+        files.publish(best_file)
     else:
-        best_file.unlink(missing_ok=True)
+        files.drop(best_file)
 
 
 def _final_scores(
@@ -626,8 +635,9 @@ def _retrain_one(
         return None
     model, end = trained
     best = end.best
-    _save_best(args.results, trial.number, best)
-    save_checkpoint(retrained_dir(args.results), trial.number, model.state_dict())
+    _save_best(args.files, trial.number, best)
+    args.files.publish(save_checkpoint(retrained_dir(args.results), trial.number,
+                                       model.state_dict()))  # fmt: skip
     last = _final_scores(model, end.history[-1], validation, cases[1], dataset.scheme,
                          train.patch_size(unet.spatial_dims), device, slicing)  # fmt: skip
     scores = {"iou": last["val_iou"], "dice": last["val_dice"],
@@ -648,6 +658,7 @@ def _retrain_one(
     objectives = study_objectives(study).names
     retrain_study.add_trial(rerun_trial(trial, scores, objectives, attrs, curve))
     write_checkpoint(_latest_path(args, trial.number), end)  # last: the run is recorded
+    args.files.publish(_latest_path(args, trial.number))
     best_text = f" (best {best.iou:.3f} at epoch {best.epoch})" if best else ""
     print(f"  trial {trial.number}: IoU {record.iou:.3f} -> {last['val_iou']:.3f}{best_text}")
     return {

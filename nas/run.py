@@ -109,6 +109,12 @@ def make_parser() -> argparse.ArgumentParser:
         "sqlite:///RESULTS_DIR/NAME/study.db)",
     )
     parser.add_argument(
+        "--artifacts", metavar="URL",
+        help="where trial files go so that every host of the study finds them: a folder "
+        "every host mounts, or s3://BUCKET/PREFIX (default: study.artifacts in the YAML, "
+        "else each host's results folder); recorded in the study",
+    )  # fmt: skip
+    parser.add_argument(
         "--results-dir", type=Path, default=Path("results"),
         help="where the study's folder (RESULTS_DIR/NAME) goes (default: results)",
     )  # fmt: skip
@@ -492,6 +498,7 @@ class _Setup:
     device: torch.device
     start: float  # time.monotonic() when the run began
     results_dir: Path
+    artifacts: str | None  # the artifact store this command names, checked (--artifacts)
 
     @property
     def study_dir(self) -> Path:
@@ -549,11 +556,12 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     start = time.monotonic()
     deadline = None if space.study.timeout is None else start + space.study.timeout
     schedule = _schedule(space, args, deadline)
+    is_worker = args.worker_index is not None
+    artifacts = None if is_worker else _artifact_store(args, space)  # before any write
     dataset = load_dataset(space.data, processes=processes)
     train_cases, val_cases = split_dataset(dataset, space.data)
     _check_validation_cases(args, space, val_cases)
     # Checked before the study is touched; scored after the search, never used to select.
-    is_worker = args.worker_index is not None
     test_split = None if is_worker else find_test_split(space.data, dataset)
 
     import torch
@@ -570,7 +578,8 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     _check_init_weights(space, warm_start, dataset.in_channels, dataset.scheme.out_channels)
     _check_latency_device(space, args)
     return _Setup(effective, space, schedule, dataset, train_cases, val_cases, test_split,
-                  patch_plan, warm_start, device, start, args.results_dir)  # fmt: skip
+                  patch_plan, warm_start, device, start, args.results_dir,
+                  artifacts)  # fmt: skip
 
 
 def _check_validation_cases(args: argparse.Namespace, space: SearchSpace, val_cases: list) -> None:
@@ -583,6 +592,45 @@ def _check_validation_cases(args: argparse.Namespace, space: SearchSpace, val_ca
     except ValueError as err:
         where = source_of("study.validation.cases", args.space, args.settings)
         raise NasError(where, f"study.validation.cases {err} (fold {space.data.fold})") from None
+
+
+def _artifact_store(args: argparse.Namespace, space: SearchSpace) -> str | None:
+    """The artifact store this command names (--artifacts, else study.artifacts) as the
+    study records it, once nas has written to it and read back; None when it names none."""
+    from nas.trial_files import check_writable, open_store, store_url
+
+    given, where = args.artifacts, "--artifacts"
+    if given is None:
+        given, where = space.study.artifacts, "study.artifacts"
+    if given is None:
+        return None
+    url = store_url(given, where)
+    check_writable(open_store(url, where), url, where)
+    return url
+
+
+def _check_artifact_store(
+    study: optuna.Study, study_dir: Path, storage: str, given: str | None
+) -> None:
+    """The study records the store it was given (once); a store other than the one it
+    records is refused, and the one it records must still be there."""
+    from nas.record import StudyRecord, write_study
+    from nas.storage import local_file
+    from nas.trial_files import open_store
+
+    recorded = StudyRecord.of(study).artifacts
+    name = study.study_name
+    if given is not None and recorded is not None and given != recorded:
+        raise NasError("--artifacts", f"study {name!r} keeps its trial files in {recorded}; "
+                       "give that store, or none (the study's is used)")  # fmt: skip
+    if recorded is None and given is not None:
+        write_study(study, artifacts=given)
+    elif recorded is not None and given is None:
+        open_store(recorded, f"study {name!r}")  # still there?
+    elif recorded is None and (local_file(storage) is None or storage.startswith("journal:")):
+        print(f"note: the trial files stay in {study_dir} on this host, so other hosts "
+              "cannot continue, export or retrain what it trains: give the study a store "
+              "they all reach (--artifacts FOLDER or s3://BUCKET/PREFIX)", flush=True)  # fmt: skip
 
 
 def _open_run_study(
@@ -613,6 +661,7 @@ def _open_run_study(
     study = open_study(space.study, storage, setup.warm_start, not is_worker, salt)
     if is_worker:
         return study, storage
+    _check_artifact_store(study, study_dir, storage, setup.artifacts)
     data = {
         "data_config": space.data.to_dict(),
         "data_description": describe_data(setup.dataset),
@@ -658,13 +707,14 @@ def _run_trials(
     from nas.candidate import TrainingData
     from nas.console import RunProgress
     from nas.search_trial import make_objective
+    from nas.trial_files import trial_files
 
     space, study_dir, study_cfg = setup.space, setup.study_dir, setup.space.study
     is_worker = args.worker_index is not None
     data = TrainingData(setup.train_cases, setup.val_cases, setup.dataset.scheme,
                         space.data.slicing, args.data_workers)  # fmt: skip
     objective = make_objective(space, data, setup.dataset.in_channels, setup.device, study_dir,
-                               setup.schedule)  # fmt: skip
+                               setup.schedule, trial_files(study, study_dir))  # fmt: skip
     prefix = f"[worker {args.worker_index}] " if is_worker else ""
     limits = (study_cfg.n_trials, study_cfg.timeout, setup.schedule.budget_steps, setup.start)
     bar = RunProgress(*limits, disable=is_worker or args.quiet, stream=log.console_err)

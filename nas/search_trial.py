@@ -39,6 +39,7 @@ from nas.candidate import (
 )
 from nas.data import Case
 from nas.describe import summary, trial_note
+from nas.errors import NasError
 from nas.fidelity import lineage
 from nas.liveness import JournalHeartbeat, is_journal, worker_id
 from nas.measure import measure_candidate
@@ -55,7 +56,7 @@ from nas.objectives import (
     violations,
 )
 from nas.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
-from nas.results import checkpoint_path, save_checkpoint
+from nas.results import checkpoint_path, save_checkpoint, state_path
 from nas.schedule import EpochReport, Schedule
 from nas.scoring import (
     decision_epochs,
@@ -75,6 +76,7 @@ from nas.train import (
     out_of_memory_reason,
 )
 from nas.train_config import TrainConfig
+from nas.trial_files import TrialFiles
 from nas.validate import Scores, ValidationPatches
 
 
@@ -136,6 +138,7 @@ class SearchRun:
     shown_case: Case  # the validation case each trial's overlay shows
     memory_limit: int  # bytes a candidate's training may need
     patches: ValidationPatches  # what every candidate's decisions are validated on
+    files: TrialFiles  # where weights and states go so that every host of the study finds them
 
     def validation(self, start: int, end: int) -> ValidationPlan:
         """How a segment from epoch `start` to `end` validates: on the run's patches, after
@@ -166,8 +169,10 @@ def make_objective(
     device: torch.device,
     study_dir: Path,
     schedule: Schedule,
+    files: TrialFiles | None = None,
 ) -> Callable[[optuna.Trial], list[float]]:
-    """The function Optuna calls per trial (`objective` over this run's `SearchRun`)."""
+    """The function Optuna calls per trial (`objective` over this run's `SearchRun`);
+    `files`: the study's trial files (default: the results folder alone)."""
     gb = space.study.max_memory_gb
     memory_limit = int(gb * 1e9) if gb else default_memory_limit_bytes(device)
     shown_case = example_case(data.val_cases)
@@ -176,7 +181,7 @@ def make_objective(
     patches = ValidationPatches(cases, cfg.patches_per_case, space.study.seed,
                                 data.slicing.axis, cfg.foreground_fraction)  # fmt: skip
     run = SearchRun(space, data, in_channels, device, study_dir, schedule, shown_case,
-                    memory_limit, patches)  # fmt: skip
+                    memory_limit, patches, files or TrialFiles(study_dir))  # fmt: skip
     return functools.partial(objective, run)
 
 
@@ -349,9 +354,12 @@ def continued_candidate(
     candidate = Candidate(
         UNetConfig.from_dict(record.unet_config), TrainConfig(**record.train_config)
     )
+    weights = checkpoint_path(run.study_dir, number)
     try:
-        state = load_state(checkpoint_path(run.study_dir, number), run.device)
-    except (OSError, RuntimeError, KeyError) as err:
+        for path in (weights, state_path(weights)):  # trained on another host: fetched
+            run.files.local(path)
+        state = load_state(weights, run.device)
+    except (OSError, RuntimeError, KeyError, NasError) as err:
         reason = f"cannot continue trial {number}: its state is lost ({err})"
         raise CandidateFailed(reason) from err
     for epoch, value in parent.intermediate_values.items():  # one curve across rungs
@@ -475,10 +483,14 @@ def _save_weights(
     """The trained weights, and the state a later promotion continues from."""
     try:
         weights = save_checkpoint(run.study_dir, trial.number, outcome.state.weights)
+        run.files.publish(weights)
         if not result.stopped_by_time:  # may be promoted, or trained longer, later
             save_state(weights, outcome.state)
-    except OSError as err:  # a full disk, a lost mount: a front member needs its weights
-        reason = f"trained, but its weights could not be saved ({err.strerror or err})"
+            run.files.publish(state_path(weights))
+    except (OSError, NasError) as err:  # a full disk, a lost mount or store: a front
+        # member needs its weights
+        why = err.strerror if isinstance(err, OSError) and err.strerror else err
+        reason = f"trained, but its weights could not be saved ({why})"
         _note(run, trial, measured, "FAIL", reason=reason, val_iou=result.scores.iou)
         raise CandidateFailed(reason) from err
     return weights
@@ -500,16 +512,17 @@ def _save_artifacts(
         overlay = overlay_path(run.study_dir, trial.number)
         write_overlay(outcome.model, run.shown_case, run.data.scheme, measured.patch, run.device,
                       run.data.slicing.axis, overlay, title)  # fmt: skip
-        upload(trial, run.study_dir, overlay)
+        run.files.publish(overlay)  # for the report on any host
+        upload(trial, run.files.dashboard_store(), overlay)
         feasible = not constraints or max(violations(quantities, constraints)) <= 0
         objectives = run.space.study.objectives
         trials = trial.study.get_trials(deepcopy=False)
         if feasible and joins_front(trials, trial.number, values, objectives):
             # On the front now: the only moment its weights can still join the trial (a
             # finished trial is read-only), and every final front member passes here.
-            upload(trial, run.study_dir, weights)
+            upload(trial, run.files.dashboard_store(), weights)
     except Exception as err:  # the overlay and the uploads are for looking, not results
-        if not (isinstance(err, OSError) or is_out_of_memory(err)):
+        if not (isinstance(err, OSError | NasError) or is_out_of_memory(err)):
             raise
         write(trial, artifact_error=f"{type(err).__name__}: {err}")
 

@@ -147,6 +147,9 @@ class StudySection(BaseModel):
     objectives: list[ObjectiveName] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     constraints: dict[ObjectiveName, Bound] = Field(default_factory=dict)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    # Where the trial files go so that every host finds them (a folder every host mounts,
+    # or s3://BUCKET/PREFIX); recorded in the study. None: the results folder of each host.
+    artifacts: str | None = Field(None, min_length=1)
 
     @field_validator("objectives")
     @classmethod

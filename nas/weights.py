@@ -13,7 +13,8 @@ ensemble costs one pass per fold); the best retrained weights only when asked fo
 the weights nas.retrain trains, trial_NNNN.latest.pt is the checkpoint its --continue goes
 on from (nas/resumable.py). Paths only and the storage's records:
 no torch (nor Optuna when only paths are asked for), so a trial without weights is refused
-before torch loads.
+before torch loads. A study many hosts share keeps these files in its artifact store too
+(nas/trial_files.py): a finder fetches what another host trained.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from nas.errors import NasError
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
+
+    from nas.trial_files import TrialFiles
 
 # The kinds of weights, in the order an export prefers them.
 KINDS = ("all-cases", "retrained", "search", "folds")
@@ -120,9 +123,9 @@ def _scores(trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
-def _search(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
-    path = checkpoint_path(study_dir, trial.number)
-    if not path.is_file():
+def _search(study: optuna.Study, files: TrialFiles, trial: FrozenTrial) -> TrialWeights | None:
+    path = checkpoint_path(files.study_dir, trial.number)
+    if files.local(path) is None:
         return None
     return TrialWeights("search", path, {"": path}, _scores(trial))
 
@@ -136,21 +139,21 @@ def _latest_retrain(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | No
     return runs[-1] if runs else None
 
 
-def _retrained(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
-    path = retrained_path(study_dir, trial.number)
-    if not path.is_file():
+def _retrained(study: optuna.Study, files: TrialFiles, trial: FrozenTrial) -> TrialWeights | None:
+    path = retrained_path(files.study_dir, trial.number)
+    if files.local(path) is None:
         return None
     run = _latest_retrain(study, trial)
     return TrialWeights("retrained", path, {"": path}, _scores(run) if run else {})
 
 
 def _retrained_best(
-    study: optuna.Study, study_dir: Path, trial: FrozenTrial
+    study: optuna.Study, files: TrialFiles, trial: FrozenTrial
 ) -> TrialWeights | None:
     from nas.record import TrialRecord
 
-    path = best_path(retrained_path(study_dir, trial.number))
-    if not path.is_file():
+    path = best_path(retrained_path(files.study_dir, trial.number))
+    if files.local(path) is None:
         return None
     run = _latest_retrain(study, trial)
     best = TrialRecord.of(run).best if run else {}
@@ -159,12 +162,12 @@ def _retrained_best(
     return TrialWeights(RETRAINED_BEST, path, {"": path}, scores if best else {})
 
 
-def _all_cases(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
+def _all_cases(study: optuna.Study, files: TrialFiles, trial: FrozenTrial) -> TrialWeights | None:
     from nas.companions import find_retrain_study
     from nas.record import StudyRecord
 
-    path = all_cases_path(study_dir, trial.number)
-    if not path.is_file():
+    path = all_cases_path(files.study_dir, trial.number)
+    if files.local(path) is None:
         return None
     retrain = find_retrain_study(study)
     recorded = StudyRecord.of(retrain).all_cases if retrain is not None else {}
@@ -172,9 +175,9 @@ def _all_cases(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> Tria
     return TrialWeights("all-cases", path, {"": path}, dict(recorded.get(str(trial.number), {})))
 
 
-def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWeights | None:
-    folder = folds_folder(study_dir, trial.number)
-    if not any(folder.glob("fold_*.pt")):  # before the crossval study is read
+def _folds(study: optuna.Study, files: TrialFiles, trial: FrozenTrial) -> TrialWeights | None:
+    folder = folds_folder(files.study_dir, trial.number)
+    if not files.any_under(folder):  # before the crossval study is read
         return None
     from nas.companions import find_crossval_study, member_runs
     from nas.record import TrialRecord
@@ -184,8 +187,8 @@ def _folds(study: optuna.Study, study_dir: Path, trial: FrozenTrial) -> TrialWei
     members, kept = {}, []
     for run in runs:
         fold = TrialRecord.of(run).fold
-        path = fold_path(study_dir, trial.number, fold)
-        if path.is_file():
+        path = fold_path(files.study_dir, trial.number, fold)
+        if files.local(path) is not None:
             members[f"fold_{fold}"] = path
             kept.append(run)
     if len(members) < 2:
@@ -215,9 +218,13 @@ def find_weights(
     study: optuna.Study, study_dir: Path, trial: FrozenTrial, wanted: str = "auto"
 ) -> TrialWeights:
     """The weights of `trial` of kind `wanted` (one of FINDERS), or with "auto" the first kind
-    in KINDS that exists; a NasError naming the commands that would train them otherwise."""
+    in KINDS that exists; a NasError naming the commands that would train them otherwise.
+    Weights another host of the study trained are fetched from its artifact store."""
+    from nas.trial_files import trial_files
+
+    files = trial_files(study, study_dir)
     for kind in KINDS if wanted == "auto" else (wanted,):
-        found = FINDERS[kind](study, study_dir, trial)
+        found = FINDERS[kind](study, files, trial)
         if found is not None:
             return found
     n = trial.number
