@@ -20,7 +20,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from typing import Any, TextIO
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 HIDDEN = "***"
 # A registered password shorter than this is hidden only in a URL and after password=: on its
@@ -36,9 +36,12 @@ _registered: set[str] = set()
 
 
 def _passwords(url: str) -> set[str]:
-    found = {m.group(0).split(":", 1)[1][:-1] for m in _USER_PASSWORD.finditer(url)}
+    try:  # the authority's user:password@ up to its last @, white space and all
+        found = {urlsplit(url).password or ""}
+    except ValueError:  # not a URL (an unclosed IPv6 bracket): its text's password= and @
+        found = {m.group(0).split(":", 1)[1][:-1] for m in _USER_PASSWORD.finditer(url)}
     found |= {m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(url)}
-    found = found | {unquote(s) for s in found} | {unquote_plus(s) for s in found}
+    found |= {unquote(s) for s in found} | {unquote_plus(s) for s in found}
     return {secret for secret in found if secret and secret != HIDDEN}
 
 
