@@ -100,6 +100,10 @@ class _Scrubbed:
 class _ScrubRecords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = scrub(record.getMessage()), None
+        if record.exc_info and not record.exc_text:  # the traceback, as formatters cache it
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
         return True
 
 

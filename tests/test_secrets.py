@@ -5,7 +5,10 @@ scrubbing itself, on texts and files."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -18,6 +21,7 @@ import optuna
 import pytest
 
 from nas import secrets
+from nas.cli import exit_code
 from nas.errors import NasError
 from nas.secrets import redact, register, scrub
 from nas.staging import atomic_write, replace_folder, staging_folder
@@ -74,6 +78,34 @@ def test_errors_and_text_files_hide_a_registered_password(forget_passwords, tmp_
         (staging / "README.md").write_text(f"from {POSTGRES_PASSWORD}")
         replace_folder(staging, tmp_path / "model")
     assert (tmp_path / "model" / "README.md").read_text() == "from ***"
+
+
+def test_what_a_command_prints_logs_and_dies_of_hides_the_password(forget_passwords, capsys):
+    url = f"postgresql://nas:{POSTGRES_PASSWORD}@db/nas"
+    optuna_log, stream = logging.getLogger("optuna"), io.StringIO()
+    handler = logging.StreamHandler(stream)  # as Optuna's own: holds its stream from the start
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"printed {POSTGRES_PASSWORD}")
+        try:
+            raise ValueError(f"the driver quotes {url}")
+        except ValueError:
+            optuna_log.error("trial failed: %s", POSTGRES_PASSWORD, exc_info=True)
+        raise RuntimeError(f"a bug quoting {POSTGRES_PASSWORD}")
+
+    optuna_log.addHandler(handler)
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            exit_code(run, argparse.Namespace(storage=url))
+    finally:
+        optuna_log.removeHandler(handler)
+    sys.excepthook(raised.type, raised.value, raised.tb)  # as the interpreter would at exit
+    out, err = capsys.readouterr()
+    assert out == "printed ***\n"
+    assert "RuntimeError: a bug quoting ***" in err and POSTGRES_PASSWORD not in err
+    logged = stream.getvalue()
+    assert "trial failed: ***" in logged and POSTGRES_PASSWORD not in logged
+    assert "ValueError: the driver quotes postgresql://nas:***@db" in logged
 
 
 # --- every command, with a real PostgreSQL storage --------------------------------------
