@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from nas.errors import NasError
+from nas.secrets import register, scrubbed_console
 
 if TYPE_CHECKING:
     import torch
@@ -79,12 +80,21 @@ def device_option(name: str) -> torch.device:
 
 
 def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """run(args), with a NasError printed as `error: SOURCE: REASON` and exit code 2."""
+    """run(args), with a NasError printed as `error: SOURCE: REASON` and exit code 2. The
+    password of any storage URL among the arguments is hidden in all it prints."""
     import optuna
 
+    for value in vars(args).values():  # --storage, with NAS_STORAGE as nas.run's default
+        if isinstance(value, str):
+            register(value)
     # The commands print their own lines (a failed trial's with its reason); Optuna's log
     # would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with scrubbed_console():
+        return _exit_code(run, args)
+
+
+def _exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return run(args)
     except NasError as err:

@@ -3,7 +3,8 @@
 The bar counts towards every limit the run has (finished trials, seconds, optimiser steps)
 and stands at the one nearest its end, so its time left is that of the run, not of a
 `n_trials` it will never reach. `run_log` copies everything the run prints, and the warnings
-Optuna and Python raise meanwhile, into `results/<study>/run.log`.
+Optuna and Python raise meanwhile, into `results/<study>/run.log`, storage passwords hidden
+(nas/secrets.py), the command line's included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import TextIO
 
 from tqdm import tqdm
+
+from nas.secrets import scrub
 
 
 class RunProgress:
@@ -98,14 +101,14 @@ class RunLog(logging.Handler):
 
     def attach(self, path: Path) -> None:
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by run_log)
-        self.file.write("".join(self.pending))
+        self.file.write(scrub("".join(self.pending)))
         self.pending.clear()
 
     def write(self, text: str) -> None:
         if self.file is None:
             self.pending.append(text)
         else:
-            self.file.write(text)
+            self.file.write(scrub(text))
 
     def flush(self) -> None:
         if self.file is not None:

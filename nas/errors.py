@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nas.secrets import scrub
+
 
 class NasError(Exception):
-    """A user-facing error about `source` (a file, a URL or a command-line option)."""
+    """A user-facing error about `source` (a file, a URL or a command-line option); a
+    storage URL's password is hidden in both (nas/secrets.py), whoever built the message."""
 
     def __init__(self, source: str | Path, reason: str) -> None:
-        self.source = str(source)
-        self.reason = reason
-        super().__init__(f"{self.source}: {reason}")
+        self.source = scrub(str(source))
+        self.reason = scrub(reason)
+        super().__init__(f"{self.source}: {self.reason}")
 
     def __reduce__(self):  # raised in a worker process, it reaches the parent whole
         return type(self), (self.source, self.reason)

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.errors import NasError
 from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of, values_of
+from nas.secrets import scrub_value
 
 # Where each quantity is kept among a trial's user attrs.
 QUANTITY_ATTRS = {
@@ -226,15 +227,15 @@ def attr_name(field: str) -> str:
 
 def write(trial: optuna.Trial, **fields: Any) -> None:
     """Store `fields` (TrialRecord's names, or quantities) on a running trial; tuples are
-    stored as lists, as Optuna keeps JSON."""
+    stored as lists, as Optuna keeps JSON; a storage password a text quotes is hidden."""
     for name, value in fields.items():
-        trial.set_user_attr(attr_name(name), list(value) if isinstance(value, tuple) else value)
+        trial.set_user_attr(attr_name(name), scrub_value(value))
 
 
 def carried(**fields: Any) -> dict[str, Any]:
     """The user attrs a trial is enqueued with (`study.enqueue_trial(..., user_attrs=)`):
     `fields` by TrialRecord's names, those that are None left out."""
-    return {attr_name(k): v for k, v in fields.items() if v is not None}
+    return {attr_name(k): scrub_value(v) for k, v in fields.items() if v is not None}
 
 
 def without_owner(trial: FrozenTrial) -> FrozenTrial:
@@ -343,9 +344,10 @@ def _study_field(name: str) -> str:
 
 
 def write_study(study: optuna.Study, **fields: Any) -> None:
-    """Store `fields` (StudyRecord's names) on `study`; tuples are stored as lists."""
+    """Store `fields` (StudyRecord's names) on `study`; tuples are stored as lists; a storage
+    password a text quotes is hidden."""
     for name, value in fields.items():
-        study.set_user_attr(_study_field(name), list(value) if isinstance(value, tuple) else value)
+        study.set_user_attr(_study_field(name), scrub_value(value))
 
 
 def merge_study(study: optuna.Study, name: str, entries: Mapping[str, Any]) -> None:

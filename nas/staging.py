@@ -5,7 +5,9 @@ Temporary names start with a dot and carry the writer's host and process id
 (`.NAME.HOST-PID.RANDOM`), so a later run can tell a leftover of a dead process on this host
 from a file another live worker is still writing. What is renamed into place gets the usual
 permissions (0666 or 0777 less the umask), not the owner-only ones of a temporary file, so
-colleagues can read results and exported models where the umask lets them.
+colleagues can read results and exported models where the umask lets them. A text file
+(by its suffix: a table, a card, a report) has storage passwords hidden before it is renamed
+into place (nas/secrets.py), whatever it quotes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+
+from nas.secrets import scrub
+
+TEXT_SUFFIXES = frozenset({".csv", ".html", ".json", ".log", ".md", ".txt", ".yaml", ".yml"})
 
 
 def _host() -> str:
@@ -40,6 +46,16 @@ def _usual_permissions(path: Path, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def _scrub_text_file(path: Path) -> None:
+    """Rewrite a text file with storage passwords hidden; other files are left as written."""
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        return
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    hidden = scrub(text)
+    if hidden != text:
+        path.write_bytes(hidden.encode("utf-8", errors="surrogateescape"))
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside `path`, flush it to disk, and rename it
     over `path`; on any failure `path` is left as it was."""
@@ -48,6 +64,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        _scrub_text_file(Path(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         _usual_permissions(Path(tmp), folder=False)
@@ -71,6 +88,9 @@ def staging_folder(destination: Path) -> Iterator[Path]:
 
 def replace_folder(staging: Path, destination: Path) -> None:
     """Move a filled staging folder to `destination`, replacing what is there."""
+    for path in staging.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            _scrub_text_file(path)
     _usual_permissions(staging, folder=True)
     if destination.is_dir() and not destination.is_symlink():
         shutil.rmtree(destination)

@@ -18,7 +18,6 @@ there stays RUNNING, and is neither counted nor retried.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import warnings
 from pathlib import Path
@@ -34,34 +33,11 @@ from optuna.storages.journal import JournalFileBackend
 from pydantic import BaseModel, ConfigDict, Field
 
 from nas.errors import NasError
+from nas.secrets import redact, register
 
 JOURNAL_PREFIX = "journal:///"
 SQLITE_PREFIX = "sqlite:///"
 SQLITE_LOCK_TIMEOUT_S = 60
-
-
-# user:password@ in the authority, and password=... in the query string (libpq style).
-_URL_PASSWORD = re.compile(r"(?<=://)([^/@:?#]*):[^/@?#]*@")
-_QUERY_PASSWORD = re.compile(r"(?i)((?:^|[?&;])password=)[^&;#]*")
-
-
-def redact(url: str) -> str:
-    """`url` with its password replaced by ***, for anything printed or written to a file."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
-
-
-def _redact_text(text: str, url: str) -> str:
-    """A driver's message about `url` with the URL's password hidden wherever it appears."""
-    text = text.replace(url, redact(url))
-    for secret in _passwords(url):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _passwords(url: str) -> list[str]:
-    found = [m.group(0).split(":", 1)[1][:-1] for m in _URL_PASSWORD.finditer(url)]
-    found += [m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(url)]
-    return [secret for secret in found if secret and secret != "***"]
 
 
 class HeartbeatConfig(BaseModel):
@@ -94,7 +70,9 @@ def _sqlite_wal(url: str) -> None:
 
 
 def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> BaseStorage:
-    """The storage behind `url`, with heartbeats and retries when `heartbeat` is given."""
+    """The storage behind `url`, with heartbeats and retries when `heartbeat` is given. Its
+    password is hidden from here on in all nas prints and writes (nas/secrets.py)."""
+    register(url)
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -103,9 +81,7 @@ def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> BaseStor
         raise
     except Exception as err:  # SQLAlchemy, drivers and Optuna raise many types for a bad URL
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise NasError(
-            redact(url), f"cannot open the study storage ({_redact_text(reason, url)})"
-        ) from None
+        raise NasError(redact(url), f"cannot open the study storage ({reason})") from None
 
 
 def _open(url: str, heartbeat: HeartbeatConfig | None) -> BaseStorage:
