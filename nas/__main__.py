@@ -13,7 +13,10 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-# Command -> what it does, in one line of `nas --help`; each is the module nas.<command>.
+from nas.cli import command_module
+
+# Command -> what it does, in one line of `nas --help`; each is the module nas.<command>
+# (a hyphen in the command is an underscore in the module's name).
 COMMANDS = {
     "run": "start or resume a search of a space (SPACE.yaml)",
     "export": "write one architecture of the front as a model folder",
@@ -23,6 +26,7 @@ COMMANDS = {
     "retrain": "retrain front members at the full budget, or cross-validate them",
     "report": "rewrite results/<study>/report.html",
     "dashboard": "serve optuna-dashboard on a study and its artifacts",
+    "storage-proxy": "serve a study storage to workers on many hosts (grpc://HOST:PORT)",
 }
 
 
@@ -55,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # command's own, --help included.
     split = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
     args = parser.parse_args(argv[: split + 1])
-    module = importlib.import_module(f"nas.{args.command}")
+    module = importlib.import_module(command_module(args.command))
     return module.main(argv[split + 1 :])
 
 

@@ -21,13 +21,20 @@ if TYPE_CHECKING:
     import torch
 
 
+def command_module(command: str) -> str:
+    """The module that runs `nas COMMAND`: nas.run for run, nas.storage_proxy for
+    storage-proxy."""
+    return f"nas.{command.replace('-', '_')}"
+
+
 def command_parser(command: str, description: str) -> argparse.ArgumentParser:
     """The argument parser of `nas COMMAND`, its usage line spelled as the user typed it:
     `nas COMMAND`, or `python -m nas.COMMAND` when run as that module."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    as_module = spec is not None and spec.name == f"nas.{command}"
-    prog = f"python -m nas.{command}" if as_module else f"nas {command}"
+    module = command_module(command)
+    as_module = spec is not None and spec.name == module
+    prog = f"python -m {module}" if as_module else f"nas {command}"
     return _Parser(prog=prog, description=description)
 
 

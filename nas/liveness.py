@@ -3,10 +3,10 @@
 Every worker records `worker` = "HOST:PID" on the trial it runs. A RUNNING trial whose worker
 is a dead process of this host is an orphan at once; one from another host is an orphan when
 its heartbeat goes stale: Optuna's own heartbeat on SQLite, PostgreSQL and MySQL, and on a
-journal file (which has no heartbeats in Optuna 5) the `heartbeat_at` time that
-`JournalHeartbeat` records on the trial. An orphan is marked FAIL and enqueued again, at most
-`retries` times along one chain of retries, so a killed worker loses no trial and a search
-never ends with a dead trial counted as running.
+journal file or a storage proxy (which have no heartbeats in Optuna 5) the `heartbeat_at`
+time that `TrialHeartbeat` records on the trial. An orphan is marked FAIL and enqueued
+again, at most `retries` times along one chain of retries, so a killed worker loses no trial
+and a search never ends with a dead trial counted as running.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import JournalStorage, fail_stale_trials
+from optuna.storages import GrpcStorageProxy, JournalStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.fidelity import lineage_attrs
@@ -50,12 +50,14 @@ def owner_state(trial: FrozenTrial) -> str:
     return "alive" if process_alive(owner[1]) else "dead"
 
 
-def is_journal(study: optuna.Study) -> bool:
-    return isinstance(study._storage, JournalStorage)
+def needs_trial_heartbeat(study: optuna.Study) -> bool:
+    """Whether the study's storage lacks Optuna's heartbeat, so nas records one on the trial."""
+    return isinstance(study._storage, JournalStorage | GrpcStorageProxy)
 
 
-class JournalHeartbeat:
-    """While a trial runs on a journal storage, record the time on it every `interval` s."""
+class TrialHeartbeat:
+    """While a trial runs on a storage without Optuna's heartbeat, record the time on it
+    every `interval` s."""
 
     def __init__(self, trial: optuna.Trial, interval: float) -> None:
         self._trial, self._interval = trial, interval
@@ -71,7 +73,7 @@ class JournalHeartbeat:
             if self._stop.wait(self._interval):
                 return
 
-    def __enter__(self) -> JournalHeartbeat:
+    def __enter__(self) -> TrialHeartbeat:
         self._thread.start()
         return self
 
@@ -80,7 +82,7 @@ class JournalHeartbeat:
         self._thread.join()
 
 
-def _journal_stale(trial: FrozenTrial, grace_period: float, now: float) -> bool:
+def _heartbeat_stale(trial: FrozenTrial, grace_period: float, now: float) -> bool:
     last = TrialRecord.of(trial).heartbeat_at
     if last is None:
         last = trial.datetime_start.timestamp() if trial.datetime_start else now
@@ -138,7 +140,7 @@ def settle_orphans(study: optuna.Study, heartbeat: HeartbeatConfig) -> Settled:
     by_number = {t.number: t for t in trials}
     failed, elsewhere = [], []
     now = time.time()
-    journal = is_journal(study)
+    own_heartbeat = needs_trial_heartbeat(study)
     for trial in trials:
         if trial.state != TrialState.RUNNING:
             continue
@@ -147,7 +149,7 @@ def settle_orphans(study: optuna.Study, heartbeat: HeartbeatConfig) -> Settled:
             continue
         if state == "dead":
             reason = f"its worker ({TrialRecord.of(trial).worker}) died"
-        elif journal and _journal_stale(trial, heartbeat.grace_period, now):
+        elif own_heartbeat and _heartbeat_stale(trial, heartbeat.grace_period, now):
             reason = f"its worker sent no heartbeat for {heartbeat.grace_period} s"
         else:
             elsewhere.append(trial)

@@ -71,7 +71,7 @@ class TrialRecord:
     segment_seconds: float = 0.0
     # Who ran it (host:pid, nas/liveness.py), and the trial a rerun repeats.
     worker: str | None = None
-    heartbeat_at: float | None = None  # journal storages: seconds since the epoch
+    heartbeat_at: float | None = None  # journal and grpc storages: seconds since the epoch
     retry_of: int | None = None
     warm_start: bool = False  # enqueued from the space's warm_start list
     # Training history, across the lineage's segments, and the last validation per class.

@@ -461,8 +461,8 @@ def _plan_line(schedule: Schedule, space: SearchSpace) -> str:
 
 def _worker_salt(args: argparse.Namespace, storage: str) -> int:
     """0 for the usual single process (reproducible draws); the worker's index + 1 for
-    --workers; for a shared server or journal, where other hosts may start at the same
-    moment with the same seed, a number from this host and process."""
+    --workers; for a shared server, storage proxy or journal, where other hosts may start at
+    the same moment with the same seed, a number from this host and process."""
     if args.worker_index is not None:
         return args.worker_index + 1
     if storage.startswith("sqlite:"):
@@ -650,15 +650,16 @@ def _open_run_study(
 
     space, study_dir = setup.space, setup.study_dir
     is_worker = args.worker_index is not None
+    storage = args.storage or default_storage(study_dir)
+    # Workers started by --workers find the study their parent opened (and re-enqueued).
+    # First: a storage that cannot be opened (no server, no proxy) leaves no folder behind.
+    salt = _worker_salt(args, storage)
+    study = open_study(space.study, storage, setup.warm_start, not is_worker, salt)
     study_dir.mkdir(parents=True, exist_ok=True)
     for folder in (study_dir, checkpoint_path(study_dir, 0).parent):
         remove_stale_staging(folder)  # what a killed process was writing
     if not is_worker:
         log.attach(study_dir / RUN_LOG)
-    storage = args.storage or default_storage(study_dir)
-    # Workers started by --workers find the study their parent opened (and re-enqueued).
-    salt = _worker_salt(args, storage)
-    study = open_study(space.study, storage, setup.warm_start, not is_worker, salt)
     if is_worker:
         return study, storage
     _check_artifact_store(study, study_dir, storage, setup.artifacts)

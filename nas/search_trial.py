@@ -41,7 +41,7 @@ from nas.data import Case
 from nas.describe import summary, trial_note
 from nas.errors import NasError
 from nas.fidelity import lineage
-from nas.liveness import JournalHeartbeat, is_journal, worker_id
+from nas.liveness import TrialHeartbeat, needs_trial_heartbeat, worker_id
 from nas.measure import measure_candidate
 from nas.memory import (
     check_fits,
@@ -201,9 +201,9 @@ def objective(run: SearchRun, trial: optuna.Trial) -> list[float]:
     try:
         write(trial, worker=worker_id())  # first: who owns this trial
         write(trial, device=str(run.device))
-        journal = is_journal(trial.study)
+        own_heartbeat = needs_trial_heartbeat(trial.study)
         interval = run.space.study.heartbeat.heartbeat_interval
-        with JournalHeartbeat(trial, interval) if journal else contextlib.nullcontext():
+        with TrialHeartbeat(trial, interval) if own_heartbeat else contextlib.nullcontext():
             return run_trial(run, trial, start)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL
         write(trial, fail_reason=INTERRUPTED)

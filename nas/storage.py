@@ -7,13 +7,15 @@
   study: Optuna's own distributed engine, through SQLAlchemy.
 - `journal:///relative/study.log` or `journal:////absolute/study.log` (like SQLite URLs):
   Optuna's JournalStorage on a file, for clusters that share only a file system.
+- `grpc://HOST:PORT`: Optuna's GrpcStorageProxy, a client of the one `nas storage-proxy`
+  process that holds the database connection for every worker (the `grpc` extra).
 
 Heartbeats (SQLite, PostgreSQL, MySQL): each running trial records a heartbeat every
 `heartbeat_interval` seconds; a trial whose worker is silent for `grace_period` seconds is
 marked FAIL by the next worker that starts a trial, and Optuna's
 `RetryHeartbeatStaleTrialCallback` enqueues it again (`retries` times), so a killed worker
-loses no trial. JournalStorage has no heartbeats in Optuna 5: a trial whose worker died
-there stays RUNNING, and is neither counted nor retried.
+loses no trial. JournalStorage and GrpcStorageProxy have no heartbeats in Optuna 5: there
+nas records one on the trial itself (nas/liveness.py).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from __future__ import annotations
 import sqlite3
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 from optuna.storages import (
     BaseStorage,
+    GrpcStorageProxy,
     JournalStorage,
     RDBStorage,
     RetryHeartbeatStaleTrialCallback,
@@ -35,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from nas.errors import NasError
 from nas.secrets import redact, register
 
+GRPC_PREFIX = "grpc://"
+GRPC_READY_TIMEOUT_S = 5  # how long a command waits for the storage proxy to answer
 JOURNAL_PREFIX = "journal:///"
 SQLITE_PREFIX = "sqlite:///"
 SQLITE_LOCK_TIMEOUT_S = 60
@@ -84,7 +90,48 @@ def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> BaseStor
         raise NasError(redact(url), f"cannot open the study storage ({reason})") from None
 
 
+def grpc_address(url: str) -> tuple[str, int]:
+    """The host (an IPv6 address in brackets) and port of a `grpc://HOST:PORT` URL."""
+    parts = urlsplit(url)
+    host, colon, port = parts.netloc.rpartition(":")
+    example = "grpc://HOST:PORT, e.g. grpc://proxy-host:13000"
+    if not colon or not host or parts.netloc.endswith("]"):
+        raise NasError(url, f"names no port ({example})")
+    if "@" in host or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise NasError(redact(url), f"is not {example}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise NasError(url, f"{port!r} is not a port (1-65535)")
+    return host, int(port)
+
+
+def require_grpc(where: str) -> None:
+    """A NasError naming `where` unless grpcio, which Optuna imports on first use, is here."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise NasError(where, 'needs grpcio: pip install -e ".[grpc]"') from None
+
+
+def _open_grpc(url: str) -> GrpcStorageProxy:
+    """A client of the storage proxy at `url`, once the proxy answers."""
+    host, port = grpc_address(url)
+    require_grpc(url)
+    proxy = GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=GRPC_READY_TIMEOUT_S)
+    except ConnectionError:
+        proxy.close()
+        raise NasError(
+            url,
+            f"no storage proxy answers there within {GRPC_READY_TIMEOUT_S} s (start one on "
+            f"{host} with: nas storage-proxy --storage URL --port {port})",
+        ) from None
+    return proxy
+
+
 def _open(url: str, heartbeat: HeartbeatConfig | None) -> BaseStorage:
+    if url.startswith(GRPC_PREFIX):  # no heartbeat options: nas/liveness.py keeps one
+        return _open_grpc(url)
     if url.startswith(JOURNAL_PREFIX):
         path = local_file(url)
         if path is None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from nas.__main__ import COMMANDS, main
+from nas.cli import command_module
 
 from . import datasets
 from .conftest import tiny_space_yaml
@@ -34,7 +35,8 @@ def test_help_names_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("run", "export", "predict", "evaluate", "retrain", "report", "dashboard"):
+    every = ("run", "export", "predict", "evaluate", "retrain", "report", "dashboard")
+    for command in (*every, "storage-proxy"):
         assert command in COMMANDS
         assert f"\n  {command} " in out
 
@@ -60,7 +62,7 @@ def test_a_command_keeps_its_own_errors(capsys):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_option_of_every_command_says_what_it_is(command):
-    parser = importlib.import_module(f"nas.{command}").make_parser()
+    parser = importlib.import_module(command_module(command)).make_parser()
     assert parser.format_usage().startswith(f"usage: nas {command} ")
     for action in parser._actions:  # argparse keeps no public list of them
         if action.help == argparse.SUPPRESS:  # internal (nas run --worker-index)
@@ -94,8 +96,9 @@ def test_help_of_every_command_loads_no_heavy_module():
     heavy modules that got loaded are listed (none may be)."""
     script = f"""
 import contextlib, importlib, io, json, sys
+from nas.cli import command_module
 for command in {list(COMMANDS)!r}:
-    module = importlib.import_module("nas." + command)
+    module = importlib.import_module(command_module(command))
     with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
         module.parse_args(["--help"])
 with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
