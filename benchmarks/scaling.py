@@ -5,23 +5,31 @@
    each time. Prints finished (complete or pruned) trials per hour and the ratio.
 2. The storage calls one trial makes (ask, ~12 user attrs, 8 intermediate values, the
    pruner's read of all trials each epoch, tell), replayed 100 times against SQLite, a
-   journal file and, with --postgres URL, PostgreSQL. Prints milliseconds per trial and
+   journal file, SQLite behind Optuna's gRPC proxy (`nas storage-proxy`, when grpcio is
+   installed) and, with --postgres URL, PostgreSQL. Prints milliseconds per trial and
    their share of the median trial's seconds from part 1.
+3. The trial files of one trial through a shared artifact folder (nas/trial_files.py): the
+   weights and training state of the default space's first candidate published by one
+   "host" and fetched and checked by another, 20 times; milliseconds per trial and share.
 
     python benchmarks/scaling.py [--budget 300] [--postgres postgresql+psycopg://...]
 
-Targets: 2 workers >= 1.7x one worker's trials per hour; storage overhead < 2% of a trial.
+Targets: 2 workers >= 1.7x one worker's trials per hour; storage overhead < 2% of a trial;
+the trial files' < 2% of a trial.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -69,6 +77,63 @@ def storage_ms_per_trial(url: str, n: int = 100) -> float:
     return (time.perf_counter() - start) * 1000 / n
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def storage_proxy(url: str) -> Iterator[str | None]:
+    """`nas storage-proxy` over `url` on a free port: its grpc:// URL (None without grpcio)."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    port = _free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "nas.storage_proxy", "--storage", url,
+                              "--port", str(port)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        proxy.stdout.readline()  # its startup line: serving
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+
+
+def trial_files_ms_per_trial(workdir: Path, n: int = 20) -> tuple[float, int]:
+    """One trial's weights and state published by one host and fetched by another."""
+    import torch
+
+    from nas.builder import build_unet
+    from nas.record import write_study
+    from nas.trial_files import store_url, trial_files
+    from nas.unet_config import UNetConfig
+
+    model = build_unet(UNetConfig(spatial_dims=2, depth=4, base_channels=16))  # the default
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(2, 1, 64, 64)).sum().backward()
+    optimizer.step()  # its state: the moments a promotion continues from
+    (workdir / "store").mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{workdir / 'files.db'}", study_name="f")
+    write_study(study, artifacts=store_url(str(workdir / "store")))
+    a, b = trial_files(study, workdir / "a"), trial_files(study, workdir / "b")
+    size = 0
+    start = time.perf_counter()
+    for number in range(n):
+        weights = a.study_dir / f"checkpoints/trial_{number:04d}.pt"
+        state = weights.with_name(weights.stem + ".state.pt")
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), weights)
+        torch.save({"epoch": 3, "optimizer": optimizer.state_dict()}, state)
+        size = weights.stat().st_size + state.stat().st_size
+        for path in (weights, state):
+            a.publish(path)
+            b.local(b.study_dir / path.relative_to(a.study_dir))
+    return (time.perf_counter() - start) * 1000 / n, size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per arm")
@@ -98,10 +163,17 @@ def main() -> None:
         if args.postgres:
             urls["PostgreSQL"] = args.postgres
         print(f"storage calls of one trial (median trial {median_trial:.1f} s):")
-        for name, url in urls.items():
-            ms = storage_ms_per_trial(url)
-            print(f"  {name:<13}{ms:8.1f} ms per trial, {ms / 10 / median_trial:6.3f}% "
-                  "(target < 2%)")  # fmt: skip
+        with storage_proxy(f"sqlite:///{workdir / 'proxied.db'}") as proxied:
+            if proxied is not None:
+                urls["gRPC proxy"] = proxied
+            for name, url in urls.items():
+                ms = storage_ms_per_trial(url)
+                print(f"  {name:<13}{ms:8.1f} ms per trial, {ms / 10 / median_trial:6.3f}% "
+                      "(target < 2%)")  # fmt: skip
+        ms, size = trial_files_ms_per_trial(workdir)
+        print(f"trial files through a shared folder ({size / 1e6:.1f} MB of weights and state "
+              f"published and fetched): {ms:.1f} ms per trial, {ms / 10 / median_trial:.3f}% "
+              "(target < 2%)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace
     password of any storage URL among the arguments is hidden in all it prints."""
     import optuna
 
-    for value in vars(args).values():  # --storage, with NAS_STORAGE as nas.run's default
+    for value in getattr(args, "__dict__", {}).values():  # --storage, and NAS_STORAGE as
+        # nas.run's default
         if isinstance(value, str):
             register(value)
     # The commands print their own lines (a failed trial's with its reason); Optuna's log

@@ -239,7 +239,13 @@ class TrialFiles:
             return path if path.is_file() else None
         if path.is_file() and sha256(path) == record["sha256"]:
             return path
-        self._fetch(path, record)
+        try:
+            self._fetch(path, record)
+        except NasError:  # replaced by another host meanwhile (the old upload removed)?
+            again = self.records().get(self.relative(path))
+            if again is None or again == record:
+                raise
+            self._fetch(path, again)
         return path
 
     def _fetch(self, path: Path, record: dict) -> None:
