@@ -114,9 +114,14 @@ def run(args: argparse.Namespace) -> int:
     host = _grpc_host(args.host)
     print(f"storage proxy for {redact(args.storage)} on grpc://{host}:{args.port}", flush=True)
     signal.signal(signal.SIGTERM, _stop)
-    with warnings.catch_warnings():  # marked experimental in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.run_grpc_proxy_server(storage, host=host, port=args.port)
+    try:
+        with warnings.catch_warnings():  # marked experimental in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.run_grpc_proxy_server(storage, host=host, port=args.port)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Interrupted): nothing to continue
+        print("storage proxy stopped; the study stays in its storage", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return getattr(err, "exit_code", 130)
     return 0
 
 
