@@ -70,9 +70,33 @@ def add_processes_option(parser: argparse.ArgumentParser) -> None:
 
 
 def processes_option(value: int | None) -> int | None:
-    """The `--processes` value, or a NasError when it is not a positive count."""
-    if value is not None and value < 1:
-        raise NasError("--processes", f"must be at least 1, not {value}")
+    """The `--processes` value, or a NasError when it is not a positive count or more than
+    the machine's cores allow (`pool_option`)."""
+    return pool_option("--processes", value)
+
+
+# A thread or process option may ask for this many per core this process may run on, at
+# most: beyond it they only wait for each other, while each holds its stack or interpreter.
+POOL_PER_CORE = 4
+
+
+def pool_option(option: str, value: int | None, minimum: int = 1) -> int | None:
+    """The value of a thread or process count `option` (--threads, --workers, --processes,
+    --data-workers), or a NasError when it is below `minimum` or above POOL_PER_CORE times
+    the cores this process may run on; None stays None (the command's default)."""
+    from nas.memory import available_cores
+
+    if value is None:
+        return None
+    if value < minimum:
+        raise NasError(option, f"must be at least {minimum}, not {value}")
+    cores = available_cores()
+    if value > POOL_PER_CORE * cores:
+        raise NasError(
+            option,
+            f"asks for {value:,}, more than this machine can run: at most {POOL_PER_CORE} "
+            f"per core, {POOL_PER_CORE * cores} on its {cores} core{'s' if cores > 1 else ''}",
+        )
     return value
 
 

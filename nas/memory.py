@@ -7,7 +7,8 @@ builder's encoder and decoder: parameters are counted exactly, activations are t
 autograd keeps for backward (4 bytes each, as in float32 on CPU; CUDA's mixed precision halves
 most of them, so there it errs on the safe side). Knows nothing of Optuna, YAML or data files.
 It also reads what the host has: its RAM (or a container's limit), what is available now, and
-the most a process has held (what preprocessing's workers are sized by and report).
+the most a process has held (what preprocessing's workers are sized by and report), and holds
+the one guard every allocation that input sizes passes before it is made (`check_allocation`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from nas.errors import NasError
 from nas.train_config import TrainConfig
 from nas.unet_config import UNetConfig, padded_size
 
@@ -283,6 +285,21 @@ def available_host_bytes() -> int:
         if text.isdigit():  # the cgroup's usage counts its page cache: on the safe side
             return min(memory.available, max(limit - int(text), 0))
     return min(memory.available, limit)
+
+
+def check_allocation(n_bytes: int, what: str, source: str | Path) -> None:
+    """Refuse, before it is made, an allocation whose size input decides (a resampled grid, a
+    saved array): `n_bytes`, computed from a header or a plan, for `what`, named by `source`
+    (the file that asks for it), when it is more than the memory available now
+    (`available_host_bytes`). Where the allocation would fail or swap, the user gets one line
+    naming the file and both sizes instead of a MemoryError (or the OOM killer) after trying."""
+    limit = available_host_bytes()
+    if n_bytes > limit:
+        raise NasError(
+            source,
+            f"{what} would need {format_gb(n_bytes)}, more than the {format_gb(limit)} this "
+            "machine has available",
+        )
 
 
 def peak_rss_bytes() -> int:

@@ -120,22 +120,37 @@ def predict_scan(
     import torch
     import torch.nn.functional as F
 
-    from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
-    from nas.validate import predict_logits, windows_per_batch
+    from nas.data.preprocess import (
+        check_finite,
+        check_target_grid,
+        prepare_image,
+        read_channels,
+        spacing_of,
+    )
+    from nas.memory import estimate_inference_bytes
+    from nas.validate import predict_logits, windows_per_batch, windows_that_fit
 
     with torch.no_grad():
         prep, inference = card.preprocessing, card.inference
+        plan = prep.plan(card.labels)
+        # Per resampled voxel (float32): the image, one channel's resampling, the copy the
+        # windows are cut from, the blended outputs and their weights.
+        per_voxel = 4 * (2 * len(plan.channels) + 2 + card.scheme().out_channels)
+        check_target_grid(scan.images[0], plan, per_voxel)
         channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
         check_finite(channels, paths)
-        image, box = prepare_image(channels, spacing_of(paths[0]), prep.plan(card.labels))
+        image, box = prepare_image(channels, spacing_of(paths[0]), plan)
+        unet = card.unet_config()
+        window = estimate_inference_bytes(unet, inference.patch_size, unet.in_channels)
+        # 8 at most: each window runs through every member and mirroring.
+        wanted = min(8, windows_per_batch(len(inference.patch_size), device))
         probs = predict_logits(
             predictor,
             image,
             inference.patch_size,
             device,
             inference.slice_axis,
-            # 8 at most: each window runs through every member and mirroring.
-            min(8, windows_per_batch(len(inference.patch_size), device)),
+            windows_that_fit(wanted, window, device),
             overlap=overlap,
         )
         box_shape = tuple(s.stop - s.start for s in box)

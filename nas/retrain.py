@@ -41,6 +41,7 @@ from nas.cli import (
     command_parser,
     device_option,
     exit_code,
+    pool_option,
     processes_option,
 )
 from nas.errors import NasError
@@ -148,8 +149,6 @@ def run_crossval(
     from nas.weights import fold_path
 
     folds = parse_folds(args.folds, data_cfg)
-    if args.workers < 1:
-        raise NasError("--workers", f"must be at least 1, not {args.workers}")
     objectives = study_objectives(study).names
     crossval = open_crossval_study(open_storage(storage), study.study_name, objectives)
     cross_validate(study, chosen, folds, args.results, crossval, args.epochs, device, args.workers)
@@ -340,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
     from nas.trial_files import trial_files
 
     processes = processes_option(args.processes)
+    pool_option("--workers", args.workers)  # folds trained at once
     name = args.results.name
     storage = args.storage or default_storage(args.results)
     study = load_results_study(args.results, args.storage)

@@ -28,6 +28,7 @@ from nas.cli import (
     command_parser,
     device_option,
     exit_code,
+    pool_option,
     processes_option,
 )
 from nas.errors import NasError
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 STORAGE_ENV = "NAS_STORAGE"
 SPACE_FILE = "space.yaml"  # the effective search space, beside the study
 RUN_LOG = "run.log"  # what the run printed, and the warnings raised
-MAX_PROCESSES = 64  # background processes one option may start
 
 
 def _positive_int(text: str) -> int:
@@ -62,10 +62,10 @@ def _positive_int(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    """A number of processes to start: 0 up to MAX_PROCESSES."""
+    """A number of processes to start: 0 or more (at most what `check_pool_options` lets)."""
     value = int(text)
-    if not 0 <= value <= MAX_PROCESSES:
-        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_PROCESSES}, got {value}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -74,6 +74,14 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def check_pool_options(args: argparse.Namespace) -> None:
+    """--workers, --threads and --data-workers within what the machine can run
+    (nas.cli.pool_option), or a NasError naming the option."""
+    pool_option("--workers", args.workers)
+    pool_option("--threads", args.threads)
+    pool_option("--data-workers", args.data_workers, minimum=0)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -543,6 +551,7 @@ def _set_up(args: argparse.Namespace) -> _Setup:
     from nas.space import read_effective_space, validate_space, with_study_overrides
 
     processes = processes_option(args.processes)
+    check_pool_options(args)
     effective = read_effective_space(args.space, args.settings, args.data)
     space = validate_space(effective, args.space, args.settings)
     overrides = {

@@ -55,6 +55,19 @@ def windows_per_batch(spatial_dims: int, device: torch.device) -> int:
     return WINDOWS_PER_BATCH
 
 
+def windows_that_fit(wanted: int, window_bytes: int, device: torch.device) -> int:
+    """Windows per forward pass: `wanted`, fewer where that many windows of `window_bytes`
+    each (nas.memory.estimate_inference_bytes) would not fit in what `device` has available;
+    at least one (a model whose one window does not fit is refused when its card is read)."""
+    from nas.memory import available_host_bytes, default_memory_limit_bytes
+
+    if device.type == "cpu":
+        available = available_host_bytes()
+    else:
+        available = default_memory_limit_bytes(device)
+    return max(1, min(wanted, available // max(window_bytes, 1)))
+
+
 # A prediction shows its progress bar once it has taken this long (on a terminal only).
 PROGRESS_AFTER_S = 2.0
 

@@ -796,7 +796,7 @@ def test_ensembles_of_mismatched_probabilities_are_refused(exported, studies, tm
         )
     }
     assert f"holds other cases than {plain}: it lacks {cases[0]}" in errors["fewer"]
-    assert "has probabilities of shape" in errors["shape"]
+    assert "(probabilities: shape" in errors["shape"]  # not the grid of its NIfTI header
     assert "comes from a model with other labels" in errors["labels"]
     assert "is not a probability map written by nas predict" in errors["corrupt"]
     assert "give at least two folders" in user_error(

@@ -6,7 +6,8 @@ the `LabelScheme`), the target spacing (default: the median spacing of the cases
 nnU-Net does) and each channel's normalisation (CT: clip to the 0.5-99.5 percentiles of the
 dataset's foreground voxels, then z-score with their mean and std; other modalities: z-score
 per case). Reads headers for spacings, and voxels only where CT statistics or undeclared
-label values require them, one case at a time.
+label values require them, one case at a time. A case whose grid at the target spacing would
+not fit in the memory available is refused before any case is resampled.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from nas.data.layouts import DatasetIndex
-from nas.data.preprocess import CasePlan, ChannelNorm, read_channels, read_label, spacing_of
+from nas.data.preprocess import (
+    CasePlan,
+    ChannelNorm,
+    case_bytes_per_voxel,
+    check_target_grid,
+    read_channels,
+    read_label,
+    spacing_of,
+)
 from nas.errors import NasError
 from nas.labels import LabelScheme
 
@@ -130,4 +139,6 @@ def make_plan(
         mode = normalization if normalization != "auto" else ("ct" if is_ct else "zscore")
         norms.append(_ct_norm(index, channel) if mode == "ct" else ChannelNorm())
     plan = CasePlan(chosen, tuple(norms), class_of_value, tuple(target_spacing_mm))
+    for case in index.cases:  # before any case is resampled: every grid fits
+        check_target_grid(case.images[0], plan, case_bytes_per_voxel(plan))
     return plan, scheme

@@ -251,6 +251,36 @@ def _resampled_shape(shape: tuple[int, ...], factors: np.ndarray) -> tuple[int, 
     return tuple(max(1, int(round(n * f))) for n, f in zip(shape, factors, strict=True))
 
 
+def case_bytes_per_voxel(plan: CasePlan) -> int:
+    """What `preprocess_case` holds per resampled voxel: the image (float32 per channel), one
+    channel's resampling and the label."""
+    return 4 * len(plan.channels) + 4 + 1
+
+
+def check_target_grid(path: Path, plan: CasePlan, bytes_per_voxel: int) -> None:
+    """Refuse, from its header alone, a scan whose grid at the plan's target spacing would
+    need more memory than is available at `bytes_per_voxel` (what the caller holds per
+    resampled voxel): a spacing that lies, or a target far finer than the scan, would
+    otherwise allocate tens of GB before failing. The nonzero crop is taken as the whole
+    volume, so what preprocessing then allocates is at most this."""
+    from nas.memory import check_allocation
+
+    shape = tuple(open_nifti(path).shape[:3])
+    spacing = spacing_of(path)
+    factors = np.array(spacing) / np.array(plan.target_spacing_mm)
+    grid = _resampled_shape(shape, factors)
+
+    def mm(values: Sequence[float]) -> str:
+        return " x ".join(f"{v:g}" for v in values)
+
+    check_allocation(
+        math.prod(grid) * bytes_per_voxel,
+        f"resampling its {shape} voxels of {mm(spacing)} mm to the target spacing of "
+        f"{mm(plan.target_spacing_mm)} mm, a grid of {grid},",
+        path,
+    )
+
+
 def preprocess_case(
     case: CaseFiles, n_channels: int, plan: CasePlan
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -289,7 +319,7 @@ def footprint_bytes(case: CaseFiles, n_channels: int, plan: CasePlan) -> int:
     factors = np.array(spacing_of(case.images[0])) / np.array(plan.target_spacing_mm)
     resampled = math.prod(_resampled_shape(shape, factors))
     source = math.prod(shape) * (per_channel + 3 * label + 3)
-    target = resampled * (4 * len(plan.channels) + 4 + 1)
+    target = resampled * case_bytes_per_voxel(plan)
     return math.ceil(FOOTPRINT_MARGIN * (source + target))
 
 

@@ -16,7 +16,13 @@ import numpy as np
 
 from nas.data import DataConfig, Dataset
 from nas.data.layouts import CaseFiles, find_scans, nifti_files
-from nas.data.preprocess import check_finite, read_channels, read_label
+from nas.data.preprocess import (
+    case_bytes_per_voxel,
+    check_finite,
+    check_target_grid,
+    read_channels,
+    read_label,
+)
 from nas.errors import NasError
 from nas.labels import LabelScheme
 
@@ -60,6 +66,7 @@ def find_test_split(data: DataConfig, dataset: Dataset) -> TestSplit | None:
     declared = "dataset.json" if (dataset.root / "dataset.json").is_file() else "the masks"
     for case in cases:
         _check_case(case, n_channels, dataset.plan.class_of_value, declared)
+        check_target_grid(case.images[0], dataset.plan, case_bytes_per_voxel(dataset.plan))
     return TestSplit(
         folder,
         tuple(cases),
