@@ -88,8 +88,11 @@ def device_option(name: str) -> torch.device:
 
 def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """run(args), with a NasError printed as `error: SOURCE: REASON` and exit code 2. The
-    password of any storage URL among the arguments is hidden in all it prints."""
+    password of any storage URL among the arguments is hidden in all it prints. The study
+    storages it opened are closed when it ends."""
     import optuna
+
+    from nas.storage import close_storages
 
     for value in getattr(args, "__dict__", {}).values():  # --storage, and NAS_STORAGE as
         # nas.run's default
@@ -98,8 +101,11 @@ def exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace
     # The commands print their own lines (a failed trial's with its reason); Optuna's log
     # would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with scrubbed_console():
-        return _exit_code(run, args)
+    try:
+        with scrubbed_console():
+            return _exit_code(run, args)
+    finally:
+        close_storages()
 
 
 def _exit_code(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
