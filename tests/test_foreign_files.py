@@ -184,8 +184,9 @@ def test_a_study_opened_to_read_cannot_be_written(tmp_path):
     study = load_study(url, "s")
     assert len(study.trials) == 2
     for write in (lambda: study.set_user_attr("note", 1), lambda: study.enqueue_trial({"x": 0.5})):
-        with pytest.raises(Exception):  # noqa: B017 (Optuna wraps SQLite's "readonly database")
+        with pytest.raises(optuna.exceptions.StorageInternalError) as refused:
             write()
+        assert "readonly database" in str(refused.value.__cause__)
     close_storages()
     assert _state(tmp_path / "study.db") == before
     assert len(load_study(url, "s").trials) == 2
@@ -257,3 +258,26 @@ def test_a_url_names_its_file_whatever_characters_the_folders_hold(tmp_path):
         close_storages()
         assert database.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a?b", "c%41d", "e{f}g", "h#i j"]
+
+
+@pytest.mark.slow
+def test_a_database_server_is_read_only_as_a_study_storage_and_never_given_tables(
+    tmp_path, postgres_url
+):
+    import sqlalchemy
+
+    (tmp_path / "results" / "unet").mkdir(parents=True)
+    for command in ("nas.report", "nas.export"):  # a database with no study: refused
+        result = run_cli(command, "results/unet", "--storage", postgres_url, *READERS[command],
+                         cwd=tmp_path)  # fmt: skip
+        assert "holds no Optuna study storage" in user_error(result)
+    engine = sqlalchemy.create_engine(postgres_url)
+    assert sqlalchemy.inspect(engine).get_table_names() == []  # no table was created
+    optuna.create_study(storage=open_storage(postgres_url), study_name="unet")
+    study = load_study(postgres_url, "unet")  # read-only
+    with pytest.raises(optuna.exceptions.StorageInternalError) as refused:
+        study.set_user_attr("note", 1)
+    assert "read-only transaction" in str(refused.value.__cause__)
+    assert load_study(postgres_url, "unet").user_attrs == {}
+    close_storages()
+    engine.dispose()
