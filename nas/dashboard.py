@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
     print(f"optuna-dashboard for {args.results} on http://{args.host}:{args.port}/", flush=True)
-    optuna_dashboard.run_server(  # through the one path: WAL and lock timeout on SQLite
-        open_storage(storage),
+    optuna_dashboard.run_server(  # through the one path: the lock timeout on SQLite
+        open_storage(storage, access="existing"),  # its notes: into the study's storage only
         host=args.host,
         port=args.port,
         artifact_store=store,

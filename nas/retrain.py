@@ -150,7 +150,9 @@ def run_crossval(
 
     folds = parse_folds(args.folds, data_cfg)
     objectives = study_objectives(study).names
-    crossval = open_crossval_study(open_storage(storage), study.study_name, objectives)
+    crossval = open_crossval_study(
+        open_storage(storage, access="existing"), study.study_name, objectives
+    )
     cross_validate(study, chosen, folds, args.results, crossval, args.epochs, device, args.workers)
     table = pd.DataFrame(summary_rows(crossval, study))
     atomic_write(args.results / "crossval.csv", lambda p: table.to_csv(p, index=False))
@@ -198,7 +200,7 @@ def _retrain_study(study: optuna.Study, storage: str) -> optuna.Study:
     from nas.storage import open_storage
 
     return open_retrain_study(
-        open_storage(storage), study.study_name, study_objectives(study).names
+        open_storage(storage, access="existing"), study.study_name, study_objectives(study).names
     )
 
 
@@ -340,9 +342,10 @@ def run(args: argparse.Namespace) -> int:
 
     processes = processes_option(args.processes)
     pool_option("--workers", args.workers)  # folds trained at once
-    name = args.results.name
     storage = args.storage or default_storage(args.results)
-    study = load_results_study(args.results, args.storage)
+    # Its companion studies are written into the search's storage: only one that holds it.
+    study = load_results_study(args.results, args.storage, access="existing")
+    name = study.study_name
     # What this command trains and reads, shared through the study's artifact store when
     # it has one: every function below writes and finds the trial files through it.
     args.files = trial_files(study, args.results)

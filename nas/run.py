@@ -517,6 +517,10 @@ def _search(args: argparse.Namespace, log: RunLog) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     is_worker = args.worker_index is not None
+    if args.storage:  # one nas may not write into (another program's file) before the data
+        from nas.storage import check_sqlite
+
+        check_sqlite(args.storage)
     setup = _set_up(args)
     check_output_folder(setup.study_dir)  # a dry run says so too
     if args.dry_run:

@@ -7,6 +7,7 @@ What a trial does is nas/search_trial.py; how many trials a run spends, nas/sche
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from nas.objectives import (
 from nas.record import StudyRecord, TrialRecord, carried, write_study
 from nas.sampler import LineageSampler
 from nas.space import StudySection
-from nas.storage import load_study, open_storage
+from nas.storage import Access, load_study, open_storage, sqlite_url
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -34,7 +35,8 @@ INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 
 
 def default_storage(study_dir: Path) -> str:
-    return f"sqlite:///{study_dir / 'study.db'}"
+    """The URL of `study_dir`/study.db, whatever characters the folder's name holds."""
+    return sqlite_url(study_dir / "study.db")
 
 
 def make_sampler(
@@ -149,13 +151,23 @@ def _retry_interrupted(study: optuna.Study) -> None:
             study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
-def load_results_study(results: Path, storage: str | None = None) -> optuna.Study:
-    """The study behind a results folder of nas.run (named after the folder)."""
+def load_results_study(
+    results: Path, storage: str | None = None, access: Access = "read"
+) -> optuna.Study:
+    """The study behind a results folder of nas.run (named after the folder: `.` is the
+    folder it stands for). The storage must hold it; `access` as in nas/storage.py: "read"
+    for the commands that write nothing into it."""
     if storage is None:
         if not (results / "study.db").exists():
             raise NasError(results, "holds no study.db: not a results folder of nas.run")
         storage = default_storage(results)
-    return load_study(storage, results.name)
+    return load_study(storage, study_folder_name(results), access)
+
+
+def study_folder_name(results: Path) -> str:
+    """The name of the study whose results folder is `results` (its last component once
+    `.` and `..` are resolved; a symbolic link keeps its own name)."""
+    return Path(os.path.abspath(results)).name
 
 
 def n_settled(study: optuna.Study) -> int:
