@@ -120,13 +120,13 @@ def predict_scan(
     import torch
     import torch.nn.functional as F
 
-    from nas.data.preprocess import check_finite, prepare_image, read_channels, spacing_of
+    from nas.data.preprocess import prepare_image, read_channels, spacing_of
     from nas.validate import predict_logits, windows_per_batch
 
     with torch.no_grad():
         prep, inference = card.preprocessing, card.inference
+        # The checks a training case gets (nas/data/preprocess.py): header, affine, voxels.
         channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
-        check_finite(channels, paths)
         image, box = prepare_image(channels, spacing_of(paths[0]), prep.plan(card.labels))
         probs = predict_logits(
             predictor,
