@@ -54,25 +54,59 @@ def split_cases(
 
 
 def _read_split(path: Path, fold: int, by_name: dict[str, Case]) -> set[str]:
+    """The validation cases of `fold`, once the whole file is found to describe folds of
+    this dataset (`check_splits`)."""
     try:
         splits = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise NasError(path, "not found") from None
     except json.JSONDecodeError as err:
         raise NasError(path, f"not valid JSON ({err})") from None
-    if not isinstance(splits, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("val"), list) for s in splits
-    ):
-        raise NasError(path, "must be a list of {'train': [...], 'val': [...]} (nnU-Net format)")
+    except UnicodeDecodeError:
+        raise NasError(path, "not valid JSON: not UTF-8 text") from None
+    check_splits(path, splits, set(by_name))
     if fold >= len(splits):
         raise NasError(path, f"has {len(splits)} folds; fold {fold} does not exist")
     val = set(splits[fold]["val"])
-    unknown = sorted(val - set(by_name))
-    if unknown:
-        raise NasError(path, f"names cases not in the dataset: {unknown[:5]}")
     if not val or val == set(by_name):
         raise NasError(path, f"fold {fold} must leave cases on both sides")
     return val
+
+
+def check_splits(path: Path, splits: object, cases: set[str]) -> None:
+    """An nnU-Net splits_final.json that contradicts itself or the dataset is refused, naming
+    the fold and the case: a case the dataset does not have, a case in both the training and
+    the validation cases of a fold, a case a fold leaves out of both, or a case two folds
+    validate on (nnU-Net's folds validate on disjoint cases)."""
+    if not isinstance(splits, list) or not all(
+        isinstance(s, dict)
+        and set(s) == {"train", "val"}
+        and all(isinstance(names, list) for names in s.values())
+        and all(isinstance(name, str) for names in s.values() for name in names)
+        for s in splits
+    ):
+        raise NasError(
+            path, "must be a list of {'train': [names], 'val': [names]} (nnU-Net format)"
+        )
+    validated_in: dict[str, int] = {}
+    for fold, split in enumerate(splits):
+        train, val = set(split["train"]), set(split["val"])
+        for name in sorted(train | val):
+            if name not in cases:
+                side = "val" if name in val else "train"
+                raise NasError(path, f"fold {fold} {side}: {name!r} is not a case of the dataset")
+        for name in sorted(train & val):
+            raise NasError(path, f"fold {fold}: {name!r} is in both its train and its val cases")
+        for name in sorted(cases - train - val):
+            raise NasError(path, f"fold {fold}: {name!r} is in neither its train nor its val cases")
+        for name in sorted(val):
+            if name in validated_in:
+                raise NasError(
+                    path,
+                    f"fold {fold}: {name!r} is validated on in fold {validated_in[name]} too "
+                    "(folds validate on disjoint cases)",
+                )
+            validated_in[name] = fold
 
 
 def validation_centres(
