@@ -123,9 +123,12 @@ def load_volume(path, as_float32: bool = False) -> tuple[np.ndarray, np.ndarray]
     image = open_nifti(path)
     try:
         canonical = nib.as_closest_canonical(image)
-        data = (
-            canonical.get_fdata(dtype=np.float32) if as_float32 else np.asarray(canonical.dataobj)
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+            data = (
+                canonical.get_fdata(dtype=np.float32)
+                if as_float32
+                else np.asarray(canonical.dataobj)
+            )
     except Exception as err:  # truncated or corrupt compressed data shows up here
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):  # float32 overflow included
