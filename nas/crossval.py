@@ -141,7 +141,7 @@ def cross_validate(
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     for member in members:
         record = TrialRecord.of(member)
-        train = TrainConfig(**record.train_config)
+        train = record.train()
         train = dataclasses.replace(train, epochs=epochs or 3 * train.epochs, max_seconds=None)
         done = done_runs(crossval, train.epochs)
         by_number[member.number] = member
