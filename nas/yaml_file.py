@@ -39,6 +39,10 @@ def read_yaml(path: Path) -> Any:
     return parse_yaml(text, path)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load's loader, refusing a mapping that names a key twice (safe_load keeps the
     last value, so an edit further down would silently override the one a reader sees)."""
@@ -58,10 +62,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _DuplicateKey(f"duplicate key {key!r} on line {line} (first on line {seen})")
             first_line[key] = line
         return super().construct_mapping(node, deep=deep)
-
-
-class _DuplicateKey(yaml.YAMLError):
-    pass
 
 
 def parse_yaml(text: str, source: str | Path) -> Any:

@@ -6,6 +6,7 @@ trial attrs, recorded configs and model cards that no longer hold what nas wrote
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -50,7 +51,7 @@ def made(tmp_path_factory, tiny_dataset) -> Path:
 
 @pytest.fixture
 def work(made, tmp_path) -> Path:
-    """A copy of `made` to change: its study, its model and one scan of the tiny dataset."""
+    """A copy of `made` to change: its study and its model."""
     shutil.copytree(made / "results", tmp_path / "results")
     shutil.copytree(made / "model", tmp_path / "model")
     return tmp_path
@@ -81,16 +82,12 @@ def _rewrite_header(path: Path, **fields) -> None:
     compressed = path.name.endswith(".gz")
     raw = path.read_bytes()
     if compressed:
-        import gzip
-
         raw = gzip.decompress(raw)
     header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw[:348]), check=False)
     for name, value in fields.items():
         header[name] = value
     raw = header.binaryblock + raw[348:]
     if compressed:
-        import gzip
-
         raw = gzip.compress(raw)
     path.write_bytes(raw)
 
