@@ -14,7 +14,6 @@ search's own trials are never touched.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from nas.builder import UNetConfig, count_parameters
 from nas.companions import member_runs
 from nas.data import DataConfig, load_dataset, split_dataset
+from nas.data.sampling import read_splits
 from nas.postprocess import classes_helped, dice_per_class, keep_largest_component
 from nas.record import StudyRecord, TrialRecord, carried, merge_study, rerun_trial
 from nas.staging import atomic_write
@@ -43,7 +43,7 @@ def all_folds(data: DataConfig) -> list[int]:
     """The folds of the search's split: n_folds, or the entries of its splits file."""
     if data.splits_file is None:
         return list(range(data.n_folds))
-    return list(range(len(json.loads(Path(data.splits_file).read_text()))))
+    return list(range(len(read_splits(data.splits_file))))
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def cross_validate(
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     for member in members:
         record = TrialRecord.of(member)
-        train = TrainConfig(**record.train_config)
+        train = record.train()
         train = dataclasses.replace(train, epochs=epochs or 3 * train.epochs, max_seconds=None)
         done = done_runs(crossval, train.epochs)
         by_number[member.number] = member

@@ -22,3 +22,15 @@ class NasError(Exception):
 
     def __reduce__(self):  # raised in a worker process, it reaches the parent whole
         return type(self), (self.source, self.reason)
+
+
+def validation_problem(err: Exception) -> str:
+    """The first problem a pydantic ValidationError reports, as `field: message`, for a
+    NasError's reason; other errors (TypeError, ValueError) as they say it."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(err)

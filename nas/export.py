@@ -560,16 +560,14 @@ def export(
     `TrialWeights.describe` gives it; default: the file's path) go into the card. `storage`
     is only recorded, without its password; `results`, the study's folder, is never replaced
     or deleted."""
-    from nas.builder import UNetConfig
     from nas.labels import LabelScheme
     from nas.model_card import Inference, ModelCard, Postprocessing, write_card
     from nas.record import StudyRecord, TrialRecord
     from nas.storage import local_file
-    from nas.train_config import TrainConfig
 
     record = TrialRecord.of(trial)
-    unet = UNetConfig.from_dict(record.unet_config)
-    train = TrainConfig(**record.train_config)
+    unet = record.unet()
+    train = record.train()
     data = _data_description(study)
     scheme = LabelScheme.from_description(data)
     if unet.out_channels != scheme.out_channels:

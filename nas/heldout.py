@@ -29,7 +29,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from nas.builder import UNetConfig, build_unet
+from nas.builder import build_unet
 from nas.candidate import TrainingData
 from nas.data.layouts import CaseFiles, Scan
 from nas.data.preprocess import open_nifti
@@ -41,7 +41,6 @@ from nas.model_card import ModelCard, read_card
 from nas.predict import segment_classes
 from nas.record import StudyRecord, TrialRecord, merge_study
 from nas.results import checkpoint_path
-from nas.train_config import TrainConfig
 from nas.trial_files import trial_files
 from nas.validate import PooledCounts, Scores, evaluate
 from nas.weights import trial_name
@@ -177,8 +176,8 @@ def score_validation_volumes(
         if not data.val_cases or files.local(weights) is None:  # another host's: fetched
             continue
         record = TrialRecord.of(trial)
-        unet = UNetConfig.from_dict(record.unet_config)
-        patch = TrainConfig(**record.train_config).patch_size(unet.spatial_dims)
+        unet = record.unet()
+        patch = record.train().patch_size(unet.spatial_dims)
         model = build_unet(unet)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         began = time.perf_counter()

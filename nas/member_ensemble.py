@@ -29,7 +29,6 @@ from nas.postprocess import classes_helped, dice_per_class, keep_largest_compone
 from nas.record import StudyRecord, TrialRecord, write_study
 from nas.state_dict import load_weights
 from nas.train import init_model
-from nas.train_config import TrainConfig
 from nas.validate import PooledCounts, predict_logits
 from nas.weights import fold_path
 
@@ -49,8 +48,8 @@ def _members(search: optuna.Study, numbers: Sequence[int]) -> list[Member]:
     members = []
     for number in numbers:
         record = TrialRecord.of(by_number[number])
-        unet = UNetConfig.from_dict(record.unet_config)
-        patch = TrainConfig(**record.train_config).patch_size(unet.spatial_dims)
+        unet = record.unet()
+        patch = record.train().patch_size(unet.spatial_dims)
         members.append(Member(number, unet, tuple(patch), record.n_params or 0))
     return members
 

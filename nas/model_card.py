@@ -18,6 +18,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -26,7 +29,7 @@ from pydantic import (
 
 from nas.data import Dataset
 from nas.data.preprocess import CasePlan, ChannelNorm
-from nas.errors import NasError
+from nas.errors import NasError, validation_problem
 from nas.labels import LabelScheme
 from nas.memory import estimate_inference_bytes, format_gb, host_memory_limit_bytes
 from nas.unet_config import UNetConfig
@@ -40,7 +43,8 @@ FORMAT_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A card is read back from a file anyone may edit: no unknown field, no NaN or infinity.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Normalization(_Strict):
@@ -48,7 +52,14 @@ class Normalization(_Strict):
 
     clip: tuple[float, float] | None = None
     mean: float | None = None
-    std: float | None = None
+    std: NonNegativeFloat | None = None
+
+    @field_validator("clip")
+    @classmethod
+    def _ordered(cls, clip: tuple[float, float] | None) -> tuple[float, float] | None:
+        if clip is not None and clip[0] > clip[1]:
+            raise ValueError(f"clip {list(clip)} runs from high to low")
+        return clip
 
 
 class Preprocessing(_Strict):
@@ -58,8 +69,22 @@ class Preprocessing(_Strict):
     crop: Literal["nonzero"] = "nonzero"  # to the box where any used channel is nonzero
     input_channels: tuple[str, ...]  # the channels a scan provides: files _0000, _0001, ...
     channels: tuple[int, ...]  # which of them the network reads, in its input order
-    target_spacing_mm: tuple[float, float, float]  # linear for images, nearest for labels
+    target_spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat]  # linear; labels nearest
     normalization: tuple[Normalization, ...]  # one per network input channel
+
+    @model_validator(mode="after")
+    def _channels_exist(self) -> Preprocessing:
+        n_inputs = len(self.input_channels)
+        if not self.channels or not all(0 <= c < n_inputs for c in self.channels):
+            raise ValueError(
+                f"channels {list(self.channels)} must name some of the {n_inputs} input channels"
+            )
+        if len(self.normalization) != len(self.channels):
+            raise ValueError(
+                f"normalization has {len(self.normalization)} entries for "
+                f"{len(self.channels)} channels"
+            )
+        return self
 
     def plan(self, labels: dict[str, int]) -> CasePlan:
         norms = tuple(ChannelNorm(n.clip, n.mean, n.std) for n in self.normalization)
@@ -74,7 +99,7 @@ class Inference(_Strict):
     slice_axis: Literal[0, 1, 2]  # 2D networks see slices along this RAS axis
     patch_size: tuple[PositiveInt, ...]  # the sliding window: in-plane for 2D, (X, Y, Z) for 3D
     # The exported programs take spatial sizes that are multiples of this (at least twice it).
-    size_multiple: tuple[int, ...]
+    size_multiple: tuple[PositiveInt, ...]
     # One foreground logit; one per class; or one per region (each sigmoid > 0.5 writes its
     # regions_class_order value, in order).
     output: Literal["sigmoid", "softmax", "regions"]
@@ -95,7 +120,7 @@ class ModelCard(_Strict):
     architecture: dict[str, Any]  # keyword arguments of nas.build_unet
     preprocessing: Preprocessing
     inference: Inference
-    labels: dict[str, int]  # class name -> voxel value in the masks, background first
+    labels: dict[str, NonNegativeInt]  # class name -> voxel value in the masks, background first
     # Region-based training only: region name -> the label values it covers, and the value
     # written where each region is predicted (later regions overwrite earlier ones).
     regions: dict[str, tuple[int, ...]] | None = None
@@ -121,6 +146,9 @@ class ModelCard(_Strict):
                 f"inference.output is {self.inference.output!r}; the labels and regions give "
                 f"{scheme.output!r}"
             )
+        unknown = [n for n in self.postprocessing.largest_component if n not in self.labels]
+        if unknown:
+            raise ValueError(f"postprocessing names classes not among the labels: {unknown}")
         return self
 
     def unet_config(self) -> UNetConfig:
@@ -173,16 +201,36 @@ def read_card(folder: Path) -> ModelCard:
         card = ModelCard.model_validate(read_yaml(path))
         unet = card.unet_config()
     except (ValidationError, TypeError, ValueError) as err:
-        raise NasError(path, f"not a valid model description ({_first_error(err)})") from None
-    if len(card.inference.patch_size) != unet.spatial_dims:
-        raise NasError(
-            path,
-            f"not a valid model description (inference.patch_size has "
-            f"{len(card.inference.patch_size)} values for a {unet.spatial_dims}D network)",
-        )
+        raise NasError(path, f"not a valid model description ({validation_problem(err)})") from None
+    problem = _network_mismatch(card, unet)
+    if problem is not None:
+        raise NasError(path, f"not a valid model description ({problem})")
     # The network is built on the CPU whatever the target device, so the host's limit applies.
     check_memory(path, card, host_memory_limit_bytes(), "cpu")
     return card
+
+
+def _network_mismatch(card: ModelCard, unet: UNetConfig) -> str | None:
+    """Where the card's inference and preprocessing disagree with its network, in words."""
+    inference, dims = card.inference, unet.spatial_dims
+    if inference.spatial_dims != dims:
+        return f"inference.spatial_dims is {inference.spatial_dims} for a {dims}D network"
+    for name in ("patch_size", "size_multiple"):
+        if len(getattr(inference, name)) != dims:
+            return (
+                f"inference.{name} has {len(getattr(inference, name))} values for a {dims}D network"
+            )
+    if unet.in_channels != len(card.preprocessing.channels):
+        return (
+            f"architecture.in_channels is {unet.in_channels}; preprocessing.channels gives "
+            f"{len(card.preprocessing.channels)}"
+        )
+    if unet.out_channels != card.scheme().out_channels:
+        return (
+            f"architecture.out_channels is {unet.out_channels}; the labels give "
+            f"{card.scheme().out_channels}"
+        )
+    return None
 
 
 class EnsembleCard(_Strict):
@@ -216,7 +264,9 @@ def read_ensemble_card(folder: Path) -> EnsembleCard | None:
     try:
         card = EnsembleCard.model_validate(read_yaml(path))
     except (ValidationError, TypeError, ValueError) as err:
-        raise NasError(path, f"not a valid ensemble description ({_first_error(err)})") from None
+        raise NasError(
+            path, f"not a valid ensemble description ({validation_problem(err)})"
+        ) from None
     return card
 
 
@@ -232,11 +282,3 @@ def check_memory(path: Path, card: ModelCard, limit: int, where: str) -> None:
             f"needs about {format_gb(needed)} for its weights and one inference window, "
             f"more than the {format_gb(limit)} {where} memory this machine allows",
         )
-
-
-def _first_error(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return f"{where}: {first['msg']}" if where else first["msg"]
-    return str(err)

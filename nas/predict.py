@@ -121,7 +121,6 @@ def predict_scan(
     import torch.nn.functional as F
 
     from nas.data.preprocess import (
-        check_finite,
         check_target_grid,
         prepare_image,
         read_channels,
@@ -137,8 +136,8 @@ def predict_scan(
         # windows are cut from, the blended outputs and their weights.
         per_voxel = 4 * (2 * len(plan.channels) + 2 + card.scheme().out_channels)
         check_target_grid(scan.images[0], plan, per_voxel)
+        # The checks a training case gets (nas/data/preprocess.py): header, affine, voxels.
         channels, paths, _ = read_channels(scan.images, len(prep.input_channels))
-        check_finite(channels, paths)
         image, box = prepare_image(channels, spacing_of(paths[0]), plan)
         unet = card.unet_config()
         window = estimate_inference_bytes(unet, inference.patch_size, unet.in_channels)

@@ -7,23 +7,29 @@ promotion, a retry, a retrain or a fold), and `TrialRecord.of` reads them back, 
 schedule, the sampler, liveness, results, report, export, retrain and cross-validation; no
 one reads a trial's `values` by position: `record.quantity(name)` is an objective's value
 whatever the study's objectives are. Studies written before a field existed read it as None
-(or empty).
+(or empty). Every attr is checked on read against what it must hold (TRIAL_ATTRS,
+STUDY_ATTRS; the data settings through DataConfig, a trial's configs through UNetConfig and
+TrainConfig where they are used), so that a storage edited by hand or by another program is
+one line naming the trial or study and the attr, not a traceback far from it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState, create_trial
+from pydantic import ValidationError
 
-from nas.errors import NasError
+from nas.errors import NasError, validation_problem
 from nas.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of, values_of
 from nas.secrets import scrub_value
+from nas.train_config import TrainConfig
+from nas.unet_config import UNetConfig
 
 # Where each quantity is kept among a trial's user attrs.
 QUANTITY_ATTRS = {
@@ -38,6 +44,17 @@ QUANTITY_ATTRS = {
 LATENCY_IQR_ATTR = "latency_iqr_ms"
 REJECTED_ATTR = "rejected"  # the constraint a candidate broke before it trained
 HEARTBEAT_ATTR = "heartbeat_at"
+
+# What a user attr must hold, in the words a refusal uses (None is always "not recorded").
+NUMBER = "a number"
+INTEGER = "a whole number"
+TEXT = "text"
+FLAG = "true or false"
+MAPPING = "a mapping"
+NUMBERS = "a list of numbers"
+INTEGERS = "a list of whole numbers"
+TEXTS = "a list of texts"
+MAPPINGS = "a list of mappings"
 
 
 @dataclass(frozen=True)
@@ -110,21 +127,22 @@ class TrialRecord:
     @classmethod
     def _read(cls, trial: FrozenTrial) -> TrialRecord:
         attrs = trial.user_attrs
+        check_attrs(attrs, TRIAL_ATTRS, f"trial {trial.number}")
         quantities = {name: _number(attrs.get(attr)) for name, attr in QUANTITY_ATTRS.items()}
         return cls(
             number=trial.number,
             state=trial.state,
             params=trial.params,
             quantities=quantities,
-            unet_config=attrs.get("unet_config", {}),
-            train_config=attrs.get("train_config", {}),
+            unet_config=attrs.get("unet_config") or {},
+            train_config=attrs.get("train_config") or {},
             curve=trial.intermediate_values,
             epochs_run=attrs.get("epochs_run"),
             fidelity_steps=attrs.get("fidelity_steps"),
             continues=attrs.get("continues"),
             seconds=attrs.get("seconds"),
             device=attrs.get("device"),
-            summary=attrs.get("summary", ""),
+            summary=attrs.get("summary") or "",
             fail_reason=attrs.get("fail_reason"),
             rejected=attrs.get(REJECTED_ATTR),
             violations=tuple(trial.constraints.values()),
@@ -133,24 +151,36 @@ class TrialRecord:
             lineage=_integer(attrs.get("lineage")),
             until=_integer(attrs.get("until")),
             rungs=tuple(int(r) for r in attrs.get("rungs") or ()),
-            stopped_by_time=bool(attrs.get("stopped_by_time", False)),
-            steps=int(attrs.get("steps", 0)),
-            segment_seconds=float(attrs.get("segment_seconds", 0.0)),
+            stopped_by_time=bool(attrs.get("stopped_by_time")),
+            steps=int(attrs.get("steps") or 0),
+            segment_seconds=float(attrs.get("segment_seconds") or 0.0),
             worker=attrs.get("worker"),
             heartbeat_at=_number(attrs.get(HEARTBEAT_ATTR)),
             retry_of=_integer(attrs.get("retry_of")),
-            warm_start=bool(attrs.get("warm_start", False)),
-            train_loss=tuple(attrs.get("train_loss", ())),
-            epoch_seconds=tuple(attrs.get("epoch_seconds", ())),
-            val_iou_per_class=tuple(attrs.get("val_iou_per_class", ())),
+            warm_start=bool(attrs.get("warm_start")),
+            train_loss=tuple(attrs.get("train_loss") or ()),
+            epoch_seconds=tuple(attrs.get("epoch_seconds") or ()),
+            val_iou_per_class=tuple(attrs.get("val_iou_per_class") or ()),
             val_case_counts=attrs.get("val_case_counts") or {},
             artifact_error=attrs.get("artifact_error"),
             source_trial=_integer(attrs.get("source_trial")),
             fold=_integer(attrs.get("fold")),
             search_val_iou=_number(attrs.get("search_val_iou")),
-            out_of_fold=tuple(attrs.get("out_of_fold", ())),
-            class_names=tuple(attrs.get("class_names", ())),
+            out_of_fold=tuple(attrs.get("out_of_fold") or ()),
+            class_names=tuple(attrs.get("class_names") or ()),
             best=attrs.get("best") or {},
+        )
+
+    def unet(self) -> UNetConfig:
+        """The network it trained, read through UNetConfig's schema."""
+        return _config(
+            UNetConfig.from_dict, self.unet_config, f"trial {self.number}", "unet_config"
+        )
+
+    def train(self) -> TrainConfig:
+        """How it trained, read through TrainConfig's schema."""
+        return _config(
+            lambda v: TrainConfig(**v), self.train_config, f"trial {self.number}", "train_config"
         )
 
     @property
@@ -255,6 +285,65 @@ def _integer(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return _is_number(value) and float(value).is_integer()
+
+
+_HOLDS = {
+    NUMBER: _is_number,
+    INTEGER: _is_integer,
+    TEXT: lambda v: isinstance(v, str),
+    FLAG: lambda v: isinstance(v, bool),
+    MAPPING: lambda v: isinstance(v, dict),
+    NUMBERS: lambda v: isinstance(v, list) and all(map(_is_number, v)),
+    INTEGERS: lambda v: isinstance(v, list) and all(map(_is_integer, v)),
+    TEXTS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    MAPPINGS: lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+}
+
+# The user attrs of a trial, by what they hold (those TrialRecord reads; others are ignored).
+TRIAL_ATTRS = {
+    **dict.fromkeys([*QUANTITY_ATTRS.values(), LATENCY_IQR_ATTR, HEARTBEAT_ATTR], NUMBER),
+    **dict.fromkeys(["seconds", "segment_seconds", "search_val_iou"], NUMBER),
+    **dict.fromkeys(["epochs_run", "fidelity_steps", "continues", "lineage", "until"], INTEGER),
+    **dict.fromkeys(["steps", "retry_of", "source_trial", "fold"], INTEGER),
+    **dict.fromkeys(["device", "summary", "fail_reason", REJECTED_ATTR, "worker"], TEXT),
+    "artifact_error": TEXT,
+    **dict.fromkeys(["stopped_by_time", "warm_start"], FLAG),
+    **dict.fromkeys(["unet_config", "train_config", "val_case_counts", "best"], MAPPING),
+    **dict.fromkeys(["train_loss", "epoch_seconds", "val_iou_per_class"], NUMBERS),
+    "rungs": INTEGERS,
+    "class_names": TEXTS,
+    "out_of_fold": MAPPINGS,
+}
+
+
+def check_attrs(attrs: Mapping[str, Any], kinds: Mapping[str, str], source: str) -> None:
+    """Refuse, naming `source` and the attr, a user attr that does not hold what `kinds`
+    says it must (a storage edited by hand or by another program): one pass, no copies,
+    as records are read for every trial of a study."""
+    for name, value in attrs.items():
+        kind = kinds.get(name)
+        if kind is not None and value is not None and not _HOLDS[kind](value):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise NasError(source, f"attr {name} is {shown}, not {kind}")
+
+
+def _config(make: Callable[[Any], Any], values: Mapping[str, Any], source: str, attr: str) -> Any:
+    """`make(values)`, a recorded config read through its schema; a NasError naming `source`
+    and `attr` where the schema refuses it."""
+    try:
+        return make(values)
+    except (ValidationError, TypeError, ValueError) as err:
+        raise NasError(
+            source, f"attr {attr} does not hold valid settings ({validation_problem(err)})"
+        ) from None
+
+
 @dataclass(frozen=True)
 class StudyObjectives:
     """A study's objectives, in the order of its values."""
@@ -318,23 +407,49 @@ class StudyRecord:
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
-        return cls.from_attrs(study.user_attrs)
+        return cls.from_attrs(study.user_attrs, f"study {study.study_name!r}")
 
     @classmethod
     def in_storage(cls, storage: optuna.storages.BaseStorage, study_id: int) -> StudyRecord:
         """The record of a study not yet opened (nas/study.py checks it first)."""
-        return cls.from_attrs(storage.get_study_user_attrs(study_id))
+        name = storage.get_study_name_from_id(study_id)
+        return cls.from_attrs(storage.get_study_user_attrs(study_id), f"study {name!r}")
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> StudyRecord:
-        fields = {k: v for k, v in attrs.items() if k in cls.__dataclass_fields__}
-        if fields.get("objectives") is not None:
+    def from_attrs(cls, attrs: Mapping[str, Any], source: str) -> StudyRecord:
+        """The record of a study's `attrs`, each read through its schema (the data settings
+        through DataConfig's); a NasError naming `source` and the attr where one is not."""
+        check_attrs(attrs, STUDY_ATTRS, source)
+        fields = {k: v for k, v in attrs.items() if k in cls.__dataclass_fields__ and v is not None}
+        if "objectives" in fields:
             fields["objectives"] = tuple(fields["objectives"])
+        if "rung_correlations" in fields:
+            fields["rung_correlations"] = tuple(fields["rung_correlations"])
+        if "data_config" in fields:
+            from nas.data import DataConfig
+
+            _config(lambda v: DataConfig(**v), fields["data_config"], source, "data_config")
         return cls(**fields)
 
     def dataset(self) -> str:
         """The dataset's path as the search recorded it ("?" for a study without it)."""
         return (self.data_config or {}).get("path", "?")
+
+
+# The user attrs of a study, by what they hold.
+STUDY_ATTRS = {
+    "objectives": TEXTS,
+    "rung_correlations": MAPPINGS,
+    "artifacts": TEXT,
+    **dict.fromkeys(
+        [
+            "constraints", "space", "data_config", "data_description", "patch_plan",
+            "validation", "data_cases", "test_scores", "postprocessing", "heldout_ensemble",
+            "all_cases", "member_ensembles", "volume_scores",
+        ],
+        MAPPING,
+    ),
+}  # fmt: skip
 
 
 def _study_field(name: str) -> str:

@@ -405,10 +405,9 @@ def _run_plan(
 
     from nas.record import TrialRecord
     from nas.resumable import check_identity, read_checkpoint
-    from nas.train_config import TrainConfig
 
     record = TrialRecord.of(trial)
-    search_train = TrainConfig(**record.train_config)
+    search_train = record.train()
     path = _latest_path(args, trial.number)
     start, recorded = None, {}
     if args.continue_run:
@@ -478,7 +477,6 @@ def _train_member(
     from nas.resumable import train_resumable
     from nas.staging import remove_stale_staging
     from nas.train import EVERY_EPOCH, init_model, initial_model
-    from nas.unet_config import UNetConfig
 
     train, identity, start = plan
     path = _latest_path(args, trial.number)
@@ -486,7 +484,7 @@ def _train_member(
         print(f"  its run finished ({start.epoch} epochs): nothing to continue")
         return None
     remove_stale_staging(path.parent)  # what a killed run was writing
-    unet = UNetConfig.from_dict(TrialRecord.of(trial).unet_config)
+    unet = TrialRecord.of(trial).unet()
     if start is not None:
         print(f"  continuing from the checkpoint at epoch {start.epoch} ({start.steps:,} steps)")
         model = init_model(unet, train.seed)  # the checkpoint's weights replace these
@@ -615,10 +613,9 @@ def _retrain_one(
     from nas.results import save_checkpoint
     from nas.resumable import write_checkpoint
     from nas.train import CandidateFailed, init_model
-    from nas.unet_config import UNetConfig
 
     record = TrialRecord.of(trial)
-    unet = UNetConfig.from_dict(record.unet_config)
+    unet = record.unet()
     plan = _run_plan(args, study, trial, data_cfg)
     train = plan[0]
     # Every training slice: the search may have used a few per case.

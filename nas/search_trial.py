@@ -28,7 +28,6 @@ from optuna_dashboard import save_note
 from pydantic import ValidationError
 
 from nas.artifacts import example_case, overlay_path, upload, write_overlay
-from nas.builder import UNetConfig
 from nas.candidate import (
     Outcome,
     TrainingData,
@@ -75,7 +74,6 @@ from nas.train import (
     is_out_of_memory,
     out_of_memory_reason,
 )
-from nas.train_config import TrainConfig
 from nas.trial_files import TrialFiles
 from nas.validate import Scores, ValidationPatches
 
@@ -351,9 +349,7 @@ def continued_candidate(
     with contextlib.suppress(ValidationError):  # the parameters, for the tables
         sample(run.space, trial, run.in_channels, out_channels, run.seed(trial))
     record = TrialRecord.of(parent)
-    candidate = Candidate(
-        UNetConfig.from_dict(record.unet_config), TrainConfig(**record.train_config)
-    )
+    candidate = Candidate(record.unet(), record.train())
     weights = checkpoint_path(run.study_dir, number)
     try:
         for path in (weights, state_path(weights)):  # trained on another host: fetched

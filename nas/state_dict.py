@@ -1,7 +1,7 @@
 """A network's weights as a file: a state_dict saved by nas (a search checkpoint, a fold, a
-retrained or exported model), read back with weights_only=True and checked against the
-network it is loaded into, so that a wrong or damaged file is one line naming it and the
-first tensor that does not fit.
+retrained or exported model), read back with weights_only=True, its values checked finite
+and its tensors against the network it is loaded into, so that a wrong or damaged file is
+one line naming it and the first tensor that does not fit.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise NasError(path, f"cannot be read as PyTorch weights ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise NasError(path, "is not a checkpoint of weights (a state_dict of tensors)")
+    for name, tensor in state.items():  # a diverged or damaged network predicts nothing but NaN
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NasError(path, f"tensor {name} holds NaN or infinite values")
     return state
 
 

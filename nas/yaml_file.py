@@ -4,7 +4,7 @@ The search space, an exported model's architecture.yaml and the values of `--set
 read here. What they hold is bounded before anything else looks at it: at most MAX_DEPTH
 levels of nesting and MAX_VALUES values counted as every alias expands (a few lines of YAML
 aliases can stand for billions of values, the "billion laughs"), so no later step recurses
-or allocates without end.
+or allocates without end. A key given twice in one mapping is refused, naming both lines.
 """
 
 from __future__ import annotations
@@ -39,10 +39,38 @@ def read_yaml(path: Path) -> Any:
     return parse_yaml(text, path)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a mapping that names a key twice (safe_load keeps the
+    last value, so an edit further down would silently override the one a reader sees)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, overridable
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # an unhashable key: the constructor below names it
+                continue
+            line = key_node.start_mark.line + 1
+            if seen is not None:
+                raise _DuplicateKey(f"duplicate key {key!r} on line {line} (first on line {seen})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, source: str | Path) -> Any:
-    """The plain data in `text`; a NasError naming `source` where it is not valid YAML."""
+    """The plain data in `text`; a NasError naming `source` where it is not valid YAML or
+    names a key twice in one mapping."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except _DuplicateKey as err:
+        raise NasError(source, str(err)) from None
     except yaml.YAMLError as err:
         raise NasError(source, f"not valid YAML: {' '.join(str(err).split())}") from None
     except RecursionError:

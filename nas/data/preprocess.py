@@ -1,11 +1,12 @@
 """Turn one case's NIfTI files into training arrays, checking them on the way.
 
-Per case, as nnU-Net does: load every channel and the label with nibabel, check that they
-agree (3D, same shape and affine, finite voxels, declared label values), reorient to RAS,
-crop to the region where any channel is nonzero, resample to the target spacing (linear for
-images, nearest neighbour for labels) and normalise each channel: z-score for MRI and other
-modalities, clip to the dataset's foreground percentiles then z-score for CT. Every problem
-is a NasError naming the file. Knows nothing of caching, sampling or training.
+Per case, as nnU-Net does: load every channel and the label with nibabel, check each (3D, no
+empty axis, real and finite voxels, a finite and non-singular affine) and that they agree
+(same shape and affine, declared label values), reorient to RAS, crop to the region where
+any channel is nonzero, resample to the target spacing (linear for images, nearest neighbour
+for labels) and normalise each channel: z-score for MRI and other modalities, clip to the
+dataset's foreground percentiles then z-score for CT. Every problem is a NasError naming
+the file. Knows nothing of caching, sampling or training.
 """
 
 from __future__ import annotations
@@ -77,7 +78,40 @@ def open_nifti(path) -> nib.spatialimages.SpatialImage:
             f"its {image.shape} voxels need {format_gb(as_float)} as float32, more than this "
             f"machine's limit of {format_gb(host_memory_limit_bytes())}",
         )
+    check_header(image, path)
     return image
+
+
+def check_header(image: nib.spatialimages.SpatialImage, path) -> None:
+    """Refuse a file nibabel reads but whose voxels nas would misplace or misread: voxels
+    that are not real numbers (complex: numpy would quietly drop the imaginary part), an axis
+    of length 0, or an affine (a declared sform or qform, and the one nibabel chose) that is
+    not finite or is singular (its voxel axes span fewer than three dimensions)."""
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf":
+        kind = "complex" if dtype.kind == "c" else "non-numeric"
+        raise NasError(path, f"holds {kind} voxels ({dtype}); nas reads real numbers only")
+    if 0 in image.shape:
+        raise NasError(path, f"has an axis of length 0 (shape {image.shape})")
+    header = image.header
+    forms = []
+    if isinstance(header, nib.Nifti1Header):  # NIfTI-2 too; the forms it declares in use
+        if header["sform_code"] > 0:
+            forms.append(("sform", header.get_sform()))
+        if header["qform_code"] > 0:
+            try:
+                forms.append(("qform", header.get_qform()))
+            except ValueError as err:  # quaternion b, c, d of more than unit length
+                raise NasError(path, f"its qform cannot be decoded ({err})") from None
+    for name, affine in [*forms, ("affine", image.affine)]:
+        if not np.all(np.isfinite(affine)):
+            raise NasError(path, f"its {name} holds NaN or infinite values")
+        axes = affine[:3, :3]
+        lengths = np.linalg.norm(axes, axis=0)
+        if lengths.min() == 0 or abs(np.linalg.det(axes)) < 1e-6 * np.prod(lengths):
+            raise NasError(
+                path, f"its {name} is singular: the voxel axes span fewer than three dimensions"
+            )
 
 
 def load_volume(path, as_float32: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -89,11 +123,16 @@ def load_volume(path, as_float32: bool = False) -> tuple[np.ndarray, np.ndarray]
     image = open_nifti(path)
     try:
         canonical = nib.as_closest_canonical(image)
-        data = (
-            canonical.get_fdata(dtype=np.float32) if as_float32 else np.asarray(canonical.dataobj)
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+            data = (
+                canonical.get_fdata(dtype=np.float32)
+                if as_float32
+                else np.asarray(canonical.dataobj)
+            )
     except Exception as err:  # truncated or corrupt compressed data shows up here
         raise NasError(path, f"cannot be read as NIfTI ({err})") from None
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):  # float32 overflow included
+        raise NasError(path, "holds NaN or infinite voxels")
     while data.ndim > 3 and data.shape[-1] == 1:  # 3D saved with a trailing time axis of 1
         data = data[..., 0]
     return data, canonical.affine
@@ -182,7 +221,7 @@ def read_label(case: CaseFiles, shape: tuple[int, ...], affine: np.ndarray) -> n
             f"(shape {shape})",
         )
     is_integer = np.issubdtype(label.dtype, np.integer)
-    if not is_integer and not (np.all(np.isfinite(label)) and np.all(label == np.round(label))):
+    if not is_integer and not np.all(label == np.round(label)):  # finite: load_volume
         raise NasError(case.label, "label values must be whole numbers")
     if label.min() < 0:
         raise NasError(case.label, f"label values must not be negative (found {label.min()})")
@@ -286,7 +325,6 @@ def preprocess_case(
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(image (C, X, Y, Z) float32, label (X, Y, Z) uint8 class indices, source spacing)."""
     channels, paths, affine = read_channels(case.images, n_channels)
-    check_finite(channels, paths)
     label = read_label(case, channels[0].shape, affine)
     values = np.unique(label)
     undeclared = sorted(set(values.tolist()) - set(plan.class_of_value))
@@ -321,9 +359,3 @@ def footprint_bytes(case: CaseFiles, n_channels: int, plan: CasePlan) -> int:
     source = math.prod(shape) * (per_channel + 3 * label + 3)
     target = resampled * case_bytes_per_voxel(plan)
     return math.ceil(FOOTPRINT_MARGIN * (source + target))
-
-
-def check_finite(channels: list[np.ndarray], paths: list) -> None:
-    for channel, path in zip(channels, paths, strict=True):
-        if not np.all(np.isfinite(channel)):
-            raise NasError(path, "holds NaN or infinite voxels")

