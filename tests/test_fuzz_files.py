@@ -43,7 +43,8 @@ OUT = "out"  # the one folder a command of these tests is asked to write
 # JSON-like values a tampered file or attr may hold instead of the right one.
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    | st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                  max_size=3),
     max_leaves=6,
@@ -156,14 +157,16 @@ def _mutated_scan(source: Path, mutation) -> tuple[nib.Nifti1Image, bool]:
         data = data.copy()
         data[0, 0, 0] = value
         wrong = not math.isfinite(value)
-    mutated = nib.Nifti1Image(data, affine)
-    if kind == "pixdim":
-        axis, number = value
-        mutated.header["pixdim"][axis] = number
-        mutated.header.set_sform(None, code=0)  # the pixel sizes alone define the grid
-        mutated.header.set_qform(None, code=0)
-        wrong = not math.isfinite(number) or number <= 0
-    return mutated, wrong
+    if kind != "pixdim":
+        return nib.Nifti1Image(data, affine), wrong
+    # The pixel sizes alone define the grid (no sform, no qform); nibabel reads a size of 0
+    # as 1, and nas must refuse what is left wrong (NaN, infinite) or fail cleanly.
+    header = image.header.copy()
+    header.set_sform(None, code=0)
+    header.set_qform(None, code=0)
+    axis, number = value
+    header["pixdim"][axis] = number
+    return nib.Nifti1Image(data, None, header), not math.isfinite(number)
 
 
 @FUZZ
