@@ -214,10 +214,30 @@ def _data_description(study: optuna.Study) -> dict:
 
     recorded = StudyRecord.of(study)
     if recorded.data_description is not None:
-        return dict(recorded.data_description)
+        return _checked_description(study, dict(recorded.data_description))
     if recorded.data_config is None:  # a study from before nas.run recorded either
         raise NasError(study.study_name, "does not record its data settings")
     return describe_data(load_dataset(DataConfig(**recorded.data_config)))
+
+
+def _checked_description(study: optuna.Study, data: dict) -> dict:
+    """The study's record of its preprocessing and labels, read through the models that
+    wrote it (model_card.Preprocessing, LabelScheme): a record that is not what nas wrote is
+    one line naming the study and the field."""
+    from nas.errors import validation_problem
+    from nas.labels import LabelScheme
+    from nas.model_card import Preprocessing
+
+    try:
+        Preprocessing.model_validate(data["preprocessing"])
+        LabelScheme.from_description(data)
+    except KeyError as err:
+        problem = f"it lacks {err}"
+    except (TypeError, ValueError, AttributeError) as err:  # pydantic's ValidationError too
+        problem = validation_problem(err)
+    else:
+        return data
+    raise NasError(f"study {study.study_name!r}", f"attr data_description: {problem}")
 
 
 def _example_input(model: UNet, inference: Inference, in_channels: int) -> torch.Tensor:

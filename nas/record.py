@@ -55,6 +55,8 @@ NUMBERS = "a list of numbers"
 INTEGERS = "a list of whole numbers"
 TEXTS = "a list of texts"
 MAPPINGS = "a list of mappings"
+SCORES = "a mapping of names to numbers"
+CASE_COUNTS = "per-case counts by epoch (epoch: cases x 3 x classes of numbers)"
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,31 @@ def _is_integer(value: Any) -> bool:
     return _is_number(value) and float(value).is_integer()
 
 
+def _is_scores(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and (v is None or _is_number(v)) for k, v in value.items()
+    )
+
+
+def _is_case_counts(value: Any) -> bool:
+    """{"epoch": [[[tp, fp, fn] per class] per case]}, as scoring.kept_counts writes it."""
+    if not isinstance(value, dict):
+        return False
+    shapes = set()
+    for epoch, cases in value.items():
+        if not (isinstance(epoch, str) and epoch.isdigit() and isinstance(cases, list)):
+            return False
+        for case in cases:
+            if not (isinstance(case, list) and len(case) == 3):
+                return False
+            for row in case:
+                if not (isinstance(row, list) and all(map(_is_number, row))):
+                    return False
+                shapes.add(len(row))
+        shapes.add(("cases", len(cases)))
+    return len(shapes) <= 2  # one number of classes, one number of cases
+
+
 _HOLDS = {
     NUMBER: _is_number,
     INTEGER: _is_integer,
@@ -303,6 +330,8 @@ _HOLDS = {
     INTEGERS: lambda v: isinstance(v, list) and all(map(_is_integer, v)),
     TEXTS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     MAPPINGS: lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+    SCORES: _is_scores,
+    CASE_COUNTS: _is_case_counts,
 }
 
 # The user attrs of a trial, by what they hold (those TrialRecord reads; others are ignored).
@@ -314,7 +343,9 @@ TRIAL_ATTRS = {
     **dict.fromkeys(["device", "summary", "fail_reason", REJECTED_ATTR, "worker"], TEXT),
     "artifact_error": TEXT,
     **dict.fromkeys(["stopped_by_time", "warm_start"], FLAG),
-    **dict.fromkeys(["unet_config", "train_config", "val_case_counts", "best"], MAPPING),
+    **dict.fromkeys(["unet_config", "train_config"], MAPPING),
+    "val_case_counts": CASE_COUNTS,
+    "best": SCORES,
     **dict.fromkeys(["train_loss", "epoch_seconds", "val_iou_per_class"], NUMBERS),
     "rungs": INTEGERS,
     "class_names": TEXTS,

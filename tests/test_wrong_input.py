@@ -305,6 +305,12 @@ def _study(work: Path) -> optuna.Study:
     )
 
 
+def _done(study: optuna.Study) -> None:
+    """Close the test's own connection after it tampered, as another program would end: its
+    write leaves the -wal file for study.db, not for the command to fold in when it closes."""
+    study._storage._backend.engine.dispose()  # behind Optuna's trial cache
+
+
 def _add_tampered_trial(work: Path, **attrs) -> int:
     """Add to the study a copy of its trial 0 with `attrs` changed (Optuna refuses to change a
     finished trial's attrs; another program may add a trial); its number."""
@@ -320,7 +326,9 @@ def _add_tampered_trial(work: Path, **attrs) -> int:
             intermediate_values=source.intermediate_values,
         )
     )
-    return len(study.trials) - 1
+    number = len(study.trials) - 1
+    _done(study)
+    return number
 
 
 @pytest.mark.parametrize(
@@ -367,7 +375,9 @@ def test_a_recorded_trial_config_with_an_unknown_key_is_refused(work):
     ],
 )
 def test_a_tampered_study_attr_is_refused_naming_the_study(work, attr, value, reason):
-    _study(work).set_user_attr(attr, value)
+    study = _study(work)
+    study.set_user_attr(attr, value)
+    _done(study)
     for command in (("nas.report", "results/tiny"), ("nas.export", "results/tiny")):
         line = _refused(*command, cwd=work, watched=work)
         assert line == f"error: study 'tiny': {reason}"
@@ -380,6 +390,7 @@ def test_a_tampered_study_attr_is_refused_naming_the_study(work, attr, value, re
 def test_a_recorded_data_config_that_datacfg_refuses_is_named(work, change, field):
     study = _study(work)
     study.set_user_attr("data_config", {**study.user_attrs["data_config"], **change})
+    _done(study)
     for command in (
         ("nas.report", "results/tiny"),
         ("nas.export", "results/tiny"),
