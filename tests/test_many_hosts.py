@@ -27,14 +27,17 @@ pytestmark = pytest.mark.slow
 STUDY_EXTRAS = "  heartbeat: {heartbeat_interval: 1, grace_period: 10, retries: 1}\n"
 
 
-def _host(tmp_path: Path, name: str, tiny_dataset: Path, n_trials: int) -> Path:
-    """A host's working folder with the space; its cache is its own (NAS_CACHE_DIR)."""
+def _host(tmp_path: Path, name: str, tiny_dataset: Path, n_trials: int, long: bool = False) -> Path:
+    """A host's working folder with the space; its cache is its own (NAS_CACHE_DIR).
+    `long`: a candidate's continuation trains 5 epochs of seconds, long enough to be caught
+    in the middle; else the tiny space's trials of about a second."""
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
     space = tiny_space_yaml(tiny_dataset, "hosts", n_trials, STUDY_EXTRAS)
-    space = space.replace("epochs: 2", "epochs: 8").replace(
-        "batches_per_epoch: 3", "batches_per_epoch: 12"
-    )
+    if long:
+        space = space.replace("epochs: 2", "epochs: 8").replace(
+            "batches_per_epoch: 3", "batches_per_epoch: 12"
+        )
     (folder / "space.yaml").write_text(space)
     return folder
 
@@ -67,8 +70,8 @@ def test_two_hosts_share_a_study_through_postgres_and_an_artifact_folder(
 ):
     store = tmp_path / "shared-artifacts"
     store.mkdir()
-    a = _host(tmp_path, "host-a", tiny_dataset, n_trials=6)
-    b = _host(tmp_path, "host-b", tiny_dataset, n_trials=6)
+    a = _host(tmp_path, "host-a", tiny_dataset, n_trials=6, long=True)
+    b = _host(tmp_path, "host-b", tiny_dataset, n_trials=6, long=True)
     run = ["-m", "nas.run", "space.yaml", "--storage", postgres_url, "--threads", "1"]
 
     # Host A trains until it is continuing a candidate (one epoch into the continuation),
