@@ -112,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
     host = _grpc_host(args.host)
-    print(f"storage proxy for {redact(args.storage)} on grpc://{host}:{args.port}", flush=True)
     signal.signal(signal.SIGTERM, _stop)
-    try:
+    try:  # from the startup line on, which tells a caller the proxy is about to serve
+        print(f"storage proxy for {redact(args.storage)} on grpc://{host}:{args.port}",
+              flush=True)  # fmt: skip
         with warnings.catch_warnings():  # marked experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.run_grpc_proxy_server(storage, host=host, port=args.port)
