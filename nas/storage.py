@@ -27,6 +27,7 @@ would end with the command.
 from __future__ import annotations
 
 import sqlite3
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -312,14 +313,30 @@ def _open(url: str, heartbeat: HeartbeatConfig | None, access: Access) -> BaseSt
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
     elif access != "create":
         _check_tables(url, engine_kwargs)
-    storage = RDBStorage(
-        url, engine_kwargs=engine_kwargs, skip_table_creation=access != "create", **beats
-    )
+    storage = _rdb_storage(url, engine_kwargs, access != "create", beats)
     _opened.add(storage)
     weakref.finalize(storage, storage.engine.dispose)  # its connections close with it
     if access == "read":
         _read_only(storage)
     return storage
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, skip_tables: bool, beats: dict) -> RDBStorage:
+    """Optuna's RDBStorage. Two processes that open a new database at once (workers, or a
+    reader that looks while the run creates it) both create Optuna's tables and stamp its
+    schema version; the one that stamps second fails on the unique version row, although the
+    schema it wanted is there. It opens again, up to three times."""
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=skip_tables,
+                              **beats)  # fmt: skip
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def load_study(url: str, name: str, access: Access = "read") -> optuna.Study:

@@ -325,7 +325,7 @@ def test_a_killed_run_then_the_same_command_ends_with_every_trial_settled(
 def test_ctrl_c_twice_with_workers_leaves_no_trial_running(tmp_path, tiny_dataset):
     # Epochs long enough (a second or more) that two workers' trials surely overlap in
     # training between two looks at the storage, however busy the machine.
-    (tmp_path / "space.yaml").write_text(_slow_space(tiny_dataset, n_trials=4, batches=16))
+    (tmp_path / "space.yaml").write_text(_slow_space(tiny_dataset, n_trials=4, batches=40))
     storage = _storage(tmp_path, "many")
     # Its own session, so that the terminal-like signal below reaches it and not pytest.
     run = subprocess.Popen([sys.executable, "-m", "nas.run", "space.yaml", "--workers", "2"],
