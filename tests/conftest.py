@@ -17,8 +17,19 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from nas.data import Case, DataConfig, SyntheticSpec, ensure_synthetic_dataset, load_dataset
+
+# The fuzzers' settings (tests/test_fuzz.py, tests/test_fuzz_files.py): NAS_FUZZ_EXAMPLES
+# examples per property, the same 15 in every CI run unless more are asked for.
+FUZZ_EXAMPLES = int(os.environ.get("NAS_FUZZ_EXAMPLES", "15"))
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=FUZZ_EXAMPLES <= 15,  # CI: the same examples every run
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 TINY_SPEC = SyntheticSpec(n_cases=6, shape=(32, 32, 16), spacing_mm=(1.5, 1.5, 3.0), seed=3)
 

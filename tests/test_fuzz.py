@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -20,20 +19,12 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nas.record import StudyRecord
 
-from .conftest import run_cli, tiny_space_yaml
-
-EXAMPLES = int(os.environ.get("NAS_FUZZ_EXAMPLES", "15"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=EXAMPLES <= 15,  # CI: the same examples every run
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+from .conftest import FUZZ, run_cli, tiny_space_yaml
 
 
 def _digest(folder: Path) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -24,20 +23,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from .conftest import run_cli, tiny_space_yaml
+from .conftest import FUZZ, run_cli, tiny_space_yaml
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("NAS_FUZZ_EXAMPLES", "15"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=EXAMPLES <= 15,  # CI: the same examples every run
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 OUT = "out"  # the one folder a command of these tests is asked to write
 
 # JSON-like values a tampered file or attr may hold instead of the right one.
