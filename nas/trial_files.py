@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -249,32 +247,26 @@ class TrialFiles:
         return path
 
     def _fetch(self, path: Path, record: dict) -> None:
+        """The recorded upload, renamed into place at `path` once its digest is checked."""
         from optuna.artifacts.exceptions import ArtifactNotFound
 
-        from nas.staging import _prefix
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        try:
+        def download(tmp: Path) -> None:
             try:
                 with self.store.open_reader(record["id"]) as reader:
-                    _copy(reader, Path(tmp))
+                    _copy(reader, tmp)
             except ArtifactNotFound:
                 raise NasError(
                     self.url, f"has lost {record['id']} ({self.relative(path)} of the study)"
                 ) from None
-            found = sha256(Path(tmp))
+            found = sha256(tmp)
             if found != record["sha256"]:
                 raise NasError(
                     self.url,
                     f"{record['id']} does not match the SHA-256 the study recorded for it "
                     f"({found[:16]}… against {record['sha256'][:16]}…)",
                 )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(path, download)
 
     def any_under(self, folder: Path) -> bool:
         """Whether a file under `folder` is here or recorded."""
