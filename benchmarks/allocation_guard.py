@@ -34,8 +34,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from nas.builder import build_unet
-from nas.model_card import (
+from nas.deploy.probabilities import label_description, save
+from nas.network.builder import build_unet
+from nas.network.model_card import (
     WEIGHTS_FILE,
     Inference,
     ModelCard,
@@ -44,8 +45,7 @@ from nas.model_card import (
     read_card,
     write_card,
 )
-from nas.probabilities import label_description, save
-from nas.unet_config import UNetConfig
+from nas.network.unet_config import UNetConfig
 
 BOUND_MB = 500
 SHAPE = (16, 16, 16)

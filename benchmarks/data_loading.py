@@ -7,14 +7,14 @@ printed as a ratio:
 1. Serving: batches per second that `PatchSampler` serves from the preprocessing cache
    (memory-mapped .npy) with the default loader settings of `TrainConfig` (foreground
    oversampling, nnU-Net's augmentation at its default augment_probability), as `fit` makes
-   it (`nas.train.training_sampler`), against the plainest loader without a
+   it (`nas.training.fit.training_sampler`), against the plainest loader without a
    cache: for every sample, pick a case, read its image and label with nibabel, crop a random
    slice (2D) or patch (3D) of the same size. The baseline does no augmentation, foreground
    centring, reorientation or normalisation, which only favours it. Both read files that were
    just written, so from a warm page cache; the baseline times few batches, as it is slow.
 2. Data wait: the share of a training step (next batch + forward + backward + optimizer
    step) spent waiting for the next batch, for a small U-Net, with batches made as `fit`
-   makes them (`nas.batches.training_batches`): on the training thread (0 workers) and in N
+   makes them (`nas.training.batches.training_batches`): on the training thread (0 workers) and in N
    background workers. On CUDA every step is synchronised, so the share is an upper bound.
 3. Cache build memory: the cache is built in a fresh (spawned) child process, whose peak RSS
    (VmHWM) over its RSS just before building is compared with one preprocessed case in memory
@@ -55,8 +55,7 @@ import numpy as np
 import torch
 
 from nas import build_unet
-from nas.batches import default_workers, training_batches, training_sampler
-from nas.builder import count_parameters
+from nas.commands.dry_run import sample_candidate
 from nas.data import (
     Case,
     DataConfig,
@@ -67,14 +66,14 @@ from nas.data import (
     load_dataset,
     split_dataset,
 )
+from nas.data.labels import LabelScheme
 from nas.data.layouts import CaseFiles, discover
-from nas.dry_run import sample_candidate
-from nas.labels import LabelScheme
-from nas.losses import make_loss
-from nas.patch_plan import plan_patches
-from nas.precision import gradient_scaler
-from nas.space import load_space
-from nas.train import (
+from nas.network.builder import count_parameters
+from nas.network.precision import gradient_scaler
+from nas.search.patch_plan import plan_patches
+from nas.search.space import load_space
+from nas.training.batches import default_workers, training_batches, training_sampler
+from nas.training.fit import (
     device_batch,
     init_model,
     make_optimizer,
@@ -82,7 +81,8 @@ from nas.train import (
     prepare_model,
     train_step,
 )
-from nas.train_config import TrainConfig
+from nas.training.losses import make_loss
+from nas.training.train_config import TrainConfig
 
 # Patch size, batch size and U-Net width of each setting; the loader settings are otherwise
 # TrainConfig's defaults.

@@ -1,8 +1,8 @@
-"""Training epochs on the CPU with denormal floats flushed to zero (what `nas.train` does)
+"""Training epochs on the CPU with denormal floats flushed to zero (what `nas.training.fit` does)
 against the same training with them kept (PyTorch's default), for a network without
 normalisation and one with instance normalisation.
 
-Each arm trains with `nas.train.fit` in a fresh process on the embedded synthetic dataset:
+Each arm trains with `nas.training.fit.fit` in a fresh process on the embedded synthetic dataset:
 the same network, the same initial weights and the same batches. The kept arm only turns
 `torch.set_flush_denormal` into a no-op. The script prints the median seconds of an epoch's
 training steps for each arm, their ratio, and the validation IoU each arm reaches. The IoU
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from nas.data import DataConfig, SyntheticSpec, load_dataset, split_dataset
-from nas.train import fit, initial_model
-from nas.train_config import TrainConfig
-from nas.unet_config import UNetConfig
+from nas.network.unet_config import UNetConfig
+from nas.training.fit import fit, initial_model
+from nas.training.train_config import TrainConfig
 
 # The 46k-parameter member of the default run's front, and the same network normalised.
 NO_NORM = UNetConfig(
@@ -44,7 +44,7 @@ TRAIN = TrainConfig(
 
 
 def _run_arm(flush: bool, unet: UNetConfig, data_root: str, epochs: int, queue) -> None:
-    if not flush:  # PyTorch's default: keep denormals, whatever nas.train asks for
+    if not flush:  # PyTorch's default: keep denormals, whatever nas.training.fit asks for
         torch.set_flush_denormal(False)
         torch.set_flush_denormal = lambda mode: False
     data = DataConfig(path=Path(data_root), cache_dir=Path(data_root).parent / "cache")

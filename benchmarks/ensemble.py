@@ -23,8 +23,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from nas import export, predict, retrain
-from nas.study import load_results_study
+from nas.commands import export, predict, retrain
+from nas.search.study import load_results_study
 
 
 def _predict_seconds(model: Path, images: Path, out: Path, engine: str) -> float:

@@ -4,7 +4,7 @@ and peak memory, for the default space and the 3D whole-volume space.
 For each space: its data (the embedded dataset for the default space; `--data-3d` for the
 whole-volume space, e.g. what benchmarks/make_whole_brains.py writes), its patch plan for the
 device, and the first candidate the space samples (the one `--dry-run` describes). Then, as
-a search trains it (nas.batches, nas.train.train_step: autocast, bfloat16 where supported,
+a search trains it (nas.training.batches, nas.training.fit.train_step: autocast, bfloat16 where supported,
 channels-last, cudnn.benchmark), `--steps` timed steps with batches from the default number
 of background workers, the wait for each batch measured apart; one validation on the
 search's fixed patches; one whole-volume sliding-window pass of a validation case; and the
@@ -24,16 +24,16 @@ import torch
 # Run as a script, this folder is on the path: the step timing is data_loading.py's.
 from data_loading import data_wait
 
-from nas.batches import default_workers, training_batches
-from nas.builder import count_parameters
+from nas.commands.dry_run import sample_candidate
 from nas.data import load_dataset, split_dataset
-from nas.dry_run import sample_candidate
-from nas.losses import make_loss
-from nas.patch_plan import plan_patches
-from nas.precision import amp_dtype
-from nas.space import load_space
-from nas.train import init_model, pick_device, prepare_model
-from nas.validate import ValidationPatches, evaluate_patches, predict_logits
+from nas.network.builder import count_parameters
+from nas.network.precision import amp_dtype
+from nas.search.patch_plan import plan_patches
+from nas.search.space import load_space
+from nas.training.batches import default_workers, training_batches
+from nas.training.fit import init_model, pick_device, prepare_model
+from nas.training.losses import make_loss
+from nas.validation.validate import ValidationPatches, evaluate_patches, predict_logits
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

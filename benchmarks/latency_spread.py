@@ -1,5 +1,5 @@
 """How steady nas's latency measurement is on this machine: three sizes of network, each
-measured 20 times as the search measures it (nas.measure.measure_latency, one thread, one
+measured 20 times as the search measures it (nas.search.measure.measure_latency, one thread, one
 inference window); prints, per network, the median of the 20 medians, their interquartile
 range and that range as a share of the median.
 
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import torch
 
-from nas.builder import UNetConfig, build_unet, count_parameters
-from nas.measure import measure_latency
+from nas.network.builder import UNetConfig, build_unet, count_parameters
+from nas.search.measure import measure_latency
 
 NETWORKS = {
     "small 2D (depth 3, 8 ch)": (UNetConfig(spatial_dims=2, depth=3, base_channels=8), (64, 64)),

@@ -84,8 +84,8 @@ def export_models(root: Path) -> dict[str, Path]:
     import torch
 
     from nas import build_unet
-    from nas.export import export_onnx, export_pt2
-    from nas.model_card import WEIGHTS_FILE, Inference, ModelCard, write_card
+    from nas.deploy.export import export_onnx, export_pt2
+    from nas.network.model_card import WEIGHTS_FILE, Inference, ModelCard, write_card
 
     folders = {}
     for name, (fields, shape) in MODELS.items():

@@ -26,9 +26,9 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.objectives import directions, values_of
-from nas.record import write_study
-from nas.run import _refresh
+from nas.commands.run import _refresh
+from nas.search.objectives import directions, values_of
+from nas.search.record import write_study
 
 REPEATS = 3
 

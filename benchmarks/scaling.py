@@ -8,7 +8,7 @@
    journal file, SQLite behind Optuna's gRPC proxy (`nas storage-proxy`, when grpcio is
    installed) and, with --postgres URL, PostgreSQL. Prints milliseconds per trial and
    their share of the median trial's seconds from part 1.
-3. The trial files of one trial through a shared artifact folder (nas/trial_files.py): the
+3. The trial files of one trial through a shared artifact folder (nas/search/trial_files.py): the
    weights and training state of the default space's first candidate published by one
    "host" and fetched and checked by another, 20 times; milliseconds per trial and share.
 
@@ -36,7 +36,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from nas.storage import open_storage
+from nas.search.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,10 +106,10 @@ def trial_files_ms_per_trial(workdir: Path, n: int = 20) -> tuple[float, int]:
     """One trial's weights and state published by one host and fetched by another."""
     import torch
 
-    from nas.builder import build_unet
-    from nas.record import write_study
-    from nas.trial_files import store_url, trial_files
-    from nas.unet_config import UNetConfig
+    from nas.network.builder import build_unet
+    from nas.network.unet_config import UNetConfig
+    from nas.search.record import write_study
+    from nas.search.trial_files import store_url, trial_files
 
     model = build_unet(UNetConfig(spatial_dims=2, depth=4, base_channels=16))  # the default
     optimizer = torch.optim.AdamW(model.parameters())

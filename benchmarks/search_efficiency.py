@@ -41,9 +41,9 @@ import yaml
 from optuna.trial import TrialState
 
 from nas import build_unet, count_parameters
-from nas.record import TrialRecord
-from nas.report import hypervolume, normalised_size
-from nas.space import load_space, sample
+from nas.commands.report import hypervolume, normalised_size
+from nas.search.record import TrialRecord
+from nas.search.space import load_space, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm: (label, study settings, train settings) over the default space's

@@ -9,8 +9,8 @@ for a budget of B seconds and each seed S:
       cases (unet.yaml's n_folds and fold, `data.split_seed` = S, so the seed draws the
       validation cases, as a user's run with split_seed S would; the dataset's
       splits_final.json is not used); its Pareto front, chosen on validation, scored on the
-      held-out cases (nas.heldout), and the member `nas export --best` would export (the
-      one-standard-error rule, nas.export.one_standard_error);
+      held-out cases (nas.evaluation.heldout), and the member `nas export --best` would export (the
+      one-standard-error rule, nas.commands.export.one_standard_error);
   (b) hand networks trained by nas's own trainer with the search's protocol (same cases,
       split, patch and batch plan, augmentation, loss, schedule; the searched learning rate
       at the geometric middle of its range), each for B/4 and for B seconds: an nnU-Net-like
@@ -77,17 +77,17 @@ import yaml
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
-from nas.builder import UNetConfig, count_parameters
+from nas.commands.report import hypervolume, normalised_size
 from nas.data import Case, Dataset, load_dataset, split_dataset
 from nas.data.test_split import TestSplit, find_test_split
-from nas.export import one_standard_error
-from nas.heldout import score_model, score_trials
-from nas.model_card import Inference, ModelCard, describe_data
-from nas.record import TrialRecord
-from nas.report import hypervolume, normalised_size
-from nas.results import pareto_front, write_results
-from nas.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
-from nas.train import CandidateFailed, TrainConfig, fit, init_model, pick_device
+from nas.evaluation.heldout import score_model, score_trials
+from nas.network.builder import UNetConfig, count_parameters
+from nas.network.model_card import Inference, ModelCard, describe_data
+from nas.search.choice import one_standard_error
+from nas.search.record import TrialRecord
+from nas.search.results import pareto_front, write_results
+from nas.search.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
+from nas.training.fit import CandidateFailed, TrainConfig, fit, init_model, pick_device
 
 try:  # run as a module from the repository root
     from benchmarks.training_share import training_seconds
@@ -106,9 +106,9 @@ DEFAULT_CACHE = Path(__file__).with_name("search_vs_hand_cache.json")
 STUDY_NAME = "mniwm"
 # The code a hand network's result depends on: a change to any of it reruns the hand arms.
 CODE_FILES = (
-    "nas/train.py", "nas/builder.py", "nas/validate.py", "nas/losses.py", "nas/patch_plan.py",
-    "nas/heldout.py", "nas/predict.py", "nas/exported.py", "nas/state_dict.py",
-    "nas/model_card.py", "nas/unet_config.py", "nas/train_config.py",
+    "nas/training/fit.py", "nas/network/builder.py", "nas/validation/validate.py", "nas/training/losses.py", "nas/search/patch_plan.py",
+    "nas/evaluation/heldout.py", "nas/commands/predict.py", "nas/deploy/exported.py", "nas/network/state_dict.py",
+    "nas/network/model_card.py", "nas/network/unet_config.py", "nas/training/train_config.py",
 )  # fmt: skip
 HAND_NETWORKS = {
     "nnU-Net-like 2D": UNetConfig(
@@ -211,7 +211,7 @@ def run_search(space_path: Path, results: Path, budget: float, seed: int) -> flo
 
 def front_points(task: Task, results: Path, device: torch.device) -> list[Point]:
     """The front from pareto.csv, with held-out scores (where nas.run did not score them, a
-    version without nas.heldout wired in, they are scored here from the checkpoints), each
+    version without nas.evaluation.heldout wired in, they are scored here from the checkpoints), each
     member's standard error and the member `nas export --best` picks marked `chosen`."""
     study_dir = results / STUDY_NAME
     study = _study(study_dir)
@@ -335,7 +335,7 @@ def hand_train_config(task: Task, device: torch.device, seconds: float, seed: in
     """The search's training protocol, with only time as the limit."""
     space = task.space
     if AUTO in space.train.values():  # the sizes the search plans for itself
-        from nas.patch_plan import plan_patches
+        from nas.search.patch_plan import plan_patches
 
         space = plan_patches(space, task.dataset, device).apply(space)
     fields = {name: _middle(entry) for name, entry in space.train.items()}

@@ -1,6 +1,6 @@
 """Training-step time of nas against a bare PyTorch loop, for one 2D and one 3D candidate.
 
-The project's side is `nas.train.fit` (batch sampling, learning-rate schedule, loss tracking,
+The project's side is `nas.training.fit.fit` (batch sampling, learning-rate schedule, loss tracking,
 AMP and channels-last on CUDA), timed over its training steps only. The bare side is the
 plainest loop over the same model (same initial weights), the same pre-drawn batches and the
 same loss. The arms alternate in fresh processes, so each reports its own peak memory and
@@ -26,9 +26,9 @@ import torch
 
 from nas import UNetConfig, build_unet
 from nas.data import DataConfig, PatchSampler, SyntheticSpec, load_dataset
-from nas.losses import make_loss
-from nas.train import fit, make_optimizer, pick_device
-from nas.train_config import TrainConfig
+from nas.training.fit import fit, make_optimizer, pick_device
+from nas.training.losses import make_loss
+from nas.training.train_config import TrainConfig
 
 CANDIDATES = {
     "2D": (

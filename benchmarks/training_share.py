@@ -31,9 +31,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from nas.record import StudyRecord, TrialRecord
-from nas.results import front_table
-from nas.scoring import front_intervals, front_of, superseded_numbers
+from nas.search.record import StudyRecord, TrialRecord
+from nas.search.results import front_table
+from nas.search.scoring import front_intervals, front_of, superseded_numbers
 
 
 def training_seconds(trials: list) -> float:

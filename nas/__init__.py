@@ -10,21 +10,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nas.builder import UNet, build_unet, count_parameters
-    from nas.errors import NasError
-    from nas.exported import load
-    from nas.unet_config import UNetConfig
+    from nas.core.errors import NasError
+    from nas.deploy.exported import load
+    from nas.network.builder import UNet, build_unet, count_parameters
+    from nas.network.unet_config import UNetConfig
 
 __all__ = ["NasError", "UNet", "UNetConfig", "build_unet", "count_parameters", "load"]
 
 # Each public name -> the module that defines it.
 _SOURCES = {
-    "NasError": "nas.errors",
-    "UNet": "nas.builder",
-    "UNetConfig": "nas.unet_config",
-    "build_unet": "nas.builder",
-    "count_parameters": "nas.builder",
-    "load": "nas.exported",
+    "NasError": "nas.core.errors",
+    "UNet": "nas.network.builder",
+    "UNetConfig": "nas.network.unet_config",
+    "build_unet": "nas.network.builder",
+    "count_parameters": "nas.network.builder",
+    "load": "nas.deploy.exported",
 }
 
 

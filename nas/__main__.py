@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from nas.cli import command_module
+from nas.commands.cli import command_module
 
 # Command -> what it does, in one line of `nas --help`; each is the module nas.<command>
 # (a hyphen in the command is an underscore in the module's name).

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from nas.builder import build_unet
-from nas.cli import POOL_PER_CORE, pool_option
-from nas.errors import NasError
-from nas.memory import available_cores
-from nas.model_card import (
+from nas.commands.cli import POOL_PER_CORE, pool_option
+from nas.core.errors import NasError
+from nas.core.resources import available_cores
+from nas.deploy.probabilities import label_description, load, save
+from nas.network.builder import build_unet
+from nas.network.model_card import (
     WEIGHTS_FILE,
     Inference,
     ModelCard,
@@ -31,9 +32,8 @@ from nas.model_card import (
     Preprocessing,
     write_card,
 )
-from nas.probabilities import label_description, load, save
-from nas.unet_config import UNetConfig
-from nas.validate import windows_that_fit
+from nas.network.unet_config import UNetConfig
+from nas.validation.validate import windows_that_fit
 
 from . import datasets
 from .conftest import run_cli, tiny_space_yaml, user_error
@@ -209,7 +209,7 @@ def test_a_batch_of_windows_shrinks_to_what_the_memory_holds():
 def saved(model, tmp_path) -> tuple[Path, Path]:
     """Two folders of one case each, written by nas's own save: a model's probabilities (a
     softmax over three classes) on a scan's grid."""
-    from nas.model_card import read_card
+    from nas.network.model_card import read_card
 
     scan = write_scan(tmp_path / "scans" / "case.nii.gz", (1.0, 1.0, 2.0))
     image = nib.load(scan)
@@ -368,7 +368,7 @@ def test_a_probability_file_whose_array_header_lies_is_refused_unread(
 def test_a_probability_file_larger_than_the_memory_is_refused_unread(saved, tmp_path, monkeypatch):
     """An honest header, but more than this machine has available: here the machine is told
     it has 40 kB (the file holds 3 x 16^3 float32, 49 kB, besides its header and labels)."""
-    monkeypatch.setattr("nas.memory.available_host_bytes", lambda: 40_000)
+    monkeypatch.setattr("nas.core.resources.available_host_bytes", lambda: 40_000)
     path = saved[0] / "case.npz"
     with pytest.raises(NasError, match=r"reading its arrays would need 0\.0 GB, more than") as info:
         load(path)

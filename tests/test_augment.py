@@ -13,10 +13,10 @@ import pytest
 import torch
 from monai import transforms as mt
 
-from nas.batches import training_batches, training_sampler, worker_seed
 from nas.data import PatchSampler, Slicing
 from nas.data.augment import Augmentation, augment, training_transforms
-from nas.train_config import TrainConfig
+from nas.training.batches import training_batches, training_sampler, worker_seed
+from nas.training.train_config import TrainConfig
 
 
 def square_sample(size: int = 32) -> tuple[np.ndarray, np.ndarray]:

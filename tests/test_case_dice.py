@@ -14,13 +14,13 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.labels import LabelScheme
-from nas.metrics import case_dice_from_counts
-from nas.model_card import read_card
-from nas.objectives import OBJECTIVES, Name, curve_metric
-from nas.record import TrialRecord
-from nas.scoring import interval
-from nas.validate import PooledCounts
+from nas.data.labels import LabelScheme
+from nas.network.model_card import read_card
+from nas.search.objectives import OBJECTIVES, Name, curve_metric
+from nas.search.record import TrialRecord
+from nas.search.scoring import interval
+from nas.validation.metrics import case_dice_from_counts
+from nas.validation.validate import PooledCounts
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 

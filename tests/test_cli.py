@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from nas.__main__ import COMMANDS, main
-from nas.cli import command_module
+from nas.commands.cli import command_module
 
 from . import datasets
 from .conftest import tiny_space_yaml
@@ -96,7 +96,7 @@ def test_help_of_every_command_loads_no_heavy_module():
     heavy modules that got loaded are listed (none may be)."""
     script = f"""
 import contextlib, importlib, io, json, sys
-from nas.cli import command_module
+from nas.commands.cli import command_module
 for command in {list(COMMANDS)!r}:
     module = importlib.import_module(command_module(command))
     with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
@@ -113,10 +113,10 @@ print(json.dumps(sorted(name for name in {HEAVY!r} if name in sys.modules)))
 
 
 def test_predict_engines_and_overlap_match_inference():
-    from nas.inference import ENGINES
-    from nas.predict import DEFAULT_OVERLAP as PREDICT_OVERLAP
-    from nas.predict import ENGINES as PREDICT_ENGINES
-    from nas.validate import DEFAULT_OVERLAP
+    from nas.deploy.predict import DEFAULT_OVERLAP as PREDICT_OVERLAP
+    from nas.deploy.predict import ENGINES as PREDICT_ENGINES
+    from nas.network.inference import ENGINES
+    from nas.validation.validate import DEFAULT_OVERLAP
 
     assert PREDICT_ENGINES == ENGINES
     assert PREDICT_OVERLAP == DEFAULT_OVERLAP

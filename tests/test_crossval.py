@@ -1,6 +1,6 @@
 """Cross-validated front members, fold ensembles with mirroring, and postprocessing: a tiny
 search on an nnU-Net dataset with held-out cases, cross-validated on both folds, exported as
-an ensemble and used by nas.predict."""
+an ensemble and used by nas.commands.predict."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from nas import crossval
-from nas.cli import exit_code
-from nas.inference import mirror_axes, predictor
-from nas.model_card import read_card
-from nas.postprocess import classes_helped, keep_largest_component
-from nas.record import TrialRecord
-from nas.train import CandidateFailed
+from nas.commands.cli import exit_code
+from nas.evaluation import crossval
+from nas.network.inference import mirror_axes, predictor
+from nas.network.model_card import read_card
+from nas.search.record import TrialRecord
+from nas.training.fit import CandidateFailed
+from nas.validation.postprocess import classes_helped, keep_largest_component
 
 from .conftest import run_cli, user_error
 from .datasets import write_nnunet
@@ -42,7 +42,15 @@ def crossvalidated(tmp_path_factory) -> Path:
     (root / "space.yaml").write_text(ONE_TRIAL)
     assert run_cli("nas.run", "space.yaml", cwd=root).returncode == 0
     result = run_cli(
-        "nas.retrain", "results/held", "--folds", "all", "--epochs", "1", "--workers", "2", cwd=root
+        "nas.retrain",
+        "results/held",
+        "--folds",
+        "all",
+        "--epochs",
+        "1",
+        "--workers",
+        "2",
+        cwd=root,
     )
     assert result.returncode == 0, result.stderr
     return root
@@ -220,10 +228,10 @@ def test_a_retrain_that_cannot_train_fails_its_trial_and_goes_on(
     def out_of_memory(*args, **kwargs):
         raise CandidateFailed("out of memory: a test")
 
-    # Where retrain trains (nas.resumable, which may be imported already) and where the
+    # Where retrain trains (nas.training.resumable, which may be imported already) and where the
     # other paths import it when they run.
-    monkeypatch.setattr("nas.resumable.fit", out_of_memory)
-    monkeypatch.setattr("nas.train.fit", out_of_memory)
+    monkeypatch.setattr("nas.training.resumable.fit", out_of_memory)
+    monkeypatch.setattr("nas.training.fit.fit", out_of_memory)
     result = run_cli("nas.retrain", "results/held", "--top", "1", "--epochs", "1", cwd=copy)
     assert result.returncode == 0, result.stderr
     assert "failed (out of memory: a test)" in result.stdout

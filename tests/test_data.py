@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from nas.core.errors import NasError
 from nas.data import (
     DataConfig,
     PatchSampler,
@@ -18,7 +19,6 @@ from nas.data import (
     load_dataset,
     split_cases,
 )
-from nas.errors import NasError
 
 from .conftest import TINY_SPEC
 

@@ -15,10 +15,10 @@ import numpy as np
 import optuna
 import pytest
 
+from nas.core.errors import NasError
+from nas.core.locking import file_lock
 from nas.data import DataConfig, load_dataset, split_dataset
-from nas.errors import NasError
-from nas.locking import file_lock
-from nas.record import TrialRecord
+from nas.search.record import TrialRecord
 
 from . import datasets
 from .conftest import run_cli
@@ -373,7 +373,7 @@ def test_search_on_a_three_label_dataset_in_each_layout(tmp_path, writer, in_cha
 def test_the_file_lock_keeps_a_second_process_out_until_it_is_released(tmp_path):
     lock = tmp_path / "results.lock"
     waiter = (
-        "import sys, time; from pathlib import Path; from nas.locking import file_lock\n"
+        "import sys, time; from pathlib import Path; from nas.core.locking import file_lock\n"
         "print('waiting', flush=True)\n"
         "with file_lock(Path(sys.argv[1])):\n"
         "    print(time.monotonic(), flush=True)\n"

@@ -13,16 +13,17 @@ import yaml
 from optuna.trial import create_trial
 
 import nas
-from nas.builder import UNetConfig, build_unet, count_parameters, deployed
-from nas.describe import summary
-from nas.export import export
-from nas.labels import LabelScheme
-from nas.losses import DiceCELoss, TrainingLoss, deep_supervision_weights
-from nas.measure import measure_candidate
-from nas.memory import estimate_inference_bytes, estimate_training_bytes, parameter_count
-from nas.model_card import WEIGHTS_FILE
-from nas.space import Candidate, StudySection, load_space, sample
-from nas.train import TrainConfig, fit, init_model
+from nas.data.labels import LabelScheme
+from nas.deploy.export import export
+from nas.network.builder import UNetConfig, build_unet, count_parameters, deployed
+from nas.network.describe import summary
+from nas.network.memory import estimate_inference_bytes, parameter_count
+from nas.network.model_card import WEIGHTS_FILE
+from nas.search.measure import measure_candidate
+from nas.search.space import Candidate, StudySection, load_space, sample
+from nas.training.fit import TrainConfig, fit, init_model
+from nas.training.losses import DiceCELoss, TrainingLoss, deep_supervision_weights
+from nas.training.memory import estimate_training_bytes
 
 LESION = LabelScheme(("lesion",), (0, 1))  # the tiny dataset's one class
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nas import build_unet, count_parameters
-from nas.describe import count_macs, summary, trial_note
+from nas.network.describe import count_macs, summary, trial_note
 
 
 def test_macs_are_counted_from_the_convolutions():

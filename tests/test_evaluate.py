@@ -1,4 +1,4 @@
-"""Segmentation metrics (nas.metrics) against an independent computation on hand-made masks,
+"""Segmentation metrics (nas.validation.metrics) against an independent computation on hand-made masks,
 and `python -m nas.evaluate` on real NIfTI files: what it writes, and the inputs it refuses."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from nas.evaluate import main
-from nas.metrics import as_table, case_metrics, summarize
+from nas.commands.evaluate import main
+from nas.validation.metrics import as_table, case_metrics, summarize
 
 ANISOTROPIC_MM = (2.0, 0.7, 1.3)
 
@@ -342,11 +342,11 @@ def test_a_bad_input_is_one_line_naming_the_file_and_nothing_is_written(folders,
 
 
 def test_validation_postprocessing_and_evaluate_score_one_dice():
-    """Dice is defined once (nas.metrics): validation's pooled scores of one case, the
+    """Dice is defined once (nas.validation.metrics): validation's pooled scores of one case, the
     postprocessing's per-case Dice and nas.evaluate's agree on the same two-class masks."""
-    from nas.labels import LabelScheme
-    from nas.postprocess import dice_per_class
-    from nas.validate import PooledCounts
+    from nas.data.labels import LabelScheme
+    from nas.validation.postprocess import dice_per_class
+    from nas.validation.validate import PooledCounts
 
     shape = (16, 16, 16)
     reference = cube(shape, (2, 2, 2), 6) * 1 + cube(shape, (9, 9, 9), 5) * 2

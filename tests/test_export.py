@@ -23,14 +23,15 @@ from monai.inferers import sliding_window_inference
 from optuna.trial import TrialState, create_trial
 
 import nas
+from nas.core.errors import NasError
 from nas.data import DataConfig, load_dataset
-from nas.errors import NasError
-from nas.export import choose_trial, export
-from nas.exported import load_predictor
-from nas.model_card import read_card
-from nas.record import StudyRecord, TrialRecord
-from nas.results import checkpoint_path
-from nas.train import init_model
+from nas.deploy.export import export
+from nas.deploy.exported import load_predictor
+from nas.network.model_card import read_card
+from nas.search.choice import choose_trial
+from nas.search.record import StudyRecord, TrialRecord
+from nas.search.results import checkpoint_path
+from nas.training.fit import init_model
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 from .datasets import write_nnunet
@@ -326,7 +327,7 @@ def test_predict_takes_an_overlap_and_a_device(exported, datasets, tmp_path):
 
 def test_the_overlap_decides_how_many_windows_are_run():
     """64 voxels in windows of 32: 2 windows along the axis without overlap, 3 at half."""
-    from nas.validate import predict_logits
+    from nas.validation.validate import predict_logits
 
     def windows(overlap: float) -> int:
         calls = []
@@ -347,7 +348,7 @@ def test_the_overlap_decides_how_many_windows_are_run():
 def test_onnx_runs_on_cuda_where_onnxruntime_can_and_says_when_it_cannot():
     import onnxruntime
 
-    from nas.inference import onnx_fallback, onnx_providers
+    from nas.network.inference import onnx_fallback, onnx_providers
 
     cuda = torch.device("cuda")  # a device name: no GPU is needed to ask
     has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -400,8 +401,8 @@ def test_best_and_a_size_budget_pick_from_the_front(studies):
 
 
 def test_by_cv_picks_the_best_cross_validated_mean_not_the_search_score(tmp_path):
-    from nas.companions import open_crossval_study
-    from nas.record import rerun_trial
+    from nas.search.companions import open_crossval_study
+    from nas.search.record import rerun_trial
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(
@@ -429,7 +430,7 @@ def test_by_cv_picks_the_best_cross_validated_mean_not_the_search_score(tmp_path
     with pytest.raises(NasError, match="--trial names the trial"):
         choose_trial(study, 1, None, by="cv")
     # The report says that the two choices differ.
-    from nas.report import _choices
+    from nas.commands.report import _choices
 
     assert "the search's best is trial 2, the cross-validation's trial 1" in _choices(study)
     optuna.delete_study(study_name="s-crossval", storage=storage)
@@ -514,7 +515,7 @@ KILLED_EXPORT = textwrap.dedent(
     import os
     import sys
     from pathlib import Path
-    from nas.staging import staging_folder
+    from nas.core.staging import staging_folder
 
     with staging_folder(Path(sys.argv[1])) as staging:
         (staging / "weights.pt").write_bytes(b"half written")
@@ -659,11 +660,23 @@ def test_a_retrained_trial_off_the_front_exports_and_segments(tmp_path, tiny_dat
     assert not (results / "export").exists()
 
     retrained = run_cli(
-        "nas.retrain", "results/tiny", "--trials", f"0,{off}", "--epochs", "1", cwd=tmp_path
+        "nas.retrain",
+        "results/tiny",
+        "--trials",
+        f"0,{off}",
+        "--epochs",
+        "1",
+        cwd=tmp_path,
     )
     assert retrained.returncode == 0, retrained.stderr
     exported = run_cli(
-        "nas.export", "results/tiny", "--trial", str(off), "--out", "models/off", cwd=tmp_path
+        "nas.export",
+        "results/tiny",
+        "--trial",
+        str(off),
+        "--out",
+        "models/off",
+        cwd=tmp_path,
     )
     assert exported.returncode == 0, exported.stderr
     assert "with its retrained weights" in exported.stdout

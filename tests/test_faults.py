@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from nas.record import TrialRecord
-from nas.results import checkpoint_path
-from nas.scoring import front_of
+from nas.search.record import TrialRecord
+from nas.search.results import checkpoint_path
+from nas.search.scoring import front_of
 
 from .conftest import run_cli, tiny_space_yaml
 

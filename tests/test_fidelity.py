@@ -12,9 +12,13 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.candidate import TrainingData, load_state, save_state, train_candidate
 from nas.data import Slicing
-from nas.fidelity import (
+from nas.data.labels import LabelScheme
+from nas.network.unet_config import UNetConfig
+from nas.search.candidate_state import TrainingData, load_state, save_state, train_candidate
+from nas.search.record import TrialRecord
+from nas.search.results import checkpoint_path, save_checkpoint, state_path
+from nas.search.schedule.fidelity import (
     Budget,
     FidelityConfig,
     Member,
@@ -30,16 +34,12 @@ from nas.fidelity import (
     standings,
     undertrained,
 )
-from nas.labels import LabelScheme
-from nas.pruning import PrunerConfig
-from nas.record import TrialRecord
-from nas.results import checkpoint_path, save_checkpoint, state_path
-from nas.schedule import EpochReport, Schedule, Verdict, enqueue_promotion
-from nas.scoring import raised_first_cut
-from nas.search_trial import segment_ends, within_timeout
-from nas.space import Candidate
-from nas.train_config import TrainConfig
-from nas.unet_config import UNetConfig
+from nas.search.schedule.policy import EpochReport, Schedule, Verdict, enqueue_promotion
+from nas.search.schedule.pruning import PrunerConfig
+from nas.search.scoring import raised_first_cut
+from nas.search.space import Candidate
+from nas.search.trial import segment_ends, within_timeout
+from nas.training.train_config import TrainConfig
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -324,8 +324,8 @@ def test_a_budget_smaller_than_one_rung_is_refused(tmp_path, tiny_dataset):
 
 
 def test_an_interrupted_continuation_is_rerun_as_a_continuation(tmp_path):
-    from nas.space import StudySection
-    from nas.study import INTERRUPTED, open_study
+    from nas.search.space import StudySection
+    from nas.search.study import INTERRUPTED, open_study
 
     cfg = StudySection(name="s", sampler="random")
     storage = f"sqlite:///{tmp_path / 'study.db'}"

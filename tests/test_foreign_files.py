@@ -13,8 +13,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas.errors import NasError
-from nas.storage import close_storages, load_study, open_storage, sqlite_url
+from nas.core.errors import NasError
+from nas.search.storage import close_storages, load_study, open_storage, sqlite_url
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 
@@ -267,7 +267,10 @@ def test_a_database_server_is_read_only_as_a_study_storage_and_never_given_table
     import sqlalchemy
 
     (tmp_path / "results" / "unet").mkdir(parents=True)
-    for command in ("nas.report", "nas.export"):  # a database with no study: refused
+    for command in (
+        "nas.report",
+        "nas.export",
+    ):  # a database with no study: refused
         result = run_cli(command, "results/unet", "--storage", postgres_url, *READERS[command],
                          cwd=tmp_path)  # fmt: skip
         assert "holds no Optuna study storage" in user_error(result)

@@ -22,7 +22,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nas.record import StudyRecord
+from nas.search.record import StudyRecord
 
 from .conftest import FUZZ, run_cli, tiny_space_yaml
 
@@ -161,11 +161,25 @@ def test_corpus_of_arguments_paths_and_lying_files(workspace, tmp_path):
         (programs / name).write_bytes(b"garbage, not a program")
     cases += [
         (
-            ["nas.predict", str(programs), str(one), str(tmp_path / "m4"), "--engine", "pt2"],
+            [
+                "nas.predict",
+                str(programs),
+                str(one),
+                str(tmp_path / "m4"),
+                "--engine",
+                "pt2",
+            ],
             "model.pt2: cannot be loaded as a torch.export program",
         ),
         (
-            ["nas.predict", str(programs), str(one), str(tmp_path / "m4"), "--engine", "onnx"],
+            [
+                "nas.predict",
+                str(programs),
+                str(one),
+                str(tmp_path / "m4"),
+                "--engine",
+                "onnx",
+            ],
             "model.onnx: cannot be loaded by ONNX Runtime",
         ),
     ]

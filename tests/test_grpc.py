@@ -20,12 +20,12 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from nas.liveness import settle_orphans, worker_id
-from nas.model_card import read_card
-from nas.record import TrialRecord, write
-from nas.results import pareto_front
-from nas.storage import HeartbeatConfig, load_study, open_storage
-from nas.storage_proxy import exposure_warning
+from nas.commands.storage_proxy import exposure_warning
+from nas.network.model_card import read_card
+from nas.search.liveness import settle_orphans, worker_id
+from nas.search.record import TrialRecord, write
+from nas.search.results import pareto_front
+from nas.search.storage import HeartbeatConfig, load_study, open_storage
 
 from .conftest import (
     POSTGRES_PASSWORD,

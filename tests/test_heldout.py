@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
+from nas.commands.report import HELD_OUT
+from nas.core.errors import NasError
 from nas.data import DataConfig, load_dataset
 from nas.data.test_split import find_test_split
-from nas.errors import NasError
-from nas.heldout import score_trials
-from nas.record import StudyRecord, write_study
-from nas.report import HELD_OUT
-from nas.results import checkpoint_path, pareto_front
-from nas.validate import Scores
+from nas.evaluation.heldout import score_trials
+from nas.search.record import StudyRecord, write_study
+from nas.search.results import checkpoint_path, pareto_front
+from nas.validation.validate import Scores
 
 from .conftest import run_cli
 from .datasets import SHAPES, make_case, save, write_nnunet
@@ -129,7 +129,7 @@ def test_an_unchanged_trial_is_not_scored_again(searched, monkeypatch):
         scored.append(trial.number)
         return Scores(0.5, 0.6, (0.5,))
 
-    monkeypatch.setattr("nas.heldout.score_trial", fake_score)
+    monkeypatch.setattr("nas.evaluation.heldout.score_trial", fake_score)
     data = DataConfig(path=searched / "Dataset003_Heldout", foreground={"lesion": (1, 2)})
     split = find_test_split(data, load_dataset(data))
     again = score_trials(study, study_dir, front, split, torch.device("cpu"))

@@ -16,8 +16,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from nas.dashboard import exposure_warning
-from nas.record import TrialRecord
+from nas.commands.dashboard import exposure_warning
+from nas.search.record import TrialRecord
 
 from .conftest import require, require_module, run_cli, tiny_space_yaml
 
@@ -215,9 +215,9 @@ def test_an_overlay_predicts_only_the_slice_it_shows(tiny_cases, spatial_dims):
     import torch
 
     from nas import build_unet
-    from nas.artifacts import _shown_prediction
-    from nas.labels import LabelScheme
-    from nas.validate import predict_case
+    from nas.data.labels import LabelScheme
+    from nas.search.artifacts import _shown_prediction
+    from nas.validation.validate import predict_case
 
     scheme = LabelScheme(("lesion",), (0, 1))
     model = build_unet(spatial_dims=spatial_dims, depth=2, base_channels=4).eval()

@@ -1,7 +1,9 @@
-"""The README's module map is true: it names every module of nas/ once, on one floor; no
-module imports one on a higher floor; and no two modules import each other, directly or
-around a loop. Imports inside functions and under TYPE_CHECKING count as well: a late
-import is still a dependency. Reads source only, without torch."""
+"""The README's map is true. nas/ is in packages by pipeline step, stacked on floors: the
+README's Layout gives each package a floor and names every module of it once, in its own
+package's section; no module imports a module of a package on a higher floor; no two modules
+import each other, directly or around a loop; every package says in its docstring what it
+holds and what it may import. Imports inside functions and under TYPE_CHECKING count as well:
+a late import is still a dependency. Reads source only, without torch."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOOR = re.compile(r"^### (\d+)\. ", re.M)
+FLOOR = re.compile(r"^### (\d+)\. `(nas/(?:[a-z_]+/)?)`", re.M)
 ROW = re.compile(r"^\| `(nas/[^`]+\.py)` \|", re.M)
 
 
@@ -19,16 +21,32 @@ def module_name(path: str) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def package_of(module: str) -> str:
+    """The package a module belongs to for the floors: `nas.search` for nas.search.trial and
+    nas.search.schedule.policy, `nas` for the top-level shims."""
+    parts = module.split(".")
+    return (
+        ".".join(parts[:2]) if len(parts) > 2 or (len(parts) == 2 and _is_package(parts)) else "nas"
+    )
+
+
+def _is_package(parts: list[str]) -> bool:
+    return (ROOT.joinpath(*parts) / "__init__.py").is_file()
+
+
 def floors_of_readme(text: str) -> dict[str, int]:
-    """{module: floor} from the README's Layout section."""
+    """{module: floor} from the README's Layout section: each module on its package's floor."""
     section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     headings = list(FLOOR.finditer(section))
     floors: dict[str, int] = {}
     for heading, following in zip(headings, [*headings[1:], None], strict=True):
         end = following.start() if following else len(section)
+        package = heading.group(2).rstrip("/").replace("/", ".")
         for path in ROW.findall(section, heading.end(), end):
-            assert path not in floors, f"README's module map names {path} twice"
-            floors[module_name(path)] = int(heading.group(1))
+            name = module_name(path)
+            assert name not in floors, f"README's module map names {path} twice"
+            assert package_of(name) == package, f"{path} is listed under {package}"
+            floors[name] = int(heading.group(1))
     return floors
 
 
@@ -96,15 +114,41 @@ def test_the_checks_see_a_late_import_and_a_loop(tmp_path):
     """The checks would fail on code that breaks the map: an import inside a function is
     found, and an import added back from below closes a loop."""
     source = tmp_path / "late.py"
-    source.write_text("def f():\n    from nas.record import TrialRecord\n    import nas.errors\n")
-    assert imports_of(source, {"nas.record", "nas.errors", "nas.space"}) == {
-        "nas.record",
-        "nas.errors",
+    source.write_text(
+        "def f():\n    from nas.search.record import TrialRecord\n    import nas.core.errors\n"
+    )
+    assert imports_of(source, {"nas.search.record", "nas.core.errors", "nas.search.space"}) == {
+        "nas.search.record",
+        "nas.core.errors",
     }
     graph = import_graph()
     name, imported = next((n, sorted(i)[0]) for n, i in sorted(graph.items()) if i)
     graph[imported] = graph[imported] | {name}
     assert [imported, name, imported] in loops(graph) or [name, imported, name] in loops(graph)
+
+
+def test_every_package_says_what_it_holds_and_may_import():
+    packages = sorted(p for p in (ROOT / "nas").rglob("__init__.py") if p.parent != ROOT / "nas")
+    silent = [
+        str(p.relative_to(ROOT))
+        for p in packages
+        if not re.search(
+            r"\b(may import|imports nothing|no training)",
+            ast.get_docstring(ast.parse(p.read_text())) or "",
+            re.I,
+        )
+    ]
+    assert packages and silent == []
+
+
+def test_a_package_stays_on_its_floor():
+    """Every module of a package has the package's floor; the floors rise from nas.core."""
+    floors = floors_of_readme((ROOT / "README.md").read_text())
+    by_package: dict[str, set[int]] = {}
+    for name, floor in floors.items():
+        by_package.setdefault(package_of(name), set()).add(floor)
+    assert all(len(f) == 1 for f in by_package.values()), by_package
+    assert min(floors, key=floors.get).startswith("nas.core")
 
 
 def test_no_function_in_nas_is_longer_than_80_lines():

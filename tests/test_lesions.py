@@ -1,4 +1,4 @@
-"""What lesion studies report (nas.metrics): per-case Dice with nnU-Net's empty cases left out,
+"""What lesion studies report (nas.validation.metrics): per-case Dice with nnU-Net's empty cases left out,
 lesion-wise detection from 26-connected components, volume and lesion-count differences, on
 hand-made masks with known answers; and `python -m nas.evaluate` writing them from real NIfTI
 files."""
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nas.evaluate import main
-from nas.metrics import case_dice_from_counts, lesion_metrics, mask_lesions
+from nas.commands.evaluate import main
+from nas.validation.metrics import case_dice_from_counts, lesion_metrics, mask_lesions
 
 SHAPE = (20, 20, 20)
 

@@ -16,8 +16,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nas.record import StudyRecord, TrialRecord
-from nas.results import pareto_front
+from nas.search.record import StudyRecord, TrialRecord
+from nas.search.results import pareto_front
 
 from .conftest import run_cli, tiny_space_yaml, user_error, wait_for
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from nas.member_ensemble import candidate_ensembles
-from nas.record import StudyRecord, write_study
+from nas.evaluation.member_ensemble import candidate_ensembles
+from nas.search.record import StudyRecord, write_study
 
 from .conftest import run_cli, user_error
 from .datasets import write_nnunet

@@ -17,22 +17,26 @@ from pydantic import ValidationError
 from torch import nn
 
 import nas
-from nas import memory
-from nas.builder import UNetConfig, build_unet, count_parameters
+from nas.core.errors import NasError
+from nas.core import resources
+from nas.core.resources import default_memory_limit_bytes
 from nas.data import SyntheticSpec
-from nas.errors import NasError
-from nas.labels import LabelScheme
-from nas.losses import DiceCELoss, TrainingLoss
-from nas.memory import (
-    check_fits,
-    default_memory_limit_bytes,
-    estimate_inference_bytes,
-    estimate_training_bytes,
-    parameter_count,
+from nas.data.labels import LabelScheme
+from nas.network import memory
+from nas.network.builder import UNetConfig, build_unet, count_parameters
+from nas.network.memory import estimate_inference_bytes, parameter_count
+from nas.network.model_card import CARD_FILE, WEIGHTS_FILE, read_card
+from nas.search.space import load_space
+from nas.training.fit import (
+    CandidateFailed,
+    TrainConfig,
+    fit,
+    init_model,
+    make_optimizer,
+    train_step,
 )
-from nas.model_card import CARD_FILE, WEIGHTS_FILE, read_card
-from nas.space import load_space
-from nas.train import CandidateFailed, TrainConfig, fit, init_model, make_optimizer, train_step
+from nas.training.losses import DiceCELoss, TrainingLoss
+from nas.training.memory import check_fits, estimate_training_bytes
 
 from .conftest import tiny_space_yaml
 
@@ -190,7 +194,7 @@ def test_default_limit_is_half_the_ram_on_cpu_and_mps():
 def test_default_limit_follows_a_container_memory_limit(tmp_path, monkeypatch):
     limit_file = tmp_path / "memory.max"
     limit_file.write_text("2000000000\n")
-    monkeypatch.setattr(memory, "CGROUP_LIMIT_FILES", (str(tmp_path / "absent"), str(limit_file)))
+    monkeypatch.setattr(resources, "CGROUP_LIMIT_FILES", (str(tmp_path / "absent"), str(limit_file)))
     assert default_memory_limit_bytes(CPU) == 1_000_000_000
     limit_file.write_text("max\n")  # cgroup v2: no limit
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -462,7 +466,7 @@ def test_an_exported_model_too_large_for_memory_is_refused_before_building(
     def no_build(*args, **kwargs):
         raise AssertionError("the network must not be built")
 
-    monkeypatch.setattr("nas.exported.build_unet", no_build)
+    monkeypatch.setattr("nas.deploy.exported.build_unet", no_build)
     for read in (read_card, nas.load):
         with pytest.raises(NasError, match="needs about .* for its weights and one inference"):
             read(folder)

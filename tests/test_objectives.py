@@ -14,11 +14,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas.builder import UNetConfig, build_unet
-from nas.measure import FEW_REPEATS, MAX_REPEATS, measure_latency
-from nas.model_card import read_card
-from nas.objectives import Bound, hypervolume, non_dominated, rejection, violations
-from nas.record import StudyRecord, TrialRecord, study_objectives, write_study
+from nas.network.builder import UNetConfig, build_unet
+from nas.network.model_card import read_card
+from nas.search.measure import FEW_REPEATS, MAX_REPEATS, measure_latency
+from nas.search.objectives import Bound, hypervolume, non_dominated, rejection, violations
+from nas.search.record import StudyRecord, TrialRecord, study_objectives, write_study
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -84,7 +84,7 @@ def test_latency_is_the_median_of_repeats_until_the_spread_is_small():
 
 
 def _non_dominated_from_storage(study: optuna.Study, names: list[str]) -> set[int]:
-    """The front computed from the storage's own values, independently of nas.results."""
+    """The front computed from the storage's own values, independently of nas.search.results."""
     done = [t for t in study.get_trials(states=(TrialState.COMPLETE,))]
     superseded = {
         TrialRecord.of(t).continues for t in done if TrialRecord.of(t).continues is not None

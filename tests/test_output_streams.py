@@ -1,7 +1,7 @@
 """A console that cannot be written ends a command in one line, never a traceback: a pipe its
 reader closed with exit code 141 (128 + SIGPIPE), a full or failing stdout or stderr with 2, a
 closed stdout or stderr with 2 before the command starts. Real processes and real pipes: the
-console wrapper every command shares (nas/cli.py) on a command that prints a lot, and
+console wrapper every command shares (nas/commands/cli.py) on a command that prints a lot, and
 `nas report`."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas.record import write_study
-from nas.storage import close_storages, open_storage, sqlite_url
+from nas.search.record import write_study
+from nas.search.storage import close_storages, open_storage, sqlite_url
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -29,8 +29,8 @@ COMMAND = textwrap.dedent(
     """\
     import argparse, sys
     from pathlib import Path
-    from nas.cli import exit_code
-    from nas.errors import NasError
+    from nas.commands.cli import exit_code
+    from nas.core.errors import NasError
 
     def run(args):
         if args.mistake:

@@ -14,12 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from nas.core.errors import NasError
 from nas.data import DataConfig, load_dataset
 from nas.data.cache import worker_count
 from nas.data.layouts import discover
 from nas.data.plan import make_plan
 from nas.data.preprocess import footprint_bytes, preprocess_case
-from nas.errors import NasError
 
 from . import datasets
 from .conftest import run_cli, tiny_space_yaml, user_error

@@ -11,11 +11,11 @@ import numpy as np
 import optuna
 import pytest
 
+from nas.core.errors import NasError
 from nas.data import load_dataset
-from nas.errors import NasError
-from nas.patch_plan import CPU_MAX_SLICE_CROP, STEP_VOXELS, plan_patches
-from nas.space import load_space, sample
-from nas.train_config import TrainConfig
+from nas.search.patch_plan import CPU_MAX_SLICE_CROP, STEP_VOXELS, plan_patches
+from nas.search.space import load_space, sample
+from nas.training.train_config import TrainConfig
 
 from .datasets import save
 

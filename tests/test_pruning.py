@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from nas.pruning import PrunerConfig, dominated_at_epoch
-from nas.record import TrialRecord, carried
-from nas.scoring import search_score
+from nas.search.record import TrialRecord, carried
+from nas.search.schedule.pruning import PrunerConfig, dominated_at_epoch
+from nas.search.scoring import search_score
 
 from .conftest import run_cli, tiny_space_yaml
 

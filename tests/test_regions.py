@@ -14,14 +14,14 @@ import pytest
 import torch
 import yaml
 
+from nas.core.errors import NasError
 from nas.data import DataConfig, load_dataset
+from nas.data.labels import LabelScheme, Region
 from nas.data.layouts import discover
-from nas.errors import NasError
-from nas.labels import LabelScheme, Region
-from nas.losses import DiceCELoss, make_loss
-from nas.model_card import read_card
-from nas.record import StudyRecord, TrialRecord
-from nas.validate import PooledCounts
+from nas.network.model_card import read_card
+from nas.search.record import StudyRecord, TrialRecord
+from nas.training.losses import DiceCELoss, make_loss
+from nas.validation.validate import PooledCounts
 
 from .conftest import run_cli
 from .datasets import REGIONS_CLASS_ORDER, make_region_case, save, write_nnunet_regions
@@ -268,7 +268,7 @@ def test_a_region_dataset_searches_exports_and_predicts_its_label_values(tmp_pat
         assert image.shape[1:] == truth.shape  # no crop, no resampling
         return torch.from_numpy(np.where(regions, 0.9, 0.1).astype(np.float32))
 
-    monkeypatch.setattr("nas.validate.predict_logits", region_probabilities)
+    monkeypatch.setattr("nas.validation.validate.predict_logits", region_probabilities)
     result = run_cli("nas.predict", str(folder), "scan", "controlled", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     mask = np.asarray(nib.load(tmp_path / "controlled" / "scan.nii.gz").dataobj)

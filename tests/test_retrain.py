@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from nas.data import DataConfig, load_dataset
-from nas.record import StudyRecord, TrialRecord
+from nas.search.record import StudyRecord, TrialRecord
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 
@@ -62,7 +62,14 @@ def test_all_cases_trains_the_final_model_that_export_then_takes(tmp_path, tiny_
     )
     assert not (tmp_path / "results/tiny/retrained").exists()
     result = run_cli(
-        "nas.retrain", "results/tiny", "--trials", "0", "--all-cases", "--epochs", "2", cwd=tmp_path
+        "nas.retrain",
+        "results/tiny",
+        "--trials",
+        "0",
+        "--all-cases",
+        "--epochs",
+        "2",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     weights = tmp_path / "results/tiny/retrained/all_cases/checkpoints/trial_0000.pt"

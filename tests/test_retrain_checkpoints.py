@@ -18,10 +18,10 @@ import yaml
 
 from nas import build_unet
 from nas.data import Slicing
-from nas.labels import LabelScheme
-from nas.record import StudyRecord, TrialRecord
-from nas.resumable import read_checkpoint, train_resumable
-from nas.train import TrainConfig, fit, init_model
+from nas.data.labels import LabelScheme
+from nas.search.record import StudyRecord, TrialRecord
+from nas.training.fit import TrainConfig, fit, init_model
+from nas.training.resumable import read_checkpoint, train_resumable
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 

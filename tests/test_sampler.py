@@ -6,7 +6,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.sampler import LineageSampler, _LatestView, latest_observations
+from nas.search.sampler import LineageSampler, _LatestView, latest_observations
 
 LR = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 

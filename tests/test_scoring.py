@@ -11,12 +11,12 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.errors import NasError
-from nas.export import choose_trial
-from nas.labels import LabelScheme
-from nas.record import TrialRecord, write_study
-from nas.sampler import MIN_AT_RUNG, at_common_rung, common_rung
-from nas.scoring import (
+from nas.core.errors import NasError
+from nas.data.labels import LabelScheme
+from nas.search.choice import choose_trial
+from nas.search.record import TrialRecord, write_study
+from nas.search.sampler import MIN_AT_RUNG, at_common_rung, common_rung
+from nas.search.scoring import (
     decision_epochs,
     difference_error,
     front_of,
@@ -26,7 +26,7 @@ from nas.scoring import (
     rank_correlation,
     search_score,
 )
-from nas.validate import ValidationPatches, evaluate_patches
+from nas.validation.validate import ValidationPatches, evaluate_patches
 from tests.conftest import run_cli, tiny_space_yaml, user_error
 
 ONE_CLASS = LabelScheme.build({0: 0, 1: 1}, ("lesion",))

@@ -9,7 +9,7 @@ import torch
 from optuna.trial import TrialState
 
 from nas import UNetConfig, build_unet
-from nas.record import TrialRecord
+from nas.search.record import TrialRecord
 
 from .conftest import run_cli, tiny_space_yaml
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas import secrets
-from nas.cli import exit_code
-from nas.errors import NasError
-from nas.secrets import redact, register, scrub
-from nas.staging import atomic_write, replace_folder, staging_folder
+from nas.commands.cli import exit_code
+from nas.core import secrets
+from nas.core.errors import NasError
+from nas.core.secrets import redact, register, scrub
+from nas.core.staging import atomic_write, replace_folder, staging_folder
 
 from .conftest import POSTGRES_PASSWORD, run_cli, tiny_space_yaml
 

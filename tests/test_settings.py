@@ -12,8 +12,8 @@ import optuna
 import pytest
 import yaml
 
-from nas import run as run_module
-from nas.console import RunProgress, run_log
+from nas.commands import run as run_module
+from nas.commands.console import RunProgress, run_log
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 

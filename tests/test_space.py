@@ -7,8 +7,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas.errors import NasError
-from nas.space import describe_space, load_space, param_distribution, sample, warm_start_params
+from nas.core.errors import NasError
+from nas.search.space import (
+    describe_space,
+    load_space,
+    param_distribution,
+    sample,
+    warm_start_params,
+)
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 
@@ -252,7 +258,7 @@ def test_variants_give_one_field_different_ranges(tmp_path):
 def test_the_default_sampler_models_every_searched_parameter(monkeypatch):
     """TPE (multivariate, grouped) draws no parameter on its own once its startup trials have
     shown every parameter: the `when` ones (3D kernels, deeper skips) are modelled too."""
-    from nas.study import make_sampler
+    from nas.search.study import make_sampler
 
     space = load_space("search_spaces/unet.yaml")
     assert space.study.sampler == "tpe"
@@ -443,7 +449,7 @@ def test_more_validation_cases_than_the_fold_holds_is_one_line_and_writes_nothin
 
 
 def test_the_search_validates_on_a_seeded_subset_of_the_fold():
-    from nas.scoring import search_validation_cases
+    from nas.search.scoring import search_validation_cases
 
     cases = [f"case_{i}" for i in range(10)]
     chosen = search_validation_cases(cases, 4, seed=0)

@@ -19,13 +19,13 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from nas import resume
-from nas.errors import NasError
-from nas.record import StudyRecord, TrialRecord, write_study
-from nas.results import checkpoint_path, save_checkpoint, write_results
-from nas.run import _worker_command, main, parse_args
-from nas.space import load_space
-from nas.storage import load_study
+from nas.commands.run import _worker_command, main, parse_args
+from nas.core.errors import NasError
+from nas.search import resume
+from nas.search.record import StudyRecord, TrialRecord, write_study
+from nas.search.results import checkpoint_path, save_checkpoint, write_results
+from nas.search.space import load_space
+from nas.search.storage import load_study
 
 from .conftest import run_cli, tiny_space_yaml, wait_for
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from nas.errors import NasError
-from nas.record import write_study
-from nas.trial_files import TrialFiles, store_url, trial_files
+from nas.core.errors import NasError
+from nas.search.record import write_study
+from nas.search.trial_files import TrialFiles, store_url, trial_files
 
 RELATIVE = "checkpoints/trial_0003.pt"
 

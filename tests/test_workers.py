@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from nas.record import TrialRecord
-from nas.results import pareto_front
+from nas.search.record import TrialRecord
+from nas.search.results import pareto_front
 
 from .conftest import run_cli, tiny_space_yaml, wait_for
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 from optuna.trial import create_trial
 
-from nas.results import checkpoint_path
+from nas.search.results import checkpoint_path
 
 from . import datasets
 from .conftest import run_cli, tiny_space_yaml, user_error
@@ -216,13 +216,23 @@ def test_an_architecture_yaml_naming_a_key_twice_is_refused(work, tiny_dataset):
     text = card.read_text()
     card.write_text(text + "format_version: 1\n")
     line = _refused(
-        "nas.predict", "model", str(_scan(tiny_dataset)), "mask.nii.gz", cwd=work, watched=work
+        "nas.predict",
+        "model",
+        str(_scan(tiny_dataset)),
+        "mask.nii.gz",
+        cwd=work,
+        watched=work,
     )
     assert line.startswith(f"error: {Path('model') / 'architecture.yaml'}: duplicate key")
     assert "'format_version'" in line
     card.write_text(text.replace("  output: sigmoid\n", "  output: sigmoid\n  output: softmax\n"))
     line = _refused(
-        "nas.predict", "model", str(_scan(tiny_dataset)), "mask.nii.gz", cwd=work, watched=work
+        "nas.predict",
+        "model",
+        str(_scan(tiny_dataset)),
+        "mask.nii.gz",
+        cwd=work,
+        watched=work,
     )
     assert "duplicate key 'output'" in line
     assert not (work / "mask.nii.gz").exists()
@@ -343,7 +353,10 @@ def _add_tampered_trial(work: Path, **attrs) -> int:
 )
 def test_a_tampered_trial_attr_is_refused_naming_the_trial(work, attrs, reason):
     number = _add_tampered_trial(work, **attrs)
-    for command in (("nas.report", "results/tiny"), ("nas.export", "results/tiny")):
+    for command in (
+        ("nas.report", "results/tiny"),
+        ("nas.export", "results/tiny"),
+    ):
         line = _refused(*command, cwd=work, watched=work)
         assert line == f"error: trial {number}: {reason}"
 
@@ -378,7 +391,10 @@ def test_a_tampered_study_attr_is_refused_naming_the_study(work, attr, value, re
     study = _study(work)
     study.set_user_attr(attr, value)
     _done(study)
-    for command in (("nas.report", "results/tiny"), ("nas.export", "results/tiny")):
+    for command in (
+        ("nas.report", "results/tiny"),
+        ("nas.export", "results/tiny"),
+    ):
         line = _refused(*command, cwd=work, watched=work)
         assert line == f"error: study 'tiny': {reason}"
 

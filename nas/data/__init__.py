@@ -1,5 +1,6 @@
 """Datasets: where the data is and how to prepare it (`DataConfig`), loading it through the
-preprocessing cache, and serving training samples."""
+preprocessing cache, and serving training samples; the label schemes the data defines.
+May import nas.core only: no network, no Optuna."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
+from nas.core.errors import NasError
 from nas.data.cache import Case, Dataset, cached_dataset
 from nas.data.layouts import discover
 from nas.data.sampling import PatchSampler, Slicing, patch_at, split_cases, validation_centres
 from nas.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
-from nas.errors import NasError
 
 DEFAULT_SYNTHETIC_PATH = Path("data/Dataset001_SyntheticLesions")
 
@@ -89,7 +90,7 @@ class DataConfig:
         """JSON-serialisable, with absolute paths (so it can be used from any directory).
 
         `test` is left out: the held-out cases play no part in the search, so a study may be
-        resumed with another test folder or none (nas.heldout rescores when the files change).
+        resumed with another test folder or none (nas.evaluation.heldout rescores when the files change).
         """
         values = dataclasses.asdict(self)
         del values["test"]

@@ -36,20 +36,25 @@ from typing import IO
 import numpy as np
 from tqdm import tqdm
 
-from nas.data.layouts import CaseFiles, DatasetIndex
-from nas.data.plan import make_plan
-from nas.data.preprocess import CasePlan, ChannelNorm, footprint_bytes, preprocess_case
-from nas.errors import NasError
-from nas.labels import LabelScheme
-from nas.locking import file_lock
-from nas.memory import (
+from nas.core.errors import NasError
+from nas.core.locking import file_lock
+from nas.core.resources import (
     HOST_SHARE,
     available_cores,
     available_host_bytes,
     format_gb,
     peak_rss_bytes,
 )
-from nas.staging import check_output_folder, remove_stale_staging, replace_folder, staging_folder
+from nas.core.staging import (
+    check_output_folder,
+    remove_stale_staging,
+    replace_folder,
+    staging_folder,
+)
+from nas.data.labels import LabelScheme
+from nas.data.layouts import CaseFiles, DatasetIndex
+from nas.data.plan import make_plan
+from nas.data.preprocess import CasePlan, ChannelNorm, footprint_bytes, preprocess_case
 
 # Bump when preprocessing changes what it writes, so older caches are not reused.
 CACHE_VERSION = 3

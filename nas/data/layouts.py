@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 
 Layout = Literal["auto", "nnunet", "msd", "pairs"]
 NIFTI_ENDINGS = (".nii.gz", ".nii")

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from nas.core.errors import NasError
+from nas.data.labels import LabelScheme
 from nas.data.layouts import DatasetIndex
 from nas.data.preprocess import (
     CasePlan,
@@ -26,8 +28,6 @@ from nas.data.preprocess import (
     read_label,
     spacing_of,
 )
-from nas.errors import NasError
-from nas.labels import LabelScheme
 
 # Foreground voxels kept per case for the CT intensity statistics.
 CT_SAMPLES_PER_CASE = 10_000

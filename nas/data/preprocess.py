@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from nas.core.errors import NasError
 from nas.data.layouts import CaseFiles
-from nas.errors import NasError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def open_nifti(path) -> nib.spatialimages.SpatialImage:
     """A NIfTI image, header only, refused in one line where it cannot be read or where its
     header declares more voxel bytes than the file can hold (uncompressed: the file's size;
     .gz: the most deflate can pack) or than this machine's memory limit."""
-    from nas.memory import format_gb, host_memory_limit_bytes
+    from nas.core.resources import format_gb, host_memory_limit_bytes
 
     try:
         image = nib.load(path)
@@ -302,7 +302,7 @@ def check_target_grid(path: Path, plan: CasePlan, bytes_per_voxel: int) -> None:
     resampled voxel): a spacing that lies, or a target far finer than the scan, would
     otherwise allocate tens of GB before failing. The nonzero crop is taken as the whole
     volume, so what preprocessing then allocates is at most this."""
-    from nas.memory import check_allocation
+    from nas.core.resources import check_allocation
 
     shape = tuple(open_nifti(path).shape[:3])
     spacing = spacing_of(path)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nas.core.errors import NasError
 from nas.data.cache import Case
-from nas.errors import NasError
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ class PatchSampler:
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """images (B, C, *patch) float32, labels (B, *patch) int64, on the host; the trainer
-        moves them to its device (nas.train.device_batch)."""
+        moves them to its device (nas.training.fit.device_batch)."""
         images, labels = [], []
         for _ in range(self.batch_size):
             index = int(self.rng.integers(len(self.cases)))

@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 from scipy import ndimage
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 
 # Mean intensity of each tissue class on a FLAIR-like contrast, before bias field and noise.
 TISSUE_INTENSITY = {"background": 0.0, "scalp": 0.35, "csf": 0.12, "gm": 0.55, "wm": 0.7}

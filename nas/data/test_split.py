@@ -1,7 +1,7 @@
 """A dataset's test split: the held-out cases in imagesTs/ + labelsTs/ beside imagesTr/
 (labelsTs is not standard nnU-Net, but datasets often ship it), or in the folder `data.test`
 names, found and checked as training cases are before a search starts. Scoring them is
-nas/heldout.py's job.
+nas/evaluation/heldout.py's job.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nas.core.errors import NasError
 from nas.data import DataConfig, Dataset
+from nas.data.labels import LabelScheme
 from nas.data.layouts import CaseFiles, find_scans, nifti_files
 from nas.data.preprocess import (
     case_bytes_per_voxel,
@@ -22,8 +24,6 @@ from nas.data.preprocess import (
     read_channels,
     read_label,
 )
-from nas.errors import NasError
-from nas.labels import LabelScheme
 
 IMAGES, LABELS = "imagesTs", "labelsTs"
 
