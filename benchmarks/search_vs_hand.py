@@ -106,9 +106,11 @@ DEFAULT_CACHE = Path(__file__).with_name("search_vs_hand_cache.json")
 STUDY_NAME = "mniwm"
 # The code a hand network's result depends on: a change to any of it reruns the hand arms.
 CODE_FILES = (
-    "nas/training/fit.py", "nas/network/builder.py", "nas/validation/validate.py", "nas/training/losses.py", "nas/search/patch_plan.py",
-    "nas/evaluation/heldout.py", "nas/commands/predict.py", "nas/deploy/exported.py", "nas/network/state_dict.py",
-    "nas/network/model_card.py", "nas/network/unet_config.py", "nas/training/train_config.py",
+    "nas/training/fit.py", "nas/network/builder.py", "nas/validation/validate.py",
+    "nas/training/losses.py", "nas/search/patch_plan.py", "nas/evaluation/heldout.py",
+    "nas/commands/predict.py", "nas/deploy/predict.py", "nas/deploy/exported.py",
+    "nas/network/state_dict.py", "nas/network/model_card.py", "nas/network/unet_config.py",
+    "nas/training/train_config.py",
 )  # fmt: skip
 HAND_NETWORKS = {
     "nnU-Net-like 2D": UNetConfig(
@@ -211,7 +213,8 @@ def run_search(space_path: Path, results: Path, budget: float, seed: int) -> flo
 
 def front_points(task: Task, results: Path, device: torch.device) -> list[Point]:
     """The front from pareto.csv, with held-out scores (where nas.run did not score them, a
-    version without nas.evaluation.heldout wired in, they are scored here from the checkpoints), each
+    version without nas.evaluation.heldout wired in, they are scored here from the checkpoints),
+    each
     member's standard error and the member `nas export --best` picks marked `chosen`."""
     study_dir = results / STUDY_NAME
     study = _study(study_dir)

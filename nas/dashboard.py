@@ -1,4 +1,4 @@
-"""`python -m nas.dashboard`: optuna-dashboard on a study and its artifacts; the command is nas.commands.dashboard."""
+"""`python -m nas.dashboard`: the command is nas.commands.dashboard."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`python -m nas.ensemble`: average saved probabilities of several models into masks; the command is nas.commands.ensemble."""
+"""`python -m nas.ensemble`: the command is nas.commands.ensemble."""
 
 import sys
 

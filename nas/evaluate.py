@@ -1,4 +1,4 @@
-"""`python -m nas.evaluate`: score predicted masks against reference labels; the command is nas.commands.evaluate."""
+"""`python -m nas.evaluate`: the command is nas.commands.evaluate."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`python -m nas.export`: write one architecture of the front as a model folder; the command is nas.commands.export."""
+"""`python -m nas.export`: the command is nas.commands.export."""
 
 import sys
 

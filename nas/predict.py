@@ -1,4 +1,4 @@
-"""`python -m nas.predict`: segment NIfTI scans with an exported model; the command is nas.commands.predict."""
+"""`python -m nas.predict`: the command is nas.commands.predict."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`python -m nas.report`: rewrite results/<study>/report.html; the command is nas.commands.report."""
+"""`python -m nas.report`: the command is nas.commands.report."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`python -m nas.retrain`: retrain front members at the full budget, or cross-validate them; the command is nas.commands.retrain."""
+"""`python -m nas.retrain`: the command is nas.commands.retrain."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`python -m nas.run`: start or resume a search; the command is nas.commands.run."""
+"""`python -m nas.run`: the command is nas.commands.run."""
 
 import sys
 

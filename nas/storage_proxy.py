@@ -1,4 +1,4 @@
-"""`python -m nas.storage_proxy`: serve a study storage to workers on many hosts; the command is nas.commands.storage_proxy."""
+"""`python -m nas.storage_proxy`: the command is nas.commands.storage_proxy."""
 
 import sys
 

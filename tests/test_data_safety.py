@@ -72,7 +72,8 @@ def test_staging_folders_of_a_killed_build_are_removed(tmp_path):
     root = datasets.write_nnunet(tmp_path / "ds")
     cache = tmp_path / "cache"
     killed_build = (
-        "import os, signal, sys; from pathlib import Path; from nas.core.staging import staging_folder\n"
+        "import os, signal, sys; from pathlib import Path\n"
+        "from nas.core.staging import staging_folder\n"
         "building = staging_folder(Path(sys.argv[1]) / 'ds-0123456789abcdef')\n"
         "(building.__enter__() / 'case_000_image.npy').write_bytes(b'half written')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

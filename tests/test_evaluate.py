@@ -1,4 +1,5 @@
-"""Segmentation metrics (nas.validation.metrics) against an independent computation on hand-made masks,
+"""Segmentation metrics (nas.validation.metrics) against an independent computation on hand-made
+masks,
 and `python -m nas.evaluate` on real NIfTI files: what it writes, and the inputs it refuses."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What lesion studies report (nas.validation.metrics): per-case Dice with nnU-Net's empty cases left out,
+"""What lesion studies report (nas.validation.metrics): per-case Dice with nnU-Net's empty cases
+left out,
 lesion-wise detection from 26-connected components, volume and lesion-count differences, on
 hand-made masks with known answers; and `python -m nas.evaluate` writing them from real NIfTI
 files."""

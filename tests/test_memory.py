@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from torch import nn
 
 import nas
-from nas.core.errors import NasError
 from nas.core import resources
+from nas.core.errors import NasError
 from nas.core.resources import default_memory_limit_bytes
 from nas.data import SyntheticSpec
 from nas.data.labels import LabelScheme
@@ -194,7 +194,8 @@ def test_default_limit_is_half_the_ram_on_cpu_and_mps():
 def test_default_limit_follows_a_container_memory_limit(tmp_path, monkeypatch):
     limit_file = tmp_path / "memory.max"
     limit_file.write_text("2000000000\n")
-    monkeypatch.setattr(resources, "CGROUP_LIMIT_FILES", (str(tmp_path / "absent"), str(limit_file)))
+    limit_files = (str(tmp_path / "absent"), str(limit_file))
+    monkeypatch.setattr(resources, "CGROUP_LIMIT_FILES", limit_files)
     assert default_memory_limit_bytes(CPU) == 1_000_000_000
     limit_file.write_text("max\n")  # cgroup v2: no limit
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

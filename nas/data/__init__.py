@@ -90,7 +90,8 @@ class DataConfig:
         """JSON-serialisable, with absolute paths (so it can be used from any directory).
 
         `test` is left out: the held-out cases play no part in the search, so a study may be
-        resumed with another test folder or none (nas.evaluation.heldout rescores when the files change).
+        resumed with another test folder or none (nas.evaluation.heldout rescores when the files
+        change).
         """
         values = dataclasses.asdict(self)
         del values["test"]

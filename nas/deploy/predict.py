@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from nas.network.model_card import ModelCard
 
 
-# nas.network.inference.ENGINES and nas.validation.validate.DEFAULT_OVERLAP, spelled out so that --help does not
+# nas.network.inference.ENGINES and nas.validation.validate.DEFAULT_OVERLAP, spelled out so that
+# --help does not
 # import torch (tests/test_cli.py checks that they agree).
 ENGINES = ("auto", "eager", "pt2", "onnx")
 

@@ -6,7 +6,8 @@ program (model.pt2) or ONNX Runtime (model.onnx), the last two when the export w
 `Predictor` averages the members' probabilities (sigmoid or softmax of their logits) and,
 with mirroring, those of every flip of the input along its spatial axes, flipped back, as
 nnU-Net's test-time augmentation does. Sliding windows, preprocessing and file I/O belong to
-nas.validation.validate and nas.predict; this module only turns one batch of windows into probabilities.
+nas.validation.validate and nas.predict; this module only turns one batch of windows into
+probabilities.
 """
 
 from __future__ import annotations

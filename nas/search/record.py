@@ -79,7 +79,8 @@ class TrialRecord:
     violations: tuple[float, ...] = ()  # Optuna's constraint values: <= 0 when one holds
     latency_iqr_ms: float | None = None
     completed_at: datetime | None = None
-    # Multi-fidelity lineage (nas/search/schedule/fidelity.py, nas/search/schedule/policy.py): the trial the candidate
+    # Multi-fidelity lineage (nas/search/schedule/fidelity.py, nas/search/schedule/policy.py): the
+    # trial the candidate
     # started in (None: this one), the epoch a continuation trains until, the rungs it was
     # scheduled on, and what its own segment of training spent.
     lineage: int | None = None
@@ -101,7 +102,8 @@ class TrialRecord:
     # [case][intersection, predicted, truth][class], for the score's bootstrap interval.
     val_case_counts: Mapping[str, Any] = field(default_factory=dict)
     artifact_error: str | None = None  # the overlay or an upload failed (the scores stand)
-    # A rerun of a search trial (nas.retrain, a fold of nas.evaluation.crossval): which, on which fold,
+    # A rerun of a search trial (nas.retrain, a fold of nas.evaluation.crossval): which, on which
+    # fold,
     # its search validation IoU, and each validation case scored out of fold.
     source_trial: int | None = None
     fold: int | None = None
@@ -420,7 +422,8 @@ class StudyRecord:
     )
     validation: Mapping[str, Any] | None = None  # how the search validated (scoring.py)
     data_cases: Mapping[str, Any] | None = None
-    # Mappings by trial number: held-out scores (nas/evaluation/heldout.py), the classes whose largest
+    # Mappings by trial number: held-out scores (nas/evaluation/heldout.py), the classes whose
+    # largest
     # component is kept, held-out fold ensembles (rows of compare_ensemble), the all-cases
     # models ({epochs_run, ...}); and the ensembles across members ({"rows", "chosen"}).
     test_scores: Mapping[str, Any] = field(default_factory=dict)
@@ -513,7 +516,8 @@ def rerun_trial(
     curve: Mapping[int, float],
 ) -> FrozenTrial:
     """A finished trial of `source`'s network trained again (nas.retrain, a fold of
-    nas.evaluation.crossval): its costs as the search measured them, `scores` (iou, dice, params) from
+    nas.evaluation.crossval): its costs as the search measured them, `scores` (iou, dice, params)
+    from
     the new training, `curve` its IoU per epoch."""
     record = TrialRecord.of(source)
     quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS} | dict(scores)

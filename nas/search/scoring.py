@@ -10,7 +10,8 @@ the completed, feasible trials no other dominates, each candidate represented by
 trial.
 
 Validation while searching is on a fixed set of patches per validation case
-(`ValidationConfig`, nas/validation/validate.py), after the epochs decisions read (`decision_epochs`),
+(`ValidationConfig`, nas/validation/validate.py), after the epochs decisions read
+(`decision_epochs`),
 and its counts are kept per case, so a score's noise over the validation cases is estimated
 by the bootstrap (`interval`): the cases are resampled with replacement and the score taken
 again. `one_standard_error_choice` applies the one-standard-error rule of model selection:

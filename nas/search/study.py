@@ -2,7 +2,8 @@
 
 A study keeps the objectives it was created with in its user attrs, so every tool that opens
 it later reads them back; trials a Ctrl-C abandoned are enqueued again when it is resumed.
-What a trial does is nas/search/trial.py; how many trials a run spends, nas/search/schedule/policy.py.
+What a trial does is nas/search/trial.py; how many trials a run spends,
+nas/search/schedule/policy.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """How a run spends its trials: the rungs, the budget, and which stopped candidate trains on.
 
 `Schedule` holds a run's limits (new candidates, optimiser steps, the deadline) and its rungs;
-after every trial `StopAtTotal` enqueues the promotion most due (nas/search/schedule/fidelity.py decides which
+after every trial `StopAtTotal` enqueues the promotion most due (nas/search/schedule/fidelity.py
+decides which
 is due) or stops the worker once the study has no more work. Reads trials, never trains.
 """
 
@@ -64,7 +65,8 @@ class Schedule:
 
     The one home of the stop-or-promote policy, with two questions: `after_epoch` (does a
     training candidate go on?) and `next_promotion` (which stopped candidate trains on
-    next?). nas/search/schedule/fidelity.py ranks and shares, nas/search/schedule/pruning.py holds the pruner's rule; both
+    next?). nas/search/schedule/fidelity.py ranks and shares, nas/search/schedule/pruning.py holds
+    the pruner's rule; both
     answer only through here."""
 
     rungs: tuple[int, ...]

@@ -26,7 +26,8 @@ trial's initial weights came from its seed: 0.608 / 0.627 without pruning, rando
 0.44-0.67 per arm): the defaults end highest in the median of both measurements, by a
 small margin. The early candidates are where time goes: the reference network and NSGA-II's
 first generation run before anything can be compared, so the pruner must act from the second
-epoch and the third trial. These figures predate validation on fixed patches (nas/search/scoring.py):
+epoch and the third trial. These figures predate validation on fixed patches
+(nas/search/scoring.py):
 they were taken when every epoch validated the whole volumes, and are not yet measured again.
 """
 
