@@ -18,27 +18,15 @@ from nas.network.unet_config import UNetConfig
 from nas.search.candidate_state import TrainingData, load_state, save_state, train_candidate
 from nas.search.record import TrialRecord
 from nas.search.results import checkpoint_path, save_checkpoint, state_path
-from nas.search.schedule.fidelity import (
-    Budget,
-    FidelityConfig,
-    Member,
-    exploration_share,
-    final_fill,
-    new_candidate_share,
-    parity_promotions,
-    promotions,
-    rank,
-    rung_epochs,
-    rung_members,
-    spending,
-    standings,
-    undertrained,
-)
+from nas.search.schedule.budget import Budget, exploration_share, new_candidate_share, spending
+from nas.search.schedule.endgame import final_fill, parity_promotions, standings, undertrained
 from nas.search.schedule.policy import EpochReport, Schedule, Verdict, enqueue_promotion
-from nas.search.schedule.pruning import PrunerConfig
+from nas.search.schedule.pruner import PrunerConfig
+from nas.search.schedule.ranking import Member, promotions, rank, rung_members
+from nas.search.schedule.rungs import FidelityConfig, rung_epochs, segment_ends
 from nas.search.scoring import raised_first_cut
 from nas.search.space import Candidate
-from nas.search.trial import segment_ends, within_timeout
+from nas.search.trial import within_timeout
 from nas.training.train_config import TrainConfig
 
 from .conftest import run_cli, tiny_space_yaml

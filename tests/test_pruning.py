@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from nas.search.record import TrialRecord, carried
-from nas.search.schedule.pruning import PrunerConfig, dominated_at_epoch
+from nas.search.schedule.pruner import PrunerConfig, dominated_at_epoch
 from nas.search.scoring import search_score
 
 from .conftest import run_cli, tiny_space_yaml

@@ -756,7 +756,7 @@ class _TrialProgress:
     quiet: bool
 
     def show(self, study: optuna.Study) -> None:
-        from nas.search.schedule.fidelity import spending
+        from nas.search.schedule.budget import spending
         from nas.search.study import settled_count
 
         trials = study.get_trials(deepcopy=False)  # one read for both counts
@@ -815,10 +815,9 @@ def _optimize(
     from nas.search.schedule.policy import StopAtTotal, enqueue_promotion, has_work
     from nas.training.fit import CandidateFailed
 
-    deadline = schedule.deadline
     said_waiting = False
     while True:
-        left = None if deadline is None else deadline - time.monotonic()
+        left = schedule.time_left()
         if left is not None and left <= 0:
             return
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.core.staging import process_alive
 from nas.search.record import TrialRecord, attr_name, carried, without_owner, write
-from nas.search.schedule.fidelity import lineage_attrs
+from nas.search.schedule.continuation import lineage_attrs
 from nas.search.storage import HeartbeatConfig
 
 

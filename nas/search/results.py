@@ -19,7 +19,7 @@ import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+from optuna.trial import FrozenTrial  # noqa: E402
 
 from nas.core.staging import atomic_write  # noqa: E402
 from nas.search.objectives import OBJECTIVES, curve_metric, score_of  # noqa: E402
@@ -30,7 +30,8 @@ from nas.search.record import (  # noqa: E402
     records,
     study_objectives,
 )
-from nas.search.schedule.fidelity import may_continue, undertrained  # noqa: E402
+from nas.search.schedule.continuation import may_continue  # noqa: E402
+from nas.search.schedule.endgame import undertrained  # noqa: E402
 from nas.search.scoring import Interval, front_intervals, front_of, superseded_numbers  # noqa: E402
 from nas.search.trial_files import trial_files  # noqa: E402
 from nas.search.weights import checkpoint_path  # noqa: E402
@@ -77,15 +78,6 @@ def save_checkpoint(study_dir: Path, trial_number: int, state_dict: dict) -> Pat
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     """The non-dominated feasible completed trials over the study's objectives."""
     return front_of(study.get_trials(deepcopy=False), study_objectives(study).names)
-
-
-def _promotable(trial: FrozenTrial, superseded: set[int]) -> bool:
-    """A completed trial the search may still train further (`fidelity.may_continue`)."""
-    return (
-        trial.state == TrialState.COMPLETE
-        and trial.number not in superseded
-        and may_continue(trial)
-    )
 
 
 def _row(trial: FrozenTrial, test_scores: dict) -> dict:
@@ -282,7 +274,7 @@ def write_results(
         if not trial.state.is_finished():
             continue
         weights = checkpoint_path(study_dir, trial.number)
-        if not _promotable(trial, superseded):
+        if not may_continue(trial, superseded):
             files.drop(state_path(weights), uploaded)
             if trial.number not in on_front:
                 files.drop(weights, uploaded)

@@ -44,8 +44,8 @@ from nas.data import DataConfig
 from nas.network.unet_config import PER_STAGE_FIELDS, UNetConfig, per_stage_length
 from nas.search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound, LatencyConfig
 from nas.search.objectives import Name as ObjectiveName
-from nas.search.schedule.fidelity import FidelityConfig
-from nas.search.schedule.pruning import PrunerConfig
+from nas.search.schedule.pruner import PrunerConfig
+from nas.search.schedule.rungs import FidelityConfig
 from nas.search.scoring import ValidationConfig
 from nas.search.storage import HeartbeatConfig
 from nas.training.train_config import MAX_PATCH_SIZE, TrainConfig

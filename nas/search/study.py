@@ -23,9 +23,7 @@ from nas.search.objectives import (
 )
 from nas.search.record import StudyRecord, TrialRecord, carried, write_study
 from nas.search.sampler import LineageSampler
-from nas.search.schedule.fidelity import (
-    lineage_attrs,
-)
+from nas.search.schedule.continuation import lineage_attrs
 from nas.search.space import StudySection
 from nas.search.storage import Access, load_study, open_storage, sqlite_url
 

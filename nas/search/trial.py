@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +52,9 @@ from nas.search.objectives import (
 )
 from nas.search.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
 from nas.search.results import checkpoint_path, save_checkpoint, state_path
-from nas.search.schedule.fidelity import lineage
+from nas.search.schedule.continuation import lineage
 from nas.search.schedule.policy import EpochReport, Schedule
+from nas.search.schedule.rungs import segment_ends
 from nas.search.scoring import (
     decision_epochs,
     joins_front,
@@ -314,11 +315,7 @@ def start_trial(run: SearchRun, trial: optuna.Trial) -> Started:
         rungs = run.schedule.new_candidate_rungs(trial.study.get_trials(deepcopy=False))
         return Started(new_candidate(run, trial), None, None, trial.number, top, rungs)
     candidate, state, parent = continued_candidate(run, trial, int(carried.continues))
-    until = top
-    if carried.until is not None:  # trained beyond the top rung, as the schedule says
-        until = carried.until
-    elif state.epoch >= top:  # (a study from before `until` was recorded)
-        until = state.epoch * run.schedule.eta
+    until = run.schedule.continuation_until(carried.until, state.epoch)
     return Started(candidate, state, parent, lineage(parent), until, run.schedule.rungs)
 
 
@@ -544,12 +541,6 @@ def within_timeout(candidate: Candidate, schedule: Schedule, first: bool) -> Can
     cap = left if candidate.train.max_seconds is None else min(left, candidate.train.max_seconds)
     train = dataclasses.replace(candidate.train, max_seconds=cap)
     return dataclasses.replace(candidate, train=train)
-
-
-def segment_ends(epoch: int, until: int, rungs: Sequence[int]) -> list[int]:
-    """Where the segments of a training from `epoch` to `until` end: at each rung between
-    them, and at `until`."""
-    return [r for r in rungs if epoch < r < until] + [until]
 
 
 def _fail(trial: optuna.Trial, reason: str, start: float) -> None:

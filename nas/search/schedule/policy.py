@@ -1,9 +1,9 @@
 """How a run spends its trials: the rungs, the budget, and which stopped candidate trains on.
 
 `Schedule` holds a run's limits (new candidates, optimiser steps, the deadline) and its rungs;
-after every trial `StopAtTotal` enqueues the promotion most due (nas/search/schedule/fidelity.py
-decides which
-is due) or stops the worker once the study has no more work. Reads trials, never trains.
+after every trial `StopAtTotal` enqueues the promotion most due (ranking.py and endgame.py
+decide which is due, budget.py whether it fits) or stops the worker once the study has no
+more work. Reads trials, never trains.
 """
 
 from __future__ import annotations
@@ -16,22 +16,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.search.objectives import curve_metric
-from nas.search.record import TrialRecord, carried
-from nas.search.schedule.fidelity import (
-    Budget,
-    Promotion,
-    batches_per_epoch,
-    final_fill,
-    in_top,
-    lineage,
-    parity_promotions,
-    promotions,
-    rung_epochs,
-    rung_members,
-    spending,
-    standings,
-)
-from nas.search.schedule.pruning import PrunerConfig, dominated_at_epoch
+from nas.search.record import TrialRecord
+from nas.search.schedule.budget import Budget, batches_per_epoch, spending
+from nas.search.schedule.continuation import Promotion, promotion_attrs, trains_until
+from nas.search.schedule.endgame import final_fill, parity_promotions, standings
+from nas.search.schedule.pruner import PrunerConfig, dominated_at_epoch
+from nas.search.schedule.ranking import in_top, promotions, rung_members
+from nas.search.schedule.rungs import rung_epochs
 from nas.search.scoring import first_cut_is_weak, search_score
 from nas.search.space import SearchSpace
 from nas.search.study import is_new, settled_count
@@ -65,9 +56,10 @@ class Schedule:
 
     The one home of the stop-or-promote policy, with two questions: `after_epoch` (does a
     training candidate go on?) and `next_promotion` (which stopped candidate trains on
-    next?). nas/search/schedule/fidelity.py ranks and shares, nas/search/schedule/pruning.py holds
-    the pruner's rule; both
-    answer only through here."""
+    next?), and how far a continuation trains (`continuation_until`). The modules beside it
+    hold the parts: rungs.py the rung ladder, ranking.py successive halving's ranking,
+    endgame.py the parity across the front, budget.py the budget split, continuation.py the
+    lineage bookkeeping, pruner.py the pruner's rule; all answer only through here."""
 
     rungs: tuple[int, ...]
     eta: int
@@ -111,6 +103,11 @@ class Schedule:
 
     def next_promotion(self, trials: Sequence[FrozenTrial]) -> Promotion | None:
         return _next_promotion(trials, self)
+
+    def continuation_until(self, until: int | None, epoch: int) -> int:
+        """The epoch a continuation from `epoch`, enqueued with `until`, trains to
+        (`continuation.trains_until`)."""
+        return trains_until(until, epoch, self.rungs, self.eta)
 
     def time_left(self) -> float | None:
         """Seconds to the run's deadline (negative once past); None without a timeout."""
@@ -156,7 +153,7 @@ def _next_promotion(trials: Sequence[FrozenTrial], schedule: Schedule) -> Promot
     """The first due promotion that fits the budget. While new candidates may start:
     successive halving's, below the top rung, each in at most 1/eta of what is left. In the
     endgame with a budget: the front's members, the least trained first, each to its next
-    level; when none fits, the best takes what is left (`fidelity.final_fill`)."""
+    level; when none fits, the best takes what is left (`endgame.final_fill`)."""
     endgame = not schedule.allows_new(trials)
     budget, spent = schedule.budget(), spending(trials)
     budgeted = budget.steps is not None or budget.seconds_left is not None
@@ -204,10 +201,7 @@ def enqueue_promotion(
     promotion = schedule.next_promotion(trials)
     if promotion is not None:
         parent = next(t for t in trials if t.number == promotion.number)
-        # Beyond the top rung it trains `until`; successive halving's go on rung by rung.
-        until = promotion.to_epoch if promotion.extends else None
-        attrs = carried(continues=parent.number, lineage=lineage(parent), until=until)
-        study.enqueue_trial(parent.params, user_attrs=attrs)
+        study.enqueue_trial(parent.params, user_attrs=promotion_attrs(parent, promotion))
     return promotion
 
 
