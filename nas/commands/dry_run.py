@@ -24,6 +24,7 @@ from nas.network.builder import count_parameters
 from nas.network.describe import count_macs, summary
 from nas.network.precision import autocast
 from nas.search.measure import synchronise
+from nas.search.schedule.pruner import validation_every
 from nas.search.scoring import decision_epochs, search_validation_cases
 from nas.search.space import Candidate, SearchSpace, possible_values, sample, warm_start_params
 from nas.training.batches import training_batches
@@ -89,7 +90,7 @@ def validation_share(
     """What validating the search's way costs a candidate trained through every rung: one
     validation timed on the validation patches, times the validations its segments make."""
     cfg = space.study.validation
-    every = cfg.every or (1 if space.study.pruner.type != "none" else None)
+    every = validation_every(cfg.every, space.study.pruner)
     ends = [0, *rungs]
     count = sum(len(decision_epochs(a, b, every)) for a, b in zip(ends, ends[1:], strict=False))
     cases = search_validation_cases(val_cases, cfg.cases, space.study.seed)

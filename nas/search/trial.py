@@ -54,6 +54,7 @@ from nas.search.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, wri
 from nas.search.results import checkpoint_path, save_checkpoint, state_path
 from nas.search.schedule.continuation import lineage
 from nas.search.schedule.policy import EpochReport, Schedule
+from nas.search.schedule.pruner import validation_every
 from nas.search.schedule.rungs import segment_ends
 from nas.search.scoring import (
     decision_epochs,
@@ -141,7 +142,7 @@ class SearchRun:
         """How a segment from epoch `start` to `end` validates: on the run's patches, after
         the epochs decisions read (every epoch with the pruner on, which compares curves)."""
         cfg = self.space.study.validation
-        every = cfg.every or (1 if self.schedule.pruner.type != "none" else None)
+        every = validation_every(cfg.every, self.schedule.pruner)
         return ValidationPlan(decision_epochs(start, end, every), self.patches)
 
     @property

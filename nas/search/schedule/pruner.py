@@ -95,3 +95,10 @@ def dominated_at_epoch(
         1 for theirs, value in peers if value > iou and dominates(point(value, theirs), mine)
     )
     return better >= cfg.k
+
+
+def validation_every(every: int | None, cfg: PrunerConfig) -> int | None:
+    """How often a trial validates besides the epochs its rungs read: every `every` epochs
+    as the study says, else every epoch with the pruner on, which compares curves epoch by
+    epoch (None: only where a decision reads)."""
+    return every or (1 if cfg.type != "none" else None)
