@@ -27,6 +27,8 @@ MIN_GAIN = 0.005
 
 @dataclass(frozen=True)
 class Promotion:
+    """A stopped candidate's next training: the trial it continues, from where, to where."""
+
     number: int  # the trial to continue
     rung: int  # from this rung's epoch
     to_epoch: int
@@ -34,6 +36,7 @@ class Promotion:
 
 
 def lineage(trial: FrozenTrial) -> int:
+    """The trial the candidate of `trial` started in."""
     return TrialRecord.of(trial).candidate
 
 

@@ -31,6 +31,8 @@ from nas.search.scoring import smoothed
 
 @dataclass(frozen=True)
 class Member:
+    """A candidate as a rung ranks it: its score there and what it costs."""
+
     number: int  # the trial holding this candidate's latest state
     lineage: int  # the trial the candidate started in
     n_params: int
@@ -41,6 +43,7 @@ class Member:
 
 
 def member(trial: FrozenTrial, iou: float) -> Member:
+    """`trial`'s candidate as a member of a rung where it scored `iou`."""
     record = TrialRecord.of(trial)
     costs = tuple(c for c in map(record.quantity, TIMED) if c is not None)
     return Member(trial.number, record.candidate, record.n_params, iou, step_macs(trial), costs)
