@@ -270,14 +270,15 @@ def _choose_member_ensemble(
     (results/<study>/member_ensembles.csv, and the crossval study for nas export)."""
     import pandas as pd
 
-    from nas.evaluation.member_ensemble import record, score_out_of_fold
+    from nas.evaluation.member_ensemble import score_out_of_fold
+    from nas.search.companions import record_member_ensembles
 
     complete = [r for r in table.itertuples() if len(str(r.folds).split()) == len(folds)]
     if len(complete) < 2 or len(folds) < 2:
         return None
     ranked = [r.trial for r in sorted(complete, key=lambda r: -r.cv_iou_mean)]
     rows, chosen = score_out_of_fold(study, ranked, folds, args.results, device)
-    record(crossval, rows, chosen)
+    record_member_ensembles(crossval, rows, chosen)
     frame = pd.DataFrame(rows)
     atomic_write(args.results / "member_ensembles.csv", lambda p: frame.to_csv(p, index=False))
     print("out of fold, members and their ensembles:")
@@ -296,7 +297,7 @@ def _score_member_ensemble(
 
     from nas.deploy.export import export_members
     from nas.evaluation.heldout import score_member_ensemble
-    from nas.evaluation.member_ensemble import chosen_trials
+    from nas.search.companions import chosen_trials
 
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     trials = [by_number[n] for n in chosen_trials(chosen)]
