@@ -34,6 +34,8 @@ def run_all_cases(
     storage: str,
     device: torch.device,
 ) -> int:
+    """Train each chosen member on every case, saving its weights and recording the run;
+    the exit code: 1 where every member failed."""
     from nas.data import load_dataset
     from nas.search.record import merge_study
     from nas.search.results import save_checkpoint

@@ -51,6 +51,8 @@ class RetrainOptions:
 
 
 def choose_trials(study: optuna.Study, top: int, numbers: str | None) -> list[FrozenTrial]:
+    """The members to train again: the trials `numbers` names (--trials, each COMPLETE), or
+    the `top` front members of highest IoU."""
     from optuna.trial import TrialState
 
     from nas.search.record import TrialRecord
