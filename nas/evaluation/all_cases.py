@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from nas.evaluation.retrain_plan import (
     RetrainOptions,
-    latest_path,
     retrain_study_of,
     run_plan,
     train_member,
+    write_last_checkpoint,
 )
 from nas.search.weights import all_cases_dir
 
@@ -41,7 +41,6 @@ def run_all_cases(
     from nas.search.results import save_checkpoint
     from nas.search.storage import redact
     from nas.training.fit import CandidateFailed
-    from nas.training.resumable import write_checkpoint
 
     dataset = load_dataset(data_cfg)
     retrain_study = retrain_study_of(study, storage)
@@ -73,8 +72,7 @@ def run_all_cases(
             "device": str(device),
         }
         merge_study(retrain_study, "all_cases", {str(trial.number): recorded})
-        write_checkpoint(latest_path(options, trial.number), end)  # last: the run is recorded
-        options.files.publish(latest_path(options, trial.number))
+        write_last_checkpoint(options, trial.number, end)  # last: the run is recorded
         print(f"  trial {trial.number}: {path} (final training loss "
               f"{recorded['train_loss']:.4f})")  # fmt: skip
     print(f"recorded in study {retrain_study.study_name!r} of {redact(storage)}")

@@ -151,7 +151,7 @@ def _choose_member_ensemble(
     options: RetrainOptions,
     study: optuna.Study,
     crossval: optuna.Study,
-    table,
+    table: pd.DataFrame,
     folds: list[int],
     device: torch.device,
 ) -> dict | None:
@@ -179,7 +179,7 @@ def _choose_member_ensemble(
 
 
 def _score_member_ensemble(
-    study: optuna.Study, results: Path, chosen: dict, split, device: torch.device
+    study: optuna.Study, results: Path, chosen: dict, split: TestSplit, device: torch.device
 ) -> dict:
     """The chosen ensemble of different members on the held-out cases, exported and
     predicted as a user would (each member with the weights nas export takes by default)."""

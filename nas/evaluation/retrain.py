@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from nas.core.staging import atomic_write
 from nas.evaluation.retrain_plan import (
     RetrainOptions,
-    latest_path,
     retrain_study_of,
     run_plan,
     train_member,
+    write_last_checkpoint,
 )
 from nas.search.weights import retrained_dir, retrained_path
 
@@ -90,7 +90,6 @@ def _retrain_one(
     from nas.search.record import TrialRecord, carried
     from nas.search.results import save_checkpoint
     from nas.training.fit import CandidateFailed, init_model
-    from nas.training.resumable import write_checkpoint
 
     record = TrialRecord.of(trial)
     unet = record.unet()
@@ -121,8 +120,7 @@ def _retrain_one(
     scores = {"iou": last["val_iou"], "dice": last["val_dice"],
               "case_dice": last.get("val_case_dice"), "params": n_params}  # fmt: skip
     _record_retrained(retrain_study, study, trial, unet, train, end, scores, device)
-    write_checkpoint(latest_path(options, trial.number), end)  # last: the run is recorded
-    options.files.publish(latest_path(options, trial.number))
+    write_last_checkpoint(options, trial.number, end)  # last: the run is recorded
     best_text = f" (best {best.iou:.3f} at epoch {best.epoch})" if best else ""
     print(f"  trial {trial.number}: IoU {record.iou:.3f} -> {last['val_iou']:.3f}{best_text}")
     return _row(trial.number, n_params, record.iou, last, end)

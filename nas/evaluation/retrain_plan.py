@@ -154,6 +154,16 @@ def latest_path(options: RetrainOptions, trial_number: int) -> Path:
     return latest_checkpoint_path(final(options.results, trial_number))
 
 
+def write_last_checkpoint(options: RetrainOptions, trial_number: int, end: Checkpoint) -> None:
+    """A member's last checkpoint, written (and shared) once its run is recorded: a run killed
+    before this point is trained again by --continue, not skipped as finished."""
+    from nas.training.resumable import write_checkpoint
+
+    path = latest_path(options, trial_number)
+    write_checkpoint(path, end)
+    options.files.publish(path)
+
+
 def train_member(
     options: RetrainOptions,
     trial: FrozenTrial,
