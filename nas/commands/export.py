@@ -92,8 +92,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def _run_members(args: argparse.Namespace, study: optuna.Study) -> int:
     """--ensemble members: the ensemble nas retrain --folds chose out of fold."""
-    from nas.evaluation.member_ensemble import chosen_trials, recorded
-    from nas.search.companions import find_crossval_study
+    from nas.search.companions import chosen_trials, find_crossval_study, recorded
     from nas.search.study import default_storage
 
     if args.trial is not None or args.max_params is not None:

@@ -445,7 +445,7 @@ def _crossval_section(study: optuna.Study) -> str:
         members.to_html(index=False, border=0),
         _choices(study),
     ]
-    from nas.evaluation.member_ensemble import recorded
+    from nas.search.companions import recorded
 
     oof, chosen = recorded(crossval)
     if oof:

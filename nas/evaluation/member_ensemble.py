@@ -26,7 +26,7 @@ from nas.data import Case, DataConfig, load_dataset, split_dataset
 from nas.network.builder import UNetConfig
 from nas.network.inference import predictor
 from nas.network.state_dict import load_weights
-from nas.search.record import StudyRecord, TrialRecord, write_study
+from nas.search.record import StudyRecord, TrialRecord
 from nas.search.weights import fold_path
 from nas.training.fit import init_model
 from nas.validation.postprocess import classes_helped, dice_per_class, keep_largest_component
@@ -134,16 +134,3 @@ def score_out_of_fold(
         )
     chosen = max(rows, key=lambda r: (round(r["oof_iou"], 6), -r["n_members"]))
     return rows, chosen
-
-
-def record(crossval: optuna.Study, rows: list[dict], chosen: dict) -> None:
-    write_study(crossval, member_ensembles={"rows": rows, "chosen": chosen})
-
-
-def recorded(crossval: optuna.Study | None) -> tuple[list[dict], dict | None]:
-    stored = StudyRecord.of(crossval).member_ensembles if crossval is not None else {}
-    return stored.get("rows", []), stored.get("chosen")
-
-
-def chosen_trials(chosen: dict) -> list[int]:
-    return [int(n) for n in chosen["members"].split(" + ")]

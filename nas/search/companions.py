@@ -1,7 +1,7 @@
 """The studies nas keeps beside a search, in the search's storage: `<study>-retrain` (what
 nas.retrain trained again, or on all cases) and `<study>-crossval` (nas.retrain --folds: one
 trial per member and fold). Their names, opening and finding them, a member's runs, and
-the cross-validation's tables.
+the cross-validation's tables (its summary, held-out ensembles and member ensembles).
 
 Without torch: export, report and the weights finder read them without training anything.
 """
@@ -127,3 +127,20 @@ def ensemble_rows(crossval: optuna.Study) -> list[dict]:
     # A cross-member ensemble (key -1) after the members it combines.
     order = sorted(stored, key=lambda n: (int(n) < 0, int(n)))
     return [row for number in order for row in stored[number]]
+
+
+def record_member_ensembles(crossval: optuna.Study, rows: list[dict], chosen: dict) -> None:
+    """Keep the member ensembles scored out of fold and the one chosen, for `nas export
+    --ensemble members` and the report."""
+    write_study(crossval, member_ensembles={"rows": rows, "chosen": chosen})
+
+
+def recorded(crossval: optuna.Study | None) -> tuple[list[dict], dict | None]:
+    """The member ensembles' rows and the one chosen (none where no cross-validation chose)."""
+    stored = StudyRecord.of(crossval).member_ensembles if crossval is not None else {}
+    return stored.get("rows", []), stored.get("chosen")
+
+
+def chosen_trials(chosen: dict) -> list[int]:
+    """The search trials a chosen member ensemble combines ("3 + 15": 3 and 15)."""
+    return [int(n) for n in chosen["members"].split(" + ")]
