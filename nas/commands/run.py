@@ -27,7 +27,7 @@ from nas.commands.cli import (
     processes_option,
 )
 from nas.search.interrupts import catch_interrupts
-from nas.search.run_setup import RunHooks
+from nas.search.run_hooks import RunHooks
 from nas.search.workers import STORAGE_ENV
 
 if TYPE_CHECKING:

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 from nas.core.staging import check_output_folder
 from nas.search.run_results import refresh, score_front, summary
-from nas.search.run_setup import RunHooks, set_up
+from nas.search.run_setup import set_up
 from nas.search.run_study import announce, open_run_study
 from nas.search.run_trials import run_trials
 from nas.search.workers import run_workers
 
 if TYPE_CHECKING:
     from nas.search.console import RunLog
+    from nas.search.run_hooks import RunHooks
 
 
 def search(args: argparse.Namespace, log: RunLog, processes: int | None, hooks: RunHooks) -> int:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from nas.search.run_setup import RunHooks, RunSetup
+    from nas.search.run_hooks import RunHooks
+    from nas.search.run_setup import RunSetup
 
 
 def trial_line(trial: FrozenTrial) -> str:

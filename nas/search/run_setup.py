@@ -1,13 +1,11 @@
 """What a search run is set up with before its study opens: the space as this command and
 its settings make it, the schedule, the cases, the patch plan and the device (`RunSetup`),
-each checked so that what a user can get wrong is one line before any trial; and what the
-run uses from the floors above the search (`RunHooks`), handed in by its command."""
+each checked so that what a user can get wrong is one line before any trial."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,32 +13,14 @@ from typing import TYPE_CHECKING
 from nas.core.errors import NasError
 
 if TYPE_CHECKING:
-    import optuna
     import torch
-    from optuna.trial import FrozenTrial
 
     from nas.data import Case, Dataset
     from nas.data.test_split import TestSplit
-    from nas.search.candidate_state import TrainingData
     from nas.search.patch_plan import PatchPlan
+    from nas.search.run_hooks import RunHooks
     from nas.search.schedule.policy import Schedule
     from nas.search.space import SearchSpace
-
-
-@dataclass(frozen=True)
-class RunHooks:
-    """What a search run calls that lives above nas.search, given by the command: the
-    `--device` option's device (or a NasError naming it), report.html and the curves written
-    with results/, and the front scored after the search (nas.evaluation.heldout)."""
-
-    device: Callable[[str], torch.device]
-    write_views: Callable[[optuna.Study, Path, list[FrozenTrial], list[FrozenTrial]], None]
-    score_validation_volumes: Callable[  # -> the seconds it took
-        [optuna.Study, Path, list[FrozenTrial], TrainingData, torch.device], float
-    ]
-    score_test_cases: Callable[
-        [optuna.Study, Path, list[FrozenTrial], TestSplit, torch.device], None
-    ]
 
 
 @dataclass(frozen=True)

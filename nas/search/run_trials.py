@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from nas.search.console import RunLog, RunProgress
-    from nas.search.run_setup import RunHooks, RunSetup
+    from nas.search.run_hooks import RunHooks
+    from nas.search.run_setup import RunSetup
     from nas.search.schedule.policy import Schedule
     from nas.search.space import StudySection
 

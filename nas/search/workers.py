@@ -17,7 +17,8 @@ from nas.search.run_results import refresh, score_front, summary
 if TYPE_CHECKING:
     import optuna
 
-    from nas.search.run_setup import RunHooks, RunSetup
+    from nas.search.run_hooks import RunHooks
+    from nas.search.run_setup import RunSetup
 
 # The storage URL for workers started by --workers, and a way for users to keep a database
 # password off the command line (where `ps` shows it to everyone on the machine).
