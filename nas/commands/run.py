@@ -208,6 +208,7 @@ def _score_validation_volumes(
     data: TrainingData,
     device: torch.device,
 ) -> float:
+    """The front's whole validation volumes scored; the seconds it took."""
     from nas.evaluation.heldout import score_validation_volumes
 
     return score_validation_volumes(study, study_dir, front, data, device)
@@ -220,6 +221,7 @@ def _score_test_cases(
     split: TestSplit,
     device: torch.device,
 ) -> None:
+    """The front scored on the held-out test cases, as its exports would segment them."""
     from nas.evaluation.heldout import score_trials
 
     score_trials(study, study_dir, front, split, device)
