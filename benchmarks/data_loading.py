@@ -55,7 +55,6 @@ import numpy as np
 import torch
 
 from nas import build_unet
-from nas.commands.dry_run import sample_candidate
 from nas.data import (
     Case,
     DataConfig,
@@ -70,6 +69,7 @@ from nas.data.labels import LabelScheme
 from nas.data.layouts import CaseFiles, discover
 from nas.network.builder import count_parameters
 from nas.network.precision import gradient_scaler
+from nas.search.dry_run import sample_candidate
 from nas.search.patch_plan import plan_patches
 from nas.search.space import load_space
 from nas.training.batches import default_workers, training_batches, training_sampler

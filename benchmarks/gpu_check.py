@@ -25,10 +25,10 @@ import torch
 # Run as a script, this folder is on the path: the step timing is data_loading.py's.
 from data_loading import data_wait
 
-from nas.commands.dry_run import sample_candidate
 from nas.data import load_dataset, split_dataset
 from nas.network.builder import count_parameters
 from nas.network.precision import amp_dtype
+from nas.search.dry_run import sample_candidate
 from nas.search.patch_plan import plan_patches
 from nas.search.space import load_space
 from nas.training.batches import default_workers, training_batches

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from nas.commands import run as run_module
-from nas.commands.console import RunProgress, run_log
+from nas.search.console import RunProgress, run_log
+from nas.search.workers import worker_command
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 
@@ -135,7 +136,7 @@ def test_workers_search_the_same_effective_space(tmp_path):
     args = run_module.parse_args(
         ["space.yaml", "--workers", "2", "--set", "train.epochs=3", "--data", "d", "-q"]
     )
-    command = run_module._worker_command(args, 1, threads=1, data_workers=0)
+    command = worker_command(args, 1, threads=1, data_workers=0)
     assert command[command.index("--set") + 1] == "train.epochs=3"
     assert command[command.index("--data") + 1] == "d" and "-q" in command
     worker = run_module.parse_args(command[3:])  # after `python -m nas.run`

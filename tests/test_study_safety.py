@@ -19,13 +19,14 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from nas.commands.run import _worker_command, main, parse_args
+from nas.commands.run import main, parse_args
 from nas.core.errors import NasError
 from nas.search import resume
 from nas.search.record import StudyRecord, TrialRecord, write_study
 from nas.search.results import checkpoint_path, save_checkpoint, write_results
 from nas.search.space import load_space
 from nas.search.storage import load_study
+from nas.search.workers import worker_command
 
 from .conftest import run_cli, tiny_space_yaml, wait_for
 
@@ -99,7 +100,7 @@ def test_a_study_name_of_dots_in_the_yaml_is_refused(tmp_path, tiny_dataset, mon
 def test_workers_get_the_storage_from_the_environment_not_the_command_line(tmp_path):
     url = "postgresql+psycopg://nas:hunter2@db-host/nas"
     args = parse_args(["space.yaml", "--storage", url, "--workers", "2"])
-    command = _worker_command(args, 0, 1, 0)
+    command = worker_command(args, 0, 1, 0)
     assert "hunter2" not in " ".join(command) and "--storage" not in command
     os.environ["NAS_STORAGE"] = url
     try:

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 
 from nas.commands.cli import command_parser, exit_code
 from nas.commands.dashboard import _port, is_loopback
-from nas.commands.run import STORAGE_ENV, Interrupted
 from nas.core.errors import NasError
+from nas.search.interrupts import Interrupted
+from nas.search.workers import STORAGE_ENV
 
 
 def make_parser() -> argparse.ArgumentParser:

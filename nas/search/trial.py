@@ -9,6 +9,11 @@ case Dice, where that is the study's score: `objectives.curve_metric`) as interm
 values, so optuna-dashboard can show everything from the storage alone. A
 candidate that breaks a constraint known before training is rejected (PRUNED) untrained; one
 that cannot be trained ends as a FAIL trial with its reason, and the study goes on.
+
+Read top to bottom: `objective` wraps `run_trial`, which starts the trial
+(nas/search/trial_start.py), measures and checks it, trains it segment by segment as its
+`Progress` reports each epoch to the schedule (nas/search/trial_progress.py), records its
+scores, and saves what it leaves (nas/search/trial_outputs.py).
 """
 
 from __future__ import annotations
@@ -18,63 +23,28 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
-from optuna_dashboard import save_note
-from pydantic import ValidationError
 
-from nas.core.errors import NasError
 from nas.core.resources import default_memory_limit_bytes
-from nas.data import Case
-from nas.network.describe import summary, trial_note
-from nas.search.artifacts import example_case, overlay_path, upload, write_overlay
-from nas.search.candidate_state import (
-    Outcome,
-    TrainingData,
-    TrainingState,
-    load_state,
-    save_state,
-    train_candidate,
-)
+from nas.network.describe import summary
+from nas.search.artifacts import example_case
+from nas.search.candidate_state import Outcome, TrainingData, train_candidate
 from nas.search.liveness import TrialHeartbeat, needs_trial_heartbeat, worker_id
-from nas.search.measure import measure_candidate
-from nas.search.objectives import (
-    OBJECTIVES,
-    Bound,
-    curve_metric,
-    rejection,
-    values_of,
-    violations,
-)
-from nas.search.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
-from nas.search.results import checkpoint_path, save_checkpoint, state_path
-from nas.search.schedule.continuation import lineage
-from nas.search.schedule.policy import EpochReport, Schedule
-from nas.search.schedule.pruner import validation_every
+from nas.search.objectives import OBJECTIVES, Bound, rejection, values_of, violations
+from nas.search.record import write
+from nas.search.schedule.policy import Schedule
 from nas.search.schedule.rungs import segment_ends
-from nas.search.scoring import (
-    decision_epochs,
-    joins_front,
-    kept_counts,
-    search_score,
-    search_validation_cases,
-)
-from nas.search.space import Candidate, SearchSpace, sample
+from nas.search.scoring import search_score, search_validation_cases
+from nas.search.space import Candidate, SearchSpace
 from nas.search.study import INTERRUPTED
 from nas.search.trial_files import TrialFiles
-from nas.training.fit import (
-    CandidateFailed,
-    EpochResult,
-    FitResult,
-    ValidationPlan,
-    is_out_of_memory,
-    out_of_memory_reason,
-)
-from nas.training.memory import check_fits
+from nas.search.trial_outputs import Measured, note, save_artifacts, save_weights
+from nas.search.trial_progress import Progress
+from nas.search.trial_start import SearchRun, Started, start_trial, trial_costs
+from nas.training.fit import CandidateFailed, is_out_of_memory, out_of_memory_reason
 from nas.validation.validate import Scores, ValidationPatches
 
 
@@ -105,59 +75,6 @@ def _record_scores(
     user attrs (a pruned trial has no values)."""
     write(trial, **found, val_iou_per_class=tuple(scores.iou_per_class), epochs_run=epochs,
           seconds=round(time.perf_counter() - start, 2))  # fmt: skip
-
-
-def _parent(trial: optuna.Trial, number: int) -> FrozenTrial:
-    for other in trial.study.get_trials(deepcopy=False):
-        if other.number == number:
-            return other
-    raise CandidateFailed(f"cannot continue trial {number}: the study has no such trial")
-
-
-def _claimed_before(trial: optuna.Trial, parent: int) -> int | None:
-    """An earlier live trial continuing the same parent (two workers promoting at once)."""
-    for other in trial.study.get_trials(deepcopy=False):
-        same = TrialRecord.of(other).continues == parent and other.number < trial.number
-        if same and other.state in (TrialState.RUNNING, TrialState.COMPLETE):
-            return other.number
-    return None
-
-
-@dataclass(frozen=True)
-class SearchRun:
-    """What every trial of a run shares."""
-
-    space: SearchSpace
-    data: TrainingData
-    in_channels: int
-    device: torch.device
-    study_dir: Path
-    schedule: Schedule
-    shown_case: Case  # the validation case each trial's overlay shows
-    memory_limit: int  # bytes a candidate's training may need
-    patches: ValidationPatches  # what every candidate's decisions are validated on
-    files: TrialFiles  # where weights and states go so that every host of the study finds them
-
-    def validation(self, start: int, end: int) -> ValidationPlan:
-        """How a segment from epoch `start` to `end` validates: on the run's patches, after
-        the epochs decisions read (every epoch with the pruner on, which compares curves)."""
-        cfg = self.space.study.validation
-        every = validation_every(cfg.every, self.schedule.pruner)
-        return ValidationPlan(decision_epochs(start, end, every), self.patches)
-
-    @property
-    def metric(self) -> str:
-        """What the learning curves hold and the search score smooths: iou or case_dice."""
-        return curve_metric(self.space.study.objectives)
-
-    @property
-    def cost_names(self) -> list[str]:
-        """What the pruner compares a candidate on besides its curve: the objectives to
-        minimise."""
-        return [name for name in self.space.study.objectives if not OBJECTIVES[name].maximise]
-
-    def seed(self, trial: optuna.Trial) -> int:
-        return self.space.study.seed + trial.number
 
 
 def make_objective(
@@ -220,34 +137,34 @@ def objective(run: SearchRun, trial: optuna.Trial) -> list[float]:
         raise
 
 
-@dataclass(frozen=True)
-class Started:
-    """A trial's candidate, where its training starts, and where it may end."""
-
-    candidate: Candidate
-    state: TrainingState | None  # None: fresh weights
-    parent: FrozenTrial | None  # the trial it continues
-    lineage: int  # the trial the candidate started in
-    until: int  # the epoch its training may reach
-    rungs: tuple[int, ...]  # where its segments end (a new one may start past a weak first cut)
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What a trial's network is, as its notes show it."""
-
-    number: int
-    candidate: Candidate
-    n_params: int
-    macs: int
-    patch: tuple[int, ...]
-    start: float  # time.perf_counter() when the trial began
-
-
 def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
     """Start (sample, or continue a parent), measure, check the constraints, train segment by
     segment as the schedule allows, record the scores, save the weights and the artifacts."""
     started = start_trial(run, trial)
+    quantities, measured = _measure(run, trial, started, start)
+    _reject_before_training(run, trial, measured, quantities)
+    progress = Progress.after(run, trial, started, quantities)
+    outcome = _train(run, started, progress)
+    found, scores = _record_training(run, trial, measured, progress, outcome)
+    if progress.pruned:
+        note(run, trial, measured, "PRUNED", **scores, reason=progress.pruned[0])
+        raise optuna.TrialPruned(progress.pruned[0])
+    weights = save_weights(run, trial, measured, outcome, outcome.fit)
+    quantities |= found
+    constraints = run.space.study.constraints
+    if constraints:  # on scores too: a trial that breaks one is infeasible
+        _set_constraints(trial, quantities, constraints, before_training=False)
+    values = values_of(quantities, run.space.study.objectives)
+    save_artifacts(run, trial, measured, outcome, weights, quantities, values)
+    note(run, trial, measured, "COMPLETE", **scores)
+    return values
+
+
+def _measure(
+    run: SearchRun, trial: optuna.Trial, started: Started, start: float
+) -> tuple[dict[str, float | None], Measured]:
+    """The candidate's costs, recorded with its configs and summary; and what its notes show
+    of it."""
     candidate = started.candidate
     patch = candidate.train.patch_size(candidate.unet.spatial_dims)
     quantities = trial_costs(run, started, patch)
@@ -256,18 +173,30 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
           train_config=dataclasses.asdict(candidate.train))  # fmt: skip
     write(trial, **{name: value for name, value in quantities.items() if value is not None})
     write(trial, summary=summary(candidate.unet, n_params), rungs=started.rungs)
-    measured = Measured(trial.number, candidate, n_params, macs, patch, start)
-    constraints = run.space.study.constraints
-    if constraints:
-        _set_constraints(trial, quantities, constraints, before_training=True)
-        broken = rejection(quantities, constraints)
-        if broken:  # known before training: none is spent on it
-            _set_constraints(trial, quantities, constraints, before_training=False)
-            write(trial, rejected=broken)
-            _note(run, trial, measured, "PRUNED", reason=f"rejected before training: {broken}")
-            raise optuna.TrialPruned(f"rejected before training: {broken}")
+    return quantities, Measured(trial.number, candidate, n_params, macs, patch, start)
 
-    progress = Progress.after(run, trial, started, quantities)
+
+def _reject_before_training(
+    run: SearchRun, trial: optuna.Trial, measured: Measured, quantities: dict[str, float | None]
+) -> None:
+    """The constraints known before training set on the trial; a candidate that breaks one is
+    rejected (PRUNED) untrained."""
+    constraints = run.space.study.constraints
+    if not constraints:
+        return
+    _set_constraints(trial, quantities, constraints, before_training=True)
+    broken = rejection(quantities, constraints)
+    if broken:  # known before training: none is spent on it
+        _set_constraints(trial, quantities, constraints, before_training=False)
+        write(trial, rejected=broken)
+        note(run, trial, measured, "PRUNED", reason=f"rejected before training: {broken}")
+        raise optuna.TrialPruned(f"rejected before training: {broken}")
+
+
+def _train(run: SearchRun, started: Started, progress: Progress) -> Outcome:
+    """The candidate trained from where it starts, one segment per rung, until the schedule
+    stops it, the run's time is up, or it reaches where it may end."""
+    candidate = started.candidate
     state, outcome = started.state, None
     # One segment per rung, each with its own learning-rate decay: the weights a rung ranks
     # (and export may take) are annealed, whether or not the candidate goes on.
@@ -282,250 +211,26 @@ def run_trial(run: SearchRun, trial: optuna.Trial, start: float) -> list[float]:
         progress.end_segment()
         if progress.pruned or result.stopped_by_time or state.epoch < end or not progress.go_on:
             break
-    reached = outcome.state.epoch
+    return outcome
+
+
+def _record_training(
+    run: SearchRun, trial: optuna.Trial, measured: Measured, progress: Progress, outcome: Outcome
+) -> tuple[dict[str, float], dict]:
+    """The trial's scores at the epoch it reached, recorded first: whatever fails after
+    training, they stay with the trial. Its scores (`trial_scores`), and those its note shows."""
+    result, reached = outcome.fit, outcome.state.epoch
     progress.validated(reached, result.scores)
     score = search_score(progress.curve, reached)
     found = trial_scores(score, result.scores, run.metric)
-    # The scores first: whatever fails after training, they stay with the trial.
-    _record_scores(trial, found, result.scores, reached, start)
-    steps_per_epoch = candidate.train.batches_per_epoch
+    _record_scores(trial, found, result.scores, reached, measured.start)
+    steps_per_epoch = measured.candidate.train.batches_per_epoch
     write(trial, stopped_by_time=result.stopped_by_time,
           fidelity_steps=reached * steps_per_epoch)  # fmt: skip
     scores = {"val_iou": found["iou"], "val_dice": found["dice"], "epochs_run": reached}
     if run.metric != "iou":
         scores["val_case_dice"] = found["case_dice"]
-    if progress.pruned:
-        _note(run, trial, measured, "PRUNED", **scores, reason=progress.pruned[0])
-        raise optuna.TrialPruned(progress.pruned[0])
-    weights = _save_weights(run, trial, measured, outcome, result)
-    quantities |= found
-    if constraints:  # on scores too: a trial that breaks one is infeasible
-        _set_constraints(trial, quantities, constraints, before_training=False)
-    values = values_of(quantities, run.space.study.objectives)
-    _save_artifacts(run, trial, measured, outcome, weights, quantities, values)
-    _note(run, trial, measured, "COMPLETE", **scores)
-    return values
-
-
-def start_trial(run: SearchRun, trial: optuna.Trial) -> Started:
-    """A new candidate sampled for `trial`, or the candidate it was enqueued to continue,
-    loaded from its parent's state."""
-    carried = TrialRecord.of_running(trial)  # what the trial was enqueued with
-    top = run.schedule.rungs[-1]
-    if carried.continues is None:
-        rungs = run.schedule.new_candidate_rungs(trial.study.get_trials(deepcopy=False))
-        return Started(new_candidate(run, trial), None, None, trial.number, top, rungs)
-    candidate, state, parent = continued_candidate(run, trial, int(carried.continues))
-    until = run.schedule.continuation_until(carried.until, state.epoch)
-    return Started(candidate, state, parent, lineage(parent), until, run.schedule.rungs)
-
-
-def new_candidate(run: SearchRun, trial: optuna.Trial) -> Candidate:
-    out_channels = run.data.scheme.out_channels
-    try:
-        candidate = sample(run.space, trial, run.in_channels, out_channels, run.seed(trial))
-    except ValidationError as err:
-        message = err.errors()[0]["msg"].removeprefix("Value error, ")
-        raise CandidateFailed(f"invalid combination: {message}") from None
-    too_large = check_fits(candidate.unet, candidate.train, run.in_channels, run.memory_limit)
-    if too_large:
-        raise CandidateFailed(too_large)
-    write(trial, lineage=trial.number)
-    return candidate
-
-
-def continued_candidate(
-    run: SearchRun, trial: optuna.Trial, number: int
-) -> tuple[Candidate, TrainingState, FrozenTrial]:
-    parent = _parent(trial, number)
-    earlier = _claimed_before(trial, number)
-    if earlier is not None:
-        raise CandidateFailed(f"trial {earlier} already continues trial {number}")
-    out_channels = run.data.scheme.out_channels
-    with contextlib.suppress(ValidationError):  # the parameters, for the tables
-        sample(run.space, trial, run.in_channels, out_channels, run.seed(trial))
-    record = TrialRecord.of(parent)
-    candidate = Candidate(record.unet(), record.train())
-    weights = checkpoint_path(run.study_dir, number)
-    try:
-        for path in (weights, state_path(weights)):  # trained on another host: fetched
-            run.files.local(path)
-        state = load_state(weights, run.device)
-    except (OSError, RuntimeError, KeyError, NasError) as err:
-        reason = f"cannot continue trial {number}: its state is lost ({err})"
-        raise CandidateFailed(reason) from err
-    for epoch, value in parent.intermediate_values.items():  # one curve across rungs
-        trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
-    return candidate, state, parent
-
-
-def trial_costs(
-    run: SearchRun, started: Started, patch: tuple[int, ...]
-) -> dict[str, float | None]:
-    """A new network's costs, measured; a continued one's as measured when it started
-    (latency varies), less its scores, which are this trial's to find."""
-    if started.parent is None:
-        return measure_candidate(
-            started.candidate, patch, run.in_channels, run.device, run.space.study
-        )
-    record = TrialRecord.of(started.parent)
-    quantities = {
-        name: record.quantity(name) for name in QUANTITY_ATTRS if OBJECTIVES[name].before_training
-    }
-    quantities[LATENCY_IQR_ATTR] = record.latency_iqr_ms
-    return quantities
-
-
-@dataclass
-class Progress:
-    """A trial's training as it goes: recorded after each epoch, which the schedule then
-    judges (`on_epoch`, handed to `train_candidate`)."""
-
-    trial: optuna.Trial
-    schedule: Schedule
-    lineage: int
-    costs: dict[str, float | None]  # the pruner's, by objective name
-    steps_per_epoch: int
-    rungs: tuple[int, ...]  # where its segments end
-    train_losses: list[float]
-    epoch_seconds: list[float]
-    curve: dict[int, float]
-    # Per-case counts of this trial's validations, by epoch (`scoring.kept_counts` keeps them).
-    case_counts: dict[int, tuple] = dataclasses.field(default_factory=dict)
-    pruned: list[str] = dataclasses.field(default_factory=list)
-    steps: int = 0  # over the trial's segments
-    seconds: float = 0.0  # of training and validation, over the trial's segments
-    before_segment: float = 0.0  # `seconds` when the current segment began
-    go_on: bool = True  # the last rung's answer: train on to the next
-    metric: str = "iou"  # what the curve holds (`objectives.curve_metric`)
-
-    @classmethod
-    def after(
-        cls, run: SearchRun, trial: optuna.Trial, started: Started, quantities: dict
-    ) -> Progress:
-        """The progress a trial starts from: its parent's history, or none."""
-        parent = started.parent
-        history = TrialRecord.of(parent) if parent is not None else None
-        return cls(
-            trial,
-            run.schedule,
-            started.lineage,
-            {name: quantities[name] for name in run.cost_names},
-            started.candidate.train.batches_per_epoch,
-            started.rungs,
-            list(history.train_loss) if history else [],
-            list(history.epoch_seconds) if history else [],
-            dict(parent.intermediate_values) if parent else {},
-            metric=run.metric,
-        )
-
-    def on_epoch(self, result: EpochResult) -> bool:
-        """Record the epoch; answer whether training goes on."""
-        trial = self.trial
-        self.train_losses.append(result.train_loss)
-        self.epoch_seconds.append(round(result.train_seconds, 3))
-        self.steps += self.steps_per_epoch
-        # Training and validation: what a step really costs the budget's clock.
-        self.seconds = self.before_segment + result.seconds
-        write(trial, train_loss=tuple(self.train_losses), epoch_seconds=tuple(self.epoch_seconds),
-              steps=self.steps, segment_seconds=round(self.seconds, 3))  # fmt: skip
-        if result.scores is None:  # not validated: nothing to judge
-            write(trial, epochs_run=result.epoch)
-            return True
-        self.validated(result.epoch, result.scores)
-        write(trial, epochs_run=result.epoch)
-        report = EpochReport(
-            trial.number,
-            self.lineage,
-            result.epoch,
-            self.curve,
-            self.costs,
-            self.steps_per_epoch,
-            self.seconds / self.steps,
-            self.rungs,
-        )
-        verdict = self.schedule.after_epoch(trial.study.get_trials(deepcopy=False), report)
-        if verdict.pruned:
-            self.pruned.append(verdict.pruned)
-        self.go_on = verdict.go_on
-        return verdict.go_on
-
-    def end_segment(self) -> None:
-        self.before_segment = self.seconds
-
-    def validated(self, epoch: int, scores: Scores) -> None:
-        """Record a validation: on the curve, and its per-case counts. Called after each
-        validated epoch, and once more after training for the last epoch, which `fit`
-        validates after the fact where its time ran out just after an epoch it did not."""
-        if epoch in self.curve and epoch in self.case_counts:
-            return
-        trial = self.trial
-        self.case_counts[epoch] = scores.case_counts
-        write(trial, val_case_counts=kept_counts(self.case_counts, epoch))
-        # Trial.report refuses multi-objective studies; the storage still keeps the curve,
-        # which is what optuna-dashboard draws and the schedule and pruner compare.
-        value = scores.value(self.metric)
-        trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
-        self.curve[epoch] = value
-
-
-def _save_weights(
-    run: SearchRun, trial: optuna.Trial, measured: Measured, outcome: Outcome, result: FitResult
-) -> Path:
-    """The trained weights, and the state a later promotion continues from."""
-    try:
-        weights = save_checkpoint(run.study_dir, trial.number, outcome.state.weights)
-        run.files.publish(weights)
-        if not result.stopped_by_time:  # may be promoted, or trained longer, later
-            save_state(weights, outcome.state)
-            run.files.publish(state_path(weights))
-    except (OSError, NasError) as err:  # a full disk, a lost mount or store: a front
-        # member needs its weights
-        why = err.strerror if isinstance(err, OSError) and err.strerror else err
-        reason = f"trained, but its weights could not be saved ({why})"
-        _note(run, trial, measured, "FAIL", reason=reason, val_iou=result.scores.iou)
-        raise CandidateFailed(reason) from err
-    return weights
-
-
-def _save_artifacts(
-    run: SearchRun,
-    trial: optuna.Trial,
-    measured: Measured,
-    outcome: Outcome,
-    weights: Path,
-    quantities: dict[str, float | None],
-    values: list[float],
-) -> None:
-    """The overlay, and the weights of a trial on the front now, as Optuna artifacts."""
-    constraints = run.space.study.constraints
-    title = f"trial {trial.number}, IoU {quantities['iou']:.3f}"
-    try:
-        overlay = overlay_path(run.study_dir, trial.number)
-        write_overlay(outcome.model, run.shown_case, run.data.scheme, measured.patch, run.device,
-                      run.data.slicing.axis, overlay, title)  # fmt: skip
-        run.files.publish(overlay)  # for the report on any host
-        upload(trial, run.files.dashboard_store(), overlay)
-        feasible = not constraints or max(violations(quantities, constraints)) <= 0
-        objectives = run.space.study.objectives
-        trials = trial.study.get_trials(deepcopy=False)
-        if feasible and joins_front(trials, trial.number, values, objectives):
-            # On the front now: the only moment its weights can still join the trial (a
-            # finished trial is read-only), and every final front member passes here.
-            upload(trial, run.files.dashboard_store(), weights)
-    except Exception as err:  # the overlay and the uploads are for looking, not results
-        if not (isinstance(err, OSError | NasError) or is_out_of_memory(err)):
-            raise
-        write(trial, artifact_error=f"{type(err).__name__}: {err}")
-
-
-def _note(run: SearchRun, trial: optuna.Trial, measured: Measured, state: str, **outcome) -> None:
-    """The trial's note in optuna-dashboard: its network and how it ended."""
-    outcome |= {"state": state, "device": str(run.device)}
-    outcome.setdefault("seconds", time.perf_counter() - measured.start)
-    unet = measured.candidate.unet
-    text = trial_note(trial.number, unet, measured.n_params, measured.macs, measured.patch, outcome)
-    save_note(trial, text)
+    return found, scores
 
 
 def within_timeout(candidate: Candidate, schedule: Schedule, first: bool) -> Candidate | None:

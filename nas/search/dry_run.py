@@ -24,6 +24,7 @@ from nas.network.builder import count_parameters
 from nas.network.describe import count_macs, summary
 from nas.network.precision import autocast
 from nas.search.measure import synchronise
+from nas.search.run_setup import RunSetup, plan_line
 from nas.search.schedule.pruner import validation_every
 from nas.search.scoring import decision_epochs, search_validation_cases
 from nas.search.space import Candidate, SearchSpace, possible_values, sample, warm_start_params
@@ -200,3 +201,31 @@ def whole_volume_lines(
         "validation cases)",
         projection,
     ]
+
+
+def dry_run(setup: RunSetup) -> int:
+    """Print what the search would do; no study, no results folder."""
+    space, dataset, test_split = setup.space, setup.dataset, setup.test_split
+    train_cases, val_cases = setup.train_cases, setup.val_cases
+    data, study = space.data, space.study
+    split = f"splits file {data.splits_file}" if data.splits_file else f"{data.n_folds} folds"
+    held_out = f", {len(test_split.cases)} held-out" if test_split else ""
+    print(f"data {dataset.root}: {len(dataset.cases)} cases, {len(train_cases)} training / "
+          f"{len(val_cases)} validation (fold {data.fold} of {split}){held_out}; "
+          f"classes {', '.join(dataset.scheme.scored_names)}; cache {dataset.cache}")  # fmt: skip
+    print(setup.patch_plan.describe())
+    print(f"study {study.name!r}: objectives {', '.join(study.objectives)}, sampler "
+          f"{study.sampler}, up to {study.n_trials} trials")  # fmt: skip
+    print(plan_line(setup.schedule, space))
+    candidate = sample_candidate(space, dataset.in_channels, dataset.scheme.out_channels)
+    line, step = describe_candidate(candidate, dataset.in_channels, train_cases, dataset.scheme,
+                                    data.slicing, setup.device)  # fmt: skip
+    print(line)
+    print(validation_share(candidate, val_cases, dataset.scheme, space, setup.schedule.rungs,
+                           step, setup.device))  # fmt: skip
+    n_test = len(test_split.cases) if test_split else 0
+    for line in whole_volume_lines(candidate, space, dataset.in_channels, val_cases, n_test,
+                                   setup.device):  # fmt: skip
+        print(line)
+    print("dry run: no study was created")
+    return 0
