@@ -324,16 +324,21 @@ def _open(url: str, heartbeat: HeartbeatConfig | None, access: Access) -> BaseSt
 def _rdb_storage(url: str, engine_kwargs: dict, skip_tables: bool, beats: dict) -> RDBStorage:
     """Optuna's RDBStorage. Two processes that open a new database at once (workers, or a
     reader that looks while the run creates it) both create Optuna's tables and stamp its
-    schema version; the one that stamps second fails on the unique version row, although the
-    schema it wanted is there. It opens again, up to three times."""
+    schema version; the one that stamps second fails on the unique version row, and the one
+    that creates a table second (between SQLAlchemy's check and its CREATE) fails on "table
+    ... already exists", although the schema it wanted is there. It opens again, up to three
+    times."""
     import sqlalchemy.exc
 
     for attempt in range(3):
         try:
             return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=skip_tables,
                               **beats)  # fmt: skip
-        except sqlalchemy.exc.IntegrityError:
-            if attempt == 2:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+            lost_race = isinstance(err, sqlalchemy.exc.IntegrityError) or (
+                "already exists" in str(err.orig)
+            )
+            if attempt == 2 or not lost_race:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
