@@ -327,7 +327,7 @@ def test_predict_takes_an_overlap_and_a_device(exported, datasets, tmp_path):
 
 def test_the_overlap_decides_how_many_windows_are_run():
     """64 voxels in windows of 32: 2 windows along the axis without overlap, 3 at half."""
-    from nas.validation.validate import predict_logits
+    from nas.network.windows import predict_logits
 
     def windows(overlap: float) -> int:
         calls = []
