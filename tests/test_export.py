@@ -30,7 +30,7 @@ from nas.deploy.exported import load_predictor
 from nas.network.model_card import read_card
 from nas.search.choice import choose_trial
 from nas.search.record import StudyRecord, TrialRecord
-from nas.search.results import checkpoint_path
+from nas.search.weights import checkpoint_path
 from nas.training.fit import init_model
 
 from .conftest import run_cli, tiny_space_yaml, user_error

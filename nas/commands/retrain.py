@@ -214,8 +214,8 @@ def run_all_cases(
 ) -> int:
     from nas.data import load_dataset
     from nas.search.record import merge_study
-    from nas.search.results import save_checkpoint
     from nas.search.storage import redact
+    from nas.search.weights import save_checkpoint
     from nas.training.fit import CandidateFailed
     from nas.training.resumable import write_checkpoint
 
@@ -610,7 +610,7 @@ def _retrain_one(
 
     from nas.network.builder import count_parameters
     from nas.search.record import TrialRecord, carried, rerun_trial, study_objectives
-    from nas.search.results import save_checkpoint
+    from nas.search.weights import save_checkpoint
     from nas.training.fit import CandidateFailed, init_model
     from nas.training.resumable import write_checkpoint
 

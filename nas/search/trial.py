@@ -36,8 +36,6 @@ from nas.search.candidate_state import (
     Outcome,
     TrainingData,
     TrainingState,
-    load_state,
-    save_state,
     train_candidate,
 )
 from nas.search.liveness import TrialHeartbeat, needs_trial_heartbeat, worker_id
@@ -51,7 +49,6 @@ from nas.search.objectives import (
     violations,
 )
 from nas.search.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
-from nas.search.results import checkpoint_path, save_checkpoint, state_path
 from nas.search.schedule.fidelity import lineage
 from nas.search.schedule.policy import EpochReport, Schedule
 from nas.search.scoring import (
@@ -64,6 +61,7 @@ from nas.search.scoring import (
 from nas.search.space import Candidate, SearchSpace, sample
 from nas.search.study import INTERRUPTED
 from nas.search.trial_files import TrialFiles
+from nas.search.weights import checkpoint_path, load_state, save_checkpoint, save_state, state_path
 from nas.training.fit import (
     CandidateFailed,
     EpochResult,
