@@ -38,9 +38,8 @@ class Scores:
     # Voxel counts per validation case: (intersection, predicted, truth) per class or region,
     # for bootstrap intervals over cases; empty where not kept.
     case_counts: tuple[tuple[tuple[float, ...], ...], ...] = ()
-    # Dice per case, averaged over the cases (nas.validation.metrics.case_dice_from_counts); NaN
-    # where
-    # no per-case counts were kept.
+    # Dice per case, averaged over the cases (nas.validation.metrics.case_dice_from_counts);
+    # NaN where no per-case counts were kept.
     case_dice: float = float("nan")
 
     def value(self, metric: str) -> float:
