@@ -68,6 +68,7 @@ from nas.data import (
 from nas.data.labels import LabelScheme
 from nas.data.layouts import CaseFiles, discover
 from nas.network.builder import count_parameters
+from nas.network.device import pick_device, prepare_model
 from nas.network.precision import gradient_scaler
 from nas.search.dry_run import sample_candidate
 from nas.search.patch_plan import plan_patches
@@ -77,8 +78,6 @@ from nas.training.fit import (
     device_batch,
     init_model,
     make_optimizer,
-    pick_device,
-    prepare_model,
     train_step,
 )
 from nas.training.losses import make_loss

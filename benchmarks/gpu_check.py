@@ -27,14 +27,16 @@ from data_loading import data_wait
 
 from nas.data import load_dataset, split_dataset
 from nas.network.builder import count_parameters
+from nas.network.device import pick_device, prepare_model
 from nas.network.precision import amp_dtype
+from nas.network.windows import predict_logits
 from nas.search.dry_run import sample_candidate
 from nas.search.patch_plan import plan_patches
 from nas.search.space import load_space
 from nas.training.batches import default_workers, training_batches
-from nas.training.fit import init_model, pick_device, prepare_model
+from nas.training.fit import init_model
 from nas.training.losses import make_loss
-from nas.validation.validate import ValidationPatches, evaluate_patches, predict_logits
+from nas.validation.validate import ValidationPatches, evaluate_patches
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

@@ -82,12 +82,13 @@ from nas.data import Case, Dataset, load_dataset, split_dataset
 from nas.data.test_split import TestSplit, find_test_split
 from nas.evaluation.heldout import score_model, score_trials
 from nas.network.builder import UNetConfig, count_parameters
+from nas.network.device import pick_device
 from nas.network.model_card import Inference, ModelCard, describe_data
 from nas.search.choice import one_standard_error
 from nas.search.record import TrialRecord
 from nas.search.results import pareto_front, write_results
 from nas.search.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
-from nas.training.fit import CandidateFailed, TrainConfig, fit, init_model, pick_device
+from nas.training.fit import CandidateFailed, TrainConfig, fit, init_model
 
 try:  # run as a module from the repository root
     from benchmarks.training_share import training_seconds

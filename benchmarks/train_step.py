@@ -26,7 +26,8 @@ import torch
 
 from nas import UNetConfig, build_unet
 from nas.data import DataConfig, PatchSampler, SyntheticSpec, load_dataset
-from nas.training.fit import fit, make_optimizer, pick_device
+from nas.network.device import pick_device
+from nas.training.fit import fit, make_optimizer
 from nas.training.losses import make_loss
 from nas.training.train_config import TrainConfig
 

@@ -88,8 +88,8 @@ def preprocessing_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def default_float_state():
     """Each test starts with PyTorch's default float state: picking the CPU or training
-    flushes denormal floats to zero in the test's process (nas.training.fit.flush_denormals), and a
-    later test in that process (hypothesis draws subnormal floats) must not depend on which
+    flushes denormal floats to zero in the test's process (nas.network.device.flush_denormals),
+    and a later test in that process (hypothesis draws subnormal floats) must not depend on which
     tests ran before it. Torch is not imported for tests that do not use it."""
     yield
     torch = sys.modules.get("torch")

@@ -33,7 +33,7 @@ from nas.network.model_card import (
     write_card,
 )
 from nas.network.unet_config import UNetConfig
-from nas.validation.validate import windows_that_fit
+from nas.network.windows import windows_that_fit
 
 from . import datasets
 from .conftest import run_cli, tiny_space_yaml, user_error

@@ -116,7 +116,7 @@ def test_predict_engines_and_overlap_match_inference():
     from nas.deploy.predict import DEFAULT_OVERLAP as PREDICT_OVERLAP
     from nas.deploy.predict import ENGINES as PREDICT_ENGINES
     from nas.network.inference import ENGINES
-    from nas.validation.validate import DEFAULT_OVERLAP
+    from nas.network.windows import DEFAULT_OVERLAP
 
     assert PREDICT_ENGINES == ENGINES
     assert PREDICT_OVERLAP == DEFAULT_OVERLAP

@@ -30,7 +30,7 @@ from nas.deploy.exported import load_predictor
 from nas.network.model_card import read_card
 from nas.search.choice import choose_trial
 from nas.search.record import StudyRecord, TrialRecord
-from nas.search.results import checkpoint_path
+from nas.search.weights import checkpoint_path
 from nas.training.fit import init_model
 
 from .conftest import run_cli, tiny_space_yaml, user_error
@@ -327,7 +327,7 @@ def test_predict_takes_an_overlap_and_a_device(exported, datasets, tmp_path):
 
 def test_the_overlap_decides_how_many_windows_are_run():
     """64 voxels in windows of 32: 2 windows along the axis without overlap, 3 at half."""
-    from nas.validation.validate import predict_logits
+    from nas.network.windows import predict_logits
 
     def windows(overlap: float) -> int:
         calls = []

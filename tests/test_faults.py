@@ -20,8 +20,8 @@ import pytest
 from optuna.trial import TrialState
 
 from nas.search.record import TrialRecord
-from nas.search.results import checkpoint_path
 from nas.search.scoring import front_of
+from nas.search.weights import checkpoint_path
 
 from .conftest import run_cli, tiny_space_yaml
 

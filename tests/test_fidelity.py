@@ -15,9 +15,8 @@ from optuna.trial import TrialState, create_trial
 from nas.data import Slicing
 from nas.data.labels import LabelScheme
 from nas.network.unet_config import UNetConfig
-from nas.search.candidate_state import TrainingData, load_state, save_state, train_candidate
+from nas.search.candidate_state import TrainingData, train_candidate
 from nas.search.record import TrialRecord
-from nas.search.results import checkpoint_path, save_checkpoint, state_path
 from nas.search.schedule.budget import Budget, exploration_share, new_candidate_share, spending
 from nas.search.schedule.endgame import final_fill, parity_promotions, standings, undertrained
 from nas.search.schedule.policy import EpochReport, Schedule, Verdict, enqueue_promotion
@@ -27,6 +26,7 @@ from nas.search.schedule.rungs import FidelityConfig, rung_epochs, segment_ends
 from nas.search.scoring import raised_first_cut
 from nas.search.space import Candidate
 from nas.search.trial import within_timeout
+from nas.search.weights import checkpoint_path, load_state, save_checkpoint, save_state, state_path
 from nas.training.train_config import TrainConfig
 
 from .conftest import run_cli, tiny_space_yaml

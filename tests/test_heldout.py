@@ -20,7 +20,8 @@ from nas.data import DataConfig, load_dataset
 from nas.data.test_split import find_test_split
 from nas.evaluation.heldout import score_trials
 from nas.search.record import StudyRecord, write_study
-from nas.search.results import checkpoint_path, pareto_front
+from nas.search.results import pareto_front
+from nas.search.weights import checkpoint_path
 from nas.validation.validate import Scores
 
 from .conftest import run_cli

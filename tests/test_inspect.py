@@ -216,8 +216,8 @@ def test_an_overlay_predicts_only_the_slice_it_shows(tiny_cases, spatial_dims):
 
     from nas import build_unet
     from nas.data.labels import LabelScheme
+    from nas.network.windows import predict_case
     from nas.search.artifacts import _shown_prediction
-    from nas.validation.validate import predict_case
 
     scheme = LabelScheme(("lesion",), (0, 1))
     model = build_unet(spatial_dims=spatial_dims, depth=2, base_channels=4).eval()

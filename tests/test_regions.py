@@ -268,7 +268,7 @@ def test_a_region_dataset_searches_exports_and_predicts_its_label_values(tmp_pat
         assert image.shape[1:] == truth.shape  # no crop, no resampling
         return torch.from_numpy(np.where(regions, 0.9, 0.1).astype(np.float32))
 
-    monkeypatch.setattr("nas.validation.validate.predict_logits", region_probabilities)
+    monkeypatch.setattr("nas.network.windows.predict_logits", region_probabilities)
     result = run_cli("nas.predict", str(folder), "scan", "controlled", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     mask = np.asarray(nib.load(tmp_path / "controlled" / "scan.nii.gz").dataobj)

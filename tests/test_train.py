@@ -10,13 +10,13 @@ from torch import nn
 from nas import build_unet
 from nas.data import Case
 from nas.data.labels import LabelScheme
+from nas.network.device import pick_device
 from nas.training.fit import (
     CandidateFailed,
     TrainConfig,
     ValidationPlan,
     fit,
     init_model,
-    pick_device,
 )
 from nas.training.losses import DiceCELoss, TrainingLoss
 from nas.validation.validate import ValidationPatches, evaluate, evaluate_patches
@@ -196,7 +196,7 @@ def test_the_cpu_trains_with_denormal_floats_flushed_to_zero():
     import sys
 
     probe = (
-        "import torch; from nas.training.fit import pick_device; t = torch.tensor([1e-40]); "
+        "import torch; from nas.network.device import pick_device; t = torch.tensor([1e-40]); "
         "before = (t * 1.0).item(); pick_device('cpu'); print(before, (t * 1.0).item())"
     )
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

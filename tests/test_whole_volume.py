@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nas.network.precision import autocast
-from nas.validation.validate import predict_logits, window_count
+from nas.network.windows import predict_logits, window_count
 
 from .conftest import run_cli, tiny_space_yaml
 
@@ -80,7 +80,7 @@ class Terminal(io.StringIO):
 
 @pytest.mark.parametrize("stream", [Terminal, io.StringIO])
 def test_a_long_prediction_shows_progress_on_a_terminal_only(stream, monkeypatch):
-    monkeypatch.setattr("nas.validation.validate.PROGRESS_AFTER_S", 0.0)  # every prediction is long
+    monkeypatch.setattr("nas.network.windows.PROGRESS_AFTER_S", 0.0)  # every prediction is long
     err = stream()
     monkeypatch.setattr("sys.stderr", err)
     image = np.ones((1, 40, 40, 12), np.float32)

@@ -21,7 +21,7 @@ import torch
 import yaml
 from optuna.trial import create_trial
 
-from nas.search.results import checkpoint_path
+from nas.search.weights import checkpoint_path
 
 from . import datasets
 from .conftest import run_cli, tiny_space_yaml, user_error

@@ -109,7 +109,7 @@ def pool_option(option: str, value: int | None, minimum: int = 1) -> int | None:
 
 def device_option(name: str) -> torch.device:
     """The device a `--device` option asks for, or a NasError saying it is not here."""
-    from nas.training.fit import pick_device
+    from nas.network.device import pick_device
 
     try:
         return pick_device(name)

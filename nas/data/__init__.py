@@ -17,7 +17,7 @@ from pydantic_core import ArgsKwargs
 
 from nas.core.errors import NasError
 from nas.data.cache import Case, Dataset, cached_dataset
-from nas.data.layouts import discover
+from nas.data.layouts import Layout, discover
 from nas.data.sampling import PatchSampler, Slicing, patch_at, split_cases, validation_centres
 from nas.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
@@ -48,7 +48,7 @@ class DataConfig:
     """
 
     path: Path = DEFAULT_SYNTHETIC_PATH
-    format: Literal["auto", "nnunet", "msd", "pairs"] = "auto"
+    format: Layout = "auto"
     synthetic: SyntheticSpec | None = None
     channels: tuple[int | str, ...] | None = None
     foreground: dict[str, tuple[int, ...]] | None = None

@@ -15,7 +15,6 @@ opening and rebuilt.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -54,7 +53,7 @@ from nas.core.staging import (
 from nas.data.labels import LabelScheme
 from nas.data.layouts import CaseFiles, DatasetIndex
 from nas.data.plan import make_plan
-from nas.data.preprocess import CasePlan, ChannelNorm, footprint_bytes, preprocess_case
+from nas.data.preprocess import CasePlan, footprint_bytes, preprocess_case
 
 # Bump when preprocessing changes what it writes, so older caches are not reused.
 CACHE_VERSION = 3
@@ -276,8 +275,7 @@ def _build(index: DatasetIndex, settings: dict, folder: Path, processes: int | N
             "channel_names": [index.channel_names[c] for c in plan.channels],
             "source_channel_names": list(index.channel_names),
             "class_names": list(scheme.class_names),
-            "plan": dataclasses.asdict(plan)
-            | {"class_of_value": {str(k): v for k, v in plan.class_of_value.items()}},
+            "plan": plan.model_dump(mode="json"),
             "cases": cases,
         }
         # Only for a region-based dataset: a plain one's manifest is as before.
@@ -325,17 +323,8 @@ def open_cache(folder: Path, root: Path) -> Dataset:
     manifest_path = folder / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-        plan = manifest["plan"]
         entries = [(entry["name"], entry["image"], entry["label"]) for entry in manifest["cases"]]
-        case_plan = CasePlan(
-            tuple(plan["channels"]),
-            tuple(
-                ChannelNorm(norm["clip"] and tuple(norm["clip"]), norm["mean"], norm["std"])
-                for norm in plan["norms"]
-            ),
-            {int(value): k for value, k in plan["class_of_value"].items()},
-            tuple(plan["target_spacing_mm"]),
-        )
+        case_plan = CasePlan.model_validate(manifest["plan"])
         channel_names = tuple(manifest["channel_names"])
         scheme = LabelScheme.build(
             case_plan.class_of_value,

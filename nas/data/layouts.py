@@ -20,6 +20,7 @@ from typing import Literal
 
 from nas.core.errors import NasError
 
+# The dataset formats `data.format` names: a reader per layout (READERS), or "auto" to detect it.
 Layout = Literal["auto", "nnunet", "msd", "pairs"]
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
@@ -260,6 +261,9 @@ def _pairs(root: Path) -> DatasetIndex:
     return DatasetIndex(root, "pairs", ("image",), None, cases)
 
 
+READERS = {"nnunet": _nnunet, "msd": _msd, "pairs": _pairs}
+
+
 def detect_layout(root: Path) -> str:
     """The layout of an existing dataset folder, from dataset.json or its subfolders."""
     if (root / "dataset.json").exists():
@@ -285,7 +289,7 @@ def discover(root: Path, layout: Layout = "auto") -> DatasetIndex:
     if not root.is_dir():
         raise NasError(root, "dataset folder not found")
     layout = detect_layout(root) if layout == "auto" else layout
-    return {"nnunet": _nnunet, "msd": _msd, "pairs": _pairs}[layout](root)
+    return READERS[layout](root)
 
 
 # A channel file of nnU-Net's naming: <case>_0000.nii.gz, <case>_0001.nii.gz, ...

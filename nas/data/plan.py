@@ -21,7 +21,7 @@ from nas.data.labels import LabelScheme
 from nas.data.layouts import DatasetIndex
 from nas.data.preprocess import (
     CasePlan,
-    ChannelNorm,
+    Normalization,
     case_bytes_per_voxel,
     check_target_grid,
     read_channels,
@@ -96,7 +96,7 @@ def choose_classes(
     return class_of_value, tuple(foreground)
 
 
-def _ct_norm(index: DatasetIndex, channel: int) -> ChannelNorm:
+def _ct_norm(index: DatasetIndex, channel: int) -> Normalization:
     rng = np.random.default_rng(0)
     samples = []
     for case in index.cases:
@@ -108,10 +108,12 @@ def _ct_norm(index: DatasetIndex, channel: int) -> ChannelNorm:
         samples.append(voxels.astype(np.float64))
     foreground = np.concatenate(samples) if samples else np.zeros(0)
     if foreground.size == 0:
-        return ChannelNorm()  # no foreground anywhere: fall back to per-case z-score
+        return Normalization()  # no foreground anywhere: fall back to per-case z-score
     low, high = np.percentile(foreground, [0.5, 99.5])
     clipped = np.clip(foreground, low, high)
-    return ChannelNorm((float(low), float(high)), float(clipped.mean()), float(clipped.std()))
+    return Normalization(
+        clip=(float(low), float(high)), mean=float(clipped.mean()), std=float(clipped.std())
+    )
 
 
 def make_plan(
@@ -137,8 +139,9 @@ def make_plan(
     for channel in chosen:
         is_ct = index.channel_names[channel].strip().lower() == "ct"
         mode = normalization if normalization != "auto" else ("ct" if is_ct else "zscore")
-        norms.append(_ct_norm(index, channel) if mode == "ct" else ChannelNorm())
-    plan = CasePlan(chosen, tuple(norms), class_of_value, tuple(target_spacing_mm))
+        norms.append(_ct_norm(index, channel) if mode == "ct" else Normalization())
+    plan = CasePlan(channels=chosen, norms=tuple(norms), class_of_value=class_of_value,
+                    target_spacing_mm=tuple(target_spacing_mm))  # fmt: skip
     for case in index.cases:  # before any case is resampled: every grid fits
         check_target_grid(case.images[0], plan, case_bytes_per_voxel(plan))
     return plan, scheme

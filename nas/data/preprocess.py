@@ -7,36 +7,53 @@ any channel is nonzero, resample to the target spacing (linear for images, neare
 for labels) and normalise each channel: z-score for MRI and other modalities, clip to the
 dataset's foreground percentiles then z-score for CT. Every problem is a NasError naming
 the file. Knows nothing of caching, sampling or training.
+
+The plan a case follows (`CasePlan`: channels, each channel's `Normalization`, classes,
+spacing) has this one form, checked on construction: the cache's manifest and an export's
+model card (nas/network/model_card.py) both hold it as it is and read it back with pydantic.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat, field_validator
 from scipy import ndimage
 
 from nas.core.errors import NasError
 from nas.data.layouts import CaseFiles
 
 
-@dataclass(frozen=True)
-class ChannelNorm:
-    """z-score: (x - mean) / std after clipping to [low, high]; None means per-case stats."""
+class _Strict(BaseModel):
+    # Read back from files (a manifest, a model card anyone may edit): no unknown field, no
+    # NaN or infinity.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Normalization(_Strict):
+    """z-score after clipping to `clip`; a None mean or std is computed per scan."""
 
     clip: tuple[float, float] | None = None
     mean: float | None = None
-    std: float | None = None
+    std: NonNegativeFloat | None = None
+
+    @field_validator("clip")
+    @classmethod
+    def _ordered(cls, clip: tuple[float, float] | None) -> tuple[float, float] | None:
+        if clip is not None and clip[0] > clip[1]:
+            raise ValueError(f"clip {list(clip)} runs from high to low")
+        return clip
 
 
-@dataclass(frozen=True)
-class CasePlan:
+class CasePlan(_Strict):
+    """How every case of a dataset is preprocessed, and a new scan for its models too."""
+
     channels: tuple[int, ...]  # indices into the dataset's channels, in network order
-    norms: tuple[ChannelNorm, ...]  # one per entry of `channels`
+    norms: tuple[Normalization, ...]  # one per entry of `channels`
     class_of_value: dict[int, int]  # label value -> class index (0 = background)
     target_spacing_mm: tuple[float, float, float]
 
@@ -253,7 +270,7 @@ def _resample(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndar
     return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
 
 
-def _normalise_in_place(channel: np.ndarray, norm: ChannelNorm) -> None:
+def _normalise_in_place(channel: np.ndarray, norm: Normalization) -> None:
     """channel: float32, overwritten (no full-size copies: cases can be large)."""
     if norm.clip is not None:
         np.clip(channel, *norm.clip, out=channel)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from nas.network.model_card import ModelCard
 
 
-# nas.network.inference.ENGINES and nas.validation.validate.DEFAULT_OVERLAP, spelled out so that
+# nas.network.inference.ENGINES and nas.network.windows.DEFAULT_OVERLAP, spelled out so that
 # --help does not
 # import torch (tests/test_cli.py checks that they agree).
 ENGINES = ("auto", "eager", "pt2", "onnx")
@@ -111,7 +111,7 @@ def predict_scan(
         spacing_of,
     )
     from nas.network.memory import estimate_inference_bytes
-    from nas.validation.validate import predict_logits, windows_per_batch, windows_that_fit
+    from nas.network.windows import predict_logits, windows_per_batch, windows_that_fit
 
     with torch.no_grad():
         prep, inference = card.preprocessing, card.inference

@@ -38,8 +38,8 @@ def run_all_cases(
     the exit code: 1 where every member failed."""
     from nas.data import load_dataset
     from nas.search.record import merge_study
-    from nas.search.results import save_checkpoint
     from nas.search.storage import redact
+    from nas.search.weights import save_checkpoint
     from nas.training.fit import CandidateFailed
 
     dataset = load_dataset(data_cfg)

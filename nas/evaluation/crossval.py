@@ -30,13 +30,14 @@ from nas.core.staging import atomic_write
 from nas.data import DataConfig, load_dataset, split_dataset
 from nas.data.sampling import read_splits
 from nas.network.builder import UNetConfig, count_parameters
+from nas.network.device import flush_denormals
+from nas.network.windows import predict_case
 from nas.search.companions import member_runs
 from nas.search.record import StudyRecord, TrialRecord, carried, merge_study, rerun_trial
 from nas.search.trial_files import trial_files
 from nas.search.weights import fold_path
-from nas.training.fit import CandidateFailed, TrainConfig, fit, flush_denormals, initial_model
+from nas.training.fit import CandidateFailed, TrainConfig, fit, initial_model
 from nas.validation.postprocess import classes_helped, dice_per_class, keep_largest_component
-from nas.validation.validate import predict_case
 
 
 def all_folds(data: DataConfig) -> list[int]:

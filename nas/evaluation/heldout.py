@@ -40,9 +40,8 @@ from nas.network.inference import Predictor, predictor
 from nas.network.model_card import ModelCard, read_card
 from nas.search.candidate_state import TrainingData
 from nas.search.record import StudyRecord, TrialRecord, merge_study
-from nas.search.results import checkpoint_path
 from nas.search.trial_files import trial_files
-from nas.search.weights import trial_name
+from nas.search.weights import checkpoint_path, trial_name
 from nas.validation.validate import PooledCounts, Scores, evaluate
 
 

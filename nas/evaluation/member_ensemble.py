@@ -26,11 +26,12 @@ from nas.data import Case, DataConfig, load_dataset, split_dataset
 from nas.network.builder import UNetConfig
 from nas.network.inference import predictor
 from nas.network.state_dict import load_weights
+from nas.network.windows import predict_logits
 from nas.search.record import StudyRecord, TrialRecord
 from nas.search.weights import fold_path
 from nas.training.fit import init_model
 from nas.validation.postprocess import classes_helped, dice_per_class, keep_largest_component
-from nas.validation.validate import PooledCounts, predict_logits
+from nas.validation.validate import PooledCounts
 
 LARGEST_ENSEMBLE = 3
 

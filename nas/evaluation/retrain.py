@@ -88,7 +88,7 @@ def _retrain_one(
 
     from nas.network.builder import count_parameters
     from nas.search.record import TrialRecord, carried
-    from nas.search.results import save_checkpoint
+    from nas.search.weights import save_checkpoint
     from nas.training.fit import CandidateFailed, init_model
 
     record = TrialRecord.of(trial)

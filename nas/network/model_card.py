@@ -18,7 +18,6 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
-    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -32,7 +31,7 @@ from nas.core.resources import format_gb, host_memory_limit_bytes
 from nas.core.yaml_file import read_yaml
 from nas.data import Dataset
 from nas.data.labels import LabelScheme
-from nas.data.preprocess import CasePlan, ChannelNorm
+from nas.data.preprocess import CasePlan, Normalization
 from nas.network.memory import estimate_inference_bytes
 from nas.network.unet_config import UNetConfig
 
@@ -48,21 +47,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class Normalization(_Strict):
-    """z-score after clipping to `clip`; a None mean or std is computed per scan."""
-
-    clip: tuple[float, float] | None = None
-    mean: float | None = None
-    std: NonNegativeFloat | None = None
-
-    @field_validator("clip")
-    @classmethod
-    def _ordered(cls, clip: tuple[float, float] | None) -> tuple[float, float] | None:
-        if clip is not None and clip[0] > clip[1]:
-            raise ValueError(f"clip {list(clip)} runs from high to low")
-        return clip
-
-
 class Preprocessing(_Strict):
     """What a scan goes through before the network, in this order (as in training)."""
 
@@ -71,7 +55,7 @@ class Preprocessing(_Strict):
     input_channels: tuple[str, ...]  # the channels a scan provides: files _0000, _0001, ...
     channels: tuple[int, ...]  # which of them the network reads, in its input order
     target_spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat]  # linear; labels nearest
-    normalization: tuple[Normalization, ...]  # one per network input channel
+    normalization: tuple[Normalization, ...]  # one per network input channel (the plan's norms)
 
     @model_validator(mode="after")
     def _channels_exist(self) -> Preprocessing:
@@ -88,9 +72,18 @@ class Preprocessing(_Strict):
         return self
 
     def plan(self, labels: dict[str, int]) -> CasePlan:
-        norms = tuple(ChannelNorm(n.clip, n.mean, n.std) for n in self.normalization)
+        """The plan a scan follows: the card's channels, normalisation and spacing, with each
+        of `labels`' values (background first) its own class."""
         classes = {value: k for k, value in enumerate(labels.values())}
-        return CasePlan(self.channels, norms, classes, self.target_spacing_mm)
+        return CasePlan(channels=self.channels, norms=self.normalization, class_of_value=classes,
+                        target_spacing_mm=self.target_spacing_mm)  # fmt: skip
+
+    @classmethod
+    def of(cls, plan: CasePlan, input_channels: tuple[str, ...]) -> Preprocessing:
+        """What a card records of a dataset's `plan` (`input_channels`: every channel a scan
+        provides)."""
+        return cls(input_channels=input_channels, channels=plan.channels,
+                   target_spacing_mm=plan.target_spacing_mm, normalization=plan.norms)  # fmt: skip
 
 
 class Inference(_Strict):
@@ -172,13 +165,7 @@ class ModelCard(_Strict):
 def describe_data(dataset: Dataset) -> dict[str, Any]:
     """The preprocessing, label values and any regions of a dataset, as the card records them
     (JSON); `regions` and `regions_class_order` only for a region-based dataset."""
-    plan = dataset.plan
-    preprocessing = Preprocessing(
-        input_channels=dataset.source_channel_names,
-        channels=plan.channels,
-        target_spacing_mm=plan.target_spacing_mm,
-        normalization=tuple(Normalization(clip=n.clip, mean=n.mean, std=n.std) for n in plan.norms),
-    )
+    preprocessing = Preprocessing.of(dataset.plan, dataset.source_channel_names)
     return {"preprocessing": preprocessing.model_dump(mode="json"), **dataset.scheme.describe()}
 
 

@@ -21,8 +21,8 @@ from torch import nn  # noqa: E402
 
 from nas.data import Case  # noqa: E402
 from nas.data.labels import LabelScheme  # noqa: E402
+from nas.network.windows import predict_logits  # noqa: E402
 from nas.search.weights import trial_name  # noqa: E402
-from nas.validation.validate import predict_logits  # noqa: E402
 
 OVERLAYS_DIR = "overlays"
 

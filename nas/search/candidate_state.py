@@ -1,27 +1,24 @@
-"""Train one candidate from a given state for a given number of epochs: no Optuna, no storage.
+"""Train one candidate from a given state for a given number of epochs: no Optuna, no storage,
+no files.
 
 The unit of work of a multi-fidelity search. A candidate trains a segment (up to a rung),
 stops with its state — weights, optimizer moments, the epoch reached — and may later be
-promoted and continue from exactly that state, in the same process or another one. The
-weights alone are the checkpoint that export, retrain and predict read (`trial_NNNN.pt`); the
-rest of the state sits beside them (`trial_NNNN.state.pt`) until the candidate can no longer be
-promoted.
+promoted and continue from exactly that state, in the same process or another one. Where
+that state is kept between segments (`trial_NNNN.pt` and `trial_NNNN.state.pt`) is
+nas/search/weights.py's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from nas.core.staging import atomic_write
 from nas.data import Case, Slicing
 from nas.data.labels import LabelScheme
 from nas.network.builder import UNet
-from nas.search.results import state_path
-from nas.search.space import Candidate
 from nas.training.fit import (
     EVERY_EPOCH,
     EpochResult,
@@ -31,6 +28,9 @@ from nas.training.fit import (
     init_model,
     initial_model,
 )
+
+if TYPE_CHECKING:
+    from nas.search.space import Candidate  # a search's configs; no Optuna at run time
 
 
 @dataclass(frozen=True)
@@ -94,17 +94,3 @@ def train_candidate(
     return Outcome(
         result, TrainingState(reached, model.state_dict(), result.optimizer_state), model
     )
-
-
-def save_state(weights: Path, state: TrainingState) -> None:
-    """The optimizer state and epoch beside already saved weights (renamed into place)."""
-    payload = {"epoch": state.epoch, "optimizer": state.optimizer}
-    atomic_write(state_path(weights), lambda tmp: torch.save(payload, tmp))
-
-
-def load_state(weights: Path, device: torch.device) -> TrainingState:
-    """The state saved by `save_state` with the weights it belongs to; OSError or
-    RuntimeError when either file is missing or unreadable."""
-    tensors = torch.load(weights, map_location=device, weights_only=True)
-    payload = torch.load(state_path(weights), map_location=device, weights_only=True)
-    return TrainingState(int(payload["epoch"]), tensors, payload["optimizer"])

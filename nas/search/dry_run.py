@@ -22,7 +22,9 @@ from nas.data import Case, Slicing
 from nas.data.labels import LabelScheme
 from nas.network.builder import count_parameters
 from nas.network.describe import count_macs, summary
+from nas.network.device import prepare_model
 from nas.network.precision import autocast
+from nas.network.windows import DEFAULT_OVERLAP, window_count, windows_per_batch
 from nas.search.measure import synchronise
 from nas.search.run_setup import RunSetup, plan_line
 from nas.search.schedule.pruner import validation_every
@@ -33,17 +35,10 @@ from nas.training.fit import (
     device_batch,
     init_model,
     make_optimizer,
-    prepare_model,
     train_step,
 )
 from nas.training.losses import make_loss
-from nas.validation.validate import (
-    DEFAULT_OVERLAP,
-    ValidationPatches,
-    evaluate_patches,
-    window_count,
-    windows_per_batch,
-)
+from nas.validation.validate import ValidationPatches, evaluate_patches
 
 TIMED_STEPS = 3  # after one warm-up step
 

@@ -1,8 +1,9 @@
-"""Views of a study written to results/<study>/: trials.csv, pareto.csv, pareto.png, checkpoints.
+"""Views of a study written to results/<study>/: trials.csv, pareto.csv, pareto.png.
 
 Everything here is derived from the Optuna storage (the one source of truth) and can be
 rewritten at any time. Each file is written to a temporary name and renamed over the old one,
-so a crash mid-write never leaves a truncated table. Knows nothing of training.
+so a crash mid-write never leaves a truncated table. Knows nothing of training: the weights of
+the trials the views leave off the front are dropped through nas/search/weights.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 
@@ -34,7 +34,7 @@ from nas.search.schedule.continuation import may_continue  # noqa: E402
 from nas.search.schedule.endgame import undertrained  # noqa: E402
 from nas.search.scoring import Interval, front_intervals, front_of, superseded_numbers  # noqa: E402
 from nas.search.trial_files import trial_files  # noqa: E402
-from nas.search.weights import checkpoint_path  # noqa: E402
+from nas.search.weights import drop_weights  # noqa: E402
 
 # Always present, so an empty table still has its header.
 METRIC_COLUMNS = [
@@ -61,18 +61,6 @@ METRIC_COLUMNS = [
     "feasible",
     "summary",
 ]
-
-
-def state_path(weights: Path) -> Path:
-    """Where the rest of a checkpoint's training state (optimizer, epoch) is kept while its
-    candidate may still be promoted."""
-    return weights.with_name(weights.name.removesuffix(".pt") + ".state.pt")
-
-
-def save_checkpoint(study_dir: Path, trial_number: int, state_dict: dict) -> Path:
-    path = checkpoint_path(study_dir, trial_number)
-    atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
-    return path
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
@@ -269,13 +257,5 @@ def write_results(
     on_front = {t.number for t in front}
     superseded = superseded_numbers(trials)
     files = trial_files(study, study_dir)
-    uploaded = files.records()  # one read for every file dropped
-    for trial in trials:
-        if not trial.state.is_finished():
-            continue
-        weights = checkpoint_path(study_dir, trial.number)
-        if not may_continue(trial, superseded):
-            files.drop(state_path(weights), uploaded)
-            if trial.number not in on_front:
-                files.drop(weights, uploaded)
+    drop_weights(files, trials, on_front, lambda trial: may_continue(trial, superseded))
     return front

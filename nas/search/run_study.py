@@ -36,8 +36,8 @@ def open_run_study(
     from nas.search import resume
     from nas.search.liveness import settle_orphans
     from nas.search.record import write_study
-    from nas.search.results import checkpoint_path
     from nas.search.study import default_storage, open_study
+    from nas.search.weights import checkpoint_path
 
     space, study_dir = setup.space, setup.study_dir
     is_worker = args.worker_index is not None

@@ -15,17 +15,17 @@ from pydantic import ValidationError
 
 from nas.core.errors import NasError
 from nas.data import Case
-from nas.search.candidate_state import TrainingData, TrainingState, load_state
+from nas.search.candidate_state import TrainingData, TrainingState
 from nas.search.measure import measure_candidate
 from nas.search.objectives import OBJECTIVES, curve_metric
 from nas.search.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
-from nas.search.results import checkpoint_path, state_path
 from nas.search.schedule.continuation import lineage
 from nas.search.schedule.policy import Schedule
 from nas.search.schedule.pruner import validation_every
 from nas.search.scoring import decision_epochs
 from nas.search.space import Candidate, SearchSpace, sample
 from nas.search.trial_files import TrialFiles
+from nas.search.weights import checkpoint_path, load_state, state_path
 from nas.training.fit import CandidateFailed, ValidationPlan
 from nas.training.memory import check_fits
 from nas.validation.validate import ValidationPatches

@@ -1,4 +1,5 @@
-"""Where nas keeps a trial's weights, and which of them an export takes.
+"""A trial's weight files: where nas keeps them, writing and dropping them, and which of them
+an export takes.
 
 Four commands train a search's trial and keep its weights under results/<study>/: the
 search itself, for the members of its front (checkpoints/trial_NNNN.pt); nas.retrain, which
@@ -11,14 +12,17 @@ which, the all-cases model (trained on the most data, by a deliberate request), 
 retrained weights, then the search's, then the folds' ensemble (a single network first: an
 ensemble costs one pass per fold); the best retrained weights only when asked for. Beside
 the weights nas.retrain trains, trial_NNNN.latest.pt is the checkpoint its --continue goes
-on from (nas/training/resumable.py). Paths only and the storage's records:
-no torch (nor Optuna when only paths are asked for), so a trial without weights is refused
+on from (nas/training/resumable.py). Beside a search's weights, trial_NNNN.state.pt holds the
+rest of its training state (optimizer, epoch) while the search may still promote it; the
+search drops both once it cannot (`drop_weights`). Torch is imported only to write or read
+a file, and Optuna only to read the storage's records, so a trial without weights is refused
 before torch loads. A study many hosts share keeps these files in its artifact store too
 (nas/search/trial_files.py): a finder fetches what another host trained.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +31,10 @@ from nas.core.errors import NasError
 
 if TYPE_CHECKING:
     import optuna
+    import torch
     from optuna.trial import FrozenTrial
 
+    from nas.search.candidate_state import TrainingState
     from nas.search.trial_files import TrialFiles
 
 # The kinds of weights, in the order an export prefers them.
@@ -85,6 +91,65 @@ def folds_folder(study_dir: Path, trial_number: int) -> Path:
 def fold_path(study_dir: Path, trial_number: int, fold: int) -> Path:
     """nas.retrain --folds's weights of a trial trained on one fold."""
     return folds_folder(study_dir, trial_number) / f"fold_{fold}.pt"
+
+
+def state_path(weights: Path) -> Path:
+    """Where the rest of a checkpoint's training state (optimizer, epoch) is kept while its
+    candidate may still be promoted."""
+    return weights.with_name(weights.name.removesuffix(".pt") + ".state.pt")
+
+
+def save_checkpoint(study_dir: Path, trial_number: int, state_dict: dict) -> Path:
+    """A trial's weights at `checkpoint_path` under `study_dir` (renamed into place)."""
+    import torch
+
+    from nas.core.staging import atomic_write
+
+    path = checkpoint_path(study_dir, trial_number)
+    atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+    return path
+
+
+def save_state(weights: Path, state: TrainingState) -> None:
+    """The optimizer state and epoch beside already saved weights (renamed into place)."""
+    import torch
+
+    from nas.core.staging import atomic_write
+
+    payload = {"epoch": state.epoch, "optimizer": state.optimizer}
+    atomic_write(state_path(weights), lambda tmp: torch.save(payload, tmp))
+
+
+def load_state(weights: Path, device: torch.device) -> TrainingState:
+    """The state saved by `save_state` with the weights it belongs to; OSError or
+    RuntimeError when either file is missing or unreadable."""
+    import torch
+
+    from nas.search.candidate_state import TrainingState
+
+    tensors = torch.load(weights, map_location=device, weights_only=True)
+    payload = torch.load(state_path(weights), map_location=device, weights_only=True)
+    return TrainingState(int(payload["epoch"]), tensors, payload["optimizer"])
+
+
+def drop_weights(
+    files: TrialFiles,
+    trials: Sequence[FrozenTrial],
+    on_front: Container[int],
+    may_continue: Callable[[FrozenTrial], bool],
+) -> None:
+    """Drop, here and from the study's shared artifact store, the search's training state of
+    every finished trial that may not continue (`may_continue`), and its weights too where it
+    is off the front (`on_front`: trial numbers); a trial still running keeps both."""
+    uploaded = files.records()  # one read for every file dropped
+    for trial in trials:
+        if not trial.state.is_finished():
+            continue
+        weights = checkpoint_path(files.study_dir, trial.number)
+        if not may_continue(trial):
+            files.drop(state_path(weights), uploaded)
+            if trial.number not in on_front:
+                files.drop(weights, uploaded)
 
 
 @dataclass(frozen=True)

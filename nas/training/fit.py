@@ -1,17 +1,16 @@
 """Train one candidate network and report validation scores after the epochs asked for.
 
-A plain loop: take the next batch (built in background workers, nas.training.batches), forward,
-Dice+CE loss (Dice+BCE per region for a region-based dataset), backward, step. The device
-is chosen once (cuda, then mps, then cpu); AMP and channels-last are used only on CUDA.
-Training can run in segments (the rungs of a
-multi-fidelity search): `fit` continues from a given epoch and optimizer state, and the
-learning rate decays polynomially over each segment, whichever of its epochs or seconds runs
-out first (warm restarts, as in SGDR), so the weights at the end of every segment are
-annealed. Validation follows every epoch, or only the epochs a `ValidationPlan` names (and
-always a segment's last), on whole cases or on a search's fixed validation patches. A
-candidate that runs out of memory or diverges raises `CandidateFailed`. Knows
-nothing of Optuna: the caller sees each epoch through `on_epoch`, whose answer False stops
-training there.
+A plain loop: take the next batch (built in background workers, nas.training.batches),
+forward, Dice+CE loss (Dice+BCE per region for a region-based dataset), backward, step, on
+the device the caller chose (nas/network/device.py); AMP and channels-last are used only on
+CUDA. Training can run in segments (the rungs of a multi-fidelity search): `fit` continues
+from a given epoch and optimizer state, and the learning rate decays polynomially over each
+segment, whichever of its epochs or seconds runs out first (warm restarts, as in SGDR), so
+the weights at the end of every segment are annealed. Validation follows every epoch, or
+only the epochs a `ValidationPlan` names (and always a segment's last), on whole cases or on
+a search's fixed validation patches. A candidate that runs out of memory or diverges raises
+`CandidateFailed`. Knows nothing of Optuna: the caller sees each epoch through `on_epoch`,
+whose answer False stops training there.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from nas.core.errors import NasError
 from nas.data import Case, Slicing
 from nas.data.labels import LabelScheme
 from nas.network.builder import UNet, UNetConfig, build_unet
+from nas.network.device import memory_format, prepare_model
 from nas.network.precision import autocast, gradient_scaler
 from nas.training.batches import default_workers, training_batches
 from nas.training.losses import make_loss
@@ -89,37 +89,6 @@ class FitResult:
     steps: int  # optimiser steps taken in this call
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for "auto"; an explicit choice must be available. The CPU
-    is readied for training (`flush_denormals`) before anything runs on it."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": getattr(torch.backends, "mps", None) is not None
-        and torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if requested == "auto":
-        requested = next(name for name, ok in available.items() if ok)
-    if not available.get(requested, False):
-        raise ValueError(f"device {requested!r} is not available on this machine")
-    device = torch.device(requested)
-    flush_denormals(device)
-    if device.type == "cuda":  # pick the fastest convolution for each shape, as nnU-Net does
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
-def flush_denormals(device: torch.device) -> None:
-    """On the CPU, flush denormal floats to zero, as TensorFlow does by default: a network
-    without normalisation otherwise fills with them as it trains, and its epochs slowed
-    fivefold on the default run (benchmarks/denormals.py). The setting is per thread and
-    threads inherit it when they start, so it must come before the first parallel operation
-    of the process starts PyTorch's CPU threads: `pick_device` makes it, and `fit` again for
-    callers that did not pick a device."""
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
@@ -154,19 +123,6 @@ def initial_model(unet: UNetConfig, cfg: TrainConfig) -> UNet:
         except NasError as err:
             raise CandidateFailed(f"init_weights: {err.reason}") from None
     return model
-
-
-def memory_format(spatial_dims: int, device: torch.device) -> torch.memory_format:
-    """Channels-last on CUDA, where it speeds up convolutions; the default elsewhere."""
-    if device.type != "cuda":
-        return torch.contiguous_format
-    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-
-
-def prepare_model(model: nn.Module, spatial_dims: int, device: torch.device) -> nn.Module:
-    """Move to `device`, in the memory format its batches will have there."""
-    flush_denormals(device)
-    return model.to(device, memory_format=memory_format(spatial_dims, device))
 
 
 def device_batch(
@@ -267,41 +223,68 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    loss_fn = make_loss(scheme)
-    scaler = gradient_scaler(device)
+    loss_fn, scaler = make_loss(scheme), gradient_scaler(device)
     clock = _SegmentClock((until_epoch - start_epoch) * cfg.batches_per_epoch, cfg.max_seconds)
-    history: list[EpochResult] = []
+    train_epoch = functools.partial(_train_epoch, model, optimizer, loss_fn, batches, cfg, device,
+                                    scaler, clock)  # fmt: skip
     try:
         model.train()
-        for epoch in range(start_epoch + 1, until_epoch + 1):
-            epoch_start = time.perf_counter()
-            loss_sum, steps = _train_epoch(model, optimizer, loss_fn, batches, cfg, device,
-                                           scaler, clock)  # fmt: skip
-            if steps == 0:
-                break
-            train_loss = float(loss_sum) / steps  # waits for the device: timing is complete
-            train_seconds = time.perf_counter() - epoch_start
-            _check_finite(model, train_loss, epoch)
-            last = epoch == until_epoch or clock.time_up()
-            scores = validate() if last or validation.after(epoch) else None
-            result = EpochResult(epoch, train_loss, scores, train_seconds, clock.elapsed())
-            history.append(result)
-            if (on_epoch is not None and on_epoch(result) is False) or clock.stopped_by_time:
-                break
+        epochs = range(start_epoch + 1, until_epoch + 1)
+        history = _train_epochs(epochs, train_epoch, model, clock, validate, validation, on_epoch)
     except Exception as err:
         if is_out_of_memory(err):
             raise CandidateFailed(out_of_memory_reason(err)) from err
         raise
     finally:
-        del batches  # stops the workers
+        del batches, train_epoch  # stops the workers
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return _segment_result(history, validate, clock, optimizer)
+
+
+def _segment_result(
+    history: list[EpochResult],
+    validate: Callable[[], Scores],
+    clock: _SegmentClock,
+    optimizer: torch.optim.Optimizer,
+) -> FitResult:
+    """What a segment trained, its last epoch validated (where `on_epoch` stopped it before
+    it was); CandidateFailed where its time ended before the first step."""
     if not history:
         raise CandidateFailed("the time budget ended before the first training step")
     if history[-1].scores is None:  # stopped by on_epoch where it was not validated
         history[-1] = dataclasses.replace(history[-1], scores=validate())
     return FitResult(history[-1].scores, tuple(history), clock.elapsed(), clock.stopped_by_time,
                      optimizer.state_dict(), clock.steps_taken)  # fmt: skip
+
+
+def _train_epochs(
+    epochs: range,
+    train_epoch: Callable[[], tuple[torch.Tensor, int]],
+    model: nn.Module,
+    clock: _SegmentClock,
+    validate: Callable[[], Scores],
+    validation: ValidationPlan,
+    on_epoch: Callable[[EpochResult], bool | None] | None,
+) -> list[EpochResult]:
+    """A segment's epochs, each validated where `validation` says (and the last one always),
+    until the segment's end, its time, or `on_epoch` answering False."""
+    history: list[EpochResult] = []
+    for epoch in epochs:
+        epoch_start = time.perf_counter()
+        loss_sum, steps = train_epoch()
+        if steps == 0:
+            break
+        train_loss = float(loss_sum) / steps  # waits for the device: timing is complete
+        train_seconds = time.perf_counter() - epoch_start
+        _check_finite(model, train_loss, epoch)
+        last = epoch == epochs[-1] or clock.time_up()
+        scores = validate() if last or validation.after(epoch) else None
+        result = EpochResult(epoch, train_loss, scores, train_seconds, clock.elapsed())
+        history.append(result)
+        if (on_epoch is not None and on_epoch(result) is False) or clock.stopped_by_time:
+            break
+    return history
 
 
 def _validate(
