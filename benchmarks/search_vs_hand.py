@@ -77,7 +77,6 @@ import yaml
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
-from nas.commands.report import hypervolume, normalised_size
 from nas.data import Case, Dataset, load_dataset, split_dataset
 from nas.data.test_split import TestSplit, find_test_split
 from nas.evaluation.heldout import score_model, score_trials
@@ -85,6 +84,7 @@ from nas.network.builder import UNetConfig, count_parameters
 from nas.network.model_card import Inference, ModelCard, describe_data
 from nas.search.choice import one_standard_error
 from nas.search.record import TrialRecord
+from nas.search.report_figures import hypervolume, normalised_size
 from nas.search.results import pareto_front, write_results
 from nas.search.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
 from nas.training.fit import CandidateFailed, TrainConfig, fit, init_model, pick_device

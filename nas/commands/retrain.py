@@ -138,13 +138,13 @@ def run_crossval(
 ) -> int:
     import pandas as pd
 
-    from nas.commands.report import write_report
     from nas.data import load_dataset
     from nas.data.test_split import find_test_split
     from nas.evaluation.crossval import cross_validate, record_ensemble
     from nas.evaluation.heldout import compare_ensemble
     from nas.search.companions import open_crossval_study, summary_rows
     from nas.search.record import StudyRecord, study_objectives
+    from nas.search.report import write_report
     from nas.search.storage import open_storage, redact
     from nas.search.weights import fold_path
 

@@ -212,7 +212,8 @@ def _refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
     """Rewrite results/ from the study; one worker at a time, each file renamed into place.
     A failure (a full disk, say) is reported and the search goes on: the study is intact and
     the next refresh, or `nas.report`, writes the views again."""
-    from nas.commands.report import publish_curves, write_report
+    from nas.search.report import write_report
+    from nas.search.report_figures import publish_curves
     from nas.search.results import write_results
 
     try:

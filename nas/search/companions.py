@@ -127,3 +127,12 @@ def ensemble_rows(crossval: optuna.Study) -> list[dict]:
     # A cross-member ensemble (key -1) after the members it combines.
     order = sorted(stored, key=lambda n: (int(n) < 0, int(n)))
     return [row for number in order for row in stored[number]]
+
+
+def recorded(crossval: optuna.Study | None) -> tuple[list[dict], dict | None]:
+    stored = StudyRecord.of(crossval).member_ensembles if crossval is not None else {}
+    return stored.get("rows", []), stored.get("chosen")
+
+
+def chosen_trials(chosen: dict) -> list[int]:
+    return [int(n) for n in chosen["members"].split(" + ")]
