@@ -29,7 +29,9 @@ from nas.core.errors import NasError
 from nas.core.staging import (
     check_output_folder,
 )
-from nas.deploy.export import FORMATS, README_FILE, export, export_members
+from nas.deploy.export import export, export_members
+from nas.deploy.programs import FORMATS
+from nas.deploy.readme import README_FILE
 from nas.search.choice import choose_trial, one_standard_error
 from nas.search.weights import KINDS, RETRAINED_BEST, find_weights, trial_name
 
