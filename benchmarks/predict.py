@@ -84,7 +84,7 @@ def export_models(root: Path) -> dict[str, Path]:
     import torch
 
     from nas import build_unet
-    from nas.deploy.export import export_onnx, export_pt2
+    from nas.deploy.programs import export_onnx, export_pt2
     from nas.network.model_card import WEIGHTS_FILE, Inference, ModelCard, write_card
 
     folders = {}

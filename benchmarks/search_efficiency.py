@@ -41,8 +41,8 @@ import yaml
 from optuna.trial import TrialState
 
 from nas import build_unet, count_parameters
-from nas.commands.report import hypervolume, normalised_size
 from nas.search.record import TrialRecord
+from nas.search.report_figures import hypervolume, normalised_size
 from nas.search.space import load_space, sample
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ for a budget of B seconds and each seed S:
       validation cases, as a user's run with split_seed S would; the dataset's
       splits_final.json is not used); its Pareto front, chosen on validation, scored on the
       held-out cases (nas.evaluation.heldout), and the member `nas export --best` would export (the
-      one-standard-error rule, nas.commands.export.one_standard_error);
+      one-standard-error rule, nas.search.choice.one_standard_error);
   (b) hand networks trained by nas's own trainer with the search's protocol (same cases,
       split, patch and batch plan, augmentation, loss, schedule; the searched learning rate
       at the geometric middle of its range), each for B/4 and for B seconds: an nnU-Net-like
@@ -77,7 +77,6 @@ import yaml
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
-from nas.commands.report import hypervolume, normalised_size
 from nas.data import Case, Dataset, load_dataset, split_dataset
 from nas.data.test_split import TestSplit, find_test_split
 from nas.evaluation.heldout import score_model, score_trials
@@ -86,6 +85,7 @@ from nas.network.device import pick_device
 from nas.network.model_card import Inference, ModelCard, describe_data
 from nas.search.choice import one_standard_error
 from nas.search.record import TrialRecord
+from nas.search.report_figures import hypervolume, normalised_size
 from nas.search.results import pareto_front, write_results
 from nas.search.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
 from nas.training.fit import CandidateFailed, TrainConfig, fit, init_model

@@ -430,7 +430,7 @@ def test_by_cv_picks_the_best_cross_validated_mean_not_the_search_score(tmp_path
     with pytest.raises(NasError, match="--trial names the trial"):
         choose_trial(study, 1, None, by="cv")
     # The report says that the two choices differ.
-    from nas.commands.report import _choices
+    from nas.search.report import _choices
 
     assert "the search's best is trial 2, the cross-validation's trial 1" in _choices(study)
     optuna.delete_study(study_name="s-crossval", storage=storage)

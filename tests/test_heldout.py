@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from nas.commands.report import HELD_OUT
 from nas.core.errors import NasError
 from nas.data import DataConfig, load_dataset
 from nas.data.test_split import find_test_split
 from nas.evaluation.heldout import score_trials
 from nas.search.record import StudyRecord, write_study
+from nas.search.report import HELD_OUT
 from nas.search.results import pareto_front
 from nas.search.weights import checkpoint_path
 from nas.validation.validate import Scores

@@ -12,12 +12,12 @@ optuna-dashboard has no login, and anyone who reaches it can edit or delete the 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from nas.commands.cli import command_parser, exit_code
+from nas.search.serving import is_loopback, open_dashboard
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -35,20 +35,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return make_parser().parse_args(argv)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is localhost or a loopback address (127.0.0.0/8, ::1); any other name
-    may resolve to an address that other machines reach."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def _port(text: str) -> int:
@@ -69,28 +55,12 @@ def exposure_warning(host: str, port: int) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna_dashboard
-
-    from nas.search.storage import open_storage
-    from nas.search.study import default_storage, load_results_study
-    from nas.search.trial_files import trial_files
-
-    study = load_results_study(args.results, args.storage)  # a clear error before serving
-    # The study's artifact store (a shared one when recorded): overlays and weights of trials
-    # any host ran.
-    store = trial_files(study, args.results).dashboard_store()
-
-    storage = args.storage or default_storage(args.results)
+    dashboard = open_dashboard(args.results, args.storage)
     warning = exposure_warning(args.host, args.port)
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
     print(f"optuna-dashboard for {args.results} on http://{args.host}:{args.port}/", flush=True)
-    optuna_dashboard.run_server(  # through the one path: the lock timeout on SQLite
-        open_storage(storage, access="existing"),  # its notes: into the study's storage only
-        host=args.host,
-        port=args.port,
-        artifact_store=store,
-    )
+    dashboard.serve(args.host, args.port)
     return 0
 
 

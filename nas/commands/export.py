@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING
 
 from nas.commands.cli import command_parser, exit_code
 from nas.core.errors import NasError
-from nas.core.staging import (
-    check_output_folder,
-)
-from nas.deploy.export import FORMATS, README_FILE, export, export_members
+from nas.deploy.export_study import ExportedMember, export_chosen_ensemble, export_member
+from nas.deploy.programs import FORMATS
+from nas.deploy.readme import README_FILE
 from nas.search.choice import choose_trial, one_standard_error
-from nas.search.weights import KINDS, RETRAINED_BEST, find_weights, trial_name
+from nas.search.weights import KINDS, RETRAINED_BEST
 
 if TYPE_CHECKING:
     import optuna
@@ -90,49 +89,24 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def _run_members(args: argparse.Namespace, study: optuna.Study) -> int:
+def _run_members(args: argparse.Namespace, study: optuna.Study, formats: Sequence[str]) -> int:
     """--ensemble members: the ensemble nas retrain --folds chose out of fold."""
-    from nas.search.companions import chosen_trials, find_crossval_study, recorded
-    from nas.search.study import default_storage
-
     if args.trial is not None or args.max_params is not None:
         raise NasError(
             "--ensemble members",
             "exports the ensemble chosen out of fold; drop --trial and --max-params",
         )
-    _, chosen = recorded(find_crossval_study(study))
-    if chosen is None:
-        raise NasError(
-            "--ensemble members",
-            f"study {study.study_name!r} has no ensemble chosen out of fold: run nas retrain "
-            f"{args.results} --trials A,B --folds all first",
-        )
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    trials = [by_number[n] for n in chosen_trials(chosen)]
-    if len(trials) == 1:
-        raise NasError(
-            "--ensemble members",
-            f"out of fold, trial {trials[0].number} alone beat every ensemble; export it with "
-            f"--trial {trials[0].number}",
-        )
-    name = "ensemble_" + "_".join(str(t.number) for t in trials)
-    out = args.out or args.results / "export" / name
-    check_output_folder(out.parent)
-    storage = args.storage or default_storage(args.results.resolve())
-    postprocessing = chosen["largest_component"].split()
-    scores = {"oof_iou": chosen["oof_iou"], "oof_dice": chosen["oof_dice"]}
-    export_members(study, args.results, trials, out, parse_formats(args.format), storage,
-                   args.weights, args.force, args.tta, postprocessing, scores)  # fmt: skip
+    exported = export_chosen_ensemble(study, args.results, args.out, formats, args.storage,
+                                      args.weights, args.force, args.tta)  # fmt: skip
     print(
-        f"exported the ensemble of trials {', '.join(str(t.number) for t in trials)} "
-        f"(out-of-fold IoU {chosen['oof_iou']:.4f}) to {out}/"
+        f"exported the ensemble of trials {', '.join(str(t.number) for t in exported.trials)} "
+        f"(out-of-fold IoU {exported.chosen['oof_iou']:.4f}) to {exported.out}/"
     )
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas.network.model_card import CARD_FILE, WEIGHTS_FILE
-    from nas.search.study import default_storage, load_results_study
+    from nas.search.study import load_results_study
 
     formats = parse_formats(args.format)
     if args.ensemble == "folds" and args.weights not in ("auto", "folds"):
@@ -141,35 +115,31 @@ def run(args: argparse.Namespace) -> int:
         )
     study = load_results_study(args.results, args.storage)
     if args.ensemble == "members":
-        return _run_members(args, study)
+        return _run_members(args, study, formats)
     trial = choose_trial(study, args.trial, args.max_params, args.by, args.best_score)
     wanted = "folds" if args.ensemble == "folds" else args.weights
-    weights = find_weights(study, args.results, trial, wanted)
+    exported = export_member(study, args.results, trial, wanted, args.out, formats, args.storage,
+                             args.force, args.tta)  # fmt: skip
+    _print_exported(args, study, trial.number, exported, formats)
+    return 0
 
-    from nas.search.companions import find_crossval_study
-    from nas.search.record import StudyRecord
 
-    storage = args.storage or default_storage(args.results)
-    crossval = find_crossval_study(study)
-    postprocessing = []
-    if crossval is not None:
-        postprocessing = StudyRecord.of(crossval).postprocessing.get(str(trial.number), [])
-    out = args.out or args.results / "export" / trial_name(trial.number)
-    check_output_folder(out.parent)
-    if args.storage is None:  # recorded absolute, for use from any folder
-        storage = default_storage(args.results.resolve())
-    card = export(
-        study, trial, weights.files, out, formats, storage, args.force, args.results, args.tta,
-        postprocessing, weights.describe(args.results),
-    )  # fmt: skip
+def _print_exported(
+    args: argparse.Namespace, study: optuna.Study, number: int, exported: ExportedMember,
+    formats: Sequence[str],
+) -> None:  # fmt: skip
+    """What was exported where, how it was chosen, and how far its programs are from eager."""
+    from nas.network.model_card import CARD_FILE, WEIGHTS_FILE
+
+    card, weights = exported.card, exported.weights
     files = [WEIGHTS_FILE, *(f"model.{f}" for f in formats)]
     if card.members:
         files = [f"{{{','.join(card.members)}}}/{{{','.join(files)}}}"]
     chosen_by = "chosen by cross-validation; " if args.by == "cv" and args.trial is None else ""
     print(
-        f"exported trial {trial.number} ({chosen_by}{card.source['n_params']:,} params, "
+        f"exported trial {number} ({chosen_by}{card.source['n_params']:,} params, "
         f"IoU {card.source['val_iou']:.4f}) with its {weights.kind} weights ({weights.path}) "
-        f"to {out}/: " + ", ".join([CARD_FILE, *files, README_FILE])
+        f"to {exported.out}/: " + ", ".join([CARD_FILE, *files, README_FILE])
     )
     if card.postprocessing.largest_component:
         print(
@@ -177,10 +147,9 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(card.postprocessing.largest_component)
         )
     if args.trial is None and args.max_params is None and args.by == "search":
-        print("  " + _why_chosen(study, trial.number, args.best_score))
+        print("  " + _why_chosen(study, number, args.best_score))
     for name, difference in card.source["max_abs_difference_from_eager"].items():
         print(f"  {name}: max |difference| from the eager model {difference:.2e}")
-    return 0
 
 
 def _why_chosen(study: optuna.Study, number: int, best_score: bool) -> str:

@@ -26,23 +26,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from nas.commands.cli import add_device_option, command_parser, device_option, exit_code
 from nas.core.errors import NasError
-from nas.data.layouts import find_scans
-from nas.deploy.predict import (
-    DEFAULT_OVERLAP,
-    ENGINES,
-    mask_values,
-    output_paths,
-    read_members,
-    segment_scan,
-    write_mask,
-)
-
-if TYPE_CHECKING:
-    pass
+from nas.deploy import predict
+from nas.deploy.predict import DEFAULT_OVERLAP, ENGINES
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -77,33 +65,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     if not 0 <= args.overlap < 1:
         raise NasError("--overlap", f"must be at least 0 and below 1, not {args.overlap}")
-    folders, cards, ensemble_postprocessing = read_members(args.model)
-    card = cards[0]
-    scans = find_scans(args.input, len(card.preprocessing.input_channels))
-    outputs = output_paths(args.input, args.output, scans)
-
-    from nas.deploy import probabilities  # torch: once the cards and the scans are found
-    from nas.deploy.exported import load_predictor
-
+    job = predict.plan(args.model, args.input, args.output)
+    # torch: once the cards and the scans are found
     device = device_option(args.device)
-    predictors = [load_predictor(f, device, args.engine, args.tta) for f in folders]
-    labels = probabilities.label_description(card, ensemble_postprocessing)
-    # disable=None: a progress bar on a terminal, nothing in a log file.
-    progress = tqdm(list(zip(scans, outputs, strict=True)), unit="scan", leave=False, disable=None)
-    values = mask_values(card.labels)
-    for scan, path in progress:
-        progress.set_postfix_str(scan.name)
-        classes, image, probs = segment_scan(
-            predictors, cards, labels, scan, device, args.overlap, args.save_probabilities
-        )
-        write_mask(values[classes], image, path)
-        if probs is not None:
-            probabilities.save(probabilities.probabilities_path(path), probs, image, labels)
-    n = len(outputs)
+    predict.write_masks(job, device, args.engine, args.tta, args.overlap, args.save_probabilities)
+    n = len(job.outputs)
     saved = " and their probabilities" if args.save_probabilities else ""
     print(f"wrote {n} mask{'s' if n != 1 else ''}{saved} to {args.output}")
     return 0

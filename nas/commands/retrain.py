@@ -171,7 +171,7 @@ def _refuse_with_folds(args: argparse.Namespace) -> None:
 
 def _write_report(study: optuna.Study, results: Path) -> Path:
     """report.html, written once the cross-validation is recorded."""
-    from nas.commands.report import write_report
+    from nas.search.report import write_report
 
     return write_report(study, results)
 

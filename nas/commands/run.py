@@ -195,7 +195,8 @@ def _write_views(
     study: optuna.Study, study_dir: Path, trials: list[FrozenTrial], front: list[FrozenTrial]
 ) -> None:
     """report.html and the learning curves, rewritten with results/'s tables."""
-    from nas.commands.report import publish_curves, write_report
+    from nas.search.report import write_report
+    from nas.search.report_figures import publish_curves
 
     write_report(study, study_dir, trials, front)
     publish_curves(study, front)

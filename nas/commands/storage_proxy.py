@@ -12,17 +12,16 @@ the storage, so a --host other than a loopback address is served with a warning.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 
 from nas.commands.cli import command_parser, exit_code
-from nas.commands.dashboard import _port, is_loopback
+from nas.commands.dashboard import _port
 from nas.core.errors import NasError
 from nas.search.interrupts import Interrupted
+from nas.search.serving import grpc_host, is_loopback, open_proxied_storage, serve_proxy
 from nas.search.workers import STORAGE_ENV
 
 
@@ -55,71 +54,25 @@ def exposure_warning(host: str, port: int) -> str | None:
     )
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Refuse a port that a process already listens on: gRPC binds with SO_REUSEPORT, so a
-    second proxy there would start and take some of the first one's workers."""
-    try:
-        found = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise NasError("--host", f"{host!r} is no address here ({err.strerror})") from None
-    family, kind, protocol, _, address = found[0]
-    with socket.socket(family, kind, protocol) as probe:
-        if os.name == "posix":  # a stopped proxy's closed connections do not hold the port
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise NasError("--port", f"{port} is in use on {host}") from None
-            raise NasError("--host", f"cannot listen on {host} ({err.strerror})") from None
-
-
-def _grpc_host(host: str) -> str:
-    """`host` as gRPC reads an address: an IPv6 address in brackets."""
-    bare = host.strip("[]")
-    return f"[{bare}]" if ":" in bare else bare
-
-
 def _stop(signum, frame) -> None:
     raise Interrupted(signum)
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    import optuna
-
-    from nas.search.storage import GRPC_PREFIX, JOURNAL_PREFIX, open_storage, redact, require_grpc
+    from nas.search.storage import redact
 
     if args.storage is None:
         raise NasError("--storage", f"is required (or ${STORAGE_ENV}): the storage to serve")
-    if args.storage.startswith(GRPC_PREFIX):
-        raise NasError(
-            redact(args.storage),
-            "is a storage proxy: serve the database itself (postgresql+psycopg://..., "
-            "sqlite:///...)",
-        )
-    if args.storage.startswith(JOURNAL_PREFIX):
-        raise NasError(
-            args.storage,
-            "Optuna's storage proxy does not serve a journal file (optuna/optuna#6084): "
-            "serve SQLite or a database, or give the workers the journal itself",
-        )
-    require_grpc("nas storage-proxy")
-    check_port_free(args.host, args.port)
-    # Optuna's trial cache in front of the database, as Optuna asks of a proxy's storage.
-    storage = optuna.storages.get_storage(open_storage(args.storage))
+    storage = open_proxied_storage(args.storage, args.host, args.port)
     warning = exposure_warning(args.host, args.port)
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
-    host = _grpc_host(args.host)
+    host = grpc_host(args.host)
     signal.signal(signal.SIGTERM, _stop)
     try:  # from the startup line on, which tells a caller the proxy is about to serve
         print(f"storage proxy for {redact(args.storage)} on grpc://{host}:{args.port}",
               flush=True)  # fmt: skip
-        with warnings.catch_warnings():  # marked experimental in Optuna 5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.run_grpc_proxy_server(storage, host=host, port=args.port)
+        serve_proxy(storage, host, args.port)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Interrupted): nothing to continue
         print("storage proxy stopped; the study stays in its storage", file=sys.stderr,
               flush=True)  # fmt: skip

@@ -24,8 +24,7 @@ if TYPE_CHECKING:
 
 
 # nas.network.inference.ENGINES and nas.network.windows.DEFAULT_OVERLAP, spelled out so that
-# --help does not
-# import torch (tests/test_cli.py checks that they agree).
+# --help does not import torch (tests/test_cli.py checks that they agree).
 ENGINES = ("auto", "eager", "pt2", "onnx")
 
 
@@ -235,3 +234,59 @@ def segment_scan(
         predictions[0].image,
         mean if with_probabilities else None,
     )
+
+
+@dataclass(frozen=True)
+class Job:
+    """What `nas predict` was asked to do, found and checked before torch loads: the model
+    folders and their cards, the scans and the mask each one becomes."""
+
+    folders: list[Path]
+    cards: list[ModelCard]
+    ensemble_postprocessing: tuple[str, ...] | None
+    scans: list[Scan]
+    outputs: list[Path]
+
+
+def plan(model: Path, source: Path, output: Path) -> Job:
+    """The job of segmenting the scans of `source` (a file or a folder) with the model folder
+    `model` into `output`; a NasError for a model, scan or output nas cannot use."""
+    from nas.data.layouts import find_scans
+
+    folders, cards, ensemble_postprocessing = read_members(model)
+    scans = find_scans(source, len(cards[0].preprocessing.input_channels))
+    outputs = output_paths(source, output, scans)
+    return Job(folders, cards, ensemble_postprocessing, scans, outputs)
+
+
+def write_masks(
+    job: Job,
+    device: torch.device,
+    engine: str = "auto",
+    tta: str | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    save_probabilities: bool = False,
+) -> None:
+    """Segment the job's scans, writing each mask (and with `save_probabilities` its
+    probabilities beside it); a progress bar on a terminal, nothing in a log file."""
+    from tqdm import tqdm
+
+    from nas.deploy import probabilities
+    from nas.deploy.exported import load_predictor
+
+    card = job.cards[0]
+    predictors = [load_predictor(f, device, engine, tta) for f in job.folders]
+    labels = probabilities.label_description(card, job.ensemble_postprocessing)
+    # disable=None: a progress bar on a terminal, nothing in a log file.
+    progress = tqdm(
+        list(zip(job.scans, job.outputs, strict=True)), unit="scan", leave=False, disable=None
+    )
+    values = mask_values(card.labels)
+    for scan, path in progress:
+        progress.set_postfix_str(scan.name)
+        classes, image, probs = segment_scan(
+            predictors, job.cards, labels, scan, device, overlap, save_probabilities
+        )
+        write_mask(values[classes], image, path)
+        if probs is not None:
+            probabilities.save(probabilities.probabilities_path(path), probs, image, labels)

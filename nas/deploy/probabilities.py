@@ -51,7 +51,7 @@ WRONG = "is not a probability map written by nas predict --save-probabilities"
 # How far outside [0, 1] a saved probability may lie: float32 rounding in the windows'
 # blending and the resampling back can step a few units in the last place past either end.
 ROUNDING = 1e-4
-# A mask holds label values in uint8, uint16 or uint32 (nas.commands.predict.mask_values).
+# A mask holds label values in uint8, uint16 or uint32 (nas.deploy.predict.mask_values).
 LabelValue = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
@@ -139,7 +139,7 @@ class SavedProbabilities:
         return tuple(self.probabilities.shape)
 
     def like(self) -> nib.spatialimages.SpatialImage:
-        """An image with the scan's affine and header, for nas.commands.predict.write_mask."""
+        """An image with the scan's affine and header, for nas.deploy.predict.write_mask."""
         import nibabel as nib
 
         header_type = getattr(nib, self.header_class)

@@ -48,6 +48,14 @@ def trial_name(trial_number: int) -> str:
     return f"trial_{trial_number:04d}"
 
 
+def is_trial_name(name: str) -> bool:
+    """Whether `name` is one `trial_name` gives (four digits or more): how an ensemble
+    export tells its member folders from anything else in its folder."""
+    import re
+
+    return re.match(r"^trial_\d{4,}$", name) is not None
+
+
 def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
     """The search's weights of a trial (`study_dir`: the results folder)."""
     return study_dir / "checkpoints" / f"{trial_name(trial_number)}.pt"
@@ -164,7 +172,7 @@ class TrialWeights:
 
     @property
     def files(self) -> Path | dict[str, Path]:
-        """As nas.commands.export.export takes them: one file, or the members by name."""
+        """As nas.deploy.export.export takes them: one file, or the members by name."""
         return self.members[""] if "" in self.members else dict(self.members)
 
     def describe(self, study_dir: Path) -> dict[str, Any]:
