@@ -28,20 +28,17 @@ from pydantic import ValidationError
 from nas.core.errors import NasError, validation_problem
 from nas.core.secrets import scrub_value
 from nas.network.unet_config import UNetConfig
-from nas.search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of, values_of
+from nas.search.objectives import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    QUANTITY_ATTRS,
+    Objective,
+    score_of,
+    values_of,
+)
 from nas.training.train_config import TrainConfig
 
-# Where each quantity is kept among a trial's user attrs.
-QUANTITY_ATTRS = {
-    "iou": "val_iou",
-    "dice": "val_dice",
-    "case_dice": "val_case_dice",
-    "params": "n_params",
-    "macs": "macs",
-    "latency_ms": "latency_ms",
-    "memory_mb": "memory_mb",
-}
-LATENCY_IQR_ATTR = "latency_iqr_ms"
+LATENCY_IQR_ATTR = OBJECTIVES["latency_ms"].spread_attr
 REJECTED_ATTR = "rejected"  # the constraint a candidate broke before it trained
 HEARTBEAT_ATTR = "heartbeat_at"
 
