@@ -425,8 +425,8 @@ def export(
     from nas.search.storage import local_file
 
     record = TrialRecord.of(trial)
-    unet = record.unet()
-    train = record.train()
+    candidate = record.candidate()
+    unet, train = candidate.unet, candidate.train
     data = _data_description(study)
     scheme = LabelScheme.from_description(data)
     if unet.out_channels != scheme.out_channels:

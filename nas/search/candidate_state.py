@@ -20,17 +20,16 @@ from nas.core.staging import atomic_write
 from nas.data import Case, Slicing
 from nas.data.labels import LabelScheme
 from nas.network.builder import UNet
+from nas.search.candidate import Candidate
 from nas.search.results import state_path
-from nas.search.space import Candidate
 from nas.training.fit import (
     EVERY_EPOCH,
     EpochResult,
     FitResult,
     ValidationPlan,
     fit,
-    init_model,
-    initial_model,
 )
+from nas.training.start import starting_model
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,8 @@ def train_candidate(
     """Train `candidate` from `state` (None: fresh weights, from its seed or its
     init_weights) until `until_epoch` or until `on_epoch` answers False, validating as
     `validation` says. Raises CandidateFailed as `fit` does."""
-    if state is None:
-        model = initial_model(candidate.unet, candidate.train)
-    else:
-        model = init_model(candidate.unet, candidate.train.seed)
+    model = starting_model(candidate.unet, candidate.train, resumed=state is not None)
+    if state is not None:
         model.load_state_dict(state.weights)
     result = fit(
         model,

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from nas.core.errors import NasError, validation_problem
 from nas.core.secrets import scrub_value
 from nas.network.unet_config import UNetConfig
+from nas.search.candidate import Candidate
 from nas.search.objectives import (
     DEFAULT_OBJECTIVES,
     OBJECTIVES,
@@ -184,6 +185,10 @@ class TrialRecord:
             lambda v: TrainConfig(**v), self.train_config, f"trial {self.number}", "train_config"
         )
 
+    def candidate(self) -> Candidate:
+        """The configs it trained with, each read through its schema."""
+        return Candidate(self.unet(), self.train())
+
     @property
     def epochs(self) -> int | None:
         """The epochs its training was configured for."""
@@ -211,8 +216,8 @@ class TrialRecord:
         return self.unet_config.get("spatial_dims")
 
     @property
-    def candidate(self) -> int:
-        """The trial the candidate started in: continuations share their first trial's."""
+    def lineage_root(self) -> int:
+        """The trial its lineage started in: continuations share their first trial's."""
         return self.number if self.lineage is None else self.lineage
 
     @property

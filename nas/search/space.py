@@ -42,6 +42,7 @@ from nas.core.errors import NasError
 from nas.core.yaml_file import MAX_DEPTH, parse_yaml, read_yaml
 from nas.data import DataConfig
 from nas.network.unet_config import PER_STAGE_FIELDS, UNetConfig, per_stage_length
+from nas.search.candidate import Candidate
 from nas.search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Bound, LatencyConfig
 from nas.search.objectives import Name as ObjectiveName
 from nas.search.schedule.fidelity import FidelityConfig
@@ -176,14 +177,6 @@ class SearchSpace(BaseModel):
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One sampled architecture and how to train it."""
-
-    unet: UNetConfig
-    train: TrainConfig
 
 
 def _fields(config_type: type) -> list[str]:

@@ -347,7 +347,7 @@ def continued_candidate(
     with contextlib.suppress(ValidationError):  # the parameters, for the tables
         sample(run.space, trial, run.in_channels, out_channels, run.seed(trial))
     record = TrialRecord.of(parent)
-    candidate = Candidate(record.unet(), record.train())
+    candidate = record.candidate()
     weights = checkpoint_path(run.study_dir, number)
     try:
         for path in (weights, state_path(weights)):  # trained on another host: fetched

@@ -132,7 +132,7 @@ class Member:
 def member(trial: FrozenTrial, iou: float) -> Member:
     record = TrialRecord.of(trial)
     costs = tuple(c for c in map(record.quantity, TIMED) if c is not None)
-    return Member(trial.number, record.candidate, record.n_params, iou, step_macs(trial), costs)
+    return Member(trial.number, record.lineage_root, record.n_params, iou, step_macs(trial), costs)
 
 
 def step_macs(trial: FrozenTrial) -> float:
@@ -145,7 +145,7 @@ def step_macs(trial: FrozenTrial) -> float:
 
 
 def lineage(trial: FrozenTrial) -> int:
-    return TrialRecord.of(trial).candidate
+    return TrialRecord.of(trial).lineage_root
 
 
 def lineage_attrs(trial: FrozenTrial) -> dict[str, int]:
@@ -322,7 +322,7 @@ def standings(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> 
             and record.epochs_run in trial.intermediate_values
             and record.n_params is not None
         ):
-            latest[record.candidate] = (trial, record)
+            latest[record.lineage_root] = (trial, record)
     return [
         Standing(
             trial,
