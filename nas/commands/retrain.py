@@ -609,7 +609,8 @@ def _retrain_one(
     from optuna.trial import TrialState, create_trial
 
     from nas.network.builder import count_parameters
-    from nas.search.record import TrialRecord, carried, rerun_trial, study_objectives
+    from nas.search.record import TrialRecord, carried, study_objectives
+    from nas.search.rerun import rerun_trial
     from nas.search.results import save_checkpoint
     from nas.training.fit import CandidateFailed, init_model
     from nas.training.resumable import write_checkpoint

@@ -31,7 +31,8 @@ from nas.data import DataConfig, load_dataset, split_dataset
 from nas.data.sampling import read_splits
 from nas.network.builder import UNetConfig, count_parameters
 from nas.search.companions import member_runs
-from nas.search.record import StudyRecord, TrialRecord, carried, merge_study, rerun_trial
+from nas.search.record import StudyRecord, TrialRecord, carried, merge_study
+from nas.search.rerun import rerun_trial
 from nas.search.trial_files import trial_files
 from nas.search.weights import fold_path
 from nas.training.fit import CandidateFailed, TrainConfig, fit, flush_denormals
