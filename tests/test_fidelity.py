@@ -15,6 +15,7 @@ from optuna.trial import TrialState, create_trial
 from nas.data import Slicing
 from nas.data.labels import LabelScheme
 from nas.network.unet_config import UNetConfig
+from nas.search.candidate import Candidate
 from nas.search.candidate_state import TrainingData, load_state, save_state, train_candidate
 from nas.search.record import TrialRecord
 from nas.search.results import checkpoint_path, save_checkpoint, state_path
@@ -37,7 +38,6 @@ from nas.search.schedule.fidelity import (
 from nas.search.schedule.policy import EpochReport, Schedule, Verdict, enqueue_promotion
 from nas.search.schedule.pruning import PrunerConfig
 from nas.search.scoring import raised_first_cut
-from nas.search.space import Candidate
 from nas.search.trial import segment_ends, within_timeout
 from nas.training.train_config import TrainConfig
 

@@ -23,9 +23,11 @@ from nas.data.labels import LabelScheme
 from nas.network.builder import count_parameters
 from nas.network.describe import count_macs, summary
 from nas.network.precision import autocast
+from nas.search.candidate import Candidate
+from nas.search.draw import sample, warm_start_params
 from nas.search.measure import synchronise
 from nas.search.scoring import decision_epochs, search_validation_cases
-from nas.search.space import Candidate, SearchSpace, possible_values, sample, warm_start_params
+from nas.search.space import SearchSpace, possible_values
 from nas.training.batches import training_batches
 from nas.training.fit import (
     device_batch,

@@ -32,6 +32,7 @@ from nas.core.resources import default_memory_limit_bytes
 from nas.data import Case
 from nas.network.describe import summary, trial_note
 from nas.search.artifacts import example_case, overlay_path, upload, write_overlay
+from nas.search.candidate import Candidate
 from nas.search.candidate_state import (
     Outcome,
     TrainingData,
@@ -40,6 +41,7 @@ from nas.search.candidate_state import (
     save_state,
     train_candidate,
 )
+from nas.search.draw import sample
 from nas.search.liveness import TrialHeartbeat, needs_trial_heartbeat, worker_id
 from nas.search.measure import measure_candidate
 from nas.search.objectives import (
@@ -61,7 +63,7 @@ from nas.search.scoring import (
     search_score,
     search_validation_cases,
 )
-from nas.search.space import Candidate, SearchSpace, sample
+from nas.search.space import SearchSpace
 from nas.search.study import INTERRUPTED
 from nas.search.trial_files import TrialFiles
 from nas.training.fit import (
