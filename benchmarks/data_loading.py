@@ -72,7 +72,7 @@ from nas.network.device import pick_device, prepare_model
 from nas.network.precision import gradient_scaler
 from nas.search.dry_run import sample_candidate
 from nas.search.patch_plan import plan_patches
-from nas.search.space import load_space
+from nas.search.space_file import load_space
 from nas.training.batches import default_workers, training_batches, training_sampler
 from nas.training.fit import (
     device_batch,

@@ -32,7 +32,7 @@ from nas.network.precision import amp_dtype
 from nas.network.windows import predict_logits
 from nas.search.dry_run import sample_candidate
 from nas.search.patch_plan import plan_patches
-from nas.search.space import load_space
+from nas.search.space_file import load_space
 from nas.training.batches import default_workers, training_batches
 from nas.training.fit import init_model
 from nas.training.losses import make_loss

@@ -41,9 +41,10 @@ import yaml
 from optuna.trial import TrialState
 
 from nas import build_unet, count_parameters
+from nas.search.draw import sample
 from nas.search.record import TrialRecord
 from nas.search.report_figures import hypervolume, normalised_size
-from nas.search.space import load_space, sample
+from nas.search.space_file import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm: (label, study settings, train settings) over the default space's

@@ -87,7 +87,9 @@ from nas.search.choice import one_standard_error
 from nas.search.record import TrialRecord
 from nas.search.report_figures import hypervolume, normalised_size
 from nas.search.results import pareto_front, write_results
-from nas.search.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, load_space
+from nas.search.space import SearchSpace
+from nas.search.space_file import load_space
+from nas.search.space_spec import AUTO, CategoricalSpec, FloatSpec, IntSpec
 from nas.training.fit import CandidateFailed, TrainConfig, fit, init_model
 
 try:  # run as a module from the repository root

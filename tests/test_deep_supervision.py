@@ -19,8 +19,11 @@ from nas.network.builder import UNetConfig, build_unet, count_parameters, deploy
 from nas.network.describe import summary
 from nas.network.memory import estimate_inference_bytes, parameter_count
 from nas.network.model_card import WEIGHTS_FILE
+from nas.search.candidate import Candidate
+from nas.search.draw import sample
 from nas.search.measure import measure_candidate
-from nas.search.space import Candidate, StudySection, load_space, sample
+from nas.search.space import StudySection
+from nas.search.space_file import load_space
 from nas.training.fit import TrainConfig, fit, init_model
 from nas.training.losses import DiceCELoss, TrainingLoss, deep_supervision_weights
 from nas.training.memory import estimate_training_bytes

@@ -402,7 +402,7 @@ def test_best_and_a_size_budget_pick_from_the_front(studies):
 
 def test_by_cv_picks_the_best_cross_validated_mean_not_the_search_score(tmp_path):
     from nas.search.companions import open_crossval_study
-    from nas.search.record import rerun_trial
+    from nas.search.rerun import rerun_trial
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(

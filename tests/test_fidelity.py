@@ -15,6 +15,7 @@ from optuna.trial import TrialState, create_trial
 from nas.data import Slicing
 from nas.data.labels import LabelScheme
 from nas.network.unet_config import UNetConfig
+from nas.search.candidate import Candidate
 from nas.search.candidate_state import TrainingData, train_candidate
 from nas.search.record import TrialRecord
 from nas.search.schedule.budget import Budget, exploration_share, new_candidate_share, spending
@@ -24,7 +25,6 @@ from nas.search.schedule.pruner import PrunerConfig
 from nas.search.schedule.ranking import Member, promotions, rank, rung_members
 from nas.search.schedule.rungs import FidelityConfig, rung_epochs, segment_ends
 from nas.search.scoring import raised_first_cut
-from nas.search.space import Candidate
 from nas.search.trial import within_timeout
 from nas.search.weights import checkpoint_path, load_state, save_checkpoint, save_state, state_path
 from nas.training.train_config import TrainConfig

@@ -26,7 +26,7 @@ from nas.network import memory
 from nas.network.builder import UNetConfig, build_unet, count_parameters
 from nas.network.memory import estimate_inference_bytes, parameter_count
 from nas.network.model_card import CARD_FILE, WEIGHTS_FILE, read_card
-from nas.search.space import load_space
+from nas.search.space_file import load_space
 from nas.training.fit import (
     CandidateFailed,
     TrainConfig,

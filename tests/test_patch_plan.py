@@ -13,8 +13,9 @@ import pytest
 
 from nas.core.errors import NasError
 from nas.data import load_dataset
+from nas.search.draw import sample
 from nas.search.patch_plan import CPU_MAX_SLICE_CROP, STEP_VOXELS, plan_patches
-from nas.search.space import load_space, sample
+from nas.search.space_file import load_space
 from nas.training.train_config import TrainConfig
 
 from .datasets import save

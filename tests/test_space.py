@@ -8,13 +8,9 @@ import optuna
 import pytest
 
 from nas.core.errors import NasError
-from nas.search.space import (
-    describe_space,
-    load_space,
-    param_distribution,
-    sample,
-    warm_start_params,
-)
+from nas.search.draw import param_distribution, sample, warm_start_params
+from nas.search.space import describe_space
+from nas.search.space_file import load_space
 
 from .conftest import run_cli, tiny_space_yaml, user_error
 

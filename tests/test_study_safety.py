@@ -24,7 +24,7 @@ from nas.core.errors import NasError
 from nas.search import resume
 from nas.search.record import StudyRecord, TrialRecord, write_study
 from nas.search.results import write_results
-from nas.search.space import load_space
+from nas.search.space_file import load_space
 from nas.search.storage import load_study
 from nas.search.weights import checkpoint_path, save_checkpoint
 from nas.search.workers import worker_command

@@ -216,8 +216,8 @@ def export(
     from nas.search.record import StudyRecord, TrialRecord
 
     record = TrialRecord.of(trial)
-    unet = record.unet()
-    train = record.train()
+    candidate = record.candidate()
+    unet, train = candidate.unet, candidate.train
     data = _data_description(study)
     scheme = _label_scheme(study, trial, unet, data)
     members = {"": weights} if isinstance(weights, Path) else dict(weights)

@@ -33,10 +33,12 @@ from nas.network.builder import UNetConfig, count_parameters
 from nas.network.device import flush_denormals
 from nas.network.windows import predict_case
 from nas.search.companions import member_runs
-from nas.search.record import StudyRecord, TrialRecord, carried, merge_study, rerun_trial
+from nas.search.record import StudyRecord, TrialRecord, carried, merge_study
+from nas.search.rerun import rerun_trial
 from nas.search.trial_files import trial_files
 from nas.search.weights import fold_path
-from nas.training.fit import CandidateFailed, TrainConfig, fit, initial_model
+from nas.training.fit import CandidateFailed, TrainConfig, fit
+from nas.training.start import starting_model
 from nas.validation.postprocess import classes_helped, dice_per_class, keep_largest_component
 
 
@@ -76,7 +78,7 @@ def run_fold(job: FoldJob) -> dict:
     train = TrainConfig(**job.train)
     slicing = dataclasses.replace(data.slicing, per_case=None)  # every training slice
     try:
-        model = initial_model(unet, train)
+        model = starting_model(unet, train)
         result = fit(model, train_cases, val_cases, dataset.scheme, train, device, None, slicing)
     except CandidateFailed as failure:
         return {"fail_reason": failure.reason}

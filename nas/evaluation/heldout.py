@@ -175,8 +175,9 @@ def score_validation_volumes(
         if not data.val_cases or files.local(weights) is None:  # another host's: fetched
             continue
         record = TrialRecord.of(trial)
-        unet = record.unet()
-        patch = record.train().patch_size(unet.spatial_dims)
+        candidate = record.candidate()
+        unet = candidate.unet
+        patch = candidate.train.patch_size(unet.spatial_dims)
         model = build_unet(unet)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         began = time.perf_counter()

@@ -49,8 +49,9 @@ def _members(search: optuna.Study, numbers: Sequence[int]) -> list[Member]:
     members = []
     for number in numbers:
         record = TrialRecord.of(by_number[number])
-        unet = record.unet()
-        patch = record.train().patch_size(unet.spatial_dims)
+        candidate = record.candidate()
+        unet = candidate.unet
+        patch = candidate.train.patch_size(unet.spatial_dims)
         members.append(Member(number, unet, tuple(patch), record.n_params or 0))
     return members
 

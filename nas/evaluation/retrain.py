@@ -138,7 +138,8 @@ def _record_retrained(
 ) -> None:
     """The retrained member as a trial of `<study>-retrain`, labelled with the search trial it
     came from: its scores, the run's settings and costs, its best epoch, its curve."""
-    from nas.search.record import TrialRecord, carried, rerun_trial, study_objectives
+    from nas.search.record import TrialRecord, carried, study_objectives
+    from nas.search.rerun import rerun_trial
 
     best = end.best
     attrs = carried(

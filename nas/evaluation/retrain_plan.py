@@ -180,8 +180,9 @@ def train_member(
     CandidateFailed as `fit` does."""
     from nas.core.staging import remove_stale_staging
     from nas.search.record import TrialRecord
-    from nas.training.fit import EVERY_EPOCH, init_model, initial_model
+    from nas.training.fit import EVERY_EPOCH
     from nas.training.resumable import train_resumable
+    from nas.training.start import starting_model
 
     train, identity, start = plan
     path = latest_path(options, trial.number)
@@ -192,10 +193,9 @@ def train_member(
     unet = TrialRecord.of(trial).unet()
     if start is not None:
         print(f"  continuing from the checkpoint at epoch {start.epoch} ({start.steps:,} steps)")
-        model = init_model(unet, train.seed)  # the checkpoint's weights replace these
     else:
         options.files.drop(path)  # a fresh run: no checkpoint of an earlier one is continued
-        model = initial_model(unet, train)
+    model = starting_model(unet, train, resumed=start is not None)  # start's weights go in
     # Every training slice: the search may have used a few per case.
     slicing = dataclasses.replace(data_cfg.slicing, per_case=None)
     say = functools.partial(print, flush=True)  # a line per epoch, at once even into a log

@@ -25,12 +25,11 @@ from nas.training.fit import (
     FitResult,
     ValidationPlan,
     fit,
-    init_model,
-    initial_model,
 )
+from nas.training.start import starting_model
 
 if TYPE_CHECKING:
-    from nas.search.space import Candidate  # a search's configs; no Optuna at run time
+    from nas.search.candidate import Candidate  # a search's configs; no Optuna at run time
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,8 @@ def train_candidate(
     """Train `candidate` from `state` (None: fresh weights, from its seed or its
     init_weights) until `until_epoch` or until `on_epoch` answers False, validating as
     `validation` says. Raises CandidateFailed as `fit` does."""
-    if state is None:
-        model = initial_model(candidate.unet, candidate.train)
-    else:
-        model = init_model(candidate.unet, candidate.train.seed)
+    model = starting_model(candidate.unet, candidate.train, resumed=state is not None)
+    if state is not None:
         model.load_state_dict(state.weights)
     result = fit(
         model,

@@ -25,11 +25,13 @@ from nas.network.describe import count_macs, summary
 from nas.network.device import prepare_model
 from nas.network.precision import autocast
 from nas.network.windows import DEFAULT_OVERLAP, window_count, windows_per_batch
+from nas.search.candidate import Candidate
+from nas.search.draw import sample, warm_start_params
 from nas.search.measure import synchronise
 from nas.search.run_setup import RunSetup, plan_line
 from nas.search.schedule.pruner import validation_every
 from nas.search.scoring import decision_epochs, search_validation_cases
-from nas.search.space import Candidate, SearchSpace, possible_values, sample, warm_start_params
+from nas.search.space import SearchSpace, possible_values
 from nas.training.batches import training_batches
 from nas.training.fit import (
     device_batch,

@@ -28,7 +28,8 @@ from nas.network.memory import BYTES_PER_VALUE, SAFETY_FACTOR, estimate_inferenc
 from nas.training.fit import init_model
 
 if TYPE_CHECKING:
-    from nas.search.space import Candidate, StudySection
+    from nas.search.candidate import Candidate
+    from nas.search.space import StudySection
 
 WARMUP = 3
 MIN_REPEATS = 10

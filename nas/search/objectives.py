@@ -5,7 +5,9 @@ in the YAML), its direction, the trial record's field it is read from, whether i
 before training (so a constraint on it rejects a candidate before any training is spent),
 and how it is measured. A study's objectives are 2 or 3 of them, `[iou, params]` by default,
 kept in the study's user attrs so that every tool that opens the study later reads them back.
-Adding an objective is one row here plus the code that measures it (nas/search/measure.py).
+Every list of their names is derived from the table here: the user attrs that keep them,
+those measured only when asked, trials.csv's columns and the report's front table. Adding an
+objective is one row here plus the code that measures it (nas/search/measure.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ class Objective:
     label: str  # axis and column title
     before_training: bool  # measured on the built network, before it trains
     how: str  # how it is measured, for the README and the report
+    attr: str  # the trial's user attr that keeps it, and its column in trials.csv
+    # Costs time to measure: measured only when an objective or a constraint names it.
+    timed: bool = False
+    # Recorded only by studies since it was added: a table shows it where a trial has it.
+    recent: bool = False
+    spread_attr: str | None = None  # the attr of its spread over repeated measurements
 
     @property
     def maximise(self) -> bool:
@@ -48,33 +56,72 @@ OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
         Objective("iou", "maximize", "validation IoU", False,
-                  "foreground IoU on the validation cases at the fidelity reached"),
+                  "foreground IoU on the validation cases at the fidelity reached",
+                  attr="val_iou"),
         Objective("dice", "maximize", "validation Dice", False,
-                  "foreground Dice on the validation cases at the fidelity reached"),
+                  "foreground Dice on the validation cases at the fidelity reached",
+                  attr="val_dice"),
         Objective("case_dice", "maximize", "validation case Dice", False,
                   "foreground Dice of each validation case, averaged over the cases (a case "
                   "holding a class neither in truth nor in prediction left out), at the "
-                  "fidelity reached"),
+                  "fidelity reached",
+                  attr="val_case_dice", recent=True),
         Objective("params", "minimize", "parameters", True,
-                  "trainable parameters of the built network, counted exactly"),
+                  "trainable parameters of the built network, counted exactly",
+                  attr="n_params"),
         Objective("macs", "minimize", "MACs per window", True,
-                  "multiply-accumulates of one forward pass over one inference window"),
+                  "multiply-accumulates of one forward pass over one inference window",
+                  attr="macs"),
         Objective("latency_ms", "minimize", "latency (ms)", True,
                   "median wall-clock of one forward pass of the inference window, eval mode, "
-                  "no autograd, after warm-up, on `study.latency`'s device and threads"),
+                  "no autograd, after warm-up, on `study.latency`'s device and threads",
+                  attr="latency_ms", timed=True, spread_attr="latency_iqr_ms"),
         Objective("memory_mb", "minimize", "peak memory (MB)", True,
                   "peak memory of that forward pass: the CUDA allocator's peak on a GPU, the "
-                  "estimate of nas.network.memory (weights, kept activations, x1.5) elsewhere"),
+                  "estimate of nas.network.memory (weights, kept activations, x1.5) elsewhere",
+                  attr="memory_mb", timed=True),
     )
 }  # fmt: skip
 DEFAULT_OBJECTIVES = ("iou", "params")
 # The measured quantities that cost time to measure: only when an objective or a constraint
 # names them.
-TIMED = ("latency_ms", "memory_mb")
+TIMED = tuple(name for name, o in OBJECTIVES.items() if o.timed)
 
-Name = Literal["iou", "dice", "case_dice", "params", "macs", "latency_ms", "memory_mb"]
+# An objective's name as a space may write it (pydantic refuses any other).
+Name = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
 # The scores a search's learning curves can hold (`curve_metric`).
 CURVE_METRICS = ("iou", "case_dice")
+
+# Where each quantity is kept among a trial's user attrs.
+QUANTITY_ATTRS = {name: o.attr for name, o in OBJECTIVES.items()}
+_SCORES = [o for o in OBJECTIVES.values() if o.maximise]
+_COSTS = [o for o in OBJECTIVES.values() if not o.maximise]
+_PARAMS = OBJECTIVES["params"].attr
+# The columns of a score or cost that a table shows only where some trial has them.
+MEASURED_ONLY_WHEN_ASKED = (
+    *(o.attr for o in OBJECTIVES.values() if o.timed),
+    *(o.attr for o in OBJECTIVES.values() if o.recent),
+)
+# trials.csv's columns, always present so an empty table still has its header: the scores,
+# the held-out scores, the parameters, how the trial ran, the other costs (each with its
+# spread), and whether it kept the constraints.
+METRIC_COLUMNS = [
+    "number", "state", *(o.attr for o in _SCORES), "test_iou", "test_dice", _PARAMS,
+    "seconds", "spatial_dims", "epochs_run", "fidelity_steps", "continues", "device",
+    "fail_reason",
+    *(a for o in _COSTS if o.attr != _PARAMS for a in (o.attr, o.spread_attr) if a),
+    "rejected", "feasible", "summary",
+]  # fmt: skip
+# The report's front table: each score (a curve's with its standard error and its score on
+# whole volumes), the held-out scores, the costs, and how far each member trained.
+FRONT_COLUMNS = [
+    "number",
+    *(a for o in _SCORES
+      for a in ((o.attr, f"{o.attr}_se", f"volume_{o.attr}") if o.name in CURVE_METRICS
+                else (o.attr,))),
+    "test_iou", "test_dice", *(o.attr for o in _COSTS), "epochs_run", "fidelity_steps",
+    "undertrained", "below_top_rung", "continues", "seconds", "summary",
+]  # fmt: skip
 
 
 class Bound(BaseModel):

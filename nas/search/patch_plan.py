@@ -27,7 +27,8 @@ import numpy as np
 
 from nas.core.errors import NasError
 from nas.data import Dataset
-from nas.search.space import AUTO, CategoricalSpec, FloatSpec, IntSpec, SearchSpace, possible_values
+from nas.search.space import SearchSpace, possible_values
+from nas.search.space_spec import AUTO, CategoricalSpec, FloatSpec, IntSpec
 from nas.training.train_config import MAX_PATCH_SIZE, TrainConfig
 
 if TYPE_CHECKING:

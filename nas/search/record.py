@@ -7,56 +7,44 @@ promotion, a retry, a retrain or a fold), and `TrialRecord.of` reads them back, 
 schedule, the sampler, liveness, results, report, export, retrain and cross-validation; no
 one reads a trial's `values` by position: `record.quantity(name)` is an objective's value
 whatever the study's objectives are. Studies written before a field existed read it as None
-(or empty). Every attr is checked on read against what it must hold (TRIAL_ATTRS,
-STUDY_ATTRS; the data settings through DataConfig, a trial's configs through UNetConfig and
-TrainConfig where they are used), so that a storage edited by hand or by another program is
-one line naming the trial or study and the attr, not a traceback far from it.
+(or empty). Every attr is checked on read against what it must hold (nas/search/attr_schema.py;
+the data settings through DataConfig, a trial's configs through UNetConfig and TrainConfig
+where they are used: `record.candidate()`), so that a storage edited by hand or by another
+program is one line naming the trial or study and the attr, not a traceback far from it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState, create_trial
-from pydantic import ValidationError
+from optuna.trial import FrozenTrial, TrialState
 
-from nas.core.errors import NasError, validation_problem
+from nas.core.errors import NasError
 from nas.core.secrets import scrub_value
 from nas.network.unet_config import UNetConfig
-from nas.search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, score_of, values_of
+from nas.search.attr_schema import (
+    HEARTBEAT_ATTR,
+    LATENCY_IQR_ATTR,
+    REJECTED_ATTR,
+    STUDY_ATTRS,
+    TRIAL_ATTRS,
+    check_attrs,
+    read_config,
+)
+from nas.search.candidate import Candidate
+from nas.search.objectives import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    QUANTITY_ATTRS,
+    Objective,
+    score_of,
+)
 from nas.training.train_config import TrainConfig
-
-# Where each quantity is kept among a trial's user attrs.
-QUANTITY_ATTRS = {
-    "iou": "val_iou",
-    "dice": "val_dice",
-    "case_dice": "val_case_dice",
-    "params": "n_params",
-    "macs": "macs",
-    "latency_ms": "latency_ms",
-    "memory_mb": "memory_mb",
-}
-LATENCY_IQR_ATTR = "latency_iqr_ms"
-REJECTED_ATTR = "rejected"  # the constraint a candidate broke before it trained
-HEARTBEAT_ATTR = "heartbeat_at"
-
-# What a user attr must hold, in the words a refusal uses (None is always "not recorded").
-NUMBER = "a number"
-INTEGER = "a whole number"
-TEXT = "text"
-FLAG = "true or false"
-MAPPING = "a mapping"
-NUMBERS = "a list of numbers"
-INTEGERS = "a list of whole numbers"
-TEXTS = "a list of texts"
-MAPPINGS = "a list of mappings"
-SCORES = "a mapping of names to numbers"
-CASE_COUNTS = "per-case counts by epoch (epoch: cases x 3 x classes of numbers)"
 
 
 @dataclass(frozen=True)
@@ -79,10 +67,10 @@ class TrialRecord:
     violations: tuple[float, ...] = ()  # Optuna's constraint values: <= 0 when one holds
     latency_iqr_ms: float | None = None
     completed_at: datetime | None = None
-    # Multi-fidelity lineage (nas/search/schedule/fidelity.py, nas/search/schedule/policy.py): the
-    # trial the candidate
-    # started in (None: this one), the epoch a continuation trains until, the rungs it was
-    # scheduled on, and what its own segment of training spent.
+    # Multi-fidelity lineage (nas/search/schedule/fidelity.py, nas/search/schedule/policy.py):
+    # the trial the candidate started in (None: this one; `lineage_root`), the epoch a
+    # continuation trains until, the rungs it was scheduled on, and what its own segment of
+    # training spent.
     lineage: int | None = None
     until: int | None = None
     rungs: tuple[int, ...] = ()
@@ -102,9 +90,8 @@ class TrialRecord:
     # [case][intersection, predicted, truth][class], for the score's bootstrap interval.
     val_case_counts: Mapping[str, Any] = field(default_factory=dict)
     artifact_error: str | None = None  # the overlay or an upload failed (the scores stand)
-    # A rerun of a search trial (nas.retrain, a fold of nas.evaluation.crossval): which, on which
-    # fold,
-    # its search validation IoU, and each validation case scored out of fold.
+    # A rerun of a search trial (nas.retrain, a fold of nas.evaluation.crossval): which, on
+    # which fold, its search validation IoU, and each validation case scored out of fold.
     source_trial: int | None = None
     fold: int | None = None
     search_val_iou: float | None = None
@@ -177,15 +164,19 @@ class TrialRecord:
 
     def unet(self) -> UNetConfig:
         """The network it trained, read through UNetConfig's schema."""
-        return _config(
+        return read_config(
             UNetConfig.from_dict, self.unet_config, f"trial {self.number}", "unet_config"
         )
 
     def train(self) -> TrainConfig:
         """How it trained, read through TrainConfig's schema."""
-        return _config(
+        return read_config(
             lambda v: TrainConfig(**v), self.train_config, f"trial {self.number}", "train_config"
         )
+
+    def candidate(self) -> Candidate:
+        """The configs it trained with, each read through its schema."""
+        return Candidate(self.unet(), self.train())
 
     @property
     def epochs(self) -> int | None:
@@ -214,8 +205,8 @@ class TrialRecord:
         return self.unet_config.get("spatial_dims")
 
     @property
-    def candidate(self) -> int:
-        """The trial the candidate started in: continuations share their first trial's."""
+    def lineage_root(self) -> int:
+        """The trial its lineage started in: continuations share their first trial's."""
         return self.number if self.lineage is None else self.lineage
 
     @property
@@ -289,94 +280,6 @@ def _integer(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_integer(value: Any) -> bool:
-    return _is_number(value) and float(value).is_integer()
-
-
-def _is_scores(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and (v is None or _is_number(v)) for k, v in value.items()
-    )
-
-
-def _is_case_counts(value: Any) -> bool:
-    """{"epoch": [[[tp, fp, fn] per class] per case]}, as scoring.kept_counts writes it."""
-    if not isinstance(value, dict):
-        return False
-    shapes = set()
-    for epoch, cases in value.items():
-        if not (isinstance(epoch, str) and epoch.isdigit() and isinstance(cases, list)):
-            return False
-        for case in cases:
-            if not (isinstance(case, list) and len(case) == 3):
-                return False
-            for row in case:
-                if not (isinstance(row, list) and all(map(_is_number, row))):
-                    return False
-                shapes.add(len(row))
-        shapes.add(("cases", len(cases)))
-    return len(shapes) <= 2  # one number of classes, one number of cases
-
-
-_HOLDS = {
-    NUMBER: _is_number,
-    INTEGER: _is_integer,
-    TEXT: lambda v: isinstance(v, str),
-    FLAG: lambda v: isinstance(v, bool),
-    MAPPING: lambda v: isinstance(v, dict),
-    NUMBERS: lambda v: isinstance(v, list) and all(map(_is_number, v)),
-    INTEGERS: lambda v: isinstance(v, list) and all(map(_is_integer, v)),
-    TEXTS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    MAPPINGS: lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
-    SCORES: _is_scores,
-    CASE_COUNTS: _is_case_counts,
-}
-
-# The user attrs of a trial, by what they hold (those TrialRecord reads; others are ignored).
-TRIAL_ATTRS = {
-    **dict.fromkeys([*QUANTITY_ATTRS.values(), LATENCY_IQR_ATTR, HEARTBEAT_ATTR], NUMBER),
-    **dict.fromkeys(["seconds", "segment_seconds", "search_val_iou"], NUMBER),
-    **dict.fromkeys(["epochs_run", "fidelity_steps", "continues", "lineage", "until"], INTEGER),
-    **dict.fromkeys(["steps", "retry_of", "source_trial", "fold"], INTEGER),
-    **dict.fromkeys(["device", "summary", "fail_reason", REJECTED_ATTR, "worker"], TEXT),
-    "artifact_error": TEXT,
-    **dict.fromkeys(["stopped_by_time", "warm_start"], FLAG),
-    **dict.fromkeys(["unet_config", "train_config"], MAPPING),
-    "val_case_counts": CASE_COUNTS,
-    "best": SCORES,
-    **dict.fromkeys(["train_loss", "epoch_seconds", "val_iou_per_class"], NUMBERS),
-    "rungs": INTEGERS,
-    "class_names": TEXTS,
-    "out_of_fold": MAPPINGS,
-}
-
-
-def check_attrs(attrs: Mapping[str, Any], kinds: Mapping[str, str], source: str) -> None:
-    """Refuse, naming `source` and the attr, a user attr that does not hold what `kinds`
-    says it must (a storage edited by hand or by another program): one pass, no copies,
-    as records are read for every trial of a study."""
-    for name, value in attrs.items():
-        kind = kinds.get(name)
-        if kind is not None and value is not None and not _HOLDS[kind](value):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            raise NasError(source, f"attr {name} is {shown}, not {kind}")
-
-
-def _config(make: Callable[[Any], Any], values: Mapping[str, Any], source: str, attr: str) -> Any:
-    """`make(values)`, a recorded config read through its schema; a NasError naming `source`
-    and `attr` where the schema refuses it."""
-    try:
-        return make(values)
-    except (ValidationError, TypeError, ValueError) as err:
-        raise NasError(
-            source, f"attr {attr} does not hold valid settings ({validation_problem(err)})"
-        ) from None
-
-
 @dataclass(frozen=True)
 class StudyObjectives:
     """A study's objectives, in the order of its values."""
@@ -417,15 +320,14 @@ class StudyRecord:
     space: Mapping[str, Any] | None = None
     data_config: Mapping[str, Any] | None = None
     data_description: Mapping[str, Any] | None = None
-    patch_plan: Mapping[str, Any] | None = (
-        None  # the `auto` sizes planned (nas/search/patch_plan.py)
-    )
+    # The `auto` sizes planned (nas/search/patch_plan.py).
+    patch_plan: Mapping[str, Any] | None = None
     validation: Mapping[str, Any] | None = None  # how the search validated (scoring.py)
     data_cases: Mapping[str, Any] | None = None
-    # Mappings by trial number: held-out scores (nas/evaluation/heldout.py), the classes whose
-    # largest
-    # component is kept, held-out fold ensembles (rows of compare_ensemble), the all-cases
-    # models ({epochs_run, ...}); and the ensembles across members ({"rows", "chosen"}).
+    # Mappings by trial number: held-out scores (nas/evaluation/heldout.py), the classes
+    # whose largest component is kept, held-out fold ensembles (rows of compare_ensemble),
+    # the all-cases models ({epochs_run, ...}); and the ensembles across members ({"rows",
+    # "chosen"}).
     test_scores: Mapping[str, Any] = field(default_factory=dict)
     postprocessing: Mapping[str, list[str]] = field(default_factory=dict)
     heldout_ensemble: Mapping[str, list] = field(default_factory=dict)
@@ -464,28 +366,12 @@ class StudyRecord:
         if "data_config" in fields:
             from nas.data import DataConfig
 
-            _config(lambda v: DataConfig(**v), fields["data_config"], source, "data_config")
+            read_config(lambda v: DataConfig(**v), fields["data_config"], source, "data_config")
         return cls(**fields)
 
     def dataset(self) -> str:
         """The dataset's path as the search recorded it ("?" for a study without it)."""
         return (self.data_config or {}).get("path", "?")
-
-
-# The user attrs of a study, by what they hold.
-STUDY_ATTRS = {
-    "objectives": TEXTS,
-    "rung_correlations": MAPPINGS,
-    "artifacts": TEXT,
-    **dict.fromkeys(
-        [
-            "constraints", "space", "data_config", "data_description", "patch_plan",
-            "validation", "data_cases", "test_scores", "postprocessing", "heldout_ensemble",
-            "all_cases", "member_ensembles", "volume_scores",
-        ],
-        MAPPING,
-    ),
-}  # fmt: skip
 
 
 def _study_field(name: str) -> str:
@@ -506,26 +392,3 @@ def merge_study(study: optuna.Study, name: str, entries: Mapping[str, Any]) -> N
     trials' entries as stored now (another process may have added some)."""
     stored = getattr(StudyRecord.of(study), _study_field(name))
     write_study(study, **{name: {**stored, **entries}})
-
-
-def rerun_trial(
-    source: FrozenTrial,
-    scores: Mapping[str, float],
-    objectives: Sequence[str],
-    user_attrs: Mapping[str, Any],
-    curve: Mapping[int, float],
-) -> FrozenTrial:
-    """A finished trial of `source`'s network trained again (nas.retrain, a fold of
-    nas.evaluation.crossval): its costs as the search measured them, `scores` (iou, dice, params)
-    from
-    the new training, `curve` its IoU per epoch."""
-    record = TrialRecord.of(source)
-    quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS} | dict(scores)
-    measured = {QUANTITY_ATTRS[k]: v for k, v in quantities.items() if v is not None}
-    return create_trial(
-        values=values_of(quantities, objectives),
-        params=source.params,
-        distributions=source.distributions,
-        user_attrs={**user_attrs, **measured},
-        intermediate_values=dict(curve),
-    )

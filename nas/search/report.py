@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nas.core.staging import atomic_write
+from nas.search.objectives import FRONT_COLUMNS, MEASURED_ONLY_WHEN_ASKED
 from nas.search.report_figures import (
     curves_figure,
     front_figure,
@@ -35,15 +36,6 @@ if TYPE_CHECKING:
 
 
 REPORT_FILE = "report.html"
-FRONT_COLUMNS = [
-    "number", "val_iou", "val_iou_se", "volume_val_iou", "val_dice", "val_case_dice",
-    "val_case_dice_se", "volume_val_case_dice", "test_iou", "test_dice", "n_params", "macs",
-    "latency_ms", "memory_mb", "epochs_run", "fidelity_steps", "undertrained",
-    "below_top_rung", "continues", "seconds", "summary",
-]  # fmt: skip
-# Measured only when an objective or a constraint names them, or recorded by studies since
-# case Dice was: shown only where a member has them.
-MEASURED_ONLY_WHEN_ASKED = ("latency_ms", "memory_mb", "val_case_dice")
 # The front table's column groups: validation chose the front, the held-out cases did not.
 HELD_OUT = "held-out test (not used for selection)"
 COLUMN_GROUPS = {

@@ -22,7 +22,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E4
 from optuna.trial import FrozenTrial  # noqa: E402
 
 from nas.core.staging import atomic_write  # noqa: E402
-from nas.search.objectives import OBJECTIVES, curve_metric, score_of  # noqa: E402
+from nas.search.objectives import METRIC_COLUMNS, OBJECTIVES, curve_metric, score_of  # noqa: E402
 from nas.search.record import (  # noqa: E402
     QUANTITY_ATTRS,
     StudyRecord,
@@ -35,32 +35,6 @@ from nas.search.schedule.endgame import undertrained  # noqa: E402
 from nas.search.scoring import Interval, front_intervals, front_of, superseded_numbers  # noqa: E402
 from nas.search.trial_files import trial_files  # noqa: E402
 from nas.search.weights import drop_weights  # noqa: E402
-
-# Always present, so an empty table still has its header.
-METRIC_COLUMNS = [
-    "number",
-    "state",
-    "val_iou",
-    "val_dice",
-    "val_case_dice",
-    "test_iou",
-    "test_dice",
-    "n_params",
-    "seconds",
-    "spatial_dims",
-    "epochs_run",
-    "fidelity_steps",
-    "continues",
-    "device",
-    "fail_reason",
-    "macs",
-    "latency_ms",
-    "latency_iqr_ms",
-    "memory_mb",
-    "rejected",
-    "feasible",
-    "summary",
-]
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:

@@ -22,8 +22,9 @@ import optuna
 from optuna.distributions import check_distribution_compatibility
 
 from nas.core.errors import NasError
+from nas.search.draw import param_distribution
 from nas.search.record import StudyRecord, write_study
-from nas.search.space import SearchSpace, describe_space, param_distribution
+from nas.search.space import SearchSpace, describe_space
 
 
 def _plain(value: Any) -> Any:

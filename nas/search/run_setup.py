@@ -67,8 +67,8 @@ def set_up(args: argparse.Namespace, processes: int | None, hooks: RunHooks) -> 
 
     import torch
 
+    from nas.search.draw import warm_start_params
     from nas.search.patch_plan import plan_patches
-    from nas.search.space import warm_start_params
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +86,7 @@ def set_up(args: argparse.Namespace, processes: int | None, hooks: RunHooks) -> 
 def _read_space(args: argparse.Namespace) -> tuple[dict, SearchSpace]:
     """The space as read (--set and --data included), and validated with the study's
     command-line overrides."""
-    from nas.search.space import read_effective_space, validate_space, with_study_overrides
+    from nas.search.space_file import read_effective_space, validate_space, with_study_overrides
 
     effective = read_effective_space(args.space, args.settings, args.data)
     space = validate_space(effective, args.space, args.settings)
@@ -103,7 +103,7 @@ def _read_space(args: argparse.Namespace) -> tuple[dict, SearchSpace]:
 def _check_validation_cases(args: argparse.Namespace, space: SearchSpace, val_cases: list) -> None:
     """The fold holds the validation cases the space asks the search to validate on."""
     from nas.search.scoring import search_validation_cases
-    from nas.search.space import source_of
+    from nas.search.space_file import source_of
 
     try:
         search_validation_cases(val_cases, space.study.validation.cases, space.study.seed)
@@ -131,7 +131,7 @@ def _check_latency_device(space: SearchSpace, args: argparse.Namespace) -> None:
     """study.latency.device must exist here, before the study is created."""
     import torch
 
-    from nas.search.space import source_of
+    from nas.search.space_file import source_of
 
     name = space.study.latency.device
     if name is None:
@@ -157,7 +157,7 @@ def _check_init_weights(
     import optuna
 
     from nas.network.state_dict import first_mismatch, read_weights
-    from nas.search.space import sample
+    from nas.search.draw import sample
     from nas.training.fit import init_model
 
     entry = space.train.get("init_weights")
@@ -181,7 +181,7 @@ def _check_init_weights(
 def _schedule(space: SearchSpace, args: argparse.Namespace, deadline: float | None) -> Schedule:
     """The run's schedule; a budget too small for one candidate's lowest rung is refused."""
     from nas.search.schedule.policy import Schedule, fewest_batches_per_epoch
-    from nas.search.space import source_of
+    from nas.search.space_file import source_of
 
     try:
         schedule = Schedule.of(space, deadline)

@@ -282,7 +282,7 @@ def _latest_curves(trials: Sequence[FrozenTrial]) -> list[Mapping[int, float]]:
     latest: dict[int, FrozenTrial] = {}
     for trial in sorted(trials, key=lambda t: t.number):
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.intermediate_values:
-            latest[TrialRecord.of(trial).candidate] = trial
+            latest[TrialRecord.of(trial).lineage_root] = trial
     return [t.intermediate_values for t in latest.values()]
 
 

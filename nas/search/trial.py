@@ -31,6 +31,7 @@ import torch
 from nas.core.resources import default_memory_limit_bytes
 from nas.network.describe import summary
 from nas.search.artifacts import example_case
+from nas.search.candidate import Candidate
 from nas.search.candidate_state import Outcome, TrainingData, train_candidate
 from nas.search.liveness import TrialHeartbeat, needs_trial_heartbeat, worker_id
 from nas.search.objectives import OBJECTIVES, Bound, rejection, values_of, violations
@@ -38,7 +39,7 @@ from nas.search.record import write
 from nas.search.schedule.policy import Schedule
 from nas.search.schedule.rungs import segment_ends
 from nas.search.scoring import search_score, search_validation_cases
-from nas.search.space import Candidate, SearchSpace
+from nas.search.space import SearchSpace
 from nas.search.study import INTERRUPTED
 from nas.search.trial_files import TrialFiles
 from nas.search.trial_outputs import Measured, note, save_artifacts, save_weights

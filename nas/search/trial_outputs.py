@@ -14,11 +14,11 @@ from optuna_dashboard import save_note
 from nas.core.errors import NasError
 from nas.network.describe import trial_note
 from nas.search.artifacts import overlay_path, upload, write_overlay
+from nas.search.candidate import Candidate
 from nas.search.candidate_state import Outcome
 from nas.search.objectives import violations
 from nas.search.record import write
 from nas.search.scoring import joins_front
-from nas.search.space import Candidate
 from nas.search.trial_start import SearchRun
 from nas.search.weights import save_checkpoint, save_state, state_path
 from nas.training.fit import CandidateFailed, FitResult, is_out_of_memory

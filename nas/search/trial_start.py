@@ -15,15 +15,18 @@ from pydantic import ValidationError
 
 from nas.core.errors import NasError
 from nas.data import Case
+from nas.search.attr_schema import LATENCY_IQR_ATTR
+from nas.search.candidate import Candidate
 from nas.search.candidate_state import TrainingData, TrainingState
+from nas.search.draw import sample
 from nas.search.measure import measure_candidate
 from nas.search.objectives import OBJECTIVES, curve_metric
-from nas.search.record import LATENCY_IQR_ATTR, QUANTITY_ATTRS, TrialRecord, write
+from nas.search.record import QUANTITY_ATTRS, TrialRecord, write
 from nas.search.schedule.continuation import lineage
 from nas.search.schedule.policy import Schedule
 from nas.search.schedule.pruner import validation_every
 from nas.search.scoring import decision_epochs
-from nas.search.space import Candidate, SearchSpace, sample
+from nas.search.space import SearchSpace
 from nas.search.trial_files import TrialFiles
 from nas.search.weights import checkpoint_path, load_state, state_path
 from nas.training.fit import CandidateFailed, ValidationPlan
@@ -118,7 +121,7 @@ def continued_candidate(
     with contextlib.suppress(ValidationError):  # the parameters, for the tables
         sample(run.space, trial, run.in_channels, out_channels, run.seed(trial))
     record = TrialRecord.of(parent)
-    candidate = Candidate(record.unet(), record.train())
+    candidate = record.candidate()
     weights = checkpoint_path(run.study_dir, number)
     try:
         for path in (weights, state_path(weights)):  # trained on another host: fetched

@@ -37,7 +37,7 @@ class Promotion:
 
 def lineage(trial: FrozenTrial) -> int:
     """The trial the candidate of `trial` started in."""
-    return TrialRecord.of(trial).candidate
+    return TrialRecord.of(trial).lineage_root
 
 
 def lineage_attrs(trial: FrozenTrial) -> dict[str, int]:

@@ -64,7 +64,7 @@ def standings(trials: Sequence[FrozenTrial], rungs: Sequence[int], eta: int) -> 
             and record.epochs_run in trial.intermediate_values
             and record.n_params is not None
         ):
-            latest[record.candidate] = (trial, record)
+            latest[record.lineage_root] = (trial, record)
     return [
         Standing(
             trial,

@@ -133,7 +133,7 @@ def max_epochs(space: SearchSpace) -> int:
 
 def fewest_batches_per_epoch(space: SearchSpace) -> int:
     """The shortest epoch, in optimiser steps, of any candidate the space draws."""
-    from nas.search.space import IntSpec
+    from nas.search.space_spec import IntSpec
 
     entry = space.train.get("batches_per_epoch", TrainConfig().batches_per_epoch)
     if isinstance(entry, int):

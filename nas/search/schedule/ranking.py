@@ -46,7 +46,7 @@ def member(trial: FrozenTrial, iou: float) -> Member:
     """`trial`'s candidate as a member of a rung where it scored `iou`."""
     record = TrialRecord.of(trial)
     costs = tuple(c for c in map(record.quantity, TIMED) if c is not None)
-    return Member(trial.number, record.candidate, record.n_params, iou, step_macs(trial), costs)
+    return Member(trial.number, record.lineage_root, record.n_params, iou, step_macs(trial), costs)
 
 
 def step_macs(trial: FrozenTrial) -> float:
