@@ -26,7 +26,6 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.commands.run import HOOKS
 from nas.search.objectives import directions, values_of
 from nas.search.record import write_study
 from nas.search.run_results import refresh
@@ -97,7 +96,7 @@ def time_refresh(n_trials: int, objectives: list[str], workdir: Path) -> float:
     best = float("inf")
     for _ in range(REPEATS):
         start = time.perf_counter()
-        if refresh(study, study_dir, HOOKS) is None:
+        if refresh(study, study_dir) is None:
             raise RuntimeError(f"the refresh of {n_trials} trials failed")
         best = min(best, time.perf_counter() - start)
     return best

@@ -191,17 +191,6 @@ def run(args: argparse.Namespace) -> int:
         return search(args, log, processes, HOOKS)
 
 
-def _write_views(
-    study: optuna.Study, study_dir: Path, trials: list[FrozenTrial], front: list[FrozenTrial]
-) -> None:
-    """report.html and the learning curves, rewritten with results/'s tables."""
-    from nas.search.report import write_report
-    from nas.search.report_figures import publish_curves
-
-    write_report(study, study_dir, trials, front)
-    publish_curves(study, front)
-
-
 def _score_validation_volumes(
     study: optuna.Study,
     study_dir: Path,
@@ -229,7 +218,7 @@ def _score_test_cases(
 
 
 # What the search uses from above nas.search, each imported only when it runs.
-HOOKS = RunHooks(device_option, _write_views, _score_validation_volumes, _score_test_cases)
+HOOKS = RunHooks(device_option, _score_validation_volumes, _score_test_cases)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

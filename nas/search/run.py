@@ -40,12 +40,12 @@ def search(args: argparse.Namespace, log: RunLog, processes: int | None, hooks: 
     if working and args.workers > 1:
         return run_workers(args, study, setup, storage, hooks)
     if working:
-        interrupted = run_trials(args, log, setup, study, hooks)
+        interrupted = run_trials(args, log, setup, study)
         if interrupted is not None:
             return interrupted
     if is_worker:
         return 0
     score_front(study, setup, hooks)
-    front = refresh(study, setup.study_dir, hooks) or []
+    front = refresh(study, setup.study_dir) or []
     summary(study, setup.study_dir, front, args)
     return 0

@@ -1,6 +1,6 @@
 """What a search run uses from the floors above nas.search (`RunHooks`), handed in by its
-command: the `--device` option (nas.commands.cli), report.html and the curves, and scoring the
-front after the search (nas.evaluation.heldout). The run calls them; it never imports them."""
+command: the `--device` option (nas.commands.cli) and scoring the front after the search
+(nas.evaluation.heldout). The run calls them; it never imports them."""
 
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class RunHooks:
     """What a search run calls that lives above nas.search, given by the command: the
-    `--device` option's device (or a NasError naming it), report.html and the curves written
-    with results/, and the front scored after the search (nas.evaluation.heldout)."""
+    `--device` option's device (or a NasError naming it), and the front scored after the
+    search (nas.evaluation.heldout)."""
 
     device: Callable[[str], torch.device]
-    write_views: Callable[[optuna.Study, Path, list[FrozenTrial], list[FrozenTrial]], None]
     score_validation_volumes: Callable[  # -> the seconds it took
         [optuna.Study, Path, list[FrozenTrial], TrainingData, torch.device], float
     ]

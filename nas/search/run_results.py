@@ -46,18 +46,21 @@ def trial_line(trial: FrozenTrial) -> str:
     return line
 
 
-def refresh(study: optuna.Study, study_dir: Path, hooks: RunHooks) -> list[FrozenTrial] | None:
-    """Rewrite results/ from the study (the tables here, report.html and the curves through
-    `hooks.write_views`); one worker at a time, each file renamed into place. A failure (a
+def refresh(study: optuna.Study, study_dir: Path) -> list[FrozenTrial] | None:
+    """Rewrite results/ from the study (the tables, report.html and the dashboard's learning
+    curves); one worker at a time, each file renamed into place. A failure (a
     full disk, say) is reported and the search goes on: the study is intact and the next
     refresh, or `nas.report`, writes the views again."""
+    from nas.search.report import write_report
+    from nas.search.report_figures import publish_curves
     from nas.search.results import write_results
 
     try:
         with file_lock(study_dir / ".results.lock"):
             trials = study.get_trials(deepcopy=False)  # one read for every view
             front = write_results(study, study_dir, trials)
-            hooks.write_views(study, study_dir, trials, front)
+            write_report(study, study_dir, trials, front)
+            publish_curves(study, front)
     except Exception as err:
         print(f"warning: could not rewrite {study_dir}/ ({type(err).__name__}: {err}); "
               "the study is intact", file=sys.stderr, flush=True)  # fmt: skip

@@ -20,14 +20,13 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from nas.search.console import RunLog, RunProgress
-    from nas.search.run_hooks import RunHooks
     from nas.search.run_setup import RunSetup
     from nas.search.schedule.policy import Schedule
     from nas.search.space import StudySection
 
 
 def run_trials(
-    args: argparse.Namespace, log: RunLog, setup: RunSetup, study: optuna.Study, hooks: RunHooks
+    args: argparse.Namespace, log: RunLog, setup: RunSetup, study: optuna.Study
 ) -> int | None:
     """Run trials in this process until the schedule has no more work, with a progress bar
     and a line per trial; the exit code when interrupted, else None."""
@@ -45,14 +44,14 @@ def run_trials(
     prefix = f"[worker {args.worker_index}] " if is_worker else ""
     limits = (study_cfg.n_trials, study_cfg.timeout, setup.schedule.budget_steps, setup.start)
     bar = RunProgress(*limits, disable=is_worker or args.quiet, stream=log.console_err)
-    progress = _TrialProgress(bar, study_dir, prefix, args.quiet, hooks)
+    progress = _TrialProgress(bar, study_dir, prefix, args.quiet)
     progress.show(study)
     with contextlib.closing(bar):
         try:
             _optimize(study, objective, study_cfg, setup.schedule, [progress.after_trial], prefix)
         except Interrupted as err:
             _abandon_own_trials(study)
-            refresh(study, study_dir, hooks)
+            refresh(study, study_dir)
             print(prefix + "interrupted: finished trials are kept; run the same command "
                   "to continue")  # fmt: skip
             return err.exit_code
@@ -67,7 +66,6 @@ class _TrialProgress:
     study_dir: Path
     prefix: str
     quiet: bool
-    hooks: RunHooks
 
     def show(self, study: optuna.Study) -> None:
         from nas.search.schedule.budget import spending
@@ -77,7 +75,7 @@ class _TrialProgress:
         self.bar.update(settled_count(trials), spending(trials).steps)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        refresh(study, self.study_dir, self.hooks)
+        refresh(study, self.study_dir)
         if not self.quiet:
             self.bar.write(self.prefix + trial_line(trial))
         self.show(study)

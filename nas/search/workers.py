@@ -83,7 +83,7 @@ def run_workers(
     if not interrupted:
         score_front(study, setup, hooks)
     study_dir = setup.study_dir
-    front = refresh(study, study_dir, hooks) or []
+    front = refresh(study, study_dir) or []
     lost = [f"worker {i} exited with {code}" for i, code in enumerate(codes) if code]
     if interrupted:
         print("interrupted: finished trials are kept; run the same command to continue")
