@@ -5,8 +5,8 @@ For each space: its data (the embedded dataset for the default space; `--data-3d
 whole-volume space, e.g. what benchmarks/make_whole_brains.py writes), its patch plan for the
 device, and the first candidate the space samples (the one `--dry-run` describes). Then, as
 a search trains it (nas.training.batches, nas.training.fit.train_step: autocast, bfloat16 where
-supported,
-channels-last, cudnn.benchmark), `--steps` timed steps with batches from the default number
+supported, channels-last, cudnn.benchmark), `--steps` timed steps with batches from the default
+number
 of background workers, the wait for each batch measured apart; one validation on the
 search's fixed patches; one whole-volume sliding-window pass of a validation case; and the
 CUDA allocator's peak. Runs on a CPU too (slowly), so the script itself is checked there.

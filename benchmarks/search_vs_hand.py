@@ -217,8 +217,7 @@ def run_search(space_path: Path, results: Path, budget: float, seed: int) -> flo
 def front_points(task: Task, results: Path, device: torch.device) -> list[Point]:
     """The front from pareto.csv, with held-out scores (where nas.run did not score them, a
     version without nas.evaluation.heldout wired in, they are scored here from the checkpoints),
-    each
-    member's standard error and the member `nas export --best` picks marked `chosen`."""
+    each member's standard error and the member `nas export --best` picks marked `chosen`."""
     study_dir = results / STUDY_NAME
     study = _study(study_dir)
     pareto = pd.read_csv(study_dir / "pareto.csv")

@@ -74,6 +74,10 @@ def test_two_hosts_share_a_study_through_postgres_and_an_artifact_folder(
     b = _host(tmp_path, "host-b", tiny_dataset, n_trials=6, long=True)
     run = ["-m", "nas.run", "space.yaml", "--storage", postgres_url, "--threads", "1"]
 
+    # One connection for every look, made before host A creates the study's tables: opening
+    # the storage anew each time took longer than an epoch on a loaded machine, and the looks
+    # missed every continuation's middle.
+    storage = optuna.storages.RDBStorage(postgres_url)
     # Host A trains until it is continuing a candidate (one epoch into the continuation),
     # and is killed there: its host is lost, with the candidate's state in the store.
     first = subprocess.Popen([sys.executable, *run, "--artifacts", str(store)], cwd=a,
@@ -83,13 +87,13 @@ def test_two_hosts_share_a_study_through_postgres_and_an_artifact_folder(
 
         def continuing():
             try:
-                study = optuna.load_study(study_name="hosts", storage=postgres_url)
+                study = optuna.load_study(study_name="hosts", storage=storage)
             except KeyError:
                 return None
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 record = TrialRecord.of(trial)
-                if record.continues is not None and 4 <= (record.epochs_run or 0) <= 6:
-                    return trial  # 2 to 4 of 8 epochs left: killed in the middle
+                if record.continues is not None and 4 <= (record.epochs_run or 0) <= 7:
+                    return trial  # 1 to 4 of 8 epochs left: killed in the middle
             return None
 
         victim = wait_for(continuing, 300, "host A continuing a candidate", first)

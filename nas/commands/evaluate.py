@@ -5,8 +5,8 @@ name, or two single files. Every label needs a prediction; predictions without a
 ignored, with a note. The regions come from `--dataset-json` (nnU-Net v2 `labels`: name ->
 value, or name -> list of values for a region; background 0 is left out); without it, each
 nonzero value in the files is a region named by its value. Per case and region,
-nas.validation.metrics
-gives Dice, IoU, HD95 and NSD in mm (spacing from the label's header), the volumes, and what
+nas.validation.metrics gives Dice, IoU, HD95 and NSD in mm (spacing from the label's header), the
+volumes, and what
 lesion studies report: per-case Dice (nnU-Net's: none where both masks are empty), lesion-wise
 detection (precision, recall, F1 of 26-connected components) and the lesion-count difference;
 `metrics.csv` (one row per case and region) and `summary.json` (mean, median and sd per

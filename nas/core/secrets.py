@@ -7,8 +7,8 @@ A storage URL may hold a password: `postgresql+psycopg://user:PASSWORD@host/db`,
 message may quote it, percent-decoded or not. Any other URL's `user:password@` and
 `password=` are hidden as well. The outputs call `scrub` themselves, so that no caller has
 to remember it: the console and run.log (nas/commands/cli.py, nas/search/console.py), every
-NasError, the
-attrs of trials and studies (nas/search/record.py), and the text files nas renames into place
+NasError, the attrs of trials and studies (nas/search/record.py), and the text files nas renames
+into place
 (nas/core/staging.py).
 """
 

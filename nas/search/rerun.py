@@ -23,8 +23,7 @@ def rerun_trial(
 ) -> FrozenTrial:
     """A finished trial of `source`'s network trained again (nas.retrain, a fold of
     nas.evaluation.crossval): its costs as the search measured them, `scores` (iou, dice, params)
-    from
-    the new training, `curve` its IoU per epoch."""
+    from the new training, `curve` its IoU per epoch."""
     record = TrialRecord.of(source)
     quantities = {name: record.quantity(name) for name in QUANTITY_ATTRS} | dict(scores)
     measured = {QUANTITY_ATTRS[k]: v for k, v in quantities.items() if v is not None}

@@ -101,8 +101,8 @@ def front_table(
     validation volumes, predicted once per member after the search (`volume_scores`: its
     volume_val_iou, and volume_val_case_dice where that is the score), beside the patch score
     the search decided on; `undertrained`: trained far fewer steps than a member of similar
-    cost (nas.search.schedule.fidelity.undertrained); `below_top_rung`: stopped below the
-    schedule's top rung."""
+    cost (nas.search.schedule.fidelity.undertrained); `below_top_rung`: stopped below the schedule's
+    top rung."""
     table = trials_table(front, test_scores)
     intervals, volume_scores = intervals or {}, volume_scores or {}
     column = QUANTITY_ATTRS[metric]  # val_iou, val_case_dice
