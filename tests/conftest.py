@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, settings
 
 from nas.data import Case, DataConfig, SyntheticSpec, ensure_synthetic_dataset, load_dataset
 
-# The fuzzers' settings (tests/test_fuzz.py, tests/test_fuzz_files.py): NAS_FUZZ_EXAMPLES
-# examples per property, the same 15 in every CI run unless more are asked for.
+# The fuzzers' settings (tests/search/test_fuzz.py, tests/core/test_fuzz_files.py):
+# NAS_FUZZ_EXAMPLES examples per property, the same 15 in every CI run unless more are asked for.
 FUZZ_EXAMPLES = int(os.environ.get("NAS_FUZZ_EXAMPLES", "15"))
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 # nas.network.inference.ENGINES and nas.network.windows.DEFAULT_OVERLAP, spelled out so that
-# --help does not import torch (tests/test_cli.py checks that they agree).
+# --help does not import torch (tests/commands/test_cli.py checks that they agree).
 ENGINES = ("auto", "eager", "pt2", "onnx")
 
 

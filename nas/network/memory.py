@@ -28,7 +28,7 @@ BYTES_PER_VALUE = 4  # float32 weights, gradients and activations
 # and one more for the temporaries of the foreach optimizer step (e.g. Adam's denominator).
 # Multiplies the whole estimate: covers allocator rounding and fragmentation, the backends'
 # scratch (oneDNN reorders, cuDNN workspaces), normalisation statistics and what the count
-# below leaves out; measured peaks on CPU stay under the estimate (tests/test_memory.py).
+# below leaves out; measured peaks on CPU stay under the estimate (tests/network/test_memory.py).
 SAFETY_FACTOR = 1.5
 
 
