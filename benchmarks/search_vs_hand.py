@@ -109,11 +109,13 @@ DEFAULT_CACHE = Path(__file__).with_name("search_vs_hand_cache.json")
 STUDY_NAME = "mniwm"
 # The code a hand network's result depends on: a change to any of it reruns the hand arms.
 CODE_FILES = (
-    "nas/training/fit.py", "nas/network/builder.py", "nas/validation/validate.py",
-    "nas/training/losses.py", "nas/search/patch_plan.py", "nas/evaluation/heldout.py",
-    "nas/commands/predict.py", "nas/deploy/predict.py", "nas/deploy/exported.py",
-    "nas/network/state_dict.py", "nas/network/model_card.py", "nas/network/unet_config.py",
-    "nas/training/train_config.py",
+    "nas/training/fit.py", "nas/training/start.py", "nas/training/losses.py",
+    "nas/training/batches.py", "nas/training/train_config.py", "nas/network/builder.py",
+    "nas/network/device.py", "nas/network/precision.py", "nas/network/windows.py",
+    "nas/network/inference.py", "nas/network/state_dict.py", "nas/network/model_card.py",
+    "nas/network/unet_config.py", "nas/validation/validate.py", "nas/validation/metrics.py",
+    "nas/search/patch_plan.py", "nas/evaluation/heldout.py", "nas/deploy/predict.py",
+    "nas/deploy/exported.py",
 )  # fmt: skip
 HAND_NETWORKS = {
     "nnU-Net-like 2D": UNetConfig(
