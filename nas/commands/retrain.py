@@ -46,8 +46,6 @@ from nas.core.errors import NasError
 from nas.evaluation.retrain_plan import CHECKPOINT_EVERY, RetrainOptions
 
 if TYPE_CHECKING:
-    import optuna
-
     from nas.search.trial_files import TrialFiles
 
 
@@ -129,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     load_dataset(data_cfg, processes=processes)  # built here if another machine searched
     device = device_option(args.device)  # torch: once the trials are found
     if args.folds is not None:
-        return run_crossval(options, study, chosen, data_cfg, storage, device, _write_report)
+        return run_crossval(options, study, chosen, data_cfg, storage, device)
     try:
         if args.all_cases:
             return run_all_cases(options, study, chosen, data_cfg, storage, device)
@@ -167,13 +165,6 @@ def _refuse_with_folds(args: argparse.Namespace) -> None:
                 "applies to nas retrain and --all-cases, not to --folds (which continues by "
                 "itself: a fold already recorded is not trained again)",
             )
-
-
-def _write_report(study: optuna.Study, results: Path) -> Path:
-    """report.html, written once the cross-validation is recorded."""
-    from nas.search.report import write_report
-
-    return write_report(study, results)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

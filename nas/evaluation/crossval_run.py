@@ -10,7 +10,6 @@ next to a single fold's model, and so is the chosen ensemble of members
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,15 +52,15 @@ def run_crossval(
     data_cfg: DataConfig,
     storage: str,
     device: torch.device,
-    write_report: Callable[[optuna.Study, Path], Path],
 ) -> int:
     """Cross-validate `chosen` on the folds of --folds, then summarise, choose and compare
-    (the module's docstring); `write_report` writes report.html last."""
+    (the module's docstring); report.html is written last."""
     from nas.data import load_dataset
     from nas.data.test_split import find_test_split
     from nas.evaluation.crossval import cross_validate
     from nas.search.companions import open_crossval_study
     from nas.search.record import study_objectives
+    from nas.search.report import write_report
     from nas.search.storage import open_storage, redact
 
     folds = parse_folds(options.folds, data_cfg)
