@@ -6,15 +6,11 @@ does not write. Checked before the export begins and again before its folder is 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from nas.core.errors import NasError
 from nas.deploy.readme import README_FILE
-from nas.search.weights import is_trial_name
-
-# A fold ensemble's member folders (the folds' weights are named so: nas/search/weights.py).
-MEMBER_FOLDER = re.compile(r"^fold_\d+$")
+from nas.search.weights import is_fold_name, is_trial_name
 
 
 def _export_files() -> frozenset[str]:
@@ -34,7 +30,7 @@ def _written_by_export(entry: Path) -> bool:
     if entry.is_symlink():
         return False
     if entry.is_dir():
-        return bool(MEMBER_FOLDER.match(entry.name)) and all(
+        return is_fold_name(entry.name) and all(
             e.is_file() and not e.is_symlink() and e.name in export_files for e in entry.iterdir()
         )
     return entry.is_file() and entry.name in export_files

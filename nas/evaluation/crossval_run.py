@@ -124,14 +124,14 @@ def _compare_on_held_out(
     from nas.evaluation.crossval import record_ensemble
     from nas.evaluation.heldout import compare_ensemble
     from nas.search.record import StudyRecord
-    from nas.search.weights import fold_path
+    from nas.search.weights import fold_name, fold_path
 
     postprocessing = StudyRecord.of(crossval).postprocessing
     rows = []
     for trial in chosen:
-        weights = {f"fold_{f}": options.files.local(fold_path(options.results, trial.number, f))
+        weights = {fold_name(f): options.files.local(fold_path(options.results, trial.number, f))
                    for f in folds}  # fmt: skip
-        single = f"fold_{data_cfg.fold if data_cfg.fold in folds else folds[0]}"
+        single = fold_name(data_cfg.fold if data_cfg.fold in folds else folds[0])
         compared = compare_ensemble(
             study, trial, weights, single, split, device,
             postprocessing.get(str(trial.number), []),

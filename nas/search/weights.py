@@ -22,6 +22,7 @@ before torch loads. A study many hosts share keeps these files in its artifact s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,11 @@ KINDS = ("all-cases", "retrained", "search", "folds")
 RETRAINED_BEST = "retrained-best"
 
 
+# What `trial_name` and `fold_name` give, recognised again in an ensemble export's folder.
+TRIAL_NAME = re.compile(r"^trial_\d{4,}$")
+FOLD_NAME = re.compile(r"^fold_\d+$")
+
+
 def trial_name(trial_number: int) -> str:
     """How every file and folder of one trial is named: trial_0007."""
     return f"trial_{trial_number:04d}"
@@ -51,9 +57,18 @@ def trial_name(trial_number: int) -> str:
 def is_trial_name(name: str) -> bool:
     """Whether `name` is one `trial_name` gives (four digits or more): how an ensemble
     export tells its member folders from anything else in its folder."""
-    import re
+    return TRIAL_NAME.match(name) is not None
 
-    return re.match(r"^trial_\d{4,}$", name) is not None
+
+def fold_name(fold: int) -> str:
+    """How a fold's weights and a fold ensemble's member folder are named: fold_2."""
+    return f"fold_{fold}"
+
+
+def is_fold_name(name: str) -> bool:
+    """Whether `name` is one `fold_name` gives: how a fold ensemble's export tells its member
+    folders from anything else in its folder."""
+    return FOLD_NAME.match(name) is not None
 
 
 def checkpoint_path(study_dir: Path, trial_number: int) -> Path:
@@ -98,7 +113,7 @@ def folds_folder(study_dir: Path, trial_number: int) -> Path:
 
 def fold_path(study_dir: Path, trial_number: int, fold: int) -> Path:
     """nas.retrain --folds's weights of a trial trained on one fold."""
-    return folds_folder(study_dir, trial_number) / f"fold_{fold}.pt"
+    return folds_folder(study_dir, trial_number) / f"{fold_name(fold)}.pt"
 
 
 def state_path(weights: Path) -> Path:
@@ -262,7 +277,7 @@ def _folds(study: optuna.Study, files: TrialFiles, trial: FrozenTrial) -> TrialW
         fold = TrialRecord.of(run).fold
         path = fold_path(files.study_dir, trial.number, fold)
         if files.local(path) is not None:
-            members[f"fold_{fold}"] = path
+            members[fold_name(fold)] = path
             kept.append(run)
     if len(members) < 2:
         return None
